@@ -1,0 +1,65 @@
+//! ZMQ multipart framing, without sockets: a request as the ROUTER sees it after the routing id
+//! (uid frame, op frame, one payload frame per parameter) and the reply built from it.
+
+use crate::{DecodeError, Op};
+
+/// A decoded request. Frames are borrowed from the received message; nothing is copied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request<'a> {
+    /// The uid frame, echoed verbatim in the reply.
+    pub uid: &'a [u8],
+    /// The op frame, echoed verbatim in the reply.
+    pub op_frame: &'a [u8],
+    pub op: Op,
+    pub payloads: Vec<&'a [u8]>,
+}
+
+/// A stream-control message (`[uid, b"", b"ack"|b"cancel"]`): an empty op frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamControl {
+    Ack,
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming<'a> {
+    Request(Request<'a>),
+    Control { uid: &'a [u8], control: Option<StreamControl> },
+}
+
+/// Decode the frames after the routing id. Errors: fewer than 2 frames, an op frame that is
+/// not a known id or a str. The payload count is *not* checked here (see `Request::expect`).
+pub fn decode_incoming<'a>(frames: &[&'a [u8]]) -> Result<Incoming<'a>, DecodeError> {
+    todo!()
+}
+
+impl<'a> Request<'a> {
+    /// The payload frames, checked against the op's arity (`DecodeError::Arity` otherwise).
+    pub fn expect(&self, n: usize) -> Result<&[&'a [u8]], DecodeError> {
+        todo!()
+    }
+}
+
+/// A reply: the echoed uid and op frames, plus the payload (`None` = no payload frame, which
+/// the client reads as a `None` result).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub uid: Vec<u8>,
+    pub op_frame: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Reply {
+    pub fn to(request: &Request<'_>, payload: Option<Vec<u8>>) -> Reply {
+        Reply { uid: request.uid.to_vec(), op_frame: request.op_frame.to_vec(), payload }
+    }
+
+    /// The frames to send after the routing id.
+    pub fn frames(&self) -> Vec<&[u8]> {
+        let mut v: Vec<&[u8]> = vec![&self.uid, &self.op_frame];
+        if let Some(p) = &self.payload {
+            v.push(p);
+        }
+        v
+    }
+}

@@ -1,0 +1,151 @@
+//! Payload and result types of the core operations (spec §2.2), as serde structs.
+//!
+//! Dataclass/Struct types are msgpack maps keyed by field name; decoding ignores unknown keys
+//! and fills defaults; encoding writes every field in declaration order so the bytes equal the
+//! real client's (checked against the captured frames).
+
+use serde::{Deserialize, Serialize};
+
+/// `IPCCacheServerKey`: which tokens a request is about, for which model/rank/tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpcCacheServerKey {
+    pub model_name: String,
+    pub world_size: u32,
+    #[serde(default)]
+    pub worker_id: Option<u32>,
+    /// The whole token sequence of the request, not only `[start, end)`.
+    pub token_ids: Vec<u32>,
+    #[serde(default)]
+    pub start: u64,
+    #[serde(default)]
+    pub end: u64,
+    #[serde(default)]
+    pub request_id: String,
+    #[serde(default)]
+    pub cache_salt: String,
+    /// Opaque per-request config; not identity. Kept only to re-encode faithfully.
+    #[serde(default)]
+    pub request_configs: Option<rmpv::Value>,
+    /// Read locks a lookup must take per object; 0 means an old client.
+    #[serde(default = "one")]
+    pub num_kv_readers: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `EngineGroupInfo`: one KV group of the engine (a single one for non-hybrid models).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineGroupInfo {
+    pub engine_group_id: u32,
+    #[serde(default)]
+    pub layer_indices: Vec<u32>,
+    #[serde(default)]
+    pub tokens_per_block: u32,
+    #[serde(default = "minus_one")]
+    pub sw_size_tokens: i64,
+    #[serde(default)]
+    pub extra_object_group_tag: i64,
+    #[serde(default)]
+    pub recurrent_state: bool,
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+
+/// `LayoutHints` (a TypedDict, all keys optional). vLLM sends `{"kv_layout": "NHD"|"HND"|…}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutHints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_layout: Option<String>,
+}
+
+/// `BlockAllocationRecord` (observability only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockAllocationRecord {
+    pub req_id: String,
+    #[serde(default)]
+    pub new_block_ids: Vec<u32>,
+    #[serde(default)]
+    pub new_token_ids: Vec<u32>,
+}
+
+/// `RegisterEngineDrivenContextPayload` (engine-driven mode, CPU workers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterEngineDrivenContextPayload {
+    pub instance_id: u64,
+    pub model_name: String,
+    pub world_size: u32,
+    pub block_size: u32,
+    pub num_layers: u32,
+    pub hidden_dim_size: u64,
+    pub dtype_str: String,
+    #[serde(default)]
+    pub use_mla: bool,
+    #[serde(default)]
+    pub num_physical_slots: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterEngineDrivenContextResponse {
+    pub shm_name: String,
+    pub pool_size: u64,
+}
+
+/// One slot of the server-owned shm pool (engine-driven SHM mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmSlot {
+    pub offset: u64,
+    pub length: u64,
+    pub shape: Vec<u64>,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareStoreContext {
+    pub slots: Vec<ShmSlot>,
+    pub chunk_indices: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareStoreResponse {
+    pub context: PrepareStoreContext,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRetrieveContext {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<ShmSlot>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRetrieveResponse {
+    pub success: bool,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    pub context: PrepareRetrieveContext,
+}
+
+/// The `(bytes, bool)` result of store/retrieve: a completion event handle (empty = nothing
+/// pending, the copy is complete) and success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferResult {
+    pub event: Vec<u8>,
+    pub ok: bool,
+}
+
+impl TransferResult {
+    pub const FAILED: TransferResult = TransferResult { event: Vec::new(), ok: false };
+    pub const DONE: TransferResult = TransferResult { event: Vec::new(), ok: true };
+
+    /// `92 c4 LL <event> c3|c2`.
+    pub fn encode(&self) -> Vec<u8> {
+        todo!()
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<TransferResult, crate::DecodeError> {
+        todo!()
+    }
+}

@@ -1,0 +1,1 @@
+//! cwm: a KV-cache sidecar for vLLM.
