@@ -12,7 +12,11 @@ pub enum DecodeError {
     UnknownOp(String),
     /// The payload count does not match the operation's arity.
     #[error("operation {op} takes {want} payload frames, got {got}")]
-    Arity { op: &'static str, want: usize, got: usize },
+    Arity {
+        op: &'static str,
+        want: usize,
+        got: usize,
+    },
     /// A payload is not the msgpack the parameter needs.
     #[error("bad {what}: {reason}")]
     Payload { what: &'static str, reason: String },
@@ -20,6 +24,9 @@ pub enum DecodeError {
 
 impl DecodeError {
     pub fn payload(what: &'static str, reason: impl ToString) -> Self {
-        DecodeError::Payload { what, reason: reason.to_string() }
+        DecodeError::Payload {
+            what,
+            reason: reason.to_string(),
+        }
     }
 }

@@ -24,19 +24,64 @@ pub enum StreamControl {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming<'a> {
     Request(Request<'a>),
-    Control { uid: &'a [u8], control: Option<StreamControl> },
+    Control {
+        uid: &'a [u8],
+        control: Option<StreamControl>,
+    },
 }
 
 /// Decode the frames after the routing id. Errors: fewer than 2 frames, an op frame that is
 /// not a known id or a str. The payload count is *not* checked here (see `Request::expect`).
+///
+/// An empty op frame is a stream-control message: `control` is `Ack`/`Cancel` for a third
+/// frame of exactly `ack`/`cancel` (raw bytes, not msgpack), `None` otherwise. The uid frame is
+/// not interpreted (it is echoed verbatim).
 pub fn decode_incoming<'a>(frames: &[&'a [u8]]) -> Result<Incoming<'a>, DecodeError> {
-    todo!()
+    if frames.len() < 2 {
+        return Err(DecodeError::TooFewFrames {
+            got: frames.len(),
+            want: 2,
+        });
+    }
+    let uid = frames[0];
+    let op_frame = frames[1];
+    if op_frame.is_empty() {
+        let control = match frames.get(2).copied() {
+            Some(b"ack") => Some(StreamControl::Ack),
+            Some(b"cancel") => Some(StreamControl::Cancel),
+            _ => None,
+        };
+        return Ok(Incoming::Control { uid, control });
+    }
+    let op = Op::from_frame(op_frame)?;
+    Ok(Incoming::Request(Request {
+        uid,
+        op_frame,
+        op,
+        payloads: frames[2..].to_vec(),
+    }))
 }
 
 impl<'a> Request<'a> {
     /// The payload frames, checked against the op's arity (`DecodeError::Arity` otherwise).
     pub fn expect(&self, n: usize) -> Result<&[&'a [u8]], DecodeError> {
-        todo!()
+        if self.payloads.len() == n {
+            Ok(&self.payloads)
+        } else {
+            Err(DecodeError::Arity {
+                op: self.op.static_name(),
+                want: n,
+                got: self.payloads.len(),
+            })
+        }
+    }
+
+    /// The payload frames checked against `self.op.arity()`. Ops of unknown arity pass as is.
+    pub fn expect_arity(&self) -> Result<&[&'a [u8]], DecodeError> {
+        match self.op.arity() {
+            Some(n) => self.expect(n),
+            None => Ok(&self.payloads),
+        }
     }
 }
 
@@ -51,7 +96,11 @@ pub struct Reply {
 
 impl Reply {
     pub fn to(request: &Request<'_>, payload: Option<Vec<u8>>) -> Reply {
-        Reply { uid: request.uid.to_vec(), op_frame: request.op_frame.to_vec(), payload }
+        Reply {
+            uid: request.uid.to_vec(),
+            op_frame: request.op_frame.to_vec(),
+            payload,
+        }
     }
 
     /// The frames to send after the routing id.

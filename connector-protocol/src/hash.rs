@@ -14,8 +14,14 @@ impl ChunkHash {
         hex::encode(self.0)
     }
 
+    /// 64 hex digits (either case); `None` otherwise.
     pub fn from_hex(s: &str) -> Option<ChunkHash> {
-        todo!()
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(ChunkHash(out))
     }
 }
 
@@ -50,12 +56,41 @@ impl TokenHasher {
 
     /// `H(prefix, tokens)`.
     pub fn hash_chunk(prefix: &ChunkHash, tokens: &[u32]) -> ChunkHash {
-        todo!()
+        let mut h = blake3::Hasher::new();
+        h.update(&prefix.0);
+        // Big-endian u32 per token, fed in stack-sized batches (no per-call allocation).
+        let mut buf = [0u8; 4 * 256];
+        for batch in tokens.chunks(256) {
+            for (dst, t) in buf.chunks_exact_mut(4).zip(batch) {
+                dst.copy_from_slice(&t.to_be_bytes());
+            }
+            h.update(&buf[..4 * batch.len()]);
+        }
+        ChunkHash(*h.finalize().as_bytes())
     }
 
     /// Hashes of the full chunks of `tokens[..min(len, end)]` whose start index is `>= start`.
     /// The chain always starts at token 0.
     pub fn chunk_hashes(&self, tokens: &[u32], start: usize, end: usize) -> Vec<ChunkHash> {
-        todo!()
+        let cs = self.chunk_size;
+        let eff = tokens.len().min(end);
+        let n = eff - eff % cs;
+        let mut prefix = NONE_HASH;
+        let mut out = Vec::with_capacity((n / cs).saturating_sub(start / cs));
+        for (i, chunk) in tokens[..n].chunks_exact(cs).enumerate() {
+            prefix = TokenHasher::hash_chunk(&prefix, chunk);
+            if i * cs >= start {
+                out.push(prefix);
+            }
+        }
+        out
+    }
+
+    /// `NONE_HASH` computed from its definition (for tests): `BLAKE3(0i64 BE || 0u32 BE)`.
+    pub fn none_hash() -> ChunkHash {
+        let mut h = blake3::Hasher::new();
+        h.update(&0i64.to_be_bytes());
+        h.update(&0u32.to_be_bytes());
+        ChunkHash(*h.finalize().as_bytes())
     }
 }

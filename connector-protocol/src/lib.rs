@@ -12,12 +12,15 @@ pub mod hash;
 pub mod ipc;
 pub mod key;
 pub mod op;
+mod reader;
 pub mod types;
 
 pub use error::DecodeError;
 pub use frame::{Reply, Request};
 pub use hash::{ChunkHash, TokenHasher, NONE_HASH};
 pub use ipc::{CudaStorageHandle, IpcDescriptor, TensorMetadata};
-pub use key::{kv_rank, validate_cache_salt, validate_model_name, KeyError, ObjectKey};
+pub use key::{
+    checked_kv_rank, kv_rank, validate_cache_salt, validate_model_name, KeyError, ObjectKey,
+};
 pub use op::Op;
 pub use types::*;

@@ -137,15 +137,36 @@ pub struct TransferResult {
 }
 
 impl TransferResult {
-    pub const FAILED: TransferResult = TransferResult { event: Vec::new(), ok: false };
-    pub const DONE: TransferResult = TransferResult { event: Vec::new(), ok: true };
+    pub const FAILED: TransferResult = TransferResult {
+        event: Vec::new(),
+        ok: false,
+    };
+    pub const DONE: TransferResult = TransferResult {
+        event: Vec::new(),
+        ok: true,
+    };
 
     /// `92 c4 LL <event> c3|c2`.
     pub fn encode(&self) -> Vec<u8> {
-        todo!()
+        let mut out = Vec::with_capacity(self.event.len() + 8);
+        crate::codec::write_array_len(&mut out, 2);
+        crate::codec::write_bin(&mut out, &self.event);
+        out.push(if self.ok { 0xc3 } else { 0xc2 });
+        out
     }
 
+    /// Decode `[bin, bool]` (what the client decodes; used by tests and tools).
     pub fn decode(frame: &[u8]) -> Result<TransferResult, crate::DecodeError> {
-        todo!()
+        let mut r = crate::reader::Reader::new("transfer result", frame);
+        let n = r.array_len("result")?;
+        if n != 2 {
+            return Err(r.err(format!(
+                "result: expected an array of 2 ([bytes, bool]), got {n} elements"
+            )));
+        }
+        let event = r.bin("result[0] (event handle)")?.to_vec();
+        let ok = r.bool("result[1] (success)")?;
+        r.finish()?;
+        Ok(TransferResult { event, ok })
     }
 }

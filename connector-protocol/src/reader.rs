@@ -1,0 +1,390 @@
+//! A small, panic-free msgpack reader over a borrowed slice.
+//!
+//! Every accessor checks bounds and types and reports errors as `DecodeError::Payload` naming
+//! the payload (`what`), the field and the offending value. Used for the hand-written decoders
+//! (scalars, block ids, descriptors) and to validate a whole document (depth-limited, no trailing
+//! bytes) before handing it to `rmp_serde`.
+
+use rmp::Marker;
+
+use crate::DecodeError;
+
+/// Maximum nesting of arrays/maps/ext accepted anywhere. The real client never nests deeper than
+/// ~6; the limit keeps recursive decoders (ours, serde's, rmpv's) far from stack exhaustion.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// A decoded msgpack integer (msgpack ints are u64 or i64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Int {
+    U(u64),
+    I(i64),
+}
+
+impl std::fmt::Display for Int {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Int::U(v) => write!(f, "{v}"),
+            Int::I(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Human-readable msgpack type of a marker, for error messages.
+pub(crate) fn marker_kind(m: Marker) -> &'static str {
+    match m {
+        Marker::Null => "nil",
+        Marker::True | Marker::False => "bool",
+        Marker::FixPos(_)
+        | Marker::FixNeg(_)
+        | Marker::U8
+        | Marker::U16
+        | Marker::U32
+        | Marker::U64
+        | Marker::I8
+        | Marker::I16
+        | Marker::I32
+        | Marker::I64 => "int",
+        Marker::F32 | Marker::F64 => "float",
+        Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => "str",
+        Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => "bin",
+        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => "array",
+        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => "map",
+        Marker::FixExt1
+        | Marker::FixExt2
+        | Marker::FixExt4
+        | Marker::FixExt8
+        | Marker::FixExt16
+        | Marker::Ext8
+        | Marker::Ext16
+        | Marker::Ext32 => "ext",
+        Marker::Reserved => "reserved byte 0xc1",
+    }
+}
+
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(what: &'static str, buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, pos: 0, what }
+    }
+
+    pub(crate) fn err(&self, reason: impl ToString) -> DecodeError {
+        DecodeError::payload(self.what, reason)
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Error unless the whole input was consumed (msgspec rejects trailing bytes).
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(self.err(format!(
+                "{} trailing byte(s) after the msgpack document at offset {}",
+                self.remaining(),
+                self.pos
+            )))
+        }
+    }
+
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
+        if n > self.remaining() {
+            return Err(self.err(format!(
+                "{field}: truncated input, needs {n} byte(s) at offset {} but only {} left",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn be(&mut self, n: usize, field: &str) -> Result<u64, DecodeError> {
+        let b = self.take(n, field)?;
+        Ok(b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+    }
+
+    pub(crate) fn peek_marker(&self, field: &str) -> Result<Marker, DecodeError> {
+        match self.buf.get(self.pos) {
+            Some(&b) => Ok(Marker::from_u8(b)),
+            None => Err(self.err(format!(
+                "{field}: unexpected end of input at offset {}",
+                self.pos
+            ))),
+        }
+    }
+
+    pub(crate) fn marker(&mut self, field: &str) -> Result<Marker, DecodeError> {
+        let m = self.peek_marker(field)?;
+        self.pos += 1;
+        Ok(m)
+    }
+
+    fn unexpected(&self, field: &str, expected: &str, got: Marker) -> DecodeError {
+        self.err(format!(
+            "{field}: expected {expected}, got {}",
+            marker_kind(got)
+        ))
+    }
+
+    /// Length of a str/bin/ext payload or the element count of an array/map after `m`.
+    fn len_after(&mut self, m: Marker, field: &str) -> Result<Option<usize>, DecodeError> {
+        let n = match m {
+            Marker::FixStr(n) => u64::from(n),
+            Marker::FixArray(n) | Marker::FixMap(n) => u64::from(n),
+            Marker::Str8 | Marker::Bin8 => self.be(1, field)?,
+            Marker::Str16 | Marker::Bin16 | Marker::Array16 | Marker::Map16 => self.be(2, field)?,
+            Marker::Str32 | Marker::Bin32 | Marker::Array32 | Marker::Map32 => self.be(4, field)?,
+            _ => return Ok(None),
+        };
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| self.err(format!("{field}: length {n} too large")))
+    }
+
+    /// Any msgpack int.
+    pub(crate) fn int(&mut self, field: &str) -> Result<Int, DecodeError> {
+        let m = self.marker(field)?;
+        Ok(match m {
+            Marker::FixPos(v) => Int::U(u64::from(v)),
+            Marker::FixNeg(v) => Int::I(i64::from(v)),
+            Marker::U8 => Int::U(self.be(1, field)?),
+            Marker::U16 => Int::U(self.be(2, field)?),
+            Marker::U32 => Int::U(self.be(4, field)?),
+            Marker::U64 => Int::U(self.be(8, field)?),
+            Marker::I8 => Int::I(i64::from(self.be(1, field)? as u8 as i8)),
+            Marker::I16 => Int::I(i64::from(self.be(2, field)? as u16 as i16)),
+            Marker::I32 => Int::I(i64::from(self.be(4, field)? as u32 as i32)),
+            Marker::I64 => Int::I(self.be(8, field)? as i64),
+            other => return Err(self.unexpected(field, "an int", other)),
+        })
+    }
+
+    /// A non-negative int (`u64`).
+    pub(crate) fn uint(&mut self, field: &str) -> Result<u64, DecodeError> {
+        match self.int(field)? {
+            Int::U(v) => Ok(v),
+            Int::I(v) if v >= 0 => Ok(v as u64),
+            Int::I(v) => Err(self.err(format!("{field}: expected a non-negative int, got {v}"))),
+        }
+    }
+
+    /// A signed int that fits `i64`.
+    pub(crate) fn sint(&mut self, field: &str) -> Result<i64, DecodeError> {
+        match self.int(field)? {
+            Int::I(v) => Ok(v),
+            Int::U(v) => i64::try_from(v)
+                .map_err(|_| self.err(format!("{field}: expected an int that fits i64, got {v}"))),
+        }
+    }
+
+    pub(crate) fn bool(&mut self, field: &str) -> Result<bool, DecodeError> {
+        match self.marker(field)? {
+            Marker::True => Ok(true),
+            Marker::False => Ok(false),
+            other => Err(self.unexpected(field, "a bool", other)),
+        }
+    }
+
+    /// True (and consumed) if the next value is nil.
+    pub(crate) fn nil(&mut self, field: &str) -> Result<bool, DecodeError> {
+        if self.peek_marker(field)? == Marker::Null {
+            self.pos += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    pub(crate) fn float(&mut self, field: &str) -> Result<f64, DecodeError> {
+        match self.peek_marker(field)? {
+            Marker::F32 => {
+                self.pos += 1;
+                Ok(f64::from(f32::from_bits(self.be(4, field)? as u32)))
+            }
+            Marker::F64 => {
+                self.pos += 1;
+                Ok(f64::from_bits(self.be(8, field)?))
+            }
+            m if marker_kind(m) == "int" => match self.int(field)? {
+                Int::U(v) => Ok(v as f64),
+                Int::I(v) => Ok(v as f64),
+            },
+            other => Err(self.unexpected(field, "a float or an int", other)),
+        }
+    }
+
+    pub(crate) fn str(&mut self, field: &str) -> Result<&'a str, DecodeError> {
+        let m = self.marker(field)?;
+        match m {
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                let start = self.pos;
+                let b = self.take(n, field)?;
+                std::str::from_utf8(b).map_err(|e| {
+                    self.err(format!(
+                        "{field}: str at offset {start} is not valid UTF-8 ({e})"
+                    ))
+                })
+            }
+            other => Err(self.unexpected(field, "a str", other)),
+        }
+    }
+
+    pub(crate) fn bin(&mut self, field: &str) -> Result<&'a [u8], DecodeError> {
+        let m = self.marker(field)?;
+        match m {
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                self.take(n, field)
+            }
+            other => Err(self.unexpected(field, "bin (bytes)", other)),
+        }
+    }
+
+    /// An array header; the count is checked against the bytes left (each element ≥ 1 byte).
+    pub(crate) fn array_len(&mut self, field: &str) -> Result<usize, DecodeError> {
+        let m = self.marker(field)?;
+        match m {
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                if n > self.remaining() {
+                    return Err(self.err(format!(
+                        "{field}: array claims {n} elements but only {} byte(s) are left",
+                        self.remaining()
+                    )));
+                }
+                Ok(n)
+            }
+            other => Err(self.unexpected(field, "an array", other)),
+        }
+    }
+
+    /// A map header; the count is checked against the bytes left (each entry ≥ 2 bytes).
+    pub(crate) fn map_len(&mut self, field: &str) -> Result<usize, DecodeError> {
+        let m = self.marker(field)?;
+        match m {
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                if n > self.remaining() / 2 {
+                    return Err(self.err(format!(
+                        "{field}: map claims {n} entries but only {} byte(s) are left",
+                        self.remaining()
+                    )));
+                }
+                Ok(n)
+            }
+            other => Err(self.unexpected(field, "a map", other)),
+        }
+    }
+
+    /// An ext value: `(type, data)`.
+    pub(crate) fn ext(&mut self, field: &str) -> Result<(i8, &'a [u8]), DecodeError> {
+        let m = self.marker(field)?;
+        let n = match m {
+            Marker::FixExt1 => 1,
+            Marker::FixExt2 => 2,
+            Marker::FixExt4 => 4,
+            Marker::FixExt8 => 8,
+            Marker::FixExt16 => 16,
+            Marker::Ext8 => self.be(1, field)? as usize,
+            Marker::Ext16 => self.be(2, field)? as usize,
+            Marker::Ext32 => usize::try_from(self.be(4, field)?)
+                .map_err(|_| self.err(format!("{field}: ext length too large")))?,
+            other => return Err(self.unexpected(field, "an ext value", other)),
+        };
+        let ty = self.take(1, field)?[0] as i8;
+        let data = self.take(n, field)?;
+        Ok((ty, data))
+    }
+
+    /// Skip one complete value (depth-limited), returning its raw bytes.
+    pub(crate) fn value_slice(&mut self, field: &str) -> Result<&'a [u8], DecodeError> {
+        let start = self.pos;
+        self.skip(field, 0)?;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    fn skip(&mut self, field: &str, depth: usize) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(self.err(format!("{field}: nesting deeper than {MAX_DEPTH} levels")));
+        }
+        // Iterative over siblings, recursive only into containers.
+        let m = self.marker(field)?;
+        match m {
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+            }
+            Marker::U8 | Marker::I8 => {
+                self.take(1, field)?;
+            }
+            Marker::U16 | Marker::I16 => {
+                self.take(2, field)?;
+            }
+            Marker::U32 | Marker::I32 | Marker::F32 => {
+                self.take(4, field)?;
+            }
+            Marker::U64 | Marker::I64 | Marker::F64 => {
+                self.take(8, field)?;
+            }
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                let b = self.take(n, field)?;
+                if std::str::from_utf8(b).is_err() {
+                    return Err(self.err(format!("{field}: a str is not valid UTF-8")));
+                }
+            }
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let n = self.len_after(m, field)?.unwrap_or(0);
+                self.take(n, field)?;
+            }
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                self.pos -= 1;
+                let n = self.array_len(field)?;
+                for _ in 0..n {
+                    self.skip(field, depth + 1)?;
+                }
+            }
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                self.pos -= 1;
+                let n = self.map_len(field)?;
+                for _ in 0..n {
+                    self.skip(field, depth + 1)?;
+                    self.skip(field, depth + 1)?;
+                }
+            }
+            Marker::FixExt1
+            | Marker::FixExt2
+            | Marker::FixExt4
+            | Marker::FixExt8
+            | Marker::FixExt16
+            | Marker::Ext8
+            | Marker::Ext16
+            | Marker::Ext32 => {
+                self.pos -= 1;
+                self.ext(field)?;
+            }
+            Marker::Reserved => {
+                return Err(self.err(format!(
+                    "{field}: reserved byte 0xc1 at offset {} is not msgpack",
+                    self.pos - 1
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Check that `frame` is exactly one well-formed msgpack document, nested at most
+/// [`MAX_DEPTH`] levels.
+pub(crate) fn check_document(what: &'static str, frame: &[u8]) -> Result<(), DecodeError> {
+    let mut r = Reader::new(what, frame);
+    r.value_slice("document")?;
+    r.finish()
+}
