@@ -1,1 +1,11 @@
-//! cwm: a KV-cache sidecar for vLLM.
+//! cwm: a KV-cache sidecar for vLLM — a drop-in LMCache MP server with a native tensor store.
+//!
+//! Dependencies point one way: `server → ops → {engine_mem, store}`; `store` knows nothing of
+//! the wire, `connector_protocol` knows nothing of the rest.
+
+pub mod config;
+pub mod engine_mem;
+pub mod ops;
+pub mod serve;
+pub mod server;
+pub mod store;

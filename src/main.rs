@@ -1,1 +1,122 @@
-fn main() {}
+//! The `cwm` command line.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use cwm::config::Config;
+use cwm::serve::Sidecar;
+
+#[derive(Parser)]
+#[command(
+    name = "cwm",
+    version,
+    about = "KV-cache sidecar for vLLM: a drop-in LMCache server with a native tensor store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (LMCache MP protocol on --port).
+    Serve(ServeArgs),
+}
+
+/// Flags mirror `lmcache server`'s. Each also reads `CWM_<NAME>` from the environment and
+/// the key of the same name (with `_`) from the config file.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "CWM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Interface for the MP server [default: localhost].
+    #[arg(long, env = "CWM_HOST")]
+    host: Option<String>,
+    /// Port of the MP server [default: 5555].
+    #[arg(long, env = "CWM_PORT")]
+    port: Option<u16>,
+    /// Tokens per chunk [default: 256].
+    #[arg(long, env = "CWM_CHUNK_SIZE")]
+    chunk_size: Option<usize>,
+    /// L1 memory budget in GiB [default: 8].
+    #[arg(long, env = "CWM_L1_SIZE_GB")]
+    l1_size_gb: Option<f64>,
+    /// L1 eviction policy: LRU.
+    #[arg(long, env = "CWM_EVICTION_POLICY")]
+    eviction_policy: Option<String>,
+    /// Chunk hash algorithm: blake3.
+    #[arg(long, env = "CWM_HASH_ALGORITHM")]
+    hash_algorithm: Option<String>,
+    /// Seconds before an unreleased lookup read lock lapses [default: 300].
+    #[arg(long, env = "CWM_LOCK_TTL_SECS")]
+    lock_ttl_secs: Option<u64>,
+    /// Seconds before an idle request session is dropped [default: 600].
+    #[arg(long, env = "CWM_SESSION_TTL_SECS")]
+    session_ttl_secs: Option<u64>,
+    /// Seconds a worker may be silent after pinging before it is unregistered [default: 120].
+    #[arg(long, env = "CWM_WORKER_REAP_TIMEOUT_SECS")]
+    worker_reap_timeout_secs: Option<u64>,
+    /// Seconds a worker that never pinged stays registered [default: 3600].
+    #[arg(long, env = "CWM_WORKER_REGISTRATION_GRACE_SECS")]
+    worker_registration_grace_secs: Option<u64>,
+    /// Threads serving store/retrieve requests [default: 4].
+    #[arg(long, env = "CWM_TRANSFER_LANES")]
+    transfer_lanes: Option<usize>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        overlay!(
+            host,
+            port,
+            chunk_size,
+            l1_size_gb,
+            eviction_policy,
+            hash_algorithm,
+            lock_ttl_secs,
+            session_ttl_secs,
+            worker_reap_timeout_secs,
+            worker_registration_grace_secs,
+            transfer_lanes
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CWM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args.into_config()?),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let sidecar = Sidecar::start(&config)?;
+    let stop = sidecar.shutdown_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("shutting down");
+    sidecar.stop();
+    Ok(())
+}

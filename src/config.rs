@@ -1,0 +1,166 @@
+//! One `Config`: embedded defaults < TOML file (`--config` / `CWM_CONFIG`) < `CWM_*` environment
+//! variables < command-line flags. Validated once, before anything starts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Interface of the MP (ZMQ) server. `localhost` means 127.0.0.1.
+    pub host: String,
+    /// Port of the MP (ZMQ) server; vLLM's default is 5555.
+    pub port: u16,
+    /// Tokens per stored chunk; every server of a deployment must agree with vLLM's connector.
+    pub chunk_size: usize,
+    /// L1 memory budget in GiB.
+    pub l1_size_gb: f64,
+    /// L1 eviction policy. Only `LRU`.
+    pub eviction_policy: String,
+    /// Chunk hash algorithm. Only `blake3` (vLLM's default).
+    pub hash_algorithm: String,
+    /// Read locks taken by a lookup lapse after this many seconds if never released.
+    pub lock_ttl_secs: u64,
+    /// Idle request sessions are dropped after this many seconds.
+    pub session_ttl_secs: u64,
+    /// A registered worker silent this long after it pinged is unregistered.
+    pub worker_reap_timeout_secs: u64,
+    /// A registered worker that never pinged is unregistered after this long.
+    pub worker_registration_grace_secs: u64,
+    /// Threads running store/retrieve copies' requests (each copy also fans out across cores).
+    pub transfer_lanes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "localhost".into(),
+            port: 5555,
+            chunk_size: 256,
+            l1_size_gb: 8.0,
+            eviction_policy: "LRU".into(),
+            hash_algorithm: "blake3".into(),
+            lock_ttl_secs: 300,
+            session_ttl_secs: 600,
+            worker_reap_timeout_secs: 120,
+            worker_registration_grace_secs: 3600,
+            transfer_lanes: 4,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {key} = {value}: {expected}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: &dyn std::fmt::Display, expected| {
+            Err(ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if self.chunk_size == 0 || self.chunk_size > 1 << 20 {
+            return invalid(
+                "chunk_size",
+                &self.chunk_size,
+                "a positive number of tokens (256 for vLLM)",
+            );
+        }
+        if !(self.l1_size_gb > 0.0 && self.l1_size_gb.is_finite()) {
+            return invalid("l1_size_gb", &self.l1_size_gb, "a positive number of GiB");
+        }
+        if !self.eviction_policy.eq_ignore_ascii_case("lru") {
+            return invalid("eviction_policy", &self.eviction_policy, "LRU");
+        }
+        if self.hash_algorithm != "blake3" {
+            return invalid(
+                "hash_algorithm",
+                &self.hash_algorithm,
+                "blake3 (vLLM's default)",
+            );
+        }
+        if self.transfer_lanes == 0 || self.transfer_lanes > 256 {
+            return invalid("transfer_lanes", &self.transfer_lanes, "1..=256");
+        }
+        if self.lock_ttl_secs == 0 {
+            return invalid("lock_ttl_secs", &self.lock_ttl_secs, "at least 1 second");
+        }
+        Ok(())
+    }
+
+    pub fn l1_bytes(&self) -> u64 {
+        (self.l1_size_gb * (1u64 << 30) as f64) as u64
+    }
+
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_secs(self.lock_ttl_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cwm.toml");
+        std::fs::write(&path, "port = 6000\nl1_size_gb = 1.5\n").unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!((c.port, c.l1_size_gb, c.chunk_size), (6000, 1.5, 256));
+        std::fs::write(&path, "prot = 6000\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.eviction_policy = "ARC".into();
+        assert!(c.validate().unwrap_err().to_string().contains("ARC"));
+        c = Config {
+            hash_algorithm: "sha256_cbor".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        c = Config {
+            l1_size_gb: 0.0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! What each request does, independent of the transport. `Cwm::handle` takes a decoded
+//! request and returns the reply payload (`None` = no payload frame).
+//!
+//! Every request gets an answer: a handler error is logged and turned into the op's failure
+//! value (`(b"", false)` for store/retrieve, `0` for status queries, no payload otherwise).
+
+mod counters;
+mod lookup;
+mod register;
+pub mod registry;
+mod transfer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use connector_protocol::{
+    codec, validate_cache_salt, validate_model_name, DecodeError, IpcCacheServerKey, KeyError,
+    ObjectKey, Op, Request, TokenHasher, TransferResult,
+};
+use thiserror::Error;
+
+pub use counters::OpCounters;
+pub use lookup::Sessions;
+pub use registry::{ReapPolicy, Registry};
+pub use transfer::TransferError;
+
+use crate::store::L1Store;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub chunk_size: usize,
+    /// Idle sessions are dropped after this long.
+    pub session_ttl: Duration,
+    pub reap: ReapPolicy,
+}
+
+#[derive(Debug, Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("object {key:?} has {got} bytes, the engine layout needs {want}")]
+    ObjectSize {
+        key: ObjectKey,
+        got: usize,
+        want: usize,
+    },
+}
+
+/// The sidecar's state: settings, the store, registered engines and request sessions.
+pub struct Cwm {
+    pub settings: Settings,
+    pub hasher: TokenHasher,
+    pub l1: Arc<L1Store>,
+    pub registry: Registry,
+    pub sessions: Sessions,
+    pub counters: OpCounters,
+}
+
+/// Ops that touch engine memory: run off the socket thread, in order per client.
+pub fn is_transfer(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Store
+            | Op::Retrieve
+            | Op::PrepareStore
+            | Op::CommitStore
+            | Op::PrepareRetrieve
+            | Op::CommitRetrieve
+    )
+}
+
+impl Cwm {
+    pub fn new(settings: Settings, l1: Arc<L1Store>) -> Arc<Cwm> {
+        Arc::new(Cwm {
+            hasher: TokenHasher::new(settings.chunk_size),
+            settings,
+            l1,
+            registry: Registry::default(),
+            sessions: Sessions::default(),
+            counters: OpCounters::default(),
+        })
+    }
+
+    /// Answer one request. Never panics on bad input; always returns the reply payload.
+    pub fn handle(&self, req: &Request<'_>) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let result = self.dispatch(req);
+        self.counters.record_op(req.op.name(), started.elapsed());
+        match result {
+            Ok(payload) => payload,
+            Err(e) => {
+                self.counters.record_error(req.op.name());
+                if matches!(e, OpError::Transfer(TransferError::Missing(_))) {
+                    tracing::debug!(op = req.op.name(), "{e}");
+                } else {
+                    tracing::warn!(op = req.op.name(), "{e}");
+                }
+                failure_reply(&req.op)
+            }
+        }
+    }
+
+    fn dispatch(&self, req: &Request<'_>) -> Result<Option<Vec<u8>>, OpError> {
+        use codec::*;
+        let p = |n: usize| -> Result<&[&[u8]], OpError> { Ok(req.expect(n)?) };
+        Ok(match &req.op {
+            Op::GetChunkSize => {
+                p(0)?;
+                Some(encode_u64(self.settings.chunk_size as u64))
+            }
+            Op::GetExperimental => {
+                p(0)?;
+                Some(encode_str_list(&[]))
+            }
+            Op::Noop => {
+                p(0)?;
+                Some(encode_str("OK"))
+            }
+            Op::Ping => {
+                if let Some(id) = decode_opt_u64("instance_id", p(1)?[0])? {
+                    if let Some(inst) = self.registry.get(id) {
+                        inst.touch(true);
+                    }
+                }
+                Some(encode_bool(true))
+            }
+            Op::RegisterKvCache => {
+                self.register_kv_cache(p(7)?)?;
+                None
+            }
+            Op::UnregisterKvCache => {
+                let id = decode_u64("instance_id", p(1)?[0])?;
+                if self.registry.remove(id).is_none() {
+                    tracing::warn!(instance_id = id, "unregister_kv_cache: unknown instance");
+                } else {
+                    tracing::info!(instance_id = id, "unregistered");
+                }
+                None
+            }
+            Op::Store => {
+                let f = p(4)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                let blocks = decode_block_ids(f[2])?;
+                decode_bin("event_ipc_handle", f[3])?;
+                self.store(&key, id, &blocks)?;
+                Some(TransferResult::DONE.encode())
+            }
+            Op::Retrieve => {
+                let f = p(5)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                let blocks = decode_block_ids(f[2])?;
+                decode_bin("event_ipc_handle", f[3])?;
+                let skip = decode_u64("skip_first_n_tokens", f[4])?;
+                self.retrieve(&key, id, &blocks, skip)?;
+                Some(TransferResult::DONE.encode())
+            }
+            Op::Lookup => {
+                let f = p(2)?;
+                let key = Self::decode_key(f[0])?;
+                decode_u64("tp_size", f[1])?;
+                self.lookup(&key)?;
+                None
+            }
+            Op::QueryPrefetchStatus => Some(encode_u64(
+                self.query_prefetch_status(decode_str("request_id", p(1)?[0])?),
+            )),
+            Op::WaitPrefetchStatus => {
+                // Lookups resolve synchronously, so there is never anything to wait for.
+                let f = p(2)?;
+                decode_f64("timeout", f[1])?;
+                Some(encode_u64(
+                    self.query_prefetch_status(decode_str("request_id", f[0])?),
+                ))
+            }
+            Op::FreeLookupLocks => {
+                let f = p(2)?;
+                self.free_lookup_locks(&Self::decode_key(f[0])?);
+                None
+            }
+            Op::EndSession => {
+                self.end_session(decode_str("request_id", p(1)?[0])?);
+                None
+            }
+            Op::ReportBlockAllocation => {
+                p(3)?;
+                None
+            }
+            Op::Clear => {
+                let force = decode_bool("force", p(1)?[0])?;
+                let dropped = self.l1.clear(force);
+                tracing::info!(force, dropped, "clear");
+                None
+            }
+            other => {
+                tracing::warn!(
+                    op = other.name(),
+                    payloads = req.payloads.len(),
+                    "operation not supported by cwm: answered with no payload"
+                );
+                None
+            }
+        })
+    }
+
+    /// The key names a model and tenant cwm may store under.
+    fn check_identity(&self, key: &IpcCacheServerKey) -> Result<(), KeyError> {
+        validate_model_name(&key.model_name)?;
+        validate_cache_salt(&key.cache_salt)?;
+        if key.world_size == 0
+            || key.world_size > 255
+            || key.worker_id.is_some_and(|w| w >= key.world_size)
+        {
+            return Err(KeyError::Rank {
+                world_size: key.world_size,
+                worker_id: key.worker_id.unwrap_or(0),
+            });
+        }
+        Ok(())
+    }
+
+    /// Periodic housekeeping: expire idle sessions, reap silent instances.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let sessions = self.sessions.expire(now, self.settings.session_ttl);
+        let reaped = self.registry.reap(now, self.settings.reap);
+        if sessions > 0 || !reaped.is_empty() {
+            tracing::info!(
+                sessions,
+                ?reaped,
+                "expired idle sessions and silent instances"
+            );
+        }
+    }
+}
+
+/// What an op answers when it fails, so the client never waits forever.
+pub fn failure_reply(op: &Op) -> Option<Vec<u8>> {
+    match op {
+        Op::Store | Op::Retrieve => Some(TransferResult::FAILED.encode()),
+        Op::QueryPrefetchStatus | Op::WaitPrefetchStatus => Some(codec::encode_u64(0)),
+        Op::Ping | Op::CommitStore | Op::CommitRetrieve => Some(codec::encode_bool(false)),
+        Op::GetChunkSize => None,
+        _ => None,
+    }
+}

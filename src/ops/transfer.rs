@@ -1,0 +1,268 @@
+//! `store` and `retrieve`: copy chunks between an engine's paged KV memory and L1 objects.
+//!
+//! Both validate everything (instance, range, block lists, block ids) before a byte moves, then
+//! split the copy into (chunk, plane, layer) sections and run them across cores. A store
+//! publishes each object only after all its sections are written; a retrieve reads objects
+//! pinned for the duration of the copy and then releases the lookup's read locks.
+
+use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
+use rayon::prelude::*;
+use thiserror::Error;
+
+use super::{Cwm, OpError};
+use crate::engine_mem::{EngineKv, EngineMemError};
+use crate::store::{ReadGuard, Reservation, WriteGuard};
+
+#[derive(Debug, Error)]
+pub enum TransferError {
+    #[error("instance {0} is not registered")]
+    UnknownInstance(u64),
+    #[error("instance {id} cannot transfer: {reason}")]
+    Unusable { id: u64, reason: String },
+    #[error("key has no worker_id (store/retrieve need the worker's rank)")]
+    NoWorker,
+    #[error("range [{start}, {end}) of {tokens} tokens is not chunk-aligned to {chunk_size} or out of bounds")]
+    Range {
+        start: u64,
+        end: u64,
+        tokens: usize,
+        chunk_size: usize,
+    },
+    #[error("{got} block-id lists for {want} registered KV group(s)")]
+    Groups { got: usize, want: usize },
+    #[error("{got} block ids for {chunks} chunk(s), need {need}")]
+    ShortBlocks {
+        got: usize,
+        chunks: usize,
+        need: usize,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineMemError),
+    #[error("chunk {0} of the range is not cached")]
+    Missing(usize),
+    #[error("model/world_size {model}/{world_size} does not match instance registration {reg_model}/{reg_world_size}")]
+    Identity {
+        model: String,
+        world_size: u32,
+        reg_model: String,
+        reg_world_size: u32,
+    },
+}
+
+/// A raw section pointer that may cross to a rayon worker (each section is written by one task).
+#[derive(Clone, Copy)]
+struct Section(*mut u8);
+unsafe impl Send for Section {}
+unsafe impl Sync for Section {}
+
+/// A validated request: the chunks of `[start, end)` with their keys and block-id slices.
+struct Plan<'a> {
+    keys: Vec<ObjectKey>,
+    blocks: &'a [u32],
+    blocks_per_chunk: usize,
+}
+
+impl Cwm {
+    fn plan<'a>(
+        &self,
+        key: &IpcCacheServerKey,
+        kv: &EngineKv,
+        block_ids: &'a [Vec<u32>],
+    ) -> Result<Plan<'a>, TransferError> {
+        let cs = self.settings.chunk_size;
+        let rank = key.worker_id.ok_or(TransferError::NoWorker)?;
+        let (start, end, tokens) = (key.start as usize, key.end as usize, key.token_ids.len());
+        if start % cs != 0 || end % cs != 0 || start > end || end > tokens {
+            return Err(TransferError::Range {
+                start: key.start,
+                end: key.end,
+                tokens,
+                chunk_size: cs,
+            });
+        }
+        let [blocks] = block_ids else {
+            return Err(TransferError::Groups {
+                got: block_ids.len(),
+                want: 1,
+            });
+        };
+        let hashes = self.hasher.chunk_hashes(&key.token_ids, start, end);
+        let blocks_per_chunk = cs / kv.layout.block_size as usize;
+        let need = hashes.len() * blocks_per_chunk;
+        if blocks.len() < need {
+            return Err(TransferError::ShortBlocks {
+                got: blocks.len(),
+                chunks: hashes.len(),
+                need,
+            });
+        }
+        let blocks = &blocks[..need];
+        kv.check_blocks(blocks)?;
+        let keys = hashes
+            .iter()
+            .map(|h| self.object_key(key, rank, *h))
+            .collect();
+        Ok(Plan {
+            keys,
+            blocks,
+            blocks_per_chunk,
+        })
+    }
+
+    fn instance_kv(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<std::sync::Arc<super::registry::Instance>, TransferError> {
+        let inst = self
+            .registry
+            .get(instance_id)
+            .ok_or(TransferError::UnknownInstance(instance_id))?;
+        inst.touch(false);
+        if let Err(reason) = &inst.kv {
+            return Err(TransferError::Unusable {
+                id: instance_id,
+                reason: reason.clone(),
+            });
+        }
+        if *inst.model != *key.model_name || inst.world_size != key.world_size {
+            return Err(TransferError::Identity {
+                model: key.model_name.clone(),
+                world_size: key.world_size,
+                reg_model: inst.model.to_string(),
+                reg_world_size: inst.world_size,
+            });
+        }
+        Ok(inst)
+    }
+
+    pub(super) fn store(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        block_ids: &[Vec<u32>],
+    ) -> Result<(), OpError> {
+        self.check_identity(key)?;
+        let inst = self.instance_kv(key, instance_id)?;
+        let kv = inst.kv.as_ref().expect("checked usable");
+        let plan = self.plan(key, kv, block_ids)?;
+        let chunk_tokens = self.settings.chunk_size as u64;
+        let object_bytes = kv.layout.object_bytes(chunk_tokens);
+        // Reserve every chunk that needs writing; present and null chunks are skipped, and a
+        // chunk that finds no space is skipped too (the store still succeeds, as in LMCache).
+        let mut writes: Vec<(usize, WriteGuard)> = Vec::new();
+        for (c, key) in plan.keys.iter().enumerate() {
+            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
+            if blocks.iter().all(|&b| b == 0) {
+                continue;
+            }
+            match self.l1.reserve(key, object_bytes) {
+                Reservation::Reserved(w) => writes.push((c, w)),
+                Reservation::Present => {}
+                Reservation::NoSpace => tracing::warn!(
+                    ?key,
+                    bytes = object_bytes,
+                    "L1 full of locked objects: chunk not stored"
+                ),
+            }
+        }
+        let sections: Vec<(usize, u64, u64, Section)> = writes
+            .iter()
+            .flat_map(|(c, w)| {
+                sections(kv, chunk_tokens)
+                    .map(move |(p, l, off)| (*c, p, l, Section(unsafe { w.as_mut_ptr().add(off) })))
+            })
+            .collect();
+        sections.par_iter().for_each(|&(c, p, l, dst)| {
+            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
+            // SAFETY: blocks were bound-checked in `plan`; `dst` is this task's own section of a
+            // reserved object, sized `section_bytes(blocks_per_chunk)`.
+            unsafe { kv.gather(p, l, blocks, dst.0) }
+        });
+        let stored = writes.len();
+        for (_, w) in writes {
+            w.commit();
+        }
+        self.counters
+            .record_store(stored as u64, stored as u64 * object_bytes);
+        Ok(())
+    }
+
+    pub(super) fn retrieve(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        block_ids: &[Vec<u32>],
+        skip_tokens: u64,
+    ) -> Result<(), OpError> {
+        self.check_identity(key)?;
+        let inst = self.instance_kv(key, instance_id)?;
+        let kv = inst.kv.as_ref().expect("checked usable");
+        let plan = self.plan(key, kv, block_ids)?;
+        let chunk_tokens = self.settings.chunk_size as u64;
+        let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.l1.read(k)).collect();
+        // One lookup lock per object read is released whatever happens next.
+        let release = || self.l1.unlock(reads.iter().flatten().map(|g| g.key()), 1);
+        if let Some(missing) = reads.iter().position(Option::is_none) {
+            release();
+            self.counters.record_retrieve_miss();
+            return Err(TransferError::Missing(missing).into());
+        }
+        let object_bytes = kv.layout.object_bytes(chunk_tokens) as usize;
+        if let Some(bad) = reads
+            .iter()
+            .flatten()
+            .find(|g| g.as_slice().len() != object_bytes)
+        {
+            release();
+            return Err(OpError::ObjectSize {
+                key: bad.key().clone(),
+                got: bad.as_slice().len(),
+                want: object_bytes,
+            });
+        }
+        let skip_blocks = (skip_tokens / kv.layout.block_size) as usize;
+        let sections: Vec<(usize, u64, u64, Section)> = reads
+            .iter()
+            .enumerate()
+            .flat_map(|(c, g)| {
+                let base = g.as_ref().expect("all present").as_slice().as_ptr() as *mut u8;
+                sections(kv, chunk_tokens)
+                    .map(move |(p, l, off)| (c, p, l, Section(unsafe { base.add(off) })))
+            })
+            .collect();
+        sections.par_iter().for_each(|&(c, p, l, src)| {
+            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
+            let skip = skip_blocks.saturating_sub(c * plan.blocks_per_chunk);
+            // SAFETY: bound-checked blocks; `src` is a section of an object pinned by `reads`.
+            unsafe { kv.scatter(p, l, blocks, skip, src.0) }
+        });
+        release();
+        self.counters
+            .record_retrieve(reads.len() as u64, (reads.len() * object_bytes) as u64);
+        Ok(())
+    }
+
+    pub(super) fn object_key(
+        &self,
+        key: &IpcCacheServerKey,
+        rank: u32,
+        hash: connector_protocol::ChunkHash,
+    ) -> ObjectKey {
+        ObjectKey {
+            model: key.model_name.as_str().into(),
+            kv_rank: kv_rank(key.world_size, rank),
+            object_group: 0,
+            chunk_hash: hash,
+            cache_salt: key.cache_salt.as_str().into(),
+        }
+    }
+}
+
+/// The (plane, layer, byte offset) of every section of one object.
+fn sections(kv: &EngineKv, chunk_tokens: u64) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
+    let l = &kv.layout;
+    (0..l.planes).flat_map(move |p| {
+        (0..l.num_layers).map(move |layer| (p, layer, kv.section_offset(p, layer, chunk_tokens)))
+    })
+}

@@ -1,0 +1,112 @@
+//! `cwm serve`: build the sidecar from a `Config` and run it until shut down.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::ops::{Cwm, ReapPolicy, Settings};
+use crate::server::mp::MpServer;
+use crate::store::{L1Config, L1Store};
+
+/// A running sidecar. Dropping it shuts it down and waits for its threads.
+pub struct Sidecar {
+    pub cwm: Arc<Cwm>,
+    pub mp_endpoint: String,
+    shutdown: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Start every server of the sidecar on background threads.
+    pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
+        config.validate()?;
+        let l1 = L1Store::new(&L1Config {
+            capacity_bytes: config.l1_bytes(),
+            lock_ttl: config.lock_ttl(),
+        })
+        .map_err(|e| anyhow::anyhow!("cannot reserve {} GiB for L1: {e}", config.l1_size_gb))?;
+        let cwm = Cwm::new(
+            Settings {
+                chunk_size: config.chunk_size,
+                session_ttl: Duration::from_secs(config.session_ttl_secs),
+                reap: ReapPolicy {
+                    after_ping: Duration::from_secs(config.worker_reap_timeout_secs),
+                    never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
+                },
+            },
+            l1,
+        );
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mp = MpServer::bind(&config.host, config.port)?;
+        let mp_endpoint = mp.endpoint().to_string();
+        let mut threads = Vec::new();
+        {
+            let (cwm, shutdown, lanes) = (cwm.clone(), shutdown.clone(), config.transfer_lanes);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("cwm-mp".into())
+                    .spawn(move || {
+                        if let Err(e) = mp.run(cwm, lanes, shutdown.clone()) {
+                            tracing::error!("MP server stopped: {e}");
+                            shutdown.store(true, Ordering::Relaxed);
+                        }
+                    })?,
+            );
+        }
+        {
+            let (cwm, shutdown) = (cwm.clone(), shutdown.clone());
+            threads.push(std::thread::Builder::new().name("cwm-sweep".into()).spawn(
+                move || {
+                    let mut ticks = 0u64;
+                    while !shutdown.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(200));
+                        ticks += 1;
+                        if ticks % 25 == 0 {
+                            cwm.sweep();
+                        }
+                    }
+                },
+            )?);
+        }
+        tracing::info!(
+            endpoint = %mp_endpoint,
+            chunk_size = config.chunk_size,
+            l1_gib = config.l1_size_gb,
+            "cwm serving the LMCache MP protocol"
+        );
+        Ok(Sidecar {
+            cwm,
+            mp_endpoint,
+            shutdown,
+            threads,
+        })
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// A handle that stops the sidecar when set (e.g. from a signal handler).
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    pub fn stop(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}

@@ -1,0 +1,3 @@
+//! Transports only: they move bytes and hand decoded requests to `ops`.
+
+pub mod mp;

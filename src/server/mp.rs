@@ -1,0 +1,201 @@
+//! The LMCache MP transport: a ZMQ ROUTER socket that LMCache's DEALER clients talk to.
+//!
+//! One thread owns the ROUTER (ZMQ sockets are single-threaded). It answers cheap ops inline
+//! and hands transfer ops (which copy KV memory) to a fixed set of lanes; a client's transfers
+//! always go to the same lane, so they run in submission order, as LMCache's affinity pool
+//! guarantees. Lanes send replies back over an inproc PUSH/PULL pair that the socket thread
+//! polls next to the ROUTER. Frames that cannot be decoded are logged and, whenever a uid and
+//! op frame exist to echo, still answered.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use connector_protocol::frame::{decode_incoming, Incoming};
+use connector_protocol::Reply;
+
+use crate::ops::{failure_reply, is_transfer, Cwm};
+
+/// A received multipart message: routing id, then the client's frames.
+type Message = Vec<Vec<u8>>;
+
+const REPLIES: &str = "inproc://cwm-mp-replies";
+
+pub struct MpServer {
+    ctx: zmq::Context,
+    router: zmq::Socket,
+    replies: zmq::Socket,
+    endpoint: String,
+}
+
+impl MpServer {
+    /// Bind the ROUTER on `tcp://host:port` (port 0 picks a free one; see `endpoint`).
+    pub fn bind(host: &str, port: u16) -> anyhow::Result<MpServer> {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER)?;
+        router.set_router_mandatory(true)?;
+        router.set_sndhwm(0)?;
+        router.set_rcvhwm(0)?;
+        router.set_linger(0)?;
+        let host = if host == "localhost" {
+            "127.0.0.1"
+        } else {
+            host
+        };
+        let port = if port == 0 {
+            "*".to_string()
+        } else {
+            port.to_string()
+        };
+        router
+            .bind(&format!("tcp://{host}:{port}"))
+            .map_err(|e| anyhow::anyhow!("cannot bind tcp://{host}:{port}: {e}"))?;
+        let endpoint = router
+            .get_last_endpoint()?
+            .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+        let replies = ctx.socket(zmq::PULL)?;
+        replies.set_rcvhwm(0)?;
+        replies.bind(REPLIES)?;
+        Ok(MpServer {
+            ctx,
+            router,
+            replies,
+            endpoint,
+        })
+    }
+
+    /// The bound endpoint, e.g. `tcp://127.0.0.1:5555`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Serve until `shutdown` is set. Blocks the calling thread.
+    pub fn run(self, cwm: Arc<Cwm>, lanes: usize, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let mut lane_tx = Vec::new();
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        for i in 0..lanes.max(1) {
+            let (tx, rx) = mpsc::channel::<Message>();
+            let push = self.ctx.socket(zmq::PUSH)?;
+            push.set_sndhwm(0)?;
+            push.connect(REPLIES)?;
+            let cwm = cwm.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("cwm-lane-{i}"))
+                    .spawn(move || lane(cwm, rx, push))?,
+            );
+            lane_tx.push(tx);
+        }
+        let mut items_buf = [
+            self.router.as_poll_item(zmq::POLLIN),
+            self.replies.as_poll_item(zmq::POLLIN),
+        ];
+        while !shutdown.load(Ordering::Relaxed) {
+            zmq::poll(&mut items_buf, 100)?;
+            let (router_ready, replies_ready) =
+                (items_buf[0].is_readable(), items_buf[1].is_readable());
+            if router_ready {
+                while let Ok(msg) = self.router.recv_multipart(zmq::DONTWAIT) {
+                    self.on_message(&cwm, msg, &lane_tx);
+                }
+            }
+            if replies_ready {
+                while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
+                    self.send(frames);
+                }
+            }
+            items_buf = [
+                self.router.as_poll_item(zmq::POLLIN),
+                self.replies.as_poll_item(zmq::POLLIN),
+            ];
+        }
+        drop(lane_tx);
+        for w in workers {
+            let _ = w.join();
+        }
+        // Replies the lanes produced before stopping still go out.
+        while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
+            self.send(frames);
+        }
+        Ok(())
+    }
+
+    fn on_message(&self, cwm: &Cwm, msg: Message, lanes: &[mpsc::Sender<Message>]) {
+        let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
+        match decode_incoming(&frames) {
+            Ok(Incoming::Request(req)) if is_transfer(&req.op) => {
+                let lane = lane_of(&msg[0], lanes.len());
+                if lanes[lane].send(msg).is_err() {
+                    tracing::error!("transfer lane {lane} is gone");
+                }
+            }
+            Ok(Incoming::Request(req)) => {
+                let reply = handle_guarded(cwm, &req);
+                self.send(reply_frames(&msg[0], &Reply::to(&req, reply)));
+            }
+            Ok(Incoming::Control { .. }) => {
+                tracing::debug!("stream control message ignored (cwm offers no streams)");
+            }
+            Err(e) => {
+                tracing::warn!("undecodable request: {e}");
+                if frames.len() >= 2 {
+                    // Echo uid and op with no payload so a waiting client is not left hanging.
+                    let reply = Reply {
+                        uid: frames[0].to_vec(),
+                        op_frame: frames[1].to_vec(),
+                        payload: None,
+                    };
+                    self.send(reply_frames(&msg[0], &reply));
+                }
+            }
+        }
+    }
+
+    fn send(&self, frames: Vec<Vec<u8>>) {
+        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+            // EHOSTUNREACH: the client disconnected before its answer was ready.
+            tracing::debug!("reply dropped: {e}");
+        }
+    }
+}
+
+/// Run a handler, turning a panic (a bug, never input) into the op's failure reply.
+fn handle_guarded(cwm: &Cwm, req: &connector_protocol::Request<'_>) -> Option<Vec<u8>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cwm.handle(req))) {
+        Ok(reply) => reply,
+        Err(_) => {
+            tracing::error!(
+                op = req.op.name(),
+                "handler panicked; answering with failure"
+            );
+            failure_reply(&req.op)
+        }
+    }
+}
+
+fn reply_frames(routing_id: &[u8], reply: &Reply) -> Vec<Vec<u8>> {
+    let mut frames = Vec::with_capacity(4);
+    frames.push(routing_id.to_vec());
+    frames.extend(reply.frames().into_iter().map(<[u8]>::to_vec));
+    frames
+}
+
+fn lane_of(routing_id: &[u8], lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    routing_id.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+fn lane(cwm: Arc<Cwm>, rx: mpsc::Receiver<Message>, push: zmq::Socket) {
+    for msg in rx {
+        let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
+        let Ok(Incoming::Request(req)) = decode_incoming(&frames) else {
+            continue;
+        };
+        let reply = handle_guarded(&cwm, &req);
+        if let Err(e) = push.send_multipart(reply_frames(&msg[0], &Reply::to(&req, reply)), 0) {
+            tracing::error!("cannot hand reply to the socket thread: {e}");
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! L1: the in-memory object store. Objects live in one `Arena`; an index maps each
+//! `ObjectKey` to its extent and state.
+//!
+//! Rules this module owns:
+//! - an object is visible (lookups, reads) only after `WriteGuard::commit`, i.e. once its bytes
+//!   are complete; an abandoned write frees its space;
+//! - a key already present (being written or committed) is never stored twice;
+//! - eviction takes the least recently used object that is neither read-locked by a lookup
+//!   (locks expire after a TTL, the safety net for clients that vanish) nor being read;
+//! - bytes are copied outside the index lock; the lock is held only for bookkeeping.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use connector_protocol::ObjectKey;
+use parking_lot::Mutex;
+
+use super::arena::{Arena, Extent, ExtentAllocator};
+
+#[derive(Debug, Clone)]
+pub struct L1Config {
+    pub capacity_bytes: u64,
+    /// How long a lookup's read lock protects an object from eviction if never released.
+    pub lock_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Writing,
+    Ready,
+}
+
+#[derive(Debug)]
+struct Entry {
+    extent: Extent,
+    len: u64,
+    state: State,
+    /// Read locks taken by lookups (released by retrieve / free_lookup_locks, or expired).
+    locks: u32,
+    locks_expire: Instant,
+    /// Reads in progress (a `ReadGuard` alive); memory safety, never expires.
+    active_reads: u32,
+    lru_tick: u64,
+}
+
+impl Entry {
+    /// Read locks still in force (all of them lapse together at `locks_expire`).
+    fn live_locks(&self, now: Instant) -> u32 {
+        if now < self.locks_expire {
+            self.locks
+        } else {
+            0
+        }
+    }
+
+    fn locked(&self, now: Instant) -> bool {
+        self.live_locks(now) > 0
+    }
+
+    fn evictable(&self, now: Instant) -> bool {
+        self.state == State::Ready && self.active_reads == 0 && !self.locked(now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: HashMap<ObjectKey, Entry>,
+    lru: BTreeMap<u64, ObjectKey>,
+    next_tick: u64,
+    used_bytes: u64,
+}
+
+impl Index {
+    fn touch(&mut self, key: &ObjectKey) {
+        let tick = self.next_tick;
+        if let Some(e) = self.entries.get_mut(key) {
+            if e.state == State::Ready {
+                self.lru.remove(&e.lru_tick);
+                e.lru_tick = tick;
+                self.lru.insert(tick, key.clone());
+                self.next_tick += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &ObjectKey, alloc: &mut ExtentAllocator) -> Option<Entry> {
+        let e = self.entries.remove(key)?;
+        if e.state == State::Ready {
+            self.lru.remove(&e.lru_tick);
+        }
+        self.used_bytes -= e.extent.len;
+        alloc.free(e.extent);
+        Some(e)
+    }
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct L1Counters {
+    pub committed_objects: AtomicU64,
+    pub committed_bytes: AtomicU64,
+    pub evicted_objects: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub no_space: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L1Stats {
+    pub objects: usize,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+pub struct L1Store {
+    arena: Arena,
+    inner: Mutex<(Index, ExtentAllocator)>,
+    lock_ttl: Duration,
+    pub counters: L1Counters,
+}
+
+/// Outcome of `reserve`.
+pub enum Reservation {
+    /// Space reserved; write the bytes, then commit.
+    Reserved(WriteGuard),
+    /// The key is already stored or being stored: nothing to do.
+    Present,
+    /// No space even after evicting everything evictable.
+    NoSpace,
+}
+
+impl L1Store {
+    pub fn new(config: &L1Config) -> std::io::Result<Arc<L1Store>> {
+        let arena = Arena::new(config.capacity_bytes)?;
+        let alloc = ExtentAllocator::new(arena.len());
+        Ok(Arc::new(L1Store {
+            arena,
+            inner: Mutex::new((Index::default(), alloc)),
+            lock_ttl: config.lock_ttl,
+            counters: L1Counters::default(),
+        }))
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.arena.len()
+    }
+
+    /// Reserve `len` bytes for `key`, evicting LRU objects if needed.
+    pub fn reserve(self: &Arc<Self>, key: &ObjectKey, len: u64) -> Reservation {
+        let mut guard = self.inner.lock();
+        let (index, alloc) = &mut *guard;
+        if index.entries.contains_key(key) {
+            return Reservation::Present;
+        }
+        if ExtentAllocator::rounded(len) > alloc.capacity() {
+            self.counters.no_space.fetch_add(1, Relaxed);
+            return Reservation::NoSpace;
+        }
+        let now = Instant::now();
+        let extent = loop {
+            if let Some(extent) = alloc.allocate(len) {
+                break extent;
+            }
+            let victim = index
+                .lru
+                .values()
+                .find(|k| index.entries.get(*k).is_some_and(|e| e.evictable(now)))
+                .cloned();
+            let Some(victim) = victim else {
+                self.counters.no_space.fetch_add(1, Relaxed);
+                return Reservation::NoSpace;
+            };
+            if let Some(e) = index.remove(&victim, alloc) {
+                self.counters.evicted_objects.fetch_add(1, Relaxed);
+                self.counters.evicted_bytes.fetch_add(e.len, Relaxed);
+            }
+        };
+        index.used_bytes += extent.len;
+        index.entries.insert(
+            key.clone(),
+            Entry {
+                extent,
+                len,
+                state: State::Writing,
+                locks: 0,
+                locks_expire: now,
+                active_reads: 0,
+                lru_tick: 0,
+            },
+        );
+        Reservation::Reserved(WriteGuard {
+            store: self.clone(),
+            key: Some(key.clone()),
+            ptr: self.arena.ptr(extent),
+            len,
+        })
+    }
+
+    /// Whether `key` is committed.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.inner
+            .lock()
+            .0
+            .entries
+            .get(key)
+            .is_some_and(|e| e.state == State::Ready)
+    }
+
+    /// Count the leading chunks for which every object (all ranks) is committed, and take
+    /// `readers` read locks on each object of that prefix, atomically. `chunks[i]` holds the
+    /// keys of chunk `i` for every rank.
+    pub fn lock_prefix(&self, chunks: &[Vec<ObjectKey>], readers: u32) -> usize {
+        let mut guard = self.inner.lock();
+        let index = &mut guard.0;
+        let hit = chunks
+            .iter()
+            .take_while(|keys| {
+                keys.iter().all(|k| {
+                    index
+                        .entries
+                        .get(k)
+                        .is_some_and(|e| e.state == State::Ready)
+                })
+            })
+            .count();
+        let now = Instant::now();
+        let expire = now + self.lock_ttl;
+        for key in chunks[..hit].iter().flatten() {
+            let e = index.entries.get_mut(key).expect("checked above");
+            e.locks = e.live_locks(now).saturating_add(readers);
+            e.locks_expire = expire;
+            index.touch(key);
+        }
+        hit
+    }
+
+    /// Release up to `n` read locks on each of `keys` (missing keys are ignored).
+    pub fn unlock<'a>(&self, keys: impl IntoIterator<Item = &'a ObjectKey>, n: u32) {
+        let mut guard = self.inner.lock();
+        for key in keys {
+            if let Some(e) = guard.0.entries.get_mut(key) {
+                e.locks = e.locks.saturating_sub(n);
+            }
+        }
+    }
+
+    /// Refresh the LRU position of `keys`.
+    pub fn touch<'a>(&self, keys: impl IntoIterator<Item = &'a ObjectKey>) {
+        let mut guard = self.inner.lock();
+        for key in keys {
+            guard.0.touch(key);
+        }
+    }
+
+    /// Pin a committed object for reading; `None` if absent or not yet committed.
+    pub fn read(self: &Arc<Self>, key: &ObjectKey) -> Option<ReadGuard> {
+        let mut guard = self.inner.lock();
+        let index = &mut guard.0;
+        let e = index
+            .entries
+            .get_mut(key)
+            .filter(|e| e.state == State::Ready)?;
+        e.active_reads += 1;
+        let (extent, len) = (e.extent, e.len);
+        index.touch(key);
+        Some(ReadGuard {
+            store: self.clone(),
+            key: key.clone(),
+            ptr: self.arena.ptr(extent),
+            len,
+        })
+    }
+
+    /// Drop committed objects. Without `force`, read-locked objects stay; objects being read
+    /// or written always stay (their memory is in use). Returns the number dropped.
+    pub fn clear(&self, force: bool) -> usize {
+        let mut guard = self.inner.lock();
+        let (index, alloc) = &mut *guard;
+        let now = Instant::now();
+        let victims: Vec<ObjectKey> = index
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.state == State::Ready && e.active_reads == 0 && (force || !e.locked(now))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &victims {
+            index.remove(k, alloc);
+        }
+        victims.len()
+    }
+
+    pub fn stats(&self) -> L1Stats {
+        let guard = self.inner.lock();
+        L1Stats {
+            objects: guard
+                .0
+                .entries
+                .values()
+                .filter(|e| e.state == State::Ready)
+                .count(),
+            used_bytes: guard.0.used_bytes,
+            capacity_bytes: self.arena.len(),
+        }
+    }
+
+    /// Read-lock count of `key` (expired locks count as 0). For tests and status.
+    pub fn lock_count(&self, key: &ObjectKey) -> u32 {
+        let now = Instant::now();
+        self.inner
+            .lock()
+            .0
+            .entries
+            .get(key)
+            .map_or(0, |e| e.live_locks(now))
+    }
+}
+
+/// Exclusive access to a reserved, not yet visible object.
+pub struct WriteGuard {
+    store: Arc<L1Store>,
+    key: Option<ObjectKey>,
+    ptr: *mut u8,
+    len: u64,
+}
+
+// The reserved extent belongs to this guard alone until commit or drop.
+unsafe impl Send for WriteGuard {}
+unsafe impl Sync for WriteGuard {}
+
+impl WriteGuard {
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the extent is reserved for this guard only and lies inside the arena.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len as usize) }
+    }
+
+    /// Publish the object: from now on lookups and reads see it.
+    pub fn commit(mut self) {
+        let key = self.key.take().expect("commit once");
+        let store = &self.store;
+        let mut guard = store.inner.lock();
+        let index = &mut guard.0;
+        if let Some(e) = index.entries.get_mut(&key) {
+            e.state = State::Ready;
+            e.lru_tick = index.next_tick;
+            index.lru.insert(index.next_tick, key);
+            index.next_tick += 1;
+        }
+        store.counters.committed_objects.fetch_add(1, Relaxed);
+        store.counters.committed_bytes.fetch_add(self.len, Relaxed);
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut guard = self.store.inner.lock();
+            let (index, alloc) = &mut *guard;
+            index.remove(&key, alloc);
+        }
+    }
+}
+
+/// A committed object pinned for reading; it cannot be evicted or cleared while this lives.
+pub struct ReadGuard {
+    store: Arc<L1Store>,
+    key: ObjectKey,
+    ptr: *const u8,
+    len: u64,
+}
+
+unsafe impl Send for ReadGuard {}
+unsafe impl Sync for ReadGuard {}
+
+impl ReadGuard {
+    pub fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: committed objects are immutable and pinned by `active_reads` while we live.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut guard = self.store.inner.lock();
+        if let Some(e) = guard.0.entries.get_mut(&self.key) {
+            e.active_reads -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use connector_protocol::ChunkHash;
+
+    fn key(n: u8, salt: &str) -> ObjectKey {
+        ObjectKey {
+            model: "m".into(),
+            kv_rank: 0x01000100,
+            object_group: 0,
+            chunk_hash: ChunkHash([n; 32]),
+            cache_salt: salt.into(),
+        }
+    }
+
+    fn store(pages: u64, ttl: Duration) -> Arc<L1Store> {
+        L1Store::new(&L1Config {
+            capacity_bytes: pages * 4096,
+            lock_ttl: ttl,
+        })
+        .unwrap()
+    }
+
+    fn put(s: &Arc<L1Store>, k: &ObjectKey, byte: u8) -> bool {
+        match s.reserve(k, 4096) {
+            Reservation::Reserved(mut w) => {
+                w.as_mut_slice().fill(byte);
+                w.commit();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn invisible_until_committed_and_never_stored_twice() {
+        let s = store(4, Duration::from_secs(60));
+        let k = key(1, "");
+        let Reservation::Reserved(mut w) = s.reserve(&k, 4096) else {
+            panic!("no space")
+        };
+        assert!(!s.contains(&k) && s.read(&k).is_none());
+        assert!(matches!(s.reserve(&k, 4096), Reservation::Present));
+        w.as_mut_slice().fill(7);
+        w.commit();
+        assert_eq!(s.read(&k).unwrap().as_slice(), &[7u8; 4096][..]);
+        assert!(matches!(s.reserve(&k, 4096), Reservation::Present));
+    }
+
+    #[test]
+    fn abandoned_write_frees_space() {
+        let s = store(1, Duration::from_secs(60));
+        let Reservation::Reserved(w) = s.reserve(&key(1, ""), 4096) else {
+            panic!()
+        };
+        drop(w);
+        assert_eq!(s.stats().used_bytes, 0);
+        assert!(put(&s, &key(2, ""), 1));
+    }
+
+    #[test]
+    fn evicts_lru_but_not_locked_or_read() {
+        let s = store(3, Duration::from_secs(60));
+        let (a, b, c, d) = (key(1, ""), key(2, ""), key(3, ""), key(4, ""));
+        assert!(put(&s, &a, 1) && put(&s, &b, 2) && put(&s, &c, 3));
+        // a is oldest but locked by a lookup; b is being read; so c must go.
+        assert_eq!(s.lock_prefix(&[vec![a.clone()]], 1), 1);
+        let reading = s.read(&b).unwrap();
+        assert!(put(&s, &d, 4));
+        assert!(s.contains(&a) && s.contains(&b) && !s.contains(&c) && s.contains(&d));
+        assert_eq!(reading.as_slice()[0], 2);
+        // Everything pinned now: no space, nothing corrupted.
+        assert_eq!(s.lock_prefix(&[vec![d.clone()]], 1), 1);
+        assert!(!put(&s, &c, 9));
+        assert_eq!(s.counters.no_space.load(Relaxed), 1);
+        drop(reading);
+        assert!(put(&s, &c, 3), "b evictable once the read ended");
+        assert!(!s.contains(&b));
+    }
+
+    #[test]
+    fn locks_expire_after_ttl() {
+        let s = store(1, Duration::from_millis(20));
+        let a = key(1, "");
+        assert!(put(&s, &a, 1));
+        s.lock_prefix(&[vec![a.clone()]], 2);
+        assert_eq!(s.lock_count(&a), 2);
+        assert!(!put(&s, &key(2, ""), 2));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(s.lock_count(&a), 0);
+        assert!(put(&s, &key(2, ""), 2));
+    }
+
+    #[test]
+    fn lock_prefix_needs_every_rank_and_stops_at_first_gap() {
+        let s = store(8, Duration::from_secs(60));
+        let r0 = |n| key(n, "");
+        let r1 = |n| ObjectKey {
+            kv_rank: 0x02010201,
+            ..key(n, "")
+        };
+        for k in [r0(1), r1(1), r0(2), r0(3), r1(3)] {
+            assert!(put(&s, &k, 1));
+        }
+        let chunks = vec![vec![r0(1), r1(1)], vec![r0(2), r1(2)], vec![r0(3), r1(3)]];
+        assert_eq!(s.lock_prefix(&chunks, 1), 1);
+        assert_eq!((s.lock_count(&r0(1)), s.lock_count(&r0(3))), (1, 0));
+        s.unlock([&r0(1), &r1(1)], 5);
+        assert_eq!(s.lock_count(&r0(1)), 0);
+    }
+
+    #[test]
+    fn salt_separates_objects() {
+        let s = store(4, Duration::from_secs(60));
+        assert!(put(&s, &key(1, "alice"), 1));
+        assert!(!s.contains(&key(1, "bob")) && !s.contains(&key(1, "")));
+        assert!(put(&s, &key(1, "bob"), 2));
+        assert_eq!(s.read(&key(1, "alice")).unwrap().as_slice()[0], 1);
+    }
+
+    #[test]
+    fn clear_keeps_locked_unless_forced() {
+        let s = store(4, Duration::from_secs(60));
+        let (a, b) = (key(1, ""), key(2, ""));
+        assert!(put(&s, &a, 1) && put(&s, &b, 2));
+        s.lock_prefix(&[vec![a.clone()]], 1);
+        assert_eq!(s.clear(false), 1);
+        assert!(s.contains(&a) && !s.contains(&b));
+        assert_eq!(s.clear(true), 1);
+        assert_eq!(
+            s.stats(),
+            L1Stats {
+                objects: 0,
+                used_bytes: 0,
+                capacity_bytes: 4 * 4096
+            }
+        );
+    }
+}

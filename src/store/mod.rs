@@ -1,0 +1,7 @@
+//! The native tensor store. L1 (memory) for now; the disk and Redis tiers join here.
+//! Knows nothing of ZMQ, MCP or vLLM: it stores bytes under `ObjectKey`s.
+
+pub mod arena;
+pub mod l1;
+
+pub use l1::{L1Config, L1Store, ReadGuard, Reservation, WriteGuard};
