@@ -329,7 +329,7 @@ mod tests {
             Err(LayoutError::Mismatch { layer: 1 })
         );
         let mut bad_dtype = good.clone();
-        bad_dtype.dtype = "complex32".into();
+        bad_dtype.dtype = "not_a_dtype".into();
         assert!(matches!(
             KvLayout::from_tensors(&[&bad_dtype], None),
             Err(LayoutError::Dtype(_))

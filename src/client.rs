@@ -1,0 +1,235 @@
+//! A small blocking MP client (ZMQ DEALER), speaking exactly what LMCache's client sends.
+//! Used by `cwm bench` and the integration tests; the real LMCache client is exercised by
+//! `tests/interop`.
+
+use std::time::Duration;
+
+use connector_protocol::{
+    codec, ipc, BlockAllocationRecord, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor,
+    LayoutHints, Op, TransferResult,
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("zmq: {0}")]
+    Zmq(#[from] zmq::Error),
+    #[error("no reply to {op} within {timeout:?}")]
+    Timeout { op: String, timeout: Duration },
+    #[error("bad reply to {op}: {reason}")]
+    BadReply { op: String, reason: String },
+}
+
+pub struct MpClient {
+    _ctx: zmq::Context,
+    socket: zmq::Socket,
+    next_uid: u64,
+    pub timeout: Duration,
+}
+
+impl MpClient {
+    pub fn connect(endpoint: &str) -> Result<MpClient, ClientError> {
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(zmq::DEALER)?;
+        socket.set_linger(0)?;
+        socket.set_reconnect_ivl_max(1000)?;
+        socket.connect(endpoint)?;
+        Ok(MpClient {
+            _ctx: ctx,
+            socket,
+            next_uid: 0,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Send raw frames (uid and op included) without waiting: for malformed-input tests.
+    pub fn send_raw(&self, frames: &[Vec<u8>]) -> Result<(), ClientError> {
+        self.socket.send_multipart(frames, 0)?;
+        Ok(())
+    }
+
+    /// Receive one raw reply (uid, op, payload?) or time out.
+    pub fn recv_raw(&self) -> Result<Option<Vec<Vec<u8>>>, ClientError> {
+        if self
+            .socket
+            .poll(zmq::POLLIN, self.timeout.as_millis() as i64)?
+            == 0
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.socket.recv_multipart(0)?))
+    }
+
+    /// One RPC: returns the payload frame (None = the server sent no payload).
+    pub fn call(&mut self, op: Op, payloads: &[Vec<u8>]) -> Result<Option<Vec<u8>>, ClientError> {
+        let uid = codec::encode_u64(self.next_uid);
+        self.next_uid += 1;
+        let mut frames = vec![uid.clone(), op.to_frame()];
+        frames.extend_from_slice(payloads);
+        self.send_raw(&frames)?;
+        loop {
+            let Some(mut reply) = self.recv_raw()? else {
+                return Err(ClientError::Timeout {
+                    op: op.name().to_string(),
+                    timeout: self.timeout,
+                });
+            };
+            if reply.first() != Some(&uid) {
+                continue; // a late reply to an earlier, timed-out call
+            }
+            if reply.len() < 2 || reply.len() > 3 {
+                return Err(ClientError::BadReply {
+                    op: op.name().into(),
+                    reason: format!("{} frames", reply.len()),
+                });
+            }
+            return Ok(if reply.len() == 3 { reply.pop() } else { None });
+        }
+    }
+
+    fn bad(op: &Op, e: impl std::fmt::Display) -> ClientError {
+        ClientError::BadReply {
+            op: op.name().into(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn call_u64(&mut self, op: Op, payloads: &[Vec<u8>]) -> Result<u64, ClientError> {
+        let payload = self
+            .call(op.clone(), payloads)?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        codec::decode_u64("result", &payload).map_err(|e| Self::bad(&op, e))
+    }
+
+    fn call_transfer(
+        &mut self,
+        op: Op,
+        payloads: &[Vec<u8>],
+    ) -> Result<TransferResult, ClientError> {
+        let payload = self
+            .call(op.clone(), payloads)?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        TransferResult::decode(&payload).map_err(|e| Self::bad(&op, e))
+    }
+
+    pub fn get_chunk_size(&mut self) -> Result<u64, ClientError> {
+        self.call_u64(Op::GetChunkSize, &[])
+    }
+
+    pub fn ping(&mut self, instance_id: Option<u64>) -> Result<bool, ClientError> {
+        let arg = instance_id.map_or_else(codec::encode_nil, codec::encode_u64);
+        let payload = self
+            .call(Op::Ping, &[arg])?
+            .ok_or_else(|| Self::bad(&Op::Ping, "no payload"))?;
+        codec::decode_bool("result", &payload).map_err(|e| Self::bad(&Op::Ping, e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_kv_cache(
+        &mut self,
+        instance_id: u64,
+        descriptors: &[IpcDescriptor],
+        model: &str,
+        world_size: u32,
+        kv_layout: Option<&str>,
+        groups: &[EngineGroupInfo],
+    ) -> Result<(), ClientError> {
+        let hints = LayoutHints {
+            kv_layout: kv_layout.map(str::to_string),
+        };
+        self.call(
+            Op::RegisterKvCache,
+            &[
+                codec::encode_u64(instance_id),
+                ipc::encode_descriptor_list(descriptors),
+                codec::encode_str(model),
+                codec::encode_u64(world_size as u64),
+                codec::encode_str("vllm"),
+                codec::encode(&hints),
+                codec::encode(groups),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn unregister_kv_cache(&mut self, instance_id: u64) -> Result<(), ClientError> {
+        self.call(Op::UnregisterKvCache, &[codec::encode_u64(instance_id)])?;
+        Ok(())
+    }
+
+    pub fn store(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        blocks: &[Vec<u32>],
+    ) -> Result<TransferResult, ClientError> {
+        let payloads = [
+            codec::encode(key),
+            codec::encode_u64(instance_id),
+            codec::encode_block_ids(blocks),
+            codec::encode_bin(b"stub_ipc_handle"),
+        ];
+        self.call_transfer(Op::Store, &payloads)
+    }
+
+    pub fn retrieve(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        blocks: &[Vec<u32>],
+        skip_tokens: u64,
+    ) -> Result<TransferResult, ClientError> {
+        let payloads = [
+            codec::encode(key),
+            codec::encode_u64(instance_id),
+            codec::encode_block_ids(blocks),
+            codec::encode_bin(b"stub_ipc_handle"),
+            codec::encode_u64(skip_tokens),
+        ];
+        self.call_transfer(Op::Retrieve, &payloads)
+    }
+
+    pub fn lookup(&mut self, key: &IpcCacheServerKey) -> Result<(), ClientError> {
+        self.call(Op::Lookup, &[codec::encode(key), codec::encode_u64(1)])?;
+        Ok(())
+    }
+
+    pub fn query_prefetch_status(&mut self, request_id: &str) -> Result<u64, ClientError> {
+        self.call_u64(Op::QueryPrefetchStatus, &[codec::encode_str(request_id)])
+    }
+
+    pub fn free_lookup_locks(&mut self, key: &IpcCacheServerKey) -> Result<(), ClientError> {
+        self.call(
+            Op::FreeLookupLocks,
+            &[codec::encode(key), codec::encode_u64(1)],
+        )?;
+        Ok(())
+    }
+
+    pub fn end_session(&mut self, request_id: &str) -> Result<(), ClientError> {
+        self.call(Op::EndSession, &[codec::encode_str(request_id)])?;
+        Ok(())
+    }
+
+    pub fn report_block_allocation(
+        &mut self,
+        pid: u64,
+        model: &str,
+        records: &[BlockAllocationRecord],
+    ) -> Result<(), ClientError> {
+        self.call(
+            Op::ReportBlockAllocation,
+            &[
+                codec::encode_u64(pid),
+                codec::encode_str(model),
+                codec::encode(records),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear(&mut self, force: bool) -> Result<(), ClientError> {
+        self.call(Op::Clear, &[codec::encode_bool(force)])?;
+        Ok(())
+    }
+}
