@@ -148,7 +148,7 @@ impl KvLayout {
                 "the last (content) dimension must be contiguous",
             ));
         }
-        if first.shape.iter().any(|&d| d == 0) {
+        if first.shape.contains(&0) {
             return Err(unsupported(0, first, "empty dimension"));
         }
         let dim = |i: usize| first.shape[i];

@@ -48,7 +48,39 @@ impl ShmSegment {
         Ok(ShmSegment {
             name: name.to_string(),
             map,
+            owned: false,
         })
+    }
+
+    /// Create a new zero-filled segment `name` of `nbytes` (fails if the name exists); it is
+    /// unlinked when dropped.
+    pub fn create(name: &str, nbytes: u64) -> Result<ShmSegment, EngineMemError> {
+        let path = shm_path(name)?;
+        let open_err = |e: std::io::Error| EngineMemError::ShmOpen {
+            name: name.to_string(),
+            reason: e.to_string(),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(open_err)?;
+        let mapped = file
+            .set_len(nbytes)
+            .and_then(|_| MmapOptions::new().len(nbytes as usize).map_raw(&file));
+        match mapped {
+            Ok(map) => Ok(ShmSegment {
+                name: name.to_string(),
+                map,
+                owned: true,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(open_err(e))
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
