@@ -13,9 +13,16 @@ use crate::DecodeError;
 ///
 /// The frame must be exactly one msgpack document (no trailing bytes) nested at most 64 levels;
 /// it is validated before serde sees it, so malformed input never reaches a recursive decoder.
+/// Strict like msgspec where it matters: structs must be maps with str keys, `String` needs a
+/// msgpack str and bytes need bin. Errors name the field path, e.g.
+/// `bad key: token_ids[1]: invalid value: integer `-1`, expected u32`.
 pub fn decode<T: DeserializeOwned>(what: &'static str, frame: &[u8]) -> Result<T, DecodeError> {
     check_document(what, frame)?;
-    rmp_serde::from_slice(frame).map_err(|e| DecodeError::payload(what, e))
+    let mut r = Reader::new(what, frame);
+    let value = T::deserialize(&mut crate::de::Deserializer::new(&mut r))
+        .map_err(|e| DecodeError::payload(what, e))?;
+    r.finish()?;
+    Ok(value)
 }
 
 /// Encode a typed value as msgspec does (structs as maps with field names, in declaration order).
@@ -37,41 +44,41 @@ fn whole<'a, T>(
 }
 
 pub fn decode_u64(what: &'static str, frame: &[u8]) -> Result<u64, DecodeError> {
-    whole(what, frame, |r| r.uint("value"))
+    whole(what, frame, |r| r.uint(""))
 }
 
 /// `int | None` (e.g. `ping(instance_id)`).
 pub fn decode_opt_u64(what: &'static str, frame: &[u8]) -> Result<Option<u64>, DecodeError> {
     whole(what, frame, |r| {
-        if r.nil("value")? {
+        if r.nil("")? {
             Ok(None)
         } else {
-            r.uint("value").map(Some)
+            r.uint("").map(Some)
         }
     })
 }
 
 /// A signed int (e.g. a cursor that may be `-1`); any msgpack int that fits `i64`.
 pub fn decode_i64(what: &'static str, frame: &[u8]) -> Result<i64, DecodeError> {
-    whole(what, frame, |r| r.sint("value"))
+    whole(what, frame, |r| r.sint(""))
 }
 
 pub fn decode_bool(what: &'static str, frame: &[u8]) -> Result<bool, DecodeError> {
-    whole(what, frame, |r| r.bool("value"))
+    whole(what, frame, |r| r.bool(""))
 }
 
 /// A float; msgpack ints are accepted too (Python `1` for `1.0`).
 pub fn decode_f64(what: &'static str, frame: &[u8]) -> Result<f64, DecodeError> {
-    whole(what, frame, |r| r.float("value"))
+    whole(what, frame, |r| r.float(""))
 }
 
 pub fn decode_str<'a>(what: &'static str, frame: &'a [u8]) -> Result<&'a str, DecodeError> {
-    whole(what, frame, |r| r.str("value"))
+    whole(what, frame, |r| r.str(""))
 }
 
 /// msgpack `bin` (a str where bytes are expected is rejected, as msgspec does).
 pub fn decode_bin<'a>(what: &'static str, frame: &'a [u8]) -> Result<&'a [u8], DecodeError> {
-    whole(what, frame, |r| r.bin("value"))
+    whole(what, frame, |r| r.bin(""))
 }
 
 /// `list[list[int]]`: one block-id list per KV group. Ids must fit u32.
@@ -84,7 +91,7 @@ pub fn decode_block_ids(frame: &[u8]) -> Result<Vec<Vec<u32>>, DecodeError> {
             let mut ids = Vec::with_capacity(n);
             for i in 0..n {
                 // Field names are formatted only on error (hot path: thousands of ids per call).
-                let v = r.int("block id").map_err(|e| at_index(e, g, i))?;
+                let v = r.int("").map_err(|e| at_index(e, g, i))?;
                 let id = match v {
                     Int::U(u) => u32::try_from(u).ok(),
                     Int::I(x) => u32::try_from(x).ok(),
@@ -202,4 +209,147 @@ pub fn encode_str_list(v: &[&str]) -> Vec<u8> {
         write_str(&mut out, s);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        hex::decode(s.replace(' ', "")).unwrap()
+    }
+
+    #[test]
+    fn smallest_int_formats() {
+        for (v, want) in [
+            (0u64, "00"),
+            (127, "7f"),
+            (128, "cc 80"),
+            (255, "cc ff"),
+            (256, "cd 01 00"),
+            (65535, "cd ff ff"),
+            (65536, "ce 00 01 00 00"),
+            (u64::from(u32::MAX), "ce ff ff ff ff"),
+            (1 << 32, "cf 00 00 00 01 00 00 00 00"),
+            ((1 << 62) - 1, "cf 3f ff ff ff ff ff ff ff"),
+        ] {
+            assert_eq!(encode_u64(v), h(want), "{v}");
+            assert_eq!(decode_u64("v", &h(want)), Ok(v));
+        }
+        for (v, want) in [
+            (-1i64, "ff"),
+            (-32, "e0"),
+            (-33, "d0 df"),
+            (-129, "d1 ff 7f"),
+            (5, "05"),
+        ] {
+            assert_eq!(encode_i64(v), h(want), "{v}");
+            assert_eq!(decode_i64("v", &h(want)), Ok(v));
+        }
+    }
+
+    #[test]
+    fn lenient_and_strict_scalars() {
+        // Any int width, including signed formats holding non-negative values.
+        assert_eq!(decode_u64("v", &h("d0 05")), Ok(5));
+        assert_eq!(decode_u64("v", &h("cd 00 05")), Ok(5));
+        // bool is not an int; negative is not a u64; trailing bytes are rejected.
+        assert!(decode_u64("v", &h("c3")).is_err());
+        assert!(decode_u64("v", &h("ff")).is_err());
+        assert!(decode_u64("v", &h("05 05")).is_err());
+        assert!(decode_u64("v", &h("")).is_err());
+        assert_eq!(decode_opt_u64("v", &h("c0")), Ok(None));
+        assert_eq!(decode_opt_u64("v", &h("07")), Ok(Some(7)));
+        assert!(decode_opt_u64("v", &h("c2")).is_err());
+        assert_eq!(decode_bool("v", &h("c3")), Ok(true));
+        assert!(decode_bool("v", &h("01")).is_err());
+        assert_eq!(decode_f64("v", &h("cb 3f f8 00 00 00 00 00 00")), Ok(1.5));
+        assert_eq!(decode_f64("v", &h("ca 3f c0 00 00")), Ok(1.5));
+        assert_eq!(decode_f64("v", &h("02")), Ok(2.0));
+        assert_eq!(decode_f64("v", &h("ff")), Ok(-1.0));
+        assert!(decode_f64("v", &h("a1 31")).is_err());
+        assert_eq!(encode_f64(1.5), h("cb 3f f8 00 00 00 00 00 00"));
+        assert_eq!(decode_str("v", &h("a5 72 65 71 2d 31")), Ok("req-1"));
+        assert!(decode_str("v", &h("c4 01 61")).is_err(), "bin is not str");
+        assert_eq!(decode_bin("v", &h("c4 02 61 62")), Ok(&b"ab"[..]));
+        assert!(decode_bin("v", &h("a2 61 62")).is_err(), "str is not bin");
+        assert!(decode_bin("v", &h("c4 03 61 62")).is_err(), "truncated");
+        assert_eq!(encode_nil(), h("c0"));
+        assert_eq!(encode_bin(b""), h("c4 00"));
+        assert_eq!(encode_str(""), h("a0"));
+        assert_eq!(encode_str(&"x".repeat(32))[..2], h("d9 20"));
+    }
+
+    #[test]
+    fn block_ids() {
+        assert_eq!(decode_block_ids(&h("91 91 03")), Ok(vec![vec![3]]));
+        assert_eq!(decode_block_ids(&h("90")), Ok(vec![]));
+        assert_eq!(
+            decode_block_ids(&h("92 93 00 cc ff ce ff ff ff ff 90")),
+            Ok(vec![vec![0, 255, u32::MAX], vec![]])
+        );
+        for (bad, want) in [
+            (
+                "91 91 ff",
+                "block_ids[0][0]: expected an int in 0..=4294967295, got -1",
+            ),
+            (
+                "91 92 01 cf 00 00 00 01 00 00 00 00",
+                "block_ids[0][1]: expected an int in 0..=4294967295, got 4294967296",
+            ),
+            (
+                "91 91 c3",
+                "block_ids[0][0]: expected an int, got bool true",
+            ),
+            ("91 03", "block_ids[0]: expected an array, got int 3"),
+            ("03", "expected an array"),
+            ("91 91 01 00", "trailing"),
+            ("92 91 01", "block_ids[1]: unexpected end of input"),
+            ("dc 00 05 01", "array claims 5 elements"),
+        ] {
+            let e = decode_block_ids(&h(bad)).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let ids = vec![vec![1, 2, 300, 70_000, u32::MAX], vec![0]];
+        assert_eq!(decode_block_ids(&encode_block_ids(&ids)), Ok(ids));
+    }
+
+    #[test]
+    fn str_lists() {
+        assert_eq!(encode_str_list(&[]), h("90"));
+        assert_eq!(encode_str_list(&["a", "bc"]), h("92 a1 61 a2 62 63"));
+        assert_eq!(
+            decode::<Vec<String>>("l", &h("92 a1 61 a2 62 63")).unwrap(),
+            ["a", "bc"]
+        );
+    }
+
+    #[test]
+    fn typed_decode_is_strict_about_shapes() {
+        #[derive(Debug, serde::Deserialize, PartialEq)]
+        struct S {
+            a: u32,
+            #[serde(default)]
+            b: Option<String>,
+        }
+        assert_eq!(
+            decode::<S>("s", &h("81 a1 61 01")).unwrap(),
+            S { a: 1, b: None }
+        );
+        // Unknown keys (of any shape) are skipped.
+        assert_eq!(
+            decode::<S>("s", &h("82 a1 7a 92 81 a0 c0 c7 01 05 00 a1 61 01")).unwrap(),
+            S { a: 1, b: None }
+        );
+        // A struct must be a map, not an array.
+        assert!(decode::<S>("s", &h("91 01")).is_err());
+        // Keys must be str.
+        assert!(decode::<S>("s", &h("81 00 01")).is_err());
+        // Trailing bytes.
+        assert!(decode::<S>("s", &h("81 a1 61 01 c0")).is_err());
+        let e = decode::<S>("s", &h("82 a1 61 01 a1 62 c4 00"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "bad s: b: expected a str, got bin of 0 bytes");
+    }
 }

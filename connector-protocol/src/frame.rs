@@ -112,3 +112,107 @@ impl Reply {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_few_frames() {
+        assert_eq!(
+            decode_incoming(&[]),
+            Err(DecodeError::TooFewFrames { got: 0, want: 2 })
+        );
+        assert_eq!(
+            decode_incoming(&[b"\x00"]),
+            Err(DecodeError::TooFewFrames { got: 1, want: 2 })
+        );
+    }
+
+    #[test]
+    fn requests_borrow_their_frames() {
+        let frames: [&[u8]; 4] = [b"\x07", b"\x08", b"key", b"\x01"];
+        let Incoming::Request(req) = decode_incoming(&frames).unwrap() else {
+            panic!()
+        };
+        assert_eq!(req.op, Op::Lookup);
+        assert_eq!(req.uid, b"\x07");
+        assert_eq!(req.op_frame, b"\x08");
+        assert_eq!(req.payloads, vec![&b"key"[..], b"\x01"]);
+        assert!(std::ptr::eq(req.payloads[0].as_ptr(), frames[2].as_ptr()));
+        assert_eq!(req.expect(2).unwrap().len(), 2);
+        assert_eq!(req.expect_arity().unwrap().len(), 2);
+        assert_eq!(
+            req.expect(3),
+            Err(DecodeError::Arity {
+                op: "lookup",
+                want: 3,
+                got: 2
+            })
+        );
+        let reply = Reply::to(&req, Some(vec![0xc3]));
+        assert_eq!(reply.frames(), vec![&b"\x07"[..], b"\x08", b"\xc3"]);
+        assert_eq!(Reply::to(&req, None).frames().len(), 2);
+    }
+
+    #[test]
+    fn arity_mismatch_and_unknown_arity() {
+        let frames: [&[u8]; 3] = [b"\x00", b"\x15", b"\xc0"];
+        let Incoming::Request(req) = decode_incoming(&frames).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            req.expect_arity(),
+            Err(DecodeError::Arity {
+                op: "get_chunk_size",
+                want: 0,
+                got: 1
+            })
+        );
+        let name = crate::codec::encode_str("plugin");
+        let frames: [&[u8]; 3] = [b"\x00", &name, b"\xc0"];
+        let Incoming::Request(req) = decode_incoming(&frames).unwrap() else {
+            panic!()
+        };
+        assert_eq!(req.expect_arity().unwrap().len(), 1);
+        assert_eq!(
+            req.expect(0),
+            Err(DecodeError::Arity {
+                op: "<other>",
+                want: 0,
+                got: 1
+            })
+        );
+    }
+
+    #[test]
+    fn stream_control() {
+        let ack: [&[u8]; 3] = [b"\x16", b"", b"ack"];
+        let cancel: [&[u8]; 3] = [b"\x16", b"", b"cancel"];
+        let odd: [&[u8]; 3] = [b"\x16", b"", b"nack"];
+        let bare: [&[u8]; 2] = [b"\x16", b""];
+        for (frames, want) in [
+            (&ack[..], Some(StreamControl::Ack)),
+            (&cancel[..], Some(StreamControl::Cancel)),
+            (&odd[..], None),
+            (&bare[..], None),
+        ] {
+            assert_eq!(
+                decode_incoming(frames).unwrap(),
+                Incoming::Control {
+                    uid: b"\x16",
+                    control: want
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn bad_op_frame_is_an_error() {
+        let frames: [&[u8]; 2] = [b"\x00", b"\x0b"];
+        assert!(matches!(
+            decode_incoming(&frames),
+            Err(DecodeError::UnknownOp(_))
+        ));
+    }
+}

@@ -6,6 +6,7 @@
 //! can be property-tested and fuzzed. The spec lives in `shared/protocol/lmcache-mp.md`.
 
 pub mod codec;
+mod de;
 pub mod error;
 pub mod frame;
 pub mod hash;

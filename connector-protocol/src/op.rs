@@ -222,3 +222,122 @@ impl std::fmt::Display for Op {
         f.write_str(self.name())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_table_round_trips() {
+        let mut ids = 0;
+        for op in Op::ALL {
+            assert_eq!(Op::from_name(op.name()), *op);
+            assert_eq!(Op::from_frame(&op.to_frame()).unwrap(), *op);
+            if let Some(id) = op.legacy_id() {
+                ids += 1;
+                assert_eq!(op.to_frame(), vec![id]);
+                assert_eq!(Op::from_legacy_id(u64::from(id)), Some(op.clone()));
+            }
+        }
+        assert_eq!(ids, 32, "ids 1..=33 without the retired 11");
+        assert_eq!(Op::ALL.len(), 35);
+        for id in 1..=33u64 {
+            assert_eq!(Op::from_legacy_id(id).is_some(), id != 11, "id {id}");
+        }
+        assert_eq!(Op::from_legacy_id(0), None);
+        assert_eq!(Op::from_legacy_id(34), None);
+    }
+
+    #[test]
+    fn spec_ids() {
+        assert_eq!(Op::RegisterKvCache.legacy_id(), Some(1));
+        assert_eq!(Op::WaitPrefetchStatus.legacy_id(), Some(10));
+        assert_eq!(Op::FreeLookupLocks.legacy_id(), Some(12));
+        assert_eq!(Op::GetChunkSize.legacy_id(), Some(21));
+        assert_eq!(Op::Noop.legacy_id(), Some(24));
+        assert_eq!(Op::GetExperimental.legacy_id(), Some(32));
+        assert_eq!(Op::CbProtocolHandshake.legacy_id(), Some(33));
+        assert_eq!(Op::SubscribeKvEvents.legacy_id(), None);
+        assert_eq!(Op::CbReorderPlan.legacy_id(), None);
+        assert_eq!(Op::ServerModuleCall.legacy_id(), None);
+    }
+
+    #[test]
+    fn arities() {
+        let want = [
+            (Op::GetChunkSize, 0),
+            (Op::GetExperimental, 0),
+            (Op::Noop, 0),
+            (Op::Ping, 1),
+            (Op::Clear, 1),
+            (Op::EndSession, 1),
+            (Op::QueryPrefetchStatus, 1),
+            (Op::UnregisterKvCache, 1),
+            (Op::RegisterKvCacheEngineDrivenContext, 1),
+            (Op::UnregisterKvCacheEngineDrivenContext, 1),
+            (Op::Lookup, 2),
+            (Op::FreeLookupLocks, 2),
+            (Op::WaitPrefetchStatus, 2),
+            (Op::PrepareStore, 2),
+            (Op::PrepareRetrieve, 2),
+            (Op::CommitRetrieve, 2),
+            (Op::CommitStore, 3),
+            (Op::ReportBlockAllocation, 3),
+            (Op::Store, 4),
+            (Op::SubscribeKvEvents, 4),
+            (Op::Retrieve, 5),
+            (Op::RegisterKvCache, 7),
+        ];
+        for (op, n) in want {
+            assert_eq!(op.arity(), Some(n), "{op}");
+        }
+        assert_eq!(Op::StoreQ.arity(), None);
+        assert_eq!(Op::Other("x".into()).arity(), None);
+    }
+
+    #[test]
+    fn op_frames_in_other_encodings() {
+        // Any int width is accepted for a legacy id; names decode to the same op.
+        assert_eq!(Op::from_frame(&[0xcc, 0x06]).unwrap(), Op::Store);
+        assert_eq!(Op::from_frame(&[0xcd, 0x00, 0x06]).unwrap(), Op::Store);
+        assert_eq!(
+            Op::from_frame(&crate::codec::encode_str("store")).unwrap(),
+            Op::Store
+        );
+        assert_eq!(
+            Op::from_frame(&crate::codec::encode_str("my_plugin_op")).unwrap(),
+            Op::Other("my_plugin_op".into())
+        );
+        let other = Op::Other("my_plugin_op".into());
+        assert_eq!(other.name(), "my_plugin_op");
+        assert_eq!(other.static_name(), "<other>");
+        assert_eq!(other.to_frame(), crate::codec::encode_str("my_plugin_op"));
+        assert_eq!(other.legacy_id(), None);
+    }
+
+    #[test]
+    fn bad_op_frames() {
+        for (frame, want) in [
+            (vec![11u8], "retired"),
+            (vec![34], "legacy id 34"),
+            (vec![0xcc, 200], "legacy id 200"),
+            (vec![0x00], "legacy id 0"),
+            (vec![0xff], "negative"),
+            (vec![0xc3], "bool"),
+            (vec![0xc0], "nil"),
+            (vec![0xc4, 0x01, 0x06], "bin"),
+            (vec![0x90], "array"),
+            (vec![0xc1], "not msgpack"),
+            (vec![], "empty"),
+            (vec![0x06, 0x00], "trailing"),
+            (vec![0xa3, b's'], "truncated"),
+            (vec![0xa2, 0xff, 0xfe], "UTF-8"),
+            (vec![0xcd, 0x01], "truncated"),
+        ] {
+            match Op::from_frame(&frame) {
+                Err(DecodeError::UnknownOp(msg)) => assert!(msg.contains(want), "{msg:?} / {want}"),
+                other => panic!("{frame:02x?}: {other:?}"),
+            }
+        }
+    }
+}

@@ -61,6 +61,7 @@ pub(crate) fn marker_kind(m: Marker) -> &'static str {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -74,6 +75,20 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn err(&self, reason: impl ToString) -> DecodeError {
         DecodeError::payload(self.what, reason)
+    }
+
+    /// A copy at the current position (for look-ahead).
+    pub(crate) fn clone_at(&self) -> Reader<'a> {
+        self.clone()
+    }
+
+    /// `"field: "`, or nothing for an empty field name (the caller adds its own context).
+    fn at(field: &str) -> String {
+        if field.is_empty() {
+            String::new()
+        } else {
+            format!("{field}: ")
+        }
     }
 
     pub(crate) fn remaining(&self) -> usize {
@@ -96,7 +111,8 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
         if n > self.remaining() {
             return Err(self.err(format!(
-                "{field}: truncated input, needs {n} byte(s) at offset {} but only {} left",
+                "{}truncated input, needs {n} byte(s) at offset {} but only {} left",
+                Self::at(field),
                 self.pos,
                 self.remaining()
             )));
@@ -115,7 +131,8 @@ impl<'a> Reader<'a> {
         match self.buf.get(self.pos) {
             Some(&b) => Ok(Marker::from_u8(b)),
             None => Err(self.err(format!(
-                "{field}: unexpected end of input at offset {}",
+                "{}unexpected end of input at offset {}",
+                Self::at(field),
                 self.pos
             ))),
         }
@@ -127,11 +144,56 @@ impl<'a> Reader<'a> {
         Ok(m)
     }
 
-    fn unexpected(&self, field: &str, expected: &str, got: Marker) -> DecodeError {
+    /// `got` was just consumed: describe it (with its value for scalars) in the error.
+    fn unexpected(&self, field: &str, expected: &str, _got: Marker) -> DecodeError {
+        let what = self.describe_at(self.pos.saturating_sub(1));
         self.err(format!(
-            "{field}: expected {expected}, got {}",
-            marker_kind(got)
+            "{}expected {expected}, got {what}",
+            Self::at(field)
         ))
+    }
+
+    /// The type of the value starting at `pos`, with the value itself for scalars.
+    pub(crate) fn describe_at(&self, pos: usize) -> String {
+        let mut p = Reader {
+            buf: self.buf,
+            pos,
+            what: self.what,
+        };
+        let Ok(m) = p.peek_marker("") else {
+            return "end of input".into();
+        };
+        match marker_kind(m) {
+            "nil" => "nil".into(),
+            "int" => p
+                .int("")
+                .map_or_else(|_| "an int".into(), |v| format!("int {v}")),
+            "str" => p.str("").map_or_else(
+                |_| "a str".into(),
+                |s| {
+                    let short: String = s.chars().take(40).collect();
+                    let more = if short.len() < s.len() { "…" } else { "" };
+                    format!("str {short:?}{more}")
+                },
+            ),
+            "bool" => p
+                .bool("")
+                .map_or_else(|_| "a bool".into(), |b| format!("bool {b}")),
+            "float" => p
+                .float("")
+                .map_or_else(|_| "a float".into(), |v| format!("float {v}")),
+            "bin" => p
+                .bin("")
+                .map_or_else(|_| "bin".into(), |b| format!("bin of {} bytes", b.len())),
+            "array" => "an array".into(),
+            "map" => "a map".into(),
+            "ext" => "an ext value".into(),
+            other => other.into(),
+        }
+    }
+
+    pub(crate) fn position(&self) -> usize {
+        self.pos
     }
 
     /// Length of a str/bin/ext payload or the element count of an array/map after `m`.
@@ -146,7 +208,7 @@ impl<'a> Reader<'a> {
         };
         usize::try_from(n)
             .map(Some)
-            .map_err(|_| self.err(format!("{field}: length {n} too large")))
+            .map_err(|_| self.err(format!("{}length {n} too large", Self::at(field))))
     }
 
     /// Any msgpack int.
@@ -172,7 +234,10 @@ impl<'a> Reader<'a> {
         match self.int(field)? {
             Int::U(v) => Ok(v),
             Int::I(v) if v >= 0 => Ok(v as u64),
-            Int::I(v) => Err(self.err(format!("{field}: expected a non-negative int, got {v}"))),
+            Int::I(v) => Err(self.err(format!(
+                "{}expected a non-negative int, got {v}",
+                Self::at(field)
+            ))),
         }
     }
 
@@ -180,8 +245,12 @@ impl<'a> Reader<'a> {
     pub(crate) fn sint(&mut self, field: &str) -> Result<i64, DecodeError> {
         match self.int(field)? {
             Int::I(v) => Ok(v),
-            Int::U(v) => i64::try_from(v)
-                .map_err(|_| self.err(format!("{field}: expected an int that fits i64, got {v}"))),
+            Int::U(v) => i64::try_from(v).map_err(|_| {
+                self.err(format!(
+                    "{}expected an int that fits i64, got {v}",
+                    Self::at(field)
+                ))
+            }),
         }
     }
 
@@ -230,7 +299,8 @@ impl<'a> Reader<'a> {
                 let b = self.take(n, field)?;
                 std::str::from_utf8(b).map_err(|e| {
                     self.err(format!(
-                        "{field}: str at offset {start} is not valid UTF-8 ({e})"
+                        "{}str at offset {start} is not valid UTF-8 ({e})",
+                        Self::at(field)
                     ))
                 })
             }
@@ -257,7 +327,8 @@ impl<'a> Reader<'a> {
                 let n = self.len_after(m, field)?.unwrap_or(0);
                 if n > self.remaining() {
                     return Err(self.err(format!(
-                        "{field}: array claims {n} elements but only {} byte(s) are left",
+                        "{}array claims {n} elements but only {} byte(s) are left",
+                        Self::at(field),
                         self.remaining()
                     )));
                 }
@@ -275,7 +346,8 @@ impl<'a> Reader<'a> {
                 let n = self.len_after(m, field)?.unwrap_or(0);
                 if n > self.remaining() / 2 {
                     return Err(self.err(format!(
-                        "{field}: map claims {n} entries but only {} byte(s) are left",
+                        "{}map claims {n} entries but only {} byte(s) are left",
+                        Self::at(field),
                         self.remaining()
                     )));
                 }
@@ -297,7 +369,7 @@ impl<'a> Reader<'a> {
             Marker::Ext8 => self.be(1, field)? as usize,
             Marker::Ext16 => self.be(2, field)? as usize,
             Marker::Ext32 => usize::try_from(self.be(4, field)?)
-                .map_err(|_| self.err(format!("{field}: ext length too large")))?,
+                .map_err(|_| self.err(format!("{}ext length too large", Self::at(field))))?,
             other => return Err(self.unexpected(field, "an ext value", other)),
         };
         let ty = self.take(1, field)?[0] as i8;
@@ -314,7 +386,10 @@ impl<'a> Reader<'a> {
 
     fn skip(&mut self, field: &str, depth: usize) -> Result<(), DecodeError> {
         if depth > MAX_DEPTH {
-            return Err(self.err(format!("{field}: nesting deeper than {MAX_DEPTH} levels")));
+            return Err(self.err(format!(
+                "{}nesting deeper than {MAX_DEPTH} levels",
+                Self::at(field)
+            )));
         }
         // Iterative over siblings, recursive only into containers.
         let m = self.marker(field)?;
@@ -337,7 +412,7 @@ impl<'a> Reader<'a> {
                 let n = self.len_after(m, field)?.unwrap_or(0);
                 let b = self.take(n, field)?;
                 if std::str::from_utf8(b).is_err() {
-                    return Err(self.err(format!("{field}: a str is not valid UTF-8")));
+                    return Err(self.err(format!("{}a str is not valid UTF-8", Self::at(field))));
                 }
             }
             Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
@@ -372,7 +447,8 @@ impl<'a> Reader<'a> {
             }
             Marker::Reserved => {
                 return Err(self.err(format!(
-                    "{field}: reserved byte 0xc1 at offset {} is not msgpack",
+                    "{}reserved byte 0xc1 at offset {} is not msgpack",
+                    Self::at(field),
                     self.pos - 1
                 )))
             }
@@ -387,4 +463,123 @@ pub(crate) fn check_document(what: &'static str, frame: &[u8]) -> Result<(), Dec
     let mut r = Reader::new(what, frame);
     r.value_slice("document")?;
     r.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(hex_str: &str) -> Result<(), DecodeError> {
+        check_document("doc", &hex::decode(hex_str.replace(' ', "")).unwrap())
+    }
+
+    #[test]
+    fn well_formed_documents() {
+        for ok in [
+            "c0",
+            "c2",
+            "c3",
+            "00",
+            "7f",
+            "e0",
+            "ff",
+            "cc ff",
+            "cd 01 00",
+            "ce 00 01 00 00",
+            "cf 00 00 00 01 00 00 00 00",
+            "d0 80",
+            "d1 80 00",
+            "d2 80 00 00 00",
+            "d3 80 00 00 00 00 00 00 00",
+            "ca 3f c0 00 00",
+            "cb 3f f8 00 00 00 00 00 00",
+            "a0",
+            "a3 61 62 63",
+            "d9 01 61",
+            "da 00 01 61",
+            "db 00 00 00 01 61",
+            "c4 00",
+            "c5 00 01 00",
+            "c6 00 00 00 01 00",
+            "90",
+            "92 01 02",
+            "dc 00 01 01",
+            "dd 00 00 00 01 01",
+            "80",
+            "81 a1 61 01",
+            "de 00 01 01 02",
+            "df 00 00 00 01 01 02",
+            "d4 01 00",
+            "d5 01 00 00",
+            "d6 01 00 00 00 00",
+            "d7 01 00 00 00 00 00 00 00 00",
+            "c7 00 01",
+            "c8 00 01 01 00",
+            "c9 00 00 00 00 01",
+        ] {
+            assert_eq!(doc(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn malformed_documents() {
+        for bad in [
+            "",
+            "c1",
+            "cc",
+            "cd 01",
+            "a3 61 62",
+            "92 01",
+            "81 a1 61",
+            "c4 02 00",
+            "a2 ff fe",
+            "00 00",
+            "dd ff ff ff ff 00",
+            "df ff ff ff ff",
+            "c9 ff ff ff ff 01",
+            "d4 01",
+        ] {
+            assert!(doc(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_limited() {
+        let mut deep = vec![0x91; MAX_DEPTH];
+        deep.push(0xc0);
+        assert_eq!(check_document("doc", &deep), Ok(()));
+        let mut deeper = vec![0x91; MAX_DEPTH + 1];
+        deeper.push(0xc0);
+        let e = check_document("doc", &deeper).unwrap_err().to_string();
+        assert!(e.contains("nesting deeper"), "{e}");
+        // Far too deep: an error, not a stack overflow.
+        let mut huge = vec![0x81, 0xa0];
+        for _ in 0..100_000 {
+            huge.extend([0x81, 0xa0]);
+        }
+        huge.push(0xc0);
+        assert!(check_document("doc", &huge).is_err());
+    }
+
+    #[test]
+    fn ints_of_every_width() {
+        let read = |h: &str| Reader::new("t", &hex::decode(h.replace(' ', "")).unwrap()).int("x");
+        assert_eq!(read("05"), Ok(Int::U(5)));
+        assert_eq!(read("e0"), Ok(Int::I(-32)));
+        assert_eq!(read("cf ff ff ff ff ff ff ff ff"), Ok(Int::U(u64::MAX)));
+        assert_eq!(read("d3 80 00 00 00 00 00 00 00"), Ok(Int::I(i64::MIN)));
+        assert_eq!(read("d0 ff"), Ok(Int::I(-1)));
+        assert_eq!(read("d1 7f ff"), Ok(Int::I(32767)));
+        assert!(read("c3")
+            .unwrap_err()
+            .to_string()
+            .contains("expected an int, got bool true"));
+    }
+
+    #[test]
+    fn describe_values() {
+        let r = Reader::new("t", b"\xa3abc");
+        assert_eq!(r.describe_at(0), "str \"abc\"");
+        assert_eq!(r.describe_at(4), "end of input");
+    }
 }

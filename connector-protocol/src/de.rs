@@ -1,0 +1,405 @@
+//! A serde `Deserializer` over [`Reader`]: msgspec-like strictness and error messages that name
+//! the field path, the offending value and what was expected (e.g.
+//! `token_ids[1]: invalid value: integer `-1`, expected u32`).
+//!
+//! Differences from `rmp_serde`'s decoder, all towards msgspec's behaviour: a struct must be a
+//! map (not an array), struct keys must be str, `String` fields need a msgpack str (not bin),
+//! byte fields need bin (not str), and unknown keys are skipped without being decoded. Input is
+//! validated by `check_document` first, so recursion is bounded.
+
+use std::fmt;
+
+use rmp::Marker;
+use serde::de::{
+    self, DeserializeSeed, EnumAccess, IntoDeserializer, MapAccess, SeqAccess, VariantAccess,
+    Visitor,
+};
+
+use crate::reader::{marker_kind, Int, Reader};
+use crate::DecodeError;
+
+/// An error with the path from the document root to where it happened.
+#[derive(Debug)]
+pub(crate) struct Error {
+    /// Innermost segment first (pushed while unwinding).
+    path: Vec<Seg>,
+    msg: String,
+}
+
+#[derive(Debug)]
+enum Seg {
+    Index(usize),
+    Key(String),
+}
+
+impl Error {
+    fn msg(msg: impl ToString) -> Error {
+        Error {
+            path: Vec::new(),
+            msg: msg.to_string(),
+        }
+    }
+
+    fn within(mut self, seg: Seg) -> Error {
+        self.path.push(seg);
+        self
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(e: DecodeError) -> Error {
+        match e {
+            DecodeError::Payload { reason, .. } => Error::msg(reason),
+            other => Error::msg(other),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for seg in self.path.iter().rev() {
+            match seg {
+                Seg::Index(i) => write!(f, "[{i}]")?,
+                Seg::Key(k) if first => f.write_str(k)?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+            }
+            first = false;
+        }
+        if !self.path.is_empty() {
+            f.write_str(": ")?;
+        }
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl de::Error for Error {
+    fn custom<T: fmt::Display>(msg: T) -> Error {
+        Error::msg(msg)
+    }
+}
+
+pub(crate) struct Deserializer<'a, 'r> {
+    r: &'r mut Reader<'a>,
+}
+
+impl<'a, 'r> Deserializer<'a, 'r> {
+    pub(crate) fn new(r: &'r mut Reader<'a>) -> Self {
+        Deserializer { r }
+    }
+
+    fn peek(&self) -> Result<Marker, Error> {
+        Ok(self.r.peek_marker("")?)
+    }
+
+    fn expect_kind(&self, kind: &str, expected: &str) -> Result<(), Error> {
+        let m = self.peek()?;
+        if marker_kind(m) == kind {
+            Ok(())
+        } else {
+            Err(Error::msg(format!(
+                "expected {expected}, got {}",
+                self.r.describe_at(self.r.position())
+            )))
+        }
+    }
+}
+
+impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
+    type Error = Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        let m = self.peek()?;
+        match marker_kind(m) {
+            "nil" => {
+                self.r.nil("")?;
+                visitor.visit_unit()
+            }
+            "bool" => visitor.visit_bool(self.r.bool("")?),
+            "int" => match self.r.int("")? {
+                Int::U(v) => visitor.visit_u64(v),
+                Int::I(v) => visitor.visit_i64(v),
+            },
+            "float" => {
+                if m == Marker::F32 {
+                    visitor.visit_f32(self.r.float("")? as f32)
+                } else {
+                    visitor.visit_f64(self.r.float("")?)
+                }
+            }
+            "str" => visitor.visit_borrowed_str(self.r.str("")?),
+            "bin" => visitor.visit_borrowed_bytes(self.r.bin("")?),
+            "array" => {
+                let n = self.r.array_len("")?;
+                visitor.visit_seq(Seq {
+                    de: self,
+                    left: n,
+                    index: 0,
+                })
+            }
+            "map" => {
+                let n = self.r.map_len("")?;
+                visitor.visit_map(Map {
+                    de: self,
+                    left: n,
+                    key: None,
+                })
+            }
+            "ext" => {
+                let (ty, data) = self.r.ext("")?;
+                visitor.visit_newtype_struct(ExtDeserializer { ty, data })
+            }
+            _ => Err(Error::msg(format!("{} is not msgpack", marker_kind(m)))),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        if self.r.nil("")? {
+            visitor.visit_none()
+        } else {
+            visitor.visit_some(self)
+        }
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.expect_kind("nil", "nil")?;
+        self.deserialize_any(visitor)
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        self.deserialize_unit(visitor)
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.expect_kind("str", "a str")?;
+        visitor.visit_borrowed_str(self.r.str("")?)
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_char<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.expect_kind("bin", "bin (bytes)")?;
+        visitor.visit_borrowed_bytes(self.r.bin("")?)
+    }
+
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.deserialize_bytes(visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        self.expect_kind("map", "a map")?;
+        self.deserialize_any(visitor)
+    }
+
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.expect_kind("str", "a str key")?;
+        visitor.visit_borrowed_str(self.r.str("")?)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        // msgspec encodes an Enum as its value; only unit variants named by a str are supported.
+        self.expect_kind("str", "a str (enum value)")?;
+        let s = self.r.str("")?;
+        visitor.visit_enum(UnitVariant(s))
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.r.value_slice("")?;
+        visitor.visit_unit()
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 seq tuple tuple_struct map
+    }
+}
+
+struct Seq<'s, 'de, 'r> {
+    de: &'s mut Deserializer<'de, 'r>,
+    left: usize,
+    index: usize,
+}
+
+impl<'de> SeqAccess<'de> for Seq<'_, 'de, '_> {
+    type Error = Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Error> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let i = self.index;
+        self.index += 1;
+        seed.deserialize(&mut *self.de)
+            .map(Some)
+            .map_err(|e| e.within(Seg::Index(i)))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.left)
+    }
+}
+
+struct Map<'s, 'de, 'r> {
+    de: &'s mut Deserializer<'de, 'r>,
+    left: usize,
+    /// The current key, for error paths.
+    key: Option<String>,
+}
+
+impl<'de> MapAccess<'de> for Map<'_, 'de, '_> {
+    type Error = Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let mut probe = self.de.r.clone_at();
+        let key = match probe.peek_marker("") {
+            Ok(m) if marker_kind(m) == "str" => probe.str("").ok().map(str::to_string),
+            Ok(m) => Some(format!("<{} key>", marker_kind(m))),
+            Err(_) => None,
+        };
+        self.key = key;
+        let at = || Seg::Key(self.key.clone().unwrap_or_else(|| "<key>".into()));
+        seed.deserialize(&mut *self.de)
+            .map(Some)
+            .map_err(|e| e.within(at()))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
+        let key = self.key.take().unwrap_or_else(|| "<key>".into());
+        seed.deserialize(&mut *self.de)
+            .map_err(|e| e.within(Seg::Key(key)))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.left)
+    }
+}
+
+/// An ext value as rmpv expects it: a newtype around the tuple `(type: i8, data: bytes)`.
+struct ExtDeserializer<'de> {
+    ty: i8,
+    data: &'de [u8],
+}
+
+impl<'de> de::Deserializer<'de> for ExtDeserializer<'de> {
+    type Error = Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        visitor.visit_seq(ExtSeq { ext: self, next: 0 })
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
+
+struct ExtSeq<'de> {
+    ext: ExtDeserializer<'de>,
+    next: u8,
+}
+
+impl<'de> SeqAccess<'de> for ExtSeq<'de> {
+    type Error = Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Error> {
+        self.next += 1;
+        match self.next {
+            1 => seed
+                .deserialize(i64::from(self.ext.ty).into_deserializer())
+                .map(Some),
+            2 => seed
+                .deserialize(de::value::BorrowedBytesDeserializer::new(self.ext.data))
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+struct UnitVariant<'de>(&'de str);
+
+impl<'de> EnumAccess<'de> for UnitVariant<'de> {
+    type Error = Error;
+    type Variant = Self;
+
+    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self), Error> {
+        let v = seed.deserialize(de::value::BorrowedStrDeserializer::<Error>::new(self.0))?;
+        Ok((v, self))
+    }
+}
+
+impl<'de> VariantAccess<'de> for UnitVariant<'de> {
+    type Error = Error;
+
+    fn unit_variant(self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, _seed: T) -> Result<T::Value, Error> {
+        Err(Error::msg(format!(
+            "enum value {:?}: only unit variants are supported",
+            self.0
+        )))
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, _visitor: V) -> Result<V::Value, Error> {
+        Err(Error::msg(format!(
+            "enum value {:?}: only unit variants are supported",
+            self.0
+        )))
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Error> {
+        Err(Error::msg(format!(
+            "enum value {:?}: only unit variants are supported",
+            self.0
+        )))
+    }
+}
