@@ -1,0 +1,243 @@
+//! Shared fixtures for the integration tests: a sidecar on a free port and engine-like KV
+//! caches in real POSIX shared memory.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use connector_protocol::{EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, TensorMetadata};
+use cwm::client::MpClient;
+use cwm::config::Config;
+use cwm::engine_mem::shm::ShmSegment;
+use cwm::serve::Sidecar;
+
+pub const CS: u64 = 256;
+
+pub fn sidecar(config: Config) -> Sidecar {
+    Sidecar::start(&Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        ..config
+    })
+    .expect("sidecar starts")
+}
+
+pub fn small_config() -> Config {
+    Config {
+        l1_size_gb: 0.25,
+        ..Config::default()
+    }
+}
+
+pub fn client(s: &Sidecar) -> MpClient {
+    MpClient::connect(&s.mp_endpoint).expect("connect")
+}
+
+/// The physical layout an engine registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[NB, BS, NH, C]`, hint NHD (vLLM 0.33 on GPU).
+    Nhd,
+    /// `[NB, NH, BS, C]`, hint HND (vLLM on CPU).
+    Hnd,
+    /// `[2, NB, BS, NH, HS]`, no hint.
+    TwoMajor,
+}
+
+/// A KV cache of `layers` layers in one shm segment, per-layer `storage_offset`s.
+pub struct TestKv {
+    pub seg: ShmSegment,
+    pub layout: Layout,
+    pub layers: u64,
+    pub blocks: u64,
+    pub bs: u64,
+    pub heads: u64,
+    /// Elements of one head's content (C, or HS for the two-major layout).
+    pub content: u64,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+impl TestKv {
+    pub fn new(
+        layout: Layout,
+        layers: u64,
+        blocks: u64,
+        bs: u64,
+        heads: u64,
+        content: u64,
+    ) -> TestKv {
+        let name = format!(
+            "/cwm_it_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let planes = if layout == Layout::TwoMajor { 2 } else { 1 };
+        let size = planes * blocks * bs * heads * content * 2 * layers;
+        let seg = ShmSegment::create(&name, size).expect("create shm segment");
+        TestKv {
+            seg,
+            layout,
+            layers,
+            blocks,
+            bs,
+            heads,
+            content,
+        }
+    }
+
+    fn layer_elems(&self) -> u64 {
+        let planes = if self.layout == Layout::TwoMajor {
+            2
+        } else {
+            1
+        };
+        planes * self.blocks * self.bs * self.heads * self.content
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.layer_elems() * 2 * self.layers
+    }
+
+    pub fn descriptors(&self) -> Vec<IpcDescriptor> {
+        let (nb, bs, nh, c) = (self.blocks, self.bs, self.heads, self.content);
+        let (shape, stride) = match self.layout {
+            Layout::Nhd => (vec![nb, bs, nh, c], vec![bs * nh * c, nh * c, c, 1]),
+            Layout::Hnd => (vec![nb, nh, bs, c], vec![nh * bs * c, bs * c, c, 1]),
+            Layout::TwoMajor => (
+                vec![2, nb, bs, nh, c],
+                vec![nb * bs * nh * c, bs * nh * c, nh * c, c, 1],
+            ),
+        };
+        (0..self.layers)
+            .map(|l| IpcDescriptor::CpuShm {
+                shm_name: self.seg.name().to_string(),
+                nbytes: self.bytes(),
+                metadata: TensorMetadata {
+                    dtype: "bfloat16".into(),
+                    shape: shape.clone(),
+                    stride: stride.clone(),
+                    storage_offset: l * self.layer_elems(),
+                    device_uuid: "cpu".into(),
+                },
+            })
+            .collect()
+    }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        match self.layout {
+            Layout::Nhd => Some("NHD"),
+            Layout::Hnd => Some("HND"),
+            Layout::TwoMajor => None,
+        }
+    }
+
+    pub fn groups(&self) -> Vec<EngineGroupInfo> {
+        vec![EngineGroupInfo {
+            engine_group_id: 0,
+            layer_indices: (0..self.layers as u32).collect(),
+            tokens_per_block: self.bs as u32,
+            sw_size_tokens: -1,
+            extra_object_group_tag: 0,
+            recurrent_state: false,
+        }]
+    }
+
+    /// Byte offset of element (plane, layer, block, token, head, 0).
+    fn offset(&self, plane: u64, layer: u64, block: u64, token: u64, head: u64) -> u64 {
+        let (nb, bs, nh, c) = (self.blocks, self.bs, self.heads, self.content);
+        let in_layer = match self.layout {
+            Layout::Nhd => ((block * bs + token) * nh + head) * c,
+            Layout::Hnd => ((block * nh + head) * bs + token) * c,
+            Layout::TwoMajor => (((plane * nb + block) * bs + token) * nh + head) * c,
+        };
+        (layer * self.layer_elems() + in_layer) * 2
+    }
+
+    pub fn planes(&self) -> u64 {
+        if self.layout == Layout::TwoMajor {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The content of one (plane, layer, block, token, head) as bytes.
+    pub fn head(&self, plane: u64, layer: u64, block: u64, token: u64, head: u64) -> Vec<u8> {
+        let off = self.offset(plane, layer, block, token, head) as usize;
+        let n = (self.content * 2) as usize;
+        unsafe { std::slice::from_raw_parts(self.seg.as_mut_ptr().add(off), n).to_vec() }
+    }
+
+    /// Everything stored for one block (all planes, layers, tokens, heads), in logical order.
+    pub fn block(&self, block: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in 0..self.planes() {
+            for l in 0..self.layers {
+                for t in 0..self.bs {
+                    for h in 0..self.heads {
+                        out.extend(self.head(p, l, block, t, h));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Fill every byte with a value derived from its logical position and `seed`, so equal
+    /// logical content gives equal bytes whatever the physical layout.
+    pub fn fill(&self, seed: u64) {
+        for p in 0..self.planes() {
+            for l in 0..self.layers {
+                for b in 0..self.blocks {
+                    for t in 0..self.bs {
+                        for h in 0..self.heads {
+                            let off = self.offset(p, l, b, t, h) as usize;
+                            for i in 0..(self.content * 2) as usize {
+                                let v = (seed.wrapping_mul(31)
+                                    ^ (p * 7 + l * 131 + b * 1009 + t * 17 + h * 3 + i as u64 * 5))
+                                    as u8;
+                                unsafe { *self.seg.as_mut_ptr().add(off + i) = v };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn fill_byte(&self, v: u8) {
+        unsafe { std::ptr::write_bytes(self.seg.as_mut_ptr(), v, self.bytes() as usize) }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn key(
+    model: &str,
+    salt: &str,
+    tokens: &[u32],
+    worker_id: Option<u32>,
+    world_size: u32,
+    start: u64,
+    end: u64,
+    request_id: &str,
+) -> IpcCacheServerKey {
+    IpcCacheServerKey {
+        model_name: model.into(),
+        world_size,
+        worker_id,
+        token_ids: tokens.to_vec(),
+        start,
+        end,
+        request_id: request_id.into(),
+        cache_salt: salt.into(),
+        request_configs: None,
+        num_kv_readers: 1,
+    }
+}
+
+pub fn tokens(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| seed.wrapping_mul(100_003).wrapping_add(i))
+        .collect()
+}

@@ -1,0 +1,669 @@
+//! End-to-end behaviour of `cwm serve`'s MP server through real ZMQ and real shared memory.
+
+mod common;
+
+use common::*;
+use connector_protocol::{codec, Op, TransferResult};
+use cwm::config::Config;
+
+const MODEL: &str = "it-model";
+
+fn register(c: &mut cwm::client::MpClient, id: u64, kv: &TestKv, world_size: u32) {
+    c.register_kv_cache(
+        id,
+        &kv.descriptors(),
+        MODEL,
+        world_size,
+        kv.hint(),
+        &kv.groups(),
+    )
+    .unwrap();
+}
+
+fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
+    vec![(first..first + n).collect()]
+}
+
+/// Store 2 chunks from `src` blocks 1..=32, look up, retrieve into `dst` blocks 40..72.
+fn roundtrip(src_layout: Layout, dst_layout: Layout) {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let (src, dst) = (
+        TestKv::new(src_layout, 3, 80, 16, 2, 32),
+        TestKv::new(dst_layout, 3, 80, 16, 2, 32),
+    );
+    src.fill(1);
+    dst.fill_byte(0xEE);
+    register(&mut c, 1, &src, 1);
+    register(&mut c, 2, &dst, 1);
+    let t = tokens(7, 600);
+    assert_eq!(
+        c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 512, "r"),
+            1,
+            &blocks(1, 32)
+        )
+        .unwrap(),
+        TransferResult::DONE
+    );
+    c.lookup(&key(MODEL, "", &t, None, 1, 0, 512, "r")).unwrap();
+    assert_eq!(c.query_prefetch_status("r").unwrap(), 2);
+    assert_eq!(
+        c.query_prefetch_status("r").unwrap(),
+        0,
+        "a lookup result is handed out once"
+    );
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &t, Some(0), 1, 0, 512, "r"),
+            2,
+            &blocks(40, 32),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    for j in 0..32 {
+        assert_eq!(
+            src.block(1 + j),
+            dst.block(40 + j),
+            "{src_layout:?}->{dst_layout:?} block {j}"
+        );
+    }
+    assert_eq!(
+        dst.block(39),
+        vec![0xEE; dst.block(39).len()],
+        "neighbours untouched"
+    );
+    assert_eq!(dst.block(72), vec![0xEE; dst.block(72).len()]);
+}
+
+#[test]
+fn roundtrip_nhd() {
+    roundtrip(Layout::Nhd, Layout::Nhd);
+}
+
+#[test]
+fn roundtrip_hnd() {
+    roundtrip(Layout::Hnd, Layout::Hnd);
+}
+
+#[test]
+fn roundtrip_two_major() {
+    roundtrip(Layout::TwoMajor, Layout::TwoMajor);
+}
+
+#[test]
+fn objects_are_canonical_across_layouts() {
+    roundtrip(Layout::Nhd, Layout::Hnd);
+    roundtrip(Layout::Hnd, Layout::Nhd);
+}
+
+#[test]
+fn retrieve_skips_prefix_blocks_and_never_writes_block_zero() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let (src, dst) = (
+        TestKv::new(Layout::Nhd, 2, 64, 16, 2, 32),
+        TestKv::new(Layout::Nhd, 2, 64, 16, 2, 32),
+    );
+    src.fill(3);
+    dst.fill_byte(0xEE);
+    register(&mut c, 1, &src, 1);
+    register(&mut c, 2, &dst, 1);
+    let t = tokens(9, 512);
+    // Chunk 1 is all null blocks: it must not be stored.
+    let mut b = blocks(1, 16);
+    b[0].extend([0; 16]);
+    assert!(
+        c.store(&key(MODEL, "", &t, Some(0), 1, 0, 512, "r"), 1, &b)
+            .unwrap()
+            .ok
+    );
+    c.lookup(&key(MODEL, "", &t, None, 1, 0, 512, "r")).unwrap();
+    assert_eq!(
+        c.query_prefetch_status("r").unwrap(),
+        1,
+        "the null chunk was not stored"
+    );
+    // Retrieve chunk 0 into blocks [0, 20..35]: skip 48 tokens = 3 blocks; block 0 never written.
+    let mut into = vec![0u32];
+    into.extend(20..35);
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &t, Some(0), 1, 0, 256, "r"),
+            2,
+            &[into.clone()],
+            48
+        )
+        .unwrap()
+        .ok
+    );
+    let untouched = vec![0xEE; dst.block(0).len()];
+    assert_eq!(dst.block(0), untouched, "null block written");
+    for (j, &b) in into.iter().enumerate().skip(1) {
+        if j < 3 {
+            assert_eq!(dst.block(b as u64), untouched, "skipped block {j} written");
+        } else {
+            assert_eq!(dst.block(b as u64), src.block(1 + j as u64), "block {j}");
+        }
+    }
+}
+
+#[test]
+fn salt_and_model_isolate_objects() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let kv = TestKv::new(Layout::Nhd, 1, 40, 16, 1, 16);
+    kv.fill(5);
+    register(&mut c, 1, &kv, 1);
+    c.register_kv_cache(
+        2,
+        &kv.descriptors(),
+        "other-model",
+        1,
+        kv.hint(),
+        &kv.groups(),
+    )
+    .unwrap();
+    let t = tokens(11, 256);
+    assert!(
+        c.store(
+            &key(MODEL, "alice", &t, Some(0), 1, 0, 256, "s"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    for (model, salt, want) in [
+        (MODEL, "alice", 1),
+        (MODEL, "bob", 0),
+        (MODEL, "", 0),
+        ("other-model", "alice", 0),
+    ] {
+        c.lookup(&key(model, salt, &t, None, 1, 0, 256, "q"))
+            .unwrap();
+        assert_eq!(
+            c.query_prefetch_status("q").unwrap(),
+            want,
+            "model {model} salt {salt:?}"
+        );
+    }
+    // A retrieve under another salt fails rather than serving alice's bytes.
+    assert!(
+        !c.retrieve(
+            &key(MODEL, "bob", &t, Some(0), 1, 0, 256, "q"),
+            1,
+            &blocks(20, 16),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    // An invalid salt is refused.
+    assert!(
+        !c.store(
+            &key(MODEL, "a/b", &t, Some(0), 1, 0, 256, "s"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+}
+
+#[test]
+fn tensor_parallel_hits_need_every_rank() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let (r0, r1) = (
+        TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16),
+        TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16),
+    );
+    r0.fill(1);
+    r1.fill(2);
+    register(&mut c, 10, &r0, 2);
+    register(&mut c, 11, &r1, 2);
+    let t = tokens(13, 512);
+    let lookup = |c: &mut cwm::client::MpClient| {
+        c.lookup(&key(MODEL, "", &t, None, 2, 0, 512, "tp"))
+            .unwrap();
+        c.query_prefetch_status("tp").unwrap()
+    };
+    assert!(
+        c.store(
+            &key(MODEL, "", &t, Some(0), 2, 0, 512, "tp"),
+            10,
+            &blocks(1, 32)
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(lookup(&mut c), 0, "rank 1 missing");
+    assert!(
+        c.store(
+            &key(MODEL, "", &t, Some(1), 2, 0, 256, "tp"),
+            11,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(lookup(&mut c), 1, "only chunk 0 has both ranks");
+    // Each rank gets its own bytes back.
+    r0.fill_byte(0);
+    r1.fill_byte(0);
+    let (want0, want1) = (
+        TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16),
+        TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16),
+    );
+    want0.fill(1);
+    want1.fill(2);
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &t, Some(0), 2, 0, 256, "tp"),
+            10,
+            &blocks(1, 16),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &t, Some(1), 2, 0, 256, "tp"),
+            11,
+            &blocks(1, 16),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(r0.block(5), want0.block(5));
+    assert_eq!(r1.block(5), want1.block(5));
+    assert_ne!(r0.block(5), r1.block(5));
+}
+
+#[test]
+fn failures_answer_false_and_change_nothing() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let kv = TestKv::new(Layout::Nhd, 1, 40, 16, 1, 16);
+    kv.fill(1);
+    register(&mut c, 1, &kv, 1);
+    let t = tokens(17, 512);
+    let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "f");
+    assert_eq!(
+        c.store(&k, 99, &blocks(1, 32)).unwrap(),
+        TransferResult::FAILED,
+        "unknown instance"
+    );
+    assert!(
+        !c.store(&k, 1, &blocks(1, 5)).unwrap().ok,
+        "short block list"
+    );
+    assert!(
+        !c.store(&k, 1, &[(1..33).collect(), (1..33).collect()])
+            .unwrap()
+            .ok,
+        "two groups for one"
+    );
+    assert!(
+        !c.store(&k, 1, &[(30..62).collect()]).unwrap().ok,
+        "block id beyond the cache"
+    );
+    assert!(
+        !c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 300, "f"),
+            1,
+            &blocks(1, 32)
+        )
+        .unwrap()
+        .ok,
+        "unaligned end"
+    );
+    assert!(
+        !c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 768, "f"),
+            1,
+            &blocks(1, 48)
+        )
+        .unwrap()
+        .ok,
+        "end past tokens"
+    );
+    assert!(
+        !c.retrieve(&k, 1, &blocks(1, 32), 0).unwrap().ok,
+        "nothing stored"
+    );
+    c.lookup(&key(MODEL, "", &t, None, 1, 0, 512, "f")).unwrap();
+    assert_eq!(
+        c.query_prefetch_status("f").unwrap(),
+        0,
+        "no failed store left anything behind"
+    );
+    assert_eq!(s.cwm.l1.stats().objects, 0);
+    assert_eq!(c.query_prefetch_status("never-looked-up").unwrap(), 0);
+}
+
+#[test]
+fn cuda_descriptors_are_refused_cleanly() {
+    use connector_protocol::{CudaStorageHandle, IpcDescriptor, TensorMetadata};
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let md = TensorMetadata {
+        dtype: "bfloat16".into(),
+        shape: vec![4, 16, 1, 16],
+        stride: vec![256, 16, 16, 1],
+        storage_offset: 0,
+        device_uuid: "00000000-0000-0000-0000-000000000000".into(),
+    };
+    let handle = CudaStorageHandle {
+        device: 0,
+        mem_handle: [7; 64],
+        storage_size: 2048,
+        storage_offset_bytes: 0,
+        event_handle: None,
+        event_sync_required: false,
+    };
+    c.register_kv_cache(
+        5,
+        &[IpcDescriptor::Cuda {
+            handle,
+            metadata: md,
+        }],
+        MODEL,
+        1,
+        Some("NHD"),
+        &TestKv::new(Layout::Nhd, 1, 4, 16, 1, 16).groups(),
+    )
+    .unwrap();
+    let t = tokens(1, 256);
+    assert!(
+        !c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 256, "c"),
+            5,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(c.get_chunk_size().unwrap(), 256, "still serving");
+}
+
+#[test]
+fn malformed_frames_are_answered_and_the_server_goes_on() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let send = |c: &cwm::client::MpClient, frames: Vec<Vec<u8>>| {
+        c.send_raw(&frames).unwrap();
+        c.recv_raw().unwrap()
+    };
+    // Garbage op frame: echoed with no payload.
+    let r = send(&c, vec![vec![0x05], vec![0xc1, 0xff]]).expect("answered");
+    assert_eq!(r, vec![vec![0x05], vec![0xc1, 0xff]]);
+    // Unknown op name: answered with no payload.
+    let r = send(&c, vec![vec![0x06], codec::encode_str("frobnicate")]).expect("answered");
+    assert_eq!(r.len(), 2);
+    // Store with a bad key and with the wrong arity: (b"", False).
+    let store = Op::Store.to_frame();
+    for payloads in [
+        vec![vec![0xc1], vec![1], vec![0x90], vec![0xc4, 0]],
+        vec![vec![0x90]],
+    ] {
+        let mut frames = vec![vec![0x07], store.clone()];
+        frames.extend(payloads);
+        let r = send(&c, frames).expect("answered");
+        assert_eq!(r[2], TransferResult::FAILED.encode());
+    }
+    // Retrieve with a truncated payload and query with a non-string: failure values.
+    let r = send(&c, vec![vec![0x08], Op::Retrieve.to_frame(), vec![0x8a]]).expect("answered");
+    assert_eq!(
+        TransferResult::decode(&r[2]).unwrap(),
+        TransferResult::FAILED
+    );
+    let r = send(
+        &c,
+        vec![vec![0x09], Op::QueryPrefetchStatus.to_frame(), vec![0x01]],
+    )
+    .expect("answered");
+    assert_eq!(r[2], vec![0x00]);
+    // A lone frame cannot be answered (no uid to echo) but does not hurt.
+    c.send_raw(&[vec![0x01]]).unwrap();
+    assert_eq!(c.get_chunk_size().unwrap(), 256);
+    assert!(c.ping(None).unwrap());
+}
+
+#[test]
+fn golden_requests_get_golden_replies() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/connector-protocol/tests/fixtures/captured_frames.json"
+    ))
+    .unwrap();
+    let messages: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let s = sidecar(small_config());
+    let c = client(&s);
+    let expected: &[(&str, Option<&str>)] = &[
+        ("get_chunk_size", Some("cd0100")),
+        ("get_experimental", Some("90")),
+        ("ping", Some("c3")),
+        ("noop", Some("a24f4b")),
+        ("lookup", None),
+        ("query_prefetch_status", Some("00")),
+        ("free_lookup_locks", None),
+        ("end_session", None),
+        ("report_block_allocation", None),
+        ("clear", None),
+        ("unregister_kv_cache", None),
+        ("store", Some("92c400c2")),
+        ("retrieve", Some("92c400c2")),
+    ];
+    let mut checked = 0;
+    for m in &messages {
+        let op = m["op"].as_str().unwrap();
+        let Some((_, want)) = expected.iter().find(|(name, _)| *name == op) else {
+            continue;
+        };
+        let frames: Vec<Vec<u8>> = m["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| hex::decode(f.as_str().unwrap()).unwrap())
+            .collect();
+        c.send_raw(&frames).unwrap();
+        let reply = c
+            .recv_raw()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{op} not answered"));
+        assert_eq!(
+            &reply[..2],
+            &frames[..2],
+            "{op}: uid and op echoed verbatim"
+        );
+        assert_eq!(reply.get(2).map(hex::encode).as_deref(), *want, "{op}");
+        checked += 1;
+    }
+    assert!(
+        checked >= expected.len(),
+        "only {checked} golden messages checked"
+    );
+}
+
+#[test]
+fn lookup_locks_keep_hits_servable_until_released() {
+    // L1 holds exactly 2 objects of this shape (2 layers x 256 tokens x 32 bytes = 16 KiB).
+    let s = sidecar(Config {
+        l1_size_gb: 32.0 * 1024.0 / (1u64 << 30) as f64,
+        ..Config::default()
+    });
+    let mut c = client(&s);
+    let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16);
+    kv.fill(1);
+    register(&mut c, 1, &kv, 1);
+    let (a, b, x) = (tokens(1, 256), tokens(2, 256), tokens(3, 256));
+    assert!(
+        c.store(
+            &key(MODEL, "", &a, Some(0), 1, 0, 256, "a"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(
+        c.store(
+            &key(MODEL, "", &b, Some(0), 1, 0, 256, "b"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    c.lookup(&key(MODEL, "", &a, None, 1, 0, 256, "a")).unwrap();
+    assert_eq!(c.query_prefetch_status("a").unwrap(), 1);
+    // a is the LRU object but locked: storing x evicts b.
+    assert!(
+        c.store(
+            &key(MODEL, "", &x, Some(0), 1, 0, 256, "x"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    c.lookup(&key(MODEL, "", &b, None, 1, 0, 256, "b")).unwrap();
+    assert_eq!(c.query_prefetch_status("b").unwrap(), 0, "b was evicted");
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &a, Some(0), 1, 0, 256, "a"),
+            1,
+            &blocks(20, 16),
+            0
+        )
+        .unwrap()
+        .ok,
+        "a survived"
+    );
+    // The retrieve released a's lock (and made it most recent): two new stores evict x, then a.
+    let y = tokens(4, 256);
+    assert!(
+        c.store(
+            &key(MODEL, "", &b, Some(0), 1, 0, 256, "b"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(
+        c.store(
+            &key(MODEL, "", &y, Some(0), 1, 0, 256, "y"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    c.lookup(&key(MODEL, "", &a, None, 1, 0, 256, "a2"))
+        .unwrap();
+    assert_eq!(
+        c.query_prefetch_status("a2").unwrap(),
+        0,
+        "a evicted once unlocked"
+    );
+    c.free_lookup_locks(&key(MODEL, "", &a, None, 1, 0, 256, "a2"))
+        .unwrap();
+    c.end_session("a").unwrap();
+    c.clear(false).unwrap();
+    assert_eq!(s.cwm.l1.stats().objects, 0);
+}
+
+#[test]
+fn four_concurrent_clients() {
+    let s = sidecar(small_config());
+    std::thread::scope(|scope| {
+        for i in 0..4u32 {
+            let s = &s;
+            scope.spawn(move || {
+                let mut c = client(s);
+                let (src, dst) = (
+                    TestKv::new(Layout::Hnd, 2, 40, 16, 2, 16),
+                    TestKv::new(Layout::Hnd, 2, 40, 16, 2, 16),
+                );
+                src.fill(100 + i as u64);
+                register(&mut c, 100 + i as u64 * 2, &src, 1);
+                register(&mut c, 101 + i as u64 * 2, &dst, 1);
+                for round in 0..5u32 {
+                    let t = tokens(1000 * i + round, 512);
+                    let salt = format!("tenant-{i}");
+                    let rid = format!("c{i}-{round}");
+                    assert!(
+                        c.store(
+                            &key(MODEL, &salt, &t, Some(0), 1, 0, 512, &rid),
+                            100 + i as u64 * 2,
+                            &blocks(1, 32)
+                        )
+                        .unwrap()
+                        .ok
+                    );
+                    c.lookup(&key(MODEL, &salt, &t, None, 1, 0, 512, &rid))
+                        .unwrap();
+                    assert_eq!(c.query_prefetch_status(&rid).unwrap(), 2);
+                    dst.fill_byte(0);
+                    assert!(
+                        c.retrieve(
+                            &key(MODEL, &salt, &t, Some(0), 1, 0, 512, &rid),
+                            101 + i as u64 * 2,
+                            &blocks(1, 32),
+                            0
+                        )
+                        .unwrap()
+                        .ok
+                    );
+                    assert_eq!(src.block(7), dst.block(7));
+                    c.end_session(&rid).unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn clients_reconnect_after_a_restart() {
+    let first = sidecar(small_config());
+    let port: u16 = first
+        .mp_endpoint
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = client(&first);
+    assert_eq!(c.get_chunk_size().unwrap(), 256);
+    first.stop();
+    let second = Sidecar::start(&Config {
+        host: "127.0.0.1".into(),
+        port,
+        ..small_config()
+    })
+    .unwrap();
+    let kv = TestKv::new(Layout::Nhd, 1, 40, 16, 1, 16);
+    register(&mut c, 1, &kv, 1);
+    let t = tokens(5, 256);
+    assert!(
+        c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 256, "r"),
+            1,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    c.lookup(&key(MODEL, "", &t, None, 1, 0, 256, "r")).unwrap();
+    assert_eq!(c.query_prefetch_status("r").unwrap(), 1);
+    drop(second);
+}
+
+use cwm::serve::Sidecar;
