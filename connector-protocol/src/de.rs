@@ -7,6 +7,7 @@
 //! byte fields need bin (not str), and unknown keys are skipped without being decoded. Input is
 //! validated by `check_document` first, so recursion is bounded.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use rmp::Marker;
@@ -275,8 +276,8 @@ impl<'de> SeqAccess<'de> for Seq<'_, 'de, '_> {
 struct Map<'s, 'de, 'r> {
     de: &'s mut Deserializer<'de, 'r>,
     left: usize,
-    /// The current key, for error paths.
-    key: Option<String>,
+    /// The current key, for error paths (borrowed from the input; no allocation per key).
+    key: Option<Cow<'de, str>>,
 }
 
 impl<'de> MapAccess<'de> for Map<'_, 'de, '_> {
@@ -291,27 +292,30 @@ impl<'de> MapAccess<'de> for Map<'_, 'de, '_> {
         }
         self.left -= 1;
         let mut probe = self.de.r.clone_at();
-        let key = match probe.peek_marker("") {
-            Ok(m) if marker_kind(m) == "str" => probe.str("").ok().map(str::to_string),
-            Ok(m) => Some(format!("<{} key>", marker_kind(m))),
+        self.key = match probe.peek_marker("") {
+            Ok(m) if marker_kind(m) == "str" => probe.str("").ok().map(Cow::Borrowed),
+            Ok(m) => Some(Cow::Owned(format!("<{} key>", marker_kind(m)))),
             Err(_) => None,
         };
-        self.key = key;
-        let at = || Seg::Key(self.key.clone().unwrap_or_else(|| "<key>".into()));
+        let key = &self.key;
         seed.deserialize(&mut *self.de)
             .map(Some)
-            .map_err(|e| e.within(at()))
+            .map_err(|e| e.within(key_seg(key)))
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
-        let key = self.key.take().unwrap_or_else(|| "<key>".into());
+        let key = self.key.take();
         seed.deserialize(&mut *self.de)
-            .map_err(|e| e.within(Seg::Key(key)))
+            .map_err(|e| e.within(key_seg(&key)))
     }
 
     fn size_hint(&self) -> Option<usize> {
         Some(self.left)
     }
+}
+
+fn key_seg(key: &Option<Cow<'_, str>>) -> Seg {
+    Seg::Key(key.as_deref().unwrap_or("<key>").to_string())
 }
 
 /// An ext value as rmpv expects it: a newtype around the tuple `(type: i8, data: bytes)`.
