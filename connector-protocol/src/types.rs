@@ -16,6 +16,7 @@ pub struct IpcCacheServerKey {
     #[serde(default)]
     pub worker_id: Option<u32>,
     /// The whole token sequence of the request, not only `[start, end)`.
+    #[serde(deserialize_with = "crate::de::u32_array::deserialize")]
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub start: u64,
