@@ -8,6 +8,9 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::ops::{Cwm, ReapPolicy, Settings};
 use crate::server::mp::MpServer;
+use crate::store::disk::storage::FsStorage;
+use crate::store::disk::DiskStore;
+use crate::store::tiered::Tiers;
 use crate::store::{L1Config, L1Store};
 
 /// A running sidecar. Dropping it shuts it down and waits for its threads.
@@ -27,6 +30,22 @@ impl Sidecar {
             lock_ttl: config.lock_ttl(),
         })
         .map_err(|e| anyhow::anyhow!("cannot reserve {} GiB for L1: {e}", config.l1_size_gb))?;
+        let tiers = if config.l2_enabled() {
+            let storage = FsStorage::open(&config.l2_path).map_err(|e| {
+                anyhow::anyhow!("cannot open L2 directory {}: {e}", config.l2_path.display())
+            })?;
+            let disk = DiskStore::open(storage, config.l2_disk_config()).map_err(|e| {
+                anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display())
+            })?;
+            Tiers::with_disk(
+                l1,
+                Arc::new(disk),
+                config.l2_compression_policy(),
+                config.l2_write_queue_mb << 20,
+            )
+        } else {
+            Tiers::memory_only(l1)
+        };
         let cwm = Cwm::new(
             Settings {
                 chunk_size: config.chunk_size,
@@ -36,7 +55,7 @@ impl Sidecar {
                     never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
                 },
             },
-            l1,
+            tiers,
         );
         let shutdown = Arc::new(AtomicBool::new(false));
         let mp = MpServer::bind(&config.host, config.port)?;
@@ -102,6 +121,8 @@ impl Sidecar {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Drain write-behind and checkpoint L2 so a restart finds everything quickly.
+        self.cwm.tiers.shutdown();
     }
 }
 
