@@ -9,6 +9,8 @@
 """
 import os
 import re
+import signal
+import time
 
 import pytest
 
@@ -17,15 +19,20 @@ import interop_lib as lib
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mock_xfail(reason): expected to fail against the mock server only")
+    config.addinivalue_line("markers", "cwm_gap(reason): a known, reported cwm gap: xfail against cwm "
+                                       "unless CWM_INTEROP_STRICT=1")
 
 
 def pytest_collection_modifyitems(config, items):
-    if lib.TARGET != "mock":
-        return
+    strict = os.environ.get("CWM_INTEROP_STRICT", "") not in ("", "0")
     for item in items:
         m = item.get_closest_marker("mock_xfail")
-        if m is not None:
+        if m is not None and lib.TARGET == "mock":
             item.add_marker(pytest.mark.xfail(reason=m.args[0] if m.args else "mock limitation", strict=False))
+        m = item.get_closest_marker("cwm_gap")
+        if m is not None and lib.TARGET == "cwm" and not strict:
+            item.add_marker(pytest.mark.xfail(reason="known cwm gap: " + (m.args[0] if m.args else ""),
+                                              strict=False))
 
 
 def pytest_report_header(config):
@@ -61,6 +68,19 @@ def _session_server(log_dir):
     srv.stop()
 
 
+def _thread_stacks() -> str:
+    import io
+    import sys
+    import threading
+    import traceback
+    out = io.StringIO()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():  # noqa: SLF001
+        out.write(f"--- thread {names.get(ident, ident)}\n")
+        traceback.print_stack(frame, file=out)
+    return out.getvalue()
+
+
 @pytest.fixture
 def server(_session_server, request):
     srv = _session_server
@@ -71,6 +91,21 @@ def server(_session_server, request):
     if not srv.alive():
         code = srv.proc.returncode if srv.proc else None
         pytest.fail(f"the server process died during this test (exit code {code})", pytrace=False)
+    # Health check, so that one wedged component does not fail every later test.
+    if not lib.raw_probe(srv.url):
+        if lib.TARGET == "mock":
+            srv.proc.send_signal(signal.SIGUSR1)         # mock: faulthandler dumps its stack to the log
+            time.sleep(0.5)
+        srv.stop(signal.SIGKILL)
+        srv.start()
+        pytest.fail("the server stopped answering (a raw DEALER's get_chunk_size got no reply in 5 s); "
+                    "it was killed and restarted for the next tests", pytrace=False)
+    if not lib.client_loop_healthy(srv.url):
+        stacks = _thread_stacks()
+        lib.reset_client_loop()
+        pytest.fail("the server answers a raw DEALER but a new lmcache client gets no reply: the client's "
+                    "shared polling loop in this test process is wedged (reset for the next tests)\n" + stacks,
+                    pytrace=False)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 TARGET = os.environ.get("CWM_INTEROP_TARGET", "cwm")            # "cwm" or "mock"
-RPC_TIMEOUT = float(os.environ.get("CWM_RPC_TIMEOUT", "10"))
+RPC_TIMEOUT = float(os.environ.get("CWM_RPC_TIMEOUT", "15"))
 STARTUP_TIMEOUT = float(os.environ.get("CWM_STARTUP_TIMEOUT", "30"))
 CHUNK = 256
 EVENT = b"stub_ipc_handle"          # what the CPU/stub device of the real client sends
@@ -162,6 +162,41 @@ class ServerProcess:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+def raw_probe(url: str, timeout: float = 5.0) -> bool:
+    """get_chunk_size over a plain pyzmq DEALER (independent of the lmcache client's shared loop)."""
+    import zmq
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(url)
+        s.send_multipart([b"\xcd\xff\xfe", b"\x15"])     # uid 65534, op 21 = get_chunk_size
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if s.poll(100):
+                msg = s.recv_multipart()
+                if msg[:1] == [b"\xcd\xff\xfe"]:
+                    return True
+        return False
+    finally:
+        s.close(0)
+
+
+def client_loop_healthy(url: str, timeout: float = 5.0) -> bool:
+    c = RequestClientFactory.create(url)
+    try:
+        return c.get_chunk_size().wait(timeout)
+    finally:
+        c.close()
+
+
+def reset_client_loop():
+    """Drop a wedged lmcache ClientPollingLoop singleton so later clients get a fresh loop."""
+    from lmcache.v1.multiprocess.transport.zmq_impl.mq import ClientPollingLoop
+    with ClientPollingLoop._instance_lock:   # noqa: SLF001
+        ClientPollingLoop._instance = None   # noqa: SLF001
 
 
 # ---- RPC with timeouts --------------------------------------------------------------------------

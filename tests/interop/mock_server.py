@@ -19,8 +19,10 @@ exercises (see /work/shared/protocol/lmcache-mp.md), written from the spec, with
 * every request that must be answered is answered: malformed store/retrieve -> (b"", False).
 """
 import argparse
+import faulthandler
 import mmap
 import os
+import signal
 import struct
 import sys
 from collections import OrderedDict
@@ -407,6 +409,7 @@ NO_PAYLOAD_ON_ERROR = {"register_kv_cache", "unregister_kv_cache", "lookup", "fr
 
 
 def serve(args):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     mock = Mock(args.chunk_size, int(args.l1_size_gb * (1 << 30)))
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -7,7 +7,7 @@
 #   CWM_INTEROP_TARGET  cwm (default) | mock   -- mock runs the suite against tests/interop/mock_server.py
 #   CWM_BIN             server binary (default: <repo>/target/release/cwm, else <repo>/target/debug/cwm)
 #   CWM_SERVER_ARGS     extra arguments appended to `cwm serve ...`
-#   CWM_RPC_TIMEOUT     seconds each RPC may take before the test fails (default 10)
+#   CWM_RPC_TIMEOUT     seconds each RPC may take before the test fails (default 15)
 #   CWM_STARTUP_TIMEOUT seconds the server may take to answer get_chunk_size (default 30)
 #   CWM_INTEROP_LOG_DIR directory for the server logs (default: a pytest temp dir)
 set -euo pipefail

@@ -3,6 +3,8 @@ evicts the oldest objects, keeps serving, and never evicts an object a lookup ha
 before its retrieve arrives (lmcache-mp.md §3.4)."""
 import os
 
+import psutil
+
 import interop_lib as lib
 
 # 32 layers x 8 KV heads x C=256 (head size 128, K+V packed), bf16, block 16:
@@ -29,11 +31,27 @@ def test_lru_eviction_respects_pins(new_server, make_cache, uniq):
         assert c.store(lib.mkkey(uniq, pinned, 0, 256, "p-s"), iid_s, [blocks], lib.EVENT)[1] is True
         assert lib.lookup_hits(c, lib.mkkey(uniq, pinned, 0, 256, "p", worker_id=None)) == 1   # now read-locked
 
+        # two chunks whose read locks are released again: by a retrieve, and by free_lookup_locks
+        released = {}
+        for how in ("retrieved", "freed"):
+            toks = lib.tokens_for(f"{uniq}-{how}", 256)
+            released[how] = toks
+            assert c.store(lib.mkkey(uniq, toks, 0, 256, f"{how}-s"), iid_s, [blocks], lib.EVENT)[1] is True
+            key = lib.mkkey(uniq, toks, 0, 256, how, worker_id=None)
+            assert lib.lookup_hits(c, key) == 1
+            if how == "retrieved":
+                assert c.retrieve(lib.mkkey(uniq, toks, 0, 256, how), iid_d, [blocks], lib.EVENT, 0)[1] is True
+            else:
+                assert c.free_lookup_locks(key, 1) is None
+            assert c.end_session(how) is None
+
         flood = [lib.tokens_for(f"{uniq}-flood-{i}", 256) for i in range(N_FLOOD)]
         for i, toks in enumerate(flood):
             res = c.store(lib.mkkey(uniq, toks, 0, 256, f"f{i}"), iid_s, [blocks], lib.EVENT)
             assert res[1] is True, f"flood store {i}: {res!r} (a full L1 must not fail the store)"
         assert srv.alive()
+        rss = psutil.Process(srv.proc.pid).memory_info().rss
+        assert rss < L1_BYTES + (384 << 20), f"server RSS {rss >> 20} MiB after storing 1.5 GiB into a 1 GiB L1"
 
         # the chunk counted by the lookup must still be retrievable
         res = c.retrieve(lib.mkkey(uniq, pinned, 0, 256, "p"), iid_d, [blocks], lib.EVENT, 0)
@@ -51,6 +69,11 @@ def test_lru_eviction_respects_pins(new_server, make_cache, uniq):
         assert hits[-1] == 1, f"the most recently stored chunk is missing; hits per store: {hits}"
         assert hits[0] == 0, f"the oldest chunk was not evicted; hits per store: {hits}"
         assert n_hits <= L1_BYTES // CHUNK_BYTES, f"{n_hits} x 32 MiB resident in a 1 GiB L1: {hits}"
+
+        for how, toks in released.items():
+            got = lib.lookup_hits(c, lib.mkkey(uniq, toks, 0, 256, f"{how}-again", worker_id=None))
+            assert got == 0, (f"the chunk whose lock was released by {'retrieve' if how == 'retrieved' else how} "
+                              f"survived {N_FLOOD} newer 32 MiB stores into 1 GiB: its read lock leaked?")
 
         # still serving normally after eviction
         fresh = lib.tokens_for(uniq + "-fresh", 256)

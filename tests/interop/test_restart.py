@@ -31,7 +31,9 @@ def test_server_restart_same_client(new_server, make_cache, uniq, sig):
         assert c.get_chunk_size() == 256
         _round(c, src, dst, iid_s, iid_d, uniq, "before")
 
+        t0 = time.monotonic()
         srv.stop(sig)
+        assert time.monotonic() - t0 < 5, f"server took {time.monotonic() - t0:.1f}s to exit on {sig.name}"
         queued = c.submit.get_chunk_size()          # sent while the server is down: queued by libzmq
         assert not queued.wait(0.5), "a reply arrived while the server was down?"
         time.sleep(0.5)
