@@ -51,6 +51,8 @@ pub struct Config {
     pub l2_fsync_interval_ms: u64,
     /// Bytes of L1 objects that may wait for L2 before write-behind drops work, in MiB.
     pub l2_write_queue_mb: u64,
+    /// Port of the HTTP server (MCP at /mcp, /metrics, /status, ...) on `host`; 0 picks one.
+    pub http_port: u16,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             l2_fsync: "interval".into(),
             l2_fsync_interval_ms: 1000,
             l2_write_queue_mb: 1024,
+            http_port: 8080,
         }
     }
 }

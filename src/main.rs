@@ -26,6 +26,15 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Measure store/retrieve GB/s and lookup latency through the MP protocol, next to memcpy.
     Bench(BenchArgs),
+    /// A stdio MCP server forwarding every tool call to a running sidecar's HTTP /mcp.
+    Mcp(McpArgs),
+}
+
+#[derive(Args)]
+struct McpArgs {
+    /// The sidecar's MCP endpoint.
+    #[arg(long, env = "CWM_MCP_URL", default_value = "http://127.0.0.1:8080/mcp")]
+    url: String,
 }
 
 /// Flags mirror `lmcache server`'s. Each also reads `CWM_<NAME>` from the environment and
@@ -92,6 +101,9 @@ struct ServeArgs {
     /// MiB of stored objects that may wait for L2 before write-behind drops work [default: 1024].
     #[arg(long, env = "CWM_L2_WRITE_QUEUE_MB")]
     l2_write_queue_mb: Option<u64>,
+    /// Port of the HTTP server: MCP at /mcp, /metrics, /status; 0 picks a free one [default: 8080].
+    #[arg(long, env = "CWM_HTTP_PORT")]
+    http_port: Option<u16>,
 }
 
 impl ServeArgs {
@@ -122,7 +134,8 @@ impl ServeArgs {
             l2_compression_level,
             l2_fsync,
             l2_fsync_interval_ms,
-            l2_write_queue_mb
+            l2_write_queue_mb,
+            http_port
         );
         c.validate()?;
         Ok(c)
@@ -134,7 +147,7 @@ fn main() -> anyhow::Result<()> {
     // The bench's own server would log every registration and clear; its report is the output.
     let default_log = match cli.command {
         Command::Serve(_) => "info",
-        Command::Bench(_) => "warn",
+        Command::Bench(_) | Command::Mcp(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -146,6 +159,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args.into_config()?),
         Command::Bench(args) => cwm::bench::run(&args),
+        Command::Mcp(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(cwm::mcp::forward_stdio(&args.url)),
     }
 }
 

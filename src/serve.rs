@@ -7,16 +7,22 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::ops::{Cwm, ReapPolicy, Settings};
+use crate::server::http::HttpServer;
 use crate::server::mp::MpServer;
 use crate::store::disk::storage::FsStorage;
 use crate::store::disk::DiskStore;
 use crate::store::tiered::Tiers;
 use crate::store::{L1Config, L1Store};
+use crate::windows::Windows;
 
 /// A running sidecar. Dropping it shuts it down and waits for its threads.
 pub struct Sidecar {
     pub cwm: Arc<Cwm>,
     pub mp_endpoint: String,
+    pub windows: Arc<Windows>,
+    /// Where the HTTP server (MCP, metrics, admin) listens.
+    pub http_addr: std::net::SocketAddr,
+    http: Option<HttpServer>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -57,6 +63,12 @@ impl Sidecar {
             },
             tiers,
         );
+        let windows = Arc::new(Windows::open(
+            cwm.clone(),
+            config.l2_enabled().then_some(config.l2_path.as_path()),
+        )?);
+        let http = HttpServer::start(&config.host, config.http_port, windows.clone())?;
+        let http_addr = http.addr;
         let shutdown = Arc::new(AtomicBool::new(false));
         let mp = MpServer::bind(&config.host, config.port)?;
         let mp_endpoint = mp.endpoint().to_string();
@@ -98,6 +110,9 @@ impl Sidecar {
         Ok(Sidecar {
             cwm,
             mp_endpoint,
+            windows,
+            http_addr,
+            http: Some(http),
             shutdown,
             threads,
         })
@@ -118,6 +133,9 @@ impl Sidecar {
 
     fn stop_threads(&mut self) {
         self.shutdown.store(true, Ordering::Relaxed);
+        if let Some(mut http) = self.http.take() {
+            http.stop();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -171,6 +171,8 @@ fn sigkill_during_write_behind_never_serves_wrong_bytes() {
                 "0.5",
                 "--l2-size-gb",
                 "2",
+                "--http-port",
+                "0",
             ])
             .arg("--l2-path")
             .arg(dir.path())

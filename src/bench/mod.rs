@@ -170,6 +170,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 Sidecar::start(&Config {
                     host: "127.0.0.1".into(),
                     port: 0,
+                    http_port: 0,
                     l1_size_gb,
                     transfer_lanes: lanes,
                     ..defaults

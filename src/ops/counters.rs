@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OpStat {
     pub calls: u64,
     pub errors: u64,
@@ -54,6 +54,18 @@ impl OpCounters {
 
     pub fn record_retrieve_miss(&self) {
         self.retrieve_misses.fetch_add(1, Relaxed);
+    }
+
+    /// Every op's counters, sorted by op name.
+    pub fn snapshot(&self) -> Vec<(String, OpStat)> {
+        let mut v: Vec<(String, OpStat)> = self
+            .per_op
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), *s))
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn op(&self, op: &str) -> OpStat {

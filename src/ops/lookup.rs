@@ -258,6 +258,7 @@ impl Cwm {
     }
 
     pub(super) fn end_session(&self, request_id: &str) {
+        self.chains.end_request(request_id);
         let session = self.sessions.by_request.lock().remove(request_id);
         if let Some(record) = session.and_then(|s| s.lookup) {
             self.tiers

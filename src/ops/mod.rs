@@ -25,6 +25,7 @@ pub use registry::{ReapPolicy, Registry};
 pub use transfer::TransferError;
 
 use crate::store::tiered::Tiers;
+use crate::windows::session::SessionIndex;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -58,6 +59,8 @@ pub struct Cwm {
     pub registry: Registry,
     pub sessions: Sessions,
     pub counters: OpCounters,
+    /// Token chains stored per (model, cache_salt), for context windows.
+    pub chains: SessionIndex,
 }
 
 /// Ops that copy engine memory or may wait: run off the socket thread, in order per client.
@@ -83,6 +86,7 @@ impl Cwm {
             registry: Registry::default(),
             sessions: Sessions::default(),
             counters: OpCounters::default(),
+            chains: SessionIndex::default(),
         })
     }
 

@@ -189,6 +189,13 @@ impl Cwm {
             .committed(committed, object_bytes, kv.layout.itemsize as u8);
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
+        self.chains.record(
+            &key.model_name,
+            key.world_size,
+            &key.cache_salt,
+            &key.token_ids[..key.end as usize],
+            Some(&key.request_id),
+        );
         Ok(())
     }
 

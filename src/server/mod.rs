@@ -1,3 +1,4 @@
 //! Transports only: they move bytes and hand decoded requests to `ops`.
 
+pub mod http;
 pub mod mp;

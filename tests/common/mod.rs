@@ -17,6 +17,7 @@ pub fn sidecar(config: Config) -> Sidecar {
     Sidecar::start(&Config {
         host: "127.0.0.1".into(),
         port: 0,
+        http_port: 0,
         ..config
     })
     .expect("sidecar starts")

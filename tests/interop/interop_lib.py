@@ -77,7 +77,8 @@ def server_command(port: int, l1_size_gb: str = "1") -> list[str]:
     extra = os.environ.get("CWM_SERVER_ARGS", "").split()
     if TARGET == "mock":
         return [sys.executable, os.path.join(HERE, "mock_server.py"), *base_args, *extra]
-    return [cwm_bin(), *base_args, *extra]
+    # Each server gets its own free HTTP port (MCP, metrics), so parallel servers never clash.
+    return [cwm_bin(), *base_args, "--http-port", "0", *extra]
 
 
 def cwm_bin() -> str:

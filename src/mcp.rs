@@ -1,0 +1,243 @@
+//! The MCP tools: an rmcp tool router over `windows::Windows`, with no logic of its own. Each
+//! tool takes a JSON-schema'd request and returns a structured result; a failed operation is a
+//! tool error (`isError: true`) whose text says what was wrong. Window operations touch disk
+//! and many cores, so they run on the blocking pool, never on the reactor threads.
+//!
+//! Also `forward_stdio`: `cwm mcp`, a stdio MCP server that forwards every tool call to a
+//! running sidecar's streamable HTTP endpoint.
+
+use std::sync::Arc;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::{Json, Parameters};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, ClientConfig, Implementation, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::{RequestContext, RunningService};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{schemars, ServiceExt};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleClient, RoleServer, ServerHandler};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::windows::*;
+
+const INSTRUCTIONS: &str = "cwm keeps vLLM's KV cache. A session is a cache_salt: every request \
+of a conversation carries it. window_freeze names a session's cached context and makes it durable; \
+window_thaw loads it back into memory (optionally under a new session id) so the next request \
+with that salt and prefix skips prefill entirely. window_clone branches a window without copying data.";
+
+/// Tools take no arguments.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct NoArgs {}
+
+#[derive(Clone)]
+pub struct WindowTools {
+    windows: Arc<Windows>,
+    #[allow(dead_code)] // read by the tool_handler macro
+    tool_router: ToolRouter<Self>,
+}
+
+impl WindowTools {
+    pub fn new(windows: Arc<Windows>) -> WindowTools {
+        WindowTools {
+            windows,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Run a window operation on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Windows) -> Result<T, WindowError> + Send + 'static,
+    ) -> Result<Json<T>, String> {
+        let windows = self.windows.clone();
+        match tokio::task::spawn_blocking(move || op(&windows)).await {
+            Ok(Ok(v)) => Ok(Json(v)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("internal error: {e}")),
+        }
+    }
+}
+
+#[tool_router]
+impl WindowTools {
+    #[tool(
+        description = "Make a session's cached context durable under a name: the newest token chain stored with cache_salt = session_id is written to disk, pinned and recorded as a window. Fails if nothing is cached for that session or the name is taken."
+    )]
+    async fn window_freeze(
+        &self,
+        Parameters(req): Parameters<FreezeRequest>,
+    ) -> Result<Json<FreezeReport>, String> {
+        self.run(move |w| w.freeze(&req)).await
+    }
+
+    #[tool(
+        description = "Load a window's KV chunks into memory under its session id (or new_session_id), so the next vLLM request with that cache_salt and the window's token prefix hits in full. Reports tokens ready, bytes, tiers read and elapsed time; sends progress notifications while loading."
+    )]
+    async fn window_thaw(
+        &self,
+        Parameters(req): Parameters<ThawRequest>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<Json<ThawReport>, String> {
+        let token = context.meta.get_progress_token();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+        let windows = self.windows.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            // At most ~100 notifications, whatever the window's size.
+            let progress = |done: usize, total: usize| {
+                if done == total || done % total.div_ceil(100).max(1) == 0 {
+                    let _ = tx.send((done, total));
+                }
+            };
+            windows.thaw(&req, &progress)
+        });
+        while let Some((done, total)) = rx.recv().await {
+            if let Some(token) = &token {
+                let _ = context
+                    .peer
+                    .notify_progress(
+                        ProgressNotificationParam::new(token.clone(), done as f64)
+                            .with_total(total as f64)
+                            .with_message(format!("{done}/{total} chunks loaded")),
+                    )
+                    .await;
+            }
+        }
+        match job.await {
+            Ok(Ok(report)) => Ok(Json(report)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("internal error: {e}")),
+        }
+    }
+
+    #[tool(
+        description = "Branch a window: a new window sharing the same stored data (no byte copy), with its own default session id. Deleting either never breaks the other."
+    )]
+    async fn window_clone(
+        &self,
+        Parameters(req): Parameters<CloneRequest>,
+    ) -> Result<Json<WindowSummary>, String> {
+        self.run(move |w| w.clone_window(&req)).await
+    }
+
+    #[tool(description = "List windows, filtered by tag, model or name prefix, with paging.")]
+    async fn window_list(
+        &self,
+        Parameters(req): Parameters<ListRequest>,
+    ) -> Result<Json<WindowList>, String> {
+        self.run(move |w| w.list(&req)).await
+    }
+
+    #[tool(
+        description = "Status of a window (chunks on disk, resident in memory, missing) and/or of a session (its stored token chains and the windows frozen from it)."
+    )]
+    async fn window_status(
+        &self,
+        Parameters(req): Parameters<StatusRequest>,
+    ) -> Result<Json<StatusReport>, String> {
+        self.run(move |w| w.status(&req)).await
+    }
+
+    #[tool(
+        description = "Delete a window. Its data is released once no other window (clone) references it."
+    )]
+    async fn window_delete(
+        &self,
+        Parameters(req): Parameters<DeleteRequest>,
+    ) -> Result<Json<DeleteReport>, String> {
+        self.run(move |w| w.delete(&req)).await
+    }
+
+    #[tool(description = "Sessions (cache_salts) with cached token chains, most recent first.")]
+    async fn session_list(
+        &self,
+        Parameters(_): Parameters<NoArgs>,
+    ) -> Result<Json<SessionList>, String> {
+        self.run(|w| Ok(w.session_list())).await
+    }
+
+    #[tool(description = "Cache statistics: lookups, hits and misses, bytes and objects per tier.")]
+    async fn cache_stats(
+        &self,
+        Parameters(_): Parameters<NoArgs>,
+    ) -> Result<Json<CacheStats>, String> {
+        self.run(|w| Ok(w.cache_stats())).await
+    }
+
+    #[tool(description = "Whether the sidecar is up, with its version and uptime.")]
+    async fn health(&self, Parameters(_): Parameters<NoArgs>) -> Result<Json<Health>, String> {
+        self.run(|w| Ok(w.health())).await
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        .with_server_info(Implementation::new("cwm", env!("CARGO_PKG_VERSION")))
+        .with_instructions(INSTRUCTIONS)
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for WindowTools {
+    fn get_info(&self) -> ServerConfig {
+        server_config()
+    }
+}
+
+// ----- cwm mcp: stdio → streamable HTTP --------------------------------------------------------
+
+/// Forwards tool listing and calls to a sidecar's `/mcp`.
+struct Forwarder {
+    upstream: RunningService<RoleClient, ClientConfig>,
+}
+
+impl ServerHandler for Forwarder {
+    fn get_info(&self) -> ServerConfig {
+        server_config()
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        self.upstream
+            .list_tools(request)
+            .await
+            .map_err(|e| ErrorData::internal_error(format!("cwm sidecar: {e}"), None))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.upstream
+            .call_tool(request)
+            .await
+            .map(Into::into)
+            .map_err(|e| ErrorData::internal_error(format!("cwm sidecar: {e}"), None))
+    }
+}
+
+/// Connect an MCP client to a sidecar's streamable HTTP endpoint (e.g. `http://127.0.0.1:8080/mcp`).
+pub async fn connect(url: &str) -> anyhow::Result<RunningService<RoleClient, ClientConfig>> {
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.to_string()),
+    );
+    Ok(ClientConfig::default().serve(transport).await?)
+}
+
+/// `cwm mcp`: serve MCP on stdin/stdout, forwarding to the sidecar at `url`.
+pub async fn forward_stdio(url: &str) -> anyhow::Result<()> {
+    let upstream = connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the cwm sidecar at {url}: {e}"))?;
+    let service = Forwarder { upstream }
+        .serve(rmcp::transport::stdio())
+        .await?;
+    service.waiting().await?;
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Prometheus text exposition of the sidecar's counters (`GET /metrics`). Reads the counters
+//! the ops and stores already keep; owns no state.
+
+use std::fmt::Write;
+
+use crate::windows::Windows;
+
+/// Render every series in the Prometheus text format, version 0.0.4.
+pub fn render(windows: &Windows) -> String {
+    let mut out = String::with_capacity(8192);
+    let s = windows.cache_stats();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP cwm_{name} {help}\n# TYPE cwm_{name} {kind}");
+        for (labels, v) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "cwm_{name} {v}");
+            } else {
+                let _ = writeln!(out, "cwm_{name}{{{labels}}} {v}");
+            }
+        }
+    };
+    let ops = windows.cwm.counters.snapshot();
+    let calls: Vec<(String, f64)> = ops
+        .iter()
+        .map(|(op, st)| (format!("op=\"{op}\""), st.calls as f64))
+        .collect();
+    let errors: Vec<(String, f64)> = ops
+        .iter()
+        .map(|(op, st)| (format!("op=\"{op}\""), st.errors as f64))
+        .collect();
+    let secs: Vec<(String, f64)> = ops
+        .iter()
+        .map(|(op, st)| (format!("op=\"{op}\""), st.total_micros as f64 / 1e6))
+        .collect();
+    for (name, help, v) in [
+        ("ops_total", "MP requests handled, per operation", calls),
+        ("op_errors_total", "MP requests that failed, per operation", errors),
+        (
+            "op_seconds_total",
+            "Time spent handling MP requests, per operation (divide by cwm_ops_total for the mean latency)",
+            secs,
+        ),
+    ] {
+        let samples: Vec<(&str, f64)> = v.iter().map(|(l, x)| (l.as_str(), *x)).collect();
+        metric(name, "counter", help, &samples);
+    }
+    let c = |v: u64| v as f64;
+    metric(
+        "lookup_chunks_total",
+        "counter",
+        "Chunks asked for by lookups",
+        &[("", c(s.lookup_chunks))],
+    );
+    metric(
+        "lookup_hit_chunks_total",
+        "counter",
+        "Chunks lookups found (prefix hits)",
+        &[("", c(s.lookup_hit_chunks))],
+    );
+    metric(
+        "lookup_hit_ratio",
+        "gauge",
+        "Hit chunks over looked-up chunks since start",
+        &[("", s.hit_rate)],
+    );
+    metric(
+        "stored_objects_total",
+        "counter",
+        "Objects stored from engines",
+        &[("", c(s.stored_objects))],
+    );
+    metric(
+        "stored_bytes_total",
+        "counter",
+        "Bytes stored from engines",
+        &[("", c(s.stored_bytes))],
+    );
+    metric(
+        "retrieved_objects_total",
+        "counter",
+        "Objects retrieved into engines",
+        &[("", c(s.retrieved_objects))],
+    );
+    metric(
+        "retrieved_bytes_total",
+        "counter",
+        "Bytes retrieved into engines",
+        &[("", c(s.retrieved_bytes))],
+    );
+    metric(
+        "retrieve_misses_total",
+        "counter",
+        "Retrieves that found a chunk missing",
+        &[("", c(s.retrieve_misses))],
+    );
+    metric(
+        "tier_objects",
+        "gauge",
+        "Objects held per tier",
+        &[
+            ("tier=\"l1\"", s.l1.objects as f64),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| l.records as f64),
+            ),
+        ],
+    );
+    metric(
+        "tier_used_bytes",
+        "gauge",
+        "Bytes used per tier",
+        &[
+            ("tier=\"l1\"", c(s.l1.used_bytes)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.used_bytes)),
+            ),
+        ],
+    );
+    metric(
+        "tier_capacity_bytes",
+        "gauge",
+        "Byte budget per tier",
+        &[
+            ("tier=\"l1\"", c(s.l1.capacity_bytes)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.capacity_bytes)),
+            ),
+        ],
+    );
+    metric(
+        "tier_read_bytes_total",
+        "counter",
+        "Bytes read per tier (L1: retrieved into engines; L2: read and decoded)",
+        &[
+            ("tier=\"l1\"", c(s.retrieved_bytes)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.read_bytes)),
+            ),
+        ],
+    );
+    metric(
+        "tier_written_bytes_total",
+        "counter",
+        "Bytes written per tier (L2: raw bytes before compression)",
+        &[
+            ("tier=\"l1\"", c(s.l1.committed_bytes)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.written_raw_bytes)),
+            ),
+        ],
+    );
+    metric(
+        "tier_hits_total",
+        "counter",
+        "Objects served per tier (L1: retrieved; L2: read into L1)",
+        &[
+            ("tier=\"l1\"", c(s.retrieved_objects)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.read_records)),
+            ),
+        ],
+    );
+    metric(
+        "tier_evicted_objects_total",
+        "counter",
+        "Objects evicted per tier (L2: records in reclaimed segments)",
+        &[
+            ("tier=\"l1\"", c(s.l1.evicted_objects)),
+            (
+                "tier=\"l2\"",
+                s.l2.as_ref().map_or(0.0, |l| c(l.reclaimed_records)),
+            ),
+        ],
+    );
+    metric(
+        "l1_evicted_bytes_total",
+        "counter",
+        "Bytes evicted from L1",
+        &[("", c(s.l1.evicted_bytes))],
+    );
+    metric(
+        "l1_no_space_total",
+        "counter",
+        "L1 reservations that found no evictable space",
+        &[("", c(s.l1.no_space))],
+    );
+    if let Some(l2) = &s.l2 {
+        metric(
+            "l2_stored_bytes_total",
+            "counter",
+            "Payload bytes written to L2 after compression",
+            &[("", c(l2.written_stored_bytes))],
+        );
+        metric(
+            "l2_corrupt_records_total",
+            "counter",
+            "L2 records that failed verification and were dropped",
+            &[("", c(l2.corrupt_records))],
+        );
+        metric(
+            "l2_write_errors_total",
+            "counter",
+            "L2 append failures",
+            &[("", c(l2.write_errors))],
+        );
+        metric(
+            "l2_segments",
+            "gauge",
+            "L2 segment files",
+            &[("", l2.segments as f64)],
+        );
+        metric(
+            "l2_pinned_records",
+            "gauge",
+            "L2 records pinned by windows",
+            &[("", l2.pinned_records as f64)],
+        );
+        metric(
+            "l2_reclaimed_segments_total",
+            "counter",
+            "L2 segments reclaimed",
+            &[("", c(l2.reclaimed_segments))],
+        );
+    }
+    let wb = &s.write_behind;
+    metric(
+        "write_behind_queue_bytes",
+        "gauge",
+        "Bytes waiting for L2 write-behind",
+        &[("", c(wb.queued_bytes))],
+    );
+    metric(
+        "write_behind_enqueued_total",
+        "counter",
+        "Objects queued for L2",
+        &[("", c(wb.enqueued))],
+    );
+    metric(
+        "write_behind_dropped_total",
+        "counter",
+        "Objects not queued because the queue was full",
+        &[("", c(wb.dropped))],
+    );
+    metric(
+        "write_behind_written_total",
+        "counter",
+        "Objects written to L2 by write-behind",
+        &[("", c(wb.written))],
+    );
+    metric(
+        "write_behind_missed_total",
+        "counter",
+        "Objects evicted from L1 before write-behind reached them",
+        &[("", c(wb.missed))],
+    );
+    metric(
+        "write_behind_failed_total",
+        "counter",
+        "Write-behind L2 writes that failed",
+        &[("", c(wb.failed))],
+    );
+    let h = windows.health();
+    metric(
+        "windows",
+        "gauge",
+        "Context windows in the catalog",
+        &[("", h.windows as f64)],
+    );
+    metric(
+        "sessions",
+        "gauge",
+        "Sessions with cached token chains",
+        &[("", h.sessions as f64)],
+    );
+    metric(
+        "registered_instances",
+        "gauge",
+        "Engine instances registered",
+        &[("", h.registered_instances as f64)],
+    );
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the sidecar started",
+        &[("", h.uptime_secs as f64)],
+    );
+    out
+}

@@ -1,0 +1,1 @@
+//! Window export / import (not yet).

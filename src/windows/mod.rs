@@ -1,0 +1,1060 @@
+//! Context windows: a session's KV chunks made durable under a name, and brought back later
+//! exactly (no recompute), under the same or a new session (cache_salt).
+//!
+//! Transport-free: the MCP tools (`crate::mcp`) and the HTTP admin call these operations.
+//!
+//! - `freeze`: the session's newest chain → the longest prefix of chunks present on every
+//!   rank (L1 or L2) → each chunk written to L2 now if write-behind has not yet → L2 synced →
+//!   every record pinned → manifest persisted (`catalog`).
+//! - `thaw`: manifest → chunks read in parallel (from L1 when the records are still resident,
+//!   else L2) → installed in L1 under the target salt, so the next request with that salt and
+//!   prefix hits in full.
+//! - `clone`: a new manifest naming the same L2 records (no byte copy) with its own default
+//!   session. Records stay under the salt they were frozen from (`data_salt`); a thaw re-keys
+//!   them to the target salt as it installs them in L1. Each window pins every record it
+//!   names (reference-counted in L2), so deleting either window never breaks the other; a
+//!   record becomes reclaimable once no window names it.
+//!
+//! Catalog-changing operations are serialized by one lock so pins and manifests agree.
+
+pub mod catalog;
+pub mod export;
+pub mod session;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
+
+use connector_protocol::{validate_cache_salt, ObjectKey};
+use parking_lot::Mutex;
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ops::Cwm;
+use crate::store::disk::DiskError;
+use crate::store::tiered::Disk;
+use crate::store::Reservation;
+use catalog::{unix_now, Catalog, CatalogError, Window};
+
+/// Item size assumed when a window writes a chunk to L2 itself (bf16/fp16). It only steers
+/// the compressor (byte-plane split); any value decodes exactly.
+const ITEMSIZE: u8 = 2;
+
+#[derive(Debug, Error)]
+pub enum WindowError {
+    #[error("invalid window name {0:?}: names are 1 to 64 of A-Z a-z 0-9 _ . -")]
+    InvalidName(String),
+    #[error("invalid session_id {0:?}: {1}")]
+    InvalidSalt(String, String),
+    #[error("invalid {0}: {1}")]
+    InvalidArgument(&'static str, String),
+    #[error("no window named {0:?}")]
+    Unknown(String),
+    #[error("window name {0:?} is taken")]
+    Taken(String),
+    #[error("nothing stored for session {0:?}: no chunk of it is cached (store a request with this cache_salt first)")]
+    NothingStored(String),
+    #[error("context windows need the L2 disk tier (set --l2-size-gb above 0)")]
+    NoDisk,
+    #[error("window {name:?} was frozen with chunk size {window}, this server uses {server}")]
+    ChunkSize {
+        name: String,
+        window: usize,
+        server: usize,
+    },
+    #[error("chunk {0:?} left the cache while freezing; freeze again")]
+    Vanished(Box<ObjectKey>),
+    #[error("window {name:?}: none of its {chunks} chunks could be loaded ({reason})")]
+    ThawFailed {
+        name: String,
+        chunks: usize,
+        reason: String,
+    },
+    #[error("L2: {0}")]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Export(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Window names: `^[A-Za-z0-9_.-]{1,64}$`.
+pub fn validate_name(name: &str) -> Result<(), WindowError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WindowError::InvalidName(name.to_string()))
+    }
+}
+
+/// Session ids are cache salts, as LMCache allows them.
+pub fn validate_session(salt: &str) -> Result<(), WindowError> {
+    validate_cache_salt(salt).map_err(|e| WindowError::InvalidSalt(salt.to_string(), e.to_string()))
+}
+
+fn validate_meta(description: &str, tags: &[String]) -> Result<(), WindowError> {
+    if description.len() > 4096 {
+        return Err(WindowError::InvalidArgument(
+            "description",
+            format!("{} bytes, at most 4096", description.len()),
+        ));
+    }
+    if tags.len() > 32 {
+        return Err(WindowError::InvalidArgument(
+            "tags",
+            format!("{} tags, at most 32", tags.len()),
+        ));
+    }
+    if let Some(t) = tags
+        .iter()
+        .find(|t| t.is_empty() || t.len() > 64 || t.chars().any(char::is_control))
+    {
+        return Err(WindowError::InvalidArgument(
+            "tag",
+            format!("{t:?}: 1 to 64 printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+// ----- requests and results (JSON schemas for the MCP tools) ---------------------------------
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct FreezeRequest {
+    /// The session to freeze: the cache_salt its requests carry.
+    pub session_id: String,
+    /// Name of the new window: 1 to 64 of A-Z a-z 0-9 _ . -
+    pub window_name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WindowSummary {
+    pub name: String,
+    pub model: String,
+    pub world_size: u32,
+    /// Default session (cache_salt) a thaw installs the chunks under.
+    pub session_id: String,
+    /// Session the window was frozen from.
+    pub source_session: String,
+    pub tokens: usize,
+    pub chunks: usize,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub last_thawed_at: Option<u64>,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub cloned_from: Option<String>,
+}
+
+impl From<&Window> for WindowSummary {
+    fn from(w: &Window) -> Self {
+        WindowSummary {
+            name: w.name.clone(),
+            model: w.model.clone(),
+            world_size: w.world_size,
+            session_id: w.session_id.clone(),
+            source_session: w.source_session.clone(),
+            tokens: w.tokens.len(),
+            chunks: w.chunks(),
+            raw_bytes: w.raw_bytes,
+            stored_bytes: w.stored_bytes,
+            created_at: w.created_at,
+            last_thawed_at: w.last_thawed_at,
+            description: w.description.clone(),
+            tags: w.tags.clone(),
+            cloned_from: w.cloned_from.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct FreezeReport {
+    pub window: WindowSummary,
+    /// Chunks written to L2 by the freeze itself (the rest were already there).
+    pub written_now: usize,
+    /// Tokens of the session's newest chain that were not cached on every rank (not frozen).
+    pub tokens_left_out: usize,
+    pub elapsed_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct ThawRequest {
+    pub window_name: String,
+    /// Install under this session (cache_salt) instead of the window's own.
+    #[serde(default)]
+    pub new_session_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct TierReads {
+    /// Objects copied from L1 (the window's records were still resident).
+    pub l1: u64,
+    /// Objects read (and verified, decompressed) from L2.
+    pub l2: u64,
+    /// Objects already resident under the target session: nothing to do.
+    pub already_resident: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ThawReport {
+    pub window_name: String,
+    pub session_id: String,
+    pub model: String,
+    /// Leading tokens a request with this session and prefix will hit.
+    pub tokens_ready: usize,
+    pub tokens: usize,
+    pub chunks_ready: usize,
+    pub chunks: usize,
+    /// Bytes installed in L1 (decompressed).
+    pub bytes: u64,
+    pub tiers: TierReads,
+    pub complete: bool,
+    pub elapsed_ms: f64,
+    pub gb_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct CloneRequest {
+    pub source_window: String,
+    pub new_window_name: String,
+    /// Default session of the clone (else the source's).
+    #[serde(default)]
+    pub new_session_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct ListRequest {
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub name_prefix: Option<String>,
+    /// Windows to skip (paging), default 0.
+    #[serde(default)]
+    pub offset: Option<usize>,
+    /// Page size, default 50, at most 500.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WindowList {
+    /// Windows matching the filter (all pages).
+    pub total: usize,
+    pub windows: Vec<WindowSummary>,
+    /// Offset of the next page, if any.
+    pub next_offset: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct StatusRequest {
+    #[serde(default)]
+    pub window_name: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WindowStatus {
+    pub window: WindowSummary,
+    /// Chunks whose records (every rank) are in L2.
+    pub chunks_in_l2: usize,
+    /// Leading chunks resident in L1 under the window's session: a request hits them now.
+    pub chunks_resident: usize,
+    /// Chunks whose records are gone (the window cannot fully thaw).
+    pub chunks_missing: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ChainStatus {
+    pub model: String,
+    pub world_size: u32,
+    pub tokens: usize,
+    pub chunks: usize,
+    /// Leading chunks cached on every rank (L1 or L2): what a freeze would keep.
+    pub chunks_cached: usize,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SessionStatus {
+    pub session_id: String,
+    /// Stored token chains, newest first.
+    pub chains: Vec<ChainStatus>,
+    /// Windows frozen from this session.
+    pub windows: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct StatusReport {
+    pub window: Option<WindowStatus>,
+    pub session: Option<SessionStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct DeleteRequest {
+    pub window_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DeleteReport {
+    pub window_name: String,
+    pub chunks: usize,
+    /// Records no other window names: reclaimable by L2 from now on.
+    pub records_released: usize,
+    /// Records still pinned by other windows (clones).
+    pub records_shared: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub model: String,
+    pub world_size: u32,
+    pub chains: usize,
+    pub newest_tokens: usize,
+    pub open_requests: usize,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct L1Stats {
+    pub objects: usize,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub committed_objects: u64,
+    pub committed_bytes: u64,
+    pub evicted_objects: u64,
+    pub evicted_bytes: u64,
+    pub no_space: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct L2Stats {
+    pub records: usize,
+    pub segments: usize,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub pinned_records: usize,
+    pub read_records: u64,
+    pub read_bytes: u64,
+    pub written_records: u64,
+    pub written_raw_bytes: u64,
+    pub written_stored_bytes: u64,
+    pub corrupt_records: u64,
+    pub reclaimed_segments: u64,
+    pub reclaimed_records: u64,
+    pub write_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WriteBehindStats {
+    pub queued_bytes: u64,
+    pub enqueued: u64,
+    pub dropped: u64,
+    pub written: u64,
+    pub missed: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CacheStats {
+    pub lookup_chunks: u64,
+    pub lookup_hit_chunks: u64,
+    pub lookup_miss_chunks: u64,
+    pub hit_rate: f64,
+    pub stored_objects: u64,
+    pub stored_bytes: u64,
+    pub retrieved_objects: u64,
+    pub retrieved_bytes: u64,
+    pub retrieve_misses: u64,
+    pub l1: L1Stats,
+    pub l2: Option<L2Stats>,
+    pub write_behind: WriteBehindStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub chunk_size: usize,
+    pub l2_enabled: bool,
+    pub windows: usize,
+    pub sessions: usize,
+    pub registered_instances: usize,
+}
+
+// ----- the operations -------------------------------------------------------------------------
+
+/// Context windows over one sidecar's stores.
+pub struct Windows {
+    pub cwm: Arc<Cwm>,
+    catalog: Option<Catalog>,
+    started: Instant,
+    /// Serializes freeze / clone / delete / import: pins and manifests change together.
+    op_lock: Mutex<()>,
+}
+
+impl Windows {
+    /// Open the catalog in `<l2 dir>/windows` (when L2 is on) and re-pin every window's records.
+    pub fn open(cwm: Arc<Cwm>, l2_dir: Option<&Path>) -> Result<Windows, WindowError> {
+        let catalog = match (l2_dir, &cwm.tiers.l2) {
+            (Some(dir), Some(_)) => Some(Catalog::open(&dir.join("windows"))?),
+            _ => None,
+        };
+        let w = Windows {
+            cwm,
+            catalog,
+            started: Instant::now(),
+            op_lock: Mutex::new(()),
+        };
+        if let (Some(cat), Some(l2)) = (&w.catalog, &w.cwm.tiers.l2) {
+            for win in cat.all() {
+                let keys = win.data_keys();
+                let missing = keys.iter().filter(|k| !l2.pin(k)).count();
+                if missing > 0 {
+                    tracing::error!(
+                        window = win.name,
+                        missing,
+                        records = keys.len(),
+                        "window records missing from L2: it cannot fully thaw"
+                    );
+                }
+            }
+            tracing::info!(windows = cat.len(), "window catalog loaded");
+        }
+        Ok(w)
+    }
+
+    fn disk(&self) -> Result<(&Arc<Disk>, &Catalog), WindowError> {
+        match (&self.cwm.tiers.l2, &self.catalog) {
+            (Some(l2), Some(cat)) => Ok((l2, cat)),
+            _ => Err(WindowError::NoDisk),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Window> {
+        self.catalog.as_ref()?.get(name)
+    }
+
+    /// Leading chunks of `hashes` whose every rank is in L1 or L2 under `salt`.
+    fn cached_prefix(
+        &self,
+        w: &Window,
+        hashes: &[connector_protocol::ChunkHash],
+        salt: &str,
+    ) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| {
+                w.keys_of(**h, salt)
+                    .iter()
+                    .all(|k| self.cwm.tiers.available(k))
+            })
+            .count()
+    }
+
+    pub fn freeze(&self, req: &FreezeRequest) -> Result<FreezeReport, WindowError> {
+        let started = Instant::now();
+        validate_name(&req.window_name)?;
+        validate_session(&req.session_id)?;
+        let description = req.description.clone().unwrap_or_default();
+        let tags = req.tags.clone().unwrap_or_default();
+        validate_meta(&description, &tags)?;
+        let (l2, catalog) = self.disk()?;
+        let _serial = self.op_lock.lock();
+        if catalog.contains(&req.window_name) {
+            return Err(WindowError::Taken(req.window_name.clone()));
+        }
+        let chain = self
+            .cwm
+            .chains
+            .newest(&req.session_id)
+            .ok_or_else(|| WindowError::NothingStored(req.session_id.clone()))?;
+        let cs = self.cwm.settings.chunk_size;
+        let hashes = self
+            .cwm
+            .hasher
+            .chunk_hashes(&chain.tokens, 0, chain.tokens.len());
+        let mut w = Window {
+            format: catalog::FORMAT.into(),
+            version: catalog::VERSION,
+            name: req.window_name.clone(),
+            model: chain.model.to_string(),
+            world_size: chain.world_size,
+            chunk_size: cs,
+            source_session: req.session_id.clone(),
+            session_id: req.session_id.clone(),
+            data_salt: req.session_id.clone(),
+            tokens: Vec::new(),
+            chunk_hashes: Vec::new(),
+            raw_bytes: 0,
+            stored_bytes: 0,
+            created_at: unix_now(),
+            last_thawed_at: None,
+            description,
+            tags,
+            cloned_from: None,
+        };
+        let n = self.cached_prefix(&w, &hashes, &req.session_id);
+        if n == 0 {
+            return Err(WindowError::NothingStored(req.session_id.clone()));
+        }
+        w.tokens = chain.tokens[..n * cs].to_vec();
+        w.chunk_hashes = hashes[..n].iter().map(|h| h.to_hex()).collect();
+        let keys = w.data_keys();
+        // Durable first (in parallel: compression dominates), then pinned.
+        let written = AtomicUsize::new(0);
+        keys.par_iter().try_for_each(|k| {
+            if self.make_durable(l2, k)? {
+                written.fetch_add(1, Relaxed);
+            }
+            Ok::<(), WindowError>(())
+        })?;
+        let mut pinned: Vec<&ObjectKey> = Vec::with_capacity(keys.len());
+        let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| l2.unpin(k));
+        for k in &keys {
+            // A record reclaimed since it was written is written again, once.
+            let ok = l2.pin(k) || (self.make_durable(l2, k).is_ok() && l2.pin(k));
+            if !ok {
+                unpin_all(&pinned);
+                return Err(WindowError::Vanished(Box::new(k.clone())));
+            }
+            pinned.push(k);
+        }
+        if let Err(e) = l2.sync() {
+            unpin_all(&pinned);
+            return Err(e.into());
+        }
+        w.raw_bytes = keys.iter().filter_map(|k| l2.raw_len(k)).sum();
+        w.stored_bytes = keys.iter().filter_map(|k| l2.record_len(k)).sum();
+        if let Err(e) = catalog.insert(w.clone()) {
+            unpin_all(&pinned);
+            return Err(e.into());
+        }
+        tracing::info!(
+            window = w.name,
+            session = w.source_session,
+            tokens = w.tokens.len(),
+            chunks = n,
+            "window frozen"
+        );
+        Ok(FreezeReport {
+            window: WindowSummary::from(&w),
+            written_now: written.into_inner(),
+            tokens_left_out: chain.tokens.len() - n * cs,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Write `key` to L2 from L1 unless it is there; true if written now.
+    fn make_durable(&self, l2: &Disk, key: &ObjectKey) -> Result<bool, WindowError> {
+        if l2.contains(key) {
+            return Ok(false);
+        }
+        match self.cwm.tiers.l1.read(key) {
+            Some(object) => {
+                l2.write(key, object.as_slice(), ITEMSIZE)?;
+                Ok(true)
+            }
+            None if l2.contains(key) => Ok(false),
+            None => Err(WindowError::Vanished(Box::new(key.clone()))),
+        }
+    }
+
+    /// Load the window's chunks into L1 under its session or `new_session_id`. `progress` is
+    /// called with (chunks done, chunks) as chunks complete, from the loading threads.
+    pub fn thaw(
+        &self,
+        req: &ThawRequest,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<ThawReport, WindowError> {
+        let started = Instant::now();
+        validate_name(&req.window_name)?;
+        if let Some(s) = &req.new_session_id {
+            validate_session(s)?;
+        }
+        let (l2, catalog) = self.disk()?;
+        let mut w = catalog
+            .get(&req.window_name)
+            .ok_or_else(|| WindowError::Unknown(req.window_name.clone()))?;
+        let cs = self.cwm.settings.chunk_size;
+        if w.chunk_size != cs {
+            return Err(WindowError::ChunkSize {
+                name: w.name,
+                window: w.chunk_size,
+                server: cs,
+            });
+        }
+        let target = req.new_session_id.clone().unwrap_or(w.session_id.clone());
+        let hashes = w.hashes();
+        let total = hashes.len();
+        let done = AtomicUsize::new(0);
+        let (from_l1, from_l2, resident, bytes) = (
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+        );
+        let last_error: Mutex<Option<String>> = Mutex::new(None);
+        let l1 = &self.cwm.tiers.l1;
+        let loaded: Vec<bool> = hashes
+            .par_iter()
+            .map(|h| {
+                let data = w.keys_of(*h, &w.data_salt);
+                let dest = w.keys_of(*h, &target);
+                let ok = data.iter().zip(&dest).all(|(src, dst)| {
+                    if l1.contains(dst) {
+                        resident.fetch_add(1, Relaxed);
+                        return true;
+                    }
+                    let in_l1 = l1.read(src);
+                    let Some(len) = in_l1
+                        .as_ref()
+                        .map(|g| g.as_slice().len() as u64)
+                        .or_else(|| l2.raw_len(src))
+                    else {
+                        *last_error.lock() = Some(format!("record {src:?} is not in L2"));
+                        return false;
+                    };
+                    match l1.reserve(dst, len) {
+                        Reservation::Present => {
+                            resident.fetch_add(1, Relaxed);
+                            true
+                        }
+                        Reservation::NoSpace => {
+                            *last_error.lock() = Some("L1 has no room".into());
+                            false
+                        }
+                        Reservation::Reserved(mut slot) => {
+                            let ok = match &in_l1 {
+                                Some(g) => {
+                                    slot.as_mut_slice().copy_from_slice(g.as_slice());
+                                    from_l1.fetch_add(1, Relaxed);
+                                    true
+                                }
+                                None => match l2.read(src, slot.as_mut_slice()) {
+                                    Ok(()) => {
+                                        from_l2.fetch_add(1, Relaxed);
+                                        true
+                                    }
+                                    Err(e) => {
+                                        *last_error.lock() = Some(e.to_string());
+                                        false
+                                    }
+                                },
+                            };
+                            if ok {
+                                slot.commit();
+                                bytes.fetch_add(len, Relaxed);
+                            }
+                            ok
+                        }
+                    }
+                });
+                progress(done.fetch_add(1, Relaxed) + 1, total);
+                ok
+            })
+            .collect();
+        let ready = loaded.iter().take_while(|ok| **ok).count();
+        if ready == 0 && total > 0 {
+            return Err(WindowError::ThawFailed {
+                name: w.name,
+                chunks: total,
+                reason: last_error.into_inner().unwrap_or_default(),
+            });
+        }
+        let tokens_ready = ready * cs;
+        self.cwm.chains.record(
+            &w.model,
+            w.world_size,
+            &target,
+            &w.tokens[..tokens_ready],
+            None,
+        );
+        w.last_thawed_at = Some(unix_now());
+        if let Err(e) = catalog.update(w.clone()) {
+            tracing::warn!(window = w.name, "could not record the thaw time: {e}");
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let bytes = bytes.into_inner();
+        tracing::info!(
+            window = w.name,
+            session = target,
+            tokens_ready,
+            bytes,
+            "window thawed"
+        );
+        Ok(ThawReport {
+            window_name: w.name.clone(),
+            session_id: target,
+            model: w.model.clone(),
+            tokens_ready,
+            tokens: w.tokens.len(),
+            chunks_ready: ready,
+            chunks: total,
+            bytes,
+            tiers: TierReads {
+                l1: from_l1.into_inner(),
+                l2: from_l2.into_inner(),
+                already_resident: resident.into_inner(),
+            },
+            complete: ready == total,
+            elapsed_ms: elapsed * 1e3,
+            gb_per_s: if elapsed > 0.0 {
+                bytes as f64 / elapsed / 1e9
+            } else {
+                0.0
+            },
+        })
+    }
+
+    pub fn clone_window(&self, req: &CloneRequest) -> Result<WindowSummary, WindowError> {
+        validate_name(&req.source_window)?;
+        validate_name(&req.new_window_name)?;
+        if let Some(s) = &req.new_session_id {
+            validate_session(s)?;
+        }
+        let (l2, catalog) = self.disk()?;
+        let _serial = self.op_lock.lock();
+        let src = catalog
+            .get(&req.source_window)
+            .ok_or_else(|| WindowError::Unknown(req.source_window.clone()))?;
+        if catalog.contains(&req.new_window_name) {
+            return Err(WindowError::Taken(req.new_window_name.clone()));
+        }
+        let mut w = src.clone();
+        w.name = req.new_window_name.clone();
+        w.session_id = req.new_session_id.clone().unwrap_or(src.session_id.clone());
+        w.created_at = unix_now();
+        w.last_thawed_at = None;
+        w.cloned_from = Some(src.name.clone());
+        let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| l2.pin(k)).collect();
+        if let Err(e) = catalog.insert(w.clone()) {
+            pinned.iter().for_each(|k| l2.unpin(k));
+            return Err(e.into());
+        }
+        Ok(WindowSummary::from(&w))
+    }
+
+    pub fn delete(&self, req: &DeleteRequest) -> Result<DeleteReport, WindowError> {
+        validate_name(&req.window_name)?;
+        let (l2, catalog) = self.disk()?;
+        let _serial = self.op_lock.lock();
+        let w = catalog.remove(&req.window_name)?;
+        let others: HashSet<ObjectKey> = catalog.all().iter().flat_map(|o| o.data_keys()).collect();
+        let keys = w.data_keys();
+        keys.iter().for_each(|k| l2.unpin(k));
+        let shared = keys.iter().filter(|k| others.contains(*k)).count();
+        tracing::info!(window = w.name, "window deleted");
+        Ok(DeleteReport {
+            window_name: w.name.clone(),
+            chunks: w.chunks(),
+            records_released: keys.len() - shared,
+            records_shared: shared,
+        })
+    }
+
+    pub fn list(&self, req: &ListRequest) -> Result<WindowList, WindowError> {
+        let Some(catalog) = &self.catalog else {
+            return Ok(WindowList {
+                total: 0,
+                windows: Vec::new(),
+                next_offset: None,
+            });
+        };
+        let offset = req.offset.unwrap_or(0);
+        let limit = req.limit.unwrap_or(50);
+        if limit == 0 || limit > 500 {
+            return Err(WindowError::InvalidArgument(
+                "limit",
+                format!("{limit}: 1..=500"),
+            ));
+        }
+        let matching: Vec<Window> = catalog
+            .all()
+            .into_iter()
+            .filter(|w| req.tag.as_ref().is_none_or(|t| w.tags.contains(t)))
+            .filter(|w| req.model.as_ref().is_none_or(|m| &w.model == m))
+            .filter(|w| {
+                req.name_prefix
+                    .as_ref()
+                    .is_none_or(|p| w.name.starts_with(p.as_str()))
+            })
+            .collect();
+        let total = matching.len();
+        let windows: Vec<WindowSummary> = matching
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(WindowSummary::from)
+            .collect();
+        let next = offset + windows.len();
+        Ok(WindowList {
+            total,
+            windows,
+            next_offset: (next < total).then_some(next),
+        })
+    }
+
+    pub fn status(&self, req: &StatusRequest) -> Result<StatusReport, WindowError> {
+        if req.window_name.is_none() && req.session_id.is_none() {
+            return Err(WindowError::InvalidArgument(
+                "request",
+                "give window_name or session_id".into(),
+            ));
+        }
+        let window = match &req.window_name {
+            Some(name) => {
+                validate_name(name)?;
+                let w = self
+                    .get(name)
+                    .ok_or_else(|| WindowError::Unknown(name.clone()))?;
+                Some(self.window_status(&w))
+            }
+            None => None,
+        };
+        let session = match &req.session_id {
+            Some(s) => {
+                validate_session(s)?;
+                Some(self.session_status(s))
+            }
+            None => None,
+        };
+        Ok(StatusReport { window, session })
+    }
+
+    fn window_status(&self, w: &Window) -> WindowStatus {
+        let l2 = self.cwm.tiers.l2.as_ref();
+        let hashes = w.hashes();
+        let in_l2 = hashes
+            .iter()
+            .filter(|h| {
+                w.keys_of(**h, &w.data_salt)
+                    .iter()
+                    .all(|k| l2.is_some_and(|d| d.contains(k)))
+            })
+            .count();
+        let resident = hashes
+            .iter()
+            .take_while(|h| {
+                w.keys_of(**h, &w.session_id)
+                    .iter()
+                    .all(|k| self.cwm.tiers.l1.contains(k))
+            })
+            .count();
+        WindowStatus {
+            window: WindowSummary::from(w),
+            chunks_in_l2: in_l2,
+            chunks_resident: resident,
+            chunks_missing: hashes.len() - in_l2,
+        }
+    }
+
+    fn session_status(&self, salt: &str) -> SessionStatus {
+        let cs = self.cwm.settings.chunk_size;
+        let chains = self
+            .cwm
+            .chains
+            .chains(salt)
+            .into_iter()
+            .map(|c| {
+                let hashes = self.cwm.hasher.chunk_hashes(&c.tokens, 0, c.tokens.len());
+                let probe = Window {
+                    model: c.model.to_string(),
+                    world_size: c.world_size,
+                    ..probe_window()
+                };
+                ChainStatus {
+                    model: c.model.to_string(),
+                    world_size: c.world_size,
+                    tokens: c.tokens.len(),
+                    chunks: c.tokens.len() / cs,
+                    chunks_cached: self.cached_prefix(&probe, &hashes, salt),
+                    updated_at: secs(c.updated),
+                }
+            })
+            .collect();
+        let windows = self
+            .catalog
+            .as_ref()
+            .map(|c| {
+                c.all()
+                    .into_iter()
+                    .filter(|w| w.source_session == salt)
+                    .map(|w| w.name)
+                    .collect()
+            })
+            .unwrap_or_default();
+        SessionStatus {
+            session_id: salt.to_string(),
+            chains,
+            windows,
+        }
+    }
+
+    pub fn session_list(&self) -> SessionList {
+        SessionList {
+            sessions: self
+                .cwm
+                .chains
+                .list()
+                .into_iter()
+                .map(|s| SessionInfo {
+                    session_id: s.cache_salt.to_string(),
+                    model: s.model.to_string(),
+                    world_size: s.world_size,
+                    chains: s.chains,
+                    newest_tokens: s.newest_tokens,
+                    open_requests: s.open_requests,
+                    updated_at: secs(s.updated),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        let c = &self.cwm.counters;
+        let t = &self.cwm.tiers;
+        let lookups = c.lookup_chunks.load(Relaxed);
+        let hits = c.lookup_hit_chunks.load(Relaxed);
+        let l1 = t.l1.stats();
+        let l1c = &t.l1.counters;
+        let wb = &t.write_behind;
+        CacheStats {
+            lookup_chunks: lookups,
+            lookup_hit_chunks: hits,
+            lookup_miss_chunks: lookups.saturating_sub(hits),
+            hit_rate: if lookups > 0 {
+                hits as f64 / lookups as f64
+            } else {
+                0.0
+            },
+            stored_objects: c.stored_objects.load(Relaxed),
+            stored_bytes: c.stored_bytes.load(Relaxed),
+            retrieved_objects: c.retrieved_objects.load(Relaxed),
+            retrieved_bytes: c.retrieved_bytes.load(Relaxed),
+            retrieve_misses: c.retrieve_misses.load(Relaxed),
+            l1: L1Stats {
+                objects: l1.objects,
+                used_bytes: l1.used_bytes,
+                capacity_bytes: l1.capacity_bytes,
+                committed_objects: l1c.committed_objects.load(Relaxed),
+                committed_bytes: l1c.committed_bytes.load(Relaxed),
+                evicted_objects: l1c.evicted_objects.load(Relaxed),
+                evicted_bytes: l1c.evicted_bytes.load(Relaxed),
+                no_space: l1c.no_space.load(Relaxed),
+            },
+            l2: t.l2.as_ref().map(|d| {
+                let s = d.stats();
+                let dc = &d.counters;
+                L2Stats {
+                    records: s.records,
+                    segments: s.segments,
+                    used_bytes: s.used_bytes,
+                    capacity_bytes: s.capacity_bytes,
+                    pinned_records: s.pinned,
+                    read_records: dc.read_records.load(Relaxed),
+                    read_bytes: dc.read_bytes.load(Relaxed),
+                    written_records: dc.written_records.load(Relaxed),
+                    written_raw_bytes: dc.written_raw_bytes.load(Relaxed),
+                    written_stored_bytes: dc.written_stored_bytes.load(Relaxed),
+                    corrupt_records: dc.corrupt_records.load(Relaxed),
+                    reclaimed_segments: dc.reclaimed_segments.load(Relaxed),
+                    reclaimed_records: dc.reclaimed_records.load(Relaxed),
+                    write_errors: dc.write_errors.load(Relaxed),
+                }
+            }),
+            write_behind: WriteBehindStats {
+                queued_bytes: wb.queued_bytes.load(Relaxed),
+                enqueued: wb.enqueued.load(Relaxed),
+                dropped: wb.dropped.load(Relaxed),
+                written: wb.written.load(Relaxed),
+                missed: wb.missed.load(Relaxed),
+                failed: wb.failed.load(Relaxed),
+            },
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            chunk_size: self.cwm.settings.chunk_size,
+            l2_enabled: self.cwm.tiers.l2.is_some(),
+            windows: self.catalog.as_ref().map_or(0, Catalog::len),
+            sessions: self.cwm.chains.len(),
+            registered_instances: self.cwm.registry.len(),
+        }
+    }
+}
+
+/// A window shell used to derive chunk keys for a session chain.
+fn probe_window() -> Window {
+    Window {
+        format: catalog::FORMAT.into(),
+        version: catalog::VERSION,
+        name: String::new(),
+        model: String::new(),
+        world_size: 1,
+        chunk_size: 0,
+        source_session: String::new(),
+        session_id: String::new(),
+        data_salt: String::new(),
+        tokens: Vec::new(),
+        chunk_hashes: Vec::new(),
+        raw_bytes: 0,
+        stored_bytes: 0,
+        created_at: 0,
+        last_thawed_at: None,
+        description: String::new(),
+        tags: Vec::new(),
+        cloned_from: None,
+    }
+}
+
+fn secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "chat-1.v2_x", &"x".repeat(64), ".."] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", "a b", "a/b", &"x".repeat(65), "é", "a\0"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_session("a/b").is_err());
+        validate_session("").unwrap();
+    }
+}

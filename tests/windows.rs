@@ -1,0 +1,446 @@
+//! Context windows end to end: store a conversation through the MP protocol, freeze it over
+//! MCP (rmcp's client, streamable HTTP), restart the sidecar, thaw, hit and retrieve
+//! byte-exact; clone under a new session; delete the original; export / import; bad inputs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cwm::client::MpClient;
+use cwm::serve::Sidecar;
+use rmcp::model::{CallToolRequestParams, ClientConfig};
+use rmcp::service::RunningService;
+use rmcp::RoleClient;
+use serde_json::{json, Value};
+
+const MODEL: &str = "win-model";
+
+type Mcp = RunningService<RoleClient, ClientConfig>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn mcp(rt: &tokio::runtime::Runtime, s: &Sidecar) -> Mcp {
+    let url = format!("http://{}/mcp", s.http_addr);
+    rt.block_on(cwm::mcp::connect(&url))
+        .expect("MCP client connects")
+}
+
+/// Call a tool: its structured result, or the error text of a failed call.
+fn call(
+    rt: &tokio::runtime::Runtime,
+    client: &Mcp,
+    tool: &str,
+    args: Value,
+) -> Result<Value, String> {
+    let args = args.as_object().cloned().unwrap_or_default();
+    let r = rt
+        .block_on(
+            client.call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args)),
+        )
+        .expect("the tool call gets an answer");
+    let text: String = r
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect();
+    if r.is_error == Some(true) {
+        Err(text)
+    } else {
+        Ok(r.structured_content.unwrap_or(Value::Null))
+    }
+}
+
+fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
+    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
+        .unwrap();
+}
+
+fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
+    vec![(first..first + n).collect()]
+}
+
+fn lookup(c: &mut MpClient, salt: &str, t: &[u32], end: u64, rid: &str) -> u64 {
+    c.lookup(&key(MODEL, salt, t, None, 1, 0, end, rid))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c
+            .call(
+                connector_protocol::Op::QueryPrefetchStatus,
+                &[connector_protocol::codec::encode_str(rid)],
+            )
+            .unwrap()
+        {
+            Some(p) => return connector_protocol::codec::decode_u64("hits", &p).unwrap(),
+            None => {
+                assert!(Instant::now() < deadline, "prefetch never finished");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Retrieve `[0, end)` under `salt` into `dst` blocks from 10 and compare with `src` blocks
+/// from 1.
+fn assert_retrieves_exact(
+    c: &mut MpClient,
+    salt: &str,
+    t: &[u32],
+    end: u64,
+    rid: &str,
+    id: u64,
+    src: &TestKv,
+    dst: &TestKv,
+) {
+    dst.fill_byte(0);
+    let n = (end / CS) as u32 * 16;
+    assert!(
+        c.retrieve(
+            &key(MODEL, salt, t, Some(0), 1, 0, end, rid),
+            id,
+            &blocks(10, n),
+            0
+        )
+        .unwrap()
+        .ok,
+        "retrieve under {salt:?}"
+    );
+    for j in 0..n as u64 {
+        assert_eq!(
+            src.block(1 + j),
+            dst.block(10 + j),
+            "salt {salt:?} block {j}"
+        );
+    }
+}
+
+fn http_get(s: &Sidecar, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn kv() -> TestKv {
+    TestKv::new(Layout::Nhd, 4, 80, 16, 2, 32)
+}
+
+/// Store a conversation of 1024 tokens under `salt` in two turns, as vLLM would.
+fn store_conversation(c: &mut MpClient, salt: &str, t: &[u32]) {
+    assert!(
+        c.store(
+            &key(MODEL, salt, &t[..600], Some(0), 1, 0, 512, "turn1"),
+            1,
+            &blocks(1, 32)
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(
+        c.store(
+            &key(MODEL, salt, t, Some(0), 1, 512, 1024, "turn2"),
+            1,
+            &blocks(33, 32)
+        )
+        .unwrap()
+        .ok
+    );
+    c.end_session("turn1").unwrap();
+}
+
+#[test]
+fn freeze_restart_thaw_clone_delete() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (kv(), kv());
+    src.fill(42);
+    let t = tokens(77, 1100);
+    {
+        let s = sidecar(disk_config(dir.path()));
+        let mut c = client(&s);
+        register(&mut c, 1, &src);
+        store_conversation(&mut c, "S", &t);
+        let m = mcp(&rt, &s);
+        let sessions = call(&rt, &m, "session_list", json!({})).unwrap();
+        assert_eq!(sessions["sessions"][0]["session_id"], "S");
+        assert_eq!(sessions["sessions"][0]["newest_tokens"], 1024);
+        // Freeze right away: write-behind may not have written anything yet.
+        let r = call(&rt, &m, "window_freeze", json!({"session_id": "S", "window_name": "chat", "description": "a chat", "tags": ["demo"]})).unwrap();
+        assert_eq!(r["window"]["tokens"], 1024, "{r}");
+        assert_eq!(r["window"]["chunks"], 4);
+        assert!(r["window"]["stored_bytes"].as_u64().unwrap() > 0);
+
+        // Bad inputs: errors, and nothing changes.
+        let before = call(&rt, &m, "window_list", json!({})).unwrap();
+        for (tool, args, want) in [
+            (
+                "window_freeze",
+                json!({"session_id": "S", "window_name": "chat"}),
+                "taken",
+            ),
+            (
+                "window_freeze",
+                json!({"session_id": "nobody", "window_name": "x"}),
+                "nothing stored",
+            ),
+            (
+                "window_freeze",
+                json!({"session_id": "S", "window_name": "a b"}),
+                "invalid window name",
+            ),
+            (
+                "window_freeze",
+                json!({"session_id": "a/b", "window_name": "x"}),
+                "invalid session_id",
+            ),
+            (
+                "window_thaw",
+                json!({"window_name": "nope"}),
+                "no window named",
+            ),
+            (
+                "window_thaw",
+                json!({"window_name": "chat", "new_session_id": "bad@salt"}),
+                "invalid session_id",
+            ),
+            (
+                "window_clone",
+                json!({"source_window": "chat", "new_window_name": "chat"}),
+                "taken",
+            ),
+            (
+                "window_clone",
+                json!({"source_window": "nope", "new_window_name": "y"}),
+                "no window named",
+            ),
+            (
+                "window_delete",
+                json!({"window_name": "nope"}),
+                "no window named",
+            ),
+            ("window_status", json!({}), "window_name or session_id"),
+            ("window_list", json!({"limit": 0}), "limit"),
+        ] {
+            let e =
+                call(&rt, &m, tool, args.clone()).expect_err(&format!("{tool} {args} must fail"));
+            assert!(e.contains(want), "{tool} {args}: {e:?} should say {want:?}");
+        }
+        assert_eq!(call(&rt, &m, "window_list", json!({})).unwrap(), before);
+        let st = call(
+            &rt,
+            &m,
+            "window_status",
+            json!({"window_name": "chat", "session_id": "S"}),
+        )
+        .unwrap();
+        assert_eq!(st["window"]["chunks_in_l2"], 4, "{st}");
+        assert_eq!(st["session"]["windows"][0], "chat");
+        s.stop();
+    }
+
+    // Restart on the same L2 directory: L1 is empty, the window is still there.
+    let s = sidecar(disk_config(dir.path()));
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    let m = mcp(&rt, &s);
+    let mut c = client(&s);
+    register(&mut c, 2, &dst);
+    let list = call(&rt, &m, "window_list", json!({"tag": "demo"})).unwrap();
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["windows"][0]["name"], "chat");
+    let r = call(&rt, &m, "window_thaw", json!({"window_name": "chat"})).unwrap();
+    assert_eq!(r["tokens_ready"], 1024, "{r}");
+    assert_eq!(r["complete"], true);
+    assert_eq!(r["tiers"]["l2"], 4, "read from disk: {r}");
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 4);
+    assert_eq!(
+        lookup(&mut c, "S", &t, 1024, "q1"),
+        4,
+        "every chunk hits under S"
+    );
+    assert_retrieves_exact(&mut c, "S", &t, 1024, "q1", 2, &src, &dst);
+
+    // A branch under S2 shares the data; a third salt sees nothing.
+    let r = call(
+        &rt,
+        &m,
+        "window_clone",
+        json!({"source_window": "chat", "new_window_name": "chat.branch", "new_session_id": "S2"}),
+    )
+    .unwrap();
+    assert_eq!(r["session_id"], "S2");
+    let r = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "chat.branch"}),
+    )
+    .unwrap();
+    assert_eq!(r["tokens_ready"], 1024);
+    assert_eq!(r["session_id"], "S2");
+    assert_eq!(lookup(&mut c, "S2", &t, 1024, "q2"), 4);
+    assert_retrieves_exact(&mut c, "S2", &t, 1024, "q2", 2, &src, &dst);
+    assert_eq!(
+        lookup(&mut c, "S3", &t, 1024, "q3"),
+        0,
+        "a third salt sees nothing"
+    );
+
+    // Delete the original: the branch still thaws, from disk.
+    let r = call(&rt, &m, "window_delete", json!({"window_name": "chat"})).unwrap();
+    assert_eq!(r["records_shared"], 4, "{r}");
+    s.cwm.tiers.l1.clear(true);
+    let r = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "chat.branch"}),
+    )
+    .unwrap();
+    assert_eq!(r["tokens_ready"], 1024);
+    assert_eq!(r["tiers"]["l2"], 4);
+    assert_eq!(lookup(&mut c, "S2", &t, 1024, "q4"), 4);
+    assert_retrieves_exact(&mut c, "S2", &t, 1024, "q4", 2, &src, &dst);
+    // A thaw under yet another session, given at thaw time.
+    let r = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "chat.branch", "new_session_id": "S4"}),
+    )
+    .unwrap();
+    assert_eq!(r["tiers"]["l1"], 0);
+    assert_eq!(lookup(&mut c, "S4", &t, 1024, "q5"), 4);
+
+    let stats = call(&rt, &m, "cache_stats", json!({})).unwrap();
+    assert!(
+        stats["l2"]["pinned_records"].as_u64().unwrap() >= 4,
+        "{stats}"
+    );
+    let health = call(&rt, &m, "health", json!({})).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["windows"], 1);
+
+    let metrics = http_get(&s, "/metrics");
+    for series in [
+        "HTTP/1.1 200",
+        "cwm_ops_total{op=\"lookup\"}",
+        "cwm_op_seconds_total{op=\"retrieve\"}",
+        "cwm_tier_used_bytes{tier=\"l2\"}",
+        "cwm_tier_hits_total{tier=\"l2\"}",
+        "cwm_tier_evicted_objects_total{tier=\"l1\"}",
+        "cwm_write_behind_queue_bytes ",
+        "cwm_write_behind_dropped_total ",
+        "cwm_l2_corrupt_records_total 0",
+        "cwm_windows 1",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "metrics lack {series:?}:\n{metrics}"
+        );
+    }
+    assert!(http_get(&s, "/healthcheck").contains("healthy"));
+    assert!(http_get(&s, "/status").contains("\"windows\":1"));
+}
+
+#[test]
+fn windows_need_the_disk_tier() {
+    let rt = runtime();
+    let s = sidecar(small_config());
+    let m = mcp(&rt, &s);
+    let e = call(
+        &rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "w"}),
+    )
+    .unwrap_err();
+    assert!(e.contains("L2"), "{e}");
+    assert_eq!(call(&rt, &m, "window_list", json!({})).unwrap()["total"], 0);
+}
+
+#[test]
+fn thaw_sends_progress_notifications() {
+    use rmcp::model::{ClientRequest, ProgressNotificationParam, Request};
+    use rmcp::service::PeerRequestOptions;
+    use rmcp::{ClientHandler, ServiceExt};
+    use std::sync::{Arc, Mutex};
+
+    type Seen = Vec<(f64, Option<f64>)>;
+    #[derive(Clone, Default)]
+    struct Progress(Arc<Mutex<Seen>>);
+    impl ClientHandler for Progress {
+        async fn on_progress(
+            &self,
+            params: ProgressNotificationParam,
+            _context: rmcp::service::NotificationContext<RoleClient>,
+        ) {
+            self.0.lock().unwrap().push((params.progress, params.total));
+        }
+    }
+
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let src = kv();
+    src.fill(3);
+    let s = sidecar(disk_config(dir.path()));
+    let mut c = client(&s);
+    register(&mut c, 1, &src);
+    let t = tokens(5, 1100);
+    store_conversation(&mut c, "P", &t);
+    let m = mcp(&rt, &s);
+    call(
+        &rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "P", "window_name": "p"}),
+    )
+    .unwrap();
+    s.cwm.tiers.l1.clear(true);
+
+    let progress = Progress::default();
+    let url = format!("http://{}/mcp", s.http_addr);
+    let client = rt
+        .block_on(async {
+            let transport = rmcp::transport::StreamableHttpClientTransport::from_uri(url);
+            progress.clone().serve(transport).await
+        })
+        .unwrap();
+    let args = json!({"window_name": "p"}).as_object().cloned().unwrap();
+    let mut options = PeerRequestOptions::no_options();
+    options.meta = Some(rmcp::model::RequestMetaObject::with_progress_token(
+        rmcp::model::ProgressToken(rmcp::model::NumberOrString::Number(1)),
+    ));
+    let reply = rt.block_on(async {
+        let handle = client
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(Request::new(
+                    CallToolRequestParams::new("window_thaw").with_arguments(args),
+                )),
+                options,
+            )
+            .await
+            .unwrap();
+        handle.await_response().await.unwrap()
+    });
+    let text = format!("{reply:?}");
+    assert!(text.contains("tokens_ready"), "{text}");
+    // Notifications may trail the reply by a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = progress.0.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "no progress notification");
+    assert_eq!(seen.last().unwrap(), &(4.0, Some(4.0)), "{seen:?}");
+}
