@@ -444,3 +444,93 @@ fn thaw_sends_progress_notifications() {
     assert!(!seen.is_empty(), "no progress notification");
     assert_eq!(seen.last().unwrap(), &(4.0, Some(4.0)), "{seen:?}");
 }
+
+/// `cwm mcp` (stdio) forwards tool listing and calls to the sidecar's HTTP endpoint.
+#[test]
+fn stdio_forwarder_reaches_the_sidecar() {
+    use rmcp::ServiceExt;
+
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let src = kv();
+    src.fill(8);
+    let s = sidecar(disk_config(dir.path()));
+    let mut c = client(&s);
+    register(&mut c, 1, &src);
+    let t = tokens(9, 1100);
+    store_conversation(&mut c, "io", &t);
+    let url = format!("http://{}/mcp", s.http_addr);
+    let (client, mut child) = rt.block_on(async {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+            .args(["mcp", "--url", &url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (stdout, stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        let client = ClientConfig::default()
+            .serve((stdout, stdin))
+            .await
+            .unwrap();
+        (client, child)
+    });
+    let tools = rt.block_on(client.list_all_tools()).unwrap();
+    let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "cache_stats",
+            "health",
+            "session_list",
+            "window_clone",
+            "window_delete",
+            "window_freeze",
+            "window_list",
+            "window_status",
+            "window_thaw"
+        ]
+    );
+    let freeze = tools.iter().find(|t| t.name == "window_freeze").unwrap();
+    let schema = serde_json::to_string(&freeze.input_schema).unwrap();
+    assert!(
+        schema.contains("session_id") && schema.contains("window_name"),
+        "{schema}"
+    );
+    assert!(
+        freeze.output_schema.is_some(),
+        "structured results have a schema"
+    );
+
+    call(
+        &rt,
+        &client,
+        "window_freeze",
+        json!({"session_id": "io", "window_name": "io-w"}),
+    )
+    .unwrap();
+    let e = call(
+        &rt,
+        &client,
+        "window_thaw",
+        json!({"window_name": "missing"}),
+    )
+    .unwrap_err();
+    assert!(e.contains("no window named"), "{e}");
+    s.cwm.tiers.l1.clear(true);
+    let r = call(
+        &rt,
+        &client,
+        "window_thaw",
+        json!({"window_name": "io-w", "new_session_id": "io2"}),
+    )
+    .unwrap();
+    assert_eq!(r["tokens_ready"], 1024, "{r}");
+    assert_eq!(lookup(&mut c, "io2", &t, 1024, "q"), 4);
+    rt.block_on(async {
+        let _ = client.cancel().await;
+        let _ = child.kill().await;
+    });
+}

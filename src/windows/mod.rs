@@ -21,7 +21,7 @@ pub mod catalog;
 pub mod export;
 pub mod session;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -417,6 +417,9 @@ pub struct Windows {
     started: Instant,
     /// Serializes freeze / clone / delete / import: pins and manifests change together.
     op_lock: Mutex<()>,
+    /// The L2 pins each window holds (a record missing at startup is not pinned, so it must
+    /// not be unpinned on delete either: the count may belong to another window).
+    pins: Mutex<HashMap<String, Vec<ObjectKey>>>,
 }
 
 impl Windows {
@@ -431,11 +434,14 @@ impl Windows {
             catalog,
             started: Instant::now(),
             op_lock: Mutex::new(()),
+            pins: Mutex::new(HashMap::new()),
         };
         if let (Some(cat), Some(l2)) = (&w.catalog, &w.cwm.tiers.l2) {
             for win in cat.all() {
                 let keys = win.data_keys();
-                let missing = keys.iter().filter(|k| !l2.pin(k)).count();
+                let pinned: Vec<ObjectKey> = keys.iter().filter(|k| l2.pin(k)).cloned().collect();
+                let missing = keys.len() - pinned.len();
+                w.pins.lock().insert(win.name.clone(), pinned);
                 if missing > 0 {
                     tracing::error!(
                         window = win.name,
@@ -556,6 +562,9 @@ impl Windows {
             unpin_all(&pinned);
             return Err(e.into());
         }
+        self.pins
+            .lock()
+            .insert(w.name.clone(), pinned.into_iter().cloned().collect());
         tracing::info!(
             window = w.name,
             session = w.source_session,
@@ -758,6 +767,7 @@ impl Windows {
             pinned.iter().for_each(|k| l2.unpin(k));
             return Err(e.into());
         }
+        self.pins.lock().insert(w.name.clone(), pinned);
         Ok(WindowSummary::from(&w))
     }
 
@@ -768,7 +778,9 @@ impl Windows {
         let w = catalog.remove(&req.window_name)?;
         let others: HashSet<ObjectKey> = catalog.all().iter().flat_map(|o| o.data_keys()).collect();
         let keys = w.data_keys();
-        keys.iter().for_each(|k| l2.unpin(k));
+        for k in self.pins.lock().remove(&w.name).unwrap_or_default() {
+            l2.unpin(&k);
+        }
         let shared = keys.iter().filter(|k| others.contains(*k)).count();
         tracing::info!(window = w.name, "window deleted");
         Ok(DeleteReport {
