@@ -28,6 +28,54 @@ enum Command {
     Bench(BenchArgs),
     /// A stdio MCP server forwarding every tool call to a running sidecar's HTTP /mcp.
     Mcp(McpArgs),
+    /// Context windows of a data directory (with the sidecar stopped): list, export, import.
+    #[command(subcommand)]
+    Windows(WindowsCommand),
+}
+
+#[derive(Args)]
+struct DataDirArgs {
+    /// TOML config file (its l2_path and chunk_size are used).
+    #[arg(long, env = "CWM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the L2 disk tier [default: cwm-data].
+    #[arg(long, env = "CWM_L2_PATH")]
+    l2_path: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    fn open(&self) -> anyhow::Result<cwm::windows::Windows> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(p) = &self.l2_path {
+            c.l2_path = p.clone();
+        }
+        cwm::windows::export::open_offline(&c)
+    }
+}
+
+#[derive(Subcommand)]
+enum WindowsCommand {
+    /// List the windows of the data directory.
+    List(DataDirArgs),
+    /// Write one window to a portable, checksummed file.
+    Export {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
+    },
+    /// Add a window from an exported file to the data directory.
+    Import {
+        file: PathBuf,
+        /// Import under this name instead of the exported one.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        dir: DataDirArgs,
+    },
 }
 
 #[derive(Args)]
@@ -147,7 +195,7 @@ fn main() -> anyhow::Result<()> {
     // The bench's own server would log every registration and clear; its report is the output.
     let default_log = match cli.command {
         Command::Serve(_) => "info",
-        Command::Bench(_) | Command::Mcp(_) => "warn",
+        Command::Bench(_) | Command::Mcp(_) | Command::Windows(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -164,7 +212,32 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(cwm::mcp::forward_stdio(&args.url)),
+        Command::Windows(cmd) => windows(cmd),
     }
+}
+
+fn windows(cmd: WindowsCommand) -> anyhow::Result<()> {
+    match cmd {
+        WindowsCommand::List(dir) => {
+            let list = dir.open()?.list(&cwm::windows::ListRequest {
+                limit: Some(500),
+                ..Default::default()
+            })?;
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        WindowsCommand::Export { name, file, dir } => {
+            let bytes = dir.open()?.export(&name, &file)?;
+            println!(
+                "exported window {name} to {} ({bytes} bytes)",
+                file.display()
+            );
+        }
+        WindowsCommand::Import { file, name, dir } => {
+            let w = dir.open()?.import(&file, name.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&w)?);
+        }
+    }
+    Ok(())
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

@@ -534,3 +534,101 @@ fn stdio_forwarder_reaches_the_sidecar() {
         let _ = child.kill().await;
     });
 }
+
+/// `cwm windows export` on one data directory, `cwm windows import` on a fresh one, thaw there:
+/// byte-exact. A damaged file is refused and changes nothing.
+#[test]
+fn export_import_moves_a_window_between_data_dirs() {
+    let rt = runtime();
+    let (dir, fresh, file_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (src, dst) = (kv(), kv());
+    src.fill(77);
+    let t = tokens(21, 1100);
+    {
+        let s = sidecar(disk_config(dir.path()));
+        let mut c = client(&s);
+        register(&mut c, 1, &src);
+        store_conversation(&mut c, "E", &t);
+        let m = mcp(&rt, &s);
+        call(
+            &rt,
+            &m,
+            "window_freeze",
+            json!({"session_id": "E", "window_name": "travel", "tags": ["x"]}),
+        )
+        .unwrap();
+        s.stop();
+    }
+    let file = file_dir.path().join("travel.cwmx");
+    let cwm_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+            .args(args)
+            .env("CWM_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ok, out) = cwm_cmd(&[
+        "windows",
+        "export",
+        "travel",
+        &path(&file),
+        "--l2-path",
+        &path(dir.path()),
+    ]);
+    assert!(ok, "{out}");
+    // A damaged copy is refused, and the fresh directory gains nothing.
+    let damaged = file_dir.path().join("damaged.cwmx");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let (ok, out) = cwm_cmd(&[
+        "windows",
+        "import",
+        &path(&damaged),
+        "--l2-path",
+        &path(fresh.path()),
+    ]);
+    assert!(!ok && out.contains("checksum"), "{out}");
+    let (ok, out) = cwm_cmd(&[
+        "windows",
+        "import",
+        &path(&file),
+        "--name",
+        "travel.imported",
+        "--l2-path",
+        &path(fresh.path()),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = cwm_cmd(&["windows", "list", "--l2-path", &path(fresh.path())]);
+    assert!(
+        ok && out.contains("\"total\": 1") && out.contains("travel.imported"),
+        "{out}"
+    );
+
+    let s = sidecar(disk_config(fresh.path()));
+    let m = mcp(&rt, &s);
+    let mut c = client(&s);
+    register(&mut c, 2, &dst);
+    let r = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "travel.imported"}),
+    )
+    .unwrap();
+    assert_eq!(r["tokens_ready"], 1024, "{r}");
+    assert_eq!(r["session_id"], "E");
+    assert_eq!(lookup(&mut c, "E", &t, 1024, "q"), 4);
+    assert_retrieves_exact(&mut c, "E", &t, 1024, "q", 2, &src, &dst);
+}

@@ -1,1 +1,273 @@
-//! Window export / import (not yet).
+//! Portable window files: `cwm windows export NAME FILE` / `cwm windows import FILE`.
+//!
+//! One file per window, format version 1 (docs/FORMATS.md):
+//!
+//! ```text
+//! magic "CWMX" | version u16 LE = 1 | reserved u16 = 0
+//! manifest length u32 LE | manifest (the catalog's JSON for the window)
+//! record count u32 LE | per record: length u64 LE, then one L2 disk record (header + payload)
+//! crc32 (u32 LE) of every byte before it
+//! ```
+//!
+//! Records appear chunk-major, rank-minor, exactly the window's data keys in order; each
+//! keeps its own header and payload checksums, and the trailing crc covers the whole file. An
+//! import verifies everything before it writes a byte to L2.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use super::catalog::{unix_now, Window};
+use super::{validate_name, WindowError, WindowSummary, Windows, ITEMSIZE};
+use crate::store::codec::{self, CompressionPolicy};
+use crate::store::disk::record::{decode_header, encode_header, verify_payload};
+
+pub const MAGIC: &[u8; 4] = b"CWMX";
+pub const VERSION: u16 = 1;
+
+fn bad(what: impl Into<String>) -> WindowError {
+    WindowError::Export(what.into())
+}
+
+impl Windows {
+    /// Write window `name` to `path` (replaced atomically). Returns the file's size.
+    pub fn export(&self, name: &str, path: &Path) -> Result<u64, WindowError> {
+        validate_name(name)?;
+        let (l2, catalog) = self.disk()?;
+        let w = catalog
+            .get(name)
+            .ok_or_else(|| WindowError::Unknown(name.to_string()))?;
+        let manifest = serde_json::to_vec_pretty(&w).map_err(|e| bad(e.to_string()))?;
+        let keys = w.data_keys();
+        let tmp = path.with_extension("cwmx.tmp");
+        let mut out = Crc32Writer::new(BufWriter::new(File::create(&tmp)?));
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&0u16.to_le_bytes())?;
+        out.write_all(&(manifest.len() as u32).to_le_bytes())?;
+        out.write_all(&manifest)?;
+        out.write_all(&(keys.len() as u32).to_le_bytes())?;
+        for key in &keys {
+            let len = l2.raw_len(key).ok_or_else(|| {
+                bad(format!(
+                    "window {name:?}: record {key:?} is missing from L2"
+                ))
+            })?;
+            let mut raw = vec![0u8; len as usize];
+            l2.read(key, &mut raw)?;
+            let (codec, payload) =
+                codec::compress(&raw, ITEMSIZE as usize, CompressionPolicy::default());
+            let header = encode_header(key, codec, ITEMSIZE, len, &payload);
+            out.write_all(&((header.len() + payload.len()) as u64).to_le_bytes())?;
+            out.write_all(&header)?;
+            out.write_all(&payload)?;
+        }
+        let crc = out.crc.clone().finalize();
+        let mut inner = out.inner;
+        inner.write_all(&crc.to_le_bytes())?;
+        let file = inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        fs::rename(&tmp, path)?;
+        Ok(size)
+    }
+
+    /// Import a window file into this store, as `new_name` or the name it was exported under.
+    /// Everything is verified before anything is written; a taken name changes nothing.
+    pub fn import(
+        &self,
+        path: &Path,
+        new_name: Option<&str>,
+    ) -> Result<WindowSummary, WindowError> {
+        let bytes = fs::read(path)?;
+        let (mut w, records) = parse(&bytes)?;
+        if let Some(n) = new_name {
+            validate_name(n)?;
+            w.name = n.to_string();
+        }
+        let (l2, catalog) = self.disk()?;
+        let _serial = self.op_lock.lock();
+        if catalog.contains(&w.name) {
+            return Err(WindowError::Taken(w.name));
+        }
+        let mut pinned = Vec::with_capacity(records.len());
+        let result = (|| {
+            for (key, codec, itemsize, raw_len, payload) in &records {
+                l2.write_compressed(key, *codec, *itemsize, *raw_len, payload)?;
+                if !l2.pin(key) {
+                    return Err(WindowError::Vanished(Box::new(key.clone())));
+                }
+                pinned.push(key.clone());
+            }
+            l2.sync()?;
+            w.created_at = unix_now();
+            w.last_thawed_at = None;
+            catalog.insert(w.clone())?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            pinned.iter().for_each(|k| l2.unpin(k));
+            return Err(e);
+        }
+        self.pins.lock().insert(w.name.clone(), pinned);
+        tracing::info!(window = w.name, path = %path.display(), "window imported");
+        Ok(WindowSummary::from(&w))
+    }
+}
+
+type Record<'a> = (
+    connector_protocol::ObjectKey,
+    codec::Codec,
+    u8,
+    u64,
+    &'a [u8],
+);
+
+/// Verify a whole window file and split it into its manifest and records.
+fn parse(b: &[u8]) -> Result<(Window, Vec<Record<'_>>), WindowError> {
+    if b.len() < 16 || &b[..4] != MAGIC {
+        return Err(bad("not a cwm window file (bad magic)"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(bad("window file checksum mismatch: the file is damaged"));
+    }
+    let version = u16::from_le_bytes(body[4..6].try_into().expect("2 bytes"));
+    if version != VERSION {
+        return Err(bad(format!(
+            "window file version {version}, this build reads {VERSION}"
+        )));
+    }
+    let mut at = 8usize;
+    let mut take = |n: usize| -> Result<&[u8], WindowError> {
+        let s = body
+            .get(at..at.checked_add(n).ok_or_else(|| bad("truncated"))?)
+            .ok_or_else(|| bad("window file truncated"))?;
+        at += n;
+        Ok(s)
+    };
+    let mlen = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    let w: Window =
+        serde_json::from_slice(take(mlen)?).map_err(|e| bad(format!("window manifest: {e}")))?;
+    w.check()
+        .map_err(|e| bad(format!("window manifest: {e}")))?;
+    let keys = w.data_keys();
+    let n = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    if n != keys.len() {
+        return Err(bad(format!(
+            "{n} records for a window of {} chunk objects",
+            keys.len()
+        )));
+    }
+    let mut records = Vec::with_capacity(n);
+    for want in &keys {
+        let len = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
+        let rec = take(len)?;
+        let h = decode_header(rec, 0).map_err(|e| bad(e.to_string()))?;
+        if h.record_len() != len as u64 || h.key != *want {
+            return Err(bad(format!(
+                "record for {want:?} does not match the manifest"
+            )));
+        }
+        let payload = &rec[h.header_len as usize..];
+        verify_payload(&h, payload, 0).map_err(|e| bad(e.to_string()))?;
+        records.push((h.key, h.codec, h.itemsize, h.raw_len, payload));
+    }
+    if at != body.len() {
+        return Err(bad("trailing bytes after the last record"));
+    }
+    Ok((w, records))
+}
+
+/// A writer that keeps a running crc32 of what passes through.
+struct Crc32Writer<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Crc32Writer<W> {
+    fn new(inner: W) -> Self {
+        Crc32Writer {
+            inner,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for Crc32Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
+/// The sidecar must not be running on the same directory: L2 has one writer.
+pub fn open_offline(config: &crate::config::Config) -> anyhow::Result<Windows> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::ops::{Cwm, ReapPolicy, Settings};
+    use crate::store::disk::storage::FsStorage;
+    use crate::store::disk::DiskStore;
+    use crate::store::tiered::Tiers;
+    use crate::store::{L1Config, L1Store};
+
+    config.validate()?;
+    anyhow::ensure!(
+        config.l2_enabled(),
+        "windows live in L2: --l2-size-gb must be above 0"
+    );
+    let l1 = L1Store::new(&L1Config {
+        capacity_bytes: 1 << 20,
+        lock_ttl: config.lock_ttl(),
+    })?;
+    let storage = FsStorage::open(&config.l2_path)?;
+    let disk = DiskStore::open(storage, config.l2_disk_config())
+        .map_err(|e| anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display()))?;
+    let tiers = Tiers::with_disk(
+        l1,
+        Arc::new(disk),
+        config.l2_compression_policy(),
+        config.l2_write_queue_mb << 20,
+    );
+    let cwm = Cwm::new(
+        Settings {
+            chunk_size: config.chunk_size,
+            session_ttl: Duration::from_secs(config.session_ttl_secs),
+            reap: ReapPolicy {
+                after_ping: Duration::from_secs(config.worker_reap_timeout_secs),
+                never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
+            },
+        },
+        tiers,
+    );
+    Ok(Windows::open(cwm, Some(&config.l2_path))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        for b in [&b""[..], b"CWMX", b"XXXXxxxxxxxxxxxxxxxxxx", &[0u8; 64][..]] {
+            assert!(parse(b).is_err());
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&(u32::MAX).to_le_bytes());
+        b.extend_from_slice(&[0; 8]);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let e = parse(&b).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+}
