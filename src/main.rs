@@ -13,7 +13,9 @@ use cwm::serve::Sidecar;
 #[command(
     name = "cwm",
     version,
-    about = "KV-cache sidecar for vLLM: a drop-in LMCache server with a native tensor store"
+    about = "KV-cache sidecar for vLLM: a drop-in LMCache server with a native tensor store",
+    // A flag given twice takes its last value (scripts append overrides to a base command).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

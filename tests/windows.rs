@@ -135,6 +135,19 @@ fn http_get(s: &Sidecar, path: &str) -> String {
     out
 }
 
+fn http_post(s: &Sidecar, path: &str, body: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn kv() -> TestKv {
     TestKv::new(Layout::Nhd, 4, 80, 16, 2, 32)
 }
@@ -631,4 +644,34 @@ fn export_import_moves_a_window_between_data_dirs() {
     assert_eq!(r["session_id"], "E");
     assert_eq!(lookup(&mut c, "E", &t, 1024, "q"), 4);
     assert_retrieves_exact(&mut c, "E", &t, 1024, "q", 2, &src, &dst);
+}
+
+/// LMCache's `POST /cache/clear`: an empty body clears L1; another tier is a 400.
+#[test]
+fn cache_clear_over_http() {
+    let s = sidecar(small_config());
+    let src = kv();
+    let mut c = client(&s);
+    register(&mut c, 1, &src);
+    store_conversation(&mut c, "C", &tokens(3, 1100));
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 4);
+    let r = http_post(&s, "/cache/clear", r#"{"tier": "l2"}"#);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(
+        s.cwm.tiers.l1.stats().objects,
+        4,
+        "a refused clear changes nothing"
+    );
+    let r = http_post(&s, "/cache/clear", "");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains(r#""cleared":{"tier":"l1"}"#),
+        "{r}"
+    );
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    let r = http_post(
+        &s,
+        "/cache/checksums",
+        r#"{"block_ids": [1], "chunk_size": 16}"#,
+    );
+    assert!(r.starts_with("HTTP/1.1 501"), "{r}");
 }

@@ -21,6 +21,9 @@ from multiprocessing import shared_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+# Every cwm under test picks a free HTTP port (MCP, metrics), so parallel servers never clash on
+# the default 8080; a test that needs a known port passes --http-port, which wins over this.
+os.environ.setdefault("CWM_HTTP_PORT", "0")
 
 sys.path.insert(0, os.path.join(HERE, "fake_torch"))
 if os.environ.get("LMCACHE_SRC"):
@@ -71,14 +74,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, l1_size_gb: str = "1", http_port: int = 0, args: tuple = ()) -> list[str]:
+def server_command(port: int, l1_size_gb: str = "1") -> list[str]:
     base_args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--l1-size-gb", l1_size_gb,
                  "--chunk-size", str(CHUNK), "--eviction-policy", "LRU"]
-    extra = [*args, *os.environ.get("CWM_SERVER_ARGS", "").split()]
+    extra = os.environ.get("CWM_SERVER_ARGS", "").split()
     if TARGET == "mock":
         return [sys.executable, os.path.join(HERE, "mock_server.py"), *base_args, *extra]
-    # Each server gets its own free HTTP port (MCP, metrics), so parallel servers never clash.
-    return [cwm_bin(), *base_args, "--http-port", str(http_port), *extra]
+    return [cwm_bin(), *base_args, *extra]
 
 
 def cwm_bin() -> str:
@@ -97,11 +99,8 @@ class ServerProcess:
 
     _seq = itertools.count()
 
-    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server",
-                 http_port: int = 0, args: tuple = ()):
+    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server"):
         self.port = port or free_port()
-        self.http_port = http_port
-        self.args = tuple(args)
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.l1_size_gb = l1_size_gb
         self.log_path = os.path.join(log_dir, f"{name}-{next(self._seq)}-{self.port}.log")
@@ -109,7 +108,7 @@ class ServerProcess:
         self.starts = 0
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> "ServerProcess":
-        cmd = server_command(self.port, self.l1_size_gb, self.http_port, self.args)
+        cmd = server_command(self.port, self.l1_size_gb)
         self.starts += 1
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== start #{self.starts}: {' '.join(cmd)}\n".encode())

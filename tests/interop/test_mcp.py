@@ -37,10 +37,11 @@ def call(url: str, name: str, args: dict, progress: list | None = None):
     return asyncio.run(_calls(url, [(name, args)], progress))[0]
 
 
-def test_freeze_restart_thaw_clone_over_mcp(log_dir, make_cache, uniq, tmp_path):
+def test_freeze_restart_thaw_clone_over_mcp(log_dir, make_cache, uniq, tmp_path, monkeypatch):
     http = lib.free_port()
-    srv = lib.ServerProcess(log_dir, name="mcp", http_port=http,
-                            args=("--l2-path", str(tmp_path / "l2"), "--l2-size-gb", "1")).start()
+    # Appended last to `cwm serve`'s flags, so they win over the suite's defaults.
+    monkeypatch.setenv("CWM_SERVER_ARGS", f"--http-port {http} --l2-path {tmp_path / 'l2'} --l2-size-gb 1")
+    srv = lib.ServerProcess(log_dir, name="mcp").start()
     url = f"http://127.0.0.1:{http}/mcp"
     c = lib.Client(srv.url)
     try:
