@@ -646,6 +646,7 @@ fn clients_reconnect_after_a_restart() {
     let second = Sidecar::start(&Config {
         host: "127.0.0.1".into(),
         port,
+        http_port: 0,
         ..small_config()
     })
     .unwrap();

@@ -390,6 +390,7 @@ mod tests {
         let sidecar = Sidecar::start(&Config {
             host: "127.0.0.1".into(),
             port: 0,
+            http_port: 0,
             l1_size_gb: 0.0625,
             ..Config::default()
         })
