@@ -71,10 +71,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, l1_size_gb: str = "1") -> list[str]:
+def server_command(port: int, l1_size_gb: str = "1", args=()) -> list[str]:
     base_args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--l1-size-gb", l1_size_gb,
                  "--chunk-size", str(CHUNK), "--eviction-policy", "LRU"]
-    extra = os.environ.get("CWM_SERVER_ARGS", "").split()
+    extra = [*args, *os.environ.get("CWM_SERVER_ARGS", "").split()]
     if TARGET == "mock":
         return [sys.executable, os.path.join(HERE, "mock_server.py"), *base_args, *extra]
     return [cwm_bin(), *base_args, *extra]
@@ -96,7 +96,9 @@ class ServerProcess:
 
     _seq = itertools.count()
 
-    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server"):
+    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server",
+                 args=()):
+        self.args = list(args)
         self.port = port or free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.l1_size_gb = l1_size_gb
@@ -105,7 +107,7 @@ class ServerProcess:
         self.starts = 0
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> "ServerProcess":
-        cmd = server_command(self.port, self.l1_size_gb)
+        cmd = server_command(self.port, self.l1_size_gb, self.args)
         self.starts += 1
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== start #{self.starts}: {' '.join(cmd)}\n".encode())
