@@ -52,7 +52,10 @@ pub enum DiskError {
     #[error("record of {need} bytes does not fit the L2 budget of {capacity} bytes (pinned data leaves {free} free)")]
     Full { need: u64, capacity: u64, free: u64 },
     #[error("stored record holds key {found:?}, index expected {want:?}")]
-    KeyMismatch { want: Box<ObjectKey>, found: Box<ObjectKey> },
+    KeyMismatch {
+        want: Box<ObjectKey>,
+        found: Box<ObjectKey>,
+    },
     #[error("stored object is {found} bytes, caller expected {want}")]
     Length { want: u64, found: u64 },
     #[error("corrupt payload: {0}")]
@@ -446,7 +449,10 @@ impl<S: Storage> DiskStore<S> {
             let bytes = file.read(loc.offset, loc.record_len)?;
             let h = decode_header(&bytes, loc.offset)?;
             if h.key != *key {
-                return Err(DiskError::KeyMismatch { want: Box::new(key.clone()), found: Box::new(h.key) });
+                return Err(DiskError::KeyMismatch {
+                    want: Box::new(key.clone()),
+                    found: Box::new(h.key),
+                });
             }
             let payload = bytes.get(h.header_len as usize..).unwrap_or(&[]);
             verify_payload(&h, payload, loc.offset)?;
