@@ -268,7 +268,8 @@ def test_second_engine_process_hits(story):
 
 def test_restarted_server_still_hits_from_disk(story):
     if not story["disk"]:
-        pytest.skip("not run: CWM_E2E_DISK=0" if os.environ.get("CWM_E2E_DISK") == "0" else
+        pytest.skip("not run: CWM_E2E_DISK=0 (run.sh checks it in the first mode only)"
+                    if os.environ.get("CWM_E2E_DISK") == "0" else
                     "not run: LMCache's server" if SERVER != "cwm" else
                     "cwm serve has no disk tier (--l2-path) yet")
     p = step(story, "C", "P")

@@ -120,6 +120,20 @@ def generate(llm, prompt_ids, salt, max_tokens):
     return res
 
 
+def reset(llm, timeout: float) -> dict:
+    """reset_prefix_cache(), retried: right after a request that finished at its prefill
+    (max_tokens=1), the connector may still hold its blocks for the store in flight, and vLLM
+    refuses the reset until they are freed."""
+    t0 = time.perf_counter()
+    tries = 0
+    while True:
+        tries += 1
+        ok = bool(llm.reset_prefix_cache())
+        if ok or time.perf_counter() - t0 > timeout:
+            return {"ok": ok, "tries": tries, "wait_s": time.perf_counter() - t0}
+        time.sleep(0.02)
+
+
 def main() -> int:
     plan_path, result_path = sys.argv[1], sys.argv[2]
     with open(plan_path) as f:
@@ -144,7 +158,7 @@ def main() -> int:
             r = generate(llm, plan["prompts"][step["prompt"]], step.get("salt"),
                          int(step.get("max_tokens", 8)))
         elif op == "reset":
-            r = {"ok": bool(llm.reset_prefix_cache())}
+            r = reset(llm, float(step.get("timeout", 30)))
         elif op == "sleep":
             time.sleep(float(step["seconds"]))
             r = {}
