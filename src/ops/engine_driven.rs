@@ -416,7 +416,8 @@ impl Cwm {
         let (ctx, tkey) = self.transfer_context(key, instance_id)?;
         // A repeated prepare (the client gave up waiting and asked again) starts over: the
         // old reservation would otherwise make every chunk look "being stored".
-        drop(self.engine_driven.stores.lock().remove(&tkey));
+        let replaced = self.engine_driven.stores.lock().remove(&tkey);
+        drop(replaced);
         let mut context = PrepareStoreContext::default();
         let mut writes = Vec::new();
         for (i, object) in tkey.objects.iter().enumerate() {
@@ -491,7 +492,8 @@ impl Cwm {
     ) -> Result<PrepareRetrieveResponse, OpError> {
         let (ctx, tkey) = self.transfer_context(key, instance_id)?;
         // A repeated prepare replaces the pin; its lock is released once, by the commit.
-        drop(self.engine_driven.retrieves.lock().remove(&tkey));
+        let replaced = self.engine_driven.retrieves.lock().remove(&tkey);
+        drop(replaced);
         let reads: Vec<Option<ReadGuard>> = tkey.objects.iter().map(|k| self.l1.read(k)).collect();
         // As in `retrieve`: on failure the lookup's lock on each object read is released now.
         let fail = |reads: &[Option<ReadGuard>]| {

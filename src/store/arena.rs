@@ -202,6 +202,13 @@ impl Arena {
     /// same name is replaced only if no live arena holds it (its `flock` is free); otherwise
     /// this fails with `AddrInUse`.
     pub fn shared(name: Option<&str>, len: u64) -> io::Result<Arena> {
+        Self::shared_in(Path::new(SHM_DIR), name, len)
+    }
+
+    /// `shared`, with the object in `dir` instead of /dev/shm. Engines find pools only in
+    /// /dev/shm (that is where `shm_open` looks); this is for benchmarks comparing tmpfs mounts
+    /// (e.g. one with `huge=always`) and for tests.
+    pub fn shared_in(dir: &Path, name: Option<&str>, len: u64) -> io::Result<Arena> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let len = Self::round_len(len);
         let name = match name {
@@ -216,7 +223,7 @@ impl Arena {
                 bare.to_string()
             }
             None => {
-                remove_stale_pools(Path::new(SHM_DIR));
+                remove_stale_pools(dir);
                 format!(
                     "{POOL_PREFIX}{}_{}",
                     std::process::id(),
@@ -224,7 +231,6 @@ impl Arena {
                 )
             }
         };
-        let dir = Path::new(SHM_DIR);
         let path = dir.join(&name);
         // Build the object under a private name, lock it, size it, and only then give it its
         // public name (a hard link fails if the name exists, never replacing a live pool): a

@@ -160,7 +160,8 @@ impl L1Store {
         ))
     }
 
-    fn with_arena(arena: Arena, config: &L1Config) -> Arc<L1Store> {
+    /// L1 in a given arena (e.g. `Arena::shared_in` for benchmarks).
+    pub fn with_arena(arena: Arena, config: &L1Config) -> Arc<L1Store> {
         let alloc = ExtentAllocator::new(arena.len());
         Arc::new(L1Store {
             arena,
