@@ -134,7 +134,9 @@ fn open_l1(config: &Config) -> anyhow::Result<std::sync::Arc<L1Store>> {
                 l1_bytes = l1_config.capacity_bytes,
                 shm_available = avail,
                 "/dev/shm has less room than the L1 budget: L1 will stop growing when /dev/shm \
-                 is full (enlarge /dev/shm, e.g. docker --shm-size, or lower --l1-size-gb)"
+                 is full. Enlarge /dev/shm (docker: --shm-size) or lower --l1-size-gb; if no \
+                 vLLM worker runs on CPU (GPU workers do not use the shared pool), \
+                 --no-engine-driven keeps L1 in private memory"
             );
         }
     }

@@ -474,32 +474,31 @@ fn remove_if_stale(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Remove `cwm_l1_<pid>_<n>` pools (and half-built `.cwm_l1_tmp_<pid>_<n>` ones) whose process
-/// is gone and whose lock is free: what a killed cwm leaves behind would otherwise hold its
-/// memory in /dev/shm forever.
+/// Remove `cwm_l1_<pid>_<n>` pools nobody holds (their `flock` is free: the cwm that made them
+/// is gone, however it died) and half-built `.cwm_l1_tmp_<pid>_<n>` ones whose process is gone.
+/// What a killed cwm leaves behind would otherwise hold its memory in /dev/shm forever.
 pub fn remove_stale_pools(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let me = std::process::id();
+    let tmp_prefix = format!(".{POOL_PREFIX}tmp_");
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let rest = name
-            .strip_prefix(POOL_PREFIX)
-            .or_else(|| name.strip_prefix(&format!(".{POOL_PREFIX}tmp_")));
-        let Some(pid) = rest
-            .and_then(|r| r.split('_').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+        let (rest, building) = match name.strip_prefix(POOL_PREFIX) {
+            Some(rest) => (rest, false),
+            None => match name.strip_prefix(&tmp_prefix) {
+                Some(rest) => (rest, true),
+                None => continue,
+            },
+        };
+        let Some(pid) = rest.split('_').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let alive = pid as u32 == me
-            || unsafe { libc::kill(pid, 0) } == 0
-            || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-        if alive {
+        // A pool is published under its name only once locked, so for those the lock alone
+        // tells; one still being built is not locked yet, so its builder must be gone too.
+        if building && process_alive(pid) {
             continue;
         }
         if let Ok(true) = remove_if_stale(&entry.path()) {
@@ -508,6 +507,23 @@ pub fn remove_stale_pools(dir: &Path) -> usize {
         }
     }
     removed
+}
+
+/// Whether `pid` runs (a zombie does not: it has closed its files and released its locks).
+fn process_alive(pid: i32) -> bool {
+    if pid as u32 == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        });
+    exists && !matches!(state, Some('Z' | 'X'))
 }
 
 #[cfg(test)]
@@ -630,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_default_pools_of_dead_processes_are_removed() {
+    fn stale_default_pools_are_removed_live_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
@@ -638,32 +654,52 @@ mod tests {
         let me = std::process::id();
         for n in [
             format!("{POOL_PREFIX}{dead}_0"),
-            format!(".{POOL_PREFIX}tmp_{dead}_3"),
             format!("{POOL_PREFIX}{me}_0"),
-            format!("{POOL_PREFIX}1_0"),
+            format!(".{POOL_PREFIX}tmp_{dead}_3"),
+            format!(".{POOL_PREFIX}tmp_{me}_4"),
             "unrelated".to_string(),
         ] {
             std::fs::write(dir.path().join(n), b"x").unwrap();
         }
-        // A dead owner's pool that someone still holds locked is kept too.
+        // A pool someone holds is live, whatever its name says.
         let held = dir.path().join(format!("{POOL_PREFIX}{dead}_9"));
         std::fs::write(&held, b"x").unwrap();
         let holder = File::open(&held).unwrap();
         lock_exclusive(&holder).unwrap();
-        assert_eq!(remove_stale_pools(dir.path()), 2);
+        assert_eq!(remove_stale_pools(dir.path()), 3);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
         let mut want = vec![
-            format!("{POOL_PREFIX}{me}_0"),
-            format!("{POOL_PREFIX}1_0"),
+            format!(".{POOL_PREFIX}tmp_{me}_4"),
             format!("{POOL_PREFIX}{dead}_9"),
             "unrelated".to_string(),
         ];
         want.sort();
-        assert_eq!(left, want);
+        assert_eq!(
+            left, want,
+            "an unlocked pool is stale; one being built by a live process is not"
+        );
+    }
+
+    #[test]
+    fn zombies_are_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} still alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+        assert!(process_alive(std::process::id() as i32));
     }
 
     #[test]
