@@ -1,11 +1,14 @@
 //! One `Config`: embedded defaults < TOML file (`--config` / `CWM_CONFIG`) < `CWM_*` environment
 //! variables < command-line flags. Validated once, before anything starts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::store::codec::CompressionPolicy;
+use crate::store::disk::{DiskConfig, FsyncPolicy};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,6 +42,22 @@ pub struct Config {
     pub shm_name: Option<String>,
     /// An engine-driven prepare not committed within this many seconds is released.
     pub engine_driven_ttl_secs: u64,
+    /// Directory of the L2 disk tier.
+    pub l2_path: PathBuf,
+    /// L2 disk budget in GiB; 0 turns the disk tier off.
+    pub l2_size_gb: f64,
+    /// Size of one L2 segment file in MiB.
+    pub l2_segment_mb: u64,
+    /// `zstd` or `none`.
+    pub l2_compression: String,
+    /// zstd level for L2 records.
+    pub l2_compression_level: i32,
+    /// `always`, `interval` or `never`.
+    pub l2_fsync: String,
+    /// Interval of the `interval` fsync policy, in milliseconds.
+    pub l2_fsync_interval_ms: u64,
+    /// Bytes of L1 objects that may wait for L2 before write-behind drops work, in MiB.
+    pub l2_write_queue_mb: u64,
 }
 
 impl Default for Config {
@@ -58,6 +77,14 @@ impl Default for Config {
             engine_driven: true,
             shm_name: None,
             engine_driven_ttl_secs: 300,
+            l2_path: PathBuf::from("cwm-data"),
+            l2_size_gb: 32.0,
+            l2_segment_mb: 256,
+            l2_compression: "zstd".into(),
+            l2_compression_level: 1,
+            l2_fsync: "interval".into(),
+            l2_fsync_interval_ms: 1000,
+            l2_write_queue_mb: 1024,
         }
     }
 }
@@ -125,6 +152,29 @@ impl Config {
         if self.transfer_lanes == 0 || self.transfer_lanes > 256 {
             return invalid("transfer_lanes", &self.transfer_lanes, "1..=256");
         }
+        if !(self.l2_size_gb >= 0.0 && self.l2_size_gb.is_finite()) {
+            return invalid(
+                "l2_size_gb",
+                &self.l2_size_gb,
+                "a number of GiB, 0 to turn L2 off",
+            );
+        }
+        if self.l2_segment_mb == 0 || self.l2_segment_mb > 64 * 1024 {
+            return invalid("l2_segment_mb", &self.l2_segment_mb, "1..=65536 MiB");
+        }
+        if !matches!(self.l2_compression.as_str(), "zstd" | "none") {
+            return invalid("l2_compression", &self.l2_compression, "zstd or none");
+        }
+        if !(-7..=22).contains(&self.l2_compression_level) {
+            return invalid(
+                "l2_compression_level",
+                &self.l2_compression_level,
+                "a zstd level, -7..=22",
+            );
+        }
+        if !matches!(self.l2_fsync.as_str(), "always" | "interval" | "never") {
+            return invalid("l2_fsync", &self.l2_fsync, "always, interval or never");
+        }
         if self.lock_ttl_secs == 0 {
             return invalid("lock_ttl_secs", &self.lock_ttl_secs, "at least 1 second");
         }
@@ -150,6 +200,30 @@ impl Config {
 
     pub fn l1_bytes(&self) -> u64 {
         (self.l1_size_gb * (1u64 << 30) as f64) as u64
+    }
+
+    pub fn l2_enabled(&self) -> bool {
+        self.l2_size_gb > 0.0
+    }
+
+    pub fn l2_disk_config(&self) -> DiskConfig {
+        DiskConfig {
+            capacity_bytes: (self.l2_size_gb * (1u64 << 30) as f64) as u64,
+            segment_bytes: self.l2_segment_mb << 20,
+            fsync: match self.l2_fsync.as_str() {
+                "always" => FsyncPolicy::Always,
+                "never" => FsyncPolicy::Never,
+                _ => FsyncPolicy::Interval(Duration::from_millis(self.l2_fsync_interval_ms)),
+            },
+            compression: self.l2_compression_policy(),
+        }
+    }
+
+    pub fn l2_compression_policy(&self) -> CompressionPolicy {
+        CompressionPolicy {
+            enabled: self.l2_compression == "zstd",
+            level: self.l2_compression_level,
+        }
     }
 
     pub fn lock_ttl(&self) -> Duration {

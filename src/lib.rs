@@ -3,6 +3,7 @@
 //! Dependencies point one way: `server → ops → {engine_mem, store}`; `store` knows nothing of
 //! the wire, `connector_protocol` knows nothing of the rest.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod engine_mem;

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use cwm::bench::BenchArgs;
 use cwm::config::Config;
 use cwm::serve::Sidecar;
 
@@ -22,7 +23,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar (LMCache MP protocol on --port).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Measure store/retrieve GB/s and lookup latency through the MP protocol, next to memcpy.
+    Bench(BenchArgs),
 }
 
 /// Flags mirror `lmcache server`'s. Each also reads `CWM_<NAME>` from the environment and
@@ -78,6 +81,30 @@ struct ServeArgs {
     /// Seconds an engine-driven prepare may wait for its commit before it is released [default: 300].
     #[arg(long, env = "CWM_ENGINE_DRIVEN_TTL_SECS")]
     engine_driven_ttl_secs: Option<u64>,
+    /// Directory of the L2 disk tier [default: cwm-data].
+    #[arg(long, env = "CWM_L2_PATH")]
+    l2_path: Option<std::path::PathBuf>,
+    /// L2 disk budget in GiB; 0 turns the disk tier off [default: 32].
+    #[arg(long, env = "CWM_L2_SIZE_GB")]
+    l2_size_gb: Option<f64>,
+    /// Size of one L2 segment file in MiB [default: 256].
+    #[arg(long, env = "CWM_L2_SEGMENT_MB")]
+    l2_segment_mb: Option<u64>,
+    /// L2 compression: zstd or none [default: zstd].
+    #[arg(long, env = "CWM_L2_COMPRESSION")]
+    l2_compression: Option<String>,
+    /// zstd level for L2 records [default: 1].
+    #[arg(long, env = "CWM_L2_COMPRESSION_LEVEL", allow_negative_numbers = true)]
+    l2_compression_level: Option<i32>,
+    /// When L2 data is fsynced: always, interval or never [default: interval].
+    #[arg(long, env = "CWM_L2_FSYNC")]
+    l2_fsync: Option<String>,
+    /// Interval of the interval fsync policy in ms [default: 1000].
+    #[arg(long, env = "CWM_L2_FSYNC_INTERVAL_MS")]
+    l2_fsync_interval_ms: Option<u64>,
+    /// MiB of stored objects that may wait for L2 before write-behind drops work [default: 1024].
+    #[arg(long, env = "CWM_L2_WRITE_QUEUE_MB")]
+    l2_write_queue_mb: Option<u64>,
 }
 
 impl ServeArgs {
@@ -102,7 +129,15 @@ impl ServeArgs {
             worker_registration_grace_secs,
             transfer_lanes,
             engine_driven,
-            engine_driven_ttl_secs
+            engine_driven_ttl_secs,
+            l2_path,
+            l2_size_gb,
+            l2_segment_mb,
+            l2_compression,
+            l2_compression_level,
+            l2_fsync,
+            l2_fsync_interval_ms,
+            l2_write_queue_mb
         );
         if self.shm_name.is_some() {
             c.shm_name = self.shm_name;
@@ -116,15 +151,22 @@ impl ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The bench's own server would log every registration and clear; its report is the output.
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Bench(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CWM_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_log.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve(args) => serve(args.into_config()?),
+        Command::Bench(args) => cwm::bench::run(&args),
     }
 }
 

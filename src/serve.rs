@@ -8,6 +8,9 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::ops::{Cwm, ReapPolicy, Settings};
 use crate::server::mp::MpServer;
+use crate::store::disk::storage::FsStorage;
+use crate::store::disk::DiskStore;
+use crate::store::tiered::Tiers;
 use crate::store::{L1Config, L1Store};
 
 /// A running sidecar. Dropping it shuts it down and waits for its threads.
@@ -23,6 +26,22 @@ impl Sidecar {
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         config.validate()?;
         let l1 = open_l1(config)?;
+        let tiers = if config.l2_enabled() {
+            let storage = FsStorage::open(&config.l2_path).map_err(|e| {
+                anyhow::anyhow!("cannot open L2 directory {}: {e}", config.l2_path.display())
+            })?;
+            let disk = DiskStore::open(storage, config.l2_disk_config()).map_err(|e| {
+                anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display())
+            })?;
+            Tiers::with_disk(
+                l1,
+                Arc::new(disk),
+                config.l2_compression_policy(),
+                config.l2_write_queue_mb << 20,
+            )
+        } else {
+            Tiers::memory_only(l1)
+        };
         let cwm = Cwm::new(
             Settings {
                 chunk_size: config.chunk_size,
@@ -33,7 +52,7 @@ impl Sidecar {
                 },
                 engine_driven_ttl: config.engine_driven_ttl(),
             },
-            l1,
+            tiers,
         );
         let shutdown = Arc::new(AtomicBool::new(false));
         let mp = MpServer::bind(&config.host, config.port)?;
@@ -71,7 +90,7 @@ impl Sidecar {
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
-            l1_pool = cwm.l1.pool().map(|p| p.shm_name),
+            l1_pool = cwm.tiers.l1.pool().map(|p| p.shm_name),
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {
@@ -100,9 +119,11 @@ impl Sidecar {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Drain write-behind and checkpoint L2 so a restart finds everything quickly.
+        self.cwm.tiers.shutdown();
         // The pool's memory goes back to the system once the last mapping (ours or an
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
-        self.cwm.l1.unlink_pool();
+        self.cwm.tiers.l1.unlink_pool();
     }
 }
 

@@ -343,7 +343,7 @@ fn failures_answer_false_and_change_nothing() {
         0,
         "no failed store left anything behind"
     );
-    assert_eq!(s.cwm.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
     assert_eq!(c.query_prefetch_status("never-looked-up").unwrap(), 0);
 }
 
@@ -496,7 +496,7 @@ fn lookup_locks_keep_hits_servable_until_released() {
     // L1 holds exactly 2 objects of this shape (2 layers x 256 tokens x 32 bytes = 16 KiB).
     let s = sidecar(Config {
         l1_size_gb: 32.0 * 1024.0 / (1u64 << 30) as f64,
-        ..Config::default()
+        ..small_config()
     });
     let mut c = client(&s);
     let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16);
@@ -577,7 +577,7 @@ fn lookup_locks_keep_hits_servable_until_released() {
         .unwrap();
     c.end_session("a").unwrap();
     c.clear(false).unwrap();
-    assert_eq!(s.cwm.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
 }
 
 #[test]

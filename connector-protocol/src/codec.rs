@@ -6,7 +6,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::reader::{check_document, Int, Reader};
+use crate::reader::{check_document, Reader};
 use crate::DecodeError;
 
 /// Decode a typed payload (maps by field name, unknown keys ignored, defaults filled).
@@ -88,22 +88,7 @@ pub fn decode_block_ids(frame: &[u8]) -> Result<Vec<Vec<u32>>, DecodeError> {
         let mut out = Vec::with_capacity(groups);
         for g in 0..groups {
             let n = r.array_len(&format!("block_ids[{g}]"))?;
-            let mut ids = Vec::with_capacity(n);
-            for i in 0..n {
-                // Field names are formatted only on error (hot path: thousands of ids per call).
-                let v = r.int("").map_err(|e| at_index(e, g, i))?;
-                let id = match v {
-                    Int::U(u) => u32::try_from(u).ok(),
-                    Int::I(x) => u32::try_from(x).ok(),
-                };
-                let id = id.ok_or_else(|| {
-                    DecodeError::payload(
-                        "block_ids",
-                        format!("block_ids[{g}][{i}]: expected an int in 0..=4294967295, got {v}"),
-                    )
-                })?;
-                ids.push(id);
-            }
+            let ids = r.u32_elements(n).map_err(|(i, e)| at_index(e, g, i))?;
             out.push(ids);
         }
         Ok(out)

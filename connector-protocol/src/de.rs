@@ -7,6 +7,7 @@
 //! byte fields need bin (not str), and unknown keys are skipped without being decoded. Input is
 //! validated by `check_document` first, so recursion is bounded.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use rmp::Marker;
@@ -15,8 +16,51 @@ use serde::de::{
     Visitor,
 };
 
-use crate::reader::{marker_kind, Int, Reader};
+use crate::reader::{marker_kind, Int, Kind, Reader};
 use crate::DecodeError;
+
+/// The newtype name with which [`u32_array`] asks for the raw msgpack of an array.
+pub(crate) const U32_ARRAY: &str = "$cwm::u32_array";
+
+/// `#[serde(deserialize_with = "crate::de::u32_array::deserialize")]` for `Vec<u32>` fields
+/// that carry many elements (token ids): with our deserializer the array is parsed by a tight
+/// loop; with any other deserializer it falls back to the ordinary `Vec<u32>` impl.
+pub(crate) mod u32_array {
+    use serde::de::{self, Deserialize, Deserializer};
+    use std::fmt;
+
+    use crate::reader::Reader;
+    use crate::DecodeError;
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        d.deserialize_newtype_struct(super::U32_ARRAY, Visitor)
+    }
+
+    struct Visitor;
+
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array of ints in 0..=4294967295")
+        }
+
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Vec<u32>, D::Error> {
+            Vec::<u32>::deserialize(d)
+        }
+
+        fn visit_borrowed_bytes<E: de::Error>(self, raw: &'de [u8]) -> Result<Vec<u32>, E> {
+            let mut r = Reader::new("array", raw);
+            let reason = |e: DecodeError| match e {
+                DecodeError::Payload { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            let n = r.array_len("").map_err(|e| E::custom(reason(e)))?;
+            r.u32_elements(n)
+                .map_err(|(i, e)| E::custom(format!("[{i}]: {}", reason(e))))
+        }
+    }
+}
 
 /// An error with the path from the document root to where it happened.
 #[derive(Debug)]
@@ -66,7 +110,8 @@ impl fmt::Display for Error {
             }
             first = false;
         }
-        if !self.path.is_empty() {
+        // A message that starts with an index continues the path (`token_ids[3]: …`).
+        if !self.path.is_empty() && !self.msg.starts_with('[') {
             f.write_str(": ")?;
         }
         f.write_str(&self.msg)
@@ -90,13 +135,14 @@ impl<'a, 'r> Deserializer<'a, 'r> {
         Deserializer { r }
     }
 
+    #[inline]
     fn peek(&self) -> Result<Marker, Error> {
         Ok(self.r.peek_marker("")?)
     }
 
-    fn expect_kind(&self, kind: &str, expected: &str) -> Result<(), Error> {
+    fn expect_kind(&self, kind: Kind, expected: &str) -> Result<(), Error> {
         let m = self.peek()?;
-        if marker_kind(m) == kind {
+        if Kind::of(m) == kind {
             Ok(())
         } else {
             Err(Error::msg(format!(
@@ -110,28 +156,34 @@ impl<'a, 'r> Deserializer<'a, 'r> {
 impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
     type Error = Error;
 
+    #[inline]
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         let m = self.peek()?;
-        match marker_kind(m) {
-            "nil" => {
+        if let Marker::FixPos(v) = m {
+            // Fast path: small ints (token ids, lengths, flags).
+            self.r.skip_byte();
+            return visitor.visit_u64(u64::from(v));
+        }
+        match Kind::of(m) {
+            Kind::Nil => {
                 self.r.nil("")?;
                 visitor.visit_unit()
             }
-            "bool" => visitor.visit_bool(self.r.bool("")?),
-            "int" => match self.r.int("")? {
+            Kind::Bool => visitor.visit_bool(self.r.bool("")?),
+            Kind::Int => match self.r.int("")? {
                 Int::U(v) => visitor.visit_u64(v),
                 Int::I(v) => visitor.visit_i64(v),
             },
-            "float" => {
+            Kind::Float => {
                 if m == Marker::F32 {
                     visitor.visit_f32(self.r.float("")? as f32)
                 } else {
                     visitor.visit_f64(self.r.float("")?)
                 }
             }
-            "str" => visitor.visit_borrowed_str(self.r.str("")?),
-            "bin" => visitor.visit_borrowed_bytes(self.r.bin("")?),
-            "array" => {
+            Kind::Str => visitor.visit_borrowed_str(self.r.str("")?),
+            Kind::Bin => visitor.visit_borrowed_bytes(self.r.bin("")?),
+            Kind::Array => {
                 let n = self.r.array_len("")?;
                 visitor.visit_seq(Seq {
                     de: self,
@@ -139,7 +191,7 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
                     index: 0,
                 })
             }
-            "map" => {
+            Kind::Map => {
                 let n = self.r.map_len("")?;
                 visitor.visit_map(Map {
                     de: self,
@@ -147,11 +199,11 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
                     key: None,
                 })
             }
-            "ext" => {
+            Kind::Ext => {
                 let (ty, data) = self.r.ext("")?;
                 visitor.visit_newtype_struct(ExtDeserializer { ty, data })
             }
-            _ => Err(Error::msg(format!("{} is not msgpack", marker_kind(m)))),
+            Kind::Reserved => Err(Error::msg(format!("{} is not msgpack", marker_kind(m)))),
         }
     }
 
@@ -164,7 +216,7 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
     }
 
     fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        self.expect_kind("nil", "nil")?;
+        self.expect_kind(Kind::Nil, "nil")?;
         self.deserialize_any(visitor)
     }
 
@@ -177,7 +229,7 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        self.expect_kind("str", "a str")?;
+        self.expect_kind(Kind::Str, "a str")?;
         visitor.visit_borrowed_str(self.r.str("")?)
     }
 
@@ -190,7 +242,7 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
     }
 
     fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        self.expect_kind("bin", "bin (bytes)")?;
+        self.expect_kind(Kind::Bin, "bin (bytes)")?;
         visitor.visit_borrowed_bytes(self.r.bin("")?)
     }
 
@@ -200,9 +252,13 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         visitor: V,
     ) -> Result<V::Value, Error> {
+        if name == U32_ARRAY && Kind::of(self.peek()?) == Kind::Array {
+            // Hand the raw array to `u32_array::Visitor` (the fast token-id path).
+            return visitor.visit_borrowed_bytes(self.r.value_slice("")?);
+        }
         visitor.visit_newtype_struct(self)
     }
 
@@ -212,12 +268,12 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Error> {
-        self.expect_kind("map", "a map")?;
+        self.expect_kind(Kind::Map, "a map")?;
         self.deserialize_any(visitor)
     }
 
     fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        self.expect_kind("str", "a str key")?;
+        self.expect_kind(Kind::Str, "a str key")?;
         visitor.visit_borrowed_str(self.r.str("")?)
     }
 
@@ -228,7 +284,7 @@ impl<'de, 'r> de::Deserializer<'de> for &mut Deserializer<'de, 'r> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         // msgspec encodes an Enum as its value; only unit variants named by a str are supported.
-        self.expect_kind("str", "a str (enum value)")?;
+        self.expect_kind(Kind::Str, "a str (enum value)")?;
         let s = self.r.str("")?;
         visitor.visit_enum(UnitVariant(s))
     }
@@ -252,6 +308,7 @@ struct Seq<'s, 'de, 'r> {
 impl<'de> SeqAccess<'de> for Seq<'_, 'de, '_> {
     type Error = Error;
 
+    #[inline]
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
         seed: T,
@@ -275,8 +332,8 @@ impl<'de> SeqAccess<'de> for Seq<'_, 'de, '_> {
 struct Map<'s, 'de, 'r> {
     de: &'s mut Deserializer<'de, 'r>,
     left: usize,
-    /// The current key, for error paths.
-    key: Option<String>,
+    /// The current key, for error paths (borrowed from the input; no allocation per key).
+    key: Option<Cow<'de, str>>,
 }
 
 impl<'de> MapAccess<'de> for Map<'_, 'de, '_> {
@@ -291,27 +348,30 @@ impl<'de> MapAccess<'de> for Map<'_, 'de, '_> {
         }
         self.left -= 1;
         let mut probe = self.de.r.clone_at();
-        let key = match probe.peek_marker("") {
-            Ok(m) if marker_kind(m) == "str" => probe.str("").ok().map(str::to_string),
-            Ok(m) => Some(format!("<{} key>", marker_kind(m))),
+        self.key = match probe.peek_marker("") {
+            Ok(m) if Kind::of(m) == Kind::Str => probe.str("").ok().map(Cow::Borrowed),
+            Ok(m) => Some(Cow::Owned(format!("<{} key>", marker_kind(m)))),
             Err(_) => None,
         };
-        self.key = key;
-        let at = || Seg::Key(self.key.clone().unwrap_or_else(|| "<key>".into()));
+        let key = &self.key;
         seed.deserialize(&mut *self.de)
             .map(Some)
-            .map_err(|e| e.within(at()))
+            .map_err(|e| e.within(key_seg(key)))
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
-        let key = self.key.take().unwrap_or_else(|| "<key>".into());
+        let key = self.key.take();
         seed.deserialize(&mut *self.de)
-            .map_err(|e| e.within(Seg::Key(key)))
+            .map_err(|e| e.within(key_seg(&key)))
     }
 
     fn size_hint(&self) -> Option<usize> {
         Some(self.left)
     }
+}
+
+fn key_seg(key: &Option<Cow<'_, str>>) -> Seg {
+    Seg::Key(key.as_deref().unwrap_or("<key>").to_string())
 }
 
 /// An ext value as rmpv expects it: a newtype around the tuple `(type: i8, data: bytes)`.

@@ -29,36 +29,73 @@ impl std::fmt::Display for Int {
     }
 }
 
+/// The msgpack type family of a marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Nil,
+    Bool,
+    Int,
+    Float,
+    Str,
+    Bin,
+    Array,
+    Map,
+    Ext,
+    Reserved,
+}
+
+impl Kind {
+    #[inline]
+    pub(crate) fn of(m: Marker) -> Kind {
+        match m {
+            Marker::Null => Kind::Nil,
+            Marker::True | Marker::False => Kind::Bool,
+            Marker::FixPos(_)
+            | Marker::FixNeg(_)
+            | Marker::U8
+            | Marker::U16
+            | Marker::U32
+            | Marker::U64
+            | Marker::I8
+            | Marker::I16
+            | Marker::I32
+            | Marker::I64 => Kind::Int,
+            Marker::F32 | Marker::F64 => Kind::Float,
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => Kind::Str,
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => Kind::Bin,
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => Kind::Array,
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => Kind::Map,
+            Marker::FixExt1
+            | Marker::FixExt2
+            | Marker::FixExt4
+            | Marker::FixExt8
+            | Marker::FixExt16
+            | Marker::Ext8
+            | Marker::Ext16
+            | Marker::Ext32 => Kind::Ext,
+            Marker::Reserved => Kind::Reserved,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Nil => "nil",
+            Kind::Bool => "bool",
+            Kind::Int => "int",
+            Kind::Float => "float",
+            Kind::Str => "str",
+            Kind::Bin => "bin",
+            Kind::Array => "array",
+            Kind::Map => "map",
+            Kind::Ext => "ext",
+            Kind::Reserved => "reserved byte 0xc1",
+        }
+    }
+}
+
 /// Human-readable msgpack type of a marker, for error messages.
 pub(crate) fn marker_kind(m: Marker) -> &'static str {
-    match m {
-        Marker::Null => "nil",
-        Marker::True | Marker::False => "bool",
-        Marker::FixPos(_)
-        | Marker::FixNeg(_)
-        | Marker::U8
-        | Marker::U16
-        | Marker::U32
-        | Marker::U64
-        | Marker::I8
-        | Marker::I16
-        | Marker::I32
-        | Marker::I64 => "int",
-        Marker::F32 | Marker::F64 => "float",
-        Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => "str",
-        Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => "bin",
-        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => "array",
-        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => "map",
-        Marker::FixExt1
-        | Marker::FixExt2
-        | Marker::FixExt4
-        | Marker::FixExt8
-        | Marker::FixExt16
-        | Marker::Ext8
-        | Marker::Ext16
-        | Marker::Ext32 => "ext",
-        Marker::Reserved => "reserved byte 0xc1",
-    }
+    Kind::of(m).name()
 }
 
 #[derive(Clone)]
@@ -75,6 +112,12 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn err(&self, reason: impl ToString) -> DecodeError {
         DecodeError::payload(self.what, reason)
+    }
+
+    /// Advance past a one-byte value whose marker was peeked.
+    #[inline]
+    pub(crate) fn skip_byte(&mut self) {
+        self.pos = (self.pos + 1).min(self.buf.len());
     }
 
     /// A copy at the current position (for look-ahead).
@@ -108,6 +151,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
         if n > self.remaining() {
             return Err(self.err(format!(
@@ -122,11 +166,13 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     fn be(&mut self, n: usize, field: &str) -> Result<u64, DecodeError> {
         let b = self.take(n, field)?;
         Ok(b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
     }
 
+    #[inline]
     pub(crate) fn peek_marker(&self, field: &str) -> Result<Marker, DecodeError> {
         match self.buf.get(self.pos) {
             Some(&b) => Ok(Marker::from_u8(b)),
@@ -138,6 +184,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn marker(&mut self, field: &str) -> Result<Marker, DecodeError> {
         let m = self.peek_marker(field)?;
         self.pos += 1;
@@ -212,7 +259,63 @@ impl<'a> Reader<'a> {
     }
 
     /// Any msgpack int.
+    #[inline]
     pub(crate) fn int(&mut self, field: &str) -> Result<Int, DecodeError> {
+        // Fast path: positive fixint (most token ids below 128 and all small fields).
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(Int::U(u64::from(b)));
+            }
+        }
+        self.int_slow(field)
+    }
+
+    /// Elements of an array of ints that must fit u32 (token ids, block ids). The header has
+    /// been read; `n` elements follow. `Err((index, reason))` names the bad element.
+    pub(crate) fn u32_elements(&mut self, n: usize) -> Result<Vec<u32>, (usize, DecodeError)> {
+        let mut out = Vec::with_capacity(n.min(self.remaining()));
+        for i in 0..n {
+            let b = self.buf[self.pos..].first().copied();
+            let rest = &self.buf[self.pos..];
+            // Fast paths for the formats msgspec uses for u32 values.
+            let v = match (b, rest.len()) {
+                (Some(b @ 0..=0x7f), _) => {
+                    self.pos += 1;
+                    u32::from(b)
+                }
+                (Some(0xcc), 2..) => {
+                    self.pos += 2;
+                    u32::from(rest[1])
+                }
+                (Some(0xcd), 3..) => {
+                    self.pos += 3;
+                    u32::from(u16::from_be_bytes([rest[1], rest[2]]))
+                }
+                (Some(0xce), 5..) => {
+                    self.pos += 5;
+                    u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]])
+                }
+                _ => {
+                    let v = self.int("").map_err(|e| (i, e))?;
+                    let ok = match v {
+                        Int::U(u) => u32::try_from(u).ok(),
+                        Int::I(x) => u32::try_from(x).ok(),
+                    };
+                    ok.ok_or_else(|| {
+                        (
+                            i,
+                            self.err(format!("expected an int in 0..=4294967295, got {v}")),
+                        )
+                    })?
+                }
+            };
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn int_slow(&mut self, field: &str) -> Result<Int, DecodeError> {
         let m = self.marker(field)?;
         Ok(match m {
             Marker::FixPos(v) => Int::U(u64::from(v)),
@@ -230,6 +333,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A non-negative int (`u64`).
+    #[inline]
     pub(crate) fn uint(&mut self, field: &str) -> Result<u64, DecodeError> {
         match self.int(field)? {
             Int::U(v) => Ok(v),
@@ -282,7 +386,7 @@ impl<'a> Reader<'a> {
                 self.pos += 1;
                 Ok(f64::from_bits(self.be(8, field)?))
             }
-            m if marker_kind(m) == "int" => match self.int(field)? {
+            m if Kind::of(m) == Kind::Int => match self.int(field)? {
                 Int::U(v) => Ok(v as f64),
                 Int::I(v) => Ok(v as f64),
             },
@@ -423,7 +527,14 @@ impl<'a> Reader<'a> {
                 self.pos -= 1;
                 let n = self.array_len(field)?;
                 for _ in 0..n {
-                    self.skip(field, depth + 1)?;
+                    // Fast path for arrays of ints (token ids): no recursion for scalars.
+                    match self.buf.get(self.pos) {
+                        Some(&(0..=0x7f | 0xe0..=0xff)) => self.pos += 1,
+                        Some(0xcc | 0xd0) if self.remaining() >= 2 => self.pos += 2,
+                        Some(0xcd | 0xd1) if self.remaining() >= 3 => self.pos += 3,
+                        Some(0xce | 0xd2) if self.remaining() >= 5 => self.pos += 5,
+                        _ => self.skip(field, depth + 1)?,
+                    }
                 }
             }
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {

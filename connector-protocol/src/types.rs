@@ -2,7 +2,9 @@
 //!
 //! Dataclass/Struct types are msgpack maps keyed by field name; decoding ignores unknown keys
 //! and fills defaults; encoding writes every field in declaration order so the bytes equal the
-//! real client's (checked against the captured frames).
+//! real client's (checked against the captured frames). Decode with [`crate::codec::decode`]
+//! and encode with [`crate::codec::encode`]; `rmp_serde::from_slice` would be more lenient
+//! (arrays for structs, bin for str) and less helpful in its errors.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +16,7 @@ pub struct IpcCacheServerKey {
     #[serde(default)]
     pub worker_id: Option<u32>,
     /// The whole token sequence of the request, not only `[start, end)`.
+    #[serde(deserialize_with = "crate::de::u32_array::deserialize")]
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub start: u64,
@@ -26,7 +29,9 @@ pub struct IpcCacheServerKey {
     /// Opaque per-request config; not identity. Kept only to re-encode faithfully.
     #[serde(default)]
     pub request_configs: Option<rmpv::Value>,
-    /// Read locks a lookup must take per object; 0 means an old client.
+    /// Read locks a lookup must take per object; 0 means an old client. When the field is
+    /// absent we default to 1 (the non-MLA value); the Python dataclass defaults to 0, which
+    /// the reference server rejects for lookups. The stock client always sends it.
     #[serde(default = "one")]
     pub num_kv_readers: u32,
 }
@@ -130,6 +135,7 @@ impl PrepareStoreResponse {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareRetrieveContext {
+    /// Omitted when empty: the failure reply's `context` is `{}` (`80`), as the reference's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slots: Vec<ShmSlot>,
 }

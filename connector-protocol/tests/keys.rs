@@ -324,3 +324,62 @@ fn a_long_key_round_trips() {
     assert!(bytes.len() > 4 * 131_072);
     assert_eq!(decode::<IpcCacheServerKey>("key", &bytes).unwrap(), key);
 }
+
+#[test]
+fn token_ids_in_any_int_format() {
+    // Non-minimal and signed formats holding valid u32 values are accepted (msgspec would
+    // accept them too); the fast path and the general path agree.
+    let raw = [
+        "05",                         // fixint
+        "cc 05",                      // u8
+        "cd 00 05",                   // u16
+        "ce 00 00 00 05",             // u32
+        "cf 00 00 00 00 00 00 00 05", // u64
+        "d0 05",                      // i8
+        "d1 00 05",                   // i16
+        "d2 00 00 00 05",             // i32
+        "d3 00 00 00 00 00 00 00 05", // i64
+    ];
+    let mut arr = vec![0xdc, 0x00, raw.len() as u8];
+    for r in raw {
+        arr.extend(hex::decode(r.replace(' ', "")).unwrap());
+    }
+    let mut bytes = vec![0x83];
+    bytes.extend(codec::encode_str("model_name"));
+    bytes.extend(codec::encode_str("m"));
+    bytes.extend(codec::encode_str("world_size"));
+    bytes.push(0x01);
+    bytes.extend(codec::encode_str("token_ids"));
+    bytes.extend(&arr);
+    let key: IpcCacheServerKey = decode("key", &bytes).unwrap();
+    assert_eq!(key.token_ids, vec![5; raw.len()]);
+    // The error names the element with its index.
+    let bad = map(vec![
+        ("model_name", "m".into()),
+        ("world_size", 1.into()),
+        ("token_ids", tokens(&[1, 2, -7])),
+    ]);
+    assert_eq!(
+        decode::<IpcCacheServerKey>("key", &bad)
+            .unwrap_err()
+            .to_string(),
+        "bad key: token_ids[2]: expected an int in 0..=4294967295, got -7"
+    );
+    // Truncated inside the array.
+    let mut cut = map(vec![
+        ("model_name", "m".into()),
+        ("world_size", 1.into()),
+        ("token_ids", tokens(&[1, 300, 70_000])),
+    ]);
+    cut.truncate(cut.len() - 2);
+    assert!(decode::<IpcCacheServerKey>("key", &cut).is_err());
+}
+
+#[test]
+fn token_ids_also_decode_with_rmp_serde() {
+    // The fast path is only an optimisation of our decoder; other serde deserializers still work.
+    let bytes = vector("key_full");
+    let ours: IpcCacheServerKey = decode("key", &bytes).unwrap();
+    let theirs: IpcCacheServerKey = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(ours, theirs);
+}

@@ -57,6 +57,7 @@ pub struct EngineDrivenContext {
     /// (MLA and fused K/V; the wire calls that `use_mla`).
     pub shape: Vec<u64>,
     pub dtype: String,
+    pub itemsize: u8,
     pub object_bytes: u64,
     liveness: Mutex<Liveness>,
 }
@@ -234,7 +235,7 @@ impl Cwm {
         &self,
         payload: &RegisterEngineDrivenContextPayload,
     ) -> Result<RegisterEngineDrivenContextResponse, OpError> {
-        let Some(pool) = self.l1.pool() else {
+        let Some(pool) = self.tiers.l1.pool() else {
             tracing::error!(
                 instance_id = payload.instance_id,
                 "engine-driven context refused: cwm runs with --no-engine-driven (no shared L1 \
@@ -331,13 +332,14 @@ impl Cwm {
             world_size: p.world_size,
             shape,
             dtype: p.dtype_str.clone(),
+            itemsize: itemsize as u8,
             object_bytes,
             liveness: Mutex::new(Liveness::new()),
         })
     }
 
     pub(super) fn unregister_engine_driven_context(&self, id: u64) {
-        match self.engine_driven.remove(id, &self.l1) {
+        match self.engine_driven.remove(id, &self.tiers.l1) {
             None => tracing::warn!(
                 instance_id = id,
                 "unregister_kv_cache_engine_driven_context: unknown instance"
@@ -421,7 +423,7 @@ impl Cwm {
         let mut context = PrepareStoreContext::default();
         let mut writes = Vec::new();
         for (i, object) in tkey.objects.iter().enumerate() {
-            match self.l1.reserve(object, ctx.object_bytes) {
+            match self.tiers.l1.reserve(object, ctx.object_bytes) {
                 Reservation::Reserved(w) => {
                     context.slots.push(ctx.slot(w.pool_offset()));
                     context.chunk_indices.push(i as u32);
@@ -455,7 +457,7 @@ impl Cwm {
         instance_id: u64,
         data: &[u8],
     ) -> Result<bool, OpError> {
-        let (_, tkey) = self.transfer_context(key, instance_id)?;
+        let (ctx, tkey) = self.transfer_context(key, instance_id)?;
         let pending = self.engine_driven.stores.lock().remove(&tkey);
         if !data.is_empty() {
             tracing::warn!(
@@ -474,14 +476,17 @@ impl Cwm {
             );
             return Ok(false);
         };
-        let (objects, bytes) = (
-            pending.writes.len() as u64,
-            pending.writes.iter().map(|w| w.len() as u64).sum(),
-        );
+        let objects = pending.writes.len() as u64;
+        let mut committed = Vec::with_capacity(pending.writes.len());
         for w in pending.writes {
+            committed.push(w.key().clone());
             w.commit();
         }
-        self.counters.record_store(objects, bytes);
+        // Like `store`: committed objects go behind to L2.
+        self.tiers
+            .committed(committed, ctx.object_bytes, ctx.itemsize);
+        self.counters
+            .record_store(objects, objects * ctx.object_bytes);
         Ok(true)
     }
 
@@ -494,10 +499,12 @@ impl Cwm {
         // A repeated prepare replaces the pin; its lock is released once, by the commit.
         let replaced = self.engine_driven.retrieves.lock().remove(&tkey);
         drop(replaced);
-        let reads: Vec<Option<ReadGuard>> = tkey.objects.iter().map(|k| self.l1.read(k)).collect();
+        let reads: Vec<Option<ReadGuard>> =
+            tkey.objects.iter().map(|k| self.tiers.l1.read(k)).collect();
         // As in `retrieve`: on failure the lookup's lock on each object read is released now.
         let fail = |reads: &[Option<ReadGuard>]| {
-            self.l1
+            self.tiers
+                .l1
                 .unlock(reads.iter().flatten().map(ReadGuard::key), 1);
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
@@ -512,7 +519,7 @@ impl Cwm {
                 got: bad.len(),
                 want: ctx.object_bytes as usize,
             };
-            self.l1.unlock(reads.iter().map(ReadGuard::key), 1);
+            self.tiers.l1.unlock(reads.iter().map(ReadGuard::key), 1);
             return Err(err);
         }
         let slots = reads.iter().map(|g| ctx.slot(g.pool_offset())).collect();
@@ -539,7 +546,7 @@ impl Cwm {
         let Some(pending) = self.engine_driven.retrieves.lock().remove(&tkey) else {
             return Ok(false);
         };
-        self.l1.unlock(&tkey.objects, 1);
+        self.tiers.l1.unlock(&tkey.objects, 1);
         let (objects, bytes) = (
             pending.reads.len() as u64,
             pending.reads.iter().map(|g| g.len() as u64).sum(),

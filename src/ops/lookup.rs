@@ -2,32 +2,45 @@
 //! `end_session`: the scheduler's view of what is cached, and the read locks that keep a hit
 //! servable until the worker retrieves it.
 //!
-//! A lookup counts the leading chunks present for every kv_rank and read-locks them
-//! (`num_kv_readers` per object) in one step. Its answer is handed out exactly once by
-//! `query_prefetch_status`; later queries answer 0. Retrieves release one lock per object they
-//! read, `free_lookup_locks` the rest; the store's lock TTL covers clients that vanish.
+//! A lookup counts the leading chunks available for every kv_rank in L1 or L2. When all of them
+//! are already in L1 it read-locks them (`num_kv_readers` per object) and is done at once.
+//! Otherwise a prefetch job promotes the L2 hits into L1 on the bulk pool, and only then counts
+//! and locks the resident prefix; until it finishes `query_prefetch_status` answers "not yet"
+//! (no payload). A result is handed out exactly once; later queries answer 0. Retrieves
+//! release one lock per object they read, `free_lookup_locks` the rest; the store's lock TTL
+//! covers clients that vanish.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use connector_protocol::{codec, IpcCacheServerKey, ObjectKey};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
+use rayon::prelude::*;
 
 use super::{Cwm, OpError};
 
 /// What a lookup found for one request.
 struct LookupRecord {
     /// Keys of every chunk of the looked-up range, for every rank.
-    chunks: Vec<Vec<ObjectKey>>,
+    chunks: Arc<Vec<Vec<ObjectKey>>>,
     readers: u32,
     hit: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// A prefetch job with this id is promoting L2 hits.
+    Running(u64),
+    /// The hit count, not yet handed out.
+    Done(usize),
 }
 
 #[derive(Default)]
 struct Session {
     lookup: Option<LookupRecord>,
-    /// The hit count not yet handed out by `query_prefetch_status`.
-    unqueried: Option<usize>,
+    status: Option<Status>,
     last_seen: Option<Instant>,
 }
 
@@ -35,6 +48,9 @@ struct Session {
 #[derive(Default)]
 pub struct Sessions {
     by_request: Mutex<HashMap<String, Session>>,
+    /// Signalled whenever a prefetch job finishes (for `wait_prefetch_status`).
+    finished: Condvar,
+    next_job: AtomicU64,
 }
 
 impl Sessions {
@@ -59,19 +75,64 @@ impl Sessions {
 }
 
 impl Cwm {
-    pub(super) fn lookup(&self, key: &IpcCacheServerKey) -> Result<(), OpError> {
-        let hit = self.lookup_and_lock(key);
-        let mut sessions = self.sessions.by_request.lock();
-        let session = sessions.entry(key.request_id.clone()).or_default();
-        session.last_seen = Some(Instant::now());
-        session.unqueried = Some(hit.as_ref().map_or(0, |r| r.hit));
-        if let Some(record) = hit {
-            session.lookup = Some(record);
+    pub(super) fn lookup(self: &Arc<Self>, key: &IpcCacheServerKey) -> Result<(), OpError> {
+        let Some((chunks, readers)) = self.lookup_plan(key) else {
+            self.set_session(key, None, Status::Done(0));
+            return Ok(());
+        };
+        // The prefix available in some tier, and whether part of it must come from L2.
+        let tiers = &self.tiers;
+        let mut available = 0;
+        let mut from_l2 = false;
+        for keys in chunks.iter() {
+            if keys.iter().all(|k| tiers.l1.contains(k)) {
+            } else if keys.iter().all(|k| tiers.available(k)) {
+                from_l2 = true;
+            } else {
+                break;
+            }
+            available += 1;
         }
+        if !from_l2 {
+            let hit = tiers.l1.lock_prefix(&chunks, readers);
+            self.counters.record_lookup(chunks.len(), hit);
+            self.set_session(
+                key,
+                Some(LookupRecord {
+                    chunks,
+                    readers,
+                    hit,
+                }),
+                Status::Done(hit),
+            );
+            return Ok(());
+        }
+        let job = self.sessions.next_job.fetch_add(1, Ordering::Relaxed);
+        let request_id = key.request_id.clone();
+        self.set_session(
+            key,
+            Some(LookupRecord {
+                chunks: chunks.clone(),
+                readers,
+                hit: 0,
+            }),
+            Status::Running(job),
+        );
+        let cwm = self.clone();
+        rayon::spawn(move || {
+            let wanted = &chunks[..available];
+            wanted.par_iter().flatten().for_each(|k| {
+                cwm.tiers.promote(k);
+            });
+            let hit = cwm.tiers.l1.lock_prefix(wanted, readers);
+            cwm.counters.record_lookup(chunks.len(), hit);
+            cwm.finish_prefetch(&request_id, job, hit, &chunks, readers);
+        });
         Ok(())
     }
 
-    fn lookup_and_lock(&self, key: &IpcCacheServerKey) -> Option<LookupRecord> {
+    /// Chunk keys for every rank, or None when the lookup can only answer 0.
+    fn lookup_plan(&self, key: &IpcCacheServerKey) -> Option<(Arc<Vec<Vec<ObjectKey>>>, u32)> {
         if key.num_kv_readers == 0 {
             tracing::warn!(request_id = %key.request_id, "lookup with num_kv_readers 0 (a client older than LMCache 0.5): answering 0 hits");
             return None;
@@ -87,7 +148,7 @@ impl Cwm {
         }
         let end = key.end.min(key.token_ids.len() as u64) as usize;
         let hashes = self.hasher.chunk_hashes(&key.token_ids, 0, end);
-        let chunks: Vec<Vec<ObjectKey>> = hashes
+        let chunks = hashes
             .iter()
             .map(|h| {
                 (0..key.world_size)
@@ -95,22 +156,83 @@ impl Cwm {
                     .collect()
             })
             .collect();
-        let hit = self.l1.lock_prefix(&chunks, key.num_kv_readers);
-        self.counters.record_lookup(chunks.len(), hit);
-        Some(LookupRecord {
-            chunks,
-            readers: key.num_kv_readers,
-            hit,
-        })
+        Some((Arc::new(chunks), key.num_kv_readers))
     }
 
-    /// The hit count of the request's last lookup, once; 0 when unknown or already handed out.
-    pub(super) fn query_prefetch_status(&self, request_id: &str) -> u64 {
+    fn set_session(&self, key: &IpcCacheServerKey, record: Option<LookupRecord>, status: Status) {
         let mut sessions = self.sessions.by_request.lock();
-        sessions
-            .get_mut(request_id)
-            .and_then(|s| s.unqueried.take())
-            .unwrap_or(0) as u64
+        let session = sessions.entry(key.request_id.clone()).or_default();
+        session.last_seen = Some(Instant::now());
+        session.status = Some(status);
+        if record.is_some() {
+            session.lookup = record;
+        }
+    }
+
+    fn finish_prefetch(
+        &self,
+        request_id: &str,
+        job: u64,
+        hit: usize,
+        chunks: &[Vec<ObjectKey>],
+        readers: u32,
+    ) {
+        let mut sessions = self.sessions.by_request.lock();
+        match sessions.get_mut(request_id) {
+            Some(s) if s.status == Some(Status::Running(job)) => {
+                s.status = Some(Status::Done(hit));
+                if let Some(r) = s.lookup.as_mut() {
+                    r.hit = hit;
+                }
+            }
+            // The session ended or a newer lookup replaced this one: nobody will retrieve.
+            _ => self
+                .tiers
+                .l1
+                .unlock(chunks[..hit].iter().flatten(), readers),
+        }
+        drop(sessions);
+        self.sessions.finished.notify_all();
+    }
+
+    /// The hit count of the request's last lookup: `None` while its prefetch runs, then the
+    /// count once; 0 when unknown or already handed out.
+    pub(super) fn query_prefetch_status(&self, request_id: &str) -> Option<u64> {
+        let mut sessions = self.sessions.by_request.lock();
+        Self::take_status(&mut sessions, request_id)
+    }
+
+    fn take_status(sessions: &mut HashMap<String, Session>, request_id: &str) -> Option<u64> {
+        let Some(s) = sessions.get_mut(request_id) else {
+            return Some(0);
+        };
+        match s.status {
+            Some(Status::Running(_)) => None,
+            Some(Status::Done(hit)) => {
+                s.status = None;
+                Some(hit as u64)
+            }
+            None => Some(0),
+        }
+    }
+
+    /// Like `query_prefetch_status`, but waits up to `timeout` for a running prefetch.
+    pub(super) fn wait_prefetch_status(&self, request_id: &str, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(300));
+        let mut sessions = self.sessions.by_request.lock();
+        loop {
+            if let Some(hit) = Self::take_status(&mut sessions, request_id) {
+                return Some(hit);
+            }
+            if self
+                .sessions
+                .finished
+                .wait_until(&mut sessions, deadline)
+                .timed_out()
+            {
+                return Self::take_status(&mut sessions, request_id);
+            }
+        }
     }
 
     pub(super) fn free_lookup_locks(&self, key: &IpcCacheServerKey) {
@@ -119,16 +241,20 @@ impl Cwm {
             return;
         }
         let mut sessions = self.sessions.by_request.lock();
-        let Some(record) = sessions
-            .get_mut(&key.request_id)
-            .and_then(|s| s.lookup.as_mut())
-        else {
+        let Some(s) = sessions.get_mut(&key.request_id) else {
+            return;
+        };
+        if matches!(s.status, Some(Status::Running(_))) {
+            return;
+        }
+        let Some(record) = s.lookup.as_ref() else {
             return;
         };
         let from = (key.start / cs) as usize;
         let to = ((key.end / cs) as usize).min(record.hit);
         if from < to {
-            self.l1
+            self.tiers
+                .l1
                 .unlock(record.chunks[from..to].iter().flatten(), record.readers);
         }
     }
@@ -136,7 +262,9 @@ impl Cwm {
     pub(super) fn end_session(&self, request_id: &str) {
         let session = self.sessions.by_request.lock().remove(request_id);
         if let Some(record) = session.and_then(|s| s.lookup) {
-            self.l1.touch(record.chunks[..record.hit].iter().flatten());
+            self.tiers
+                .l1
+                .touch(record.chunks[..record.hit].iter().flatten());
         }
     }
 

@@ -27,7 +27,7 @@ pub use lookup::Sessions;
 pub use registry::{ReapPolicy, Registry};
 pub use transfer::TransferError;
 
-use crate::store::L1Store;
+use crate::store::tiered::Tiers;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -61,7 +61,7 @@ pub enum OpError {
 pub struct Cwm {
     pub settings: Settings,
     pub hasher: TokenHasher,
-    pub l1: Arc<L1Store>,
+    pub tiers: Tiers,
     pub registry: Registry,
     /// Engine-driven workers and their pending prepares.
     pub engine_driven: EngineDriven,
@@ -69,7 +69,7 @@ pub struct Cwm {
     pub counters: OpCounters,
 }
 
-/// Ops that touch engine memory: run off the socket thread, in order per client.
+/// Ops that copy engine memory or may wait: run off the socket thread, in order per client.
 pub fn is_transfer(op: &Op) -> bool {
     matches!(
         op,
@@ -79,15 +79,16 @@ pub fn is_transfer(op: &Op) -> bool {
             | Op::CommitStore
             | Op::PrepareRetrieve
             | Op::CommitRetrieve
+            | Op::WaitPrefetchStatus
     )
 }
 
 impl Cwm {
-    pub fn new(settings: Settings, l1: Arc<L1Store>) -> Arc<Cwm> {
+    pub fn new(settings: Settings, tiers: Tiers) -> Arc<Cwm> {
         Arc::new(Cwm {
             hasher: TokenHasher::new(settings.chunk_size),
             settings,
-            l1,
+            tiers,
             registry: Registry::default(),
             engine_driven: EngineDriven::default(),
             sessions: Sessions::default(),
@@ -96,7 +97,7 @@ impl Cwm {
     }
 
     /// Answer one request. Never panics on bad input; always returns the reply payload.
-    pub fn handle(&self, req: &Request<'_>) -> Option<Vec<u8>> {
+    pub fn handle(self: &Arc<Self>, req: &Request<'_>) -> Option<Vec<u8>> {
         let started = Instant::now();
         let result = self.dispatch(req);
         self.counters.record_op(req.op.name(), started.elapsed());
@@ -114,7 +115,7 @@ impl Cwm {
         }
     }
 
-    fn dispatch(&self, req: &Request<'_>) -> Result<Option<Vec<u8>>, OpError> {
+    fn dispatch(self: &Arc<Self>, req: &Request<'_>) -> Result<Option<Vec<u8>>, OpError> {
         use codec::*;
         let p = |n: usize| -> Result<&[&[u8]], OpError> { Ok(req.expect(n)?) };
         Ok(match &req.op {
@@ -178,16 +179,15 @@ impl Cwm {
                 self.lookup(&key)?;
                 None
             }
-            Op::QueryPrefetchStatus => Some(encode_u64(
-                self.query_prefetch_status(decode_str("request_id", p(1)?[0])?),
-            )),
+            Op::QueryPrefetchStatus => self
+                .query_prefetch_status(decode_str("request_id", p(1)?[0])?)
+                .map(encode_u64),
             Op::WaitPrefetchStatus => {
-                // Lookups resolve synchronously, so there is never anything to wait for.
                 let f = p(2)?;
-                decode_f64("timeout", f[1])?;
-                Some(encode_u64(
-                    self.query_prefetch_status(decode_str("request_id", f[0])?),
-                ))
+                let timeout = decode_f64("timeout", f[1])?;
+                let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
+                self.wait_prefetch_status(decode_str("request_id", f[0])?, timeout)
+                    .map(encode_u64)
             }
             Op::FreeLookupLocks => {
                 let f = p(2)?;
@@ -237,7 +237,7 @@ impl Cwm {
             }
             Op::Clear => {
                 let force = decode_bool("force", p(1)?[0])?;
-                let dropped = self.l1.clear(force);
+                let dropped = self.tiers.l1.clear(force);
                 tracing::info!(force, dropped, "clear");
                 None
             }
@@ -274,7 +274,9 @@ impl Cwm {
         let now = Instant::now();
         let sessions = self.sessions.expire(now, self.settings.session_ttl);
         let reaped = self.registry.reap(now, self.settings.reap);
-        let (expired, reaped_ed) = self.engine_driven.sweep(now, self.settings.reap, &self.l1);
+        let (expired, reaped_ed) =
+            self.engine_driven
+                .sweep(now, self.settings.reap, &self.tiers.l1);
         if sessions > 0 || !reaped.is_empty() || !reaped_ed.is_empty() {
             tracing::info!(
                 sessions,

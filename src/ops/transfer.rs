@@ -156,7 +156,7 @@ impl Cwm {
             if blocks.iter().all(|&b| b == 0) {
                 continue;
             }
-            match self.l1.reserve(key, object_bytes) {
+            match self.tiers.l1.reserve(key, object_bytes) {
                 Reservation::Reserved(w) => writes.push((c, w)),
                 Reservation::Present => {}
                 Reservation::NoSpace => tracing::warn!(
@@ -180,9 +180,13 @@ impl Cwm {
             unsafe { kv.gather(p, l, blocks, dst.0) }
         });
         let stored = writes.len();
-        for (_, w) in writes {
+        let mut committed = Vec::with_capacity(stored);
+        for (c, w) in writes {
             w.commit();
+            committed.push(plan.keys[c].clone());
         }
+        self.tiers
+            .committed(committed, object_bytes, kv.layout.itemsize as u8);
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         Ok(())
@@ -200,9 +204,14 @@ impl Cwm {
         let kv = inst.kv.as_ref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
         let chunk_tokens = self.settings.chunk_size as u64;
-        let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.l1.read(k)).collect();
+        let reads: Vec<Option<ReadGuard>> =
+            plan.keys.iter().map(|k| self.tiers.l1.read(k)).collect();
         // One lookup lock per object read is released whatever happens next.
-        let release = || self.l1.unlock(reads.iter().flatten().map(|g| g.key()), 1);
+        let release = || {
+            self.tiers
+                .l1
+                .unlock(reads.iter().flatten().map(|g| g.key()), 1)
+        };
         if let Some(missing) = reads.iter().position(Option::is_none) {
             release();
             self.counters.record_retrieve_miss();

@@ -121,7 +121,7 @@ impl MpServer {
         Ok(())
     }
 
-    fn on_message(&self, cwm: &Cwm, msg: Message, lanes: &[mpsc::Sender<Message>]) {
+    fn on_message(&self, cwm: &Arc<Cwm>, msg: Message, lanes: &[mpsc::Sender<Message>]) {
         let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
         match decode_incoming(&frames) {
             Ok(Incoming::Request(req)) if is_transfer(&req.op) => {
@@ -161,7 +161,7 @@ impl MpServer {
 }
 
 /// Run a handler, turning a panic (a bug, never input) into the op's failure reply.
-fn handle_guarded(cwm: &Cwm, req: &connector_protocol::Request<'_>) -> Option<Vec<u8>> {
+fn handle_guarded(cwm: &Arc<Cwm>, req: &connector_protocol::Request<'_>) -> Option<Vec<u8>> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cwm.handle(req))) {
         Ok(reply) => reply,
         Err(_) => {

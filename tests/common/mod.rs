@@ -22,9 +22,21 @@ pub fn sidecar(config: Config) -> Sidecar {
     .expect("sidecar starts")
 }
 
+/// Memory only: 256 MiB of L1, no disk tier.
 pub fn small_config() -> Config {
     Config {
         l1_size_gb: 0.25,
+        l2_size_gb: 0.0,
+        ..Config::default()
+    }
+}
+
+/// L1 plus an L2 in `dir`.
+pub fn disk_config(dir: &std::path::Path) -> Config {
+    Config {
+        l1_size_gb: 0.25,
+        l2_size_gb: 1.0,
+        l2_path: dir.to_path_buf(),
         ..Config::default()
     }
 }

@@ -1,0 +1,250 @@
+//! `cwm bench`: store and retrieve bandwidth and lookup latency through the real MP protocol,
+//! next to a plain memcpy of the same bytes on the same machine.
+//!
+//! By default the bench starts a cwm sidecar in this process on a free port (`--url` points it
+//! at any other server speaking the protocol, e.g. LMCache's) and talks to it only through
+//! `MpClient`, as vLLM's connector would; the in-process server additionally lends its counters
+//! (time spent in the server vs in transport) and its store (checking the object layout).
+//! Timings are reported, never asserted.
+
+pub mod kv;
+pub mod memcpy;
+pub mod mp;
+mod report;
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::serve::Sidecar;
+pub use kv::KvShape;
+pub use report::Machine;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Tokens per request (a multiple of the server's chunk size).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: u64,
+    /// Model layers.
+    #[arg(long, default_value_t = 32)]
+    pub layers: u64,
+    /// KV heads per layer (per rank).
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: u64,
+    /// Head dimension; each token's head holds K and V, 2 x head_dim bf16 values.
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: u64,
+    /// Tokens per engine block (must divide the chunk size).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u64,
+    /// Timed store/lookup/retrieve rounds (after one untimed warm-up and check round).
+    #[arg(long, default_value_t = 10)]
+    pub iterations: usize,
+    /// Lookup + query_prefetch_status round trips for the latency figures.
+    #[arg(long, default_value_t = 1000)]
+    pub lookups: usize,
+    /// Engine KV layout: nhd = [NB, BS, NH, C] (vLLM on GPU), hnd = [NB, NH, BS, C] (vLLM on CPU).
+    #[arg(long, value_enum, default_value_t = KvShape::Nhd)]
+    pub layout: KvShape,
+    /// Bench the server at this ZMQ endpoint (e.g. tcp://127.0.0.1:5555) instead of an
+    /// in-process cwm. It must be able to open this machine's /dev/shm.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Transfer lanes of the in-process server [default: cwm serve's].
+    #[arg(long)]
+    pub lanes: Option<usize>,
+    /// Threads of the copy pool (rayon) [default: one per core].
+    #[arg(long)]
+    pub copy_threads: Option<usize>,
+    /// L1 size of the in-process server in GiB [default: twice the request].
+    #[arg(long)]
+    pub l1_size_gb: Option<f64>,
+    /// Repeats of each memcpy baseline (best and median are reported).
+    #[arg(long, default_value_t = 5)]
+    pub memcpy_repeats: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// Bytes one request moves: every layer's K and V of every token.
+    pub fn request_bytes(&self) -> u64 {
+        self.tokens * self.layers * self.kv_heads * 2 * self.head_dim * kv::ITEMSIZE
+    }
+}
+
+/// Durations of repeated runs of one thing, sorted.
+#[derive(Debug, Clone, Default)]
+pub struct Samples(Vec<Duration>);
+
+impl Samples {
+    pub fn new(mut v: Vec<Duration>) -> Samples {
+        v.sort();
+        Samples(v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn min(&self) -> Duration {
+        self.0.first().copied().unwrap_or_default()
+    }
+
+    pub fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+
+    /// Nearest-rank quantile, `q` in `[0, 1]`.
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = (q * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+
+    pub fn median(&self) -> Duration {
+        self.quantile(0.5)
+    }
+
+    pub fn mean(&self) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.iter().sum::<Duration>() / self.0.len() as u32
+    }
+}
+
+impl serde::Serialize for Samples {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut st = s.serialize_struct("Samples", 6)?;
+        st.serialize_field("n", &self.len())?;
+        st.serialize_field("min_us", &us(self.min()))?;
+        st.serialize_field("p50_us", &us(self.median()))?;
+        st.serialize_field("p99_us", &us(self.quantile(0.99)))?;
+        st.serialize_field("max_us", &us(self.max()))?;
+        st.serialize_field("mean_us", &us(self.mean()))?;
+        st.end()
+    }
+}
+
+/// Decimal GB/s.
+pub fn gbps(bytes: u64, d: Duration) -> f64 {
+    if d.is_zero() {
+        return 0.0;
+    }
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// Run the whole bench and print its report.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.copy_threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configure the copy pool")?;
+    }
+    let machine = Machine::detect();
+    // The yardstick first, while nothing else holds memory or cores.
+    let memcpy = memcpy::run(args.request_bytes() as usize, args.memcpy_repeats.max(1));
+
+    let defaults = Config::default();
+    let lanes = args.lanes.unwrap_or(defaults.transfer_lanes);
+    let sidecar = match &args.url {
+        Some(_) => None,
+        None => {
+            let l1_size_gb = args.l1_size_gb.unwrap_or_else(|| {
+                let gib = 2.0 * args.request_bytes() as f64 / (1u64 << 30) as f64;
+                (gib * 4.0).ceil() / 4.0 + 0.25
+            });
+            Some(
+                Sidecar::start(&Config {
+                    host: "127.0.0.1".into(),
+                    port: 0,
+                    l1_size_gb,
+                    transfer_lanes: lanes,
+                    ..defaults
+                })
+                .context("start the in-process cwm")?,
+            )
+        }
+    };
+    let endpoint = match (&args.url, &sidecar) {
+        (Some(url), _) => url.clone(),
+        (None, Some(s)) => s.mp_endpoint.clone(),
+        (None, None) => unreachable!("a sidecar is started when no --url is given"),
+    };
+    let cfg = mp::MpConfig {
+        tokens: args.tokens,
+        layers: args.layers,
+        heads: args.kv_heads,
+        head_dim: args.head_dim,
+        block_size: args.block_size,
+        shape: args.layout,
+        iterations: args.iterations.max(1),
+        lookups: args.lookups,
+    };
+    let results = mp::run(&cfg, &endpoint, sidecar.as_ref().map(|s| &*s.cwm));
+    if let Some(s) = sidecar {
+        s.stop();
+    }
+    let report = report::Report {
+        machine,
+        server: match &args.url {
+            Some(url) => format!("external server at {url}"),
+            None => format!(
+                "in-process cwm ({lanes} transfer lanes, {} copy threads)",
+                rayon::current_num_threads()
+            ),
+        },
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        memcpy,
+        mp: results?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let s = Samples::new((1..=100).rev().map(Duration::from_micros).collect());
+        assert_eq!(s.median(), Duration::from_micros(50));
+        assert_eq!(s.quantile(0.99), Duration::from_micros(99));
+        assert_eq!(
+            (s.min(), s.max()),
+            (Duration::from_micros(1), Duration::from_micros(100))
+        );
+        assert_eq!(Samples::default().quantile(0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn llama_8b_request_is_512_mib() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args = Cli::parse_from(["cwm"]).bench;
+        assert_eq!(args.request_bytes(), 512 << 20);
+    }
+}

@@ -1,0 +1,648 @@
+//! L2: the disk tier. Append-only segment files of checksummed records (see `record`), an
+//! in-memory index rebuilt at open from a checkpoint plus a forward scan of what was appended
+//! after it, and segment-level LRU reclaim within a byte budget.
+//!
+//! Guarantees: a record is indexed only once fully appended; a read verifies the header and
+//! payload checksums and the key before decompressing, and a record failing any check is
+//! dropped from the index, counted and reported as a miss — never served. A torn tail (a crash
+//! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
+//! copied forward into the active segment before their old segment is deleted.
+
+pub mod record;
+pub mod storage;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use connector_protocol::ObjectKey;
+use parking_lot::Mutex;
+use thiserror::Error;
+
+use self::record::{decode_header, encode_header, verify_payload, RecordError};
+use self::storage::{SegmentFile, Storage};
+use crate::store::codec::{self, Codec, CompressionPolicy};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync after every record (slowest, loses nothing acknowledged by the disk).
+    Always,
+    /// fsync at most this often (a crash of the machine loses at most this window).
+    Interval(Duration),
+    /// leave it to the OS.
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub capacity_bytes: u64,
+    pub segment_bytes: u64,
+    pub fsync: FsyncPolicy,
+    pub compression: CompressionPolicy,
+}
+
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("disk I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("record of {need} bytes does not fit the L2 budget of {capacity} bytes (pinned data leaves {free} free)")]
+    Full { need: u64, capacity: u64, free: u64 },
+    #[error("stored record holds key {found:?}, index expected {want:?}")]
+    KeyMismatch {
+        want: Box<ObjectKey>,
+        found: Box<ObjectKey>,
+    },
+    #[error("stored object is {found} bytes, caller expected {want}")]
+    Length { want: u64, found: u64 },
+    #[error("corrupt payload: {0}")]
+    Codec(#[from] codec::CodecError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(&'static str),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    segment: u32,
+    offset: u64,
+    record_len: u64,
+    raw_len: u64,
+}
+
+struct SegmentState<F> {
+    file: Arc<F>,
+    /// Keys whose records live here.
+    keys: HashSet<ObjectKey>,
+    last_access: u64,
+}
+
+struct State<F> {
+    index: HashMap<ObjectKey, Location>,
+    pins: HashMap<ObjectKey, u32>,
+    segments: HashMap<u32, SegmentState<F>>,
+    active: Option<u32>,
+    next_id: u32,
+    used_bytes: u64,
+    tick: u64,
+    dirty: bool,
+    last_sync: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    pub written_records: AtomicU64,
+    pub written_raw_bytes: AtomicU64,
+    pub written_stored_bytes: AtomicU64,
+    pub read_records: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub corrupt_records: AtomicU64,
+    pub reclaimed_segments: AtomicU64,
+    pub reclaimed_records: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub truncated_tail_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStats {
+    pub records: usize,
+    pub segments: usize,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub pinned: usize,
+}
+
+pub struct DiskStore<S: Storage> {
+    storage: S,
+    config: DiskConfig,
+    state: Mutex<State<S::File>>,
+    pub counters: DiskCounters,
+}
+
+const CKPT_MAGIC: &[u8; 4] = b"CWMI";
+const CKPT_VERSION: u16 = 1;
+
+impl<S: Storage> DiskStore<S> {
+    /// Open the store: load the checkpoint, scan every segment forward from where the
+    /// checkpoint left it, truncate a torn tail.
+    pub fn open(storage: S, config: DiskConfig) -> Result<DiskStore<S>, DiskError> {
+        let started = Instant::now();
+        let mut state = State {
+            index: HashMap::new(),
+            pins: HashMap::new(),
+            segments: HashMap::new(),
+            active: None,
+            next_id: 0,
+            used_bytes: 0,
+            tick: 0,
+            dirty: false,
+            last_sync: Instant::now(),
+        };
+        let counters = DiskCounters::default();
+        let checkpoint = match storage.read_checkpoint()? {
+            Some(bytes) => match decode_checkpoint(&bytes) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(
+                        "ignoring L2 checkpoint ({e}); rebuilding the index by scanning"
+                    );
+                    Checkpoint::default()
+                }
+            },
+            None => Checkpoint::default(),
+        };
+        let ids = storage.segments()?;
+        let last = ids.last().copied();
+        for &id in &ids {
+            let file = Arc::new(storage.open(id)?);
+            let file_len = file.len();
+            let mut keys = HashSet::new();
+            let mut at = 0;
+            // Trust the checkpoint's entries for this segment if the file still covers them.
+            if let Some(&scanned) = checkpoint.scanned.get(&id) {
+                if scanned <= file_len {
+                    for (key, loc) in checkpoint.entries.iter().filter(|(_, l)| l.segment == id) {
+                        state.used_bytes += loc.record_len;
+                        keys.insert(key.clone());
+                        state.index.insert(key.clone(), *loc);
+                    }
+                    at = scanned;
+                }
+            }
+            // Replay forward.
+            while at < file_len {
+                let head = file.read(at, record::FIXED as u64 + record::MAX_KEY as u64 + 4)?;
+                match decode_header(&head, at) {
+                    Ok(h) if at + h.record_len() <= file_len => {
+                        let loc = Location {
+                            segment: id,
+                            offset: at,
+                            record_len: h.record_len(),
+                            raw_len: h.raw_len,
+                        };
+                        if let Some(old) = state.index.insert(h.key.clone(), loc) {
+                            state.used_bytes -= old.record_len;
+                            if let Some(s) = state.segments.get_mut(&old.segment) {
+                                s.keys.remove(&h.key);
+                            }
+                        }
+                        state.used_bytes += loc.record_len;
+                        keys.insert(h.key);
+                        at += loc.record_len;
+                    }
+                    result => {
+                        let why = result.err().map_or_else(
+                            || "record runs past the end".to_string(),
+                            |e| e.to_string(),
+                        );
+                        if Some(id) == last {
+                            tracing::warn!(
+                                segment = id,
+                                offset = at,
+                                dropped = file_len - at,
+                                "L2: truncating torn tail ({why})"
+                            );
+                            counters
+                                .truncated_tail_bytes
+                                .fetch_add(file_len - at, Relaxed);
+                            file.truncate(at)?;
+                        } else {
+                            tracing::error!(segment = id, offset = at, "L2: unreadable record in a sealed segment, ignoring the rest of it ({why})");
+                            counters.corrupt_records.fetch_add(1, Relaxed);
+                        }
+                        break;
+                    }
+                }
+            }
+            state.segments.insert(
+                id,
+                SegmentState {
+                    file,
+                    keys,
+                    last_access: 0,
+                },
+            );
+        }
+        state.next_id = last.map_or(0, |l| l + 1);
+        state.active = last;
+        let store = DiskStore {
+            storage,
+            config,
+            state: Mutex::new(state),
+            counters,
+        };
+        let stats = store.stats();
+        tracing::info!(
+            records = stats.records,
+            segments = stats.segments,
+            bytes = stats.used_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "L2 opened"
+        );
+        Ok(store)
+    }
+
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.state.lock().index.contains_key(key)
+    }
+
+    /// Raw (decompressed) length of a stored object.
+    pub fn raw_len(&self, key: &ObjectKey) -> Option<u64> {
+        self.state.lock().index.get(key).map(|l| l.raw_len)
+    }
+
+    /// Compress and append `raw` under `key` (no-op if present).
+    pub fn write(&self, key: &ObjectKey, raw: &[u8], itemsize: u8) -> Result<(), DiskError> {
+        if self.contains(key) {
+            return Ok(());
+        }
+        let (codec, payload) = codec::compress(raw, itemsize as usize, self.config.compression);
+        self.write_compressed(key, codec, itemsize, raw.len() as u64, &payload)
+    }
+
+    /// Append an already compressed payload (no-op if present).
+    pub fn write_compressed(
+        &self,
+        key: &ObjectKey,
+        codec: Codec,
+        itemsize: u8,
+        raw_len: u64,
+        payload: &[u8],
+    ) -> Result<(), DiskError> {
+        let header = encode_header(key, codec, itemsize, raw_len, payload);
+        let record_len = header.len() as u64 + payload.len() as u64;
+        let mut st = self.state.lock();
+        if st.index.contains_key(key) {
+            return Ok(());
+        }
+        self.make_room(&mut st, record_len)?;
+        let id = self.active_segment(&mut st, record_len)?;
+        let file = st.segments[&id].file.clone();
+        let offset = file.append(&[&header, payload]).inspect_err(|_| {
+            self.counters.write_errors.fetch_add(1, Relaxed);
+        })?;
+        let sync_now = match self.config.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
+            FsyncPolicy::Never => false,
+        };
+        if sync_now {
+            file.sync()?;
+            st.last_sync = Instant::now();
+        }
+        st.tick += 1;
+        let tick = st.tick;
+        let seg = st.segments.get_mut(&id).expect("active segment");
+        seg.keys.insert(key.clone());
+        seg.last_access = tick;
+        st.index.insert(
+            key.clone(),
+            Location {
+                segment: id,
+                offset,
+                record_len,
+                raw_len,
+            },
+        );
+        st.used_bytes += record_len;
+        st.dirty = true;
+        self.counters.written_records.fetch_add(1, Relaxed);
+        self.counters.written_raw_bytes.fetch_add(raw_len, Relaxed);
+        self.counters
+            .written_stored_bytes
+            .fetch_add(payload.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// The segment to append `record_len` bytes to, rotating when the active one is full.
+    fn active_segment(&self, st: &mut State<S::File>, record_len: u64) -> Result<u32, DiskError> {
+        if let Some(id) = st.active {
+            let len = st.segments[&id].file.len();
+            if len == 0 || len + record_len <= self.config.segment_bytes {
+                return Ok(id);
+            }
+            st.segments[&id].file.sync()?;
+        }
+        let id = st.next_id;
+        let file = Arc::new(self.storage.create(id)?);
+        st.next_id += 1;
+        st.active = Some(id);
+        st.segments.insert(
+            id,
+            SegmentState {
+                file,
+                keys: HashSet::new(),
+                last_access: st.tick,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
+    fn make_room(&self, st: &mut State<S::File>, need: u64) -> Result<(), DiskError> {
+        let capacity = self.config.capacity_bytes;
+        if st.used_bytes + need <= capacity {
+            return Ok(());
+        }
+        // Candidates: the sealed segments of now, least recently used first. Segments created
+        // while moving pinned records forward are never candidates of this round.
+        let mut candidates: Vec<(u64, u32)> = st
+            .segments
+            .iter()
+            .filter(|(id, _)| Some(**id) != st.active)
+            .map(|(id, s)| (s.last_access, *id))
+            .collect();
+        candidates.sort_unstable();
+        let mut candidates = candidates.into_iter().map(|(_, id)| id);
+        while st.used_bytes + need > capacity {
+            let Some(victim) = candidates.next() else {
+                return Err(DiskError::Full {
+                    need,
+                    capacity,
+                    free: capacity.saturating_sub(st.used_bytes),
+                });
+            };
+            let (file, keys) = {
+                let seg = &st.segments[&victim];
+                (
+                    seg.file.clone(),
+                    seg.keys.iter().cloned().collect::<Vec<_>>(),
+                )
+            };
+            let (pinned, unpinned): (Vec<_>, Vec<_>) =
+                keys.into_iter().partition(|k| st.pins.contains_key(k));
+            if unpinned.is_empty() {
+                continue; // nothing to gain
+            }
+            // Pinned records move forward first; if that fails the segment stays as it is.
+            for key in &pinned {
+                let loc = st.index[key];
+                let bytes = file.read(loc.offset, loc.record_len)?;
+                let id = self.active_segment(st, loc.record_len)?;
+                let offset = st.segments[&id].file.append(&[&bytes])?;
+                st.segments
+                    .get_mut(&id)
+                    .expect("active")
+                    .keys
+                    .insert(key.clone());
+                st.index.insert(
+                    key.clone(),
+                    Location {
+                        segment: id,
+                        offset,
+                        ..loc
+                    },
+                );
+            }
+            st.segments.remove(&victim);
+            for key in &unpinned {
+                if let Some(loc) = st.index.remove(key) {
+                    st.used_bytes -= loc.record_len;
+                }
+            }
+            // A moved record keeps its byte count: the copy replaces the one deleted here.
+            if let Some(active) = st.active {
+                st.segments[&active].file.sync()?;
+            }
+            self.storage.remove(victim)?;
+            st.dirty = true;
+            self.counters.reclaimed_segments.fetch_add(1, Relaxed);
+            self.counters
+                .reclaimed_records
+                .fetch_add(unpinned.len() as u64, Relaxed);
+            tracing::debug!(
+                segment = victim,
+                dropped = unpinned.len(),
+                moved = pinned.len(),
+                "L2: reclaimed segment"
+            );
+        }
+        Ok(())
+    }
+
+    /// Read, verify and decompress `key` into `out` (exactly its raw length). A record that
+    /// fails verification is dropped from the index.
+    pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<(), DiskError> {
+        let (loc, file) = {
+            let mut st = self.state.lock();
+            let Some(loc) = st.index.get(key).copied() else {
+                return Err(DiskError::Io(io::Error::from(io::ErrorKind::NotFound)));
+            };
+            st.tick += 1;
+            let tick = st.tick;
+            let seg = st
+                .segments
+                .get_mut(&loc.segment)
+                .expect("indexed segment exists");
+            seg.last_access = tick;
+            (loc, seg.file.clone())
+        };
+        let result = (|| {
+            if loc.raw_len != out.len() as u64 {
+                return Err(DiskError::Length {
+                    want: out.len() as u64,
+                    found: loc.raw_len,
+                });
+            }
+            let bytes = file.read(loc.offset, loc.record_len)?;
+            let h = decode_header(&bytes, loc.offset)?;
+            if h.key != *key {
+                return Err(DiskError::KeyMismatch {
+                    want: Box::new(key.clone()),
+                    found: Box::new(h.key),
+                });
+            }
+            let payload = bytes.get(h.header_len as usize..).unwrap_or(&[]);
+            verify_payload(&h, payload, loc.offset)?;
+            codec::decompress(h.codec, payload, out)?;
+            Ok(())
+        })();
+        match &result {
+            Ok(()) => {
+                self.counters.read_records.fetch_add(1, Relaxed);
+                self.counters.read_bytes.fetch_add(loc.raw_len, Relaxed);
+            }
+            Err(DiskError::Length { .. }) => {}
+            Err(e) => {
+                tracing::error!(
+                    ?key,
+                    segment = loc.segment,
+                    offset = loc.offset,
+                    "L2: dropping unreadable record: {e}"
+                );
+                self.counters.corrupt_records.fetch_add(1, Relaxed);
+                self.forget(key);
+            }
+        }
+        result
+    }
+
+    fn forget(&self, key: &ObjectKey) {
+        let mut st = self.state.lock();
+        if let Some(loc) = st.index.remove(key) {
+            st.used_bytes -= loc.record_len;
+            if let Some(seg) = st.segments.get_mut(&loc.segment) {
+                seg.keys.remove(key);
+            }
+            st.dirty = true;
+        }
+    }
+
+    /// Protect `key` from reclaim (reference counted).
+    pub fn pin(&self, key: &ObjectKey) -> bool {
+        let mut st = self.state.lock();
+        if !st.index.contains_key(key) {
+            return false;
+        }
+        *st.pins.entry(key.clone()).or_default() += 1;
+        true
+    }
+
+    pub fn unpin(&self, key: &ObjectKey) {
+        let mut st = self.state.lock();
+        if let Some(n) = st.pins.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                st.pins.remove(key);
+            }
+        }
+    }
+
+    /// fsync the active segment.
+    pub fn sync(&self) -> Result<(), DiskError> {
+        let file = {
+            let mut st = self.state.lock();
+            st.last_sync = Instant::now();
+            st.active
+                .and_then(|id| st.segments.get(&id))
+                .map(|s| s.file.clone())
+        };
+        if let Some(f) = file {
+            f.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Sync, then persist the index so the next open needs to scan only what comes after.
+    pub fn checkpoint(&self) -> Result<(), DiskError> {
+        self.sync()?;
+        let bytes = {
+            let mut st = self.state.lock();
+            if !st.dirty {
+                return Ok(());
+            }
+            st.dirty = false;
+            let scanned: HashMap<u32, u64> = st
+                .segments
+                .iter()
+                .map(|(id, s)| (*id, s.file.len()))
+                .collect();
+            encode_checkpoint(&st.index, &scanned)
+        };
+        self.storage.write_checkpoint(&bytes)?;
+        Ok(())
+    }
+
+    /// Whether a sync is due under the interval policy.
+    pub fn sync_due(&self) -> bool {
+        match self.config.fsync {
+            FsyncPolicy::Interval(d) => self.state.lock().last_sync.elapsed() >= d,
+            _ => false,
+        }
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        let st = self.state.lock();
+        DiskStats {
+            records: st.index.len(),
+            segments: st.segments.len(),
+            used_bytes: st.used_bytes,
+            capacity_bytes: self.config.capacity_bytes,
+            pinned: st.pins.len(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Checkpoint {
+    scanned: HashMap<u32, u64>,
+    entries: Vec<(ObjectKey, Location)>,
+}
+
+/// Checkpoint format v1: magic "CWMI", version u16, segment count u32, (id u32, scanned u64)*,
+/// entry count u64, (segment u32, offset u64, record_len u64, raw_len u64, key len u16, key)*,
+/// crc32 of everything before it. Keys use the record key encoding.
+fn encode_checkpoint(index: &HashMap<ObjectKey, Location>, scanned: &HashMap<u32, u64>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + index.len() * 120);
+    b.extend_from_slice(CKPT_MAGIC);
+    b.extend_from_slice(&CKPT_VERSION.to_le_bytes());
+    b.extend_from_slice(&(scanned.len() as u32).to_le_bytes());
+    for (id, len) in scanned {
+        b.extend_from_slice(&id.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+    }
+    b.extend_from_slice(&(index.len() as u64).to_le_bytes());
+    for (key, loc) in index {
+        b.extend_from_slice(&loc.segment.to_le_bytes());
+        b.extend_from_slice(&loc.offset.to_le_bytes());
+        b.extend_from_slice(&loc.record_len.to_le_bytes());
+        b.extend_from_slice(&loc.raw_len.to_le_bytes());
+        let k = record::encode_key_bytes(key);
+        b.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        b.extend_from_slice(&k);
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_checkpoint(b: &[u8]) -> Result<Checkpoint, DiskError> {
+    let bad = DiskError::Checkpoint;
+    if b.len() < 4 + 2 + 4 + 8 + 4 || &b[..4] != CKPT_MAGIC {
+        return Err(bad("bad magic or too short"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+        return Err(bad("checksum mismatch"));
+    }
+    if u16::from_le_bytes(body[4..6].try_into().unwrap()) != CKPT_VERSION {
+        return Err(bad("unknown version"));
+    }
+    let mut at = 6;
+    let mut take = |n: usize| -> Result<&[u8], DiskError> {
+        let s = body.get(at..at + n).ok_or(bad("truncated"))?;
+        at += n;
+        Ok(s)
+    };
+    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap());
+    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap());
+    let mut c = Checkpoint::default();
+    for _ in 0..u32_of(take(4)?) {
+        let id = u32_of(take(4)?);
+        c.scanned.insert(id, u64_of(take(8)?));
+    }
+    let n = u64_of(take(8)?);
+    for _ in 0..n {
+        let segment = u32_of(take(4)?);
+        let offset = u64_of(take(8)?);
+        let record_len = u64_of(take(8)?);
+        let raw_len = u64_of(take(8)?);
+        let klen = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
+        let key = record::decode_key_bytes(take(klen)?).ok_or(bad("bad key"))?;
+        c.entries.push((
+            key,
+            Location {
+                segment,
+                offset,
+                record_len,
+                raw_len,
+            },
+        ));
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! The disk record: one stored object (format version 1, documented in docs/FORMATS.md).
+//!
+//! ```text
+//! offset size field
+//!  0      4   magic "CWMR"
+//!  4      2   format version (u16 LE) = 1
+//!  6      1   codec (0 raw, 1 zstd, 2 zstd byte planes)
+//!  7      1   itemsize of the stored elements (1, 2, 4; the byte-plane split needs 2)
+//!  8      2   key length K (u16 LE)
+//! 10      2   reserved, 0
+//! 12      8   raw length (u64 LE): bytes after decompression
+//! 20      8   stored length S (u64 LE): payload bytes on disk
+//! 28      4   crc32 of the payload
+//! 32      K   key: kv_rank u32 LE, object_group u32 LE, chunk hash [32],
+//!             model length u16 LE, model UTF-8, salt length u16 LE, salt UTF-8
+//! 32+K    4   crc32 of bytes [0, 32+K)
+//! 36+K    S   payload
+//! ```
+//!
+//! A record is valid only if the magic, version, header crc and payload crc all match; a
+//! reader never hands out bytes from a record that fails any check.
+
+use std::sync::Arc;
+
+use connector_protocol::{ChunkHash, ObjectKey};
+use thiserror::Error;
+
+use crate::store::codec::Codec;
+
+pub const MAGIC: [u8; 4] = *b"CWMR";
+pub const VERSION: u16 = 1;
+/// Bytes before the key.
+pub const FIXED: usize = 32;
+/// Largest key we write or accept (model + salt + 44 fixed bytes).
+pub const MAX_KEY: usize = 4096;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record at {offset}: truncated ({have} bytes, need {need})")]
+    Short { offset: u64, have: u64, need: u64 },
+    #[error("record at {offset}: bad magic {found:02x?}")]
+    Magic { offset: u64, found: [u8; 4] },
+    #[error("record at {offset}: format version {found}, this build reads {VERSION}")]
+    Version { offset: u64, found: u16 },
+    #[error("record at {offset}: header checksum mismatch")]
+    HeaderCrc { offset: u64 },
+    #[error("record at {offset}: payload checksum mismatch")]
+    PayloadCrc { offset: u64 },
+    #[error("record at {offset}: malformed header ({what})")]
+    Malformed { offset: u64, what: &'static str },
+}
+
+/// A decoded record header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub codec: Codec,
+    pub itemsize: u8,
+    pub raw_len: u64,
+    pub stored_len: u64,
+    pub payload_crc: u32,
+    pub key: ObjectKey,
+    /// Bytes of the header (fixed part, key, header crc): the payload starts here.
+    pub header_len: u64,
+}
+
+impl RecordHeader {
+    pub fn record_len(&self) -> u64 {
+        self.header_len + self.stored_len
+    }
+}
+
+/// The key section of a record (also used by the index checkpoint).
+pub fn encode_key_bytes(key: &ObjectKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + key.model.len() + key.cache_salt.len());
+    encode_key(key, &mut out);
+    out
+}
+
+fn encode_key(key: &ObjectKey, out: &mut Vec<u8>) {
+    out.extend_from_slice(&key.kv_rank.to_le_bytes());
+    out.extend_from_slice(&key.object_group.to_le_bytes());
+    out.extend_from_slice(&key.chunk_hash.0);
+    for s in [&*key.model, &*key.cache_salt] {
+        out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// Inverse of `encode_key_bytes`.
+pub fn decode_key_bytes(b: &[u8]) -> Option<ObjectKey> {
+    let kv_rank = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
+    let object_group = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
+    let chunk_hash = ChunkHash(b.get(8..40)?.try_into().ok()?);
+    let mut at = 40;
+    let mut strings = [Arc::<str>::from(""), Arc::<str>::from("")];
+    for s in &mut strings {
+        let n = u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize;
+        *s = std::str::from_utf8(b.get(at + 2..at + 2 + n)?).ok()?.into();
+        at += 2 + n;
+    }
+    (at == b.len()).then(|| {
+        let [model, cache_salt] = strings;
+        ObjectKey {
+            model,
+            kv_rank,
+            object_group,
+            chunk_hash,
+            cache_salt,
+        }
+    })
+}
+
+/// Serialize the header for `payload`; the record is `header ++ payload`.
+pub fn encode_header(
+    key: &ObjectKey,
+    codec: Codec,
+    itemsize: u8,
+    raw_len: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut key_bytes = Vec::with_capacity(48 + key.model.len() + key.cache_salt.len());
+    encode_key(key, &mut key_bytes);
+    assert!(
+        key_bytes.len() <= MAX_KEY,
+        "key of {} bytes exceeds {MAX_KEY}",
+        key_bytes.len()
+    );
+    let mut h = Vec::with_capacity(FIXED + key_bytes.len() + 4);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.push(codec.code());
+    h.push(itemsize);
+    h.extend_from_slice(&(key_bytes.len() as u16).to_le_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&raw_len.to_le_bytes());
+    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h.extend_from_slice(&key_bytes);
+    let crc = crc32fast::hash(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Decode and verify the header at the start of `b` (the bytes from `offset` on; `b` may
+/// be longer than the record). Does not check the payload.
+pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError> {
+    let short = |need: usize| RecordError::Short {
+        offset,
+        have: b.len() as u64,
+        need: need as u64,
+    };
+    if b.len() < FIXED {
+        return Err(short(FIXED));
+    }
+    let magic: [u8; 4] = b[0..4].try_into().unwrap();
+    if magic != MAGIC {
+        return Err(RecordError::Magic {
+            offset,
+            found: magic,
+        });
+    }
+    let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap());
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let key_len = u16_at(8) as usize;
+    let header_len = FIXED + key_len + 4;
+    if b.len() < header_len {
+        return Err(short(header_len));
+    }
+    let crc = u32::from_le_bytes(b[FIXED + key_len..header_len].try_into().unwrap());
+    if crc32fast::hash(&b[..FIXED + key_len]) != crc {
+        return Err(RecordError::HeaderCrc { offset });
+    }
+    let version = u16_at(4);
+    if version != VERSION {
+        return Err(RecordError::Version {
+            offset,
+            found: version,
+        });
+    }
+    let malformed = |what| RecordError::Malformed { offset, what };
+    let codec = Codec::from_code(b[6]).ok_or(malformed("unknown codec"))?;
+    let key = decode_key_bytes(&b[FIXED..FIXED + key_len]).ok_or(malformed("bad key"))?;
+    Ok(RecordHeader {
+        codec,
+        itemsize: b[7],
+        raw_len: u64_at(12),
+        stored_len: u64_at(20),
+        payload_crc: u32::from_le_bytes(b[28..32].try_into().unwrap()),
+        key,
+        header_len: header_len as u64,
+    })
+}
+
+/// Check a payload against its header.
+pub fn verify_payload(h: &RecordHeader, payload: &[u8], offset: u64) -> Result<(), RecordError> {
+    if payload.len() as u64 != h.stored_len {
+        return Err(RecordError::Short {
+            offset,
+            have: payload.len() as u64,
+            need: h.stored_len,
+        });
+    }
+    if crc32fast::hash(payload) != h.payload_crc {
+        return Err(RecordError::PayloadCrc { offset });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(salt: &str) -> ObjectKey {
+        ObjectKey {
+            model: "meta/Llama".into(),
+            kv_rank: 0x02010201,
+            object_group: 3,
+            chunk_hash: ChunkHash([9; 32]),
+            cache_salt: salt.into(),
+        }
+    }
+
+    fn record(salt: &str, payload: &[u8]) -> Vec<u8> {
+        let mut r = encode_header(&key(salt), Codec::Raw, 2, payload.len() as u64, payload);
+        r.extend_from_slice(payload);
+        r
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = record("alice", b"hello world");
+        let h = decode_header(&r, 0).unwrap();
+        assert_eq!(
+            (h.key.clone(), h.codec, h.itemsize, h.raw_len, h.stored_len),
+            (key("alice"), Codec::Raw, 2, 11, 11)
+        );
+        assert_eq!(h.record_len() as usize, r.len());
+        verify_payload(&h, &r[h.header_len as usize..], 0).unwrap();
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let r = record("s", &[1, 2, 3, 4, 5, 6, 7, 8]);
+        for i in 0..r.len() * 8 {
+            let mut bad = r.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            let ok = decode_header(&bad, 0).and_then(|h| {
+                verify_payload(
+                    &h,
+                    bad.get(h.header_len as usize..h.record_len() as usize)
+                        .unwrap_or(&[]),
+                    0,
+                )
+            });
+            assert!(ok.is_err(), "flip of bit {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncation_and_wrong_magic() {
+        let r = record("", &[7; 100]);
+        for n in 0..r.len() {
+            let ok = decode_header(&r[..n], 0).and_then(|h| {
+                verify_payload(&h, r[..n].get(h.header_len as usize..).unwrap_or(&[]), 0)
+            });
+            assert!(ok.is_err(), "prefix of {n} bytes accepted");
+        }
+        let mut bad = r.clone();
+        bad[..4].copy_from_slice(b"XXXX");
+        assert!(matches!(
+            decode_header(&bad, 5),
+            Err(RecordError::Magic { offset: 5, .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_header(&bytes, 0);
+        }
+
+        #[test]
+        fn keys_round_trip(model in "[a-zA-Z0-9/_.-]{1,60}", salt in "[a-z0-9]{0,40}", rank in any::<u32>(), hash in any::<[u8; 32]>()) {
+            let k = ObjectKey { model: model.as_str().into(), kv_rank: rank, object_group: 0, chunk_hash: ChunkHash(hash), cache_salt: salt.as_str().into() };
+            let h = encode_header(&k, Codec::Zstd, 2, 10, b"xyz");
+            prop_assert_eq!(decode_header(&h, 0).unwrap().key, k);
+        }
+    }
+}
