@@ -199,6 +199,15 @@ impl MpClient {
         self.call_u64(Op::QueryPrefetchStatus, &[codec::encode_str(request_id)])
     }
 
+    /// `query_prefetch_status` as LMCache answers it: `None` while the lookup is still running.
+    pub fn poll_prefetch_status(&mut self, request_id: &str) -> Result<Option<u64>, ClientError> {
+        let op = Op::QueryPrefetchStatus;
+        let payload = self
+            .call(op.clone(), &[codec::encode_str(request_id)])?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        codec::decode_opt_u64("result", &payload).map_err(|e| Self::bad(&op, e))
+    }
+
     pub fn free_lookup_locks(&mut self, key: &IpcCacheServerKey) -> Result<(), ClientError> {
         self.call(
             Op::FreeLookupLocks,

@@ -156,6 +156,7 @@ def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> d
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    remove_dead_kv_shm(t0)
     result = {}
     if os.path.exists(res_path):
         with open(res_path) as f:
@@ -169,6 +170,27 @@ def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> d
         e.result = result
         raise e
     return result
+
+
+def remove_dead_kv_shm(since: float) -> None:
+    """A vLLM worker killed before its clean exit leaves its 1 GiB KV cache in /dev/shm
+    (lmcache_kv_<pid>_<n>). Remove those made since `since` whose process is gone."""
+    d = "/dev/shm"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        parts = n.split("_")
+        if len(parts) != 4 or parts[:2] != ["lmcache", "kv"] or not parts[2].isdigit():
+            continue
+        path = os.path.join(d, n)
+        try:
+            if os.stat(path).st_mtime < since - 1 or os.path.exists(f"/proc/{parts[2]}"):
+                continue
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def interesting_tail(log_path: str, n: int = 30) -> str:
