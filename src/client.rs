@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use connector_protocol::{
     codec, ipc, BlockAllocationRecord, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor,
-    LayoutHints, Op, TransferResult,
+    LayoutHints, Op, PrepareRetrieveResponse, PrepareStoreResponse,
+    RegisterEngineDrivenContextPayload, RegisterEngineDrivenContextResponse, TransferResult,
 };
 use thiserror::Error;
 
@@ -198,6 +199,15 @@ impl MpClient {
         self.call_u64(Op::QueryPrefetchStatus, &[codec::encode_str(request_id)])
     }
 
+    /// `query_prefetch_status` as LMCache answers it: `None` while the lookup is still running.
+    pub fn poll_prefetch_status(&mut self, request_id: &str) -> Result<Option<u64>, ClientError> {
+        let op = Op::QueryPrefetchStatus;
+        let payload = self
+            .call(op.clone(), &[codec::encode_str(request_id)])?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        codec::decode_opt_u64("result", &payload).map_err(|e| Self::bad(&op, e))
+    }
+
     pub fn free_lookup_locks(&mut self, key: &IpcCacheServerKey) -> Result<(), ClientError> {
         self.call(
             Op::FreeLookupLocks,
@@ -231,5 +241,97 @@ impl MpClient {
     pub fn clear(&mut self, force: bool) -> Result<(), ClientError> {
         self.call(Op::Clear, &[codec::encode_bool(force)])?;
         Ok(())
+    }
+
+    fn call_decoded<T: serde::de::DeserializeOwned>(
+        &mut self,
+        op: Op,
+        payloads: &[Vec<u8>],
+    ) -> Result<T, ClientError> {
+        let payload = self
+            .call(op.clone(), payloads)?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        codec::decode("result", &payload).map_err(|e| Self::bad(&op, e))
+    }
+
+    fn call_bool(&mut self, op: Op, payloads: &[Vec<u8>]) -> Result<bool, ClientError> {
+        let payload = self
+            .call(op.clone(), payloads)?
+            .ok_or_else(|| Self::bad(&op, "no payload"))?;
+        codec::decode_bool("result", &payload).map_err(|e| Self::bad(&op, e))
+    }
+
+    /// Engine-driven mode: register a worker; the answer names the pool to map.
+    pub fn register_engine_driven_context(
+        &mut self,
+        payload: &RegisterEngineDrivenContextPayload,
+    ) -> Result<RegisterEngineDrivenContextResponse, ClientError> {
+        self.call_decoded(
+            Op::RegisterKvCacheEngineDrivenContext,
+            &[codec::encode(payload)],
+        )
+    }
+
+    pub fn unregister_engine_driven_context(
+        &mut self,
+        instance_id: u64,
+    ) -> Result<(), ClientError> {
+        self.call(
+            Op::UnregisterKvCacheEngineDrivenContext,
+            &[codec::encode_u64(instance_id)],
+        )?;
+        Ok(())
+    }
+
+    /// The raw `prepare_store` reply: `{"context": {}}` (no slots offered) decodes to empty
+    /// lists too; use `call` to tell the two apart.
+    pub fn prepare_store(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<PrepareStoreResponse, ClientError> {
+        self.call_decoded(
+            Op::PrepareStore,
+            &[codec::encode(key), codec::encode_u64(instance_id)],
+        )
+    }
+
+    /// `data` empty in shared-memory mode (what LMCache's client sends); pickle bytes otherwise.
+    pub fn commit_store(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        data: &[u8],
+    ) -> Result<bool, ClientError> {
+        self.call_bool(
+            Op::CommitStore,
+            &[
+                codec::encode(key),
+                codec::encode_u64(instance_id),
+                codec::encode_bin(data),
+            ],
+        )
+    }
+
+    pub fn prepare_retrieve(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<PrepareRetrieveResponse, ClientError> {
+        self.call_decoded(
+            Op::PrepareRetrieve,
+            &[codec::encode(key), codec::encode_u64(instance_id)],
+        )
+    }
+
+    pub fn commit_retrieve(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<bool, ClientError> {
+        self.call_bool(
+            Op::CommitRetrieve,
+            &[codec::encode(key), codec::encode_u64(instance_id)],
+        )
     }
 }

@@ -35,6 +35,13 @@ pub struct Config {
     pub worker_registration_grace_secs: u64,
     /// Threads running store/retrieve copies' requests (each copy also fans out across cores).
     pub transfer_lanes: usize,
+    /// Serve vLLM's engine-driven transfer mode (its default on CPU): L1 lives in a POSIX
+    /// shared-memory pool that engines map and copy into and out of themselves.
+    pub engine_driven: bool,
+    /// Name of that pool in /dev/shm (LMCache's `--shm-name`); default `cwm_l1_<pid>_<n>`.
+    pub shm_name: Option<String>,
+    /// An engine-driven prepare not committed within this many seconds is released.
+    pub engine_driven_ttl_secs: u64,
     /// Directory of the L2 disk tier.
     pub l2_path: PathBuf,
     /// L2 disk budget in GiB; 0 turns the disk tier off.
@@ -69,6 +76,9 @@ impl Default for Config {
             worker_reap_timeout_secs: 120,
             worker_registration_grace_secs: 3600,
             transfer_lanes: 4,
+            engine_driven: true,
+            shm_name: None,
+            engine_driven_ttl_secs: 300,
             l2_path: PathBuf::from("cwm-data"),
             l2_size_gb: 32.0,
             l2_segment_mb: 256,
@@ -171,6 +181,23 @@ impl Config {
         if self.lock_ttl_secs == 0 {
             return invalid("lock_ttl_secs", &self.lock_ttl_secs, "at least 1 second");
         }
+        if self.engine_driven_ttl_secs == 0 {
+            return invalid(
+                "engine_driven_ttl_secs",
+                &self.engine_driven_ttl_secs,
+                "at least 1 second",
+            );
+        }
+        if let Some(name) = &self.shm_name {
+            let bare = name.strip_prefix('/').unwrap_or(name);
+            if bare.is_empty() || bare.len() > 255 || bare.contains(['/', '\0']) {
+                return invalid(
+                    "shm_name",
+                    name,
+                    "a POSIX shm name: non-empty, at most 255 bytes, no '/' after the first, no NUL",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -204,6 +231,10 @@ impl Config {
 
     pub fn lock_ttl(&self) -> Duration {
         Duration::from_secs(self.lock_ttl_secs)
+    }
+
+    pub fn engine_driven_ttl(&self) -> Duration {
+        Duration::from_secs(self.engine_driven_ttl_secs)
     }
 }
 
@@ -239,5 +270,20 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        c = Config {
+            shm_name: Some("/a/b".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("/a/b"));
+        c.shm_name = Some("/cwm_pool".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn engine_driven_is_on_by_default_and_can_be_turned_off_in_the_file() {
+        assert!(Config::default().engine_driven);
+        let c: Config = toml::from_str("engine_driven = false\nshm_name = \"pool\"\n").unwrap();
+        assert!(!c.engine_driven);
+        assert_eq!(c.shm_name.as_deref(), Some("pool"));
     }
 }

@@ -127,6 +127,19 @@ struct ServeArgs {
     /// Threads serving store/retrieve requests [default: 4].
     #[arg(long, env = "CWM_TRANSFER_LANES")]
     transfer_lanes: Option<usize>,
+    /// Serve vLLM's engine-driven transfers (its CPU default) from a shared-memory L1 pool
+    /// [default: true]; `--engine-driven false` or `--no-engine-driven` turns it off.
+    #[arg(long, env = "CWM_ENGINE_DRIVEN", num_args = 0..=1, default_missing_value = "true")]
+    engine_driven: Option<bool>,
+    /// Keep L1 in private memory and refuse engine-driven contexts (wins over --engine-driven).
+    #[arg(long)]
+    no_engine_driven: bool,
+    /// Name of the shared-memory L1 pool in /dev/shm [default: cwm_l1_<pid>_<n>].
+    #[arg(long, env = "CWM_SHM_NAME")]
+    shm_name: Option<String>,
+    /// Seconds an engine-driven prepare may wait for its commit before it is released [default: 300].
+    #[arg(long, env = "CWM_ENGINE_DRIVEN_TTL_SECS")]
+    engine_driven_ttl_secs: Option<u64>,
     /// Directory of the L2 disk tier [default: cwm-data].
     #[arg(long, env = "CWM_L2_PATH")]
     l2_path: Option<std::path::PathBuf>,
@@ -177,6 +190,8 @@ impl ServeArgs {
             worker_reap_timeout_secs,
             worker_registration_grace_secs,
             transfer_lanes,
+            engine_driven,
+            engine_driven_ttl_secs,
             l2_path,
             l2_size_gb,
             l2_segment_mb,
@@ -187,6 +202,12 @@ impl ServeArgs {
             l2_write_queue_mb,
             http_port
         );
+        if self.shm_name.is_some() {
+            c.shm_name = self.shm_name;
+        }
+        if self.no_engine_driven {
+            c.engine_driven = false;
+        }
         c.validate()?;
         Ok(c)
     }

@@ -31,38 +31,7 @@ impl Sidecar {
     /// Start every server of the sidecar on background threads.
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         config.validate()?;
-        let l1 = L1Store::new(&L1Config {
-            capacity_bytes: config.l1_bytes(),
-            lock_ttl: config.lock_ttl(),
-        })
-        .map_err(|e| anyhow::anyhow!("cannot reserve {} GiB for L1: {e}", config.l1_size_gb))?;
-        let tiers = if config.l2_enabled() {
-            let storage = FsStorage::open(&config.l2_path).map_err(|e| {
-                anyhow::anyhow!("cannot open L2 directory {}: {e}", config.l2_path.display())
-            })?;
-            let disk = DiskStore::open(storage, config.l2_disk_config()).map_err(|e| {
-                anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display())
-            })?;
-            Tiers::with_disk(
-                l1,
-                Arc::new(disk),
-                config.l2_compression_policy(),
-                config.l2_write_queue_mb << 20,
-            )
-        } else {
-            Tiers::memory_only(l1)
-        };
-        let cwm = Cwm::new(
-            Settings {
-                chunk_size: config.chunk_size,
-                session_ttl: Duration::from_secs(config.session_ttl_secs),
-                reap: ReapPolicy {
-                    after_ping: Duration::from_secs(config.worker_reap_timeout_secs),
-                    never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
-                },
-            },
-            tiers,
-        );
+        let cwm = open_cwm(config, open_l1(config)?)?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
@@ -94,7 +63,7 @@ impl Sidecar {
                     while !shutdown.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(200));
                         ticks += 1;
-                        if ticks % 25 == 0 {
+                        if ticks % 5 == 0 {
                             cwm.sweep();
                         }
                     }
@@ -105,6 +74,7 @@ impl Sidecar {
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
+            l1_pool = cwm.tiers.l1.pool().map(|p| p.shm_name),
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {
@@ -141,7 +111,85 @@ impl Sidecar {
         }
         // Drain write-behind and checkpoint L2 so a restart finds everything quickly.
         self.cwm.tiers.shutdown();
+        // The pool's memory goes back to the system once the last mapping (ours or an
+        // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
+        self.cwm.tiers.l1.unlink_pool();
     }
+}
+
+/// The operations over `l1` and, when the config enables it, the L2 disk tier.
+pub(crate) fn open_cwm(config: &Config, l1: Arc<L1Store>) -> anyhow::Result<Arc<Cwm>> {
+    let tiers = if config.l2_enabled() {
+        let storage = FsStorage::open(&config.l2_path).map_err(|e| {
+            anyhow::anyhow!("cannot open L2 directory {}: {e}", config.l2_path.display())
+        })?;
+        let disk = DiskStore::open(storage, config.l2_disk_config())
+            .map_err(|e| anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display()))?;
+        Tiers::with_disk(
+            l1,
+            Arc::new(disk),
+            config.l2_compression_policy(),
+            config.l2_write_queue_mb << 20,
+        )
+    } else {
+        Tiers::memory_only(l1)
+    };
+    Ok(Cwm::new(
+        Settings {
+            chunk_size: config.chunk_size,
+            session_ttl: Duration::from_secs(config.session_ttl_secs),
+            reap: ReapPolicy {
+                after_ping: Duration::from_secs(config.worker_reap_timeout_secs),
+                never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
+            },
+            engine_driven_ttl: config.engine_driven_ttl(),
+        },
+        tiers,
+    ))
+}
+
+/// L1 in a shared-memory pool engines can map (engine-driven mode), else in private memory.
+fn open_l1(config: &Config) -> anyhow::Result<std::sync::Arc<L1Store>> {
+    let l1_config = L1Config {
+        capacity_bytes: config.l1_bytes(),
+        lock_ttl: config.lock_ttl(),
+    };
+    let gib = config.l1_size_gb;
+    if !config.engine_driven {
+        return L1Store::new(&l1_config)
+            .map_err(|e| anyhow::anyhow!("cannot reserve {gib} GiB for L1: {e}"));
+    }
+    let l1 = L1Store::new_shared(&l1_config, config.shm_name.as_deref()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the shared-memory L1 pool ({gib} GiB in /dev/shm{}): {e}; \
+             pass --no-engine-driven to keep L1 in private memory",
+            config
+                .shm_name
+                .as_deref()
+                .map(|n| format!(", name {n:?}"))
+                .unwrap_or_default()
+        )
+    })?;
+    if let Some(avail) = shm_available_bytes() {
+        if avail < l1_config.capacity_bytes {
+            tracing::warn!(
+                l1_bytes = l1_config.capacity_bytes,
+                shm_available = avail,
+                "/dev/shm has less room than the L1 budget: L1 will stop growing when /dev/shm \
+                 is full. Enlarge /dev/shm (docker: --shm-size) or lower --l1-size-gb; if no \
+                 vLLM worker runs on CPU (GPU workers do not use the shared pool), \
+                 --no-engine-driven keeps L1 in private memory"
+            );
+        }
+    }
+    Ok(l1)
+}
+
+fn shm_available_bytes() -> Option<u64> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a zeroed out-struct.
+    let rc = unsafe { libc::statvfs(c"/dev/shm".as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 impl Drop for Sidecar {

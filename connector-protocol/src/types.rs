@@ -110,13 +110,27 @@ pub struct ShmSlot {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareStoreContext {
+    #[serde(default)]
     pub slots: Vec<ShmSlot>,
+    #[serde(default)]
     pub chunk_indices: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareStoreResponse {
     pub context: PrepareStoreContext,
+}
+
+impl PrepareStoreResponse {
+    /// `{"context": {}}`: no slot list at all. Unlike empty lists (which tell the client every
+    /// chunk is already stored, so it reports success without copying), this makes the client
+    /// copy into buffers of its own and send `commit_store`, whose `false` reports the failure.
+    pub fn encode_unavailable() -> Vec<u8> {
+        let mut out = vec![0x81, 0xa7];
+        out.extend_from_slice(b"context");
+        out.push(0x80);
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

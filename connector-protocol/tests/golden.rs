@@ -339,6 +339,11 @@ fn responses_match_the_bytes_the_client_accepted() {
         codec::encode(&PrepareStoreResponse::default()),
         wire(r#"81 a7 "context" 82 a5 "slots" 90 ad "chunk_indices" 90"#)
     );
+    // prepare_store that offers no slots at all (failure: the client falls back and commits).
+    assert_eq!(
+        PrepareStoreResponse::encode_unavailable(),
+        wire(r#"81 a7 "context" 80"#)
+    );
     // prepare_retrieve failure.
     let failed = PrepareRetrieveResponse {
         success: false,

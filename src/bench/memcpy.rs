@@ -1,5 +1,8 @@
 //! The yardstick: how fast this machine copies the same number of bytes with a plain `memcpy`,
 //! on one thread and on every thread of the copy pool, between two pre-faulted buffers.
+//!
+//! The bench measures it before the protocol rounds and again between them, so on a shared
+//! machine the baseline sees the same neighbours as the rounds it is compared with.
 
 use std::time::{Duration, Instant};
 
@@ -18,32 +21,46 @@ pub struct MemcpyResults {
     pub multi_thread: Samples,
 }
 
-/// Copy `bytes` between two buffers `repeats` times on one thread, then `repeats` times on
-/// the rayon pool (the pool the server copies with).
-pub fn run(bytes: usize, repeats: usize) -> MemcpyResults {
-    // Non-zero fills commit every page now, so no copy below pays for a page fault.
-    let src = vec![0x5au8; bytes];
-    let mut dst = vec![0xa5u8; bytes];
-    let mut single = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        single.push(timed(|| dst.copy_from_slice(&src)));
-        std::hint::black_box(&mut dst);
+/// Two buffers of the bench's byte count and the copy times measured so far.
+pub struct Baseline {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    single: Vec<Duration>,
+    multi: Vec<Duration>,
+}
+
+impl Baseline {
+    pub fn new(bytes: usize) -> Baseline {
+        // Non-zero fills commit every page now, so no copy below pays for a page fault.
+        Baseline {
+            src: vec![0x5a; bytes],
+            dst: vec![0xa5; bytes],
+            single: Vec::new(),
+            multi: Vec::new(),
+        }
     }
-    let mut multi = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        multi.push(timed(|| {
+
+    /// One copy on this thread, then one across the rayon pool (the pool the server uses).
+    pub fn measure(&mut self) {
+        let (src, dst) = (&self.src, &mut self.dst);
+        self.single.push(timed(|| dst.copy_from_slice(src)));
+        std::hint::black_box(&mut *dst);
+        self.multi.push(timed(|| {
             dst.par_chunks_mut(PIECE)
                 .zip(src.par_chunks(PIECE))
                 .for_each(|(d, s)| d.copy_from_slice(s))
         }));
-        std::hint::black_box(&mut dst);
+        std::hint::black_box(&mut *dst);
     }
-    assert!(dst == src, "memcpy baseline copied wrong bytes");
-    MemcpyResults {
-        bytes: bytes as u64,
-        single_thread: Samples::new(single),
-        threads: rayon::current_num_threads(),
-        multi_thread: Samples::new(multi),
+
+    pub fn results(self) -> MemcpyResults {
+        assert!(self.dst == self.src, "memcpy baseline copied wrong bytes");
+        MemcpyResults {
+            bytes: self.src.len() as u64,
+            single_thread: Samples::new(self.single),
+            threads: rayon::current_num_threads(),
+            multi_thread: Samples::new(self.multi),
+        }
     }
 }
 

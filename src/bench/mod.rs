@@ -48,7 +48,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = KvShape::Nhd)]
     pub layout: KvShape,
     /// Bench the server at this ZMQ endpoint (e.g. tcp://127.0.0.1:5555) instead of an
-    /// in-process cwm. It must be able to open this machine's /dev/shm.
+    /// in-process cwm. It must be able to open this machine's /dev/shm, and it is cleared
+    /// (`clear(force)`) before every round.
     #[arg(long)]
     pub url: Option<String>,
     /// Transfer lanes of the in-process server [default: cwm serve's].
@@ -60,7 +61,11 @@ pub struct BenchArgs {
     /// L1 size of the in-process server in GiB [default: twice the request].
     #[arg(long)]
     pub l1_size_gb: Option<f64>,
-    /// Repeats of each memcpy baseline (best and median are reported).
+    /// Give the in-process server an L2 disk tier in this directory (write-behind from every
+    /// store) [default: memory only].
+    #[arg(long)]
+    pub l2_path: Option<std::path::PathBuf>,
+    /// memcpy baseline copies before the rounds (one more follows every round).
     #[arg(long, default_value_t = 5)]
     pub memcpy_repeats: usize,
     /// Print one JSON object instead of the table.
@@ -154,8 +159,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .context("configure the copy pool")?;
     }
     let machine = Machine::detect();
-    // The yardstick first, while nothing else holds memory or cores.
-    let memcpy = memcpy::run(args.request_bytes() as usize, args.memcpy_repeats.max(1));
+    // The yardstick first, while nothing else holds memory or cores, then between rounds.
+    let mut baseline = memcpy::Baseline::new(args.request_bytes() as usize);
+    for _ in 0..args.memcpy_repeats.max(1) {
+        baseline.measure();
+    }
 
     let defaults = Config::default();
     let lanes = args.lanes.unwrap_or(defaults.transfer_lanes);
@@ -173,7 +181,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     http_port: 0,
                     l1_size_gb,
                     transfer_lanes: lanes,
-                    ..defaults
+                    l2_size_gb: if args.l2_path.is_some() {
+                        defaults.l2_size_gb
+                    } else {
+                        0.0
+                    },
+                    l2_path: args.l2_path.clone().unwrap_or(defaults.l2_path.clone()),
+                    ..defaults.clone()
                 })
                 .context("start the in-process cwm")?,
             )
@@ -194,23 +208,32 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         iterations: args.iterations.max(1),
         lookups: args.lookups,
     };
-    let results = mp::run(&cfg, &endpoint, sidecar.as_ref().map(|s| &*s.cwm));
+    let results = mp::run(
+        &cfg,
+        &endpoint,
+        sidecar.as_ref().map(|s| &*s.cwm),
+        &mut || baseline.measure(),
+    );
     if let Some(s) = sidecar {
         s.stop();
     }
     let report = report::Report {
         machine,
         server: match &args.url {
-            Some(url) => format!("external server at {url}"),
+            Some(_) => "external server".into(),
             None => format!(
-                "in-process cwm ({lanes} transfer lanes, {} copy threads)",
-                rayon::current_num_threads()
+                "in-process cwm ({lanes} transfer lanes, {} copy threads, {})",
+                rayon::current_num_threads(),
+                match &args.l2_path {
+                    Some(p) => format!("L2 on disk at {}", p.display()),
+                    None => "memory only".into(),
+                }
             ),
         },
         unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        memcpy,
+        memcpy: baseline.results(),
         mp: results?,
     };
     if args.json {

@@ -78,8 +78,14 @@ struct Bench<'a> {
 }
 
 /// Run the protocol bench against `endpoint`. `local` is the in-process server, if any: its
-/// counters split time into server and transport.
-pub fn run(cfg: &MpConfig, endpoint: &str, local: Option<&Cwm>) -> anyhow::Result<MpResults> {
+/// counters split time into server and transport. `between_rounds` runs after every timed
+/// round, outside the timings (the bench measures its memcpy baseline there).
+pub fn run(
+    cfg: &MpConfig,
+    endpoint: &str,
+    local: Option<&Cwm>,
+    between_rounds: &mut dyn FnMut(),
+) -> anyhow::Result<MpResults> {
     let mut client =
         MpClient::connect(endpoint).with_context(|| format!("connect to {endpoint}"))?;
     client.timeout = Duration::from_secs(120);
@@ -129,7 +135,7 @@ pub fn run(cfg: &MpConfig, endpoint: &str, local: Option<&Cwm>) -> anyhow::Resul
         dst_id,
         blocks: vec![block_ids.clone()],
     };
-    let result = bench.measure(&src, &dst, &block_ids, geometry, local);
+    let result = bench.measure(&src, &dst, &block_ids, geometry, local, between_rounds);
     for id in [src_id, dst_id] {
         let _ = bench.client.unregister_kv_cache(id);
     }
@@ -195,14 +201,25 @@ impl Bench<'_> {
         }
     }
 
-    /// Lookup as the scheduler does; returns (lookup time, query time, hit).
+    /// Lookup as the scheduler does: `lookup`, then `query_prefetch_status` until it answers
+    /// (cwm answers the first query; LMCache answers nil while its lookup is still running).
+    /// Returns (lookup time, time of all queries, hit).
     fn lookup(&mut self, key: &IpcCacheServerKey) -> anyhow::Result<(Duration, Duration, u64)> {
         let t = Instant::now();
         self.client.lookup(key)?;
         let lookup = t.elapsed();
         let t = Instant::now();
-        let hit = self.client.query_prefetch_status(&key.request_id)?;
-        Ok((lookup, t.elapsed(), hit))
+        loop {
+            if let Some(hit) = self.client.poll_prefetch_status(&key.request_id)? {
+                return Ok((lookup, t.elapsed(), hit));
+            }
+            ensure!(
+                t.elapsed() < self.client.timeout,
+                "lookup of {} still running after {:?}",
+                key.request_id,
+                self.client.timeout
+            );
+        }
     }
 
     /// How many chunks a `query_prefetch_status` answer means (cwm answers chunks; accept
@@ -277,6 +294,7 @@ impl Bench<'_> {
         block_ids: &[u32],
         geometry: KvGeometry,
         local: Option<&Cwm>,
+        between_rounds: &mut dyn FnMut(),
     ) -> anyhow::Result<(Collected, Vec<String>, Option<ServerTimes>)> {
         let mut checks = Vec::new();
         // Round 0: untimed; faults the store's memory in and checks the bytes end to end.
@@ -331,6 +349,7 @@ impl Bench<'_> {
             out.store.push(r.store);
             out.retrieve.push(r.retrieve);
             out.hit = r.hit;
+            between_rounds();
         }
         let server = local.zip(before).map(|(c, before)| {
             let after = server_counters(c);
@@ -392,6 +411,7 @@ mod tests {
             port: 0,
             http_port: 0,
             l1_size_gb: 0.0625,
+            l2_size_gb: 0.0,
             ..Config::default()
         })
         .unwrap();
@@ -405,7 +425,12 @@ mod tests {
             iterations: 2,
             lookups: 5,
         };
-        let r = run(&cfg, &sidecar.mp_endpoint, Some(&sidecar.cwm)).unwrap();
+        let mut between = 0;
+        let r = run(&cfg, &sidecar.mp_endpoint, Some(&sidecar.cwm), &mut || {
+            between += 1
+        })
+        .unwrap();
+        assert_eq!(between, 2);
         assert_eq!((r.chunks, r.lookup_hit), (2, 2));
         assert_eq!(r.request_bytes, 512 * 2 * 2 * 32 * 2);
         assert_eq!((r.store.len(), r.retrieve.len(), r.lookup.len()), (2, 2, 5));

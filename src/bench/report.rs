@@ -107,7 +107,7 @@ impl Report {
         );
         let _ = writeln!(
             w,
-            "  samples   {} timed rounds after 1 untimed, {} lookups, memcpy x{} (GB = 1e9 bytes)",
+            "  samples   {} timed rounds after 1 untimed, {} lookups, {} memcpy copies (before and between rounds); GB = 1e9 bytes",
             mp.store.len(),
             mp.lookup_query.len(),
             self.memcpy.single_thread.len()

@@ -28,7 +28,7 @@ pub enum LayoutError {
     },
     #[error("layer {layer} differs from layer 0 (dtype, shape and strides must match)")]
     Mismatch { layer: usize },
-    #[error("kv_layout hint {0:?} is not one of NHD, HND")]
+    #[error("kv_layout hint {0:?} is not one of NHD, HND, BLNHC, BLHNC")]
     Hint(String),
     #[error("block size {block_size} does not divide the chunk size {chunk_size}")]
     BlockSize { block_size: u64, chunk_size: u64 },
@@ -71,8 +71,10 @@ struct Roles {
 
 fn roles(shape: &[u64], hint: Option<&str>) -> Result<Roles, &'static str> {
     let hnd = match hint {
-        None | Some("NHD") => false,
-        Some("HND") => true,
+        // BL* hints are blocks-first cross-layer buffers: per-layer views with a block stride
+        // spanning every layer, which the generic strides already cover.
+        None | Some("NHD") | Some("BLNHC") => false,
+        Some("HND") | Some("BLHNC") => true,
         Some(_) => return Err("hint"),
     };
     Ok(match (shape.len(), hnd) {
@@ -125,7 +127,8 @@ impl KvLayout {
         kv_layout_hint: Option<&str>,
     ) -> Result<KvLayout, LayoutError> {
         let first = *tensors.first().ok_or(LayoutError::Empty)?;
-        if let Some(h) = kv_layout_hint.filter(|h| !matches!(*h, "NHD" | "HND")) {
+        if let Some(h) = kv_layout_hint.filter(|h| !matches!(*h, "NHD" | "HND" | "BLNHC" | "BLHNC"))
+        {
             return Err(LayoutError::Hint(h.to_string()));
         }
         let itemsize = first

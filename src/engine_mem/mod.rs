@@ -198,12 +198,15 @@ impl EngineKv {
                     }
                 }
                 BlockShape::Strided => {
+                    // Token-major, as the object is: its side then moves sequentially and
+                    // only the engine side jumps (~10-20% faster than head-major on HND;
+                    // BENCHMARKS.md).
                     let hb = l.head_bytes as usize;
-                    for h in 0..l.num_heads as usize {
-                        let head = block.add(h * l.head_stride as usize);
-                        for t in 0..bs {
+                    for t in 0..bs {
+                        let token = block.add(t * l.token_stride as usize);
+                        for h in 0..l.num_heads as usize {
                             f(
-                                head.add(t * l.token_stride as usize),
+                                token.add(h * l.head_stride as usize),
                                 object + t * row + h * hb,
                                 hb,
                             )

@@ -141,7 +141,9 @@ impl Cwm {
             tracing::warn!(request_id = %key.request_id, "lookup: {e}");
             return None;
         }
-        if !self.registry.serves(&key.model_name, key.world_size) {
+        if !self.registry.serves(&key.model_name, key.world_size)
+            && !self.engine_driven.serves(&key.model_name, key.world_size)
+        {
             return None;
         }
         let end = key.end.min(key.token_ids.len() as u64) as usize;

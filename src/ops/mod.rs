@@ -5,6 +5,7 @@
 //! value (`(b"", false)` for store/retrieve, `0` for status queries, no payload otherwise).
 
 mod counters;
+pub mod engine_driven;
 mod lookup;
 mod register;
 pub mod registry;
@@ -15,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use connector_protocol::{
     codec, validate_cache_salt, validate_model_name, DecodeError, IpcCacheServerKey, KeyError,
-    ObjectKey, Op, Request, TokenHasher, TransferResult,
+    ObjectKey, Op, PrepareRetrieveResponse, PrepareStoreResponse,
+    RegisterEngineDrivenContextResponse, Request, TokenHasher, TransferResult,
 };
 use thiserror::Error;
 
 pub use counters::OpCounters;
+pub use engine_driven::{EngineDriven, EngineDrivenError};
 pub use lookup::Sessions;
 pub use registry::{ReapPolicy, Registry};
 pub use transfer::TransferError;
@@ -33,6 +36,8 @@ pub struct Settings {
     /// Idle sessions are dropped after this long.
     pub session_ttl: Duration,
     pub reap: ReapPolicy,
+    /// An engine-driven prepare not committed within this long is released.
+    pub engine_driven_ttl: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -43,6 +48,8 @@ pub enum OpError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    #[error(transparent)]
+    EngineDriven(#[from] EngineDrivenError),
     #[error("object {key:?} has {got} bytes, the engine layout needs {want}")]
     ObjectSize {
         key: ObjectKey,
@@ -57,6 +64,8 @@ pub struct Cwm {
     pub hasher: TokenHasher,
     pub tiers: Tiers,
     pub registry: Registry,
+    /// Engine-driven workers and their pending prepares.
+    pub engine_driven: EngineDriven,
     pub sessions: Sessions,
     pub counters: OpCounters,
     /// Token chains stored per (model, cache_salt), for context windows.
@@ -84,6 +93,7 @@ impl Cwm {
             settings,
             tiers,
             registry: Registry::default(),
+            engine_driven: EngineDriven::default(),
             sessions: Sessions::default(),
             counters: OpCounters::default(),
             chains: SessionIndex::default(),
@@ -130,6 +140,7 @@ impl Cwm {
                     if let Some(inst) = self.registry.get(id) {
                         inst.touch(true);
                     }
+                    self.engine_driven.touch(id, true);
                 }
                 Some(encode_bool(true))
             }
@@ -195,6 +206,39 @@ impl Cwm {
                 p(3)?;
                 None
             }
+            Op::RegisterKvCacheEngineDrivenContext => {
+                let payload = engine_driven::decode_payload(p(1)?[0])?;
+                Some(encode(&self.register_engine_driven_context(&payload)?))
+            }
+            Op::UnregisterKvCacheEngineDrivenContext => {
+                self.unregister_engine_driven_context(decode_u64("instance_id", p(1)?[0])?);
+                None
+            }
+            Op::PrepareStore => {
+                let f = p(2)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                Some(encode(&self.prepare_store(&key, id)?))
+            }
+            Op::CommitStore => {
+                let f = p(3)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                let data = decode_bin("cpu_data", f[2])?;
+                Some(encode_bool(self.commit_store(&key, id, data)?))
+            }
+            Op::PrepareRetrieve => {
+                let f = p(2)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                Some(encode(&self.prepare_retrieve(&key, id)?))
+            }
+            Op::CommitRetrieve => {
+                let f = p(2)?;
+                let key = Self::decode_key(f[0])?;
+                let id = decode_u64("instance_id", f[1])?;
+                Some(encode_bool(self.commit_retrieve(&key, id)?))
+            }
             Op::Clear => {
                 let force = decode_bool("force", p(1)?[0])?;
                 let dropped = self.tiers.l1.clear(force);
@@ -228,16 +272,28 @@ impl Cwm {
         Ok(())
     }
 
-    /// Periodic housekeeping: expire idle sessions, reap silent instances.
+    /// Periodic housekeeping: expire idle sessions and engine-driven prepares never committed,
+    /// reap silent instances.
     pub fn sweep(&self) {
         let now = Instant::now();
         let sessions = self.sessions.expire(now, self.settings.session_ttl);
         let reaped = self.registry.reap(now, self.settings.reap);
-        if sessions > 0 || !reaped.is_empty() {
+        let (expired, reaped_ed) =
+            self.engine_driven
+                .sweep(now, self.settings.reap, &self.tiers.l1);
+        if sessions > 0 || !reaped.is_empty() || !reaped_ed.is_empty() {
             tracing::info!(
                 sessions,
                 ?reaped,
+                ?reaped_ed,
                 "expired idle sessions and silent instances"
+            );
+        }
+        if expired != engine_driven::Released::default() {
+            tracing::warn!(
+                stores = expired.stores,
+                retrieves = expired.retrieves,
+                "released engine-driven prepares never committed"
             );
         }
     }
@@ -249,6 +305,12 @@ pub fn failure_reply(op: &Op) -> Option<Vec<u8>> {
         Op::Store | Op::Retrieve => Some(TransferResult::FAILED.encode()),
         Op::QueryPrefetchStatus | Op::WaitPrefetchStatus => Some(codec::encode_u64(0)),
         Op::Ping | Op::CommitStore | Op::CommitRetrieve => Some(codec::encode_bool(false)),
+        // An empty name puts the client in pickle mode, which then fails cleanly op by op.
+        Op::RegisterKvCacheEngineDrivenContext => Some(codec::encode(
+            &RegisterEngineDrivenContextResponse::default(),
+        )),
+        Op::PrepareStore => Some(PrepareStoreResponse::encode_unavailable()),
+        Op::PrepareRetrieve => Some(codec::encode(&PrepareRetrieveResponse::default())),
         Op::GetChunkSize => None,
         _ => None,
     }

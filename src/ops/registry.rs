@@ -22,9 +22,35 @@ pub struct Instance {
     liveness: Mutex<Liveness>,
 }
 
-struct Liveness {
+/// When an instance was last heard from, and whether it ever pinged (which picks the reap
+/// window).
+pub(crate) struct Liveness {
     last_seen: Instant,
     pinged: bool,
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Liveness {
+        Liveness {
+            last_seen: Instant::now(),
+            pinged: false,
+        }
+    }
+
+    pub(crate) fn touch(&mut self, pinged: bool) {
+        self.last_seen = Instant::now();
+        self.pinged |= pinged;
+    }
+
+    /// Silent for longer than the policy allows.
+    pub(crate) fn stale(&self, now: Instant, policy: ReapPolicy) -> bool {
+        let limit = if self.pinged {
+            policy.after_ping
+        } else {
+            policy.never_pinged
+        };
+        now.saturating_duration_since(self.last_seen) > limit
+    }
 }
 
 impl Instance {
@@ -34,17 +60,12 @@ impl Instance {
             model: model.into(),
             world_size,
             kv,
-            liveness: Mutex::new(Liveness {
-                last_seen: Instant::now(),
-                pinged: false,
-            }),
+            liveness: Mutex::new(Liveness::new()),
         }
     }
 
     pub fn touch(&self, pinged: bool) {
-        let mut l = self.liveness.lock();
-        l.last_seen = Instant::now();
-        l.pinged |= pinged;
+        self.liveness.lock().touch(pinged);
     }
 }
 
@@ -123,15 +144,7 @@ impl Registry {
             .instances
             .read()
             .values()
-            .filter(|i| {
-                let l = i.liveness.lock();
-                let limit = if l.pinged {
-                    policy.after_ping
-                } else {
-                    policy.never_pinged
-                };
-                now.saturating_duration_since(l.last_seen) > limit
-            })
+            .filter(|i| i.liveness.lock().stale(now, policy))
             .map(|i| i.id)
             .collect();
         for id in &stale {

@@ -189,14 +189,20 @@ impl Cwm {
             .committed(committed, object_bytes, kv.layout.itemsize as u8);
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
+        self.record_chain(key);
+        Ok(())
+    }
+
+    /// Tell the session index that `key`'s tokens are stored (the chain a window freezes).
+    pub(super) fn record_chain(&self, key: &IpcCacheServerKey) {
+        let end = (key.end as usize).min(key.token_ids.len());
         self.chains.record(
             &key.model_name,
             key.world_size,
             &key.cache_salt,
-            &key.token_ids[..key.end as usize],
+            &key.token_ids[..end],
             Some(&key.request_id),
         );
-        Ok(())
     }
 
     pub(super) fn retrieve(

@@ -1,13 +1,30 @@
-//! The L1 memory arena: one anonymous mapping of the L1 budget, carved into page-aligned
-//! extents by a best-fit allocator with coalescing.
+//! The L1 memory arena: one mapping of the L1 budget, carved into page-aligned extents by a
+//! best-fit allocator with coalescing.
 //!
 //! One mapping (instead of an allocation per object) means a freed object's pages are reused
 //! already faulted in, so steady-state stores copy at memory speed with no page faults, and the
-//! whole pool can later be registered with CUDA (pinned) or shared with an engine as one region.
+//! whole pool can be registered with CUDA (pinned) or shared with an engine as one region.
 //! The arena only hands out byte ranges; what lives in them is the store's business.
+//!
+//! The mapping is either private anonymous memory or a POSIX shared-memory object cwm creates
+//! (`/dev/shm/<name>`, mode 0600) so that engines can map the very same pages (engine-driven
+//! transfers: an object's extent offset is the slot offset the engine copies into or out of).
+//! A shared arena owns its name: it holds an exclusive `flock` on it for its lifetime (which is
+//! how a later cwm tells a live pool from one a crashed cwm left behind), unlinks it on drop or
+//! `unlink`, and backs its pages with tmpfs blocks (`fallocate`) before an extent is handed out,
+//! so a full `/dev/shm` shows up as "no space" in the store instead of a SIGBUS in whoever
+//! touches the page first.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 /// Allocation granularity: a page, so every object starts page-aligned (good for copies, DMA
 /// and for sharing slots with an engine).
@@ -23,6 +40,8 @@ pub struct Extent {
 #[derive(Debug)]
 pub struct ExtentAllocator {
     capacity: u64,
+    /// No extent may end above this (the arena could not back more); `capacity` normally.
+    limit: u64,
     by_offset: BTreeMap<u64, u64>,
     by_size: BTreeSet<(u64, u64)>,
     free_bytes: u64,
@@ -33,6 +52,7 @@ impl ExtentAllocator {
         let capacity = capacity - capacity % ALIGN;
         let mut a = ExtentAllocator {
             capacity,
+            limit: capacity,
             by_offset: BTreeMap::new(),
             by_size: BTreeSet::new(),
             free_bytes: 0,
@@ -47,6 +67,16 @@ impl ExtentAllocator {
         self.capacity
     }
 
+    /// The most bytes an allocation can ever get: the capacity, or less once `limit_to` ran.
+    pub fn usable(&self) -> u64 {
+        self.limit
+    }
+
+    /// Never again hand out bytes at or above `limit` (rounded down to a page).
+    pub fn limit_to(&mut self, limit: u64) {
+        self.limit = self.limit.min(limit - limit % ALIGN);
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.free_bytes
     }
@@ -58,7 +88,11 @@ impl ExtentAllocator {
 
     pub fn allocate(&mut self, len: u64) -> Option<Extent> {
         let need = Self::rounded(len);
-        let &(size, offset) = self.by_size.range((need, 0)..).next()?;
+        let limit = self.limit;
+        let &(size, offset) = self
+            .by_size
+            .range((need, 0)..)
+            .find(|&&(_, offset)| offset + need <= limit)?;
         self.remove_free(offset, size);
         if size > need {
             self.insert_free(offset + need, size - need);
@@ -98,21 +132,56 @@ impl ExtentAllocator {
     }
 }
 
-/// The mapped memory behind the allocator. Pages are committed lazily on first touch
-/// (`MAP_NORESERVE`), so a large budget costs nothing until it is used.
+/// The mapped memory behind the allocator. Anonymous pages are committed lazily on first touch
+/// (`MAP_NORESERVE`), so a large budget costs nothing until it is used; a shared pool's pages
+/// are committed by `ensure_backed` before an extent is used.
 pub struct Arena {
     base: NonNull<u8>,
     len: usize,
+    pool: Option<SharedPool>,
+}
+
+/// The POSIX shm object behind a shared arena.
+struct SharedPool {
+    /// The name engines open (no leading `/`).
+    name: String,
+    path: PathBuf,
+    /// Open for the arena's lifetime: carries the `flock` that marks the pool as live.
+    file: File,
+    /// Bytes `[0, backed)` have tmpfs blocks allocated.
+    backed: AtomicU64,
+    grow: Mutex<()>,
+    unlinked: AtomicBool,
+    /// Tests: pretend /dev/shm is full above this many bytes.
+    #[cfg(test)]
+    room: AtomicU64,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("len", &self.len)
+            .field("shm_name", &self.shm_name())
+            .finish()
+    }
 }
 
 // The arena is plain memory; who may touch which extent is decided by the store's locks.
 unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
+/// Prefix of the pool names cwm picks itself: `cwm_l1_<pid>_<n>`.
+pub const POOL_PREFIX: &str = "cwm_l1_";
+/// The directory where Linux keeps POSIX shared-memory objects.
+const SHM_DIR: &str = "/dev/shm";
+/// Backing grows in steps of at least this much, so `fallocate` is not called per object.
+const GROW_STEP: u64 = 64 << 20;
+
 impl Arena {
-    pub fn new(len: u64) -> std::io::Result<Arena> {
-        let len = (len - len % ALIGN).max(ALIGN) as usize;
-        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
+    /// Private anonymous memory of `len` bytes (rounded down to a page, at least one page).
+    pub fn new(len: u64) -> io::Result<Arena> {
+        let len = Self::round_len(len);
+        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED in `finish_map`.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -123,14 +192,132 @@ impl Arena {
                 0,
             )
         };
+        Self::finish_map(ptr, len, None)
+    }
+
+    /// A POSIX shared-memory object of `len` bytes that engines can map by name.
+    ///
+    /// `name` (without `/`) is used as given; `None` picks `cwm_l1_<pid>_<n>` and first removes
+    /// pools of that form left behind by cwm processes that died. An existing object of the
+    /// same name is replaced only if no live arena holds it (its `flock` is free); otherwise
+    /// this fails with `AddrInUse`.
+    pub fn shared(name: Option<&str>, len: u64) -> io::Result<Arena> {
+        Self::shared_in(Path::new(SHM_DIR), name, len)
+    }
+
+    /// `shared`, with the object in `dir` instead of /dev/shm. Engines find pools only in
+    /// /dev/shm (that is where `shm_open` looks); this is for benchmarks comparing tmpfs mounts
+    /// (e.g. one with `huge=always`) and for tests.
+    pub fn shared_in(dir: &Path, name: Option<&str>, len: u64) -> io::Result<Arena> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let len = Self::round_len(len);
+        let name = match name {
+            Some(n) => {
+                let bare = n.strip_prefix('/').unwrap_or(n);
+                if bare.is_empty() || bare.len() > 255 || bare.contains(['/', '\0']) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("shm name {n:?}: expected a non-empty name without '/' or NUL"),
+                    ));
+                }
+                bare.to_string()
+            }
+            None => {
+                remove_stale_pools(dir);
+                format!(
+                    "{POOL_PREFIX}{}_{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                )
+            }
+        };
+        let path = dir.join(&name);
+        // Build the object under a private name, lock it, size it, and only then give it its
+        // public name (a hard link fails if the name exists, never replacing a live pool): a
+        // pool is never visible under its name without its lock.
+        let tmp = dir.join(format!(
+            ".{POOL_PREFIX}tmp_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let published = (|| {
+            lock_exclusive(&file)?;
+            file.set_len(len as u64)?;
+            for _ in 0..3 {
+                match std::fs::hard_link(&tmp, &path) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if !remove_if_stale(&path)? {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("shm pool {path:?} is in use by a running cwm"),
+                            ));
+                        }
+                        tracing::warn!(?path, "replaced a stale L1 pool left by a dead cwm");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("shm pool {path:?} keeps reappearing"),
+            ))
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        published?;
+        // SAFETY: mapping `len` bytes of a file we just sized to `len`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        let pool = SharedPool {
+            name,
+            path,
+            file,
+            backed: AtomicU64::new(0),
+            grow: Mutex::new(()),
+            unlinked: AtomicBool::new(false),
+            #[cfg(test)]
+            room: AtomicU64::new(u64::MAX),
+        };
+        Self::finish_map(ptr, len, Some(pool))
+    }
+
+    fn round_len(len: u64) -> usize {
+        (len - len % ALIGN).max(ALIGN) as usize
+    }
+
+    fn finish_map(
+        ptr: *mut libc::c_void,
+        len: usize,
+        pool: Option<SharedPool>,
+    ) -> io::Result<Arena> {
         if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if let Some(pool) = &pool {
+                let _ = std::fs::remove_file(&pool.path);
+            }
+            return Err(e);
         }
-        // Huge pages cut TLB misses on multi-MiB copies; advisory, so failure is fine.
+        // Huge pages cut TLB misses on multi-MiB copies; advisory, so failure is fine (tmpfs
+        // honours it only when /sys/kernel/mm/transparent_hugepage/shmem_enabled allows).
         unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         Ok(Arena {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
             len,
+            pool,
         })
     }
 
@@ -140,6 +327,11 @@ impl Arena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The shm name engines open, if this arena is a shared pool.
+    pub fn shm_name(&self) -> Option<&str> {
+        self.pool.as_ref().map(|p| p.name.as_str())
     }
 
     /// Raw pointer to the start of `extent`.
@@ -154,13 +346,184 @@ impl Arena {
         // SAFETY: in bounds, checked above.
         unsafe { self.base.as_ptr().add(extent.offset as usize) }
     }
+
+    /// Make sure `extent` has memory behind it. Anonymous memory always has; a shared pool
+    /// allocates tmpfs blocks up to the extent's end (in `GROW_STEP`s) and fails with the OS
+    /// error (ENOSPC when /dev/shm is full) if it cannot.
+    pub fn ensure_backed(&self, extent: Extent) -> io::Result<()> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let end = extent.offset + extent.len;
+        if end <= pool.backed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _grow = pool.grow.lock();
+        let backed = pool.backed.load(Ordering::Acquire);
+        if end <= backed {
+            return Ok(());
+        }
+        let fd = pool.file.as_raw_fd();
+        let grow = |to: u64| {
+            #[cfg(test)]
+            if to > pool.room.load(Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            fallocate(fd, backed, to - backed)
+        };
+        // A whole step if there is room, else exactly what this extent needs.
+        let step = (backed + GROW_STEP).min(self.len as u64).max(end);
+        let new_backed = match grow(step) {
+            Ok(()) => step,
+            Err(_) if step > end => {
+                grow(end)?;
+                end
+            }
+            Err(e) => return Err(e),
+        };
+        pool.backed.store(new_backed, Ordering::Release);
+        Ok(())
+    }
+
+    /// Bytes `[0, n)` of the pool known to be backed (the whole arena if anonymous).
+    pub fn backed_bytes(&self) -> u64 {
+        self.pool
+            .as_ref()
+            .map_or(self.len as u64, |p| p.backed.load(Ordering::Acquire))
+    }
+
+    /// Tests: behave as if /dev/shm had room for only `bytes` of this pool.
+    #[cfg(test)]
+    pub(crate) fn limit_room(&self, bytes: u64) {
+        if let Some(pool) = &self.pool {
+            pool.room.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Remove the pool's name (engines can no longer open it; existing mappings stay valid
+    /// until unmapped). Idempotent; nothing to do for anonymous memory.
+    pub fn unlink(&self) {
+        if let Some(pool) = &self.pool {
+            if !pool.unlinked.swap(true, Ordering::AcqRel) {
+                // Remove the name only while it still names our object.
+                let ours = pool.file.metadata().map(|m| m.ino()).ok();
+                let named = std::fs::metadata(&pool.path).map(|m| m.ino()).ok();
+                if ours.is_some() && ours == named {
+                    let _ = std::fs::remove_file(&pool.path);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this length and is unmapped once.
+        self.unlink();
+        // SAFETY: the mapping was created in `new`/`shared` with this length and is unmapped once.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
+}
+
+fn fallocate(fd: i32, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::fallocate(fd, 0, offset as libc::off_t, len as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Remove `path` if no live arena holds it (its `flock` can be taken). Returns whether the
+/// name is gone; `false` means a live cwm owns it.
+fn remove_if_stale(path: &Path) -> io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    match lock_exclusive(&file) {
+        Ok(()) => {
+            // Still the object we locked? Then nobody owns it: remove the name.
+            let ino = file.metadata()?.ino();
+            if std::fs::metadata(path).map(|m| m.ino()).ok() == Some(ino) {
+                std::fs::remove_file(path).or_else(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+            }
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remove `cwm_l1_<pid>_<n>` pools nobody holds (their `flock` is free: the cwm that made them
+/// is gone, however it died) and half-built `.cwm_l1_tmp_<pid>_<n>` ones whose process is gone.
+/// What a killed cwm leaves behind would otherwise hold its memory in /dev/shm forever.
+pub fn remove_stale_pools(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let tmp_prefix = format!(".{POOL_PREFIX}tmp_");
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let (rest, building) = match name.strip_prefix(POOL_PREFIX) {
+            Some(rest) => (rest, false),
+            None => match name.strip_prefix(&tmp_prefix) {
+                Some(rest) => (rest, true),
+                None => continue,
+            },
+        };
+        let Some(pid) = rest.split('_').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // A pool is published under its name only once locked, so for those the lock alone
+        // tells; one still being built is not locked yet, so its builder must be gone too.
+        if building && process_alive(pid) {
+            continue;
+        }
+        if let Ok(true) = remove_if_stale(&entry.path()) {
+            tracing::warn!(pool = name, pid, "removed an L1 pool left by a dead cwm");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether `pid` runs (a zombie does not: it has closed its files and released its locks).
+fn process_alive(pid: i32) -> bool {
+    if pid as u32 == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        });
+    exists && !matches!(state, Some('Z' | 'X'))
 }
 
 #[cfg(test)]
@@ -217,6 +580,126 @@ mod tests {
             for e in live { a.free(e); }
             prop_assert_eq!(a.allocate(64 * ALIGN).map(|e| e.len), Some(64 * ALIGN));
         }
+    }
+
+    #[test]
+    fn limit_keeps_extents_below_it() {
+        let mut a = ExtentAllocator::new(8 * ALIGN);
+        let x = a.allocate(ALIGN).unwrap();
+        a.limit_to(3 * ALIGN + 17);
+        assert_eq!(a.usable(), 3 * ALIGN);
+        assert_eq!(a.allocate(2 * ALIGN).unwrap().offset, ALIGN);
+        assert!(a.allocate(ALIGN).is_none(), "the rest lies above the limit");
+        a.free(x);
+        assert_eq!(a.allocate(ALIGN).unwrap().offset, 0);
+    }
+
+    fn pool_name(tag: &str) -> String {
+        format!("cwm_test_pool_{}_{tag}", std::process::id())
+    }
+
+    #[test]
+    fn shared_pool_is_mappable_by_name_private_and_unlinked_on_drop() {
+        use std::os::unix::fs::PermissionsExt;
+        let name = pool_name("share");
+        let arena = Arena::shared(Some(&name), 4 * ALIGN).unwrap();
+        assert_eq!(arena.shm_name(), Some(name.as_str()));
+        let path = Path::new(SHM_DIR).join(&name);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 4 * ALIGN);
+        let extent = Extent {
+            offset: ALIGN,
+            len: ALIGN,
+        };
+        arena.ensure_backed(extent).unwrap();
+        assert!(arena.backed_bytes() >= 2 * ALIGN);
+        // Another process would open the name and map it: the same pages.
+        let other = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let map = unsafe { memmap2::MmapMut::map_mut(&other).unwrap() };
+        unsafe { *arena.ptr(extent).add(5) = 42 };
+        assert_eq!(map[ALIGN as usize + 5], 42);
+        assert_eq!(
+            Arena::shared(Some(&name), ALIGN).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse,
+            "a live pool is never replaced"
+        );
+        drop(arena);
+        assert!(!path.exists(), "unlinked on drop");
+        assert_eq!(map[ALIGN as usize + 5], 42, "mappings outlive the name");
+    }
+
+    #[test]
+    fn a_stale_pool_of_the_same_name_is_replaced() {
+        let name = pool_name("stale");
+        let path = Path::new(SHM_DIR).join(&name);
+        std::fs::write(&path, b"left behind by a crashed cwm").unwrap();
+        let arena = Arena::shared(Some(&format!("/{name}")), 2 * ALIGN).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * ALIGN);
+        arena.unlink();
+        assert!(!path.exists());
+        arena.unlink();
+    }
+
+    #[test]
+    fn stale_default_pools_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        for n in [
+            format!("{POOL_PREFIX}{dead}_0"),
+            format!("{POOL_PREFIX}{me}_0"),
+            format!(".{POOL_PREFIX}tmp_{dead}_3"),
+            format!(".{POOL_PREFIX}tmp_{me}_4"),
+            "unrelated".to_string(),
+        ] {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        // A pool someone holds is live, whatever its name says.
+        let held = dir.path().join(format!("{POOL_PREFIX}{dead}_9"));
+        std::fs::write(&held, b"x").unwrap();
+        let holder = File::open(&held).unwrap();
+        lock_exclusive(&holder).unwrap();
+        assert_eq!(remove_stale_pools(dir.path()), 3);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            format!(".{POOL_PREFIX}tmp_{me}_4"),
+            format!("{POOL_PREFIX}{dead}_9"),
+            "unrelated".to_string(),
+        ];
+        want.sort();
+        assert_eq!(
+            left, want,
+            "an unlocked pool is stale; one being built by a live process is not"
+        );
+    }
+
+    #[test]
+    fn zombies_are_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} still alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+        assert!(process_alive(std::process::id() as i32));
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! - eviction takes the least recently used object that is neither read-locked by a lookup
 //!   (locks expire after a TTL, the safety net for clients that vanish) nor being read;
 //! - bytes are copied outside the index lock; the lock is held only for bookkeeping.
+//!
+//! The arena may be a shared-memory pool (`L1Store::new_shared`): then every object's extent
+//! offset (`WriteGuard::pool_offset`, `ReadGuard::pool_offset`) is where an engine that mapped
+//! the pool finds the object's bytes, and the same rules hold for the engine's copies as for
+//! cwm's own: it may write only under a `WriteGuard`, read only under a `ReadGuard`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -104,6 +109,8 @@ pub struct L1Counters {
     pub evicted_objects: AtomicU64,
     pub evicted_bytes: AtomicU64,
     pub no_space: AtomicU64,
+    /// Times the shared pool could not get memory from /dev/shm (it stops growing then).
+    pub pool_backing_failures: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,30 +137,100 @@ pub enum Reservation {
     NoSpace,
 }
 
+/// The shared-memory pool behind a shared L1: what an engine needs to map it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// POSIX shm name, without the leading `/`.
+    pub shm_name: String,
+    pub size: u64,
+}
+
 impl L1Store {
+    /// L1 in private anonymous memory.
     pub fn new(config: &L1Config) -> std::io::Result<Arc<L1Store>> {
-        let arena = Arena::new(config.capacity_bytes)?;
+        Ok(Self::with_arena(Arena::new(config.capacity_bytes)?, config))
+    }
+
+    /// L1 in a POSIX shared-memory pool engines can map (`pool()` says where); `shm_name`
+    /// `None` picks `cwm_l1_<pid>_<n>`. See `Arena::shared`.
+    pub fn new_shared(config: &L1Config, shm_name: Option<&str>) -> std::io::Result<Arc<L1Store>> {
+        Ok(Self::with_arena(
+            Arena::shared(shm_name, config.capacity_bytes)?,
+            config,
+        ))
+    }
+
+    /// L1 in a given arena (e.g. `Arena::shared_in` for benchmarks).
+    pub fn with_arena(arena: Arena, config: &L1Config) -> Arc<L1Store> {
         let alloc = ExtentAllocator::new(arena.len());
-        Ok(Arc::new(L1Store {
+        Arc::new(L1Store {
             arena,
             inner: Mutex::new((Index::default(), alloc)),
             lock_ttl: config.lock_ttl,
             counters: L1Counters::default(),
-        }))
+        })
     }
 
     pub fn capacity_bytes(&self) -> u64 {
         self.arena.len()
     }
 
+    /// The shared pool, if L1 lives in one.
+    pub fn pool(&self) -> Option<PoolInfo> {
+        self.arena.shm_name().map(|name| PoolInfo {
+            shm_name: name.to_string(),
+            size: self.arena.len(),
+        })
+    }
+
+    /// Remove the shared pool's name (shutdown). Mappings, ours included, stay valid.
+    pub fn unlink_pool(&self) {
+        self.arena.unlink();
+    }
+
     /// Reserve `len` bytes for `key`, evicting LRU objects if needed.
     pub fn reserve(self: &Arc<Self>, key: &ObjectKey, len: u64) -> Reservation {
+        // A shared pool gets its memory from /dev/shm as it grows; if that fails, the pool is
+        // capped where it is and the reservation retried (now evicting instead of growing).
+        for _ in 0..2 {
+            let reservation = self.reserve_extent(key, len);
+            let Reservation::Reserved(w) = &reservation else {
+                return reservation;
+            };
+            let extent = Extent {
+                offset: w.offset,
+                len: ExtentAllocator::rounded(len),
+            };
+            match self.arena.ensure_backed(extent) {
+                Ok(()) => return reservation,
+                Err(e) => {
+                    drop(reservation);
+                    let backed = self.arena.backed_bytes();
+                    self.inner.lock().1.limit_to(backed);
+                    if self.counters.pool_backing_failures.fetch_add(1, Relaxed) == 0 {
+                        tracing::error!(
+                            pool = self.arena.shm_name(),
+                            capacity = self.arena.len(),
+                            usable = backed,
+                            "L1 pool cannot grow: /dev/shm has no room ({e}); L1 is capped at \
+                             what it has. Enlarge /dev/shm (docker: --shm-size) or lower \
+                             --l1-size-gb"
+                        );
+                    }
+                }
+            }
+        }
+        self.counters.no_space.fetch_add(1, Relaxed);
+        Reservation::NoSpace
+    }
+
+    fn reserve_extent(self: &Arc<Self>, key: &ObjectKey, len: u64) -> Reservation {
         let mut guard = self.inner.lock();
         let (index, alloc) = &mut *guard;
         if index.entries.contains_key(key) {
             return Reservation::Present;
         }
-        if ExtentAllocator::rounded(len) > alloc.capacity() {
+        if ExtentAllocator::rounded(len) > alloc.usable() {
             self.counters.no_space.fetch_add(1, Relaxed);
             return Reservation::NoSpace;
         }
@@ -193,6 +270,7 @@ impl L1Store {
             store: self.clone(),
             key: Some(key.clone()),
             ptr: self.arena.ptr(extent),
+            offset: extent.offset,
             len,
         })
     }
@@ -268,6 +346,7 @@ impl L1Store {
             store: self.clone(),
             key: key.clone(),
             ptr: self.arena.ptr(extent),
+            offset: extent.offset,
             len,
         })
     }
@@ -323,6 +402,7 @@ pub struct WriteGuard {
     store: Arc<L1Store>,
     key: Option<ObjectKey>,
     ptr: *mut u8,
+    offset: u64,
     len: u64,
 }
 
@@ -341,6 +421,15 @@ impl WriteGuard {
 
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+
+    /// Byte offset of the object in the arena (in the shared pool, if L1 is one).
+    pub fn pool_offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn key(&self) -> &ObjectKey {
+        self.key.as_ref().expect("uncommitted guard has its key")
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -380,6 +469,7 @@ pub struct ReadGuard {
     store: Arc<L1Store>,
     key: ObjectKey,
     ptr: *const u8,
+    offset: u64,
     len: u64,
 }
 
@@ -394,6 +484,19 @@ impl ReadGuard {
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: committed objects are immutable and pinned by `active_reads` while we live.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Byte offset of the object in the arena (in the shared pool, if L1 is one).
+    pub fn pool_offset(&self) -> u64 {
+        self.offset
     }
 }
 
@@ -515,6 +618,77 @@ mod tests {
         assert_eq!((s.lock_count(&r0(1)), s.lock_count(&r0(3))), (1, 0));
         s.unlock([&r0(1), &r1(1)], 5);
         assert_eq!(s.lock_count(&r0(1)), 0);
+    }
+
+    #[test]
+    fn shared_store_objects_sit_at_their_pool_offsets() {
+        let name = format!("cwm_test_l1_{}", std::process::id());
+        let s = L1Store::new_shared(
+            &L1Config {
+                capacity_bytes: 4 * 4096,
+                lock_ttl: Duration::from_secs(60),
+            },
+            Some(&name),
+        )
+        .unwrap();
+        assert_eq!(
+            s.pool(),
+            Some(PoolInfo {
+                shm_name: name.clone(),
+                size: 4 * 4096
+            })
+        );
+        let file = std::fs::File::open(format!("/dev/shm/{name}")).unwrap();
+        let view = unsafe { memmap2::Mmap::map(&file).unwrap() };
+        assert!(put(&s, &key(1, ""), 1));
+        let Reservation::Reserved(mut w) = s.reserve(&key(2, ""), 100) else {
+            panic!()
+        };
+        let offset = w.pool_offset() as usize;
+        assert_eq!(offset % 4096, 0);
+        w.as_mut_slice().fill(9);
+        assert_eq!(&view[offset..offset + 100], &[9u8; 100][..]);
+        w.commit();
+        let r = s.read(&key(2, "")).unwrap();
+        assert_eq!((r.pool_offset() as usize, r.len()), (offset, 100));
+        drop(r);
+        s.unlink_pool();
+        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+        assert!(
+            put(&s, &key(3, ""), 3),
+            "L1 works on after the name is gone"
+        );
+    }
+
+    #[test]
+    fn a_full_dev_shm_caps_the_pool_and_eviction_takes_over() {
+        let name = format!("cwm_test_l1_full_{}", std::process::id());
+        let s = L1Store::new_shared(
+            &L1Config {
+                capacity_bytes: 8 * 4096,
+                lock_ttl: Duration::from_secs(60),
+            },
+            Some(&name),
+        )
+        .unwrap();
+        s.arena.limit_room(3 * 4096);
+        for n in 1..=3 {
+            assert!(put(&s, &key(n, ""), n));
+        }
+        assert_eq!(s.counters.pool_backing_failures.load(Relaxed), 0);
+        // The fourth object has no memory behind it: the pool is capped at 3 pages and the
+        // oldest object makes room instead.
+        assert!(put(&s, &key(4, ""), 4));
+        assert_eq!(s.counters.pool_backing_failures.load(Relaxed), 1);
+        assert!(!s.contains(&key(1, "")) && s.contains(&key(4, "")));
+        assert_eq!(s.read(&key(4, "")).unwrap().pool_offset(), 0);
+        assert!(put(&s, &key(5, ""), 5));
+        assert_eq!(s.counters.pool_backing_failures.load(Relaxed), 1);
+        assert_eq!(s.stats().objects, 3);
+        // Locked objects cannot make room: no space, and nothing beyond the cap is touched.
+        let chunks: Vec<Vec<ObjectKey>> = (3..=5).map(|n| vec![key(n, "")]).collect();
+        assert_eq!(s.lock_prefix(&chunks, 1), 3);
+        assert!(matches!(s.reserve(&key(6, ""), 4096), Reservation::NoSpace));
     }
 
     #[test]

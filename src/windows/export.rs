@@ -209,13 +209,6 @@ impl<W: Write> Write for Crc32Writer<W> {
 /// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
 /// The sidecar must not be running on the same directory: L2 has one writer.
 pub fn open_offline(config: &crate::config::Config) -> anyhow::Result<Windows> {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use crate::ops::{Cwm, ReapPolicy, Settings};
-    use crate::store::disk::storage::FsStorage;
-    use crate::store::disk::DiskStore;
-    use crate::store::tiered::Tiers;
     use crate::store::{L1Config, L1Store};
 
     config.validate()?;
@@ -227,26 +220,7 @@ pub fn open_offline(config: &crate::config::Config) -> anyhow::Result<Windows> {
         capacity_bytes: 1 << 20,
         lock_ttl: config.lock_ttl(),
     })?;
-    let storage = FsStorage::open(&config.l2_path)?;
-    let disk = DiskStore::open(storage, config.l2_disk_config())
-        .map_err(|e| anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display()))?;
-    let tiers = Tiers::with_disk(
-        l1,
-        Arc::new(disk),
-        config.l2_compression_policy(),
-        config.l2_write_queue_mb << 20,
-    );
-    let cwm = Cwm::new(
-        Settings {
-            chunk_size: config.chunk_size,
-            session_ttl: Duration::from_secs(config.session_ttl_secs),
-            reap: ReapPolicy {
-                after_ping: Duration::from_secs(config.worker_reap_timeout_secs),
-                never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
-            },
-        },
-        tiers,
-    );
+    let cwm = crate::serve::open_cwm(config, l1)?;
     Ok(Windows::open(cwm, Some(&config.l2_path))?)
 }
 

@@ -74,13 +74,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, l1_size_gb: str = "1") -> list[str]:
+def server_command(port: int, l1_size_gb: str = "1", args=(), l2_path: str | None = None) -> list[str]:
     base_args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--l1-size-gb", l1_size_gb,
                  "--chunk-size", str(CHUNK), "--eviction-policy", "LRU"]
-    extra = os.environ.get("CWM_SERVER_ARGS", "").split()
+    extra = [*args, *os.environ.get("CWM_SERVER_ARGS", "").split()]
     if TARGET == "mock":
         return [sys.executable, os.path.join(HERE, "mock_server.py"), *base_args, *extra]
-    return [cwm_bin(), *base_args, *extra]
+    # The disk tier lives in the server's own directory (kept across its restarts), never in
+    # the working directory.
+    disk = ["--l2-path", l2_path, "--l2-size-gb", "2"] if l2_path else ["--l2-size-gb", "0"]
+    return [cwm_bin(), *base_args, *disk, *extra]
 
 
 def cwm_bin() -> str:
@@ -99,16 +102,21 @@ class ServerProcess:
 
     _seq = itertools.count()
 
-    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server"):
+    def __init__(self, log_dir: str, port: int | None = None, l1_size_gb: str = "1", name: str = "server",
+                 args=(), disk: bool = False):
+        self.args = list(args)
         self.port = port or free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.l1_size_gb = l1_size_gb
-        self.log_path = os.path.join(log_dir, f"{name}-{next(self._seq)}-{self.port}.log")
+        seq = next(self._seq)
+        self.log_path = os.path.join(log_dir, f"{name}-{seq}-{self.port}.log")
+        # L1-only unless the test is about the disk tier (L1 eviction tests need misses).
+        self.l2_path = os.path.join(log_dir, f"{name}-{seq}-{self.port}-l2") if disk else None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> "ServerProcess":
-        cmd = server_command(self.port, self.l1_size_gb)
+        cmd = server_command(self.port, self.l1_size_gb, self.args, self.l2_path)
         self.starts += 1
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== start #{self.starts}: {' '.join(cmd)}\n".encode())

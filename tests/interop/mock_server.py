@@ -12,8 +12,11 @@ exercises (see /work/shared/protocol/lmcache-mp.md), written from the spec, with
 * `cuda`/`cuda_raw`/other descriptors are accepted ("CUDA unavailable") and every later
   store/retrieve for that instance fails with (b"", False);
 * blake3 chunk hashing, ObjectKey = (hash, model, kv_rank, group 0, salt), all-ranks prefix lookup,
-  exactly-once query_prefetch_status, read pins taken by lookup and released by retrieve /
-  free_lookup_locks, LRU eviction of unpinned objects above --l1-size-gb;
+  exactly-once query_prefetch_status, read locks taken by lookup and released by retrieve /
+  free_lookup_locks or after --lock-ttl-secs, LRU eviction of unlocked objects above --l1-size-gb;
+* worker reaping: an instance silent (no ping/store/retrieve/re-register) for
+  --worker-reap-timeout-secs after its first ping, or --worker-registration-grace-secs if it
+  never pinged, is unregistered;
 * retrieve never writes skipped blocks nor block id 0; chunks whose block ids are all 0 are not
   stored; out-of-range block ids fail the whole call before anything is copied;
 * every request that must be answered is answered: malformed store/retrieve -> (b"", False).
@@ -24,6 +27,7 @@ import mmap
 import os
 import signal
 import struct
+import time
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -185,18 +189,20 @@ class Layer:
 class Instance:
     def __init__(self, model, ws, layers, usable, why=""):
         self.model, self.ws, self.layers, self.usable, self.why = model, ws, layers, usable, why
+        self.last_seen, self.pinged = time.monotonic(), False
         if layers:
             self.bs, self.nb, self.kv = layers[0].bs, layers[0].nb, layers[0].kv
 
 
 class Mock:
-    def __init__(self, cs, capacity):
+    def __init__(self, cs, capacity, lock_ttl=300.0, reap=120.0, grace=3600.0):
         self.cs, self.capacity = cs, capacity
+        self.lock_ttl, self.reap_after, self.grace = lock_ttl, reap, grace
         self.instances: dict[int, Instance] = {}
         self.registered: dict[tuple, int] = {}
         self.objects: OrderedDict[tuple, np.ndarray] = OrderedDict()   # LRU order
         self.used = 0
-        self.pins: dict[tuple, int] = {}
+        self.pins: dict[tuple, list[float]] = {}   # object -> deadlines of its read locks
         self.jobs: dict[str, int] = {}
         self.sessions: dict[str, tuple] = {}   # rid -> (key, hit)
 
@@ -204,15 +210,37 @@ class Mock:
     def okey(self, h, key, rank):
         return (h, key.model_name, kv_rank(key.world_size, rank), 0, key.cache_salt)
 
+    def pinned(self, ok) -> bool:
+        locks = self.pins.get(ok)
+        if locks is None:
+            return False
+        now = time.monotonic()
+        locks[:] = [d for d in locks if d > now]
+        if not locks:
+            del self.pins[ok]
+        return bool(locks)
+
+    def pin(self, ok, n):
+        self.pins.setdefault(ok, []).extend([time.monotonic() + self.lock_ttl] * n)
+
     def unpin(self, ok, n=1):
-        if ok in self.pins:
-            self.pins[ok] -= n
-            if self.pins[ok] <= 0:
+        locks = self.pins.get(ok)
+        if locks:
+            locks.sort()
+            del locks[:n]
+            if not locks:
                 del self.pins[ok]
+
+    def reap(self):
+        now = time.monotonic()
+        for iid, inst in list(self.instances.items()):
+            if now - inst.last_seen > (self.reap_after if inst.pinged else self.grace):
+                log(f"reaping silent instance {iid}")
+                self.unregister_kv_cache(enc(iid))
 
     def insert(self, ok, arr):
         while self.used + arr.nbytes > self.capacity:
-            victim = next((k for k in self.objects if k not in self.pins), None)
+            victim = next((k for k in self.objects if not self.pinned(k)), None)
             if victim is None:
                 log("L1 full, object not stored")
                 return
@@ -231,12 +259,15 @@ class Mock:
         return enc("OK")
 
     def ping(self, iid):
-        dec_opt_int.decode(iid)
+        inst = self.instances.get(dec_opt_int.decode(iid))
+        if inst is not None:
+            inst.last_seen, inst.pinged = time.monotonic(), True
         return enc(True)
 
     def register_kv_cache(self, iid, kv, model, ws, engine_type, hints, egi):
         iid = dec_int.decode(iid)
         if iid in self.instances:
+            self.instances[iid].last_seen = time.monotonic()
             return None
         model, ws = dec_str.decode(model), dec_int.decode(ws)
         hints = msgspec.msgpack.decode(hints)
@@ -284,7 +315,7 @@ class Mock:
                 if not all(ok in self.objects for ok in oks):
                     break
                 for ok in oks:
-                    self.pins[ok] = self.pins.get(ok, 0) + max(1, key.num_kv_readers)
+                    self.pin(ok, max(1, key.num_kv_readers))
                 hit += 1
         self.jobs[key.request_id] = hit
         self.sessions[key.request_id] = (key, hit)
@@ -323,7 +354,7 @@ class Mock:
     def clear(self, force):
         force = dec_bool.decode(force)
         for ok in list(self.objects):
-            if force or ok not in self.pins:
+            if force or not self.pinned(ok):
                 self.used -= self.objects.pop(ok).nbytes
         return None
 
@@ -338,6 +369,7 @@ class Mock:
         inst = self.instances.get(iid)
         if inst is None:
             return False
+        inst.last_seen = time.monotonic()
         if not inst.usable:
             log(f"{'store' if is_store else 'retrieve'}({iid}): {inst.why}")
             return False
@@ -410,12 +442,16 @@ NO_PAYLOAD_ON_ERROR = {"register_kv_cache", "unregister_kv_cache", "lookup", "fr
 
 def serve(args):
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    mock = Mock(args.chunk_size, int(args.l1_size_gb * (1 << 30)))
+    mock = Mock(args.chunk_size, int(args.l1_size_gb * (1 << 30)), args.lock_ttl_secs,
+                args.worker_reap_timeout_secs, args.worker_registration_grace_secs)
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.bind(f"tcp://{args.host}:{args.port}")
     log(f"listening on tcp://{args.host}:{args.port} chunk_size={args.chunk_size}")
     while True:
+        mock.reap()
+        if not sock.poll(200):
+            continue
         frames = sock.recv_multipart()
         if len(frames) < 3:
             log(f"dropping message with {len(frames)} frames")
@@ -459,6 +495,9 @@ def main():
     ap.add_argument("--l1-size-gb", type=float, default=1.0)
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--eviction-policy", default="LRU")
+    ap.add_argument("--lock-ttl-secs", type=float, default=300.0)
+    ap.add_argument("--worker-reap-timeout-secs", type=float, default=120.0)
+    ap.add_argument("--worker-registration-grace-secs", type=float, default=3600.0)
     args, unknown = ap.parse_known_args()
     if unknown:
         log("ignoring flags", unknown)

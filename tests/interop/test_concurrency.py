@@ -141,3 +141,37 @@ def test_lookup_retrieve_while_storing(server, make_cache, uniq):
             c.close()
 
     lib.run_threads([writer, reader], timeout=120)
+
+
+def test_per_client_transfer_order(client, make_cache, uniq):
+    """store/retrieve of one client are processed in submission order (lmcache-mp.md §1.5): a store
+    pipelined right after a retrieve into the same blocks stores the retrieved bytes."""
+    src, mid, dst = make_cache("src"), make_cache("mid"), make_cache("dst")
+    src.fill_random(700)
+    mid.fill_random(701)                                         # different garbage to start with
+    dst.fill_sentinel()
+    iids = [lib.new_iid() for _ in range(3)]
+    for kv, iid in zip((src, mid, dst), iids):
+        kv.register(client, iid, uniq)
+    n = 6
+    toks = [lib.tokens_for(f"{uniq}-{i}", 256) for i in range(n)]
+    toks2 = [lib.tokens_for(f"{uniq}-copy-{i}", 256) for i in range(n)]
+    for i in range(n):
+        assert client.store(lib.mkkey(uniq, toks[i], 0, 256, f"s{i}"), iids[0], [list(range(1, 17))],
+                            lib.EVENT)[1] is True
+        assert lib.lookup_hits(client, lib.mkkey(uniq, toks[i], 0, 256, f"l{i}", worker_id=None)) == 1
+    futs = []
+    for i in range(n):            # no waiting in between: retrieve into mid, then store the same mid blocks
+        blocks = list(range(1 + 2 * i, 17 + 2 * i))              # overlaps the previous round's blocks
+        futs.append(client.submit.retrieve(lib.mkkey(uniq, toks[i], 0, 256, f"l{i}"), iids[1], [blocks], lib.EVENT, 0))
+        futs.append(client.submit.store(lib.mkkey(uniq, toks2[i], 0, 256, f"c{i}"), iids[1], [blocks], lib.EVENT))
+    results = [lib.wait(f, "pipelined retrieve/store") for f in futs]
+    assert all(r[1] is True for r in results), results
+    # in submission order, every copy holds exactly the bytes its retrieve wrote (= src blocks 1..16)
+    for i in range(n):
+        dst.fill_sentinel()
+        assert lib.lookup_hits(client, lib.mkkey(uniq, toks2[i], 0, 256, f"chk{i}", worker_id=None)) == 1
+        assert client.retrieve(lib.mkkey(uniq, toks2[i], 0, 256, f"chk{i}"), iids[2], [list(range(1, 17))],
+                               lib.EVENT, 0)[1] is True
+        assert lib.compare_blocks(src, range(1, 17), dst, range(1, 17)) == [], \
+            f"round {i}: a store submitted after a retrieve into the same blocks did not see exactly its bytes"

@@ -81,3 +81,39 @@ def test_lru_eviction_respects_pins(new_server, make_cache, uniq):
         assert lib.lookup_hits(c, lib.mkkey(uniq, fresh, 0, 256, "y", worker_id=None)) == 1
     finally:
         c.close()
+
+
+def test_end_session_refreshes_lru(new_server, make_cache, uniq):
+    """end_session touches the session's chunks (LRU refresh): with room for ~4 chunks, a chunk
+    touched after being stored first outlives chunks stored after it."""
+    srv = new_server(l1_size_gb="0.125")
+    c = lib.Client(srv.url, timeout=max(lib.RPC_TIMEOUT, 30))
+    try:
+        src = make_cache("src", **GEOM)
+        src.fill_random(6)
+        iid = lib.new_iid()
+        src.register(c, iid, uniq)
+        blocks = list(range(1, 17))
+        toks = {name: lib.tokens_for(f"{uniq}-{name}", 256) for name in "ABCDE"}
+
+        def store(name):
+            assert c.store(lib.mkkey(uniq, toks[name], 0, 256, f"s{name}"), iid, [blocks], lib.EVENT)[1] is True
+
+        for name in "ABC":
+            store(name)
+        key = lib.mkkey(uniq, toks["A"], 0, 256, "touch", worker_id=None)
+        assert lib.lookup_hits(c, key) == 1
+        assert c.free_lookup_locks(key, 1) is None
+        assert c.end_session("touch") is None                       # A is now the most recently used
+        store("D")
+        store("E")
+        hits = {}
+        for name in "ABCDE":
+            k = lib.mkkey(uniq, toks[name], 0, 256, f"q{name}", worker_id=None)
+            hits[name] = lib.lookup_hits(c, k)
+            assert c.free_lookup_locks(k, 1) is None
+        assert hits["E"] == 1, hits
+        assert hits["B"] == 0, f"B (least recently used) should have been evicted first: {hits}"
+        assert hits["A"] == 1, f"A was touched by end_session after B and C were stored: {hits}"
+    finally:
+        c.close()

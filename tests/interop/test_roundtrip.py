@@ -23,11 +23,10 @@ def _roundtrip(client, src, dst, model, toks, n_chunks, src_blocks, dst_blocks, 
     return iid_s, iid_d
 
 
-BL_GAP = pytest.mark.cwm_gap("kv_layout hints BLNHC/BLHNC (blocks-first cross-layer views) are refused")
 
 
 def _p(*values, gap=False):
-    return pytest.param(*values, marks=[BL_GAP] if gap else [])
+    return pytest.param(*values, marks=[])
 
 
 GEOMETRIES = {

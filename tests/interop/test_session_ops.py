@@ -66,3 +66,17 @@ def test_clear(client, make_cache, uniq):
     assert client.free_lookup_locks(lib.mkkey(uniq, toks, 0, 512, "after2", worker_id=None), 1) is None
     assert client.clear(True) is None
     assert lib.lookup_hits(client, lib.mkkey(uniq, toks, 0, 512, "after3", worker_id=None)) == 0
+
+
+def test_clear_keeps_locked_objects(client, make_cache, uniq):
+    """clear(False) drops only unlocked objects: a chunk counted by a lookup is still retrievable."""
+    src, iid, toks = _stored(client, make_cache, uniq, seed=10)
+    dst = make_cache("dst")
+    dst.fill_sentinel()
+    iid_d = lib.new_iid()
+    dst.register(client, iid_d, uniq)
+    assert lib.lookup_hits(client, lib.mkkey(uniq, toks, 0, 512, "locked", worker_id=None)) == 2
+    assert client.clear(False) is None
+    res = client.retrieve(lib.mkkey(uniq, toks, 0, 512, "locked"), iid_d, [list(range(1, 33))], lib.EVENT, 0)
+    assert res[1] is True, "clear(False) dropped objects that a lookup had locked"
+    assert lib.compare_blocks(src, range(1, 33), dst, range(1, 33)) == []

@@ -1,0 +1,567 @@
+//! Engine-driven transfers, vLLM's default on CPU: `register_kv_cache_engine_driven_context`,
+//! `prepare_store` / `commit_store`, `prepare_retrieve` / `commit_retrieve`,
+//! `unregister_kv_cache_engine_driven_context`.
+//!
+//! The engine copies the KV itself, into and out of a shared-memory pool cwm owns. That pool is
+//! L1's own arena (`L1Store::new_shared`): a slot handed out by a prepare *is* an L1 object, at
+//! its extent offset, so the engine's copy is the only copy (docs/ENGINE_DRIVEN.md says why).
+//!
+//! - `prepare_store` reserves L1 objects (`WriteGuard`s) for the chunks not stored yet and
+//!   answers their slots; they stay invisible to lookups until `commit_store` publishes them.
+//! - `prepare_retrieve` pins the objects a lookup locked (`ReadGuard`s, so nothing evicts them
+//!   while the engine reads) and answers their slots; `commit_retrieve` unpins them and releases
+//!   one lookup read lock per object, as `retrieve` does.
+//! - Every pending prepare has a deadline. The sweeper releases expired ones, and unregistering
+//!   (or reaping) the instance releases all of its own, so a worker that vanishes between a
+//!   prepare and its commit leaks no slot and no lock.
+//!
+//! Only the shared-memory mode is served. A context is answered with the pool's name; without a
+//! pool (`--no-engine-driven`) it is answered with an empty name, which puts the client in its
+//! pickle mode, and every pickle payload is refused: stores and retrieves then fail cleanly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use connector_protocol::ipc::dtype_itemsize;
+use connector_protocol::{
+    codec, IpcCacheServerKey, ObjectKey, PrepareRetrieveContext, PrepareRetrieveResponse,
+    PrepareStoreContext, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
+    RegisterEngineDrivenContextResponse, ShmSlot,
+};
+use parking_lot::{Mutex, RwLock};
+use thiserror::Error;
+
+use super::registry::{Liveness, ReapPolicy};
+use super::{Cwm, OpError, TransferError};
+use crate::store::{ReadGuard, Reservation, WriteGuard};
+
+#[derive(Debug, Error)]
+pub enum EngineDrivenError {
+    #[error("engine-driven context {field} = {value}: expected {expected}")]
+    Payload {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("one chunk object needs {object_bytes} bytes but the L1 pool has {pool_bytes}")]
+    ObjectTooLarge { object_bytes: u64, pool_bytes: u64 },
+}
+
+/// One registered engine-driven worker: the shape of its chunk objects.
+pub struct EngineDrivenContext {
+    pub id: u64,
+    pub model: Arc<str>,
+    pub world_size: u32,
+    /// `[2, layers, slots, hidden]`, or `[layers, slots, hidden]` for single-plane formats
+    /// (MLA and fused K/V; the wire calls that `use_mla`).
+    pub shape: Vec<u64>,
+    pub dtype: String,
+    pub itemsize: u8,
+    pub object_bytes: u64,
+    liveness: Mutex<Liveness>,
+}
+
+impl EngineDrivenContext {
+    fn slot(&self, offset: u64) -> ShmSlot {
+        ShmSlot {
+            offset,
+            length: self.object_bytes,
+            shape: self.shape.clone(),
+            dtype: self.dtype.clone(),
+        }
+    }
+}
+
+/// Which prepare a commit completes: the instance, the request, and the exact objects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TransferKey {
+    instance_id: u64,
+    request_id: String,
+    objects: Vec<ObjectKey>,
+}
+
+struct PendingStore {
+    writes: Vec<WriteGuard>,
+    deadline: Instant,
+}
+
+struct PendingRetrieve {
+    reads: Vec<ReadGuard>,
+    deadline: Instant,
+}
+
+/// Engine-driven registrations and the prepares waiting for their commit.
+#[derive(Default)]
+pub struct EngineDriven {
+    contexts: RwLock<HashMap<u64, Arc<EngineDrivenContext>>>,
+    models: Mutex<HashMap<(Arc<str>, u32), usize>>,
+    stores: Mutex<HashMap<TransferKey, PendingStore>>,
+    retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
+}
+
+/// What the sweeper or an unregister released.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub stores: usize,
+    pub retrieves: usize,
+}
+
+impl EngineDriven {
+    pub fn get(&self, id: u64) -> Option<Arc<EngineDrivenContext>> {
+        self.contexts.read().get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.contexts.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether some engine-driven worker serves `(model, world_size)` (lookups answer 0 else).
+    pub fn serves(&self, model: &str, world_size: u32) -> bool {
+        self.models
+            .lock()
+            .contains_key(&(Arc::from(model), world_size))
+    }
+
+    /// Prepares waiting for a commit: (stores, retrieves).
+    pub fn pending(&self) -> (usize, usize) {
+        (self.stores.lock().len(), self.retrieves.lock().len())
+    }
+
+    pub fn touch(&self, id: u64, pinged: bool) {
+        if let Some(ctx) = self.get(id) {
+            ctx.liveness.lock().touch(pinged);
+        }
+    }
+
+    fn insert(&self, ctx: EngineDrivenContext) -> Arc<EngineDrivenContext> {
+        let mut contexts = self.contexts.write();
+        if let Some(existing) = contexts.get(&ctx.id) {
+            return existing.clone();
+        }
+        *self
+            .models
+            .lock()
+            .entry((ctx.model.clone(), ctx.world_size))
+            .or_default() += 1;
+        let ctx = Arc::new(ctx);
+        contexts.insert(ctx.id, ctx.clone());
+        ctx
+    }
+
+    /// Forget instance `id` and release every prepare it left pending.
+    pub fn remove(&self, id: u64, l1: &crate::store::L1Store) -> Option<Released> {
+        let removed = self.contexts.write().remove(&id)?;
+        {
+            let mut models = self.models.lock();
+            let key = (removed.model.clone(), removed.world_size);
+            if let Some(n) = models.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    models.remove(&key);
+                }
+            }
+        }
+        Some(self.release_where(l1, |k, _| k.instance_id == id))
+    }
+
+    /// Release pending prepares matching `pred(key, deadline)`: reservations are dropped (their
+    /// space freed), reads unpinned with their lookup lock released, as a commit would.
+    fn release_where(
+        &self,
+        l1: &crate::store::L1Store,
+        pred: impl Fn(&TransferKey, Instant) -> bool,
+    ) -> Released {
+        let stores: Vec<PendingStore> = {
+            let mut map = self.stores.lock();
+            let keys: Vec<TransferKey> = map
+                .iter()
+                .filter(|(k, p)| pred(k, p.deadline))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        let retrieves: Vec<(TransferKey, PendingRetrieve)> = {
+            let mut map = self.retrieves.lock();
+            let keys: Vec<TransferKey> = map
+                .iter()
+                .filter(|(k, p)| pred(k, p.deadline))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| map.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
+        let released = Released {
+            stores: stores.len(),
+            retrieves: retrieves.len(),
+        };
+        for (key, pending) in retrieves {
+            drop(pending);
+            l1.unlock(&key.objects, 1);
+        }
+        drop(stores);
+        released
+    }
+
+    /// Release prepares past their deadline, and forget workers silent for too long.
+    pub fn sweep(
+        &self,
+        now: Instant,
+        policy: ReapPolicy,
+        l1: &crate::store::L1Store,
+    ) -> (Released, Vec<u64>) {
+        let expired = self.release_where(l1, |_, deadline| deadline <= now);
+        let stale: Vec<u64> = self
+            .contexts
+            .read()
+            .values()
+            .filter(|c| c.liveness.lock().stale(now, policy))
+            .map(|c| c.id)
+            .collect();
+        for id in &stale {
+            self.remove(*id, l1);
+        }
+        (expired, stale)
+    }
+}
+
+impl Cwm {
+    pub(super) fn register_engine_driven_context(
+        &self,
+        payload: &RegisterEngineDrivenContextPayload,
+    ) -> Result<RegisterEngineDrivenContextResponse, OpError> {
+        let Some(pool) = self.tiers.l1.pool() else {
+            tracing::error!(
+                instance_id = payload.instance_id,
+                "engine-driven context refused: cwm runs with --no-engine-driven (no shared L1 \
+                 pool). The worker falls back to pickle transfers, which cwm does not serve: its \
+                 stores and retrieves will fail. Run cwm with --engine-driven, or set \
+                 lmcache.mp.mp_transfer_mode=lmcache_driven in vLLM"
+            );
+            return Ok(RegisterEngineDrivenContextResponse::default());
+        };
+        let answer = RegisterEngineDrivenContextResponse {
+            shm_name: pool.shm_name.clone(),
+            pool_size: pool.size,
+        };
+        if let Some(existing) = self.engine_driven.get(payload.instance_id) {
+            existing.liveness.lock().touch(false);
+            tracing::debug!(
+                instance_id = payload.instance_id,
+                "re-register: already registered"
+            );
+            return Ok(answer);
+        }
+        let ctx = self.engine_driven_context(payload, pool.size)?;
+        tracing::info!(
+            instance_id = ctx.id,
+            model = %ctx.model,
+            world_size = ctx.world_size,
+            shape = ?ctx.shape,
+            dtype = %ctx.dtype,
+            object_bytes = ctx.object_bytes,
+            pool = %pool.shm_name,
+            "registered engine-driven context"
+        );
+        self.engine_driven.insert(ctx);
+        Ok(answer)
+    }
+
+    /// Validate a registration and derive the chunk object's shape and size.
+    fn engine_driven_context(
+        &self,
+        p: &RegisterEngineDrivenContextPayload,
+        pool_bytes: u64,
+    ) -> Result<EngineDrivenContext, OpError> {
+        let bad = |field, value: &dyn std::fmt::Display, expected| EngineDrivenError::Payload {
+            field,
+            value: value.to_string(),
+            expected,
+        };
+        connector_protocol::validate_model_name(&p.model_name)?;
+        if !(1..=255).contains(&p.world_size) {
+            return Err(bad("world_size", &p.world_size, "1..=255").into());
+        }
+        let itemsize = dtype_itemsize(&p.dtype_str)
+            .ok_or_else(|| bad("dtype_str", &p.dtype_str, "a torch dtype name"))?;
+        if p.num_layers == 0 {
+            return Err(bad("num_layers", &p.num_layers, "at least 1").into());
+        }
+        if p.hidden_dim_size == 0 {
+            return Err(bad("hidden_dim_size", &p.hidden_dim_size, "at least 1").into());
+        }
+        let chunk = self.settings.chunk_size as u64;
+        // Clients from before the field existed mean one slot per token of the chunk.
+        let slots = p.num_physical_slots.unwrap_or(chunk);
+        if slots == 0 {
+            return Err(bad("num_physical_slots", &slots, "at least 1").into());
+        }
+        if slots != chunk {
+            tracing::warn!(
+                instance_id = p.instance_id,
+                slots,
+                chunk,
+                "engine-driven objects of {slots} slots per {chunk}-token chunk: they differ in \
+                 size from store/retrieve objects and are never shared with them"
+            );
+        }
+        let shape = if p.use_mla {
+            vec![p.num_layers as u64, slots, p.hidden_dim_size]
+        } else {
+            vec![2, p.num_layers as u64, slots, p.hidden_dim_size]
+        };
+        let object_bytes = shape
+            .iter()
+            .try_fold(itemsize as u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad("shape", &format!("{shape:?}"), "a size that fits in u64"))?;
+        if object_bytes > pool_bytes {
+            return Err(EngineDrivenError::ObjectTooLarge {
+                object_bytes,
+                pool_bytes,
+            }
+            .into());
+        }
+        Ok(EngineDrivenContext {
+            id: p.instance_id,
+            model: p.model_name.as_str().into(),
+            world_size: p.world_size,
+            shape,
+            dtype: p.dtype_str.clone(),
+            itemsize: itemsize as u8,
+            object_bytes,
+            liveness: Mutex::new(Liveness::new()),
+        })
+    }
+
+    pub(super) fn unregister_engine_driven_context(&self, id: u64) {
+        match self.engine_driven.remove(id, &self.tiers.l1) {
+            None => tracing::warn!(
+                instance_id = id,
+                "unregister_kv_cache_engine_driven_context: unknown instance"
+            ),
+            Some(released) => tracing::info!(
+                instance_id = id,
+                pending_stores = released.stores,
+                pending_retrieves = released.retrieves,
+                "unregistered engine-driven context"
+            ),
+        }
+    }
+
+    /// The registered context for a transfer, checked against the key; refreshes liveness.
+    fn transfer_context(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<(Arc<EngineDrivenContext>, TransferKey), OpError> {
+        self.check_identity(key)?;
+        let ctx = self
+            .engine_driven
+            .get(instance_id)
+            .ok_or(TransferError::UnknownInstance(instance_id))?;
+        ctx.liveness.lock().touch(false);
+        if *ctx.model != *key.model_name || ctx.world_size != key.world_size {
+            return Err(TransferError::Identity {
+                model: key.model_name.clone(),
+                world_size: key.world_size,
+                reg_model: ctx.model.to_string(),
+                reg_world_size: ctx.world_size,
+            }
+            .into());
+        }
+        let objects = self.range_keys(key)?;
+        Ok((
+            ctx,
+            TransferKey {
+                instance_id,
+                request_id: key.request_id.clone(),
+                objects,
+            },
+        ))
+    }
+
+    /// Object keys of the chunks `[start, end)` of this worker's rank.
+    fn range_keys(&self, key: &IpcCacheServerKey) -> Result<Vec<ObjectKey>, TransferError> {
+        let cs = self.settings.chunk_size;
+        let rank = key.worker_id.ok_or(TransferError::NoWorker)?;
+        let (start, end, tokens) = (key.start as usize, key.end as usize, key.token_ids.len());
+        if start % cs != 0 || end % cs != 0 || start > end || end > tokens {
+            return Err(TransferError::Range {
+                start: key.start,
+                end: key.end,
+                tokens,
+                chunk_size: cs,
+            });
+        }
+        Ok(self
+            .hasher
+            .chunk_hashes(&key.token_ids, start, end)
+            .iter()
+            .map(|h| self.object_key(key, rank, *h))
+            .collect())
+    }
+
+    fn pending_deadline(&self) -> Instant {
+        Instant::now() + self.settings.engine_driven_ttl
+    }
+
+    pub(super) fn prepare_store(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<PrepareStoreResponse, OpError> {
+        let (ctx, tkey) = self.transfer_context(key, instance_id)?;
+        // A repeated prepare (the client gave up waiting and asked again) starts over: the
+        // old reservation would otherwise make every chunk look "being stored".
+        let replaced = self.engine_driven.stores.lock().remove(&tkey);
+        drop(replaced);
+        let mut context = PrepareStoreContext::default();
+        let mut writes = Vec::new();
+        for (i, object) in tkey.objects.iter().enumerate() {
+            match self.tiers.l1.reserve(object, ctx.object_bytes) {
+                Reservation::Reserved(w) => {
+                    context.slots.push(ctx.slot(w.pool_offset()));
+                    context.chunk_indices.push(i as u32);
+                    writes.push(w);
+                }
+                Reservation::Present => {}
+                Reservation::NoSpace => tracing::warn!(
+                    key = ?object,
+                    bytes = ctx.object_bytes,
+                    "L1 full of locked objects: chunk not stored"
+                ),
+            }
+        }
+        if !writes.is_empty() {
+            let pending = PendingStore {
+                writes,
+                deadline: self.pending_deadline(),
+            };
+            self.engine_driven.stores.lock().insert(tkey, pending);
+        }
+        Ok(PrepareStoreResponse { context })
+    }
+
+    /// Publish the objects `prepare_store` reserved for this key. `false` when there is no
+    /// such reservation (never prepared, already committed, expired, or its instance gone) and
+    /// for pickle payloads, which cwm does not take (the reservation, if any, is dropped: a
+    /// client sending its data inline never writes the slots).
+    pub(super) fn commit_store(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        data: &[u8],
+    ) -> Result<bool, OpError> {
+        let (ctx, tkey) = self.transfer_context(key, instance_id)?;
+        let pending = self.engine_driven.stores.lock().remove(&tkey);
+        if !data.is_empty() {
+            tracing::warn!(
+                instance_id,
+                bytes = data.len(),
+                "commit_store with an inline (pickle) payload: cwm serves only the shared-memory \
+                 mode; refused"
+            );
+            return Ok(false);
+        }
+        let Some(pending) = pending else {
+            tracing::debug!(
+                instance_id,
+                request_id = %key.request_id,
+                "commit_store without a pending prepare_store"
+            );
+            return Ok(false);
+        };
+        let objects = pending.writes.len() as u64;
+        let mut committed = Vec::with_capacity(pending.writes.len());
+        for w in pending.writes {
+            committed.push(w.key().clone());
+            w.commit();
+        }
+        // Like `store`: committed objects go behind to L2.
+        self.tiers
+            .committed(committed, ctx.object_bytes, ctx.itemsize);
+        self.counters
+            .record_store(objects, objects * ctx.object_bytes);
+        self.record_chain(key);
+        Ok(true)
+    }
+
+    pub(super) fn prepare_retrieve(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<PrepareRetrieveResponse, OpError> {
+        let (ctx, tkey) = self.transfer_context(key, instance_id)?;
+        // A repeated prepare replaces the pin; its lock is released once, by the commit.
+        let replaced = self.engine_driven.retrieves.lock().remove(&tkey);
+        drop(replaced);
+        let reads: Vec<Option<ReadGuard>> =
+            tkey.objects.iter().map(|k| self.tiers.l1.read(k)).collect();
+        // As in `retrieve`: on failure the lookup's lock on each object read is released now.
+        let fail = |reads: &[Option<ReadGuard>]| {
+            self.tiers
+                .l1
+                .unlock(reads.iter().flatten().map(ReadGuard::key), 1);
+        };
+        if let Some(missing) = reads.iter().position(Option::is_none) {
+            fail(&reads);
+            self.counters.record_retrieve_miss();
+            return Err(TransferError::Missing(missing).into());
+        }
+        let reads: Vec<ReadGuard> = reads.into_iter().flatten().collect();
+        if let Some(bad) = reads.iter().find(|g| g.len() as u64 != ctx.object_bytes) {
+            let err = OpError::ObjectSize {
+                key: bad.key().clone(),
+                got: bad.len(),
+                want: ctx.object_bytes as usize,
+            };
+            self.tiers.l1.unlock(reads.iter().map(ReadGuard::key), 1);
+            return Err(err);
+        }
+        let slots = reads.iter().map(|g| ctx.slot(g.pool_offset())).collect();
+        let pending = PendingRetrieve {
+            reads,
+            deadline: self.pending_deadline(),
+        };
+        self.engine_driven.retrieves.lock().insert(tkey, pending);
+        Ok(PrepareRetrieveResponse {
+            success: true,
+            data: Vec::new(),
+            context: PrepareRetrieveContext { slots },
+        })
+    }
+
+    /// The engine has copied the slots `prepare_retrieve` handed out: unpin them and release
+    /// one lookup read lock per object. `false` when nothing was pending for this key.
+    pub(super) fn commit_retrieve(
+        &self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+    ) -> Result<bool, OpError> {
+        let (_, tkey) = self.transfer_context(key, instance_id)?;
+        let Some(pending) = self.engine_driven.retrieves.lock().remove(&tkey) else {
+            return Ok(false);
+        };
+        self.tiers.l1.unlock(&tkey.objects, 1);
+        let (objects, bytes) = (
+            pending.reads.len() as u64,
+            pending.reads.iter().map(|g| g.len() as u64).sum(),
+        );
+        drop(pending);
+        self.counters.record_retrieve(objects, bytes);
+        Ok(true)
+    }
+}
+
+/// Decode the register payload (one frame).
+pub(super) fn decode_payload(frame: &[u8]) -> Result<RegisterEngineDrivenContextPayload, OpError> {
+    Ok(codec::decode::<RegisterEngineDrivenContextPayload>(
+        "RegisterEngineDrivenContextPayload",
+        frame,
+    )?)
+}

@@ -1,0 +1,204 @@
+"""Helpers of the vLLM end-to-end tests and the TTFT benchmark: free ports, `cwm serve` (or
+LMCache's own server) as a subprocess with its stderr in a file, and one vLLM engine per process
+(vllm_engine.py) with its log in a file."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+WORK = os.path.join(HERE, ".work")
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_dir(mode: str, server: str = "cwm") -> str:
+    """Where one run of e2e_vllm.py keeps its logs and results."""
+    name = mode if server == "cwm" else f"{server}-{mode}"
+    return os.environ.get("CWM_E2E_OUT") or os.path.join(WORK, "runs", name)
+
+
+def tail(path: str, n: int = 40, width: int = 400) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.rstrip("\n")[:width] for ln in f if ln.strip()]
+    except OSError as e:
+        return f"({path}: {e})"
+    return "\n".join(lines[-n:])
+
+
+def cwm_bin() -> str:
+    b = os.environ.get("CWM_BIN") or os.path.join(REPO, "target", "release", "cwm")
+    if not os.access(b, os.X_OK):
+        raise RuntimeError(f"cwm binary not found at {b}: run `cargo build --release` or set CWM_BIN")
+    return b
+
+
+def cwm_has_flag(flag: str) -> bool:
+    out = subprocess.run([cwm_bin(), "serve", "--help"], capture_output=True, text=True).stdout
+    return flag in out
+
+
+class Server:
+    """A KV server subprocess (cwm serve, or LMCache's own) listening on 127.0.0.1:port.
+
+    stderr and stdout go to `log` (appended across restarts, each start marked)."""
+
+    def __init__(self, argv_for_port, log: str, name: str, env=None):
+        self.argv_for_port = argv_for_port       # port -> argv
+        self.log = log
+        self.name = name
+        self.env = env
+        self.port = None
+        self.proc = None
+
+    def start(self, port=None, ready_timeout: float = 60.0):
+        self.port = port or self.port or free_port()
+        argv = self.argv_for_port(self.port)
+        with open(self.log, "a") as f:
+            f.write(f"==== {time.strftime('%H:%M:%S')} starting: {' '.join(argv)}\n")
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env,
+                                     start_new_session=True)
+        logf.close()
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at start:\n"
+                                   f"{tail(self.log)}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not listen on port {self.port} within "
+                           f"{ready_timeout:.0f} s:\n{tail(self.log)}")
+
+    def stop(self, timeout: float = 20.0):
+        p, self.proc = self.proc, None
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def cwm_server(log: str, l1_gb: float = 2.0, l2_path=None, extra=()) -> Server:
+    def argv(port):
+        a = [cwm_bin(), "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--l1-size-gb", str(l1_gb)]
+        if l2_path is not None:
+            a += ["--l2-path", l2_path]
+        return a + list(extra)
+    return Server(argv, log, "cwm serve")
+
+
+def lmcache_server(log: str, l1_gb: float = 2.0, extra=()) -> Server:
+    """LMCache 0.5.6's own MP server from the same venv."""
+    def argv(port):
+        return [PY, "-m", "lmcache.v1.multiprocess.server", "--host", "127.0.0.1",
+                "--port", str(port), "--l1-size-gb", str(l1_gb), "--eviction-policy", "LRU",
+                *extra]
+    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1")
+    return Server(argv, log, "lmcache server", env=env)
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> dict:
+    """Run vllm_engine.py with `plan` in its own process; return its result (whatever steps were
+    done). Raises EngineFailed (with the log tail) if it did not finish; the partial result is in
+    the exception's .result."""
+    plan_path = os.path.join(out_dir, f"{name}.plan.json")
+    res_path = os.path.join(out_dir, f"{name}.result.json")
+    log_path = os.path.join(out_dir, f"{name}.log")
+    with open(plan_path, "w") as f:
+        json.dump(plan, f)
+    if os.path.exists(res_path):
+        os.remove(res_path)
+    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    with open(log_path, "w") as logf:
+        p = subprocess.Popen([PY, os.path.join(HERE, "vllm_engine.py"), plan_path, res_path],
+                             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, start_new_session=True)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc = f"killed after {timeout:.0f} s"
+    # vLLM's engine-core and worker processes are in the engine's session; make sure none is
+    # left holding a core or the shared-memory KV cache.
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    remove_dead_kv_shm(t0)
+    result = {}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            result = json.load(f)
+    result["wall_s"] = time.time() - t0
+    result["log"] = log_path
+    if rc != 0 or not result.get("done"):
+        e = EngineFailed(f"engine {name!r} did not finish (exit {rc}, "
+                         f"{len(result.get('steps', []))} of {len(plan['steps'])} steps done); "
+                         f"log {log_path}; last lines:\n{interesting_tail(log_path)}")
+        e.result = result
+        raise e
+    return result
+
+
+def remove_dead_kv_shm(since: float) -> None:
+    """A vLLM worker killed before its clean exit leaves its 1 GiB KV cache in /dev/shm
+    (lmcache_kv_<pid>_<n>). Remove those made since `since` whose process is gone."""
+    d = "/dev/shm"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        parts = n.split("_")
+        if len(parts) != 4 or parts[:2] != ["lmcache", "kv"] or not parts[2].isdigit():
+            continue
+        path = os.path.join(d, n)
+        try:
+            if os.stat(path).st_mtime < since - 1 or os.path.exists(f"/proc/{parts[2]}"):
+                continue
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def interesting_tail(log_path: str, n: int = 30) -> str:
+    """The end of a vLLM log, without the progress bars and banner noise."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.rstrip("\n")[:400] for ln in f]
+    except OSError as e:
+        return str(e)
+    keep = [ln for ln in lines if ln.strip() and "it/s]" not in ln and "Completed |" not in ln]
+    return "\n".join(keep[-n:])

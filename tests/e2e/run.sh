@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
+# with a real vLLM CPU engine (two or three engine processes) against `cwm serve`.
+#
+#   tests/e2e/run.sh [pytest args...]
+#
+# Env:
+#   CWM_E2E_MODES   transfer modes to run, in order (default "lmcache_driven default");
+#                   "default" is the connector's auto mode, engine_driven on CPU
+#   CWM_BIN         cwm binary (default: <repo>/target/release/cwm, built here if missing)
+#   CWM_E2E_SERVER  cwm (default) | lmcache: run the story against LMCache's own server instead
+#   CWM_E2E_DISK    auto | 0 | 1: the restart-from-disk check (a third engine; auto: when cwm has
+#                   --l2-path). Unset: auto in the first mode, 0 in the others
+# Logs and results: tests/e2e/.work/runs/<mode>/. Exit status non-zero if any mode failed.
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+t_all=$SECONDS
+
+t0=$SECONDS
+"$HERE/setup.sh" || { echo "e2e: setup.sh failed" >&2; exit 1; }
+t_setup=$((SECONDS - t0))
+
+if [[ -z "${CWM_BIN:-}" ]]; then
+    CWM_BIN="$REPO/target/release/cwm"
+    if [[ ! -x "$CWM_BIN" && "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
+        (cd "$REPO" && cargo build --release --bin cwm) || { echo "e2e: cargo build failed" >&2; exit 1; }
+    fi
+fi
+export CWM_BIN
+
+"$HERE/.venv/bin/python" "$HERE/make_model.py" "$HERE/.work/models/tiny" >/dev/null ||
+    { echo "e2e: make_model.py failed" >&2; exit 1; }
+
+summary=()
+failed=0
+first=1
+for mode in ${CWM_E2E_MODES:-lmcache_driven default}; do
+    echo "==== e2e: vLLM + ${CWM_E2E_SERVER:-cwm}, transfer mode $mode ===="
+    t0=$SECONDS
+    # The restart-from-disk check (a third engine) does not depend on the transfer mode: unless
+    # CWM_E2E_DISK is set, run it in the first mode only, to keep the run short.
+    disk="${CWM_E2E_DISK:-auto}"
+    [[ -z "${CWM_E2E_DISK:-}" && $first -eq 0 ]] && disk=0
+    first=0
+    (cd "$HERE" && CWM_E2E_MODE="$mode" CWM_E2E_DISK="$disk" "$HERE/.venv/bin/python" -m pytest \
+        -c "$HERE/pytest.ini" --rootdir "$HERE" "$HERE/e2e_vllm.py" "$@")
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+    summary+=("mode $mode: $word in $((SECONDS - t0)) s")
+done
+
+echo "==== e2e summary (setup ${t_setup} s, total $((SECONDS - t_all)) s) ===="
+for line in "${summary[@]}"; do echo "  $line"; done
+exit $failed

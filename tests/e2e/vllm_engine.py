@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""One real vLLM CPU engine with LMCacheMPConnector, running a fixed list of steps.
+
+Run as its own process (one engine per process, as vLLM's offline API wants):
+
+    python vllm_engine.py PLAN.json RESULT.json
+
+PLAN.json:
+    {"model": DIR, "port": 5555, "host": "tcp://127.0.0.1",
+     "mode": "lmcache_driven" | "default",   # default: no mp_transfer_mode key (auto)
+     "max_model_len": 2048, "mq_timeout": 60,
+     "prompts": {"P": [token ids], ...},
+     "steps": [{"op": "generate", "name": "cold", "prompt": "P", "salt": "alice",
+                "max_tokens": 8},
+               {"op": "reset"}, ...]}
+
+RESULT.json gets, per generate step: the output token ids, the logprob of each sampled token,
+RequestOutput.num_cached_tokens, the change of vLLM's own prefix-cache counters over the step
+(vllm:external_prefix_cache_hits/queries: tokens the connector supplied; vllm:prefix_cache_*:
+vLLM's own block pool) and its wall time; per reset step whether reset_prefix_cache() worked.
+The file is rewritten after every step, so a crash still leaves what was done.
+"""
+import json
+import os
+import sys
+import time
+
+COUNTERS = (
+    "vllm:external_prefix_cache_hits",
+    "vllm:external_prefix_cache_queries",
+    "vllm:prefix_cache_hits",
+    "vllm:prefix_cache_queries",
+)
+
+
+def engine_env() -> None:
+    """Settings that make vLLM work on a small CPU-only machine without a model hub."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB, the minimum
+    # On 2 cores vLLM would reserve one core for its scheduler without a connector but none with
+    # one; pin it so every engine computes at the same speed.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def counters(llm) -> dict:
+    out = {name: 0 for name in COUNTERS}
+    for m in llm.get_metrics():
+        if m.name in out and hasattr(m, "value"):
+            out[m.name] += int(m.value)
+    return out
+
+
+def make_llm(plan: dict):
+    from vllm import LLM
+
+    extra = {
+        "lmcache.mp.host": plan.get("host", "tcp://127.0.0.1"),
+        "lmcache.mp.port": int(plan["port"]),
+        # A server that never answers must fail the run in a minute, not after 300 s.
+        "lmcache.mp.mq_timeout": float(plan.get("mq_timeout", 60)),
+    }
+    if plan.get("mode", "default") != "default":
+        extra["lmcache.mp.mp_transfer_mode"] = plan["mode"]
+    return LLM(
+        model=plan["model"],
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        block_size=32,                      # the CPU attention backend rejects 16
+        enforce_eager=True,
+        max_model_len=int(plan.get("max_model_len", 2048)),
+        max_num_batched_tokens=int(plan.get("max_num_batched_tokens",
+                                            plan.get("max_model_len", 2048))),
+        max_num_seqs=4,
+        enable_prefix_caching=True,
+        disable_log_stats=False,            # LLM.get_metrics() needs the stat loggers
+        seed=0,
+        kv_transfer_config={
+            "kv_connector": "LMCacheMPConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": extra,
+        },
+    )
+
+
+def generate(llm, prompt_ids, salt, max_tokens):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
+                        detokenize=False)
+    prompt = {"prompt_token_ids": list(prompt_ids)}
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    before = counters(llm)
+    t0 = time.perf_counter()
+    (out,) = llm.generate([prompt], sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    after = counters(llm)
+    comp = out.outputs[0]
+    lps = []
+    for tok, d in zip(comp.token_ids, comp.logprobs or []):
+        lp = d.get(tok) if d is not None else None
+        lps.append(None if lp is None else float(lp.logprob))
+    res = {
+        "prompt_len": len(prompt_ids),
+        "tokens": list(comp.token_ids),
+        "logprobs": lps,
+        "num_cached_tokens": out.num_cached_tokens,
+        "delta": {k: after[k] - before[k] for k in COUNTERS},
+        "wall_s": wall,
+    }
+    m = getattr(out, "metrics", None)
+    for f in ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts", "arrival_time",
+              "first_token_latency"):
+        v = getattr(m, f, None) if m is not None else None
+        if isinstance(v, (int, float)):
+            res.setdefault("metrics", {})[f] = v
+    return res
+
+
+def reset(llm, timeout: float) -> dict:
+    """reset_prefix_cache(), retried: right after a request that finished at its prefill
+    (max_tokens=1), the connector may still hold its blocks for the store in flight, and vLLM
+    refuses the reset until they are freed."""
+    t0 = time.perf_counter()
+    tries = 0
+    while True:
+        tries += 1
+        ok = bool(llm.reset_prefix_cache())
+        if ok or time.perf_counter() - t0 > timeout:
+            return {"ok": ok, "tries": tries, "wait_s": time.perf_counter() - t0}
+        time.sleep(0.02)
+
+
+def main() -> int:
+    plan_path, result_path = sys.argv[1], sys.argv[2]
+    with open(plan_path) as f:
+        plan = json.load(f)
+    engine_env()
+    result = {"pid": os.getpid(), "steps": [], "done": False}
+
+    def save():
+        tmp = result_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, result_path)
+
+    t0 = time.perf_counter()
+    llm = make_llm(plan)
+    result["engine_start_s"] = time.perf_counter() - t0
+    result["counters_at_start"] = counters(llm)
+    save()
+    for step in plan["steps"]:
+        op = step["op"]
+        if op == "generate":
+            r = generate(llm, plan["prompts"][step["prompt"]], step.get("salt"),
+                         int(step.get("max_tokens", 8)))
+        elif op == "reset":
+            r = reset(llm, float(step.get("timeout", 30)))
+        elif op == "sleep":
+            time.sleep(float(step["seconds"]))
+            r = {}
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        r.update({"op": op, "name": step.get("name", op)})
+        result["steps"].append(r)
+        print(f"[vllm_engine] {json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'logprobs')})}",
+              flush=True)
+        save()
+    result["counters_at_end"] = counters(llm)
+    result["done"] = True
+    result["total_s"] = time.perf_counter() - t0
+    save()
+    # Let vLLM shut its engine core and the connector down in order before the process exits.
+    del llm
+    import gc
+    gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
