@@ -158,6 +158,23 @@ impl BenchKv {
             });
     }
 
+    /// Fill with bf16 values of a roughly normal distribution (a sum of four uniforms), as
+    /// real K and V are: what compresses like a real cache, unlike `fill_pattern`.
+    pub fn fill_bf16_normal(&mut self, seed: u64) {
+        self.bytes_mut()
+            .par_chunks_mut(1 << 20)
+            .enumerate()
+            .for_each(|(i, piece)| {
+                let base = (i as u64) << 19;
+                for (j, v) in piece.chunks_exact_mut(2).enumerate() {
+                    let r = mix(seed ^ (base + j as u64));
+                    let sum: f32 = (0..4).map(|k| ((r >> (16 * k)) & 0xffff) as f32).sum();
+                    let x = (sum / 65536.0 - 2.0) * 1.7;
+                    v.copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+                }
+            });
+    }
+
     /// Set every byte to `v` (faults every page in).
     pub fn fill_byte(&mut self, v: u8) {
         self.bytes_mut()

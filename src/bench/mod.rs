@@ -11,10 +11,11 @@ pub mod kv;
 pub mod memcpy;
 pub mod mp;
 mod report;
+pub mod window;
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 
 use crate::config::Config;
 use crate::serve::Sidecar;
@@ -68,6 +69,11 @@ pub struct BenchArgs {
     /// memcpy baseline copies before the rounds (one more follows every round).
     #[arg(long, default_value_t = 5)]
     pub memcpy_repeats: usize,
+    /// Measure a context window instead: store `--tokens` tokens, freeze them into L2, thaw
+    /// them back after a restart (`--iterations` cold and warm thaws; L2 in `--l2-path` or a
+    /// fresh directory under the system's temp dir, removed afterwards).
+    #[arg(long)]
+    pub window: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -159,6 +165,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .context("configure the copy pool")?;
     }
     let machine = Machine::detect();
+    if args.window {
+        return run_window(args, machine);
+    }
     // The yardstick first, while nothing else holds memory or cores, then between rounds.
     let mut baseline = memcpy::Baseline::new(args.request_bytes() as usize);
     for _ in 0..args.memcpy_repeats.max(1) {
@@ -235,6 +244,56 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_secs()),
         memcpy: baseline.results(),
         mp: results?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn run_window(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
+    ensure!(args.url.is_none(), "--window runs an in-process cwm only");
+    let (l2_path, temporary) = match &args.l2_path {
+        Some(p) => (p.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("cwm-bench-window-{}", std::process::id())),
+            true,
+        ),
+    };
+    let geometry = kv::KvGeometry {
+        shape: args.layout,
+        layers: args.layers,
+        blocks: args.tokens / args.block_size + 1,
+        block_size: args.block_size,
+        heads: args.kv_heads,
+        content: 2 * args.head_dim,
+    };
+    let mut baseline = memcpy::Baseline::new(geometry.object_bytes(256) as usize);
+    baseline.measure();
+    let defaults = Config::default();
+    let cfg = window::WindowConfig {
+        geometry,
+        tokens: args.tokens,
+        repeats: args.iterations.max(1),
+        l2_path: l2_path.clone(),
+        base: Config {
+            transfer_lanes: args.lanes.unwrap_or(defaults.transfer_lanes),
+            ..defaults
+        },
+    };
+    let result = window::run(&cfg, &mut || baseline.measure());
+    if temporary {
+        let _ = std::fs::remove_dir_all(&l2_path);
+    }
+    let report = window::WindowReport {
+        machine,
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        memcpy: baseline.results(),
+        window: result?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
