@@ -33,6 +33,62 @@ fn mcp(rt: &tokio::runtime::Runtime, s: &Sidecar) -> Mcp {
         .expect("MCP client connects")
 }
 
+/// The two ways an MCP client reaches cwm.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// Streamable HTTP at the sidecar's `/mcp`.
+    Http,
+    /// `cwm mcp --url ...`, a stdio server the client launches, forwarding to the sidecar.
+    Stdio,
+}
+
+/// An MCP client session over `transport`, and the `cwm mcp` process behind a stdio one.
+struct McpSession {
+    client: Mcp,
+    forwarder: Option<tokio::process::Child>,
+}
+
+impl McpSession {
+    fn open(rt: &tokio::runtime::Runtime, s: &Sidecar, transport: Transport) -> McpSession {
+        let Transport::Stdio = transport else {
+            return McpSession {
+                client: mcp(rt, s),
+                forwarder: None,
+            };
+        };
+        use rmcp::ServiceExt;
+        let url = format!("http://{}/mcp", s.http_addr);
+        rt.block_on(async {
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+                .args(["mcp", "--url", &url])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("cwm mcp starts");
+            let (stdout, stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+            let client = ClientConfig::default()
+                .serve((stdout, stdin))
+                .await
+                .expect("MCP client connects over stdio");
+            McpSession {
+                client,
+                forwarder: Some(child),
+            }
+        })
+    }
+
+    fn close(self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(async {
+            let _ = self.client.cancel().await;
+            if let Some(mut child) = self.forwarder {
+                let _ = child.kill().await;
+            }
+        });
+    }
+}
+
 /// Call a tool: its structured result, or the error text of a failed call.
 fn call(
     rt: &tokio::runtime::Runtime,
@@ -176,7 +232,17 @@ fn store_conversation(c: &mut MpClient, salt: &str, t: &[u32]) {
 }
 
 #[test]
-fn freeze_restart_thaw_clone_delete() {
+fn freeze_restart_thaw_clone_delete_over_http() {
+    freeze_restart_thaw_clone_delete(Transport::Http);
+}
+
+#[test]
+fn freeze_restart_thaw_clone_delete_over_stdio() {
+    freeze_restart_thaw_clone_delete(Transport::Stdio);
+}
+
+/// The whole story, every tool called through an MCP client over `transport`.
+fn freeze_restart_thaw_clone_delete(transport: Transport) {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (kv(), kv());
@@ -187,18 +253,19 @@ fn freeze_restart_thaw_clone_delete() {
         let mut c = client(&s);
         register(&mut c, 1, &src);
         store_conversation(&mut c, "S", &t);
-        let m = mcp(&rt, &s);
-        let sessions = call(&rt, &m, "session_list", json!({})).unwrap();
+        let session = McpSession::open(&rt, &s, transport);
+        let m = &session.client;
+        let sessions = call(&rt, m, "session_list", json!({})).unwrap();
         assert_eq!(sessions["sessions"][0]["session_id"], "S");
         assert_eq!(sessions["sessions"][0]["newest_tokens"], 1024);
         // Freeze right away: write-behind may not have written anything yet.
-        let r = call(&rt, &m, "window_freeze", json!({"session_id": "S", "window_name": "chat", "description": "a chat", "tags": ["demo"]})).unwrap();
+        let r = call(&rt, m, "window_freeze", json!({"session_id": "S", "window_name": "chat", "description": "a chat", "tags": ["demo"]})).unwrap();
         assert_eq!(r["window"]["tokens"], 1024, "{r}");
         assert_eq!(r["window"]["chunks"], 4);
         assert!(r["window"]["stored_bytes"].as_u64().unwrap() > 0);
 
         // Bad inputs: errors, and nothing changes.
-        let before = call(&rt, &m, "window_list", json!({})).unwrap();
+        let before = call(&rt, m, "window_list", json!({})).unwrap();
         for (tool, args, want) in [
             (
                 "window_freeze",
@@ -249,32 +316,34 @@ fn freeze_restart_thaw_clone_delete() {
             ("window_list", json!({"limit": 0}), "limit"),
         ] {
             let e =
-                call(&rt, &m, tool, args.clone()).expect_err(&format!("{tool} {args} must fail"));
+                call(&rt, m, tool, args.clone()).expect_err(&format!("{tool} {args} must fail"));
             assert!(e.contains(want), "{tool} {args}: {e:?} should say {want:?}");
         }
-        assert_eq!(call(&rt, &m, "window_list", json!({})).unwrap(), before);
+        assert_eq!(call(&rt, m, "window_list", json!({})).unwrap(), before);
         let st = call(
             &rt,
-            &m,
+            m,
             "window_status",
             json!({"window_name": "chat", "session_id": "S"}),
         )
         .unwrap();
         assert_eq!(st["window"]["chunks_in_l2"], 4, "{st}");
         assert_eq!(st["session"]["windows"][0], "chat");
+        session.close(&rt);
         s.stop();
     }
 
     // Restart on the same L2 directory: L1 is empty, the window is still there.
     let s = sidecar(disk_config(dir.path()));
     assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
-    let m = mcp(&rt, &s);
+    let session = McpSession::open(&rt, &s, transport);
+    let m = &session.client;
     let mut c = client(&s);
     register(&mut c, 2, &dst);
-    let list = call(&rt, &m, "window_list", json!({"tag": "demo"})).unwrap();
+    let list = call(&rt, m, "window_list", json!({"tag": "demo"})).unwrap();
     assert_eq!(list["total"], 1);
     assert_eq!(list["windows"][0]["name"], "chat");
-    let r = call(&rt, &m, "window_thaw", json!({"window_name": "chat"})).unwrap();
+    let r = call(&rt, m, "window_thaw", json!({"window_name": "chat"})).unwrap();
     assert_eq!(r["tokens_ready"], 1024, "{r}");
     assert_eq!(r["complete"], true);
     assert_eq!(r["tiers"]["l2"], 4, "read from disk: {r}");
@@ -289,19 +358,13 @@ fn freeze_restart_thaw_clone_delete() {
     // A branch under S2 shares the data; a third salt sees nothing.
     let r = call(
         &rt,
-        &m,
+        m,
         "window_clone",
         json!({"source_window": "chat", "new_window_name": "chat.branch", "new_session_id": "S2"}),
     )
     .unwrap();
     assert_eq!(r["session_id"], "S2");
-    let r = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "chat.branch"}),
-    )
-    .unwrap();
+    let r = call(&rt, m, "window_thaw", json!({"window_name": "chat.branch"})).unwrap();
     assert_eq!(r["tokens_ready"], 1024);
     assert_eq!(r["session_id"], "S2");
     assert_eq!(lookup(&mut c, "S2", &t, 1024, "q2"), 4);
@@ -313,16 +376,10 @@ fn freeze_restart_thaw_clone_delete() {
     );
 
     // Delete the original: the branch still thaws, from disk.
-    let r = call(&rt, &m, "window_delete", json!({"window_name": "chat"})).unwrap();
+    let r = call(&rt, m, "window_delete", json!({"window_name": "chat"})).unwrap();
     assert_eq!(r["records_shared"], 4, "{r}");
     s.cwm.tiers.l1.clear(true);
-    let r = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "chat.branch"}),
-    )
-    .unwrap();
+    let r = call(&rt, m, "window_thaw", json!({"window_name": "chat.branch"})).unwrap();
     assert_eq!(r["tokens_ready"], 1024);
     assert_eq!(r["tiers"]["l2"], 4);
     assert_eq!(lookup(&mut c, "S2", &t, 1024, "q4"), 4);
@@ -330,7 +387,7 @@ fn freeze_restart_thaw_clone_delete() {
     // A thaw under yet another session, given at thaw time.
     let r = call(
         &rt,
-        &m,
+        m,
         "window_thaw",
         json!({"window_name": "chat.branch", "new_session_id": "S4"}),
     )
@@ -338,12 +395,12 @@ fn freeze_restart_thaw_clone_delete() {
     assert_eq!(r["tiers"]["l1"], 0);
     assert_eq!(lookup(&mut c, "S4", &t, 1024, "q5"), 4);
 
-    let stats = call(&rt, &m, "cache_stats", json!({})).unwrap();
+    let stats = call(&rt, m, "cache_stats", json!({})).unwrap();
     assert!(
         stats["l2"]["pinned_records"].as_u64().unwrap() >= 4,
         "{stats}"
     );
-    let health = call(&rt, &m, "health", json!({})).unwrap();
+    let health = call(&rt, m, "health", json!({})).unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["windows"], 1);
 
@@ -367,6 +424,7 @@ fn freeze_restart_thaw_clone_delete() {
     }
     assert!(http_get(&s, "/healthcheck").contains("healthy"));
     assert!(http_get(&s, "/status").contains("\"windows\":1"));
+    session.close(&rt);
 }
 
 #[test]
@@ -461,8 +519,6 @@ fn thaw_sends_progress_notifications() {
 /// `cwm mcp` (stdio) forwards tool listing and calls to the sidecar's HTTP endpoint.
 #[test]
 fn stdio_forwarder_reaches_the_sidecar() {
-    use rmcp::ServiceExt;
-
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let src = kv();
@@ -472,23 +528,8 @@ fn stdio_forwarder_reaches_the_sidecar() {
     register(&mut c, 1, &src);
     let t = tokens(9, 1100);
     store_conversation(&mut c, "io", &t);
-    let url = format!("http://{}/mcp", s.http_addr);
-    let (client, mut child) = rt.block_on(async {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
-            .args(["mcp", "--url", &url])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (stdout, stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
-        let client = ClientConfig::default()
-            .serve((stdout, stdin))
-            .await
-            .unwrap();
-        (client, child)
-    });
+    let session = McpSession::open(&rt, &s, Transport::Stdio);
+    let client = &session.client;
     let tools = rt.block_on(client.list_all_tools()).unwrap();
     let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     names.sort();
@@ -519,14 +560,14 @@ fn stdio_forwarder_reaches_the_sidecar() {
 
     call(
         &rt,
-        &client,
+        client,
         "window_freeze",
         json!({"session_id": "io", "window_name": "io-w"}),
     )
     .unwrap();
     let e = call(
         &rt,
-        &client,
+        client,
         "window_thaw",
         json!({"window_name": "missing"}),
     )
@@ -535,17 +576,14 @@ fn stdio_forwarder_reaches_the_sidecar() {
     s.cwm.tiers.l1.clear(true);
     let r = call(
         &rt,
-        &client,
+        client,
         "window_thaw",
         json!({"window_name": "io-w", "new_session_id": "io2"}),
     )
     .unwrap();
     assert_eq!(r["tokens_ready"], 1024, "{r}");
     assert_eq!(lookup(&mut c, "io2", &t, 1024, "q"), 4);
-    rt.block_on(async {
-        let _ = client.cancel().await;
-        let _ = child.kill().await;
-    });
+    session.close(&rt);
 }
 
 /// `cwm windows export` on one data directory, `cwm windows import` on a fresh one, thaw there:
