@@ -247,11 +247,20 @@ impl Bench<'_> {
         let store = t.elapsed();
         ensure!(stored.ok, "store of request {request_id} failed");
 
-        let (_, _, hit) = self.lookup(&lookup_key)?;
-        ensure!(
-            self.hit_chunks(hit) == chunks,
-            "lookup after store of {request_id} found {hit}, expected all {chunks} chunks"
-        );
+        // LMCache's server commits a store after answering it: look up until it is visible.
+        let deadline = Instant::now() + self.client.timeout;
+        let hit = loop {
+            let (_, _, hit) = self.lookup(&lookup_key)?;
+            if self.hit_chunks(hit) == chunks {
+                break hit;
+            }
+            self.client.free_lookup_locks(&lookup_key)?;
+            ensure!(
+                Instant::now() < deadline,
+                "lookup after store of {request_id} found {hit}, expected all {chunks} chunks"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
 
         let t = Instant::now();
         let retrieved = self
