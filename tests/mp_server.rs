@@ -349,36 +349,9 @@ fn failures_answer_false_and_change_nothing() {
 
 #[test]
 fn cuda_descriptors_are_refused_cleanly() {
-    use connector_protocol::{CudaStorageHandle, IpcDescriptor, TensorMetadata};
     let s = sidecar(small_config());
     let mut c = client(&s);
-    let md = TensorMetadata {
-        dtype: "bfloat16".into(),
-        shape: vec![4, 16, 1, 16],
-        stride: vec![256, 16, 16, 1],
-        storage_offset: 0,
-        device_uuid: "00000000-0000-0000-0000-000000000000".into(),
-    };
-    let handle = CudaStorageHandle {
-        device: 0,
-        mem_handle: [7; 64],
-        storage_size: 2048,
-        storage_offset_bytes: 0,
-        event_handle: None,
-        event_sync_required: false,
-    };
-    c.register_kv_cache(
-        5,
-        &[IpcDescriptor::Cuda {
-            handle,
-            metadata: md,
-        }],
-        MODEL,
-        1,
-        Some("NHD"),
-        &TestKv::new(Layout::Nhd, 1, 4, 16, 1, 16).groups(),
-    )
-    .unwrap();
+    register_cuda(&mut c, 5, MODEL);
     let t = tokens(1, 256);
     assert!(
         !c.store(

@@ -706,10 +706,182 @@ fn cache_clear_over_http() {
         "{r}"
     );
     assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
-    let r = http_post(
+}
+
+/// A `POST /cache/checksums` answer: status code and JSON body.
+fn checksums(s: &Sidecar, body: Value) -> (u16, Value) {
+    let r = http_post(s, "/cache/checksums", &body.to_string());
+    let code = r[9..12].parse().unwrap();
+    let (_, json) = r.split_once("\r\n\r\n").expect("an HTTP response");
+    (code, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// The MD5s LMCache's server computes for `ids` of `kv`, built here from `TestKv`'s own
+/// addressing: per chunk, every layer's blocks in the tensor's logical order (`[2, NB, BS, NH,
+/// HS]`: K plane then V plane; `[NB, NH, BS, C]`: head-major), bf16 widened to f32. With
+/// `layer`, that layer's digests alone.
+fn lmcache_digests(kv: &TestKv, ids: &[u32], chunk: usize, layer: Option<u64>) -> Vec<String> {
+    use md5::{Digest, Md5};
+    let order: Vec<(u64, u64)> = match kv.layout {
+        Layout::Hnd => (0..kv.heads)
+            .flat_map(|h| (0..kv.bs).map(move |t| (t, h)))
+            .collect(),
+        _ => (0..kv.bs)
+            .flat_map(|t| (0..kv.heads).map(move |h| (t, h)))
+            .collect(),
+    };
+    ids.chunks(chunk)
+        .map(|c| {
+            let mut raw = Vec::new();
+            for l in (0..kv.layers).filter(|&l| layer.is_none_or(|x| x == l)) {
+                for p in 0..kv.planes() {
+                    for &b in c {
+                        for &(t, h) in &order {
+                            raw.extend(kv.head(p, l, u64::from(b), t, h));
+                        }
+                    }
+                }
+            }
+            let widened: Vec<u8> = raw
+                .chunks_exact(2)
+                .flat_map(|x| (u32::from(u16::from_le_bytes([x[0], x[1]])) << 16).to_le_bytes())
+                .collect();
+            hex::encode(Md5::digest(&widened))
+        })
+        .collect()
+}
+
+/// LMCache's `POST /cache/checksums` (what `lmcache bench server` calls to verify a retrieve):
+/// digests of the engine's blocks as LMCache's server computes them, equal for the source
+/// blocks of a store and the destination blocks of its retrieve; LMCache's error answers.
+#[test]
+fn cache_checksums_over_http() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    // lmcache bench's layout: [2, NB, BS, NH, HS] bf16, block axis 1.
+    let src = TestKv::new(Layout::TwoMajor, 4, 80, 16, 2, 32);
+    let dst = TestKv::new(Layout::TwoMajor, 4, 80, 16, 2, 32);
+    src.fill(5);
+    dst.fill_byte(0);
+    register(&mut c, 1, &src);
+    register(&mut c, 2, &dst);
+    let t = tokens(9, 1100);
+    store_conversation(&mut c, "K", &t);
+    let src_ids: Vec<u32> = (1..65).collect();
+    let dst_ids: Vec<u32> = (10..74).collect();
+    let (code, before) = checksums(
         &s,
-        "/cache/checksums",
-        r#"{"block_ids": [1], "chunk_size": 16}"#,
+        json!({"block_ids": dst_ids, "chunk_size": 16, "instance_id": 2}),
     );
-    assert!(r.starts_with("HTTP/1.1 501"), "{r}");
+    assert_eq!(code, 200, "{before}");
+    assert!(
+        c.retrieve(
+            &key(MODEL, "K", &t, Some(0), 1, 0, 1024, "r"),
+            2,
+            &blocks(10, 64),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+
+    let want = lmcache_digests(&src, &src_ids, 16, None);
+    let (code, r) = checksums(
+        &s,
+        json!({"block_ids": src_ids, "chunk_size": 16, "instance_id": 1, "layerwise": false}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["status"], "success");
+    assert_eq!(r["chunk_size"], 16);
+    assert_eq!(r["num_chunks"], 4);
+    assert_eq!(r["layerwise"], false);
+    assert_eq!(r["block_id_ranges"], json!([[1, 64]]));
+    assert_eq!(r["chunk_checksums"], json!(want), "source digests");
+    let (code, r) = checksums(
+        &s,
+        json!({"block_ids": dst_ids, "chunk_size": 16, "instance_id": 2}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        r["chunk_checksums"],
+        json!(want),
+        "the retrieve wrote back what was stored"
+    );
+    assert_ne!(before["chunk_checksums"], r["chunk_checksums"]);
+    assert_eq!(r["block_id_ranges"], json!([[10, 73]]));
+
+    // Per layer, a short last chunk, ids in any order.
+    let ids = [5u32, 3, 4, 9, 1];
+    let (code, r) = checksums(
+        &s,
+        json!({"block_ids": ids, "chunk_size": 2, "instance_id": 1, "layerwise": true}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["num_chunks"], 3);
+    assert_eq!(r["block_id_ranges"], json!([5, 3, 4, 9, 1]));
+    for l in 0..4u64 {
+        assert_eq!(
+            r["chunk_checksums"][format!("layer_{l}")],
+            json!(lmcache_digests(&src, &ids, 2, Some(l))),
+            "layer {l}"
+        );
+    }
+
+    // Rank-4 layouts (block axis 0), token-major and head-major.
+    for (id, layout) in [(3, Layout::Nhd), (4, Layout::Hnd)] {
+        let kv = TestKv::new(layout, 2, 8, 16, 2, 32);
+        kv.fill(id);
+        register(&mut c, id, &kv);
+        let ids = [7u32, 0, 2];
+        let (code, r) = checksums(
+            &s,
+            json!({"block_ids": ids, "chunk_size": 2, "instance_id": id}),
+        );
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(
+            r["chunk_checksums"],
+            json!(lmcache_digests(&kv, &ids, 2, None)),
+            "{layout:?}"
+        );
+    }
+
+    // Errors, as LMCache answers them (plus 400 for a block out of range, 501 for memory cwm
+    // cannot read).
+    register_cuda(&mut c, 5, MODEL);
+    for (body, code, detail) in [
+        (
+            json!({"block_ids": [1], "chunk_size": 1, "instance_id": 99}),
+            404,
+            "instance_id 99 not registered",
+        ),
+        (
+            json!({"block_ids": [], "chunk_size": 1, "instance_id": 1}),
+            400,
+            "block_ids is required",
+        ),
+        (
+            json!({"block_ids": [1], "instance_id": 1}),
+            400,
+            "chunk_size must be positive",
+        ),
+        (
+            json!({"block_ids": [1, 80], "chunk_size": 1, "instance_id": 1}),
+            400,
+            "block id 80 out of range",
+        ),
+        (
+            json!({"block_ids": [1], "chunk_size": 1, "instance_id": 5}),
+            501,
+            "CUDA",
+        ),
+        (json!({"block_ids": "x"}), 422, "invalid body"),
+    ] {
+        let (got, r) = checksums(&s, body.clone());
+        assert_eq!(got, code, "{body} -> {r}");
+        assert!(
+            r["detail"].as_str().unwrap_or("").contains(detail),
+            "{body} -> {r}"
+        );
+    }
+    assert_eq!(c.get_chunk_size().unwrap(), 256, "still serving");
 }

@@ -58,6 +58,12 @@ pub struct KvLayout {
     pub layer_offsets: Vec<u64>,
     /// Bytes each layer's view spans from its storage start (bound check against the mapping).
     pub layer_spans: Vec<u64>,
+    /// The registered per-layer tensor view as the engine described it (elements; every layer
+    /// shares it), and which of its axes is the block axis: LMCache's logical order, which
+    /// `/cache/checksums` hashes in.
+    pub shape: Vec<u64>,
+    pub stride: Vec<u64>,
+    pub block_axis: usize,
 }
 
 /// Dimension roles of a recognised shape: indices into shape/stride.
@@ -185,6 +191,9 @@ impl KvLayout {
             head_stride: r.head.map_or(Some(0), stride_bytes).ok_or_else(overflow)?,
             layer_offsets,
             layer_spans,
+            shape: first.shape.clone(),
+            stride: first.stride.clone(),
+            block_axis: r.block,
         })
     }
 

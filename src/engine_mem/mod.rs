@@ -5,6 +5,7 @@
 //! and the geometry is checked against the mapped segment sizes at registration, so a bad
 //! request can fail but can never read or write outside what the engine registered.
 
+pub mod checksum;
 pub mod layout;
 pub mod shm;
 

@@ -1,7 +1,8 @@
 //! The HTTP port (`--http-port`, 8080): MCP over streamable HTTP at `/mcp`, and the admin
 //! surface: `/healthcheck`, `/status`, `/metrics`, and LMCache's `/cache/clear` and
-//! `/cache/checksums`. Runs its own small tokio runtime on one thread; handlers that touch
-//! the stores run on the blocking pool.
+//! `/cache/checksums` (digests of a registered engine's KV blocks). Runs its own small tokio
+//! runtime on one thread; handlers that touch the stores or engine memory run on the blocking
+//! pool.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -190,13 +191,81 @@ async fn cache_clear(
     Ok(Json(json!({"status": "ok", "cleared": {"tier": "l1"}})))
 }
 
-/// LMCache's `POST /cache/checksums` hashes an engine's GPU blocks in the engine's own tensor
-/// layout; cwm does not implement it yet and says so the way LMCache does for engines it
-/// cannot checksum.
-async fn cache_checksums() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        Json(json!({"detail": "checksum not supported for this engine type"})),
-    )
-        .into_response()
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ChecksumRequest {
+    block_ids: Vec<u32>,
+    /// Blocks per chunk.
+    chunk_size: i64,
+    instance_id: u64,
+    layerwise: bool,
+}
+
+fn detail(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(json!({"detail": detail.into()}))).into_response()
+}
+
+/// LMCache's `POST /cache/checksums`: MD5 digests of a registered engine's KV blocks,
+/// `chunk_size` blocks per chunk, as LMCache's server computes them (`engine_mem::checksum`),
+/// so `lmcache bench server` can check that a retrieve wrote back what was stored. Errors are
+/// LMCache's: 404 unknown instance, 400 no `block_ids` or `chunk_size` < 1; plus 400 for a
+/// block id out of range and 501 (with the reason) for an instance whose memory cwm could not
+/// open (CUDA descriptors, unsupported layouts).
+async fn cache_checksums(
+    State(w): State<Arc<Windows>>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Response> {
+    use crate::engine_mem::checksum::{block_checksums, compress_ids, Checksums};
+    let req: ChecksumRequest = serde_json::from_slice(&body).map_err(|e| {
+        detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid body: {e}"),
+        )
+    })?;
+    let inst = w.cwm.registry.get(req.instance_id).ok_or_else(|| {
+        detail(
+            StatusCode::NOT_FOUND,
+            format!("instance_id {} not registered", req.instance_id),
+        )
+    })?;
+    if req.block_ids.is_empty() {
+        return Err(detail(StatusCode::BAD_REQUEST, "block_ids is required"));
+    }
+    if req.chunk_size <= 0 {
+        return Err(detail(
+            StatusCode::BAD_REQUEST,
+            "chunk_size must be positive",
+        ));
+    }
+    let chunk = usize::try_from(req.chunk_size).unwrap_or(usize::MAX);
+    let layerwise = req.layerwise;
+    let ids = req.block_ids;
+    let (ids, result) = blocking(w, move |_| {
+        let r = match &inst.kv {
+            Ok(kv) => block_checksums(kv, &ids, chunk, layerwise)
+                .map_err(|e| detail(StatusCode::BAD_REQUEST, e.to_string())),
+            Err(reason) => Err(detail(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("checksum not supported for this instance: {reason}"),
+            )),
+        };
+        (ids, r)
+    })
+    .await?;
+    let checksums = match result? {
+        Checksums::Chunks(c) => json!(c),
+        Checksums::Layers(layers) => json!(layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (format!("layer_{i}"), json!(d)))
+            .collect::<serde_json::Map<_, _>>()),
+    };
+    Ok(Json(json!({
+        "status": "success",
+        "chunk_size": req.chunk_size,
+        "num_chunks": ids.len().div_ceil(chunk),
+        "chunk_checksums": checksums,
+        "layerwise": layerwise,
+        "block_id_ranges": compress_ids(&ids),
+    })))
 }

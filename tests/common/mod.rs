@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use connector_protocol::{EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, TensorMetadata};
+use connector_protocol::{
+    CudaStorageHandle, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, TensorMetadata,
+};
 use cwm::client::MpClient;
 use cwm::config::Config;
 use cwm::engine_mem::shm::ShmSegment;
@@ -222,6 +224,38 @@ impl TestKv {
     pub fn fill_byte(&self, v: u8) {
         unsafe { std::ptr::write_bytes(self.seg.as_mut_ptr(), v, self.bytes() as usize) }
     }
+}
+
+/// Register instance `id` with one `cuda` descriptor (a made-up handle): cwm records it, and its
+/// transfers fail because this build cannot open CUDA memory.
+pub fn register_cuda(c: &mut MpClient, id: u64, model: &str) {
+    let md = TensorMetadata {
+        dtype: "bfloat16".into(),
+        shape: vec![4, 16, 1, 16],
+        stride: vec![256, 16, 16, 1],
+        storage_offset: 0,
+        device_uuid: "00000000-0000-0000-0000-000000000000".into(),
+    };
+    let handle = CudaStorageHandle {
+        device: 0,
+        mem_handle: [7; 64],
+        storage_size: 2048,
+        storage_offset_bytes: 0,
+        event_handle: None,
+        event_sync_required: false,
+    };
+    c.register_kv_cache(
+        id,
+        &[IpcDescriptor::Cuda {
+            handle,
+            metadata: md,
+        }],
+        model,
+        1,
+        Some("NHD"),
+        &TestKv::new(Layout::Nhd, 1, 4, 16, 1, 16).groups(),
+    )
+    .unwrap();
 }
 
 #[allow(clippy::too_many_arguments)]
