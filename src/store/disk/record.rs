@@ -33,6 +33,9 @@ pub const VERSION: u16 = 1;
 pub const FIXED: usize = 32;
 /// Largest key we write or accept (model + salt + 44 fixed bytes).
 pub const MAX_KEY: usize = 4096;
+/// Largest raw or stored payload a header may claim (1 TiB): far beyond any chunk, and small
+/// enough that offsets and lengths computed from a header can never overflow.
+pub const MAX_PAYLOAD: u64 = 1 << 40;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RecordError {
@@ -65,6 +68,7 @@ pub struct RecordHeader {
 
 impl RecordHeader {
     pub fn record_len(&self) -> u64 {
+        // Cannot overflow: decode_header bounds both (MAX_KEY, MAX_PAYLOAD).
         self.header_len + self.stored_len
     }
 }
@@ -162,6 +166,12 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
     let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap());
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
     let key_len = u16_at(8) as usize;
+    if key_len > MAX_KEY {
+        return Err(RecordError::Malformed {
+            offset,
+            what: "key longer than MAX_KEY",
+        });
+    }
     let header_len = FIXED + key_len + 4;
     if b.len() < header_len {
         return Err(short(header_len));
@@ -180,11 +190,15 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
     let malformed = |what| RecordError::Malformed { offset, what };
     let codec = Codec::from_code(b[6]).ok_or(malformed("unknown codec"))?;
     let key = decode_key_bytes(&b[FIXED..FIXED + key_len]).ok_or(malformed("bad key"))?;
+    let (raw_len, stored_len) = (u64_at(12), u64_at(20));
+    if raw_len > MAX_PAYLOAD || stored_len > MAX_PAYLOAD {
+        return Err(malformed("length beyond MAX_PAYLOAD"));
+    }
     Ok(RecordHeader {
         codec,
         itemsize: b[7],
-        raw_len: u64_at(12),
-        stored_len: u64_at(20),
+        raw_len,
+        stored_len,
         payload_crc: u32::from_le_bytes(b[28..32].try_into().unwrap()),
         key,
         header_len: header_len as u64,
@@ -271,6 +285,36 @@ mod tests {
         assert!(matches!(
             decode_header(&bad, 5),
             Err(RecordError::Magic { offset: 5, .. })
+        ));
+    }
+
+    /// A header whose checksum matches but whose lengths or key size are absurd is refused
+    /// (found by the disk_record fuzz target: `stored_len = u64::MAX` overflowed `record_len`).
+    #[test]
+    fn absurd_lengths_with_a_valid_checksum_are_malformed() {
+        let reseal = |mut h: Vec<u8>| {
+            let n = h.len() - 4;
+            let crc = crc32fast::hash(&h[..n]);
+            h[n..].copy_from_slice(&crc.to_le_bytes());
+            h
+        };
+        let h = encode_header(&key("s"), Codec::Raw, 2, 3, b"abc");
+        for (at, value) in [(20, u64::MAX), (20, MAX_PAYLOAD + 1), (12, u64::MAX)] {
+            let mut bad = h.clone();
+            bad[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            let bad = reseal(bad);
+            assert!(
+                matches!(decode_header(&bad, 0), Err(RecordError::Malformed { .. })),
+                "field at {at} = {value} accepted"
+            );
+        }
+        let mut long_key = h.clone();
+        long_key[8..10].copy_from_slice(&((MAX_KEY + 1) as u16).to_le_bytes());
+        long_key.resize(FIXED + MAX_KEY + 1 + 4, 0);
+        let long_key = reseal(long_key);
+        assert!(matches!(
+            decode_header(&long_key, 0),
+            Err(RecordError::Malformed { .. })
         ));
     }
 
