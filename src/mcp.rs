@@ -6,19 +6,29 @@
 //! Also `forward_stdio`: `cwm mcp`, a stdio MCP server that forwards every tool call to a
 //! running sidecar's streamable HTTP endpoint.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::{Json, Parameters};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, ClientConfig, Implementation, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    CallToolRequestParams, CallToolResponse, ClientConfig, ClientRequest, Implementation,
+    ListToolsResult, NumberOrString, PaginatedRequestParams, ProgressNotificationParam,
+    ProgressToken, Request, RequestMetaObject, ServerCapabilities, ServerConfig, ServerResult,
 };
-use rmcp::service::{RequestContext, RunningService};
+use rmcp::service::{
+    NotificationContext, Peer, PeerRequestOptions, RequestContext, RunningService, ServiceError,
+};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{schemars, ServiceExt};
-use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleClient, RoleServer, ServerHandler};
+use rmcp::{
+    tool, tool_handler, tool_router, ClientHandler, ErrorData, RoleClient, RoleServer,
+    ServerHandler,
+};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -188,9 +198,55 @@ impl ServerHandler for WindowTools {
 
 // ----- cwm mcp: stdio → streamable HTTP --------------------------------------------------------
 
-/// Forwards tool listing and calls to a sidecar's `/mcp`.
+/// Forwards tool listing and calls to a sidecar's `/mcp`, and the sidecar's progress
+/// notifications back to the client that asked for them.
 struct Forwarder {
-    upstream: RunningService<RoleClient, ClientConfig>,
+    upstream: RunningService<RoleClient, ProgressRelay>,
+}
+
+/// Where a relayed notification goes: the stdio client and the progress token it gave.
+type Downstream = (Peer<RoleServer>, ProgressToken);
+
+/// The upstream client's handler: relays progress notifications of forwarded calls.
+#[derive(Clone, Default)]
+struct ProgressRelay {
+    /// Upstream progress token -> the downstream peer and the token it gave.
+    routes: Arc<Mutex<HashMap<ProgressToken, Downstream>>>,
+    next: Arc<AtomicI64>,
+}
+
+impl ProgressRelay {
+    /// A fresh upstream token that relays to `token` of `peer`.
+    fn route(&self, peer: Peer<RoleServer>, token: ProgressToken) -> ProgressToken {
+        let up = ProgressToken(NumberOrString::Number(
+            self.next.fetch_add(1, Ordering::Relaxed),
+        ));
+        self.routes.lock().insert(up.clone(), (peer, token));
+        up
+    }
+
+    /// Stop relaying `up`, a moment later: notifications may trail their call's reply.
+    fn unroute(&self, up: ProgressToken) {
+        let routes = self.routes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            routes.lock().remove(&up);
+        });
+    }
+}
+
+impl ClientHandler for ProgressRelay {
+    async fn on_progress(
+        &self,
+        mut params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let route = self.routes.lock().get(&params.progress_token).cloned();
+        if let Some((peer, token)) = route {
+            params.progress_token = token;
+            let _ = peer.notify_progress(params).await;
+        }
+    }
 }
 
 impl ServerHandler for Forwarder {
@@ -212,13 +268,35 @@ impl ServerHandler for Forwarder {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        self.upstream
-            .call_tool(request)
-            .await
-            .map(Into::into)
-            .map_err(|e| ErrorData::internal_error(format!("cwm sidecar: {e}"), None))
+        let failed = |e: ServiceError| ErrorData::internal_error(format!("cwm sidecar: {e}"), None);
+        let Some(token) = context.meta.get_progress_token() else {
+            return self.upstream.call_tool_once(request).await.map_err(failed);
+        };
+        let relay = self.upstream.service();
+        let up = relay.route(context.peer.clone(), token);
+        let mut options = PeerRequestOptions::no_options();
+        options.meta = Some(RequestMetaObject::with_progress_token(up.clone()));
+        let reply = async {
+            self.upstream
+                .send_cancellable_request(
+                    ClientRequest::CallToolRequest(Request::new(request)),
+                    options,
+                )
+                .await?
+                .await_response()
+                .await
+        }
+        .await;
+        relay.unroute(up);
+        match reply.map_err(failed)? {
+            ServerResult::CallToolResult(r) => Ok(r.into()),
+            other => Err(ErrorData::internal_error(
+                format!("cwm sidecar answered a tool call with {other:?}"),
+                None,
+            )),
+        }
     }
 }
 
@@ -232,7 +310,11 @@ pub async fn connect(url: &str) -> anyhow::Result<RunningService<RoleClient, Cli
 
 /// `cwm mcp`: serve MCP on stdin/stdout, forwarding to the sidecar at `url`.
 pub async fn forward_stdio(url: &str) -> anyhow::Result<()> {
-    let upstream = connect(url)
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.to_string()),
+    );
+    let upstream = ProgressRelay::default()
+        .serve(transport)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the cwm sidecar at {url}: {e}"))?;
     let service = Forwarder { upstream }

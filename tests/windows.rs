@@ -42,23 +42,36 @@ enum Transport {
     Stdio,
 }
 
-/// An MCP client session over `transport`, and the `cwm mcp` process behind a stdio one.
-struct McpSession {
-    client: Mcp,
+/// An MCP client session over `transport` (with `handler` for what the server sends), and the
+/// `cwm mcp` process behind a stdio one.
+struct McpSession<H: rmcp::ClientHandler = ClientConfig> {
+    client: RunningService<RoleClient, H>,
     forwarder: Option<tokio::process::Child>,
 }
 
 impl McpSession {
     fn open(rt: &tokio::runtime::Runtime, s: &Sidecar, transport: Transport) -> McpSession {
-        let Transport::Stdio = transport else {
-            return McpSession {
-                client: mcp(rt, s),
-                forwarder: None,
-            };
-        };
+        McpSession::open_with(rt, s, transport, ClientConfig::default())
+    }
+}
+
+impl<H: rmcp::ClientHandler> McpSession<H> {
+    fn open_with(
+        rt: &tokio::runtime::Runtime,
+        s: &Sidecar,
+        transport: Transport,
+        handler: H,
+    ) -> McpSession<H> {
         use rmcp::ServiceExt;
         let url = format!("http://{}/mcp", s.http_addr);
         rt.block_on(async {
+            if let Transport::Http = transport {
+                let http = rmcp::transport::StreamableHttpClientTransport::from_uri(url);
+                return McpSession {
+                    client: handler.serve(http).await.expect("MCP client connects"),
+                    forwarder: None,
+                };
+            }
             let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
                 .args(["mcp", "--url", &url])
                 .stdin(std::process::Stdio::piped())
@@ -68,7 +81,7 @@ impl McpSession {
                 .spawn()
                 .expect("cwm mcp starts");
             let (stdout, stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
-            let client = ClientConfig::default()
+            let client = handler
                 .serve((stdout, stdin))
                 .await
                 .expect("MCP client connects over stdio");
@@ -447,7 +460,7 @@ fn windows_need_the_disk_tier() {
 fn thaw_sends_progress_notifications() {
     use rmcp::model::{ClientRequest, ProgressNotificationParam, Request};
     use rmcp::service::PeerRequestOptions;
-    use rmcp::{ClientHandler, ServiceExt};
+    use rmcp::ClientHandler;
     use std::sync::{Arc, Mutex};
 
     type Seen = Vec<(f64, Option<f64>)>;
@@ -482,41 +495,46 @@ fn thaw_sends_progress_notifications() {
     .unwrap();
     s.cwm.tiers.l1.clear(true);
 
-    let progress = Progress::default();
-    let url = format!("http://{}/mcp", s.http_addr);
-    let client = rt
-        .block_on(async {
-            let transport = rmcp::transport::StreamableHttpClientTransport::from_uri(url);
-            progress.clone().serve(transport).await
-        })
-        .unwrap();
-    let args = json!({"window_name": "p"}).as_object().cloned().unwrap();
-    let mut options = PeerRequestOptions::no_options();
-    options.meta = Some(rmcp::model::RequestMetaObject::with_progress_token(
-        rmcp::model::ProgressToken(rmcp::model::NumberOrString::Number(1)),
-    ));
-    let reply = rt.block_on(async {
-        let handle = client
-            .send_cancellable_request(
-                ClientRequest::CallToolRequest(Request::new(
-                    CallToolRequestParams::new("window_thaw").with_arguments(args),
-                )),
-                options,
-            )
-            .await
-            .unwrap();
-        handle.await_response().await.unwrap()
-    });
-    let text = format!("{reply:?}");
-    assert!(text.contains("tokens_ready"), "{text}");
-    // Notifications may trail the reply by a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let seen = progress.0.lock().unwrap().clone();
-    assert!(!seen.is_empty(), "no progress notification");
-    assert_eq!(seen.last().unwrap(), &(4.0, Some(4.0)), "{seen:?}");
+    for transport in [Transport::Http, Transport::Stdio] {
+        s.cwm.tiers.l1.clear(true);
+        let progress = Progress::default();
+        let session = McpSession::open_with(&rt, &s, transport, progress.clone());
+        let client = &session.client;
+        let args = json!({"window_name": "p"}).as_object().cloned().unwrap();
+        let mut options = PeerRequestOptions::no_options();
+        options.meta = Some(rmcp::model::RequestMetaObject::with_progress_token(
+            rmcp::model::ProgressToken(rmcp::model::NumberOrString::Number(1)),
+        ));
+        let reply = rt.block_on(async {
+            let handle = client
+                .send_cancellable_request(
+                    ClientRequest::CallToolRequest(Request::new(
+                        CallToolRequestParams::new("window_thaw").with_arguments(args),
+                    )),
+                    options,
+                )
+                .await
+                .unwrap();
+            handle.await_response().await.unwrap()
+        });
+        let text = format!("{reply:?}");
+        assert!(text.contains("tokens_ready"), "{text}");
+        // Notifications may trail the reply by a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        let seen = progress.0.lock().unwrap().clone();
+        assert!(
+            !seen.is_empty(),
+            "no progress notification over {transport:?}"
+        );
+        assert_eq!(
+            seen.last().unwrap(),
+            &(4.0, Some(4.0)),
+            "{transport:?}: {seen:?}"
+        );
+        session.close(&rt);
+    }
 }
 
-/// `cwm mcp` (stdio) forwards tool listing and calls to the sidecar's HTTP endpoint.
 #[test]
 fn stdio_forwarder_reaches_the_sidecar() {
     let rt = runtime();
