@@ -204,14 +204,19 @@ struct Forwarder {
     upstream: RunningService<RoleClient, ProgressRelay>,
 }
 
-/// Where a relayed notification goes: the stdio client and the progress token it gave.
-type Downstream = (Peer<RoleServer>, ProgressToken);
+/// Where a relayed notification goes: the stdio client and the progress token it gave, and
+/// the progress last sent there.
+struct Downstream {
+    peer: Peer<RoleServer>,
+    token: ProgressToken,
+    last: tokio::sync::Mutex<Option<f64>>,
+}
 
 /// The upstream client's handler: relays progress notifications of forwarded calls.
 #[derive(Clone, Default)]
 struct ProgressRelay {
-    /// Upstream progress token -> the downstream peer and the token it gave.
-    routes: Arc<Mutex<HashMap<ProgressToken, Downstream>>>,
+    /// Upstream progress token -> where its notifications go.
+    routes: Arc<Mutex<HashMap<ProgressToken, Arc<Downstream>>>>,
     next: Arc<AtomicI64>,
 }
 
@@ -221,7 +226,12 @@ impl ProgressRelay {
         let up = ProgressToken(NumberOrString::Number(
             self.next.fetch_add(1, Ordering::Relaxed),
         ));
-        self.routes.lock().insert(up.clone(), (peer, token));
+        let down = Downstream {
+            peer,
+            token,
+            last: tokio::sync::Mutex::new(None),
+        };
+        self.routes.lock().insert(up.clone(), Arc::new(down));
         up
     }
 
@@ -236,16 +246,24 @@ impl ProgressRelay {
 }
 
 impl ClientHandler for ProgressRelay {
+    /// rmcp handles notifications concurrently, so they can arrive here out of order; MCP
+    /// wants progress to increase with every notification, so a stale one is dropped and each
+    /// is sent while holding its route's lock.
     async fn on_progress(
         &self,
         mut params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let route = self.routes.lock().get(&params.progress_token).cloned();
-        if let Some((peer, token)) = route {
-            params.progress_token = token;
-            let _ = peer.notify_progress(params).await;
+        let Some(down) = self.routes.lock().get(&params.progress_token).cloned() else {
+            return;
+        };
+        let mut last = down.last.lock().await;
+        if last.is_some_and(|l| params.progress <= l) {
+            return;
         }
+        *last = Some(params.progress);
+        params.progress_token = down.token.clone();
+        let _ = down.peer.notify_progress(params).await;
     }
 }
 

@@ -526,9 +526,14 @@ fn thaw_sends_progress_notifications() {
             !seen.is_empty(),
             "no progress notification over {transport:?}"
         );
-        assert_eq!(
-            seen.last().unwrap(),
-            &(4.0, Some(4.0)),
+        // rmcp hands notifications to the handler concurrently, so the order seen here is not
+        // the order sent: check the values.
+        let mut done: Vec<f64> = seen.iter().map(|&(d, _)| d).collect();
+        done.sort_by(f64::total_cmp);
+        done.dedup();
+        assert_eq!(done.len(), seen.len(), "a value sent twice: {seen:?}");
+        assert!(
+            seen.iter().all(|&(d, t)| t == Some(4.0) && d <= 4.0) && done.last() == Some(&4.0),
             "{transport:?}: {seen:?}"
         );
         session.close(&rt);

@@ -103,7 +103,8 @@ def test_freeze_restart_thaw_clone_over_mcp(transport, log_dir, make_cache, uniq
         err, r = call(url, "window_thaw", {"window_name": "py-chat"}, progress)
         assert not err, r
         assert r["tokens_ready"] == 512 and r["tiers"]["l2"] == 2, r
-        assert progress and progress[-1] == (2, 2), progress
+        # Progress to 2 of 2 chunks, each value once (the order seen is the SDK's to keep).
+        assert progress and max(progress) == (2, 2) and len(set(progress)) == len(progress), progress
 
         assert lib.lookup_hits(c, lib.mkkey(uniq, toks, 0, 512, "l1", worker_id=None, salt=salt)) == 2
         assert c.retrieve(lib.mkkey(uniq, toks, 0, 512, "l1", salt=salt), iid_d, [list(range(1, 33))],
