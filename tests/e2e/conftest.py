@@ -18,6 +18,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not any("e2e_vllm" in str(a) for a in config.args):
+        return                                   # not the vLLM story (e.g. lmcache_bench.py)
     mode = os.environ.get("CWM_E2E_MODE", "lmcache_driven")
     server = os.environ.get("CWM_E2E_SERVER", "cwm")
     out = E.run_dir(mode, server)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
-# with a real vLLM CPU engine (two or three engine processes) against `cwm serve`.
+# with a real vLLM CPU engine (two or three engine processes) against `cwm serve`; then
+# lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes.
 #
 #   tests/e2e/run.sh [pytest args...]
 #
@@ -50,6 +51,17 @@ for mode in ${CWM_E2E_MODES:-lmcache_driven default}; do
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
     summary+=("mode $mode: $word in $((SECONDS - t0)) s")
 done
+
+# LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
+if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
+    echo "==== e2e: lmcache bench server against cwm ===="
+    t0=$SECONDS
+    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" \
+        "$HERE/lmcache_bench.py")
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+    summary+=("lmcache bench server: $word in $((SECONDS - t0)) s")
+fi
 
 echo "==== e2e summary (setup ${t_setup} s, total $((SECONDS - t_all)) s) ===="
 for line in "${summary[@]}"; do echo "  $line"; done
