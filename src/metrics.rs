@@ -93,90 +93,66 @@ pub fn render(windows: &Windows) -> String {
         "Retrieves that found a chunk missing",
         &[("", c(s.retrieve_misses))],
     );
-    metric(
-        "tier_objects",
-        "gauge",
-        "Objects held per tier",
-        &[
-            ("tier=\"l1\"", s.l1.objects as f64),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| l.records as f64),
-            ),
-        ],
-    );
-    metric(
-        "tier_used_bytes",
-        "gauge",
-        "Bytes used per tier",
-        &[
-            ("tier=\"l1\"", c(s.l1.used_bytes)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.used_bytes)),
-            ),
-        ],
-    );
-    metric(
-        "tier_capacity_bytes",
-        "gauge",
-        "Byte budget per tier",
-        &[
-            ("tier=\"l1\"", c(s.l1.capacity_bytes)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.capacity_bytes)),
-            ),
-        ],
-    );
-    metric(
-        "tier_read_bytes_total",
-        "counter",
-        "Bytes read per tier (L1: retrieved into engines; L2: read and decoded)",
-        &[
-            ("tier=\"l1\"", c(s.retrieved_bytes)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.read_bytes)),
-            ),
-        ],
-    );
-    metric(
-        "tier_written_bytes_total",
-        "counter",
-        "Bytes written per tier (L2: raw bytes before compression)",
-        &[
-            ("tier=\"l1\"", c(s.l1.committed_bytes)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.written_raw_bytes)),
-            ),
-        ],
-    );
-    metric(
-        "tier_hits_total",
-        "counter",
-        "Objects served per tier (L1: retrieved; L2: read into L1)",
-        &[
-            ("tier=\"l1\"", c(s.retrieved_objects)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.read_records)),
-            ),
-        ],
-    );
-    metric(
-        "tier_evicted_objects_total",
-        "counter",
-        "Objects evicted per tier (L2: records in reclaimed segments)",
-        &[
-            ("tier=\"l1\"", c(s.l1.evicted_objects)),
-            (
-                "tier=\"l2\"",
-                s.l2.as_ref().map_or(0.0, |l| c(l.reclaimed_records)),
-            ),
-        ],
-    );
+    // Per-tier series: L1's value, and L2's (0 without a disk tier).
+    let l2 = |f: fn(&crate::windows::L2Stats) -> u64| s.l2.as_ref().map_or(0.0, |l| c(f(l)));
+    for (name, kind, help, l1, l2) in [
+        (
+            "tier_objects",
+            "gauge",
+            "Objects held per tier",
+            s.l1.objects as u64,
+            l2(|l| l.records as u64),
+        ),
+        (
+            "tier_used_bytes",
+            "gauge",
+            "Bytes used per tier",
+            s.l1.used_bytes,
+            l2(|l| l.used_bytes),
+        ),
+        (
+            "tier_capacity_bytes",
+            "gauge",
+            "Byte budget per tier",
+            s.l1.capacity_bytes,
+            l2(|l| l.capacity_bytes),
+        ),
+        (
+            "tier_read_bytes_total",
+            "counter",
+            "Bytes read per tier (L1: retrieved into engines; L2: read and decoded)",
+            s.retrieved_bytes,
+            l2(|l| l.read_bytes),
+        ),
+        (
+            "tier_written_bytes_total",
+            "counter",
+            "Bytes written per tier (L2: raw bytes before compression)",
+            s.l1.committed_bytes,
+            l2(|l| l.written_raw_bytes),
+        ),
+        (
+            "tier_hits_total",
+            "counter",
+            "Objects served per tier (L1: retrieved; L2: read into L1)",
+            s.retrieved_objects,
+            l2(|l| l.read_records),
+        ),
+        (
+            "tier_evicted_objects_total",
+            "counter",
+            "Objects evicted per tier (L2: records in reclaimed segments)",
+            s.l1.evicted_objects,
+            l2(|l| l.reclaimed_records),
+        ),
+    ] {
+        metric(
+            name,
+            kind,
+            help,
+            &[("tier=\"l1\"", c(l1)), ("tier=\"l2\"", l2)],
+        );
+    }
     metric(
         "l1_evicted_bytes_total",
         "counter",
