@@ -385,27 +385,6 @@ impl Cwm {
         ))
     }
 
-    /// Object keys of the chunks `[start, end)` of this worker's rank.
-    fn range_keys(&self, key: &IpcCacheServerKey) -> Result<Vec<ObjectKey>, TransferError> {
-        let cs = self.settings.chunk_size;
-        let rank = key.worker_id.ok_or(TransferError::NoWorker)?;
-        let (start, end, tokens) = (key.start as usize, key.end as usize, key.token_ids.len());
-        if start % cs != 0 || end % cs != 0 || start > end || end > tokens {
-            return Err(TransferError::Range {
-                start: key.start,
-                end: key.end,
-                tokens,
-                chunk_size: cs,
-            });
-        }
-        Ok(self
-            .hasher
-            .chunk_hashes(&key.token_ids, start, end)
-            .iter()
-            .map(|h| self.object_key(key, rank, *h))
-            .collect())
-    }
-
     fn pending_deadline(&self) -> Instant {
         Instant::now() + self.settings.engine_driven_ttl
     }

@@ -63,12 +63,12 @@ struct Plan<'a> {
 }
 
 impl Cwm {
-    fn plan<'a>(
+    /// Object keys of the chunks `[start, end)` of this worker's rank (`store`, `retrieve`
+    /// and the engine-driven ops alike).
+    pub(super) fn range_keys(
         &self,
         key: &IpcCacheServerKey,
-        kv: &EngineKv,
-        block_ids: &'a [Vec<u32>],
-    ) -> Result<Plan<'a>, TransferError> {
+    ) -> Result<Vec<ObjectKey>, TransferError> {
         let cs = self.settings.chunk_size;
         let rank = key.worker_id.ok_or(TransferError::NoWorker)?;
         let (start, end, tokens) = (key.start as usize, key.end as usize, key.token_ids.len());
@@ -80,28 +80,38 @@ impl Cwm {
                 chunk_size: cs,
             });
         }
+        Ok(self
+            .hasher
+            .chunk_hashes(&key.token_ids, start, end)
+            .iter()
+            .map(|h| self.object_key(key, rank, *h))
+            .collect())
+    }
+
+    fn plan<'a>(
+        &self,
+        key: &IpcCacheServerKey,
+        kv: &EngineKv,
+        block_ids: &'a [Vec<u32>],
+    ) -> Result<Plan<'a>, TransferError> {
+        let keys = self.range_keys(key)?;
         let [blocks] = block_ids else {
             return Err(TransferError::Groups {
                 got: block_ids.len(),
                 want: 1,
             });
         };
-        let hashes = self.hasher.chunk_hashes(&key.token_ids, start, end);
-        let blocks_per_chunk = cs / kv.layout.block_size as usize;
-        let need = hashes.len() * blocks_per_chunk;
+        let blocks_per_chunk = self.settings.chunk_size / kv.layout.block_size as usize;
+        let need = keys.len() * blocks_per_chunk;
         if blocks.len() < need {
             return Err(TransferError::ShortBlocks {
                 got: blocks.len(),
-                chunks: hashes.len(),
+                chunks: keys.len(),
                 need,
             });
         }
         let blocks = &blocks[..need];
         kv.check_blocks(blocks)?;
-        let keys = hashes
-            .iter()
-            .map(|h| self.object_key(key, rank, *h))
-            .collect();
         Ok(Plan {
             keys,
             blocks,
