@@ -9,39 +9,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cwm::bench::data::{bf16, Rng};
 use cwm::store::codec::{compress, decompress, Codec, CompressionPolicy};
 
 const SIZE: usize = 32 << 20;
-
-/// xorshift64: seeded, dependency-free test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f32 {
-        let r = (-2.0 * (1.0 - self.uniform()).ln()).sqrt();
-        (r * (std::f64::consts::TAU * self.uniform()).cos()) as f32
-    }
-}
-
-/// f32 → bf16, round to nearest even (finite inputs).
-fn bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
 
 /// f32 → IEEE fp16, round to nearest (finite inputs; overflow → inf, tiny → subnormal or 0).
 fn fp16(x: f32) -> u16 {
@@ -72,8 +43,7 @@ fn to_bytes(values: impl Iterator<Item = u16>) -> Vec<u8> {
 }
 
 fn bf16_normal() -> Vec<u8> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    to_bytes((0..SIZE / 2).map(|_| bf16(rng.normal())))
+    cwm::bench::data::bf16_normal(SIZE, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn fp16_normal() -> Vec<u8> {
@@ -110,7 +80,7 @@ fn bf16_activations() -> Vec<u8> {
 fn random_bytes() -> Vec<u8> {
     let mut rng = Rng(0x1234_5678_9abc_def1);
     (0..SIZE / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
+        .flat_map(|_| rng.next_u64().to_le_bytes())
         .collect()
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use connector_protocol::{ChunkHash, ObjectKey};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use cwm::bench::data::Rng;
 use cwm::store::codec::{self, CompressionPolicy};
 use cwm::store::disk::storage::FsStorage;
 use cwm::store::disk::{DiskConfig, DiskStore, FsyncPolicy};
@@ -16,15 +17,12 @@ const CHUNK_BYTES: usize = 8 << 20;
 
 /// bf16 values shaped like attention KV: per-channel slow sinusoids plus noise.
 fn kv_like(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut out = Vec::with_capacity(CHUNK_BYTES);
     for i in 0..CHUNK_BYTES / 2 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
         let channel = (i % 128) as f32;
         let token = (i / 128) as f32;
-        let noise = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
+        let noise = ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
         let v = (token * 0.01 + channel).sin() * (1.0 + channel / 64.0) + noise;
         out.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
     }

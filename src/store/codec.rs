@@ -488,48 +488,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// xorshift64: a tiny seeded generator for test data.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn uniform(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
-        }
-
-        /// Standard normal (Box-Muller).
-        fn normal(&mut self) -> f32 {
-            let r = (-2.0 * (1.0 - self.uniform()).ln()).sqrt();
-            (r * (std::f64::consts::TAU * self.uniform()).cos()) as f32
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
-
-    fn bf16(x: f32) -> u16 {
-        let b = x.to_bits();
-        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
-
-    /// `n` bytes of little-endian bf16 drawn from N(0, 1).
-    fn bf16_normal(n: usize, seed: u64) -> Vec<u8> {
-        let mut rng = Rng(seed);
-        let mut v: Vec<u8> = (0..n.div_ceil(2))
-            .flat_map(|_| bf16(rng.normal()).to_le_bytes())
-            .collect();
-        v.truncate(n);
-        v
-    }
+    use crate::bench::data::{bf16_normal, Rng};
 
     const L1: CompressionPolicy = CompressionPolicy {
         enabled: true,
@@ -660,7 +619,13 @@ mod tests {
             let bf16 = bf16_normal(n, 3);
             // Noise high bytes, constant low bytes.
             let mut high_noise: Vec<u8> = (0..n)
-                .map(|i| if i % 2 == 0 { 0x42 } else { rng.next() as u8 })
+                .map(|i| {
+                    if i % 2 == 0 {
+                        0x42
+                    } else {
+                        rng.next_u64() as u8
+                    }
+                })
                 .collect();
             high_noise[n - 1] = 0x42;
             let both: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
