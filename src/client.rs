@@ -199,13 +199,16 @@ impl MpClient {
         self.call_u64(Op::QueryPrefetchStatus, &[codec::encode_str(request_id)])
     }
 
-    /// `query_prefetch_status` as LMCache answers it: `None` while the lookup is still running.
+    /// `query_prefetch_status` as the protocol allows it: `None` while the lookup is still
+    /// running (no payload frame, or a msgpack nil).
     pub fn poll_prefetch_status(&mut self, request_id: &str) -> Result<Option<u64>, ClientError> {
         let op = Op::QueryPrefetchStatus;
-        let payload = self
-            .call(op.clone(), &[codec::encode_str(request_id)])?
-            .ok_or_else(|| Self::bad(&op, "no payload"))?;
-        codec::decode_opt_u64("result", &payload).map_err(|e| Self::bad(&op, e))
+        match self.call(op.clone(), &[codec::encode_str(request_id)])? {
+            None => Ok(None),
+            Some(payload) => {
+                codec::decode_opt_u64("result", &payload).map_err(|e| Self::bad(&op, e))
+            }
+        }
     }
 
     pub fn free_lookup_locks(&mut self, key: &IpcCacheServerKey) -> Result<(), ClientError> {
