@@ -105,21 +105,8 @@ fn object_key(t: &[u32], chunk: usize, world_size: u32, rank: u32) -> ObjectKey 
     }
 }
 
-/// lookup, then query until the answer is there (a lookup promoting from L2 answers "not yet").
 fn hits(c: &mut MpClient, t: &[u32], world_size: u32, end: u64, rid: &str) -> u64 {
-    c.lookup(&key(MODEL, "", t, None, world_size, 0, end, rid))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(p) = c
-            .call(Op::QueryPrefetchStatus, &[codec::encode_str(rid)])
-            .unwrap()
-        {
-            return codec::decode_u64("hits", &p).unwrap();
-        }
-        assert!(Instant::now() < deadline, "lookup {rid} never finished");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    lookup_hits(c, &key(MODEL, "", t, None, world_size, 0, end, rid))
 }
 
 fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

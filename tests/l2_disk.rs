@@ -40,24 +40,7 @@ fn wait_written(s: &Sidecar, n: u64) {
 }
 
 fn lookup(c: &mut MpClient, t: &[u32], end: u64, rid: &str) -> u64 {
-    c.lookup(&key(MODEL, "", t, None, 1, 0, end, rid)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // `None` (prefetch running) comes back as a missing payload: the client maps it to an error.
-        match c
-            .call(
-                connector_protocol::Op::QueryPrefetchStatus,
-                &[connector_protocol::codec::encode_str(rid)],
-            )
-            .unwrap()
-        {
-            Some(p) => return connector_protocol::codec::decode_u64("hits", &p).unwrap(),
-            None => {
-                assert!(Instant::now() < deadline, "prefetch never finished");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+    lookup_hits(c, &key(MODEL, "", t, None, 1, 0, end, rid))
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use cwm::client::MpClient;
@@ -137,24 +137,7 @@ fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
 }
 
 fn lookup(c: &mut MpClient, salt: &str, t: &[u32], end: u64, rid: &str) -> u64 {
-    c.lookup(&key(MODEL, salt, t, None, 1, 0, end, rid))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match c
-            .call(
-                connector_protocol::Op::QueryPrefetchStatus,
-                &[connector_protocol::codec::encode_str(rid)],
-            )
-            .unwrap()
-        {
-            Some(p) => return connector_protocol::codec::decode_u64("hits", &p).unwrap(),
-            None => {
-                assert!(Instant::now() < deadline, "prefetch never finished");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+    lookup_hits(c, &key(MODEL, salt, t, None, 1, 0, end, rid))
 }
 
 #[allow(clippy::too_many_arguments)]

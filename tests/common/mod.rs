@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use connector_protocol::{
     CudaStorageHandle, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, TensorMetadata,
@@ -287,4 +288,22 @@ pub fn tokens(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| seed.wrapping_mul(100_003).wrapping_add(i))
         .collect()
+}
+
+/// `lookup`, then `query_prefetch_status` until it answers (a lookup promoting from L2 answers
+/// "not yet" first): the chunks hit.
+pub fn lookup_hits(c: &mut MpClient, key: &IpcCacheServerKey) -> u64 {
+    c.lookup(key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(hits) = c.poll_prefetch_status(&key.request_id).unwrap() {
+            return hits;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lookup {} never finished",
+            key.request_id
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
