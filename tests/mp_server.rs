@@ -475,37 +475,23 @@ fn lookup_locks_keep_hits_servable_until_released() {
     let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16);
     kv.fill(1);
     register(&mut c, 1, &kv, 1);
+    // Store a one-chunk request from blocks 1..17 of instance 1.
+    let store = |c: &mut cwm::client::MpClient, t: &[u32], rid: &str| {
+        c.store(
+            &key(MODEL, "", t, Some(0), 1, 0, 256, rid),
+            1,
+            &blocks(1, 16),
+        )
+        .unwrap()
+        .ok
+    };
     let (a, b, x) = (tokens(1, 256), tokens(2, 256), tokens(3, 256));
-    assert!(
-        c.store(
-            &key(MODEL, "", &a, Some(0), 1, 0, 256, "a"),
-            1,
-            &blocks(1, 16)
-        )
-        .unwrap()
-        .ok
-    );
-    assert!(
-        c.store(
-            &key(MODEL, "", &b, Some(0), 1, 0, 256, "b"),
-            1,
-            &blocks(1, 16)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(store(&mut c, &a, "a"));
+    assert!(store(&mut c, &b, "b"));
     c.lookup(&key(MODEL, "", &a, None, 1, 0, 256, "a")).unwrap();
     assert_eq!(c.query_prefetch_status("a").unwrap(), 1);
     // a is the LRU object but locked: storing x evicts b.
-    assert!(
-        c.store(
-            &key(MODEL, "", &x, Some(0), 1, 0, 256, "x"),
-            1,
-            &blocks(1, 16)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(store(&mut c, &x, "x"));
     c.lookup(&key(MODEL, "", &b, None, 1, 0, 256, "b")).unwrap();
     assert_eq!(c.query_prefetch_status("b").unwrap(), 0, "b was evicted");
     assert!(
@@ -521,24 +507,8 @@ fn lookup_locks_keep_hits_servable_until_released() {
     );
     // The retrieve released a's lock (and made it most recent): two new stores evict x, then a.
     let y = tokens(4, 256);
-    assert!(
-        c.store(
-            &key(MODEL, "", &b, Some(0), 1, 0, 256, "b"),
-            1,
-            &blocks(1, 16)
-        )
-        .unwrap()
-        .ok
-    );
-    assert!(
-        c.store(
-            &key(MODEL, "", &y, Some(0), 1, 0, 256, "y"),
-            1,
-            &blocks(1, 16)
-        )
-        .unwrap()
-        .ok
-    );
+    assert!(store(&mut c, &b, "b"));
+    assert!(store(&mut c, &y, "y"));
     c.lookup(&key(MODEL, "", &a, None, 1, 0, 256, "a2"))
         .unwrap();
     assert_eq!(
