@@ -81,6 +81,20 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The request and model the protocol bench (and the window bench) run with.
+    pub fn mp_config(&self) -> mp::MpConfig {
+        mp::MpConfig {
+            tokens: self.tokens,
+            layers: self.layers,
+            heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            shape: self.layout,
+            iterations: self.iterations.max(1),
+            lookups: self.lookups,
+        }
+    }
+
     /// Bytes one request moves: every layer's K and V of every token.
     pub fn request_bytes(&self) -> u64 {
         self.tokens * self.layers * self.kv_heads * 2 * self.head_dim * kv::ITEMSIZE
@@ -208,16 +222,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         (None, Some(s)) => s.mp_endpoint.clone(),
         (None, None) => unreachable!("a sidecar is started when no --url is given"),
     };
-    let cfg = mp::MpConfig {
-        tokens: args.tokens,
-        layers: args.layers,
-        heads: args.kv_heads,
-        head_dim: args.head_dim,
-        block_size: args.block_size,
-        shape: args.layout,
-        iterations: args.iterations.max(1),
-        lookups: args.lookups,
-    };
+    let cfg = args.mp_config();
     let results = mp::run(
         &cfg,
         &endpoint,
@@ -263,14 +268,7 @@ fn run_window(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
             true,
         ),
     };
-    let geometry = kv::KvGeometry {
-        shape: args.layout,
-        layers: args.layers,
-        blocks: args.tokens / args.block_size + 1,
-        block_size: args.block_size,
-        heads: args.kv_heads,
-        content: 2 * args.head_dim,
-    };
+    let geometry = args.mp_config().geometry();
     let mut baseline = memcpy::Baseline::new(geometry.object_bytes(256) as usize);
     baseline.measure();
     let defaults = Config::default();

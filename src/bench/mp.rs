@@ -31,6 +31,21 @@ pub struct MpConfig {
     pub lookups: usize,
 }
 
+impl MpConfig {
+    /// An engine cache that holds one request: its blocks, plus block 0, vLLM's null block,
+    /// never part of a request.
+    pub fn geometry(&self) -> KvGeometry {
+        KvGeometry {
+            shape: self.shape,
+            layers: self.layers,
+            blocks: self.tokens / self.block_size + 1,
+            block_size: self.block_size,
+            heads: self.heads,
+            content: 2 * self.head_dim,
+        }
+    }
+}
+
 /// Mean time the server spent handling one op (between decode and reply), from its counters.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerTimes {
@@ -103,15 +118,7 @@ pub fn run(
         cfg.block_size
     );
     let request_blocks = cfg.tokens / cfg.block_size;
-    let geometry = KvGeometry {
-        shape: cfg.shape,
-        layers: cfg.layers,
-        // Block 0 is vLLM's null block, never part of a request.
-        blocks: request_blocks + 1,
-        block_size: cfg.block_size,
-        heads: cfg.heads,
-        content: 2 * cfg.head_dim,
-    };
+    let geometry = cfg.geometry();
     let mut src = BenchKv::create("src", geometry).context("create the source KV cache")?;
     let mut dst = BenchKv::create("dst", geometry).context("create the destination KV cache")?;
     src.fill_pattern(0xc0ffee);
