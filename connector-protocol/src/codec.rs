@@ -81,11 +81,20 @@ pub fn decode_bin<'a>(what: &'static str, frame: &'a [u8]) -> Result<&'a [u8], D
     whole(what, frame, |r| r.bin(""))
 }
 
+/// Most KV cache groups one `block_ids` payload may carry (vLLM uses one per attention type:
+/// a handful). Bounds what one frame of empty lists can make the server hold in memory.
+pub const MAX_KV_GROUPS: usize = 1024;
+
 /// `list[list[int]]`: one block-id list per KV group. Ids must fit u32.
 pub fn decode_block_ids(frame: &[u8]) -> Result<Vec<Vec<u32>>, DecodeError> {
     whole("block_ids", frame, |r| {
         let groups = r.array_len("block_ids")?;
-        let mut out = Vec::with_capacity(groups);
+        if groups > MAX_KV_GROUPS {
+            return Err(r.err(format!(
+                "block_ids: {groups} KV cache groups, at most {MAX_KV_GROUPS} are accepted"
+            )));
+        }
+        let mut out = r.vec_for(groups);
         for g in 0..groups {
             let n = r.array_len(&format!("block_ids[{g}]"))?;
             let ids = r.u32_elements(n).map_err(|(i, e)| at_index(e, g, i))?;

@@ -132,6 +132,10 @@ pub fn dtype_itemsize(dtype: &str) -> Option<usize> {
 
 const WHAT: &str = "kv_cache descriptors";
 
+/// Most tensors one `register_kv_cache` may describe (models have a few hundred layer
+/// tensors). Bounds what one frame of tiny descriptors can make the server hold in memory.
+pub const MAX_KV_TENSORS: usize = 1 << 16;
+
 /// Decode `list[DeviceIPCWrapper]`: a msgpack array of ext-1 values. Errors name the index of
 /// the bad element. A `cuda` handle with an expandable-segment payload ('e') or a wrong length
 /// is an error. Metadata maps reject unknown fields (the reference uses forbid_unknown_fields).
@@ -144,7 +148,12 @@ const WHAT: &str = "kv_cache descriptors";
 pub fn decode_descriptor_list(frame: &[u8]) -> Result<Vec<IpcDescriptor>, DecodeError> {
     let mut r = Reader::new(WHAT, frame);
     let n = r.array_len("kv_cache")?;
-    let mut out = Vec::with_capacity(n);
+    if n > MAX_KV_TENSORS {
+        return Err(r.err(format!(
+            "kv_cache: {n} tensors, at most {MAX_KV_TENSORS} are accepted"
+        )));
+    }
+    let mut out = r.vec_for(n);
     for i in 0..n {
         let p = format!("kv_cache[{i}]");
         let (ty, data) = r.ext(&p)?;
@@ -276,7 +285,7 @@ fn decode_descriptor(p: &str, data: &[u8]) -> Result<IpcDescriptor, DecodeError>
     check_document(WHAT, data).map_err(|e| nested(p, e))?;
     let mut r = Reader::new(WHAT, data);
     let n = r.map_len(p)?;
-    let mut entries: Vec<(&str, &[u8])> = Vec::with_capacity(n);
+    let mut entries: Vec<(&str, &[u8])> = r.vec_for(n);
     for _ in 0..n {
         let k = r.str(&format!("{p} (a descriptor key)"))?;
         if entries.iter().any(|(seen, _)| *seen == k) {

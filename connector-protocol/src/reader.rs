@@ -138,6 +138,14 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    /// An empty `Vec` for `n` elements whose count came from the wire, with room reserved for
+    /// at most as many as the bytes left could hold at `size_of::<T>()` each: the reservation
+    /// never exceeds the input's own size, however large `n` claims to be. Elements beyond it
+    /// grow the `Vec` as they actually decode (each consuming input).
+    pub(crate) fn vec_for<T>(&self, n: usize) -> Vec<T> {
+        Vec::with_capacity(n.min(self.remaining() / std::mem::size_of::<T>().max(1)))
+    }
+
     /// Error unless the whole input was consumed (msgspec rejects trailing bytes).
     pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
@@ -274,7 +282,7 @@ impl<'a> Reader<'a> {
     /// Elements of an array of ints that must fit u32 (token ids, block ids). The header has
     /// been read; `n` elements follow. `Err((index, reason))` names the bad element.
     pub(crate) fn u32_elements(&mut self, n: usize) -> Result<Vec<u32>, (usize, DecodeError)> {
-        let mut out = Vec::with_capacity(n.min(self.remaining()));
+        let mut out = self.vec_for(n);
         for i in 0..n {
             let b = self.buf[self.pos..].first().copied();
             let rest = &self.buf[self.pos..];
