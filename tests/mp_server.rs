@@ -347,6 +347,98 @@ fn failures_answer_false_and_change_nothing() {
     assert_eq!(c.query_prefetch_status("never-looked-up").unwrap(), 0);
 }
 
+/// `kv`'s descriptors, pointing at the shm object `name` instead of its own segment.
+fn descriptors_named(kv: &TestKv, name: &str) -> Vec<connector_protocol::IpcDescriptor> {
+    kv.descriptors()
+        .into_iter()
+        .map(|d| match d {
+            connector_protocol::IpcDescriptor::CpuShm {
+                nbytes, metadata, ..
+            } => connector_protocol::IpcDescriptor::CpuShm {
+                shm_name: name.to_string(),
+                nbytes,
+                metadata,
+            },
+            other => other,
+        })
+        .collect()
+}
+
+/// Store one chunk of `salt` from `honest` (blocks 1..=16), then try to retrieve it into
+/// instance 2, registered with descriptors naming `target`. Returns whether that retrieve
+/// succeeded; the chunk still reads back byte-exact into `honest` afterwards.
+fn retrieve_into_foreign_object(s: &cwm::serve::Sidecar, target: &str, salt: &str) -> bool {
+    let mut c = client(s);
+    let honest = TestKv::new(Layout::Nhd, 2, 40, 16, 1, 64);
+    honest.fill(3);
+    register(&mut c, 1, &honest, 1);
+    let t = tokens(41, 256);
+    let k = |rid| key(MODEL, salt, &t, Some(0), 1, 0, 256, rid);
+    assert!(c.store(&k("s"), 1, &blocks(1, 16)).unwrap().ok);
+    let stored: Vec<Vec<u8>> = (1..=16).map(|b| honest.block(b)).collect();
+    c.register_kv_cache(
+        2,
+        &descriptors_named(&honest, target),
+        MODEL,
+        1,
+        honest.hint(),
+        &honest.groups(),
+    )
+    .unwrap();
+    assert_eq!(
+        lookup_hits(&mut c, &key(MODEL, salt, &t, None, 1, 0, 256, "l")),
+        1
+    );
+    let foreign = c.retrieve(&k("x"), 2, &blocks(1, 16), 0).unwrap().ok;
+    honest.fill_byte(0);
+    assert_eq!(
+        lookup_hits(&mut c, &key(MODEL, salt, &t, None, 1, 0, 256, "m")),
+        1
+    );
+    assert!(c.retrieve(&k("y"), 1, &blocks(1, 16), 0).unwrap().ok);
+    let back: Vec<Vec<u8>> = (1..=16).map(|b| honest.block(b)).collect();
+    assert!(back == stored, "the stored chunk changed");
+    foreign
+}
+
+/// A client registering a symlink in /dev/shm that points at an ordinary file must not make
+/// cwm write into that file (cwm often runs as root in containers).
+#[test]
+fn a_symlink_registered_as_kv_cache_is_refused_and_its_target_unchanged() {
+    let s = sidecar(small_config());
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    let original = vec![0x5a_u8; 1 << 20];
+    std::fs::write(&victim, &original).unwrap();
+    let link = format!("cwm_it_link_{}", std::process::id());
+    let link_path = std::path::Path::new("/dev/shm").join(&link);
+    let _ = std::fs::remove_file(&link_path);
+    std::os::unix::fs::symlink(&victim, &link_path).unwrap();
+    let wrote = retrieve_into_foreign_object(&s, &link, "tenant-a");
+    let _ = std::fs::remove_file(&link_path);
+    assert!(!wrote, "a retrieve through the symlink succeeded");
+    assert!(
+        std::fs::read(&victim).unwrap() == original,
+        "the symlink's target file was written"
+    );
+}
+
+/// cwm's own L1 pool registered as an engine KV cache: a retrieve into it would overwrite
+/// other tenants' chunks, which cwm then serves to their owners.
+#[test]
+fn cwm_own_l1_pool_registered_as_kv_cache_is_refused() {
+    let pool = format!("cwm_it_pool_{}", std::process::id());
+    let s = sidecar(Config {
+        engine_driven: true,
+        shm_name: Some(pool.clone()),
+        ..small_config()
+    });
+    assert!(
+        !retrieve_into_foreign_object(&s, &pool, "tenant-b"),
+        "a retrieve into cwm's own L1 pool succeeded"
+    );
+}
+
 #[test]
 fn cuda_descriptors_are_refused_cleanly() {
     let s = sidecar(small_config());

@@ -4,10 +4,19 @@
 //! Linux) and mapped shared, read-write, for the lifetime of the registration. The engine may
 //! unlink the name meanwhile; the mapping stays valid. Memory is accessed through raw pointers
 //! because the engine writes it concurrently: no Rust reference ever covers it.
+//!
+//! The name comes from the client, so `open` maps only what an engine can legitimately have
+//! created with `shm_open`: the final component is not followed if it is a symlink
+//! (`O_NOFOLLOW`: a link to an ordinary file would have cwm write client bytes into that
+//! file), the object must be a regular file on a tmpfs (the shared-memory filesystem), and it
+//! must not be a live cwm L1 pool (cwm's own or another's: each holds an exclusive `flock` on
+//! its pool, see `store::arena`), whose bytes belong to other tenants' chunks.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -28,11 +37,7 @@ impl ShmSegment {
             name: name.to_string(),
             reason: e.to_string(),
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(open_err)?;
+        let file = open_engine_object(&path).map_err(open_err)?;
         let actual = file.metadata().map_err(open_err)?.len();
         if actual < nbytes || nbytes == 0 {
             return Err(EngineMemError::ShmSize {
@@ -110,6 +115,45 @@ impl Drop for ShmSegment {
     }
 }
 
+/// Open `path` read-write if it is an engine's shared-memory object: not a symlink, a regular
+/// file, on a tmpfs, and not locked by a live cwm L1 pool. Errors say which check failed.
+fn open_engine_object(path: &Path) -> io::Result<File> {
+    let refuse = |why: &str| io::Error::new(io::ErrorKind::PermissionDenied, why.to_string());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        // O_NONBLOCK: opening a FIFO or device must not block or have side effects before
+        // the checks below refuse it.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse("it is a symbolic link; cwm maps only shm objects"),
+            _ => e,
+        })?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a zeroed out-struct.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fs.f_type as i64 != libc::TMPFS_MAGIC as i64 {
+        return Err(refuse(
+            "not on a tmpfs (the shared-memory filesystem); cwm maps only shm objects",
+        ));
+    }
+    // A live L1 pool holds an exclusive flock for its lifetime: a shared one cannot be had.
+    // SAFETY: plain syscalls on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return Err(refuse(
+            "it is the L1 pool of a running cwm, not an engine's KV cache",
+        ));
+    }
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    Ok(file)
+}
+
 /// `/dev/shm/<name>` for a POSIX shm name with or without its leading `/`.
 fn shm_path(name: &str) -> Result<PathBuf, EngineMemError> {
     let bare = name.strip_prefix('/').unwrap_or(name);
@@ -122,6 +166,21 @@ fn shm_path(name: &str) -> Result<PathBuf, EngineMemError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_shm_objects_open() {
+        let name = format!("cwm_test_fifo_{}", std::process::id());
+        let path = std::path::Path::new("/dev/shm").join(&name);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = ShmSegment::open(&name, 1).err().map(|e| e.to_string());
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("not a regular file")),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn create_open_share_and_unlink() {
