@@ -60,6 +60,9 @@ pub struct Config {
     pub l2_write_queue_mb: u64,
     /// Port of the HTTP server (MCP at /mcp, /metrics, /status, ...) on `host`; 0 picks one.
     pub http_port: u16,
+    /// Bearer token every HTTP route but /healthcheck requires (MCP included). Required when
+    /// `host` is beyond loopback; optional on loopback.
+    pub http_token: Option<String>,
 }
 
 impl Default for Config {
@@ -88,6 +91,7 @@ impl Default for Config {
             l2_fsync_interval_ms: 1000,
             l2_write_queue_mb: 1024,
             http_port: 8080,
+            http_token: None,
         }
     }
 }
@@ -188,6 +192,24 @@ impl Config {
                 "at least 1 second",
             );
         }
+        if self.http_token.is_none() && !is_loopback_host(&self.host) {
+            return invalid(
+                "host",
+                &self.host,
+                "a loopback address (localhost, 127.0.0.1, ::1) unless http_token is set: the \
+                 HTTP port (MCP, /cache/clear) is bound on the same interface and needs a bearer \
+                 token beyond loopback (--http-token / CWM_HTTP_TOKEN)",
+            );
+        }
+        if let Some(token) = &self.http_token {
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return invalid(
+                    "http_token",
+                    &"(not shown)",
+                    "at least 16 printable ASCII characters without spaces",
+                );
+            }
+        }
         if let Some(name) = &self.shm_name {
             let bare = name.strip_prefix('/').unwrap_or(name);
             if bare.is_empty() || bare.len() > 255 || bare.contains(['/', '\0']) {
@@ -236,6 +258,15 @@ impl Config {
     pub fn engine_driven_ttl(&self) -> Duration {
         Duration::from_secs(self.engine_driven_ttl_secs)
     }
+}
+
+/// `localhost` or a loopback IP literal (the only hosts that need no HTTP token).
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod engine_mem;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod ops;

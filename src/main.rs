@@ -85,6 +85,9 @@ struct McpArgs {
     /// The sidecar's MCP endpoint.
     #[arg(long, env = "CWM_MCP_URL", default_value = "http://127.0.0.1:8080/mcp")]
     url: String,
+    /// The sidecar's bearer token (its --http-token), sent with every request.
+    #[arg(long, env = "CWM_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
 }
 
 /// Flags mirror `lmcache server`'s. Each also reads `CWM_<NAME>` from the environment and
@@ -167,6 +170,10 @@ struct ServeArgs {
     /// Port of the HTTP server: MCP at /mcp, /metrics, /status; 0 picks a free one [default: 8080].
     #[arg(long, env = "CWM_HTTP_PORT")]
     http_port: Option<u16>,
+    /// Bearer token for every HTTP route but /healthcheck (MCP included); required when
+    /// --host is beyond loopback [default: none].
+    #[arg(long, env = "CWM_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -205,6 +212,9 @@ impl ServeArgs {
         if self.shm_name.is_some() {
             c.shm_name = self.shm_name;
         }
+        if self.http_token.is_some() {
+            c.http_token = self.http_token;
+        }
         if self.no_engine_driven {
             c.engine_driven = false;
         }
@@ -234,7 +244,10 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(cwm::mcp::forward_stdio(&args.url)),
+            .block_on(cwm::mcp::forward_stdio(
+                &args.url,
+                args.http_token.as_deref(),
+            )),
         Command::Windows(cmd) => windows(cmd),
     }
 }

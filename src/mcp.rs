@@ -318,19 +318,28 @@ impl ServerHandler for Forwarder {
     }
 }
 
-/// Connect an MCP client to a sidecar's streamable HTTP endpoint (e.g. `http://127.0.0.1:8080/mcp`).
-pub async fn connect(url: &str) -> anyhow::Result<RunningService<RoleClient, ClientConfig>> {
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(url.to_string()),
-    );
+/// The sidecar's `/mcp` at `url`, with its bearer token when it has one.
+fn upstream_config(url: &str, token: Option<&str>) -> StreamableHttpClientTransportConfig {
+    let config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    match token {
+        Some(t) => config.auth_header(t),
+        None => config,
+    }
+}
+
+/// Connect an MCP client to a sidecar's streamable HTTP endpoint (e.g.
+/// `http://127.0.0.1:8080/mcp`), sending `token` as a bearer token when given.
+pub async fn connect(
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<RunningService<RoleClient, ClientConfig>> {
+    let transport = StreamableHttpClientTransport::from_config(upstream_config(url, token));
     Ok(ClientConfig::default().serve(transport).await?)
 }
 
 /// `cwm mcp`: serve MCP on stdin/stdout, forwarding to the sidecar at `url`.
-pub async fn forward_stdio(url: &str) -> anyhow::Result<()> {
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(url.to_string()),
-    );
+pub async fn forward_stdio(url: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let transport = StreamableHttpClientTransport::from_config(upstream_config(url, token));
     let upstream = ProgressRelay::default()
         .serve(transport)
         .await

@@ -265,5 +265,16 @@ pub fn render(windows: &Windows) -> String {
         "Seconds since the sidecar started",
         &[("", h.uptime_secs as f64)],
     );
+    let refused: Vec<(String, f64)> = crate::limits::Limit::all()
+        .iter()
+        .map(|l| (format!("limit=\"{}\"", l.name()), l.count() as f64))
+        .collect();
+    let samples: Vec<(&str, f64)> = refused.iter().map(|(l, x)| (l.as_str(), *x)).collect();
+    metric(
+        "refused_total",
+        "counter",
+        "Requests or replies refused by a limit (docs/SECURITY.md), per limit",
+        &samples,
+    );
     out
 }

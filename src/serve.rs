@@ -36,7 +36,12 @@ impl Sidecar {
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
         )?);
-        let http = HttpServer::start(&config.host, config.http_port, windows.clone())?;
+        let http = HttpServer::start(
+            &config.host,
+            config.http_port,
+            config.http_token.as_deref(),
+            windows.clone(),
+        )?;
         let http_addr = http.addr;
         let shutdown = Arc::new(AtomicBool::new(false));
         let mp = MpServer::bind(&config.host, config.port)?;

@@ -29,7 +29,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn mcp(rt: &tokio::runtime::Runtime, s: &Sidecar) -> Mcp {
     let url = format!("http://{}/mcp", s.http_addr);
-    rt.block_on(cwm::mcp::connect(&url))
+    rt.block_on(cwm::mcp::connect(&url, None))
         .expect("MCP client connects")
 }
 

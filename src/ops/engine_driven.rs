@@ -19,6 +19,7 @@
 //! pool (`--no-engine-driven`) it is answered with an empty name, which puts the client in its
 //! pickle mode, and every pickle payload is refused: stores and retrieves then fail cleanly.
 
+use crate::limits::for_log;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -260,7 +261,7 @@ impl Cwm {
         let ctx = self.engine_driven_context(payload, pool.size)?;
         tracing::info!(
             instance_id = ctx.id,
-            model = %ctx.model,
+            model = %for_log(&ctx.model),
             world_size = ctx.world_size,
             shape = ?ctx.shape,
             dtype = %ctx.dtype,

@@ -10,6 +10,7 @@
 //! release one lock per object they read, `free_lookup_locks` the rest; the store's lock TTL
 //! covers clients that vanish.
 
+use crate::limits::for_log;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -134,11 +135,11 @@ impl Cwm {
     /// Chunk keys for every rank, or None when the lookup can only answer 0.
     fn lookup_plan(&self, key: &IpcCacheServerKey) -> Option<(Arc<Vec<Vec<ObjectKey>>>, u32)> {
         if key.num_kv_readers == 0 {
-            tracing::warn!(request_id = %key.request_id, "lookup with num_kv_readers 0 (a client older than LMCache 0.5): answering 0 hits");
+            tracing::warn!(request_id = %for_log(&key.request_id), "lookup with num_kv_readers 0 (a client older than LMCache 0.5): answering 0 hits");
             return None;
         }
         if let Err(e) = self.check_identity(key) {
-            tracing::warn!(request_id = %key.request_id, "lookup: {e}");
+            tracing::warn!(request_id = %for_log(&key.request_id), "lookup: {}", for_log(&e));
             return None;
         }
         if !self.registry.serves(&key.model_name, key.world_size)

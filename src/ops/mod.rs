@@ -11,6 +11,7 @@ mod register;
 pub mod registry;
 mod transfer;
 
+use crate::limits::for_log;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,9 +111,9 @@ impl Cwm {
             Err(e) => {
                 self.counters.record_error(req.op.name());
                 if matches!(e, OpError::Transfer(TransferError::Missing(_))) {
-                    tracing::debug!(op = req.op.name(), "{e}");
+                    tracing::debug!(op = req.op.name(), "{}", for_log(&e));
                 } else {
-                    tracing::warn!(op = req.op.name(), "{e}");
+                    tracing::warn!(op = req.op.name(), "{}", for_log(&e));
                 }
                 failure_reply(&req.op)
             }

@@ -3,6 +3,7 @@
 //! Idempotent per instance id (workers re-register after a heartbeat recovery). What cannot be
 //! served is recorded with its reason instead of rejected, so later transfers fail cleanly.
 
+use crate::limits::for_log;
 use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints};
 
 use super::registry::Instance;
@@ -35,9 +36,9 @@ impl Cwm {
         match &kv {
             Ok(kv) => tracing::info!(
                 instance_id = id,
-                model,
+                model = %for_log(model),
                 world_size,
-                engine,
+                engine = %for_log(engine),
                 layers = kv.layout.num_layers,
                 blocks = kv.layout.num_blocks,
                 block_size = kv.layout.block_size,
@@ -49,8 +50,9 @@ impl Cwm {
             ),
             Err(reason) => tracing::error!(
                 instance_id = id,
-                model,
-                "registered KV cache cannot be served: {reason}"
+                model = %for_log(model),
+                "registered KV cache cannot be served: {}",
+                for_log(reason)
             ),
         }
         self.registry

@@ -35,7 +35,9 @@ impl MpServer {
         let ctx = zmq::Context::new();
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_router_mandatory(true)?;
-        router.set_sndhwm(0)?;
+        // A client that never reads its replies gets at most this many queued; the rest are
+        // dropped and counted (`send`), so it cannot grow cwm's memory.
+        router.set_sndhwm(crate::limits::MP_SEND_HWM)?;
         router.set_rcvhwm(0)?;
         router.set_linger(0)?;
         let host = if host == "localhost" {
@@ -54,6 +56,15 @@ impl MpServer {
         let endpoint = router
             .get_last_endpoint()?
             .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+        if !endpoint_is_loopback(&endpoint) {
+            tracing::warn!(
+                %endpoint,
+                "the MP port is bound beyond loopback: the LMCache protocol carries no \
+                 credentials, so anyone who can reach this port can read and write every \
+                 tenant's KV cache and register engine memory; keep it on loopback or a \
+                 trusted pod network (docs/SECURITY.md)"
+            );
+        }
         let replies = ctx.socket(zmq::PULL)?;
         replies.set_rcvhwm(0)?;
         replies.bind(REPLIES)?;
@@ -138,8 +149,12 @@ impl MpServer {
                 tracing::debug!("stream control message ignored (cwm offers no streams)");
             }
             Err(e) => {
-                tracing::warn!("undecodable request: {e}");
-                if frames.len() >= 2 {
+                tracing::warn!("undecodable request: {}", crate::limits::for_log(&e));
+                let echoable = |f: &[u8]| f.len() <= crate::limits::MAX_ECHOED_FRAME;
+                if frames.len() >= 2 && !(echoable(frames[0]) && echoable(frames[1])) {
+                    // Not a real client's request; echoing would send its bulk back.
+                    crate::limits::Limit::MpEcho.refused();
+                } else if frames.len() >= 2 {
                     // Echo uid and op with no payload so a waiting client is not left hanging.
                     let reply = Reply {
                         uid: frames[0].to_vec(),
@@ -153,9 +168,15 @@ impl MpServer {
     }
 
     fn send(&self, frames: Vec<Vec<u8>>) {
-        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+        match self.router.send_multipart(frames, zmq::DONTWAIT) {
+            Ok(()) => {}
+            // The client has MP_SEND_HWM replies it has not read.
+            Err(zmq::Error::EAGAIN) => {
+                crate::limits::Limit::MpReplyQueue.refused();
+                tracing::debug!("reply dropped: the client's reply queue is full");
+            }
             // EHOSTUNREACH: the client disconnected before its answer was ready.
-            tracing::debug!("reply dropped: {e}");
+            Err(e) => tracing::debug!("reply dropped: {e}"),
         }
     }
 }
@@ -179,6 +200,13 @@ fn reply_frames(routing_id: &[u8], reply: &Reply) -> Vec<Vec<u8>> {
     frames.push(routing_id.to_vec());
     frames.extend(reply.frames().into_iter().map(<[u8]>::to_vec));
     frames
+}
+
+/// Whether a bound `tcp://ip:port` endpoint listens on loopback only.
+fn endpoint_is_loopback(endpoint: &str) -> bool {
+    let addr = endpoint.strip_prefix("tcp://").unwrap_or(endpoint);
+    addr.parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 fn lane_of(routing_id: &[u8], lanes: usize) -> usize {
