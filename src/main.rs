@@ -269,7 +269,9 @@ fn windows(cmd: WindowsCommand) -> anyhow::Result<()> {
             );
         }
         WindowsCommand::Import { file, name, dir } => {
-            let w = dir.open()?.import(&file, name.as_deref())?;
+            // Verified before the data directory is opened: a refused import creates nothing.
+            let file = cwm::windows::export::WindowFile::read(&file, name.as_deref())?;
+            let w = dir.open()?.import(&file)?;
             println!("{}", serde_json::to_string_pretty(&w)?);
         }
     }

@@ -226,3 +226,73 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Two sidecars on one L2 directory used to both start; after both stopped and one
+/// restarted, the other's acknowledged chunks were gone. The second writer (a sidecar, or
+/// `cwm windows` while a sidecar runs) is now refused, naming the holder's pid.
+#[test]
+fn a_second_process_on_a_data_directory_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_cwm");
+    let serve = |port: u16| {
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--l1-size-gb",
+                "0.1",
+                "--l2-size-gb",
+                "1",
+                "--http-port",
+                "0",
+            ])
+            .arg("--l2-path")
+            .arg(dir.path())
+            .env("CWM_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let port = free_port();
+    let mut first = serve(port).spawn().unwrap();
+    MpClient::connect(&format!("tcp://127.0.0.1:{port}"))
+        .unwrap()
+        .get_chunk_size()
+        .unwrap();
+    let holder = format!("pid {}", first.id());
+    let mut second = serve(free_port()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            second.kill().unwrap();
+            first.kill().unwrap();
+            panic!("a second sidecar started on the same data directory");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second sidecar started");
+    assert!(stderr.contains(&holder), "does not name {holder}: {stderr}");
+    // `cwm windows` (list, export and import open the directory the same way).
+    let out = Command::new(bin)
+        .args(["windows", "list", "--l2-path"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cwm windows ran beside the sidecar");
+    assert!(stderr.contains(&holder), "does not name {holder}: {stderr}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The kernel released the lock with the process, however it ended.
+    let out = Command::new(bin)
+        .args(["windows", "list", "--l2-path"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -657,6 +657,24 @@ fn export_import_moves_a_window_between_data_dirs() {
         &path(fresh.path()),
     ]);
     assert!(!ok && out.contains("checksum"), "{out}");
+    // Refused imports into a directory that does not exist yet leave no directory behind.
+    let never = fresh.path().join("never-created");
+    for (file, name) in [(&damaged, "fine"), (&file, ".."), (&file, "-")] {
+        let (ok, out) = cwm_cmd(&[
+            "windows",
+            "import",
+            &path(file),
+            "--name",
+            name,
+            "--l2-path",
+            &path(&never),
+        ]);
+        assert!(!ok, "{name}: {out}");
+        assert!(
+            !never.exists(),
+            "a refused import ({name}) created {never:?}"
+        );
+    }
     let (ok, out) = cwm_cmd(&[
         "windows",
         "import",

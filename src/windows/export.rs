@@ -72,19 +72,12 @@ impl Windows {
         Ok(size)
     }
 
-    /// Import a window file into this store, as `new_name` or the name it was exported under.
-    /// Everything is verified before anything is written; a taken name changes nothing.
-    pub fn import(
-        &self,
-        path: &Path,
-        new_name: Option<&str>,
-    ) -> Result<WindowSummary, WindowError> {
-        let bytes = fs::read(path)?;
-        let (mut w, records) = parse(&bytes)?;
-        if let Some(n) = new_name {
-            validate_name(n)?;
-            w.name = n.to_string();
-        }
+    /// Import a window file (read and verified by `WindowFile::read`) into this store.
+    /// Nothing is written unless everything verified; a taken name changes nothing.
+    pub fn import(&self, file: &WindowFile) -> Result<WindowSummary, WindowError> {
+        let (mut w, records) = parse(&file.bytes)?;
+        w.name = file.name.clone();
+        let path = &file.path;
         let (l2, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         if catalog.contains(&w.name) {
@@ -112,6 +105,35 @@ impl Windows {
         self.pins.lock().insert(w.name.clone(), pinned);
         tracing::info!(window = w.name, path = %path.display(), "window imported");
         Ok(WindowSummary::from(&w))
+    }
+}
+
+/// A window file read and verified, with the name it will be imported under. Reading it
+/// needs no data directory, so a bad file or name is refused before one is opened (or
+/// created).
+pub struct WindowFile {
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+    name: String,
+}
+
+impl WindowFile {
+    /// Read and verify `path`; import it as `new_name` or the name it was exported under.
+    pub fn read(path: &Path, new_name: Option<&str>) -> Result<WindowFile, WindowError> {
+        let bytes = fs::read(path)?;
+        let (w, _) = parse(&bytes)?;
+        let name = match new_name {
+            Some(n) => {
+                validate_name(n)?;
+                n.to_string()
+            }
+            None => w.name,
+        };
+        Ok(WindowFile {
+            path: path.to_path_buf(),
+            bytes,
+            name,
+        })
     }
 }
 

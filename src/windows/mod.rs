@@ -46,7 +46,7 @@ const ITEMSIZE: u8 = 2;
 
 #[derive(Debug, Error)]
 pub enum WindowError {
-    #[error("invalid window name {0:?}: names are 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("invalid window name {0:?}: names are 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter, digit or _")]
     InvalidName(String),
     #[error("invalid session_id {0:?}: {1}")]
     InvalidSalt(String, String),
@@ -84,9 +84,15 @@ pub enum WindowError {
     Io(#[from] std::io::Error),
 }
 
-/// Window names: `^[A-Za-z0-9_.-]{1,64}$`.
+/// Window names: `^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`. A name is a file name in the data
+/// directory (`windows/<name>.json`) and an argument of `cwm windows`: `.`, `..`, hidden
+/// names and names that read as options (`-x`) are refused.
 pub fn validate_name(name: &str) -> Result<(), WindowError> {
     let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
@@ -1060,10 +1066,24 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "chat-1.v2_x", &"x".repeat(64), ".."] {
+        for ok in ["a", "chat-1.v2_x", &"x".repeat(64), "_x", "9.", "a..b"] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "a b", "a/b", &"x".repeat(65), "é", "a\0"] {
+        // `.`, `..` and hidden names become odd files (`windows/..json`); `-` reads as an
+        // option of `cwm windows`.
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            &"x".repeat(65),
+            "é",
+            "a\0",
+            ".",
+            "..",
+            ".hidden",
+            "-",
+            "-rf",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_session("a/b").is_err());

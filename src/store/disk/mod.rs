@@ -8,6 +8,7 @@
 //! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
 //! copied forward into the active segment before their old segment is deleted.
 
+pub mod dir_lock;
 pub mod record;
 pub mod storage;
 

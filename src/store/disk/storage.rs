@@ -64,16 +64,21 @@ pub trait Storage: Send + Sync + 'static {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Segments as files `seg-XXXXXXXX.cwm` in a directory, checkpoint `index.ckpt`.
+/// Segments as files `seg-XXXXXXXX.cwm` in a directory, checkpoint `index.ckpt`. Holds the
+/// directory's exclusive lock (`DirLock`) while open.
 pub struct FsStorage {
     dir: PathBuf,
+    _lock: super::dir_lock::DirLock,
 }
 
 impl FsStorage {
+    /// Open (creating it if needed) and lock `dir`; fails naming the holder if another
+    /// process has it open.
     pub fn open(dir: &Path) -> io::Result<FsStorage> {
         fs::create_dir_all(dir)?;
         Ok(FsStorage {
             dir: dir.to_path_buf(),
+            _lock: super::dir_lock::DirLock::acquire(dir)?,
         })
     }
 
