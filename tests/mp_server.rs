@@ -457,6 +457,21 @@ fn cuda_descriptors_are_refused_cleanly() {
     assert_eq!(c.get_chunk_size().unwrap(), 256, "still serving");
 }
 
+/// An undecodable message with an 8 MiB op frame used to be answered with that frame echoed
+/// back (and logged verbatim): a client that never read its replies could grow cwm's memory by
+/// the size of what it sent. Frames longer than any real uid or op are not echoed.
+#[test]
+fn huge_uid_or_op_frames_are_not_echoed() {
+    let s = sidecar(small_config());
+    let c = client(&s);
+    let before = cwm::limits::Limit::MpEcho.count();
+    c.send_raw(&[vec![0x05], vec![b'x'; 8 << 20]]).unwrap();
+    c.send_raw(&[vec![0x0b], Op::GetChunkSize.to_frame()]).unwrap();
+    let r = c.recv_raw().unwrap().expect("the valid request is answered");
+    assert_eq!(r[0], vec![0x0b], "the huge frame was echoed first");
+    assert_eq!(cwm::limits::Limit::MpEcho.count(), before + 1);
+}
+
 #[test]
 fn malformed_frames_are_answered_and_the_server_goes_on() {
     let s = sidecar(small_config());
