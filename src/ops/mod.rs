@@ -162,8 +162,8 @@ impl Cwm {
                 let key = Self::decode_key(f[0])?;
                 let id = decode_u64("instance_id", f[1])?;
                 let blocks = decode_block_ids(f[2])?;
-                decode_bin("event_ipc_handle", f[3])?;
-                self.store(&key, id, &blocks)?;
+                let event = decode_bin("event_ipc_handle", f[3])?;
+                self.store(&key, id, &blocks, event)?;
                 Some(TransferResult::DONE.encode())
             }
             Op::Retrieve => {
@@ -171,9 +171,9 @@ impl Cwm {
                 let key = Self::decode_key(f[0])?;
                 let id = decode_u64("instance_id", f[1])?;
                 let blocks = decode_block_ids(f[2])?;
-                decode_bin("event_ipc_handle", f[3])?;
+                let event = decode_bin("event_ipc_handle", f[3])?;
                 let skip = decode_u64("skip_first_n_tokens", f[4])?;
-                self.retrieve(&key, id, &blocks, skip)?;
+                self.retrieve(&key, id, &blocks, event, skip)?;
                 Some(TransferResult::DONE.encode())
             }
             Op::Lookup => {

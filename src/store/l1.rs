@@ -481,6 +481,11 @@ impl ReadGuard {
         &self.key
     }
 
+    /// Start of the object's bytes, for raw copies (`len()` bytes, pinned while we live).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: committed objects are immutable and pinned by `active_reads` while we live.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
