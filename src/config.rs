@@ -9,6 +9,8 @@ use thiserror::Error;
 
 use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
+use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
+use crate::store::L1Config;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -226,6 +228,26 @@ impl Config {
         CompressionPolicy {
             enabled: self.l2_compression == "zstd",
             level: self.l2_compression_level,
+        }
+    }
+
+    /// What the tiers are built from (`Tiers::open`).
+    pub fn tiers_config(&self) -> TiersConfig {
+        TiersConfig {
+            l1: L1Config {
+                capacity_bytes: self.l1_bytes(),
+                lock_ttl: self.lock_ttl(),
+            },
+            l1_memory: if self.engine_driven {
+                L1Memory::Shared(self.shm_name.clone())
+            } else {
+                L1Memory::Private
+            },
+            l2: self.l2_enabled().then(|| L2Config {
+                path: self.l2_path.clone(),
+                disk: self.l2_disk_config(),
+            }),
+            write_queue_bytes: self.l2_write_queue_mb << 20,
         }
     }
 

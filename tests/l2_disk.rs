@@ -23,14 +23,7 @@ fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
 /// Wait until write-behind has written `n` objects to L2.
 fn wait_written(s: &Sidecar, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s
-        .cwm
-        .tiers
-        .write_behind
-        .written
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < n
-    {
+    while s.cwm.tiers.stats().write_behind.written < n {
         assert!(
             Instant::now() < deadline,
             "write-behind did not write {n} objects"
@@ -69,7 +62,7 @@ fn a_restart_keeps_the_cache() {
         s.stop();
     }
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
     let mut c = client(&s);
     register(&mut c, 2, &dst);
     assert_eq!(
@@ -77,7 +70,7 @@ fn a_restart_keeps_the_cache() {
         4,
         "all chunks found on disk"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 4, "promoted into L1");
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 4, "promoted into L1");
     assert!(
         c.retrieve(
             &key(MODEL, "", &t, Some(0), 1, 0, 1024, "r2"),
@@ -117,7 +110,7 @@ fn l2_hits_extend_a_partial_l1_prefix() {
     );
     wait_written(&s, 3);
     // Drop chunk 1 and 2 from L1 only: the lookup must fetch them back from disk.
-    s.cwm.tiers.l1.clear(true);
+    s.cwm.tiers.clear(true);
     assert_eq!(lookup(&mut c, &t, 768, "q"), 3);
     let before = kv.block(20);
     kv.fill_byte(0);

@@ -81,20 +81,10 @@ impl Cwm {
             return Ok(());
         };
         // The prefix available in some tier, and whether part of it must come from L2.
-        let tiers = &self.tiers;
-        let mut available = 0;
-        let mut from_l2 = false;
-        for keys in chunks.iter() {
-            if keys.iter().all(|k| tiers.l1.contains(k)) {
-            } else if keys.iter().all(|k| tiers.available(k)) {
-                from_l2 = true;
-            } else {
-                break;
-            }
-            available += 1;
-        }
-        if !from_l2 {
-            let hit = tiers.l1.lock_prefix(&chunks, readers);
+        let located = self.tiers.locate(&chunks);
+        let available = located.len();
+        if located.iter().all(|&resident| resident) {
+            let hit = self.tiers.lock_prefix(&chunks, readers);
             self.counters.record_lookup(chunks.len(), hit);
             self.set_session(
                 key,
@@ -124,7 +114,7 @@ impl Cwm {
             wanted.par_iter().flatten().for_each(|k| {
                 cwm.tiers.promote(k);
             });
-            let hit = cwm.tiers.l1.lock_prefix(wanted, readers);
+            let hit = cwm.tiers.lock_prefix(wanted, readers);
             cwm.counters.record_lookup(chunks.len(), hit);
             cwm.finish_prefetch(&request_id, job, hit, &chunks, readers);
         });
@@ -186,10 +176,7 @@ impl Cwm {
                 }
             }
             // The session ended or a newer lookup replaced this one: nobody will retrieve.
-            _ => self
-                .tiers
-                .l1
-                .unlock(chunks[..hit].iter().flatten(), readers),
+            _ => self.tiers.unlock(chunks[..hit].iter().flatten(), readers),
         }
         drop(sessions);
         self.sessions.finished.notify_all();
@@ -254,7 +241,6 @@ impl Cwm {
         let to = ((key.end / cs) as usize).min(record.hit);
         if from < to {
             self.tiers
-                .l1
                 .unlock(record.chunks[from..to].iter().flatten(), record.readers);
         }
     }
@@ -264,7 +250,6 @@ impl Cwm {
         let session = self.sessions.by_request.lock().remove(request_id);
         if let Some(record) = session.and_then(|s| s.lookup) {
             self.tiers
-                .l1
                 .touch(record.chunks[..record.hit].iter().flatten());
         }
     }

@@ -186,7 +186,7 @@ async fn cache_clear(
             .into_response());
     }
     let force = req.force;
-    let dropped = blocking(w, move |w| w.cwm.tiers.l1.clear(force)).await?;
+    let dropped = blocking(w, move |w| w.cwm.tiers.clear(force)).await?;
     tracing::info!(force, dropped, "cache cleared via HTTP");
     Ok(Json(json!({"status": "ok", "cleared": {"tier": "l1"}})))
 }

@@ -437,6 +437,18 @@ impl WriteGuard {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len as usize) }
     }
 
+    /// Copy `source`'s bytes in (objects of equal length), pointer to pointer: either may lie
+    /// in the shared pool, which engines map read-write.
+    pub fn copy_from(&mut self, source: &ReadGuard) {
+        assert_eq!(
+            self.len, source.len,
+            "copy between objects of different sizes"
+        );
+        // SAFETY: both extents are `len` bytes inside the arena, ours reserved for this guard
+        // alone and the source pinned by its guard; distinct keys never share an extent.
+        unsafe { std::ptr::copy_nonoverlapping(source.ptr, self.ptr, self.len as usize) }
+    }
+
     /// Publish the object: from now on lookups and reads see it.
     pub fn commit(mut self) {
         let key = self.key.take().expect("commit once");

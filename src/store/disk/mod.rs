@@ -1,4 +1,4 @@
-//! L2: the disk tier. Append-only segment files of checksummed records (see `record`), an
+//! L2: the disk tier. Append-only segment files of records (`store::record`), an
 //! in-memory index rebuilt at open from a checkpoint plus a forward scan of what was appended
 //! after it, and segment-level LRU reclaim within a byte budget.
 //!
@@ -8,7 +8,6 @@
 //! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
 //! copied forward into the active segment before their old segment is deleted.
 
-pub mod record;
 pub mod storage;
 
 use std::collections::{HashMap, HashSet};
@@ -21,9 +20,11 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use self::record::{decode_header, encode_header, verify_payload, RecordError};
 use self::storage::{SegmentFile, Storage};
-use crate::store::codec::{self, Codec, CompressionPolicy};
+use crate::store::codec::{self, CompressionPolicy};
+use crate::store::record::{self, decode_header, Record, RecordError};
+use crate::store::tier::{RecordInfo, Tier, TierError, TierStats};
+use crate::store::WriteGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -119,7 +120,11 @@ pub struct DiskStore<S: Storage> {
     config: DiskConfig,
     state: Mutex<State<S::File>>,
     pub counters: DiskCounters,
+    last_checkpoint: Mutex<Instant>,
 }
+
+/// How often `maintain` persists the index.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 const CKPT_MAGIC: &[u8; 4] = b"CWMI";
 const CKPT_VERSION: u16 = 1;
@@ -232,6 +237,7 @@ impl<S: Storage> DiskStore<S> {
             config,
             state: Mutex::new(state),
             counters,
+            last_checkpoint: Mutex::new(Instant::now()),
         };
         let stats = store.stats();
         tracing::info!(
@@ -263,21 +269,21 @@ impl<S: Storage> DiskStore<S> {
         if self.contains(key) {
             return Ok(());
         }
-        let (codec, payload) = codec::compress(raw, itemsize as usize, self.config.compression);
-        self.write_compressed(key, codec, itemsize, raw.len() as u64, &payload)
+        let record = record::encode(key, raw, itemsize, self.config.compression);
+        self.append_record(key, &record)
     }
 
-    /// Append an already compressed payload (no-op if present).
-    pub fn write_compressed(
-        &self,
-        key: &ObjectKey,
-        codec: Codec,
-        itemsize: u8,
-        raw_len: u64,
-        payload: &[u8],
-    ) -> Result<(), DiskError> {
-        let header = encode_header(key, codec, itemsize, raw_len, payload);
-        let record_len = header.len() as u64 + payload.len() as u64;
+    /// Append an encoded record of `key` (`store::record`; no-op if present).
+    pub fn append_record(&self, key: &ObjectKey, record: &[u8]) -> Result<(), DiskError> {
+        let h = decode_header(record, 0)?;
+        if h.key != *key || h.record_len() != record.len() as u64 {
+            return Err(DiskError::KeyMismatch {
+                want: Box::new(key.clone()),
+                found: Box::new(h.key),
+            });
+        }
+        let (record_len, raw_len) = (h.record_len(), h.raw_len);
+        let stored_len = h.stored_len;
         let mut st = self.state.lock();
         if st.index.contains_key(key) {
             return Ok(());
@@ -285,7 +291,7 @@ impl<S: Storage> DiskStore<S> {
         self.make_room(&mut st, record_len)?;
         let id = self.active_segment(&mut st, record_len)?;
         let file = st.segments[&id].file.clone();
-        let offset = file.append(&[&header, payload]).inspect_err(|_| {
+        let offset = file.append(&[record]).inspect_err(|_| {
             self.counters.write_errors.fetch_add(1, Relaxed);
         })?;
         let sync_now = match self.config.fsync {
@@ -317,7 +323,7 @@ impl<S: Storage> DiskStore<S> {
         self.counters.written_raw_bytes.fetch_add(raw_len, Relaxed);
         self.counters
             .written_stored_bytes
-            .fetch_add(payload.len() as u64, Relaxed);
+            .fetch_add(stored_len, Relaxed);
         Ok(())
     }
 
@@ -430,6 +436,34 @@ impl<S: Storage> DiskStore<S> {
     /// Read, verify and decompress `key` into `out` (exactly its raw length). A record that
     /// fails verification is dropped from the index.
     pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<(), DiskError> {
+        self.read_with(key, |loc, record, _| {
+            if loc.raw_len != out.len() as u64 {
+                return Err(DiskError::Length {
+                    want: out.len() as u64,
+                    found: loc.raw_len,
+                });
+            }
+            Ok(record.decode_into(out)?)
+        })
+    }
+
+    /// The record of `key` as stored, verified.
+    pub fn read_record(&self, key: &ObjectKey) -> Result<Vec<u8>, DiskError> {
+        let mut verbatim = Vec::new();
+        self.read_with(key, |_, _, bytes| {
+            verbatim = bytes.to_vec();
+            Ok(())
+        })?;
+        Ok(verbatim)
+    }
+
+    /// Read and verify the record of `key`, then hand it to `use_record`. A record failing
+    /// any check (but a length mismatch, which is the caller's) is dropped from the index.
+    fn read_with(
+        &self,
+        key: &ObjectKey,
+        use_record: impl FnOnce(Location, &Record<'_>, &[u8]) -> Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
         let (loc, file) = {
             let mut st = self.state.lock();
             let Some(loc) = st.index.get(key).copied() else {
@@ -445,24 +479,15 @@ impl<S: Storage> DiskStore<S> {
             (loc, seg.file.clone())
         };
         let result = (|| {
-            if loc.raw_len != out.len() as u64 {
-                return Err(DiskError::Length {
-                    want: out.len() as u64,
-                    found: loc.raw_len,
-                });
-            }
             let bytes = file.read(loc.offset, loc.record_len)?;
-            let h = decode_header(&bytes, loc.offset)?;
-            if h.key != *key {
+            let record = Record::parse(&bytes, loc.offset)?;
+            if record.header.key != *key {
                 return Err(DiskError::KeyMismatch {
                     want: Box::new(key.clone()),
-                    found: Box::new(h.key),
+                    found: Box::new(record.header.key),
                 });
             }
-            let payload = bytes.get(h.header_len as usize..).unwrap_or(&[]);
-            verify_payload(&h, payload, loc.offset)?;
-            codec::decompress(h.codec, payload, out)?;
-            Ok(())
+            use_record(loc, &record, &bytes)
         })();
         match &result {
             Ok(()) => {
@@ -567,6 +592,139 @@ impl<S: Storage> DiskStore<S> {
             capacity_bytes: self.config.capacity_bytes,
             pinned: st.pins.len(),
         }
+    }
+}
+
+impl<S: Storage> DiskStore<S> {
+    /// Drop every record no pin protects: from the index at once, and sealed segments left
+    /// with no record are deleted. Returns the number of records dropped.
+    pub fn clear(&self) -> Result<usize, DiskError> {
+        let mut st = self.state.lock();
+        let State {
+            index,
+            pins,
+            segments,
+            active,
+            used_bytes,
+            dirty,
+            ..
+        } = &mut *st;
+        let victims: Vec<ObjectKey> = index
+            .keys()
+            .filter(|k| !pins.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in &victims {
+            if let Some(loc) = index.remove(key) {
+                *used_bytes -= loc.record_len;
+                if let Some(seg) = segments.get_mut(&loc.segment) {
+                    seg.keys.remove(key);
+                }
+            }
+        }
+        let empty: Vec<u32> = segments
+            .iter()
+            .filter(|(id, s)| s.keys.is_empty() && Some(**id) != *active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &empty {
+            segments.remove(id);
+        }
+        *dirty |= !victims.is_empty();
+        drop(st);
+        for id in empty {
+            self.storage.remove(id)?;
+        }
+        Ok(victims.len())
+    }
+}
+
+impl<S: Storage> Tier for DiskStore<S> {
+    fn name(&self) -> &'static str {
+        "L2"
+    }
+
+    fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        let st = self.state.lock();
+        keys.iter().map(|k| st.index.contains_key(k)).collect()
+    }
+
+    fn info(&self, key: &ObjectKey) -> Option<RecordInfo> {
+        self.state.lock().index.get(key).map(|l| RecordInfo {
+            raw_len: l.raw_len,
+            record_len: l.record_len,
+        })
+    }
+
+    fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError> {
+        self.read(key, object.as_mut_slice())
+            .map_err(|e| TierError::new("L2", e))
+    }
+
+    fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
+        self.read_record(key).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError> {
+        self.append_record(key, record)
+            .map_err(|e| TierError::new("L2", e))
+    }
+
+    fn pin(&self, key: &ObjectKey) -> bool {
+        DiskStore::pin(self, key)
+    }
+
+    fn unpin(&self, key: &ObjectKey) {
+        DiskStore::unpin(self, key)
+    }
+
+    fn sync(&self) -> Result<(), TierError> {
+        DiskStore::sync(self).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn clear(&self) -> Result<usize, TierError> {
+        DiskStore::clear(self).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn stats(&self) -> TierStats {
+        let s = DiskStore::stats(self);
+        let c = &self.counters;
+        TierStats {
+            records: s.records,
+            segments: s.segments,
+            used_bytes: s.used_bytes,
+            capacity_bytes: s.capacity_bytes,
+            pinned_records: s.pinned,
+            read_records: c.read_records.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            written_records: c.written_records.load(Relaxed),
+            written_raw_bytes: c.written_raw_bytes.load(Relaxed),
+            written_stored_bytes: c.written_stored_bytes.load(Relaxed),
+            corrupt_records: c.corrupt_records.load(Relaxed),
+            reclaimed_segments: c.reclaimed_segments.load(Relaxed),
+            reclaimed_records: c.reclaimed_records.load(Relaxed),
+            write_errors: c.write_errors.load(Relaxed),
+        }
+    }
+
+    /// fsync when the interval policy says so; persist the index every 30 s.
+    fn maintain(&self) {
+        if self.sync_due() {
+            if let Err(e) = DiskStore::sync(self) {
+                tracing::error!("L2 fsync failed: {e}");
+            }
+        }
+        let mut last = self.last_checkpoint.lock();
+        if last.elapsed() >= CHECKPOINT_EVERY {
+            *last = Instant::now();
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("L2 checkpoint failed: {e}");
+            }
+        }
+    }
+
+    fn close(&self) -> Result<(), TierError> {
+        self.checkpoint().map_err(|e| TierError::new("L2", e))
     }
 }
 
