@@ -119,6 +119,9 @@ pub struct DiskStore<S: Storage> {
     storage: S,
     config: DiskConfig,
     state: Mutex<State<S::File>>,
+    /// Held across every disk write (append, fsync on the write path, segment rotation and
+    /// reclaim, clear): one writer at a time, while `state` is only ever held for bookkeeping.
+    writer: Mutex<()>,
     pub counters: DiskCounters,
     last_checkpoint: Mutex<Instant>,
 }
@@ -236,6 +239,7 @@ impl<S: Storage> DiskStore<S> {
             storage,
             config,
             state: Mutex::new(state),
+            writer: Mutex::new(()),
             counters,
             last_checkpoint: Mutex::new(Instant::now()),
         };
@@ -284,25 +288,27 @@ impl<S: Storage> DiskStore<S> {
         }
         let (record_len, raw_len) = (h.record_len(), h.raw_len);
         let stored_len = h.stored_len;
-        let mut st = self.state.lock();
-        if st.index.contains_key(key) {
+        // Disk I/O runs under `writer` only; `state` is held for bookkeeping alone, so what the
+        // index answers (lookups, on the request path) never waits on an append or an fsync.
+        let _writer = self.writer.lock();
+        if self.state.lock().index.contains_key(key) {
             return Ok(());
         }
-        self.make_room(&mut st, record_len)?;
-        let id = self.active_segment(&mut st, record_len)?;
-        let file = st.segments[&id].file.clone();
+        self.make_room(record_len)?;
+        let (id, file) = self.active_segment(record_len)?;
         let offset = file.append(&[record]).inspect_err(|_| {
             self.counters.write_errors.fetch_add(1, Relaxed);
         })?;
         let sync_now = match self.config.fsync {
             FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
+            FsyncPolicy::Interval(d) => self.state.lock().last_sync.elapsed() >= d,
             FsyncPolicy::Never => false,
         };
         if sync_now {
             file.sync()?;
-            st.last_sync = Instant::now();
+            self.state.lock().last_sync = Instant::now();
         }
+        let mut st = self.state.lock();
         st.tick += 1;
         let tick = st.tick;
         let seg = st.segments.get_mut(&id).expect("active segment");
@@ -328,109 +334,149 @@ impl<S: Storage> DiskStore<S> {
     }
 
     /// The segment to append `record_len` bytes to, rotating when the active one is full.
-    fn active_segment(&self, st: &mut State<S::File>, record_len: u64) -> Result<u32, DiskError> {
-        if let Some(id) = st.active {
-            let len = st.segments[&id].file.len();
+    /// Caller holds `writer`.
+    fn active_segment(&self, record_len: u64) -> Result<(u32, Arc<S::File>), DiskError> {
+        let active = {
+            let st = self.state.lock();
+            st.active.map(|id| (id, st.segments[&id].file.clone()))
+        };
+        if let Some((id, file)) = active {
+            let len = file.len();
             if len == 0 || len + record_len <= self.config.segment_bytes {
-                return Ok(id);
+                return Ok((id, file));
             }
-            st.segments[&id].file.sync()?;
+            file.sync()?;
         }
-        let id = st.next_id;
+        let id = self.state.lock().next_id;
         let file = Arc::new(self.storage.create(id)?);
+        let mut st = self.state.lock();
         st.next_id += 1;
         st.active = Some(id);
+        let last_access = st.tick;
         st.segments.insert(
             id,
             SegmentState {
-                file,
+                file: file.clone(),
                 keys: HashSet::new(),
-                last_access: st.tick,
+                last_access,
             },
         );
-        Ok(id)
+        Ok((id, file))
     }
 
     /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
-    fn make_room(&self, st: &mut State<S::File>, need: u64) -> Result<(), DiskError> {
+    /// Caller holds `writer`; segment reads, appends and deletes run outside `state`.
+    fn make_room(&self, need: u64) -> Result<(), DiskError> {
         let capacity = self.config.capacity_bytes;
-        if st.used_bytes + need <= capacity {
-            return Ok(());
-        }
+        let full = |st: &State<S::File>| st.used_bytes + need > capacity;
         // Candidates: the sealed segments of now, least recently used first. Segments created
         // while moving pinned records forward are never candidates of this round.
-        let mut candidates: Vec<(u64, u32)> = st
-            .segments
-            .iter()
-            .filter(|(id, _)| Some(**id) != st.active)
-            .map(|(id, s)| (s.last_access, *id))
-            .collect();
-        candidates.sort_unstable();
-        let mut candidates = candidates.into_iter().map(|(_, id)| id);
-        while st.used_bytes + need > capacity {
-            let Some(victim) = candidates.next() else {
-                return Err(DiskError::Full {
-                    need,
-                    capacity,
-                    free: capacity.saturating_sub(st.used_bytes),
-                });
-            };
-            let (file, keys) = {
-                let seg = &st.segments[&victim];
-                (
-                    seg.file.clone(),
-                    seg.keys.iter().cloned().collect::<Vec<_>>(),
-                )
-            };
-            let (pinned, unpinned): (Vec<_>, Vec<_>) =
-                keys.into_iter().partition(|k| st.pins.contains_key(k));
-            if unpinned.is_empty() {
-                continue; // nothing to gain
+        let mut candidates = {
+            let st = self.state.lock();
+            if !full(&st) {
+                return Ok(());
             }
+            let mut c: Vec<(u64, u32)> = st
+                .segments
+                .iter()
+                .filter(|(id, _)| Some(**id) != st.active)
+                .map(|(id, s)| (s.last_access, *id))
+                .collect();
+            c.sort_unstable();
+            c.into_iter().map(|(_, id)| id)
+        };
+        loop {
+            let (victim, file, pinned) = {
+                let st = self.state.lock();
+                if !full(&st) {
+                    return Ok(());
+                }
+                let Some((victim, seg)) = candidates
+                    .by_ref()
+                    .find_map(|id| st.segments.get(&id).map(|s| (id, s)))
+                else {
+                    return Err(DiskError::Full {
+                        need,
+                        capacity,
+                        free: capacity.saturating_sub(st.used_bytes),
+                    });
+                };
+                let pinned: Vec<ObjectKey> = seg
+                    .keys
+                    .iter()
+                    .filter(|k| st.pins.contains_key(*k))
+                    .cloned()
+                    .collect();
+                if pinned.len() == seg.keys.len() {
+                    continue; // nothing to gain
+                }
+                (victim, seg.file.clone(), pinned)
+            };
             // Pinned records move forward first; if that fails the segment stays as it is.
             for key in &pinned {
-                let loc = st.index[key];
+                let Some(loc) = self.state.lock().index.get(key).copied() else {
+                    continue;
+                };
                 let bytes = file.read(loc.offset, loc.record_len)?;
-                let id = self.active_segment(st, loc.record_len)?;
-                let offset = st.segments[&id].file.append(&[&bytes])?;
-                st.segments
-                    .get_mut(&id)
-                    .expect("active")
-                    .keys
-                    .insert(key.clone());
-                st.index.insert(
-                    key.clone(),
-                    Location {
-                        segment: id,
-                        offset,
-                        ..loc
-                    },
-                );
-            }
-            st.segments.remove(&victim);
-            for key in &unpinned {
-                if let Some(loc) = st.index.remove(key) {
-                    st.used_bytes -= loc.record_len;
+                let (id, active) = self.active_segment(loc.record_len)?;
+                let offset = active.append(&[&bytes])?;
+                let mut st = self.state.lock();
+                if st.index.contains_key(key) {
+                    let seg = st.segments.get_mut(&id).expect("active");
+                    seg.keys.insert(key.clone());
+                    st.index.insert(
+                        key.clone(),
+                        Location {
+                            segment: id,
+                            offset,
+                            ..loc
+                        },
+                    );
                 }
             }
+            let dropped = {
+                let mut st = self.state.lock();
+                let seg = &st.segments[&victim];
+                // Pinned since the move above (a window froze meanwhile): keep the segment.
+                if seg.keys.iter().any(|k| {
+                    st.pins.contains_key(k) && st.index.get(k).is_some_and(|l| l.segment == victim)
+                }) {
+                    continue;
+                }
+                let seg = st.segments.remove(&victim).expect("victim exists");
+                let mut dropped = 0;
+                for key in &seg.keys {
+                    if st.index.get(key).is_some_and(|l| l.segment == victim) {
+                        let loc = st.index.remove(key).expect("indexed");
+                        st.used_bytes -= loc.record_len;
+                        dropped += 1;
+                    }
+                }
+                st.dirty = true;
+                dropped
+            };
+            let moved = pinned.len();
+            let unpinned = dropped;
             // A moved record keeps its byte count: the copy replaces the one deleted here.
-            if let Some(active) = st.active {
-                st.segments[&active].file.sync()?;
+            let active = {
+                let st = self.state.lock();
+                st.active.map(|id| st.segments[&id].file.clone())
+            };
+            if let Some(active) = active {
+                active.sync()?;
             }
             self.storage.remove(victim)?;
-            st.dirty = true;
             self.counters.reclaimed_segments.fetch_add(1, Relaxed);
             self.counters
                 .reclaimed_records
-                .fetch_add(unpinned.len() as u64, Relaxed);
+                .fetch_add(unpinned as u64, Relaxed);
             tracing::debug!(
                 segment = victim,
-                dropped = unpinned.len(),
-                moved = pinned.len(),
+                dropped = unpinned,
+                moved,
                 "L2: reclaimed segment"
             );
         }
-        Ok(())
     }
 
     /// Read, verify and decompress `key` into `out` (exactly its raw length). A record that
@@ -559,6 +605,9 @@ impl<S: Storage> DiskStore<S> {
     pub fn checkpoint(&self) -> Result<(), DiskError> {
         self.sync()?;
         let bytes = {
+            // No append may sit between its bytes and its index entry while segment lengths
+            // and the index are captured together.
+            let _writer = self.writer.lock();
             let mut st = self.state.lock();
             if !st.dirty {
                 return Ok(());
@@ -599,6 +648,7 @@ impl<S: Storage> DiskStore<S> {
     /// Drop every record no pin protects: from the index at once, and sealed segments left
     /// with no record are deleted. Returns the number of records dropped.
     pub fn clear(&self) -> Result<usize, DiskError> {
+        let _writer = self.writer.lock();
         let mut st = self.state.lock();
         let State {
             index,
