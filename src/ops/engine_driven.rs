@@ -516,6 +516,8 @@ impl Cwm {
             return Ok(false);
         };
         self.tiers.unlock(&tkey.objects, 1);
+        let first = key.start as usize / self.settings.chunk_size;
+        self.lookup_locks_released(&key.request_id, first..first + tkey.objects.len());
         let (objects, bytes) = (
             pending.reads.len() as u64,
             pending.reads.iter().map(|g| g.len() as u64).sum(),

@@ -215,9 +215,11 @@ impl Cwm {
         let plan = self.plan(key, kv, block_ids)?;
         let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.tiers.read(k)).collect();
         // One lookup lock per object read is released whatever happens next.
+        let first = key.start as usize / self.settings.chunk_size;
         let release = || {
             self.tiers
-                .unlock(reads.iter().flatten().map(|g| g.key()), 1)
+                .unlock(reads.iter().flatten().map(|g| g.key()), 1);
+            self.lookup_locks_released(&key.request_id, first..first + reads.len());
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
             release();
