@@ -374,7 +374,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     // Delete the original: the branch still thaws, from disk.
     let r = call(&rt, m, "window_delete", json!({"window_name": "chat"})).unwrap();
     assert_eq!(r["records_shared"], 4, "{r}");
-    s.cwm.tiers.clear(true);
+    s.cwm.tiers.evict_l1(true);
     let r = call(&rt, m, "window_thaw", json!({"window_name": "chat.branch"})).unwrap();
     assert_eq!(r["tokens_ready"], 1024);
     assert_eq!(r["tiers"]["l2"], 4);
@@ -476,10 +476,10 @@ fn thaw_sends_progress_notifications() {
         json!({"session_id": "P", "window_name": "p"}),
     )
     .unwrap();
-    s.cwm.tiers.clear(true);
+    s.cwm.tiers.evict_l1(true);
 
     for transport in [Transport::Http, Transport::Stdio] {
-        s.cwm.tiers.clear(true);
+        s.cwm.tiers.evict_l1(true);
         let progress = Progress::default();
         let session = McpSession::open_with(&rt, &s, transport, progress.clone());
         let client = &session.client;
@@ -579,7 +579,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
     )
     .unwrap_err();
     assert!(e.contains("no window named"), "{e}");
-    s.cwm.tiers.clear(true);
+    s.cwm.tiers.evict_l1(true);
     let r = call(
         &rt,
         client,

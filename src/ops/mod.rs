@@ -241,8 +241,8 @@ impl Cwm {
             }
             Op::Clear => {
                 let force = decode_bool("force", p(1)?[0])?;
-                let dropped = self.tiers.clear(force);
-                tracing::info!(force, dropped, "clear");
+                let cleared = self.tiers.clear(force);
+                tracing::info!(force, l1 = cleared.l1, lower = cleared.lower, "clear");
                 None
             }
             other => {

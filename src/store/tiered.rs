@@ -141,6 +141,25 @@ struct Job {
     key: ObjectKey,
     bytes: u64,
     itemsize: u8,
+    /// The clear generation it was queued in: a `clear` since cancels it.
+    generation: u64,
+}
+
+/// What `clear` shares with write-behind: the generation stamped on every queued job (a job
+/// of an older generation was cancelled by a clear), and the fence that keeps a write to the
+/// tiers behind and a clear apart, so nothing written before a clear survives it.
+#[derive(Default)]
+struct Generation {
+    current: AtomicU64,
+    fence: Mutex<()>,
+}
+
+/// What `clear` dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleared {
+    pub l1: usize,
+    /// Records dropped from the tiers behind L1.
+    pub lower: usize,
 }
 
 /// L1 and the tiers behind it. Fields are private: callers go through the operations below.
@@ -149,6 +168,7 @@ pub struct Tiers {
     lower: Vec<Arc<dyn Tier>>,
     compression: CompressionPolicy,
     write_behind: Arc<WriteBehindCounters>,
+    generation: Arc<Generation>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     queue_limit: u64,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -194,14 +214,21 @@ impl Tiers {
         queue_limit: u64,
     ) -> Tiers {
         let counters: Arc<WriteBehindCounters> = Arc::default();
+        let generation: Arc<Generation> = Arc::default();
         let (queue, worker) = if lower.is_empty() {
             (None, None)
         } else {
             let (tx, rx) = mpsc::channel();
-            let (l1, lower, counters) = (l1.clone(), lower.clone(), counters.clone());
+            let worker = WriteBehind {
+                l1: l1.clone(),
+                lower: lower.clone(),
+                counters: counters.clone(),
+                generation: generation.clone(),
+                compression,
+            };
             let worker = std::thread::Builder::new()
                 .name("cwm-write-behind".into())
-                .spawn(move || write_behind(rx, l1, lower, counters, compression))
+                .spawn(move || worker.run(rx))
                 .expect("spawn write-behind thread");
             (Some(tx), Some(worker))
         };
@@ -210,6 +237,7 @@ impl Tiers {
             lower,
             compression,
             write_behind: counters,
+            generation,
             queue: Mutex::new(queue),
             queue_limit,
             worker: Mutex::new(worker),
@@ -450,9 +478,29 @@ impl Tiers {
         self.lower.iter().try_for_each(|t| t.sync())
     }
 
-    /// Drop cached objects: L1 (read-locked objects too with `force`; objects being read or
-    /// written always stay). Returns the number of L1 objects dropped.
-    pub fn clear(&self, force: bool) -> usize {
+    /// Empty the cache of everything no window pins: L1 (read-locked objects too with
+    /// `force`; objects being read or written always stay), every unpinned record of the tiers
+    /// behind, and the write-behind queue (cancelled, so nothing stored before the clear
+    /// reaches a tier after it).
+    pub fn clear(&self, force: bool) -> Cleared {
+        let _fence = self.generation.fence.lock();
+        self.generation.current.fetch_add(1, Relaxed);
+        let mut cleared = Cleared {
+            l1: self.l1.clear(force),
+            lower: 0,
+        };
+        for tier in &self.lower {
+            match tier.clear() {
+                Ok(n) => cleared.lower += n,
+                Err(e) => tracing::error!("clear: {e}"),
+            }
+        }
+        cleared
+    }
+
+    /// Drop L1's objects as eviction would (read-locked ones too with `force`); the tiers
+    /// behind keep theirs. For tests and benchmarks that need reads to come from behind L1.
+    pub fn evict_l1(&self, force: bool) -> usize {
         self.l1.clear(force)
     }
 
@@ -501,6 +549,7 @@ impl Tiers {
         let queue = self.queue.lock();
         let Some(tx) = queue.as_ref() else { return };
         let c = &self.write_behind;
+        let generation = self.generation.current.load(Relaxed);
         for (key, object_bytes) in committed {
             if c.queued_bytes.load(Relaxed) + object_bytes > self.queue_limit {
                 c.dropped.fetch_add(1, Relaxed);
@@ -524,6 +573,7 @@ impl Tiers {
                     key,
                     bytes: object_bytes,
                     itemsize,
+                    generation,
                 })
                 .is_err()
             {
@@ -561,75 +611,81 @@ fn open_disk(config: &L2Config) -> Result<DiskStore<FsStorage>, OpenError> {
 
 const BATCH: usize = 8;
 
-fn write_behind(
-    rx: mpsc::Receiver<Job>,
+/// The write-behind worker: drains the queue in batches, encodes each object once (on rayon)
+/// and hands the record to every tier behind L1.
+struct WriteBehind {
     l1: Arc<L1Store>,
     lower: Vec<Arc<dyn Tier>>,
-    c: Arc<WriteBehindCounters>,
+    counters: Arc<WriteBehindCounters>,
+    generation: Arc<Generation>,
     compression: CompressionPolicy,
-) {
-    loop {
-        let first = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch: Vec<Job> = first.into_iter().collect();
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        if !batch.is_empty() {
-            write_batch(&batch, &l1, &lower, &c, compression);
-        }
-        for tier in &lower {
-            tier.maintain();
-        }
-    }
 }
 
-fn write_batch(
-    batch: &[Job],
-    l1: &Arc<L1Store>,
-    lower: &[Arc<dyn Tier>],
-    c: &WriteBehindCounters,
-    compression: CompressionPolicy,
-) {
-    let records: Vec<Option<Vec<u8>>> = batch
-        .par_iter()
-        .map(|job| {
-            let keys = std::slice::from_ref(&job.key);
-            if lower.iter().all(|t| t.contains(keys)[0]) {
-                return None;
-            }
-            let Some(object) = l1.read(&job.key) else {
-                c.missed.fetch_add(1, Relaxed);
-                return None;
+impl WriteBehind {
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            Some(record::encode(
-                &job.key,
-                object.as_slice(),
-                job.itemsize,
-                compression,
-            ))
-        })
-        .collect();
-    for (job, record) in batch.iter().zip(records) {
-        c.queued_bytes.fetch_sub(job.bytes, Relaxed);
-        let Some(record) = record else { continue };
-        let mut ok = true;
-        for tier in lower {
-            if let Err(e) = tier.put(&job.key, &record) {
-                ok = false;
-                tracing::error!(key = ?job.key, "{} write failed: {e}", tier.name());
+            let mut batch: Vec<Job> = first.into_iter().collect();
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.write_batch(&batch);
+            }
+            for tier in &self.lower {
+                tier.maintain();
             }
         }
-        if ok {
-            c.written.fetch_add(1, Relaxed);
-        } else {
-            c.failed.fetch_add(1, Relaxed);
+    }
+
+    fn write_batch(&self, batch: &[Job]) {
+        let c = &self.counters;
+        let cancelled = |job: &Job| job.generation != self.generation.current.load(Relaxed);
+        let records: Vec<Option<Vec<u8>>> = batch
+            .par_iter()
+            .map(|job| {
+                let keys = std::slice::from_ref(&job.key);
+                if cancelled(job) || self.lower.iter().all(|t| t.contains(keys)[0]) {
+                    return None;
+                }
+                let Some(object) = self.l1.read(&job.key) else {
+                    c.missed.fetch_add(1, Relaxed);
+                    return None;
+                };
+                Some(record::encode(
+                    &job.key,
+                    object.as_slice(),
+                    job.itemsize,
+                    self.compression,
+                ))
+            })
+            .collect();
+        for (job, record) in batch.iter().zip(records) {
+            c.queued_bytes.fetch_sub(job.bytes, Relaxed);
+            let Some(record) = record else { continue };
+            let _fence = self.generation.fence.lock();
+            if cancelled(job) {
+                continue;
+            }
+            let mut ok = true;
+            for tier in &self.lower {
+                if let Err(e) = tier.put(&job.key, &record) {
+                    ok = false;
+                    tracing::error!(key = ?job.key, "{} write failed: {e}", tier.name());
+                }
+            }
+            if ok {
+                c.written.fetch_add(1, Relaxed);
+            } else {
+                c.failed.fetch_add(1, Relaxed);
+            }
         }
     }
 }
