@@ -901,3 +901,66 @@ fn engine_driven_sessions_freeze_and_thaw() {
     }
     assert!(c.commit_retrieve(&k, 8).unwrap());
 }
+
+/// A frozen window's records say the element size of what they hold (docs/FORMATS.md), and an
+/// export carries L2's records verbatim. Before: freeze wrote `itemsize = 2` whatever the
+/// dtype, and export decompressed and recompressed every record (with zstd, here where L2
+/// stores raw) under that same 2.
+#[test]
+fn frozen_and_exported_records_keep_the_dtype_and_the_bytes() {
+    use cwm::store::codec::Codec;
+    use cwm::store::record::Record;
+    use cwm::windows::FreezeRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let s = sidecar(Config {
+        // Write-behind drops everything: the freeze writes every record itself.
+        l2_write_queue_mb: 0,
+        l2_compression: "none".into(),
+        ..disk_config(dir.path())
+    });
+    let mut c = client(&s);
+    let fp32 = RegisterEngineDrivenContextPayload {
+        dtype_str: "float32".into(),
+        ..payload(7, 1, false)
+    };
+    let pool = Pool::open(&c.register_engine_driven_context(&fp32).unwrap());
+    let (salt, t) = ("fp32-agent", tokens(33, 512));
+    let k = key(MODEL, salt, &t, Some(0), 1, 0, 512, "store");
+    let prepared = c.prepare_store(&k, 7).unwrap().context;
+    assert_eq!(prepared.chunk_indices, vec![0, 1]);
+    for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
+        pool.write(slot, &chunk_bytes(i as u64, slot.length));
+    }
+    assert!(c.commit_store(&k, 7, b"").unwrap());
+    assert_eq!(s.cwm.tiers.stats().write_behind.written, 0);
+    s.windows
+        .freeze(&FreezeRequest {
+            session_id: salt.into(),
+            window_name: "fp32".into(),
+            ..Default::default()
+        })
+        .expect("freezes");
+    let file = dir.path().join("fp32.cwmx");
+    s.windows.export("fp32", &file).expect("exports");
+    // The window file: magic, version, reserved, manifest, record count, (length, record)*.
+    let b = std::fs::read(&file).unwrap();
+    let mlen = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+    let mut at = 12 + mlen;
+    let n = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    at += 4;
+    assert_eq!(n, 2);
+    for chunk in 0..n {
+        let len = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize;
+        let r = Record::parse(&b[at + 8..at + 8 + len], 0).unwrap();
+        assert_eq!(
+            (r.header.itemsize, r.header.codec),
+            (4, Codec::Raw),
+            "chunk {chunk}: float32 elements, stored raw as L2 stores them"
+        );
+        assert_eq!(
+            r.payload,
+            chunk_bytes(chunk as u64, 2 * object_bytes(false))
+        );
+        at += 8 + len;
+    }
+}

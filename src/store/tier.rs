@@ -70,8 +70,8 @@ pub trait Tier: Send + Sync {
     /// Sizes of the record of `key`, if held (from memory, like `contains`).
     fn info(&self, key: &ObjectKey) -> Option<RecordInfo>;
 
-    /// Read, verify and decode `key` into `object` (exactly its raw length). A record that
-    /// fails verification is never decoded into it.
+    /// Read, verify and decode `key` into `object` (exactly its raw length), and give the
+    /// object the record's itemsize. A record that fails verification is never decoded into it.
     fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError>;
 
     /// The stored record of `key`, verbatim (verified).

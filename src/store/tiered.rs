@@ -140,7 +140,6 @@ pub enum InstallError {
 struct Job {
     key: ObjectKey,
     bytes: u64,
-    itemsize: u8,
     /// The clear generation it was queued in: a `clear` since cancels it.
     generation: u64,
 }
@@ -256,12 +255,13 @@ impl Tiers {
     /// behind L1. Never blocks on those tiers.
     pub fn commit(&self, writes: impl IntoIterator<Item = WriteGuard>, itemsize: u8) {
         let mut committed = Vec::new();
-        for w in writes {
+        for mut w in writes {
             let (key, bytes) = (w.key().clone(), w.len() as u64);
+            w.set_itemsize(itemsize);
             w.commit();
             committed.push((key, bytes));
         }
-        self.queue_write_behind(committed, itemsize);
+        self.queue_write_behind(committed);
     }
 
     /// Pin a committed L1 object for reading.
@@ -416,7 +416,7 @@ impl Tiers {
 
     /// Write `key` to every tier behind L1 now, from L1, unless a tier holds it; true if
     /// written now. `Ok(false)` too when it is no longer in L1 but some tier holds it.
-    pub fn make_durable(&self, key: &ObjectKey, itemsize: u8) -> Result<bool, DurableError> {
+    pub fn make_durable(&self, key: &ObjectKey) -> Result<bool, DurableError> {
         if self.lower.is_empty() {
             return Err(DurableError::NoTier);
         }
@@ -425,7 +425,8 @@ impl Tiers {
         }
         match self.l1.read(key) {
             Some(object) => {
-                let record = record::encode(key, object.as_slice(), itemsize, self.compression);
+                let record =
+                    record::encode(key, object.as_slice(), object.itemsize(), self.compression);
                 for tier in &self.lower {
                     tier.put(key, &record)?;
                 }
@@ -545,7 +546,7 @@ impl Tiers {
     }
 
     /// Queue freshly committed L1 objects for the tiers behind. Never blocks.
-    fn queue_write_behind(&self, committed: Vec<(ObjectKey, u64)>, itemsize: u8) {
+    fn queue_write_behind(&self, committed: Vec<(ObjectKey, u64)>) {
         let queue = self.queue.lock();
         let Some(tx) = queue.as_ref() else { return };
         let c = &self.write_behind;
@@ -572,7 +573,6 @@ impl Tiers {
                 .send(Job {
                     key,
                     bytes: object_bytes,
-                    itemsize,
                     generation,
                 })
                 .is_err()
@@ -662,7 +662,7 @@ impl WriteBehind {
                 Some(record::encode(
                     &job.key,
                     object.as_slice(),
-                    job.itemsize,
+                    object.itemsize(),
                     self.compression,
                 ))
             })

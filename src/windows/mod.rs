@@ -39,10 +39,6 @@ use crate::store::tier::TierError;
 use crate::store::tiered::{DurableError, InstallError, Installed, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
 
-/// Item size assumed when a window writes a chunk to L2 itself (bf16/fp16). It only steers
-/// the compressor (byte-plane split); any value decodes exactly.
-const ITEMSIZE: u8 = 2;
-
 #[derive(Debug, Error)]
 pub enum WindowError {
     #[error("invalid window name {0:?}: names are 1 to 64 of A-Z a-z 0-9 _ . -")]
@@ -550,7 +546,7 @@ impl Windows {
         // Durable first (in parallel: compression dominates), then pinned.
         let written = AtomicUsize::new(0);
         keys.par_iter().try_for_each(|k| {
-            if l2.make_durable(k, ITEMSIZE)? {
+            if l2.make_durable(k)? {
                 written.fetch_add(1, Relaxed);
             }
             Ok::<(), WindowError>(())
@@ -559,7 +555,7 @@ impl Windows {
         let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| l2.unpin(k));
         for k in &keys {
             // A record reclaimed since it was written is written again, once.
-            let ok = l2.pin(k) || (l2.make_durable(k, ITEMSIZE).is_ok() && l2.pin(k));
+            let ok = l2.pin(k) || (l2.make_durable(k).is_ok() && l2.pin(k));
             if !ok {
                 unpin_all(&pinned);
                 return Err(WindowError::Vanished(Box::new(k.clone())));

@@ -479,9 +479,10 @@ impl<S: Storage> DiskStore<S> {
         }
     }
 
-    /// Read, verify and decompress `key` into `out` (exactly its raw length). A record that
-    /// fails verification is dropped from the index.
-    pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<(), DiskError> {
+    /// Read, verify and decompress `key` into `out` (exactly its raw length); returns the
+    /// record's itemsize. A record that fails verification is dropped from the index.
+    pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<u8, DiskError> {
+        let mut itemsize = 0;
         self.read_with(key, |loc, record, _| {
             if loc.raw_len != out.len() as u64 {
                 return Err(DiskError::Length {
@@ -489,8 +490,10 @@ impl<S: Storage> DiskStore<S> {
                     found: loc.raw_len,
                 });
             }
+            itemsize = record.header.itemsize;
             Ok(record.decode_into(out)?)
-        })
+        })?;
+        Ok(itemsize)
     }
 
     /// The record of `key` as stored, verified.
@@ -707,8 +710,11 @@ impl<S: Storage> Tier for DiskStore<S> {
     }
 
     fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError> {
-        self.read(key, object.as_mut_slice())
-            .map_err(|e| TierError::new("L2", e))
+        let itemsize = self
+            .read(key, object.as_mut_slice())
+            .map_err(|e| TierError::new("L2", e))?;
+        object.set_itemsize(itemsize);
+        Ok(())
     }
 
     fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
