@@ -160,3 +160,38 @@ proptest! {
         );
     }
 }
+
+/// The fuzz seeds (`fuzz/seeds/`, the hostile `*claims_one_*` entries among them) replayed
+/// through every decoder with the same bound, so the corpus runs without cargo-fuzz too.
+#[test]
+fn the_fuzz_seeds_decode_within_the_bound() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let mut hostile = 0;
+    for target in ["descriptor_list", "frame_decoder"] {
+        let dir = seeds.join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir:?}: {e}"));
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let input = std::fs::read(&path).unwrap();
+            hostile += usize::from(path.to_string_lossy().contains("claims_one_"));
+            // frame_decoder inputs are frames of a little-endian u16 length and the bytes (a
+            // length past the end takes the rest).
+            let frames: Vec<&[u8]> = if target == "frame_decoder" {
+                let (mut rest, mut frames) = (&input[..], Vec::new());
+                while rest.len() >= 2 {
+                    let len = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+                    let (frame, tail) = rest[2..].split_at(len.min(rest.len() - 2));
+                    frames.push(frame);
+                    rest = tail;
+                }
+                frames
+            } else {
+                vec![&input[..]]
+            };
+            for frame in frames {
+                assert_bounded(frame, &path.display().to_string());
+            }
+        }
+    }
+    assert_eq!(hostile, 4, "the hostile seeds are missing from {seeds:?}");
+}
