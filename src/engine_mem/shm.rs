@@ -431,7 +431,10 @@ fn open_engine_object(path: &Path) -> io::Result<File> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if fs.f_type as i64 != libc::TMPFS_MAGIC as i64 {
+    // The width of `f_type` and of the constant differs between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
+    if !tmpfs {
         return Err(refuse(
             "not on a tmpfs (the shared-memory filesystem); cwm maps only shm objects",
         ));
