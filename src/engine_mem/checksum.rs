@@ -103,7 +103,7 @@ fn logical_bytes<'a>(
     buf.reserve(runs as usize * run_bytes);
     // SAFETY: the layout was checked at registration to lie within the layer's segment for
     // every index of the view, and `blocks` are below the block axis' extent.
-    let base = unsafe { kv.layer_base[layer].add(l.layer_offsets[layer] as usize) };
+    let base = unsafe { kv.host_base(layer).add(l.layer_offsets[layer] as usize) };
     let mut idx = vec![0u64; inner];
     for _ in 0..runs {
         let elem: u64 = (0..inner)

@@ -6,6 +6,7 @@
 //! request can fail but can never read or write outside what the engine registered.
 
 pub mod checksum;
+pub mod cuda;
 pub mod layout;
 pub mod shm;
 
@@ -15,13 +16,19 @@ use std::sync::Arc;
 use connector_protocol::IpcDescriptor;
 use thiserror::Error;
 
+use cuda::{CudaEngine, Direction, PinnedHost, Run};
 pub use layout::{BlockShape, KvLayout, LayoutError};
+use rayon::prelude::*;
 use shm::ShmSegment;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
-    #[error("CUDA unavailable: cwm cannot open {0:?} descriptors on this machine (no CUDA support in this build or no driver)")]
+    #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error("one registration mixes GPU and {0:?} descriptors")]
+    MixedKinds(String),
     #[error("descriptor kind {0:?} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]
@@ -45,21 +52,67 @@ pub enum EngineMemError {
 /// An engine's registered KV cache: mapped memory plus its layout.
 pub struct EngineKv {
     pub layout: KvLayout,
-    /// Base pointer of each layer's storage (segment start; add `layout.layer_offsets[l]`).
-    layer_base: Vec<*mut u8>,
-    _segments: Vec<Arc<ShmSegment>>,
+    /// Address of each layer's storage (add `layout.layer_offsets[l]`): a host address in a
+    /// shm mapping, or a device address in a CUDA IPC mapping.
+    layer_base: Vec<usize>,
+    memory: Memory,
 }
 
-// The pointers target shared mappings owned by `_segments`, which live as long as `self`.
-unsafe impl Send for EngineKv {}
-unsafe impl Sync for EngineKv {}
+/// Who owns the memory `layer_base` points into (kept alive as long as `self`).
+enum Memory {
+    Shm(#[allow(dead_code)] Vec<Arc<ShmSegment>>),
+    Cuda(CudaEngine),
+}
+
+/// One (plane, layer) section of one chunk to copy: its blocks, how many leading blocks to
+/// leave untouched (retrieve), and the section's address in an L1 object.
+#[derive(Clone, Copy)]
+pub struct SectionCopy<'a> {
+    pub plane: u64,
+    pub layer: u64,
+    pub blocks: &'a [u32],
+    pub skip_blocks: usize,
+    pub object: *mut u8,
+}
+
+// Each section is written by exactly one task; the caller owns the objects.
+unsafe impl Send for SectionCopy<'_> {}
+unsafe impl Sync for SectionCopy<'_> {}
 
 impl EngineKv {
-    /// Open every descriptor (one mapping per distinct segment) and derive the layout.
+    /// Open every descriptor (one mapping per distinct segment or allocation) and derive the
+    /// layout. GPU descriptors copy through `pinned` L1 when it is given.
     pub fn open(
         descriptors: &[IpcDescriptor],
         kv_layout_hint: Option<&str>,
     ) -> Result<EngineKv, EngineMemError> {
+        Self::open_with(descriptors, kv_layout_hint, None)
+    }
+
+    /// Whether the descriptors name GPU memory.
+    pub fn is_gpu(descriptors: &[IpcDescriptor]) -> bool {
+        matches!(
+            descriptors.first(),
+            Some(IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. })
+        )
+    }
+
+    /// As `open`, with the pinned L1 GPU copies use.
+    pub fn open_with(
+        descriptors: &[IpcDescriptor],
+        kv_layout_hint: Option<&str>,
+        pinned: Option<Arc<PinnedHost>>,
+    ) -> Result<EngineKv, EngineMemError> {
+        if Self::is_gpu(descriptors) {
+            let opened = cuda::open(descriptors, pinned)?;
+            let layout = KvLayout::from_tensors(&opened.metadata, kv_layout_hint)?;
+            check_spans(&layout, &opened.layer_limit)?;
+            return Ok(EngineKv {
+                layout,
+                layer_base: opened.layer_base,
+                memory: Memory::Cuda(opened.engine),
+            });
+        }
         let mut segments: HashMap<&str, Arc<ShmSegment>> = HashMap::new();
         let mut layer_segments = Vec::with_capacity(descriptors.len());
         let mut metadata = Vec::with_capacity(descriptors.len());
@@ -82,7 +135,7 @@ impl EngineKv {
                     metadata.push(m);
                 }
                 IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => {
-                    return Err(EngineMemError::CudaUnavailable(d.kind().to_string()))
+                    return Err(EngineMemError::MixedKinds(d.kind().to_string()))
                 }
                 IpcDescriptor::Unsupported { kind } => {
                     return Err(EngineMemError::UnsupportedKind(kind.clone()))
@@ -90,23 +143,118 @@ impl EngineKv {
             }
         }
         let layout = KvLayout::from_tensors(&metadata, kv_layout_hint)?;
-        for (layer, (seg, &span)) in layer_segments.iter().zip(&layout.layer_spans).enumerate() {
-            if span > seg.len() {
-                return Err(EngineMemError::OutOfSegment {
-                    layer,
-                    span,
-                    len: seg.len(),
-                });
-            }
-        }
-        let layer_base = layer_segments.iter().map(|s| s.as_mut_ptr()).collect();
+        let lens: Vec<u64> = layer_segments.iter().map(|s| s.len()).collect();
+        check_spans(&layout, &lens)?;
+        let layer_base = layer_segments
+            .iter()
+            .map(|s| s.as_mut_ptr() as usize)
+            .collect();
         let mut unique: Vec<Arc<ShmSegment>> = segments.into_values().collect();
         unique.sort_by(|a, b| a.name().cmp(b.name()));
         Ok(EngineKv {
             layout,
             layer_base,
-            _segments: unique,
+            memory: Memory::Shm(unique),
         })
+    }
+
+    /// The GPU engine, if this memory is on a GPU (the CPU cannot read it).
+    pub fn gpu(&self) -> Option<&CudaEngine> {
+        match &self.memory {
+            Memory::Cuda(e) => Some(e),
+            Memory::Shm(_) => None,
+        }
+    }
+
+    /// Host address of a layer's storage (shm engines only).
+    pub(crate) fn host_base(&self, layer: usize) -> *mut u8 {
+        debug_assert!(self.gpu().is_none(), "GPU memory has no host address");
+        self.layer_base[layer] as *mut u8
+    }
+
+    /// Copy every section from the engine into L1 objects (store). `event` is the engine's
+    /// event handle (GPU engines wait on it; shm engines ignore it). Returns the completion
+    /// event handle to reply with (empty: complete).
+    ///
+    /// # Safety
+    /// Every section's blocks passed `check_blocks`; each `object` is valid for writes of
+    /// `section_bytes(blocks.len())` bytes, not shared between sections, and lies in L1 (pinned
+    /// for GPU copies when pinning succeeded).
+    pub unsafe fn gather_sections(
+        &self,
+        sections: &[SectionCopy],
+        event: &[u8],
+    ) -> Result<Vec<u8>, EngineMemError> {
+        match &self.memory {
+            Memory::Shm(_) => {
+                sections
+                    .par_iter()
+                    .for_each(|s| self.gather(s.plane, s.layer, s.blocks, s.object));
+                Ok(Vec::new())
+            }
+            Memory::Cuda(gpu) => self.gpu_transfer(gpu, Direction::ToHost, sections, event),
+        }
+    }
+
+    /// Copy L1 objects into the engine's blocks (retrieve), leaving each section's first
+    /// `skip_blocks` blocks and every null block untouched. As `gather_sections` otherwise.
+    ///
+    /// # Safety
+    /// As for `gather_sections`, with `object` valid for reads.
+    pub unsafe fn scatter_sections(
+        &self,
+        sections: &[SectionCopy],
+        event: &[u8],
+    ) -> Result<Vec<u8>, EngineMemError> {
+        match &self.memory {
+            Memory::Shm(_) => {
+                sections.par_iter().for_each(|s| {
+                    self.scatter(s.plane, s.layer, s.blocks, s.skip_blocks, s.object)
+                });
+                Ok(Vec::new())
+            }
+            Memory::Cuda(gpu) => self.gpu_transfer(gpu, Direction::ToDevice, sections, event),
+        }
+    }
+
+    unsafe fn gpu_transfer(
+        &self,
+        gpu: &CudaEngine,
+        dir: Direction,
+        sections: &[SectionCopy],
+        event: &[u8],
+    ) -> Result<Vec<u8>, EngineMemError> {
+        if sections.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut runs = Vec::new();
+        for s in sections {
+            self.runs(s, dir == Direction::ToDevice, &mut runs);
+        }
+        gpu.transfer(dir, event, runs)
+    }
+
+    /// The copy plan of one section as (engine address, object address, len) runs: the same
+    /// plan `gather`/`scatter` execute on shm engines.
+    pub fn runs(&self, s: &SectionCopy, retrieve: bool, out: &mut Vec<Run>) {
+        let object = s.object as usize;
+        let skip = if retrieve { s.skip_blocks } else { 0 };
+        // SAFETY: only addresses are computed; nothing is dereferenced.
+        unsafe {
+            self.for_each_run(
+                s.plane,
+                s.layer,
+                s.blocks,
+                |j, b| !retrieve || (j >= skip && b != 0),
+                |engine, off, len| {
+                    out.push(Run {
+                        dev: engine as u64,
+                        host: object + off,
+                        len,
+                    })
+                },
+            )
+        }
     }
 
     pub fn check_blocks(&self, blocks: &[u32]) -> Result<(), EngineMemError> {
@@ -139,7 +287,9 @@ impl EngineKv {
             layer,
             blocks,
             |_, _| true,
-            |engine, object, len| std::ptr::copy_nonoverlapping(engine, section.add(object), len),
+            |engine, object, len| {
+                std::ptr::copy_nonoverlapping(engine as *const u8, section.add(object), len)
+            },
         );
     }
 
@@ -161,23 +311,25 @@ impl EngineKv {
             layer,
             blocks,
             |j, b| j >= skip_blocks && b != 0,
-            |engine, object, len| std::ptr::copy_nonoverlapping(section.add(object), engine, len),
+            |engine, object, len| {
+                std::ptr::copy_nonoverlapping(section.add(object), engine as *mut u8, len)
+            },
         );
     }
 
     /// Visit every contiguous run of the (plane, layer) rows of the blocks `wanted(index, id)`
-    /// selects: `f(engine_ptr, object_offset, len)`.
+    /// selects: `f(engine_address, object_offset, len)`.
     unsafe fn for_each_run(
         &self,
         plane: u64,
         layer: u64,
         blocks: &[u32],
         wanted: impl Fn(usize, u32) -> bool,
-        mut f: impl FnMut(*mut u8, usize, usize),
+        mut f: impl FnMut(usize, usize, usize),
     ) {
         let l = &self.layout;
         let base = self.layer_base[layer as usize]
-            .add((l.layer_offsets[layer as usize] + plane * l.plane_stride) as usize);
+            + (l.layer_offsets[layer as usize] + plane * l.plane_stride) as usize;
         let row = l.row_bytes() as usize;
         let bs = l.block_size as usize;
         let shape = l.block_shape();
@@ -185,17 +337,13 @@ impl EngineKv {
             if !wanted(j, b) {
                 continue;
             }
-            let block = base.add((b as u64 * l.block_stride) as usize);
+            let block = base + (b as u64 * l.block_stride) as usize;
             let object = j * bs * row;
             match shape {
                 BlockShape::Contiguous => f(block, object, bs * row),
                 BlockShape::RowMajor => {
                     for t in 0..bs {
-                        f(
-                            block.add(t * l.token_stride as usize),
-                            object + t * row,
-                            row,
-                        )
+                        f(block + t * l.token_stride as usize, object + t * row, row)
                     }
                 }
                 BlockShape::Strided => {
@@ -204,10 +352,10 @@ impl EngineKv {
                     // BENCHMARKS.md).
                     let hb = l.head_bytes as usize;
                     for t in 0..bs {
-                        let token = block.add(t * l.token_stride as usize);
+                        let token = block + t * l.token_stride as usize;
                         for h in 0..l.num_heads as usize {
                             f(
-                                token.add(h * l.head_stride as usize),
+                                token + h * l.head_stride as usize,
                                 object + t * row + h * hb,
                                 hb,
                             )
@@ -217,4 +365,14 @@ impl EngineKv {
             }
         }
     }
+}
+
+/// Every layer's view fits in the bytes its descriptor allows.
+fn check_spans(layout: &KvLayout, limits: &[u64]) -> Result<(), EngineMemError> {
+    for (layer, (&len, &span)) in limits.iter().zip(&layout.layer_spans).enumerate() {
+        if span > len {
+            return Err(EngineMemError::OutOfSegment { layer, span, len });
+        }
+    }
+    Ok(())
 }

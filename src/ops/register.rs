@@ -5,9 +5,16 @@
 
 use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints};
 
+use std::sync::Arc;
+
 use super::registry::Instance;
 use super::{Cwm, OpError};
+use crate::engine_mem::cuda::{self, pinned, PinnedHost};
 use crate::engine_mem::EngineKv;
+
+/// Tests: register L1 with the driver in pieces of this many bytes instead of 64 GiB, so the
+/// piece-boundary splitting of copies is exercised with a small L1.
+pub const PIN_PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
 
 impl Cwm {
     pub(super) fn register_kv_cache(&self, f: &[&[u8]]) -> Result<(), OpError> {
@@ -70,7 +77,12 @@ impl Cwm {
                 groups.len()
             ));
         };
-        let kv = EngineKv::open(descriptors, hint).map_err(|e| e.to_string())?;
+        let pinned = if EngineKv::is_gpu(descriptors) {
+            self.pinned_l1()
+        } else {
+            None
+        };
+        let kv = EngineKv::open_with(descriptors, hint, pinned).map_err(|e| e.to_string())?;
         kv.layout
             .check_chunking(
                 self.settings.chunk_size as u64,
@@ -78,5 +90,34 @@ impl Cwm {
             )
             .map_err(|e| e.to_string())?;
         Ok(kv)
+    }
+}
+
+impl Cwm {
+    /// L1 pinned for GPU copies, registering it on first use. A failure is logged, counted in
+    /// `/status` and `/metrics`, and not retried; copies then run from pageable memory.
+    fn pinned_l1(&self) -> Option<Arc<PinnedHost>> {
+        // Without a driver the registration fails with that reason; nothing to pin.
+        cuda::driver::driver().ok()?;
+        let pinned = self.gpu_l1.get_or_init(|| {
+            let (base, len) = self.tiers.l1.memory();
+            let piece = std::env::var(PIN_PIECE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(pinned::MAX_PIECE);
+            match cuda::pin_host(base, len, piece) {
+                Ok(p) => {
+                    tracing::info!(bytes = len, pieces = p.pieces(), "L1 pinned for GPU copies");
+                    Ok(Arc::new(p))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "L1 is NOT pinned, GPU copies will run from pageable memory (slower): {e}"
+                    );
+                    Err(e)
+                }
+            }
+        });
+        pinned.as_ref().ok().cloned()
     }
 }

@@ -6,11 +6,10 @@
 //! pinned for the duration of the copy and then releases the lookup's read locks.
 
 use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
-use rayon::prelude::*;
 use thiserror::Error;
 
 use super::{Cwm, OpError};
-use crate::engine_mem::{EngineKv, EngineMemError};
+use crate::engine_mem::{EngineKv, EngineMemError, SectionCopy};
 use crate::store::{ReadGuard, Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -49,17 +48,18 @@ pub enum TransferError {
     },
 }
 
-/// A raw section pointer that may cross to a rayon worker (each section is written by one task).
-#[derive(Clone, Copy)]
-struct Section(*mut u8);
-unsafe impl Send for Section {}
-unsafe impl Sync for Section {}
-
 /// A validated request: the chunks of `[start, end)` with their keys and block-id slices.
 struct Plan<'a> {
     keys: Vec<ObjectKey>,
     blocks: &'a [u32],
     blocks_per_chunk: usize,
+}
+
+impl<'a> Plan<'a> {
+    /// The block ids of chunk `c`.
+    fn chunk_blocks(&self, c: usize) -> &'a [u32] {
+        &self.blocks[c * self.blocks_per_chunk..(c + 1) * self.blocks_per_chunk]
+    }
 }
 
 impl Cwm {
@@ -151,7 +151,8 @@ impl Cwm {
         key: &IpcCacheServerKey,
         instance_id: u64,
         block_ids: &[Vec<u32>],
-    ) -> Result<(), OpError> {
+        event: &[u8],
+    ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
         let kv = inst.kv.as_ref().expect("checked usable");
@@ -162,7 +163,7 @@ impl Cwm {
         // chunk that finds no space is skipped too (the store still succeeds, as in LMCache).
         let mut writes: Vec<(usize, WriteGuard)> = Vec::new();
         for (c, key) in plan.keys.iter().enumerate() {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
+            let blocks = plan.chunk_blocks(c);
             if blocks.iter().all(|&b| b == 0) {
                 continue;
             }
@@ -176,19 +177,24 @@ impl Cwm {
                 ),
             }
         }
-        let sections: Vec<(usize, u64, u64, Section)> = writes
+        let sections: Vec<SectionCopy> = writes
             .iter()
             .flat_map(|(c, w)| {
-                sections(kv, chunk_tokens)
-                    .map(move |(p, l, off)| (*c, p, l, Section(unsafe { w.as_mut_ptr().add(off) })))
+                let blocks = plan.chunk_blocks(*c);
+                sections(kv, chunk_tokens).map(move |(plane, layer, off)| SectionCopy {
+                    plane,
+                    layer,
+                    blocks,
+                    skip_blocks: 0,
+                    object: unsafe { w.as_mut_ptr().add(off) },
+                })
             })
             .collect();
-        sections.par_iter().for_each(|&(c, p, l, dst)| {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
-            // SAFETY: blocks were bound-checked in `plan`; `dst` is this task's own section of a
-            // reserved object, sized `section_bytes(blocks_per_chunk)`.
-            unsafe { kv.gather(p, l, blocks, dst.0) }
-        });
+        // SAFETY: blocks were bound-checked in `plan`; each section is its own part of a
+        // reserved object, sized `section_bytes(blocks_per_chunk)`. On error the reservations
+        // are dropped uncommitted (the copy has stopped by then).
+        let event =
+            unsafe { kv.gather_sections(&sections, event) }.map_err(TransferError::Engine)?;
         let stored = writes.len();
         let mut committed = Vec::with_capacity(stored);
         for (c, w) in writes {
@@ -200,7 +206,7 @@ impl Cwm {
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         self.record_chain(key);
-        Ok(())
+        Ok(event)
     }
 
     /// Tell the session index that `key`'s tokens are stored (the chain a window freezes).
@@ -220,8 +226,9 @@ impl Cwm {
         key: &IpcCacheServerKey,
         instance_id: u64,
         block_ids: &[Vec<u32>],
+        event: &[u8],
         skip_tokens: u64,
-    ) -> Result<(), OpError> {
+    ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
         let kv = inst.kv.as_ref().expect("checked usable");
@@ -254,25 +261,36 @@ impl Cwm {
             });
         }
         let skip_blocks = (skip_tokens / kv.layout.block_size) as usize;
-        let sections: Vec<(usize, u64, u64, Section)> = reads
+        let sections: Vec<SectionCopy> = reads
             .iter()
             .enumerate()
             .flat_map(|(c, g)| {
                 let base = g.as_ref().expect("all present").as_slice().as_ptr() as *mut u8;
-                sections(kv, chunk_tokens)
-                    .map(move |(p, l, off)| (c, p, l, Section(unsafe { base.add(off) })))
+                let blocks = plan.chunk_blocks(c);
+                let skip_blocks = skip_blocks.saturating_sub(c * plan.blocks_per_chunk);
+                sections(kv, chunk_tokens).map(move |(plane, layer, off)| SectionCopy {
+                    plane,
+                    layer,
+                    blocks,
+                    skip_blocks,
+                    object: unsafe { base.add(off) },
+                })
             })
             .collect();
-        sections.par_iter().for_each(|&(c, p, l, src)| {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
-            let skip = skip_blocks.saturating_sub(c * plan.blocks_per_chunk);
-            // SAFETY: bound-checked blocks; `src` is a section of an object pinned by `reads`.
-            unsafe { kv.scatter(p, l, blocks, skip, src.0) }
-        });
+        // SAFETY: bound-checked blocks; every section lies in an object pinned by `reads`
+        // until the copy has completed (the call returns only then).
+        let copied = unsafe { kv.scatter_sections(&sections, event) };
+        let event = match copied {
+            Ok(event) => event,
+            Err(e) => {
+                release();
+                return Err(TransferError::Engine(e).into());
+            }
+        };
         release();
         self.counters
             .record_retrieve(reads.len() as u64, (reads.len() * object_bytes) as u64);
-        Ok(())
+        Ok(event)
     }
 
     pub(super) fn object_key(

@@ -242,6 +242,10 @@ async fn cache_checksums(
     let ids = req.block_ids;
     let (ids, result) = blocking(w, move |_| {
         let r = match &inst.kv {
+            Ok(kv) if kv.gpu().is_some() => Err(detail(
+                StatusCode::NOT_IMPLEMENTED,
+                "checksum not supported for this instance: its KV cache is in GPU memory",
+            )),
             Ok(kv) => block_checksums(kv, &ids, chunk, layerwise)
                 .map_err(|e| detail(StatusCode::BAD_REQUEST, e.to_string())),
             Err(reason) => Err(detail(
