@@ -24,6 +24,7 @@ use thiserror::Error;
 pub use counters::OpCounters;
 pub use engine_driven::{EngineDriven, EngineDrivenError};
 pub use lookup::Sessions;
+pub use register::{GpuStatus, PIN_PIECE_ENV};
 pub use registry::{ReapPolicy, Registry};
 pub use transfer::TransferError;
 

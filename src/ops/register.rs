@@ -93,7 +93,31 @@ impl Cwm {
     }
 }
 
+/// The GPU path's state for `/status` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuStatus {
+    /// L1 bytes registered with the CUDA driver (0 before a GPU engine registered).
+    pub l1_pinned_bytes: u64,
+    /// Why pinning L1 failed, if it did (GPU copies then run from pageable memory).
+    pub l1_pin_error: Option<String>,
+    /// Engine allocations opened over CUDA IPC.
+    pub engine_mappings: usize,
+}
+
 impl Cwm {
+    pub fn gpu_status(&self) -> GpuStatus {
+        let (l1_pinned_bytes, l1_pin_error) = match self.gpu_l1.get() {
+            Some(Ok(p)) => (p.len(), None),
+            Some(Err(e)) => (0, Some(e.clone())),
+            None => (0, None),
+        };
+        GpuStatus {
+            l1_pinned_bytes,
+            l1_pin_error,
+            engine_mappings: cuda::mapping::open_count(),
+        }
+    }
+
     /// L1 pinned for GPU copies, registering it on first use. A failure is logged, counted in
     /// `/status` and `/metrics`, and not retried; copies then run from pageable memory.
     fn pinned_l1(&self) -> Option<Arc<PinnedHost>> {

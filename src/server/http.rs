@@ -137,6 +137,7 @@ async fn status(State(w): State<Arc<Windows>>) -> Result<Json<serde_json::Value>
             "health": w.health(),
             "cache": w.cache_stats(),
             "sessions": w.session_list().sessions.len(),
+            "gpu": w.cwm.gpu_status(),
         }))
     })
     .await
