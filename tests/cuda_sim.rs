@@ -737,3 +737,44 @@ fn a_driver_without_devices_is_named() {
     server.wait_log("not found among this host's GPUs []");
     sim.assert_clean();
 }
+
+/// The descriptors these tests register are byte for byte LMCache 0.5.6's: the fixture is
+/// written by LMCache's own wire types and encoder (tests/interop/test_cuda_descriptors.py,
+/// which also checks it in the interop suite).
+#[test]
+fn descriptors_are_lmcache_bytes() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("cuda-sim/descriptors.json")).unwrap();
+    let mut handle = [0u8; 64];
+    let name = b"CWMSIMMH/cwmsim_kv_fixture";
+    handle[..name.len()].copy_from_slice(name);
+    for (kind, tag) in [(Kind::Cuda, "cuda"), (Kind::CudaRaw, "cuda_raw")] {
+        let ours = encode_descriptor_list(&descriptors(kind, handle, UUID0_STR));
+        assert_eq!(hex::encode(&ours), fixture[tag].as_str().unwrap(), "{tag}");
+    }
+}
+
+#[test]
+fn doctor_lists_the_devices() {
+    let sim = Sim::new(12080);
+    let out = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .arg("doctor")
+        .env("LD_LIBRARY_PATH", sim_dir())
+        .env("CWM_CUDA_SIM", sim.seg.name())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("CUDA driver: 12.8 (2 devices)"), "{text}");
+    assert!(
+        text.contains(&format!("GPU 0: cwm cuda-sim GPU 0 uuid {UUID0_STR}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("GPU 1: cwm cuda-sim GPU 1 uuid {UUID1_STR}")),
+        "{text}"
+    );
+    assert!(text.contains("cuMemcpyBatchAsync"), "{text}");
+    assert!(text.contains("ulimit -l"), "{text}");
+    assert!(text.contains("/dev/shm"), "{text}");
+}
