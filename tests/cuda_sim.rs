@@ -463,7 +463,7 @@ fn round_trip(kind: Kind, driver_version: u64) {
         .store_after(
             &key(&toks, 512, "s", Some(0)),
             1,
-            &[src_blocks.clone()],
+            std::slice::from_ref(&src_blocks),
             &sim.engine_event(Duration::from_millis(150)),
         )
         .unwrap();
@@ -487,7 +487,7 @@ fn round_trip(kind: Kind, driver_version: u64) {
         .retrieve_after(
             &key(&toks, 512, "l", Some(0)),
             2,
-            &[dst_blocks.clone()],
+            std::slice::from_ref(&dst_blocks),
             &sim.engine_event(Duration::from_millis(100)),
             skip_blocks as u64 * BS,
         )
@@ -676,15 +676,26 @@ fn a_failed_pin_is_loud_and_copies_still_complete() {
     let toks = tokens(12, 256);
     let blocks: Vec<u32> = (1..=16).collect();
     assert!(
-        c.store_after(&key(&toks, 256, "s", Some(0)), 1, &[blocks.clone()], &[])
-            .unwrap()
-            .ok
+        c.store_after(
+            &key(&toks, 256, "s", Some(0)),
+            1,
+            std::slice::from_ref(&blocks),
+            &[]
+        )
+        .unwrap()
+        .ok
     );
     assert_eq!(lookup_hits(&mut c, &key(&toks, 256, "l", None)), 1);
     assert!(
-        c.retrieve_after(&key(&toks, 256, "l", Some(0)), 2, &[blocks.clone()], &[], 0)
-            .unwrap()
-            .ok
+        c.retrieve_after(
+            &key(&toks, 256, "l", Some(0)),
+            2,
+            std::slice::from_ref(&blocks),
+            &[],
+            0
+        )
+        .unwrap()
+        .ok
     );
     assert_eq!(src.block(2, 5), dst.block(2, 5));
     assert!(

@@ -29,7 +29,7 @@ pub enum EngineMemError {
     Cuda(String),
     #[error("one registration mixes GPU and {0:?} descriptors")]
     MixedKinds(String),
-    #[error("descriptor kind {0:?} is not supported")]
+    #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]
     ShmName(String),
@@ -136,6 +136,13 @@ impl EngineKv {
                 }
                 IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => {
                     return Err(EngineMemError::MixedKinds(d.kind().to_string()))
+                }
+                IpcDescriptor::Unsupported { kind } if kind == "cuda_vmm" => {
+                    return Err(EngineMemError::UnsupportedKind(
+                        "cuda_vmm (LMCache's VMM IPC mode, use_vmm_api): register with the \
+                         default CUDA IPC mode instead"
+                            .to_string(),
+                    ))
                 }
                 IpcDescriptor::Unsupported { kind } => {
                     return Err(EngineMemError::UnsupportedKind(kind.clone()))

@@ -38,7 +38,7 @@ pub fn coalesce(runs: &mut Vec<Run>) {
 }
 
 /// Enqueue every run on `stream`.
-pub fn enqueue(
+pub(super) fn enqueue(
     stream: sys::CUstream,
     dir: Direction,
     runs: &[Run],
@@ -164,7 +164,10 @@ mod plan_tests {
 
     /// (name, hint, shape, stride) of one layer's view: NHD, HND, two-major, and NHD with
     /// padded blocks (a stride the engine sends that is not the packed one).
-    fn layouts() -> Vec<(&'static str, Option<&'static str>, Vec<u64>, Vec<u64>, u64)> {
+    /// (name, hint, shape, stride, elements per layer).
+    type TestLayout = (&'static str, Option<&'static str>, Vec<u64>, Vec<u64>, u64);
+
+    fn layouts() -> Vec<TestLayout> {
         vec![
             (
                 "nhd",

@@ -30,7 +30,10 @@ impl Drop for Imported {
 }
 
 /// Make `stream` wait on the engine's event `handle` (empty: nothing to wait for).
-pub fn wait_engine(stream: sys::CUstream, handle: &[u8]) -> Result<Option<Imported>, String> {
+pub(super) fn wait_engine(
+    stream: sys::CUstream,
+    handle: &[u8],
+) -> Result<Option<Imported>, String> {
     match handle.len() {
         0 => Ok(None),
         64 => {
@@ -69,7 +72,10 @@ unsafe impl Send for Exported {}
 static EXPORTED: Mutex<VecDeque<Exported>> = Mutex::new(VecDeque::new());
 
 /// Record an interprocess event on `stream` after what was enqueued; its 64-byte handle.
-pub fn record_exported(device: &'static Device, stream: sys::CUstream) -> Result<Vec<u8>, String> {
+pub(super) fn record_exported(
+    device: &'static Device,
+    stream: sys::CUstream,
+) -> Result<Vec<u8>, String> {
     let mut ev = std::ptr::null_mut();
     check(
         unsafe { sys::cuEventCreate(&mut ev, CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING) },
