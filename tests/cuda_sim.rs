@@ -25,6 +25,9 @@ use connector_protocol::{
 use cwm::client::MpClient;
 use cwm::engine_mem::shm::ShmSegment;
 
+mod common;
+use common::{free_port, lookup_hits, tokens};
+
 const MODEL: &str = "sim-model";
 const UUID0: [u8; 16] = [
     0x3f, 0x2a, 0x9c, 0x1e, 0x0b, 0x7d, 0x4e, 0x5f, 0x8a, 0x6b, 0x1c, 0x2d, 0x3e, 0x4f, 0x5a, 0x6b,
@@ -282,14 +285,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Geometry of the engines here: vLLM 0.33's per-layer `[NB, BS, NH, C]` bf16 views of one
 /// allocation.
 const LAYERS: u64 = 4;
@@ -409,44 +404,21 @@ fn register(c: &mut MpClient, id: u64, descs: &[IpcDescriptor]) {
 }
 
 fn key(tokens: &[u32], end: u64, rid: &str, worker: Option<u32>) -> IpcCacheServerKey {
-    IpcCacheServerKey {
-        model_name: MODEL.into(),
-        world_size: 1,
-        worker_id: worker,
-        token_ids: tokens.to_vec(),
-        start: 0,
-        end,
-        request_id: rid.into(),
-        cache_salt: String::new(),
-        request_configs: None,
-        num_kv_readers: 1,
-    }
+    common::key(MODEL, "", tokens, worker, 1, 0, end, rid)
 }
 
-fn tokens(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| seed.wrapping_mul(7919).wrapping_add(i))
-        .collect()
-}
-
-fn lookup_hits(c: &mut MpClient, k: &IpcCacheServerKey) -> u64 {
-    c.lookup(k).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(h) = c.poll_prefetch_status(&k.request_id).unwrap() {
-            return h;
-        }
-        assert!(Instant::now() < deadline, "lookup never answered");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// A sidecar on a fresh stand-in with `driver_version`, and a client.
+fn gpu_server(driver_version: u64, extra: &[&str]) -> (Sim, Server, MpClient) {
+    let sim = Sim::new(driver_version);
+    let server = Server::start(Some(&sim), extra);
+    let c = server.client();
+    (sim, server, c)
 }
 
 /// Store 2 chunks (32 blocks) from `src`, retrieve them into other blocks of `dst`, skipping
 /// the first `skip` tokens, and compare every block of every layer.
 fn round_trip(kind: Kind, driver_version: u64) {
-    let sim = Sim::new(driver_version);
-    let server = Server::start(Some(&sim), &[]);
-    let mut c = server.client();
+    let (sim, server, mut c) = gpu_server(driver_version, &[]);
     let (src, dst) = (GpuKv::new(), GpuKv::new());
     src.fill(1);
     dst.fill(2);
@@ -547,9 +519,7 @@ fn cuda_raw_descriptors_round_trip_with_per_run_copies() {
 
 #[test]
 fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
-    let sim = Sim::new(12080);
-    let server = Server::start(Some(&sim), &["--worker-registration-grace-secs", "2"]);
-    let mut c = server.client();
+    let (sim, server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
     let kv = GpuKv::new();
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
     register(&mut c, 2, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
@@ -565,9 +535,7 @@ fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
 
 #[test]
 fn lookups_never_see_a_chunk_before_its_copy_completed() {
-    let sim = Sim::new(12040);
-    let server = Server::start(Some(&sim), &[]);
-    let mut c = server.client();
+    let (sim, server, mut c) = gpu_server(12040, &[]);
     let kv = GpuKv::new();
     kv.fill(3);
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
@@ -605,9 +573,7 @@ fn lookups_never_see_a_chunk_before_its_copy_completed() {
 
 #[test]
 fn gpu_registrations_fail_with_the_cause_named() {
-    let sim = Sim::new(12080);
-    let server = Server::start(Some(&sim), &[]);
-    let mut c = server.client();
+    let (sim, server, mut c) = gpu_server(12080, &[]);
     let kv = GpuKv::new();
     kv.fill(4);
     let toks = tokens(11, 256);

@@ -218,11 +218,3 @@ fn sigkill_during_write_behind_never_serves_wrong_bytes() {
     child.wait().unwrap();
     eprintln!("{hits} chunks survived the SIGKILL");
 }
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use connector_protocol::IpcDescriptor;
 use thiserror::Error;
 
-use cuda::{CudaEngine, Direction, PinnedHost, Run};
+pub use cuda::Direction;
+use cuda::{CudaEngine, PinnedHost, Run};
 pub use layout::{BlockShape, KvLayout, LayoutError};
 use rayon::prelude::*;
 use shm::ShmSegment;
@@ -179,48 +180,33 @@ impl EngineKv {
         self.layer_base[layer] as *mut u8
     }
 
-    /// Copy every section from the engine into L1 objects (store). `event` is the engine's
-    /// event handle (GPU engines wait on it; shm engines ignore it). Returns the completion
-    /// event handle to reply with (empty: complete).
+    /// Copy every section between the engine and L1 objects: `ToHost` gathers (store),
+    /// `ToDevice` scatters (retrieve), leaving each section's first `skip_blocks` blocks and
+    /// every null block untouched. `event` is the engine's event handle (GPU engines wait on
+    /// it; shm engines ignore it). Returns the completion event handle to reply with (empty:
+    /// complete).
     ///
     /// # Safety
-    /// Every section's blocks passed `check_blocks`; each `object` is valid for writes of
-    /// `section_bytes(blocks.len())` bytes, not shared between sections, and lies in L1 (pinned
-    /// for GPU copies when pinning succeeded).
-    pub unsafe fn gather_sections(
+    /// Every section's blocks passed `check_blocks`; each `object` is valid for writes (gather)
+    /// or reads (scatter) of `section_bytes(blocks.len())` bytes, not shared between sections,
+    /// and lies in L1 (pinned for GPU copies when pinning succeeded).
+    pub unsafe fn copy_sections(
         &self,
+        dir: Direction,
         sections: &[SectionCopy],
         event: &[u8],
     ) -> Result<Vec<u8>, EngineMemError> {
         match &self.memory {
             Memory::Shm(_) => {
-                sections
-                    .par_iter()
-                    .for_each(|s| self.gather(s.plane, s.layer, s.blocks, s.object));
-                Ok(Vec::new())
-            }
-            Memory::Cuda(gpu) => self.gpu_transfer(gpu, Direction::ToHost, sections, event),
-        }
-    }
-
-    /// Copy L1 objects into the engine's blocks (retrieve), leaving each section's first
-    /// `skip_blocks` blocks and every null block untouched. As `gather_sections` otherwise.
-    ///
-    /// # Safety
-    /// As for `gather_sections`, with `object` valid for reads.
-    pub unsafe fn scatter_sections(
-        &self,
-        sections: &[SectionCopy],
-        event: &[u8],
-    ) -> Result<Vec<u8>, EngineMemError> {
-        match &self.memory {
-            Memory::Shm(_) => {
-                sections.par_iter().for_each(|s| {
-                    self.scatter(s.plane, s.layer, s.blocks, s.skip_blocks, s.object)
+                sections.par_iter().for_each(|s| match dir {
+                    Direction::ToHost => self.gather(s.plane, s.layer, s.blocks, s.object),
+                    Direction::ToDevice => {
+                        self.scatter(s.plane, s.layer, s.blocks, s.skip_blocks, s.object)
+                    }
                 });
                 Ok(Vec::new())
             }
-            Memory::Cuda(gpu) => self.gpu_transfer(gpu, Direction::ToDevice, sections, event),
+            Memory::Cuda(gpu) => self.gpu_transfer(gpu, dir, sections, event),
         }
     }
 

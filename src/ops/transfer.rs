@@ -9,7 +9,7 @@ use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
 use thiserror::Error;
 
 use super::{Cwm, OpError};
-use crate::engine_mem::{EngineKv, EngineMemError, SectionCopy};
+use crate::engine_mem::{Direction, EngineKv, EngineMemError, SectionCopy};
 use crate::store::{ReadGuard, Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -193,8 +193,8 @@ impl Cwm {
         // SAFETY: blocks were bound-checked in `plan`; each section is its own part of a
         // reserved object, sized `section_bytes(blocks_per_chunk)`. On error the reservations
         // are dropped uncommitted (the copy has stopped by then).
-        let event =
-            unsafe { kv.gather_sections(&sections, event) }.map_err(TransferError::Engine)?;
+        let event = unsafe { kv.copy_sections(Direction::ToHost, &sections, event) }
+            .map_err(TransferError::Engine)?;
         let stored = writes.len();
         let mut committed = Vec::with_capacity(stored);
         for (c, w) in writes {
@@ -279,7 +279,7 @@ impl Cwm {
             .collect();
         // SAFETY: bound-checked blocks; every section lies in an object pinned by `reads`
         // until the copy has completed (the call returns only then).
-        let copied = unsafe { kv.scatter_sections(&sections, event) };
+        let copied = unsafe { kv.copy_sections(Direction::ToDevice, &sections, event) };
         let event = match copied {
             Ok(event) => event,
             Err(e) => {

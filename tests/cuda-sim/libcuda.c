@@ -129,6 +129,17 @@ static struct region *find(struct region *l, uintptr_t p, size_t n) {
     return NULL;
 }
 
+/* Remove and return the region of `l` starting at `base` (caller holds G), or NULL. */
+static struct region *unlink_region(struct region **l, uintptr_t base) {
+    for (; *l; l = &(*l)->next)
+        if ((*l)->base == base) {
+            struct region *x = *l;
+            *l = x->next;
+            return x;
+        }
+    return NULL;
+}
+
 static int touches(struct region *l, uintptr_t p, size_t n) {
     for (; l; l = l->next)
         if (p < l->base + l->len && l->base < p + n) return 1;
@@ -378,19 +389,14 @@ CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr p)
 CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
     ENTER("cuIpcCloseMemHandle", 1);
     pthread_mutex_lock(&G);
-    for (struct region **r = &mappings; *r; r = &(*r)->next)
-        if ((*r)->base == (uintptr_t)p) {
-            struct region *x = *r;
-            *r = x->next;
-            pthread_mutex_unlock(&G);
-            munmap((void *)x->base, x->len);
-            free(x);
-            __atomic_sub_fetch(&S->open_mappings, 1, __ATOMIC_SEQ_CST);
-            ADD(closes, 1);
-            return OK;
-        }
+    struct region *x = unlink_region(&mappings, (uintptr_t)p);
     pthread_mutex_unlock(&G);
-    return INVALID_VALUE;
+    if (!x) return INVALID_VALUE;
+    munmap((void *)x->base, x->len);
+    free(x);
+    __atomic_sub_fetch(&S->open_mappings, 1, __ATOMIC_SEQ_CST);
+    ADD(closes, 1);
+    return OK;
 }
 
 CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
@@ -411,17 +417,12 @@ CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
 CUresult cuMemHostUnregister(void *p) {
     ENTER("cuMemHostUnregister", 1);
     pthread_mutex_lock(&G);
-    for (struct region **r = &registered; *r; r = &(*r)->next)
-        if ((*r)->base == (uintptr_t)p) {
-            struct region *x = *r;
-            *r = x->next;
-            pthread_mutex_unlock(&G);
-            __atomic_sub_fetch(&S->pinned_bytes, x->len, __ATOMIC_SEQ_CST);
-            free(x);
-            return OK;
-        }
+    struct region *x = unlink_region(&registered, (uintptr_t)p);
     pthread_mutex_unlock(&G);
-    return HOST_MEMORY_NOT_REGISTERED;
+    if (!x) return HOST_MEMORY_NOT_REGISTERED;
+    __atomic_sub_fetch(&S->pinned_bytes, x->len, __ATOMIC_SEQ_CST);
+    free(x);
+    return OK;
 }
 
 static CUresult enqueue_copy(void *dst, const void *src, size_t n, uintptr_t dev, struct stream *s) {

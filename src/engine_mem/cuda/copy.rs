@@ -290,8 +290,8 @@ mod plan_tests {
             // Store: the shm gather and the GPU plan fill an object identically.
             let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
             unsafe {
-                kv.gather_sections(&sections(&kv, &blocks, 0, want.as_mut_ptr(), chunk), &[])
-                    .unwrap();
+                let secs = sections(&kv, &blocks, 0, want.as_mut_ptr(), chunk);
+                kv.copy_sections(Direction::ToHost, &secs, &[]).unwrap();
             }
             let secs = sections(&kv, &blocks, 0, got.as_mut_ptr(), chunk);
             // Pieces of 100 bytes: every run crosses boundaries.
@@ -301,11 +301,8 @@ mod plan_tests {
             let obj: Vec<u8> = (0..n).map(|i| (i % 249) as u8 ^ 0x5a).collect();
             let mut obj2 = obj.clone();
             unsafe {
-                kv.scatter_sections(
-                    &sections(&kv, &blocks, 2, obj.as_ptr() as *mut u8, chunk),
-                    &[],
-                )
-                .unwrap();
+                let secs = sections(&kv, &blocks, 2, obj.as_ptr() as *mut u8, chunk);
+                kv.copy_sections(Direction::ToDevice, &secs, &[]).unwrap();
             }
             let secs = sections(&kv_gpu, &blocks, 2, obj2.as_mut_ptr(), chunk);
             run_plan(
