@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::registry::Instance;
 use super::{Cwm, OpError};
 use crate::engine_mem::cuda::{self, pinned, PinnedHost};
-use crate::engine_mem::EngineKv;
+use crate::engine_mem::{self, EngineMemory};
 
 /// Tests: register L1 with the driver in pieces of this many bytes instead of 64 GiB, so the
 /// piece-boundary splitting of copies is exercised with a small L1.
@@ -45,13 +45,14 @@ impl Cwm {
                 model,
                 world_size,
                 engine,
-                layers = kv.layout.num_layers,
-                blocks = kv.layout.num_blocks,
-                block_size = kv.layout.block_size,
-                heads = kv.layout.num_heads,
-                planes = kv.layout.planes,
-                dtype = %kv.layout.dtype,
-                layout = ?kv.layout.block_shape(),
+                layers = kv.layout().num_layers,
+                blocks = kv.layout().num_blocks,
+                block_size = kv.layout().block_size,
+                heads = kv.layout().num_heads,
+                planes = kv.layout().planes,
+                dtype = %kv.layout().dtype,
+                device = %kv.device(),
+                layout = ?kv.layout().block_shape(),
                 "registered KV cache"
             ),
             Err(reason) => tracing::error!(
@@ -70,20 +71,20 @@ impl Cwm {
         descriptors: &[ipc::IpcDescriptor],
         hint: Option<&str>,
         groups: &[EngineGroupInfo],
-    ) -> Result<EngineKv, String> {
+    ) -> Result<Box<dyn EngineMemory>, String> {
         let [group] = groups else {
             return Err(format!(
                 "{} engine groups (hybrid models are not supported yet; exactly one is)",
                 groups.len()
             ));
         };
-        let pinned = if EngineKv::is_gpu(descriptors) {
+        let pinned = if engine_mem::is_gpu(descriptors) {
             self.pinned_l1()
         } else {
             None
         };
-        let kv = EngineKv::open_with(descriptors, hint, pinned).map_err(|e| e.to_string())?;
-        kv.layout
+        let kv = engine_mem::open_with(descriptors, hint, pinned).map_err(|e| e.to_string())?;
+        kv.layout()
             .check_chunking(
                 self.settings.chunk_size as u64,
                 group.tokens_per_block as u64,
@@ -124,7 +125,7 @@ impl Cwm {
         // Without a driver the registration fails with that reason; nothing to pin.
         cuda::driver::driver().ok()?;
         let pinned = self.gpu_l1.get_or_init(|| {
-            let (base, len) = self.tiers.l1.memory();
+            let (base, len) = self.tiers.l1_memory();
             let piece = std::env::var(PIN_PIECE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -1,15 +1,15 @@
 //! `store` and `retrieve`: copy chunks between an engine's paged KV memory and L1 objects.
 //!
 //! Both validate everything (instance, range, block lists, block ids) before a byte moves, then
-//! split the copy into (chunk, plane, layer) sections and run them across cores. A store
-//! publishes each object only after all its sections are written; a retrieve reads objects
+//! hand the chunks to the instance's engine memory (`engine_mem::EngineMemory`), which runs the
+//! copy. A store publishes each object only after it is written; a retrieve reads objects
 //! pinned for the duration of the copy and then releases the lookup's read locks.
 
 use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
 use thiserror::Error;
 
 use super::{Cwm, OpError};
-use crate::engine_mem::{Direction, EngineKv, EngineMemError, SectionCopy};
+use crate::engine_mem::{EngineMemError, EngineMemory, Gather, Scatter};
 use crate::store::{ReadGuard, Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -55,13 +55,6 @@ struct Plan<'a> {
     blocks_per_chunk: usize,
 }
 
-impl<'a> Plan<'a> {
-    /// The block ids of chunk `c`.
-    fn chunk_blocks(&self, c: usize) -> &'a [u32] {
-        &self.blocks[c * self.blocks_per_chunk..(c + 1) * self.blocks_per_chunk]
-    }
-}
-
 impl Cwm {
     /// Object keys of the chunks `[start, end)` of this worker's rank (`store`, `retrieve`
     /// and the engine-driven ops alike).
@@ -91,7 +84,7 @@ impl Cwm {
     fn plan<'a>(
         &self,
         key: &IpcCacheServerKey,
-        kv: &EngineKv,
+        kv: &dyn EngineMemory,
         block_ids: &'a [Vec<u32>],
     ) -> Result<Plan<'a>, TransferError> {
         let keys = self.range_keys(key)?;
@@ -101,7 +94,7 @@ impl Cwm {
                 want: 1,
             });
         };
-        let blocks_per_chunk = self.settings.chunk_size / kv.layout.block_size as usize;
+        let blocks_per_chunk = self.settings.chunk_size / kv.layout().block_size as usize;
         let need = keys.len() * blocks_per_chunk;
         if blocks.len() < need {
             return Err(TransferError::ShortBlocks {
@@ -155,19 +148,18 @@ impl Cwm {
     ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
-        let kv = inst.kv.as_ref().expect("checked usable");
+        let kv = inst.kv.as_deref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
         let chunk_tokens = self.settings.chunk_size as u64;
-        let object_bytes = kv.layout.object_bytes(chunk_tokens);
+        let object_bytes = kv.layout().object_bytes(chunk_tokens);
         // Reserve every chunk that needs writing; present and null chunks are skipped, and a
         // chunk that finds no space is skipped too (the store still succeeds, as in LMCache).
         let mut writes: Vec<(usize, WriteGuard)> = Vec::new();
         for (c, key) in plan.keys.iter().enumerate() {
-            let blocks = plan.chunk_blocks(c);
-            if blocks.iter().all(|&b| b == 0) {
+            if plan.chunk_blocks(c).iter().all(|&b| b == 0) {
                 continue;
             }
-            match self.tiers.l1.reserve(key, object_bytes) {
+            match self.tiers.reserve(key, object_bytes) {
                 Reservation::Reserved(w) => writes.push((c, w)),
                 Reservation::Present => {}
                 Reservation::NoSpace => tracing::warn!(
@@ -177,36 +169,25 @@ impl Cwm {
                 ),
             }
         }
-        let sections: Vec<SectionCopy> = writes
+        let chunks: Vec<Gather> = writes
             .iter()
-            .flat_map(|(c, w)| {
-                let blocks = plan.chunk_blocks(*c);
-                sections(kv, chunk_tokens).map(move |(plane, layer, off)| SectionCopy {
-                    plane,
-                    layer,
-                    blocks,
-                    skip_blocks: 0,
-                    object: unsafe { w.as_mut_ptr().add(off) },
-                })
+            .map(|(c, w)| Gather {
+                blocks: plan.chunk_blocks(*c),
+                object: w,
             })
             .collect();
-        // SAFETY: blocks were bound-checked in `plan`; each section is its own part of a
-        // reserved object, sized `section_bytes(blocks_per_chunk)`. On error the reservations
-        // are dropped uncommitted (the copy has stopped by then).
-        let event = unsafe { kv.copy_sections(Direction::ToHost, &sections, event) }
-            .map_err(TransferError::Engine)?;
+        // Returns once the copy completed: only then are the objects committed (visible).
+        let done = kv.gather(&chunks, event).map_err(TransferError::from)?;
+        drop(chunks);
         let stored = writes.len();
-        let mut committed = Vec::with_capacity(stored);
-        for (c, w) in writes {
-            w.commit();
-            committed.push(plan.keys[c].clone());
-        }
-        self.tiers
-            .committed(committed, object_bytes, kv.layout.itemsize as u8);
+        self.tiers.commit(
+            writes.into_iter().map(|(_, w)| w),
+            kv.layout().itemsize as u8,
+        );
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         self.record_chain(key);
-        Ok(event)
+        Ok(done)
     }
 
     /// Tell the session index that `key`'s tokens are stored (the chain a window freezes).
@@ -231,66 +212,38 @@ impl Cwm {
     ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
-        let kv = inst.kv.as_ref().expect("checked usable");
+        let kv = inst.kv.as_deref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
-        let chunk_tokens = self.settings.chunk_size as u64;
-        let reads: Vec<Option<ReadGuard>> =
-            plan.keys.iter().map(|k| self.tiers.l1.read(k)).collect();
+        let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.tiers.read(k)).collect();
         // One lookup lock per object read is released whatever happens next.
+        let first = key.start as usize / self.settings.chunk_size;
         let release = || {
             self.tiers
-                .l1
-                .unlock(reads.iter().flatten().map(|g| g.key()), 1)
+                .unlock(reads.iter().flatten().map(|g| g.key()), 1);
+            self.lookup_locks_released(&key.request_id, first..first + reads.len());
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
             release();
             self.counters.record_retrieve_miss();
             return Err(TransferError::Missing(missing).into());
         }
-        let object_bytes = kv.layout.object_bytes(chunk_tokens) as usize;
-        if let Some(bad) = reads
-            .iter()
-            .flatten()
-            .find(|g| g.as_slice().len() != object_bytes)
-        {
-            release();
-            return Err(OpError::ObjectSize {
-                key: bad.key().clone(),
-                got: bad.as_slice().len(),
-                want: object_bytes,
-            });
-        }
-        let skip_blocks = (skip_tokens / kv.layout.block_size) as usize;
-        let sections: Vec<SectionCopy> = reads
+        let skip_blocks = (skip_tokens / kv.layout().block_size) as usize;
+        let chunks: Vec<Scatter> = reads
             .iter()
             .enumerate()
-            .flat_map(|(c, g)| {
-                let base = g.as_ref().expect("all present").as_slice().as_ptr() as *mut u8;
-                let blocks = plan.chunk_blocks(c);
-                let skip_blocks = skip_blocks.saturating_sub(c * plan.blocks_per_chunk);
-                sections(kv, chunk_tokens).map(move |(plane, layer, off)| SectionCopy {
-                    plane,
-                    layer,
-                    blocks,
-                    skip_blocks,
-                    object: unsafe { base.add(off) },
-                })
+            .map(|(c, g)| Scatter {
+                blocks: plan.chunk_blocks(c),
+                skip_blocks: skip_blocks.saturating_sub(c * plan.blocks_per_chunk),
+                object: g.as_ref().expect("all present"),
             })
             .collect();
-        // SAFETY: bound-checked blocks; every section lies in an object pinned by `reads`
-        // until the copy has completed (the call returns only then).
-        let copied = unsafe { kv.copy_sections(Direction::ToDevice, &sections, event) };
-        let event = match copied {
-            Ok(event) => event,
-            Err(e) => {
-                release();
-                return Err(TransferError::Engine(e).into());
-            }
-        };
+        // Returns once the copy completed: only then are the objects unpinned.
+        let copied = kv.scatter(&chunks, event);
         release();
-        self.counters
-            .record_retrieve(reads.len() as u64, (reads.len() * object_bytes) as u64);
-        Ok(event)
+        let done = copied.map_err(TransferError::from)?;
+        let bytes = reads.iter().flatten().map(|g| g.len() as u64).sum();
+        self.counters.record_retrieve(reads.len() as u64, bytes);
+        Ok(done)
     }
 
     pub(super) fn object_key(
@@ -309,10 +262,9 @@ impl Cwm {
     }
 }
 
-/// The (plane, layer, byte offset) of every section of one object.
-fn sections(kv: &EngineKv, chunk_tokens: u64) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
-    let l = &kv.layout;
-    (0..l.planes).flat_map(move |p| {
-        (0..l.num_layers).map(move |layer| (p, layer, kv.section_offset(p, layer, chunk_tokens)))
-    })
+impl Plan<'_> {
+    /// The engine blocks of chunk `c`.
+    fn chunk_blocks(&self, c: usize) -> &[u32] {
+        &self.blocks[c * self.blocks_per_chunk..(c + 1) * self.blocks_per_chunk]
+    }
 }

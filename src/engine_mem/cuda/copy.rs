@@ -1,5 +1,5 @@
 //! Enqueueing a transfer's copies on a stream: the copy engines only, no kernels. Runs come
-//! from the same plan as the shm path (`EngineKv::runs`), are coalesced where both sides are
+//! from the same plan as the shm backend (`engine_mem::plan`), are coalesced where both sides are
 //! contiguous, split at pinned-piece boundaries, then either handed to one
 //! `cuMemcpyBatchAsync` (driver 12.8+) or issued one `cuMemcpy*Async` each.
 
@@ -147,14 +147,14 @@ mod tests {
     }
 }
 
-/// The GPU copy plan (the shm path's runs, coalesced, split at pinned pieces) moves exactly the
-/// bytes the shm path's gather and scatter move, on the layouts engines register.
+/// The GPU copy plan (the plan's runs, coalesced, split at pinned pieces) moves exactly the
+/// bytes the shm backend's gather and scatter move, on the layouts engines register.
 #[cfg(test)]
 mod plan_tests {
     use super::super::pinned::split_at;
     use super::*;
-    use crate::engine_mem::shm::ShmSegment;
-    use crate::engine_mem::{EngineKv, SectionCopy};
+    use crate::engine_mem::shm::{ShmKv, ShmSegment};
+    use crate::engine_mem::{plan, EngineMemory};
     use connector_protocol::{IpcDescriptor, TensorMetadata};
 
     const NB: u64 = 12;
@@ -162,18 +162,18 @@ mod plan_tests {
     const NH: u64 = 3;
     const C: u64 = 8;
 
-    /// (name, hint, shape, stride) of one layer's view: NHD, HND, two-major, and NHD with
-    /// padded blocks (a stride the engine sends that is not the packed one).
     /// (name, hint, shape, stride, elements per layer).
     type TestLayout = (&'static str, Option<&'static str>, Vec<u64>, Vec<u64>, u64);
 
+    /// NHD, HND, two-major, and NHD with padded blocks (strides that are not the packed ones).
     fn layouts() -> Vec<TestLayout> {
+        let nhd = vec![BS * NH * C, NH * C, C, 1];
         vec![
             (
                 "nhd",
                 Some("NHD"),
                 vec![NB, BS, NH, C],
-                vec![BS * NH * C, NH * C, C, 1],
+                nhd,
                 NB * BS * NH * C,
             ),
             (
@@ -200,16 +200,12 @@ mod plan_tests {
         ]
     }
 
-    fn engine(
-        tag: &str,
-        hint: Option<&str>,
-        shape: &[u64],
-        stride: &[u64],
-        layer: u64,
-    ) -> (ShmSegment, EngineKv) {
+    /// Two layers of the layout in one segment, filled with a pattern.
+    fn engine(tag: &str, t: &TestLayout) -> (ShmSegment, ShmKv) {
         let name = format!("/cwm_plan_{}_{tag}", std::process::id());
-        let seg = ShmSegment::create(&name, 2 * layer * 2).unwrap();
-        let bytes = unsafe { std::slice::from_raw_parts_mut(seg.as_mut_ptr(), seg.len() as usize) };
+        let seg = ShmSegment::create(&name, 2 * t.4 * 2).unwrap();
+        let n = seg.len() as usize;
+        let bytes = unsafe { std::slice::from_raw_parts_mut(seg.as_mut_ptr(), n) };
         for (i, b) in bytes.iter_mut().enumerate() {
             *b = (i * 31 % 253) as u8;
         }
@@ -219,103 +215,92 @@ mod plan_tests {
                 nbytes: seg.len(),
                 metadata: TensorMetadata {
                     dtype: "bfloat16".into(),
-                    shape: shape.to_vec(),
-                    stride: stride.to_vec(),
-                    storage_offset: l * layer,
+                    shape: t.2.clone(),
+                    stride: t.3.clone(),
+                    storage_offset: l * t.4,
                     device_uuid: "cpu".into(),
                 },
             })
             .collect();
-        let kv = EngineKv::open(&d, hint).unwrap();
+        let kv = ShmKv::open(&d, t.1).unwrap();
         (seg, kv)
     }
 
-    /// Execute the GPU plan of `sections` with memcpy (engine addresses are host addresses
-    /// here), pieces of `piece` bytes from `base`.
+    /// Run the GPU plan of one chunk with memcpy (engine addresses are host addresses here),
+    /// pinned pieces of `piece` bytes from the object's start.
     fn run_plan(
-        kv: &EngineKv,
-        sections: &[SectionCopy],
-        dir: Direction,
-        base: usize,
+        kv: &ShmKv,
+        seg: &ShmSegment,
+        blocks: &[u32],
+        skip: Option<usize>,
+        object: *mut u8,
         piece: usize,
     ) {
+        let l = kv.layout();
         let mut runs = vec![];
-        for s in sections {
-            kv.runs(s, dir == Direction::ToDevice, &mut runs);
-        }
-        let before = runs.len();
-        coalesce(&mut runs);
-        assert!(runs.len() <= before);
-        for r in runs {
-            split_at(base, piece, r.host, r.len, &mut |off, host, len| unsafe {
-                let dev = (r.dev as usize + off) as *mut u8;
-                match dir {
-                    Direction::ToHost => std::ptr::copy_nonoverlapping(dev, host as *mut u8, len),
-                    Direction::ToDevice => {
-                        std::ptr::copy_nonoverlapping(host as *const u8, dev, len)
-                    }
-                }
-            });
-        }
-    }
-
-    fn sections<'a>(
-        kv: &EngineKv,
-        blocks: &'a [u32],
-        skip: usize,
-        object: *mut u8,
-        chunk: u64,
-    ) -> Vec<SectionCopy<'a>> {
-        let l = &kv.layout;
-        (0..l.planes)
-            .flat_map(|p| (0..l.num_layers).map(move |layer| (p, layer)))
-            .map(|(plane, layer)| SectionCopy {
+        for (plane, layer, off) in plan::sections(l, blocks.len() as u64 * BS) {
+            let wanted = |j: usize, b: u32| skip.is_none_or(|s| j >= s && b != 0);
+            plan::for_each_run(
+                l,
+                seg.as_mut_ptr() as usize,
                 plane,
                 layer,
                 blocks,
-                skip_blocks: skip,
-                object: unsafe { object.add(kv.section_offset(plane, layer, chunk)) },
-            })
-            .collect()
+                wanted,
+                |e, o, n| {
+                    runs.push(Run {
+                        dev: e as u64,
+                        host: object as usize + off + o,
+                        len: n,
+                    })
+                },
+            );
+        }
+        coalesce(&mut runs);
+        for r in runs {
+            split_at(
+                object as usize,
+                piece,
+                r.host,
+                r.len,
+                &mut |off, host, len| unsafe {
+                    let dev = (r.dev as usize + off) as *mut u8;
+                    match skip {
+                        None => std::ptr::copy_nonoverlapping(dev, host as *mut u8, len),
+                        Some(_) => std::ptr::copy_nonoverlapping(host as *const u8, dev, len),
+                    }
+                },
+            );
+        }
     }
 
     #[test]
     fn gpu_plan_moves_the_bytes_gather_and_scatter_move() {
-        for (tag, hint, shape, stride, layer_elems) in layouts() {
-            let (_a, kv) = engine(&format!("{tag}_a"), hint, &shape, &stride, layer_elems);
-            let (_b, kv_gpu) = engine(&format!("{tag}_b"), hint, &shape, &stride, layer_elems);
+        for t in layouts() {
+            let (seg_a, kv) = engine(&format!("{}_a", t.0), &t);
+            let (seg_b, kv_b) = engine(&format!("{}_b", t.0), &t);
             let blocks: Vec<u32> = vec![7, 0, 3, 11];
             let chunk = BS * blocks.len() as u64;
-            let n = kv.layout.object_bytes(chunk) as usize;
+            let l = kv.layout();
+            let n = l.object_bytes(chunk) as usize;
             // Store: the shm gather and the GPU plan fill an object identically.
             let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
-            unsafe {
-                let secs = sections(&kv, &blocks, 0, want.as_mut_ptr(), chunk);
-                kv.copy_sections(Direction::ToHost, &secs, &[]).unwrap();
+            for (plane, layer, off) in plan::sections(l, chunk) {
+                unsafe { kv.gather_section(plane, layer, &blocks, want.as_mut_ptr().add(off)) };
             }
-            let secs = sections(&kv, &blocks, 0, got.as_mut_ptr(), chunk);
-            // Pieces of 100 bytes: every run crosses boundaries.
-            run_plan(&kv, &secs, Direction::ToHost, got.as_ptr() as usize, 100);
-            assert_eq!(want, got, "{tag}: gather");
+            // Pieces of 100 bytes: runs cross piece boundaries.
+            run_plan(&kv, &seg_a, &blocks, None, got.as_mut_ptr(), 100);
+            assert_eq!(want, got, "{}: gather", t.0);
             // Retrieve with a skip and a null block: both write the same engine bytes.
-            let obj: Vec<u8> = (0..n).map(|i| (i % 249) as u8 ^ 0x5a).collect();
-            let mut obj2 = obj.clone();
-            unsafe {
-                let secs = sections(&kv, &blocks, 2, obj.as_ptr() as *mut u8, chunk);
-                kv.copy_sections(Direction::ToDevice, &secs, &[]).unwrap();
+            let mut obj: Vec<u8> = (0..n).map(|i| (i % 249) as u8 ^ 0x5a).collect();
+            for (plane, layer, off) in plan::sections(l, chunk) {
+                unsafe { kv.scatter_section(plane, layer, &blocks, 2, obj.as_ptr().add(off)) };
             }
-            let secs = sections(&kv_gpu, &blocks, 2, obj2.as_mut_ptr(), chunk);
-            run_plan(
-                &kv_gpu,
-                &secs,
-                Direction::ToDevice,
-                obj2.as_ptr() as usize,
-                64,
-            );
+            run_plan(&kv_b, &seg_b, &blocks, Some(2), obj.as_mut_ptr(), 64);
             let bytes = |s: &ShmSegment| {
                 unsafe { std::slice::from_raw_parts(s.as_mut_ptr(), s.len() as usize) }.to_vec()
             };
-            assert_eq!(bytes(&_a), bytes(&_b), "{tag}: scatter");
+            assert_eq!(bytes(&seg_a), bytes(&seg_b), "{}: scatter", t.0);
         }
     }
 }

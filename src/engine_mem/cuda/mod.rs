@@ -23,15 +23,119 @@ use driver::{check, Device};
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
 
-use super::EngineMemError;
+use super::checksum::Checksums;
+use super::{plan, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
 
 /// What `open` found: the engine, and per layer the device address of its storage and how
 /// many bytes from there the descriptor allows.
-pub struct Opened<'a> {
-    pub engine: CudaEngine,
-    pub layer_base: Vec<usize>,
-    pub layer_limit: Vec<u64>,
-    pub metadata: Vec<&'a TensorMetadata>,
+struct Opened<'a> {
+    engine: CudaEngine,
+    layer_base: Vec<usize>,
+    layer_limit: Vec<u64>,
+    metadata: Vec<&'a TensorMetadata>,
+}
+
+/// An engine's KV cache in GPU memory: the backend behind `cuda` / `cuda_raw` descriptors.
+pub struct CudaKv {
+    layout: KvLayout,
+    /// Device address of each layer's storage (add `layout.layer_offsets[l]`).
+    layer_base: Vec<usize>,
+    engine: CudaEngine,
+}
+
+impl CudaKv {
+    /// Open the descriptors' allocations (one mapping per allocation per device) and derive
+    /// the layout; copies go through `pinned` L1 when given.
+    pub fn open(
+        descriptors: &[IpcDescriptor],
+        kv_layout_hint: Option<&str>,
+        pinned: Option<Arc<PinnedHost>>,
+    ) -> Result<CudaKv, EngineMemError> {
+        let opened = open(descriptors, pinned)?;
+        let layout = KvLayout::from_tensors(&opened.metadata, kv_layout_hint)?;
+        for (layer, (&len, &span)) in opened
+            .layer_limit
+            .iter()
+            .zip(&layout.layer_spans)
+            .enumerate()
+        {
+            if span > len {
+                return Err(EngineMemError::OutOfSegment { layer, span, len });
+            }
+        }
+        Ok(CudaKv {
+            layout,
+            layer_base: opened.layer_base,
+            engine: opened.engine,
+        })
+    }
+
+    /// The plan's runs for one chunk's sections: (engine address, object address, len).
+    fn runs(&self, blocks: &[u32], object: usize, skip: Option<usize>, out: &mut Vec<Run>) {
+        let chunk_tokens = blocks.len() as u64 * self.layout.block_size;
+        for (plane, layer, off) in plan::sections(&self.layout, chunk_tokens) {
+            let base = self.layer_base[layer as usize];
+            let wanted = |j: usize, b: u32| skip.is_none_or(|skip| j >= skip && b != 0);
+            plan::for_each_run(
+                &self.layout,
+                base,
+                plane,
+                layer,
+                blocks,
+                wanted,
+                |e, o, n| {
+                    out.push(Run {
+                        dev: e as u64,
+                        host: object + off + o,
+                        len: n,
+                    })
+                },
+            );
+        }
+    }
+}
+
+impl EngineMemory for CudaKv {
+    fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    fn device(&self) -> super::Device {
+        super::Device::Cuda(self.engine.device.ordinal as u32)
+    }
+
+    fn gather(&self, chunks: &[Gather<'_>], event: &[u8]) -> Result<Vec<u8>, EngineMemError> {
+        let mut runs = Vec::new();
+        for c in chunks {
+            self.check_copy(c.blocks, c.object.len())?;
+            self.runs(c.blocks, c.object.as_mut_ptr() as usize, None, &mut runs);
+        }
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.engine.transfer(Direction::ToHost, event, runs)
+    }
+
+    fn scatter(&self, chunks: &[Scatter<'_>], event: &[u8]) -> Result<Vec<u8>, EngineMemError> {
+        let mut runs = Vec::new();
+        for c in chunks {
+            self.check_copy(c.blocks, c.object.len())?;
+            let object = c.object.as_slice().as_ptr() as usize;
+            self.runs(c.blocks, object, Some(c.skip_blocks), &mut runs);
+        }
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.engine.transfer(Direction::ToDevice, event, runs)
+    }
+
+    fn checksums(&self, _: &[u32], _: usize, _: bool) -> Result<Checksums, EngineMemError> {
+        Err(EngineMemError::Cuda(
+            "checksums of GPU memory are not supported (cwm does not read engine memory on the \
+             CPU)"
+                .to_string(),
+        ))
+    }
 }
 
 /// A registered instance's GPU memory.
@@ -47,10 +151,6 @@ struct Stream(sys::CUstream);
 unsafe impl Send for Stream {}
 
 impl CudaEngine {
-    pub fn device(&self) -> &'static Device {
-        self.device
-    }
-
     /// Whether copies use pinned L1 (false: pinning failed, which was logged and counted).
     pub fn pinned(&self) -> bool {
         self.pinned.is_some()
@@ -104,7 +204,7 @@ impl Drop for CudaEngine {
 }
 
 /// Open `cuda` / `cuda_raw` descriptors (all on one device): one mapping per allocation.
-pub fn open<'a>(
+fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
 ) -> Result<Opened<'a>, EngineMemError> {
@@ -129,7 +229,7 @@ pub fn open<'a>(
                 nbytes,
                 metadata,
             } => (ipc_handle, *alloc_offset, *nbytes, metadata),
-            other => return Err(EngineMemError::MixedKinds(other.kind().to_string())),
+            other => return Err(EngineMemError::UnsupportedKind(other.kind().to_string())),
         };
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
         match device {
