@@ -519,7 +519,7 @@ fn cuda_raw_descriptors_round_trip_with_per_run_copies() {
 
 #[test]
 fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
-    let (sim, server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
+    let (sim, _server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
     let kv = GpuKv::new();
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
     register(&mut c, 2, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
