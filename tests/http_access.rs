@@ -14,14 +14,6 @@ use reqwest::StatusCode;
 const MODEL: &str = "http-model";
 const TOKEN: &str = "a-test-token-0123456789";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 struct Http {
     rt: tokio::runtime::Runtime,
     client: reqwest::Client,

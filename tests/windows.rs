@@ -19,14 +19,6 @@ const MODEL: &str = "win-model";
 
 type Mcp = RunningService<RoleClient, ClientConfig>;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn mcp(rt: &tokio::runtime::Runtime, s: &Sidecar) -> Mcp {
     let url = format!("http://{}/mcp", s.http_addr);
     rt.block_on(cwm::mcp::connect(&url, None))

@@ -45,6 +45,15 @@ pub fn disk_config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// A small tokio runtime for the MCP and HTTP clients of a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn client(s: &Sidecar) -> MpClient {
     MpClient::connect(&s.mp_endpoint).expect("connect")
 }
