@@ -11,6 +11,7 @@ use crate::server::http::HttpServer;
 use crate::server::mp::MpServer;
 use crate::store::disk::storage::FsStorage;
 use crate::store::disk::DiskStore;
+use crate::store::l3::L3;
 use crate::store::tiered::Tiers;
 use crate::store::{L1Config, L1Store};
 use crate::windows::Windows;
@@ -126,13 +127,20 @@ pub(crate) fn open_cwm(config: &Config, l1: Arc<L1Store>) -> anyhow::Result<Arc<
         let disk = DiskStore::open(storage, config.l2_disk_config())
             .map_err(|e| anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display()))?;
         Tiers::with_disk(
-            l1,
+            l1.clone(),
             Arc::new(disk),
             config.l2_compression_policy(),
             config.l2_write_queue_mb << 20,
         )
     } else {
-        Tiers::memory_only(l1)
+        Tiers::memory_only(l1.clone())
+    };
+    let password = std::env::var("CWM_L3_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let tiers = match config.l3_config(password) {
+        Some(l3) => tiers.with_l3(L3::open(l3, config.l2_compression_policy(), l1)?),
+        None => tiers,
     };
     Ok(Cwm::new(
         Settings {

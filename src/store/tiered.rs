@@ -1,12 +1,13 @@
-//! The tiers together: L1 in memory, optionally L2 on disk behind it.
+//! The tiers together: L1 in memory, optionally L2 on disk and L3 in Redis behind it.
 //!
 //! Policy owned here: every object committed to L1 by a store is queued for L2 (write-behind)
 //! without ever delaying the store's reply — the queue is bounded in bytes and drops work,
 //! counted and logged, rather than block; compression runs on the bulk (rayon) pool; L2 hits
 //! are promoted into L1 before anyone may read them; the index is checkpointed periodically
-//! and at shutdown.
+//! and at shutdown. L3 gets the same committed objects through its own queue (`l3`), and a
+//! lookup's chunks missing from L1 and L2 are looked for there in one batch.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::collections::HashSet;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,39 +15,26 @@ use std::time::{Duration, Instant};
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use rayon::prelude::*;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::codec::{self, CompressionPolicy};
 use super::disk::storage::FsStorage;
 use super::disk::DiskStore;
+use super::l3::L3;
+pub use super::write_queue::WriteBehindCounters;
+use super::write_queue::{recv_batch, Job, WriteQueue};
 use super::{L1Store, Reservation};
 
 pub type Disk = DiskStore<FsStorage>;
 
-#[derive(Debug, Default)]
-pub struct WriteBehindCounters {
-    pub queued_bytes: AtomicU64,
-    pub enqueued: AtomicU64,
-    pub dropped: AtomicU64,
-    pub written: AtomicU64,
-    /// Evicted from L1 before it could be written.
-    pub missed: AtomicU64,
-    pub failed: AtomicU64,
-}
-
-struct Job {
-    key: ObjectKey,
-    bytes: u64,
-    itemsize: u8,
-}
-
 pub struct Tiers {
     pub l1: Arc<L1Store>,
     pub l2: Option<Arc<Disk>>,
+    /// The shared Redis tier behind L1 and L2.
+    pub l3: Option<Arc<L3>>,
     pub write_behind: Arc<WriteBehindCounters>,
-    queue: Mutex<Option<mpsc::Sender<Job>>>,
-    queue_limit: u64,
+    queue: Option<WriteQueue>,
     worker: Mutex<Option<JoinHandle<()>>>,
-    last_drop_log: Mutex<Option<Instant>>,
 }
 
 impl Tiers {
@@ -54,11 +42,10 @@ impl Tiers {
         Tiers {
             l1,
             l2: None,
+            l3: None,
             write_behind: Arc::default(),
-            queue: Mutex::new(None),
-            queue_limit: 0,
+            queue: None,
             worker: Mutex::new(None),
-            last_drop_log: Mutex::new(None),
         }
     }
 
@@ -69,10 +56,9 @@ impl Tiers {
         compression: CompressionPolicy,
         queue_limit: u64,
     ) -> Tiers {
-        let (tx, rx) = mpsc::channel();
-        let counters: Arc<WriteBehindCounters> = Arc::default();
+        let (queue, rx) = WriteQueue::new("l2", queue_limit);
         let worker = {
-            let (l1, l2, counters) = (l1.clone(), l2.clone(), counters.clone());
+            let (l1, l2, counters) = (l1.clone(), l2.clone(), queue.counters.clone());
             std::thread::Builder::new()
                 .name("cwm-write-behind".into())
                 .spawn(move || write_behind(rx, l1, l2, counters, compression))
@@ -81,51 +67,35 @@ impl Tiers {
         Tiers {
             l1,
             l2: Some(l2),
-            write_behind: counters,
-            queue: Mutex::new(Some(tx)),
-            queue_limit,
+            l3: None,
+            write_behind: queue.counters.clone(),
+            queue: Some(queue),
             worker: Mutex::new(Some(worker)),
-            last_drop_log: Mutex::new(None),
         }
     }
 
-    /// Queue freshly committed L1 objects for L2. Never blocks.
+    /// Put the Redis tier behind the others.
+    pub fn with_l3(mut self, l3: Arc<L3>) -> Tiers {
+        self.l3 = Some(l3);
+        self
+    }
+
+    /// Queue freshly committed L1 objects for L2 and L3. Never blocks.
     pub fn committed(
         &self,
         keys: impl IntoIterator<Item = ObjectKey>,
         object_bytes: u64,
         itemsize: u8,
     ) {
-        let queue = self.queue.lock();
-        let Some(tx) = queue.as_ref() else { return };
-        let c = &self.write_behind;
-        for key in keys {
-            if c.queued_bytes.load(Relaxed) + object_bytes > self.queue_limit {
-                c.dropped.fetch_add(1, Relaxed);
-                let mut last = self.last_drop_log.lock();
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    *last = Some(Instant::now());
-                    tracing::warn!(
-                        queued_bytes = c.queued_bytes.load(Relaxed),
-                        limit = self.queue_limit,
-                        dropped_total = c.dropped.load(Relaxed),
-                        "L2 write-behind queue full: dropping writes (disk slower than stores)"
-                    );
-                }
-                continue;
+        match (&self.queue, &self.l3) {
+            (Some(q), Some(l3)) => {
+                let keys: Vec<ObjectKey> = keys.into_iter().collect();
+                l3.committed(keys.iter().cloned(), object_bytes, itemsize);
+                q.push(keys, object_bytes, itemsize);
             }
-            c.queued_bytes.fetch_add(object_bytes, Relaxed);
-            c.enqueued.fetch_add(1, Relaxed);
-            if tx
-                .send(Job {
-                    key,
-                    bytes: object_bytes,
-                    itemsize,
-                })
-                .is_err()
-            {
-                c.queued_bytes.fetch_sub(object_bytes, Relaxed);
-            }
+            (Some(q), None) => q.push(keys, object_bytes, itemsize),
+            (None, Some(l3)) => l3.committed(keys, object_bytes, itemsize),
+            (None, None) => {}
         }
     }
 
@@ -157,11 +127,56 @@ impl Tiers {
         }
     }
 
-    /// Stop the write-behind worker after it drained its queue, and checkpoint L2.
+    /// Make the leading chunks of a lookup resident in L1 (each chunk: one key per rank). The
+    /// first `local` chunks are known to be in L1 or L2; past them, the keys in neither are
+    /// checked in L3 in one batch, and the prefix found there is fetched. L2 hits are promoted
+    /// in parallel. Returns the length of the prefix now found in some tier (`lock_prefix`
+    /// then counts what is actually resident).
+    pub fn promote_prefix(&self, chunks: &[Vec<ObjectKey>], local: usize) -> usize {
+        let mut end = local;
+        let mut from_l3 = HashSet::new();
+        if let Some(l3) = self.l3.as_ref().filter(|_| local < chunks.len()) {
+            let tail = &chunks[local..];
+            let remote: Vec<ObjectKey> = tail
+                .iter()
+                .flatten()
+                .filter(|k| !self.available(k))
+                .cloned()
+                .collect();
+            let found = l3.existing(&remote);
+            let n = tail
+                .iter()
+                .take_while(|keys| keys.iter().all(|k| found.contains(k) || self.available(k)))
+                .count();
+            let wanted: Vec<ObjectKey> = tail[..n]
+                .iter()
+                .flatten()
+                .filter(|k| found.contains(*k))
+                .cloned()
+                .collect();
+            from_l3 = l3.promote(&self.l1, &wanted);
+            end += n;
+        }
+        chunks[..end]
+            .par_iter()
+            .flatten()
+            .filter(|k| !from_l3.contains(*k))
+            .for_each(|k| {
+                self.promote(k);
+            });
+        end
+    }
+
+    /// Stop the write-behind workers after they drained their queues, and checkpoint L2.
     pub fn shutdown(&self) {
-        self.queue.lock().take();
+        if let Some(q) = &self.queue {
+            q.close();
+        }
         if let Some(w) = self.worker.lock().take() {
             let _ = w.join();
+        }
+        if let Some(l3) = &self.l3 {
+            l3.shutdown();
         }
         if let Some(l2) = &self.l2 {
             if let Err(e) = l2.checkpoint() {
@@ -170,7 +185,6 @@ impl Tiers {
         }
     }
 }
-
 impl Drop for Tiers {
     fn drop(&mut self) {
         self.shutdown();
@@ -188,19 +202,7 @@ fn write_behind(
     compression: CompressionPolicy,
 ) {
     let mut last_checkpoint = Instant::now();
-    loop {
-        let first = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch: Vec<Job> = first.into_iter().collect();
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = recv_batch(&rx, BATCH, Duration::from_millis(200)) {
         if !batch.is_empty() {
             write_batch(&batch, &l1, &l2, &c, compression);
         }

@@ -1,0 +1,379 @@
+//! L3: Redis or Redis Cluster, shared by a fleet of sidecars.
+//!
+//! Values are L2 records (`disk::record`: header with the full key, codec, checksums), so every
+//! tier verifies integrity the same way; a value that fails its checks or carries another key
+//! is a miss (counted, logged), never served. Keys: `keys`. Connections, deadlines and
+//! reconnection: `link`.
+//!
+//! Write path: objects committed to L1 are queued (bounded in bytes, never blocking a store)
+//! and a worker pushes them in pipelined batches with a TTL (cache data); frozen windows are
+//! pushed without one. Read path: `promote` checks existence of a whole lookup's missing
+//! chunks at once (concurrent commands on multiplexed connections: one round trip per node),
+//! then fetches the leading present ones and installs them in L1.
+
+pub mod catalog;
+pub mod config;
+pub mod keys;
+pub mod link;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use connector_protocol::ObjectKey;
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use self::config::{L3Config, WritePolicy};
+use self::keys::KeyLayout;
+use self::link::{Link, LinkError, LinkStatus};
+use super::codec::{self, CompressionPolicy};
+use super::disk::record::{decode_header, encode_header, verify_payload};
+use super::write_queue::{recv_batch, Job, WriteQueue};
+use super::{L1Store, Reservation};
+
+#[derive(Debug, Default)]
+pub struct L3Counters {
+    /// Keys asked about by lookups, and those found.
+    pub exists_checked: AtomicU64,
+    pub exists_found: AtomicU64,
+    pub read_records: AtomicU64,
+    pub read_bytes: AtomicU64,
+    /// Values that failed verification or carried another key: served as misses.
+    pub corrupt_records: AtomicU64,
+    pub written_records: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub write_errors: AtomicU64,
+    /// Operations that failed for the link (down, timeout).
+    pub link_errors: AtomicU64,
+}
+
+/// What `/status` and `cache_stats` show about L3.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct L3Stats {
+    pub link: LinkStatus,
+    pub namespace: String,
+    pub write: String,
+    pub exists_checked: u64,
+    pub exists_found: u64,
+    pub read_records: u64,
+    pub read_bytes: u64,
+    pub corrupt_records: u64,
+    pub written_records: u64,
+    pub written_bytes: u64,
+    pub write_errors: u64,
+    pub link_errors: u64,
+    pub write_behind_queued_bytes: u64,
+    pub write_behind_dropped: u64,
+    pub write_behind_missed: u64,
+}
+
+pub struct L3 {
+    link: Arc<Link>,
+    keys: KeyLayout,
+    config: L3Config,
+    compression: CompressionPolicy,
+    pub counters: Arc<L3Counters>,
+    queue: Arc<WriteQueue>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+const BATCH: usize = 16;
+
+impl L3 {
+    /// Connects lazily: a Redis absent at start is a link that is down, not an error.
+    /// `l1` is where write-behind reads committed objects back from.
+    pub fn open(
+        config: L3Config,
+        compression: CompressionPolicy,
+        l1: Arc<L1Store>,
+    ) -> anyhow::Result<Arc<L3>> {
+        config.validate()?;
+        let link = Arc::new(Link::new(&config)?);
+        let (queue, rx) = WriteQueue::new("l3", config.queue_bytes);
+        let l3 = Arc::new(L3 {
+            link,
+            keys: KeyLayout::new(&config.namespace),
+            config,
+            compression,
+            counters: Arc::default(),
+            queue: Arc::new(queue),
+            worker: Mutex::new(None),
+        });
+        let worker = {
+            let l3 = l3.clone();
+            std::thread::Builder::new()
+                .name("cwm-l3-write".into())
+                .spawn(move || l3.write_behind(rx, l1))?
+        };
+        *l3.worker.lock() = Some(worker);
+        tracing::info!(
+            endpoints = ?l3.config.endpoints_redacted(),
+            namespace = %l3.config.namespace,
+            write = ?l3.config.write,
+            "L3 Redis tier configured"
+        );
+        Ok(l3)
+    }
+
+    pub fn keys(&self) -> &KeyLayout {
+        &self.keys
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    pub fn write_counters(&self) -> &super::write_queue::WriteBehindCounters {
+        &self.queue.counters
+    }
+
+    /// Queue objects just committed to L1 (write policy `always`). Never blocks.
+    pub fn committed(&self, keys: impl IntoIterator<Item = ObjectKey>, bytes: u64, itemsize: u8) {
+        if self.config.write == WritePolicy::Always {
+            self.queue.push(keys, bytes, itemsize);
+        }
+    }
+
+    /// Which of `keys` exist in Redis: one concurrent batch (pipelined per node). Empty while
+    /// the link is down.
+    pub fn existing(&self, keys: &[ObjectKey]) -> HashSet<ObjectKey> {
+        if keys.is_empty() {
+            return HashSet::new();
+        }
+        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.chunk(k)).collect();
+        let found = self.link.run(move |conn| async move {
+            let replies = join_all(names.into_iter().map(|n| {
+                let mut c = conn.clone();
+                async move { c.query::<bool>(redis::cmd("EXISTS").arg(n)).await }
+            }))
+            .await;
+            replies
+                .into_iter()
+                .collect::<redis::RedisResult<Vec<bool>>>()
+        });
+        self.counters
+            .exists_checked
+            .fetch_add(keys.len() as u64, Relaxed);
+        match found {
+            Ok(found) => {
+                let set: HashSet<ObjectKey> = keys
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, f)| *f)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                self.counters
+                    .exists_found
+                    .fetch_add(set.len() as u64, Relaxed);
+                set
+            }
+            Err(e) => {
+                self.link_error(&e);
+                HashSet::new()
+            }
+        }
+    }
+
+    /// Fetch `keys` (one concurrent batch), verify each value and install it in L1. Returns the
+    /// keys now resident in L1. A value failing verification is counted and skipped.
+    pub fn promote(&self, l1: &Arc<L1Store>, keys: &[ObjectKey]) -> HashSet<ObjectKey> {
+        let values = match self.fetch(keys) {
+            Ok(v) => v,
+            Err(e) => {
+                self.link_error(&e);
+                return HashSet::new();
+            }
+        };
+        keys.par_iter()
+            .zip(values)
+            .filter_map(|(key, value)| {
+                let value = value?;
+                self.install(l1, key, &value).then(|| key.clone())
+            })
+            .collect()
+    }
+
+    /// The raw values of `keys` (None where absent), in one concurrent batch.
+    fn fetch(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
+        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.chunk(k)).collect();
+        self.link.run(move |conn| async move {
+            let replies = join_all(names.into_iter().map(|n| {
+                let mut c = conn.clone();
+                async move { c.query::<Option<Vec<u8>>>(redis::cmd("GET").arg(n)).await }
+            }))
+            .await;
+            replies.into_iter().collect()
+        })
+    }
+
+    /// Verify a value fetched for `key` and copy its object into L1.
+    fn install(&self, l1: &Arc<L1Store>, key: &ObjectKey, value: &[u8]) -> bool {
+        let h = match decode_header(value, 0) {
+            Ok(h) if h.key == *key => h,
+            Ok(h) => return self.corrupt(key, &format!("value carries key {:?}", h.key)),
+            Err(e) => return self.corrupt(key, &e.to_string()),
+        };
+        let payload = value.get(h.header_len as usize..).unwrap_or(&[]);
+        if let Err(e) = verify_payload(&h, payload, 0) {
+            return self.corrupt(key, &e.to_string());
+        }
+        match l1.reserve(key, h.raw_len) {
+            Reservation::Present => true,
+            Reservation::NoSpace => false,
+            Reservation::Reserved(mut w) => {
+                match codec::decompress(h.codec, payload, w.as_mut_slice()) {
+                    Ok(()) => {
+                        w.commit();
+                        self.counters.read_records.fetch_add(1, Relaxed);
+                        self.counters.read_bytes.fetch_add(h.raw_len, Relaxed);
+                        true
+                    }
+                    Err(e) => self.corrupt(key, &e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn corrupt(&self, key: &ObjectKey, why: &str) -> bool {
+        self.counters.corrupt_records.fetch_add(1, Relaxed);
+        tracing::error!(?key, "L3: ignoring a value that fails verification: {why}");
+        false
+    }
+
+    /// Encode `raw` as the record stored for `key`.
+    pub fn record(&self, key: &ObjectKey, raw: &[u8], itemsize: u8) -> Vec<u8> {
+        let (codec, payload) = codec::compress(raw, itemsize as usize, self.compression);
+        let mut out = encode_header(key, codec, itemsize, raw.len() as u64, &payload);
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Write records in one concurrent batch: cache data with the TTL and only where absent
+    /// (so a window's record never gets one), window data (`ttl` false) unconditionally and
+    /// without a TTL. Returns how many were written.
+    pub fn put(&self, records: Vec<(ObjectKey, Vec<u8>)>, ttl: bool) -> Result<usize, LinkError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let ttl_secs = self.ttl_secs();
+        let bytes: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
+        let n = records.len();
+        let cmds: Vec<redis::Cmd> = records
+            .into_iter()
+            .map(|(k, v)| {
+                let mut c = redis::cmd("SET");
+                c.arg(self.keys.chunk(&k)).arg(v);
+                if ttl {
+                    c.arg("EX").arg(ttl_secs).arg("NX");
+                }
+                c
+            })
+            .collect();
+        let result = self.link.run(move |conn| async move {
+            let replies = join_all(cmds.into_iter().map(|cmd| {
+                let mut c = conn.clone();
+                async move { c.query::<redis::Value>(&cmd).await }
+            }))
+            .await;
+            replies.into_iter().collect::<redis::RedisResult<Vec<_>>>()
+        });
+        match result {
+            Ok(_) => {
+                self.link.note_write_ok();
+                self.counters.written_records.fetch_add(n as u64, Relaxed);
+                self.counters.written_bytes.fetch_add(bytes, Relaxed);
+                Ok(n)
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Relaxed);
+                match &e {
+                    LinkError::Redis(r) if r.code() == Some("OOM") => self.link.note_full(r),
+                    _ => self.link_error(&e),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn ttl_secs(&self) -> u64 {
+        self.config.ttl.as_secs().max(1)
+    }
+
+    fn link_error(&self, e: &LinkError) {
+        self.counters.link_errors.fetch_add(1, Relaxed);
+        tracing::debug!("L3: {e}");
+    }
+
+    fn write_behind(&self, rx: mpsc::Receiver<Job>, l1: Arc<L1Store>) {
+        let c = &self.queue.counters;
+        while let Some(batch) = recv_batch(&rx, BATCH, Duration::from_millis(200)) {
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.link.usable() {
+                // Down: give the batch up rather than let the queue fill behind a dead link.
+                self.queue.dropped(batch.len() as u64);
+                batch.iter().for_each(|j| self.queue.done(j));
+                continue;
+            }
+            let records: Vec<(ObjectKey, Vec<u8>)> = batch
+                .par_iter()
+                .filter_map(|job| match l1.read(&job.key) {
+                    Some(object) => Some((
+                        job.key.clone(),
+                        self.record(&job.key, object.as_slice(), job.itemsize),
+                    )),
+                    None => {
+                        c.missed.fetch_add(1, Relaxed);
+                        None
+                    }
+                })
+                .collect();
+            let n = records.len() as u64;
+            match self.put(records, true) {
+                Ok(_) => {
+                    c.written.fetch_add(n, Relaxed);
+                }
+                Err(_) => {
+                    c.failed.fetch_add(n, Relaxed);
+                }
+            }
+            batch.iter().for_each(|j| self.queue.done(j));
+        }
+    }
+
+    pub fn stats(&self) -> L3Stats {
+        let c = &self.counters;
+        let q = &self.queue.counters;
+        L3Stats {
+            link: self.link.status(),
+            namespace: self.config.namespace.clone(),
+            write: format!("{:?}", self.config.write).to_lowercase(),
+            exists_checked: c.exists_checked.load(Relaxed),
+            exists_found: c.exists_found.load(Relaxed),
+            read_records: c.read_records.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            corrupt_records: c.corrupt_records.load(Relaxed),
+            written_records: c.written_records.load(Relaxed),
+            written_bytes: c.written_bytes.load(Relaxed),
+            write_errors: c.write_errors.load(Relaxed),
+            link_errors: c.link_errors.load(Relaxed),
+            write_behind_queued_bytes: q.queued_bytes.load(Relaxed),
+            write_behind_dropped: q.dropped.load(Relaxed),
+            write_behind_missed: q.missed.load(Relaxed),
+        }
+    }
+
+    /// Stop write-behind after it drained its queue.
+    pub fn shutdown(&self) {
+        self.queue.close();
+        if let Some(w) = self.worker.lock().take() {
+            let _ = w.join();
+        }
+    }
+}
