@@ -14,7 +14,8 @@ use std::time::Duration;
 use connector_protocol::{ChunkHash, ObjectKey};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cwm::bench::kv::{BenchKv, KvGeometry, KvShape};
-use cwm::engine_mem::EngineKv;
+use cwm::engine_mem::shm::ShmKv;
+use cwm::engine_mem::EngineMemory;
 use cwm::store::{L1Config, L1Store, Reservation};
 use rayon::prelude::*;
 
@@ -46,7 +47,7 @@ fn transfer(c: &mut Criterion) {
         };
         let mut kv = BenchKv::create("criterion", geometry).expect("create shm");
         kv.fill_pattern(7);
-        let engine = EngineKv::open(&kv.descriptors(), Some(shape.hint())).expect("open");
+        let engine = ShmKv::open(&kv.descriptors(), Some(shape.hint())).expect("open");
         // Blocks of one chunk, not adjacent, as a busy engine hands them out.
         let blocks: Vec<u32> = (0..16).map(|i| 3 + 3 * i).collect();
         engine.check_blocks(&blocks).expect("in range");
@@ -76,7 +77,7 @@ fn transfer(c: &mut Criterion) {
             b.iter(|| {
                 for l in 0..layers {
                     // SAFETY: checked blocks; each section lies inside `object`.
-                    unsafe { engine.gather(0, l, &blocks, obj.at(section(l))) }
+                    unsafe { engine.gather_section(0, l, &blocks, obj.at(section(l))) }
                 }
             })
         });
@@ -84,7 +85,7 @@ fn transfer(c: &mut Criterion) {
             b.iter(|| {
                 (0..layers).into_par_iter().for_each(|l| {
                     // SAFETY: as above; one task per section.
-                    unsafe { engine.gather(0, l, &blocks, obj.at(section(l))) }
+                    unsafe { engine.gather_section(0, l, &blocks, obj.at(section(l))) }
                 })
             })
         });
@@ -92,7 +93,7 @@ fn transfer(c: &mut Criterion) {
             b.iter(|| {
                 for l in 0..layers {
                     // SAFETY: checked blocks; sections read from `object`.
-                    unsafe { engine.scatter(0, l, &blocks, 0, obj.at(section(l))) }
+                    unsafe { engine.scatter_section(0, l, &blocks, 0, obj.at(section(l))) }
                 }
             })
         });
@@ -100,7 +101,7 @@ fn transfer(c: &mut Criterion) {
             b.iter(|| {
                 (0..layers).into_par_iter().for_each(|l| {
                     // SAFETY: as above; tasks write disjoint engine rows.
-                    unsafe { engine.scatter(0, l, &blocks, 0, obj.at(section(l))) }
+                    unsafe { engine.scatter_section(0, l, &blocks, 0, obj.at(section(l))) }
                 })
             })
         });

@@ -215,7 +215,7 @@ fn corrupted_or_misplaced_values_are_misses() {
                 chunk_hash: *h,
                 cache_salt: "s".into(),
             };
-            String::from_utf8(b.cwm.tiers.l3.as_ref().unwrap().keys().chunk(&k)).unwrap()
+            String::from_utf8(b.cwm.tiers.l3().unwrap().keys().chunk(&k)).unwrap()
         })
         .collect();
     // Chunk 2: change the last payload byte. Chunk 1: chunk 3's record under chunk 1's key.
@@ -235,7 +235,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     register(&mut cb, 2, &dst);
     assert_eq!(lookup(&mut cb, "s", &t, "q"), 1, "only chunk 0 is servable");
-    let l3 = b.cwm.tiers.l3.as_ref().unwrap();
+    let l3 = b.cwm.tiers.l3().unwrap();
     assert_eq!(
         l3.counters.corrupt_records.load(Relaxed),
         2,
@@ -245,7 +245,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     for j in 0..16 {
         assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
     }
-    assert_eq!(b.cwm.tiers.l1.stats().objects, 2, "chunks 0 and 3 only");
+    assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
 }
 
 /// Redis killed during a burst of stores and lookups: every request is answered, nothing

@@ -249,7 +249,8 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine_mem::EngineKv;
+    use crate::engine_mem::shm::ShmKv;
+    use crate::engine_mem::EngineMemory;
 
     fn geometry(shape: KvShape) -> KvGeometry {
         KvGeometry {
@@ -266,8 +267,8 @@ mod tests {
     fn descriptors_open_as_the_layout_they_describe() {
         for shape in [KvShape::Nhd, KvShape::Hnd] {
             let kv = BenchKv::create("unit", geometry(shape)).unwrap();
-            let engine = EngineKv::open(&kv.descriptors(), Some(shape.hint())).unwrap();
-            let l = &engine.layout;
+            let engine = ShmKv::open(&kv.descriptors(), Some(shape.hint())).unwrap();
+            let l = engine.layout();
             assert_eq!(
                 (l.num_layers, l.num_blocks, l.block_size, l.num_heads),
                 (3, 5, 4, 2)

@@ -15,7 +15,11 @@
 
 use md5::{Digest, Md5};
 
-use super::{EngineKv, EngineMemError};
+use super::KvLayout;
+
+/// Appends `len` bytes of `layer`'s registered memory, starting `offset` bytes after the
+/// layer's start, to the buffer: how a backend lets the digests read its memory.
+pub type ReadRun<'a> = dyn Fn(usize, usize, usize, &mut Vec<u8>) + 'a;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Checksums {
@@ -24,18 +28,22 @@ pub enum Checksums {
     Layers(Vec<Vec<String>>),
 }
 
-/// Digests of `block_ids` in chunks of `chunk_blocks` blocks (the last chunk may be shorter).
+/// Digests of `block_ids` (bound-checked by the caller) in chunks of `chunk_blocks` blocks (the
+/// last chunk may be shorter), reading the engine's memory through `read`.
 pub fn block_checksums(
-    kv: &EngineKv,
+    layout: &KvLayout,
     block_ids: &[u32],
     chunk_blocks: usize,
     layerwise: bool,
-) -> Result<Checksums, EngineMemError> {
-    kv.check_blocks(block_ids)?;
+    read: &ReadRun<'_>,
+) -> Checksums {
     let chunks: Vec<&[u32]> = block_ids.chunks(chunk_blocks.max(1)).collect();
-    let layers = kv.layout.num_layers as usize;
+    let layers = layout.num_layers as usize;
     let mut buf = Vec::new();
-    Ok(if layerwise {
+    let mut digest = |layer: usize, c: &[u32], h: &mut Md5| {
+        h.update(logical_bytes(layout, layer, c, read, &mut buf))
+    };
+    if layerwise {
         Checksums::Layers(
             (0..layers)
                 .map(|layer| {
@@ -43,7 +51,7 @@ pub fn block_checksums(
                         .iter()
                         .map(|c| {
                             let mut h = Md5::new();
-                            h.update(logical_bytes(kv, layer, c, &mut buf));
+                            digest(layer, c, &mut h);
                             hex::encode(h.finalize())
                         })
                         .collect()
@@ -57,24 +65,24 @@ pub fn block_checksums(
                 .map(|c| {
                     let mut h = Md5::new();
                     for layer in 0..layers {
-                        h.update(logical_bytes(kv, layer, c, &mut buf));
+                        digest(layer, c, &mut h);
                     }
                     hex::encode(h.finalize())
                 })
                 .collect(),
         )
-    })
+    }
 }
 
 /// The bytes LMCache hashes for `blocks` of `layer`: the view indexed by `blocks` along the
 /// block axis, row-major, bf16 widened. `blocks` must have passed `check_blocks`.
 fn logical_bytes<'a>(
-    kv: &EngineKv,
+    l: &KvLayout,
     layer: usize,
     blocks: &[u32],
+    read: &ReadRun<'_>,
     buf: &'a mut Vec<u8>,
 ) -> &'a [u8] {
-    let l = &kv.layout;
     let (shape, stride, axis) = (&l.shape, &l.stride, l.block_axis);
     let isz = l.itemsize as usize;
     // The innermost dimensions that form one contiguous run (never the block axis).
@@ -101,9 +109,6 @@ fn logical_bytes<'a>(
     let runs: u64 = outer.iter().product();
     buf.clear();
     buf.reserve(runs as usize * run_bytes);
-    // SAFETY: the layout was checked at registration to lie within the layer's segment for
-    // every index of the view, and `blocks` are below the block axis' extent.
-    let base = unsafe { kv.layer_base[layer].add(l.layer_offsets[layer] as usize) };
     let mut idx = vec![0u64; inner];
     for _ in 0..runs {
         let elem: u64 = (0..inner)
@@ -116,9 +121,8 @@ fn logical_bytes<'a>(
                 i * stride[d]
             })
             .sum();
-        // SAFETY: as above; `elem * isz + run_bytes` stays within the view's byte span.
-        let src = unsafe { std::slice::from_raw_parts(base.add(elem as usize * isz), run_bytes) };
-        buf.extend_from_slice(src);
+        // `elem * isz + run_bytes` stays within the view's byte span for checked blocks.
+        read(layer, elem as usize * isz, run_bytes, buf);
         for d in (0..inner).rev() {
             idx[d] += 1;
             if idx[d] < outer[d] {
@@ -162,6 +166,7 @@ pub fn compress_ids(ids: &[u32]) -> Vec<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::engine_mem::shm::ShmSegment;
+    use crate::engine_mem::{EngineMemError, EngineMemory};
     use connector_protocol::{IpcDescriptor, TensorMetadata};
 
     fn segment(tag: &str, n: u64) -> ShmSegment {
@@ -182,7 +187,7 @@ mod tests {
         stride: &[u64],
         offsets: &[u64],
         hint: Option<&str>,
-    ) -> EngineKv {
+    ) -> Box<dyn EngineMemory> {
         let d: Vec<IpcDescriptor> = offsets
             .iter()
             .map(|&o| IpcDescriptor::CpuShm {
@@ -197,18 +202,18 @@ mod tests {
                 },
             })
             .collect();
-        EngineKv::open(&d, hint).unwrap()
+        crate::engine_mem::open(&d, hint).unwrap()
     }
 
     /// `kv`'s digests of `ids`, 2 blocks per chunk: aggregated, then per layer (2 layers).
-    fn check(kv: &EngineKv, ids: &[u32], chunks: [&str; 2], layers: [[&str; 2]; 2]) {
+    fn check(kv: &dyn EngineMemory, ids: &[u32], chunks: [&str; 2], layers: [[&str; 2]; 2]) {
         let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            block_checksums(kv, ids, 2, false).unwrap(),
+            kv.checksums(ids, 2, false).unwrap(),
             Checksums::Chunks(strs(&chunks))
         );
         assert_eq!(
-            block_checksums(kv, ids, 2, true).unwrap(),
+            kv.checksums(ids, 2, true).unwrap(),
             Checksums::Layers(layers.iter().map(|l| strs(l)).collect())
         );
     }
@@ -225,7 +230,7 @@ mod tests {
         let shape = [2, 4, 2, 2, 3];
         let kv = open(&seg, "bfloat16", &shape, &[48, 12, 6, 3, 1], &[0, 96], None);
         check(
-            &kv,
+            &*kv,
             &[3, 1, 2],
             [
                 "ee7f5ed26e4bb3d3818ee3ac4aeb8ac0",
@@ -258,7 +263,7 @@ mod tests {
             Some("BLHNC"),
         );
         check(
-            &kv,
+            &*kv,
             &[2, 0, 1],
             [
                 "6a8ba5bc4d00a19b90599eaabbdf0e7c",
@@ -289,7 +294,7 @@ mod tests {
             Some("BLHNC"),
         );
         assert!(matches!(
-            block_checksums(&kv, &[0, 3], 1, false),
+            kv.checksums(&[0, 3], 1, false),
             Err(EngineMemError::BlockId {
                 block: 3,
                 num_blocks: 3

@@ -1,22 +1,27 @@
 //! Access to an engine's paged KV memory: open what it registered, and copy chunks between its
-//! blocks and store objects (gather on store, scatter on retrieve).
+//! blocks and L1 objects (gather on store, scatter on retrieve).
 //!
 //! Owns bounds: every block id is checked against the registered geometry before any byte moves,
-//! and the geometry is checked against the mapped segment sizes at registration, so a bad
-//! request can fail but can never read or write outside what the engine registered.
+//! and the geometry is checked against the memory's size at registration, so a bad request can
+//! fail but can never read or write outside what the engine registered.
+//!
+//! Backends: `shm` (host memory in POSIX shared-memory segments, `cpu_shm` descriptors) and
+//! `cuda` (`cuda` / `cuda_raw` descriptors; this build answers them with a clear error). `open`
+//! is the one door: it picks the backend by descriptor kind.
 
 pub mod checksum;
+mod cuda;
 pub mod layout;
 pub mod shm;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::fmt;
 
 use connector_protocol::IpcDescriptor;
 use thiserror::Error;
 
+use crate::store::{ReadGuard, WriteGuard};
+pub use checksum::Checksums;
 pub use layout::{BlockShape, KvLayout, LayoutError};
-use shm::ShmSegment;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
@@ -40,181 +45,125 @@ pub enum EngineMemError {
     Layout(#[from] LayoutError),
     #[error("block id {block} out of range (the cache has {num_blocks} blocks)")]
     BlockId { block: u32, num_blocks: u64 },
+    #[error("descriptors mix kinds {first:?} and {other:?}: one engine's layers live in one kind of memory")]
+    MixedKinds { first: String, other: String },
+    #[error("no descriptors: the engine registered no KV memory")]
+    NoDescriptors,
+    #[error("object has {got} bytes, {blocks} blocks of this engine's layout need {want}")]
+    ObjectSize {
+        got: usize,
+        want: usize,
+        blocks: usize,
+    },
 }
 
-/// An engine's registered KV cache: mapped memory plus its layout.
-pub struct EngineKv {
-    pub layout: KvLayout,
-    /// Base pointer of each layer's storage (segment start; add `layout.layer_offsets[l]`).
-    layer_base: Vec<*mut u8>,
-    _segments: Vec<Arc<ShmSegment>>,
+/// Where an engine's KV memory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory (shared-memory segments).
+    Host,
+    /// A CUDA device, by ordinal.
+    Cuda(u32),
 }
 
-// The pointers target shared mappings owned by `_segments`, which live as long as `self`.
-unsafe impl Send for EngineKv {}
-unsafe impl Sync for EngineKv {}
-
-impl EngineKv {
-    /// Open every descriptor (one mapping per distinct segment) and derive the layout.
-    pub fn open(
-        descriptors: &[IpcDescriptor],
-        kv_layout_hint: Option<&str>,
-    ) -> Result<EngineKv, EngineMemError> {
-        let mut segments: HashMap<&str, Arc<ShmSegment>> = HashMap::new();
-        let mut layer_segments = Vec::with_capacity(descriptors.len());
-        let mut metadata = Vec::with_capacity(descriptors.len());
-        for d in descriptors {
-            match d {
-                IpcDescriptor::CpuShm {
-                    shm_name,
-                    nbytes,
-                    metadata: m,
-                } => {
-                    let seg = match segments.get(shm_name.as_str()) {
-                        Some(s) => s.clone(),
-                        None => {
-                            let s = Arc::new(ShmSegment::open(shm_name, *nbytes)?);
-                            segments.insert(shm_name, s.clone());
-                            s
-                        }
-                    };
-                    layer_segments.push(seg);
-                    metadata.push(m);
-                }
-                IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => {
-                    return Err(EngineMemError::CudaUnavailable(d.kind().to_string()))
-                }
-                IpcDescriptor::Unsupported { kind } => {
-                    return Err(EngineMemError::UnsupportedKind(kind.clone()))
-                }
-            }
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Host => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
-        let layout = KvLayout::from_tensors(&metadata, kv_layout_hint)?;
-        for (layer, (seg, &span)) in layer_segments.iter().zip(&layout.layer_spans).enumerate() {
-            if span > seg.len() {
-                return Err(EngineMemError::OutOfSegment {
-                    layer,
-                    span,
-                    len: seg.len(),
-                });
-            }
-        }
-        let layer_base = layer_segments.iter().map(|s| s.as_mut_ptr()).collect();
-        let mut unique: Vec<Arc<ShmSegment>> = segments.into_values().collect();
-        unique.sort_by(|a, b| a.name().cmp(b.name()));
-        Ok(EngineKv {
-            layout,
-            layer_base,
-            _segments: unique,
-        })
     }
+}
 
-    pub fn check_blocks(&self, blocks: &[u32]) -> Result<(), EngineMemError> {
-        let num_blocks = self.layout.num_blocks;
+/// One chunk of a store: the engine blocks holding its tokens, in order, and the reserved L1
+/// object they are copied into.
+pub struct Gather<'a> {
+    pub blocks: &'a [u32],
+    pub object: &'a WriteGuard,
+}
+
+/// One chunk of a retrieve: the engine blocks to fill, in order, the first `skip_blocks` of
+/// them left untouched (the engine already has those tokens), and the L1 object read from.
+pub struct Scatter<'a> {
+    pub blocks: &'a [u32],
+    pub skip_blocks: usize,
+    pub object: &'a ReadGuard,
+}
+
+/// An engine's registered KV memory, whatever holds it.
+///
+/// A backend is a file in `engine_mem/` implementing this trait, plus one arm in [`open`]
+/// naming the descriptor kind it opens. It owns how copies are split and run (the shm backend
+/// fans sections out over the rayon pool; a device backend would queue them on a stream and
+/// wait on the engine's `event` first). Objects are canonical (`KvLayout::object_bytes`), so
+/// every backend shares cache entries with every other.
+pub trait EngineMemory: Send + Sync {
+    /// The geometry derived from the registered tensors.
+    fn layout(&self) -> &KvLayout;
+
+    /// Where the memory lives.
+    fn device(&self) -> Device;
+
+    /// Every id in range, or the first that is not.
+    fn check_blocks(&self, blocks: &[u32]) -> Result<(), EngineMemError> {
+        let num_blocks = self.layout().num_blocks;
         match blocks.iter().find(|&&b| b as u64 >= num_blocks) {
             Some(&block) => Err(EngineMemError::BlockId { block, num_blocks }),
             None => Ok(()),
         }
     }
 
-    /// Bytes of the object section of one (plane, layer) for a chunk of `blocks`.
-    pub fn section_bytes(&self, blocks: usize) -> usize {
-        (blocks as u64 * self.layout.block_size * self.layout.row_bytes()) as usize
-    }
+    /// Copy each chunk's blocks into its object. `event` is the engine's IPC event handle for
+    /// the store (empty when it sent none): work the engine queued before it must be complete
+    /// before the copy reads.
+    fn gather(&self, chunks: &[Gather<'_>], event: &[u8]) -> Result<(), EngineMemError>;
 
-    /// Byte offset of the (plane, layer) section in an object of `chunk_tokens` tokens.
-    pub fn section_offset(&self, plane: u64, layer: u64, chunk_tokens: u64) -> usize {
-        ((plane * self.layout.num_layers + layer) * chunk_tokens * self.layout.row_bytes()) as usize
-    }
+    /// Copy each chunk's object into its blocks; null blocks (id 0) are never written.
+    fn scatter(&self, chunks: &[Scatter<'_>], event: &[u8]) -> Result<(), EngineMemError>;
 
-    /// Copy the `(plane, layer)` rows of `blocks` from the engine into `section`
-    /// (`section_bytes(blocks.len())` bytes, token-major).
-    ///
-    /// # Safety
-    /// `blocks` must have passed `check_blocks`, `section` must be valid for writes of
-    /// `section_bytes(blocks.len())` bytes and not overlap engine memory.
-    pub unsafe fn gather(&self, plane: u64, layer: u64, blocks: &[u32], section: *mut u8) {
-        self.for_each_run(
-            plane,
-            layer,
-            blocks,
-            |_, _| true,
-            |engine, object, len| std::ptr::copy_nonoverlapping(engine, section.add(object), len),
-        );
-    }
-
-    /// Copy `section` into the `(plane, layer)` rows of `blocks`, leaving the first
-    /// `skip_blocks` blocks of the list and every null block (id 0) untouched.
-    ///
-    /// # Safety
-    /// As for `gather`, with `section` valid for reads.
-    pub unsafe fn scatter(
+    /// LMCache's `/cache/checksums` digests of `blocks`, `chunk_blocks` per chunk.
+    fn checksums(
         &self,
-        plane: u64,
-        layer: u64,
         blocks: &[u32],
-        skip_blocks: usize,
-        section: *const u8,
-    ) {
-        self.for_each_run(
-            plane,
-            layer,
-            blocks,
-            |j, b| j >= skip_blocks && b != 0,
-            |engine, object, len| std::ptr::copy_nonoverlapping(section.add(object), engine, len),
-        );
-    }
+        chunk_blocks: usize,
+        layerwise: bool,
+    ) -> Result<Checksums, EngineMemError>;
 
-    /// Visit every contiguous run of the (plane, layer) rows of the blocks `wanted(index, id)`
-    /// selects: `f(engine_ptr, object_offset, len)`.
-    unsafe fn for_each_run(
-        &self,
-        plane: u64,
-        layer: u64,
-        blocks: &[u32],
-        wanted: impl Fn(usize, u32) -> bool,
-        mut f: impl FnMut(*mut u8, usize, usize),
-    ) {
-        let l = &self.layout;
-        let base = self.layer_base[layer as usize]
-            .add((l.layer_offsets[layer as usize] + plane * l.plane_stride) as usize);
-        let row = l.row_bytes() as usize;
-        let bs = l.block_size as usize;
-        let shape = l.block_shape();
-        for (j, &b) in blocks.iter().enumerate() {
-            if !wanted(j, b) {
-                continue;
-            }
-            let block = base.add((b as u64 * l.block_stride) as usize);
-            let object = j * bs * row;
-            match shape {
-                BlockShape::Contiguous => f(block, object, bs * row),
-                BlockShape::RowMajor => {
-                    for t in 0..bs {
-                        f(
-                            block.add(t * l.token_stride as usize),
-                            object + t * row,
-                            row,
-                        )
-                    }
-                }
-                BlockShape::Strided => {
-                    // Token-major, as the object is: its side then moves sequentially and
-                    // only the engine side jumps (~10-20% faster than head-major on HND;
-                    // BENCHMARKS.md).
-                    let hb = l.head_bytes as usize;
-                    for t in 0..bs {
-                        let token = block.add(t * l.token_stride as usize);
-                        for h in 0..l.num_heads as usize {
-                            f(
-                                token.add(h * l.head_stride as usize),
-                                object + t * row + h * hb,
-                                hb,
-                            )
-                        }
-                    }
-                }
-            }
+    /// Checks shared by every backend before a copy: ids in range, objects the right size.
+    fn check_copy(&self, blocks: &[u32], object_len: usize) -> Result<(), EngineMemError> {
+        self.check_blocks(blocks)?;
+        let l = self.layout();
+        let want = l.object_bytes(blocks.len() as u64 * l.block_size) as usize;
+        if object_len != want {
+            return Err(EngineMemError::ObjectSize {
+                got: object_len,
+                want,
+                blocks: blocks.len(),
+            });
         }
+        Ok(())
+    }
+}
+
+/// Open an engine's registered memory with the backend for its descriptors' kind.
+pub fn open(
+    descriptors: &[IpcDescriptor],
+    kv_layout_hint: Option<&str>,
+) -> Result<Box<dyn EngineMemory>, EngineMemError> {
+    let first = descriptors.first().ok_or(EngineMemError::NoDescriptors)?;
+    if let Some(other) = descriptors.iter().find(|d| d.kind() != first.kind()) {
+        return Err(EngineMemError::MixedKinds {
+            first: first.kind().to_string(),
+            other: other.kind().to_string(),
+        });
+    }
+    match first {
+        IpcDescriptor::CpuShm { .. } => {
+            Ok(Box::new(shm::ShmKv::open(descriptors, kv_layout_hint)?))
+        }
+        IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => {
+            cuda::open(descriptors, kv_layout_hint)
+        }
+        IpcDescriptor::Unsupported { kind } => Err(EngineMemError::UnsupportedKind(kind.clone())),
     }
 }

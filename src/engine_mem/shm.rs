@@ -1,17 +1,310 @@
-//! POSIX shared-memory segments registered by an engine (`cpu_shm` descriptors).
+//! The host-memory backend: an engine's KV cache in POSIX shared-memory segments (`cpu_shm`
+//! descriptors).
 //!
 //! A segment is opened by name (`/dev/shm/<name>`, which is what `shm_open` resolves to on
 //! Linux) and mapped shared, read-write, for the lifetime of the registration. The engine may
 //! unlink the name meanwhile; the mapping stays valid. Memory is accessed through raw pointers
 //! because the engine writes it concurrently: no Rust reference ever covers it.
+//!
+//! A copy is split into (chunk, plane, layer) sections that run in parallel on the rayon pool;
+//! each section is one task's alone, on both sides.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use connector_protocol::IpcDescriptor;
 use memmap2::{MmapOptions, MmapRaw};
+use rayon::prelude::*;
 
-use super::EngineMemError;
+use super::checksum::{self, Checksums};
+use super::{BlockShape, Device, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
+
+/// An engine's KV cache in shared-memory segments: the mappings plus the layout.
+pub struct ShmKv {
+    layout: KvLayout,
+    /// Base pointer of each layer's storage (segment start; add `layout.layer_offsets[l]`).
+    layer_base: Vec<*mut u8>,
+    _segments: Vec<Arc<ShmSegment>>,
+}
+
+// SAFETY: the pointers target shared mappings owned by `_segments`, which live as long as
+// `self`; they are only dereferenced for bound-checked copies, never as references.
+unsafe impl Send for ShmKv {}
+// SAFETY: as above; `&ShmKv` hands out no access that is not a raw copy.
+unsafe impl Sync for ShmKv {}
+
+/// A section's object-side pointer, moved to the rayon task that alone copies it.
+#[derive(Clone, Copy)]
+struct Section(*mut u8);
+// SAFETY: each section is a disjoint range of an object pinned for the copy's duration, and
+// exactly one task touches it.
+unsafe impl Send for Section {}
+// SAFETY: as above.
+unsafe impl Sync for Section {}
+
+impl ShmKv {
+    /// Open every descriptor (one mapping per distinct segment) and derive the layout.
+    pub fn open(
+        descriptors: &[IpcDescriptor],
+        kv_layout_hint: Option<&str>,
+    ) -> Result<ShmKv, EngineMemError> {
+        let mut segments: HashMap<&str, Arc<ShmSegment>> = HashMap::new();
+        let mut layer_segments = Vec::with_capacity(descriptors.len());
+        let mut metadata = Vec::with_capacity(descriptors.len());
+        for d in descriptors {
+            let IpcDescriptor::CpuShm {
+                shm_name,
+                nbytes,
+                metadata: m,
+            } = d
+            else {
+                return Err(EngineMemError::UnsupportedKind(d.kind().to_string()));
+            };
+            let seg = match segments.get(shm_name.as_str()) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(ShmSegment::open(shm_name, *nbytes)?);
+                    segments.insert(shm_name, s.clone());
+                    s
+                }
+            };
+            layer_segments.push(seg);
+            metadata.push(m);
+        }
+        let layout = KvLayout::from_tensors(&metadata, kv_layout_hint)?;
+        for (layer, (seg, &span)) in layer_segments.iter().zip(&layout.layer_spans).enumerate() {
+            if span > seg.len() {
+                return Err(EngineMemError::OutOfSegment {
+                    layer,
+                    span,
+                    len: seg.len(),
+                });
+            }
+        }
+        let layer_base = layer_segments.iter().map(|s| s.as_mut_ptr()).collect();
+        let mut unique: Vec<Arc<ShmSegment>> = segments.into_values().collect();
+        unique.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(ShmKv {
+            layout,
+            layer_base,
+            _segments: unique,
+        })
+    }
+
+    /// Bytes of the object section of one (plane, layer) for a chunk of `blocks`.
+    pub fn section_bytes(&self, blocks: usize) -> usize {
+        (blocks as u64 * self.layout.block_size * self.layout.row_bytes()) as usize
+    }
+
+    /// Byte offset of the (plane, layer) section in an object of `chunk_tokens` tokens.
+    pub fn section_offset(&self, plane: u64, layer: u64, chunk_tokens: u64) -> usize {
+        ((plane * self.layout.num_layers + layer) * chunk_tokens * self.layout.row_bytes()) as usize
+    }
+
+    /// The (plane, layer, byte offset) of every section of an object of `chunk_tokens`.
+    fn sections(&self, chunk_tokens: u64) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
+        let l = &self.layout;
+        (0..l.planes).flat_map(move |p| {
+            (0..l.num_layers)
+                .map(move |layer| (p, layer, self.section_offset(p, layer, chunk_tokens)))
+        })
+    }
+
+    /// Copy the `(plane, layer)` rows of `blocks` from the engine into `section`
+    /// (`section_bytes(blocks.len())` bytes, token-major).
+    ///
+    /// # Safety
+    /// `blocks` must have passed `check_blocks`, `section` must be valid for writes of
+    /// `section_bytes(blocks.len())` bytes and not overlap engine memory.
+    pub unsafe fn gather_section(&self, plane: u64, layer: u64, blocks: &[u32], section: *mut u8) {
+        self.for_each_run(
+            plane,
+            layer,
+            blocks,
+            |_, _| true,
+            // SAFETY: `for_each_run` yields in-bounds engine runs and object offsets inside
+            // the section (the caller's contract).
+            |engine, object, len| unsafe {
+                std::ptr::copy_nonoverlapping(engine, section.add(object), len)
+            },
+        );
+    }
+
+    /// Copy `section` into the `(plane, layer)` rows of `blocks`, leaving the first
+    /// `skip_blocks` blocks of the list and every null block (id 0) untouched.
+    ///
+    /// # Safety
+    /// As for `gather_section`, with `section` valid for reads.
+    pub unsafe fn scatter_section(
+        &self,
+        plane: u64,
+        layer: u64,
+        blocks: &[u32],
+        skip_blocks: usize,
+        section: *const u8,
+    ) {
+        self.for_each_run(
+            plane,
+            layer,
+            blocks,
+            |j, b| j >= skip_blocks && b != 0,
+            // SAFETY: as in `gather_section`.
+            |engine, object, len| unsafe {
+                std::ptr::copy_nonoverlapping(section.add(object), engine, len)
+            },
+        );
+    }
+
+    /// Visit every contiguous run of the (plane, layer) rows of the blocks `wanted(index, id)`
+    /// selects: `f(engine_ptr, object_offset, len)`.
+    ///
+    /// # Safety
+    /// `blocks` must have passed `check_blocks` and `plane`/`layer` be in range.
+    unsafe fn for_each_run(
+        &self,
+        plane: u64,
+        layer: u64,
+        blocks: &[u32],
+        wanted: impl Fn(usize, u32) -> bool,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) {
+        let l = &self.layout;
+        // SAFETY (all `add`s below): registration checked that every layer's span, which
+        // covers every (plane, block < num_blocks, token, head) offset, lies in its segment.
+        let base = unsafe {
+            self.layer_base[layer as usize]
+                .add((l.layer_offsets[layer as usize] + plane * l.plane_stride) as usize)
+        };
+        let row = l.row_bytes() as usize;
+        let bs = l.block_size as usize;
+        let shape = l.block_shape();
+        for (j, &b) in blocks.iter().enumerate() {
+            if !wanted(j, b) {
+                continue;
+            }
+            let block = unsafe { base.add((b as u64 * l.block_stride) as usize) };
+            let object = j * bs * row;
+            match shape {
+                BlockShape::Contiguous => f(block, object, bs * row),
+                BlockShape::RowMajor => {
+                    for t in 0..bs {
+                        f(
+                            unsafe { block.add(t * l.token_stride as usize) },
+                            object + t * row,
+                            row,
+                        )
+                    }
+                }
+                BlockShape::Strided => {
+                    // Token-major, as the object is: its side then moves sequentially and
+                    // only the engine side jumps (~10-20% faster than head-major on HND;
+                    // BENCHMARKS.md).
+                    let hb = l.head_bytes as usize;
+                    for t in 0..bs {
+                        let token = unsafe { block.add(t * l.token_stride as usize) };
+                        for h in 0..l.num_heads as usize {
+                            f(
+                                unsafe { token.add(h * l.head_stride as usize) },
+                                object + t * row + h * hb,
+                                hb,
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl EngineMemory for ShmKv {
+    fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    fn device(&self) -> Device {
+        Device::Host
+    }
+
+    fn gather(&self, chunks: &[Gather<'_>], _event: &[u8]) -> Result<(), EngineMemError> {
+        for c in chunks {
+            self.check_copy(c.blocks, c.object.len())?;
+        }
+        let chunk_tokens = |c: &Gather| c.blocks.len() as u64 * self.layout.block_size;
+        let sections: Vec<(usize, u64, u64, Section)> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let base = c.object.as_mut_ptr();
+                // SAFETY: section offsets lie inside the object (its size was checked above).
+                self.sections(chunk_tokens(c))
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
+            .collect();
+        sections.par_iter().for_each(|&(i, p, l, dst)| {
+            // SAFETY: blocks were bound-checked above; `dst` is this task's own section of a
+            // reserved object, `section_bytes(blocks.len())` long.
+            unsafe { self.gather_section(p, l, chunks[i].blocks, dst.0) }
+        });
+        Ok(())
+    }
+
+    fn scatter(&self, chunks: &[Scatter<'_>], _event: &[u8]) -> Result<(), EngineMemError> {
+        for c in chunks {
+            self.check_copy(c.blocks, c.object.len())?;
+        }
+        let chunk_tokens = |c: &Scatter| c.blocks.len() as u64 * self.layout.block_size;
+        let sections: Vec<(usize, u64, u64, Section)> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let base = c.object.as_ptr() as *mut u8;
+                // SAFETY: section offsets lie inside the object (its size was checked above).
+                self.sections(chunk_tokens(c))
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
+            .collect();
+        sections.par_iter().for_each(|&(i, p, l, src)| {
+            let c = &chunks[i];
+            // SAFETY: bound-checked blocks; `src` is a section of an object pinned by its
+            // `ReadGuard` for the duration of the copy.
+            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src.0) }
+        });
+        Ok(())
+    }
+
+    fn checksums(
+        &self,
+        blocks: &[u32],
+        chunk_blocks: usize,
+        layerwise: bool,
+    ) -> Result<Checksums, EngineMemError> {
+        self.check_blocks(blocks)?;
+        Ok(checksum::block_checksums(
+            &self.layout,
+            blocks,
+            chunk_blocks,
+            layerwise,
+            &|layer, offset, len, out| {
+                // SAFETY: `block_checksums` asks only for runs of the registered view of
+                // checked blocks, which registration proved lie inside the layer's segment.
+                let src = unsafe {
+                    self.layer_base[layer].add(self.layout.layer_offsets[layer] as usize + offset)
+                };
+                let start = out.len();
+                out.reserve(len);
+                // SAFETY: `out` has room for `len` more bytes; raw copy, since the engine may
+                // write its memory concurrently.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src, out.as_mut_ptr().add(start), len);
+                    out.set_len(start + len);
+                }
+            },
+        ))
+    }
+}
 
 pub struct ShmSegment {
     name: String,

@@ -7,7 +7,7 @@ use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints};
 
 use super::registry::Instance;
 use super::{Cwm, OpError};
-use crate::engine_mem::EngineKv;
+use crate::engine_mem::{self, EngineMemory};
 
 impl Cwm {
     pub(super) fn register_kv_cache(&self, f: &[&[u8]]) -> Result<(), OpError> {
@@ -38,13 +38,14 @@ impl Cwm {
                 model,
                 world_size,
                 engine,
-                layers = kv.layout.num_layers,
-                blocks = kv.layout.num_blocks,
-                block_size = kv.layout.block_size,
-                heads = kv.layout.num_heads,
-                planes = kv.layout.planes,
-                dtype = %kv.layout.dtype,
-                layout = ?kv.layout.block_shape(),
+                layers = kv.layout().num_layers,
+                blocks = kv.layout().num_blocks,
+                block_size = kv.layout().block_size,
+                heads = kv.layout().num_heads,
+                planes = kv.layout().planes,
+                dtype = %kv.layout().dtype,
+                device = %kv.device(),
+                layout = ?kv.layout().block_shape(),
                 "registered KV cache"
             ),
             Err(reason) => tracing::error!(
@@ -63,15 +64,15 @@ impl Cwm {
         descriptors: &[ipc::IpcDescriptor],
         hint: Option<&str>,
         groups: &[EngineGroupInfo],
-    ) -> Result<EngineKv, String> {
+    ) -> Result<Box<dyn EngineMemory>, String> {
         let [group] = groups else {
             return Err(format!(
                 "{} engine groups (hybrid models are not supported yet; exactly one is)",
                 groups.len()
             ));
         };
-        let kv = EngineKv::open(descriptors, hint).map_err(|e| e.to_string())?;
-        kv.layout
+        let kv = engine_mem::open(descriptors, hint).map_err(|e| e.to_string())?;
+        kv.layout()
             .check_chunking(
                 self.settings.chunk_size as u64,
                 group.tokens_per_block as u64,

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::engine_mem::EngineKv;
+use crate::engine_mem::EngineMemory;
 
 pub struct Instance {
     pub id: u64,
     pub model: Arc<str>,
     pub world_size: u32,
     /// The engine memory, or why this instance cannot transfer.
-    pub kv: Result<EngineKv, String>,
+    pub kv: Result<Box<dyn EngineMemory>, String>,
     liveness: Mutex<Liveness>,
 }
 
@@ -54,7 +54,12 @@ impl Liveness {
 }
 
 impl Instance {
-    pub fn new(id: u64, model: &str, world_size: u32, kv: Result<EngineKv, String>) -> Instance {
+    pub fn new(
+        id: u64,
+        model: &str,
+        world_size: u32,
+        kv: Result<Box<dyn EngineMemory>, String>,
+    ) -> Instance {
         Instance {
             id,
             model: model.into(),

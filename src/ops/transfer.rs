@@ -1,16 +1,15 @@
 //! `store` and `retrieve`: copy chunks between an engine's paged KV memory and L1 objects.
 //!
 //! Both validate everything (instance, range, block lists, block ids) before a byte moves, then
-//! split the copy into (chunk, plane, layer) sections and run them across cores. A store
-//! publishes each object only after all its sections are written; a retrieve reads objects
+//! hand the chunks to the instance's engine memory (`engine_mem::EngineMemory`), which runs the
+//! copy. A store publishes each object only after it is written; a retrieve reads objects
 //! pinned for the duration of the copy and then releases the lookup's read locks.
 
 use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
-use rayon::prelude::*;
 use thiserror::Error;
 
 use super::{Cwm, OpError};
-use crate::engine_mem::{EngineKv, EngineMemError};
+use crate::engine_mem::{EngineMemError, EngineMemory, Gather, Scatter};
 use crate::store::{ReadGuard, Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -49,12 +48,6 @@ pub enum TransferError {
     },
 }
 
-/// A raw section pointer that may cross to a rayon worker (each section is written by one task).
-#[derive(Clone, Copy)]
-struct Section(*mut u8);
-unsafe impl Send for Section {}
-unsafe impl Sync for Section {}
-
 /// A validated request: the chunks of `[start, end)` with their keys and block-id slices.
 struct Plan<'a> {
     keys: Vec<ObjectKey>,
@@ -91,7 +84,7 @@ impl Cwm {
     fn plan<'a>(
         &self,
         key: &IpcCacheServerKey,
-        kv: &EngineKv,
+        kv: &dyn EngineMemory,
         block_ids: &'a [Vec<u32>],
     ) -> Result<Plan<'a>, TransferError> {
         let keys = self.range_keys(key)?;
@@ -101,7 +94,7 @@ impl Cwm {
                 want: 1,
             });
         };
-        let blocks_per_chunk = self.settings.chunk_size / kv.layout.block_size as usize;
+        let blocks_per_chunk = self.settings.chunk_size / kv.layout().block_size as usize;
         let need = keys.len() * blocks_per_chunk;
         if blocks.len() < need {
             return Err(TransferError::ShortBlocks {
@@ -151,22 +144,22 @@ impl Cwm {
         key: &IpcCacheServerKey,
         instance_id: u64,
         block_ids: &[Vec<u32>],
+        event: &[u8],
     ) -> Result<(), OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
-        let kv = inst.kv.as_ref().expect("checked usable");
+        let kv = inst.kv.as_deref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
         let chunk_tokens = self.settings.chunk_size as u64;
-        let object_bytes = kv.layout.object_bytes(chunk_tokens);
+        let object_bytes = kv.layout().object_bytes(chunk_tokens);
         // Reserve every chunk that needs writing; present and null chunks are skipped, and a
         // chunk that finds no space is skipped too (the store still succeeds, as in LMCache).
         let mut writes: Vec<(usize, WriteGuard)> = Vec::new();
         for (c, key) in plan.keys.iter().enumerate() {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
-            if blocks.iter().all(|&b| b == 0) {
+            if plan.chunk_blocks(c).iter().all(|&b| b == 0) {
                 continue;
             }
-            match self.tiers.l1.reserve(key, object_bytes) {
+            match self.tiers.reserve(key, object_bytes) {
                 Reservation::Reserved(w) => writes.push((c, w)),
                 Reservation::Present => {}
                 Reservation::NoSpace => tracing::warn!(
@@ -176,27 +169,20 @@ impl Cwm {
                 ),
             }
         }
-        let sections: Vec<(usize, u64, u64, Section)> = writes
+        let chunks: Vec<Gather> = writes
             .iter()
-            .flat_map(|(c, w)| {
-                sections(kv, chunk_tokens)
-                    .map(move |(p, l, off)| (*c, p, l, Section(unsafe { w.as_mut_ptr().add(off) })))
+            .map(|(c, w)| Gather {
+                blocks: plan.chunk_blocks(*c),
+                object: w,
             })
             .collect();
-        sections.par_iter().for_each(|&(c, p, l, dst)| {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
-            // SAFETY: blocks were bound-checked in `plan`; `dst` is this task's own section of a
-            // reserved object, sized `section_bytes(blocks_per_chunk)`.
-            unsafe { kv.gather(p, l, blocks, dst.0) }
-        });
+        kv.gather(&chunks, event).map_err(TransferError::from)?;
+        drop(chunks);
         let stored = writes.len();
-        let mut committed = Vec::with_capacity(stored);
-        for (c, w) in writes {
-            w.commit();
-            committed.push(plan.keys[c].clone());
-        }
-        self.tiers
-            .committed(committed, object_bytes, kv.layout.itemsize as u8);
+        self.tiers.commit(
+            writes.into_iter().map(|(_, w)| w),
+            kv.layout().itemsize as u8,
+        );
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         self.record_chain(key);
@@ -220,58 +206,41 @@ impl Cwm {
         key: &IpcCacheServerKey,
         instance_id: u64,
         block_ids: &[Vec<u32>],
+        event: &[u8],
         skip_tokens: u64,
     ) -> Result<(), OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
-        let kv = inst.kv.as_ref().expect("checked usable");
+        let kv = inst.kv.as_deref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
-        let chunk_tokens = self.settings.chunk_size as u64;
-        let reads: Vec<Option<ReadGuard>> =
-            plan.keys.iter().map(|k| self.tiers.l1.read(k)).collect();
+        let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.tiers.read(k)).collect();
         // One lookup lock per object read is released whatever happens next.
+        let first = key.start as usize / self.settings.chunk_size;
         let release = || {
             self.tiers
-                .l1
-                .unlock(reads.iter().flatten().map(|g| g.key()), 1)
+                .unlock(reads.iter().flatten().map(|g| g.key()), 1);
+            self.lookup_locks_released(&key.request_id, first..first + reads.len());
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
             release();
             self.counters.record_retrieve_miss();
             return Err(TransferError::Missing(missing).into());
         }
-        let object_bytes = kv.layout.object_bytes(chunk_tokens) as usize;
-        if let Some(bad) = reads
-            .iter()
-            .flatten()
-            .find(|g| g.as_slice().len() != object_bytes)
-        {
-            release();
-            return Err(OpError::ObjectSize {
-                key: bad.key().clone(),
-                got: bad.as_slice().len(),
-                want: object_bytes,
-            });
-        }
-        let skip_blocks = (skip_tokens / kv.layout.block_size) as usize;
-        let sections: Vec<(usize, u64, u64, Section)> = reads
+        let skip_blocks = (skip_tokens / kv.layout().block_size) as usize;
+        let chunks: Vec<Scatter> = reads
             .iter()
             .enumerate()
-            .flat_map(|(c, g)| {
-                let base = g.as_ref().expect("all present").as_slice().as_ptr() as *mut u8;
-                sections(kv, chunk_tokens)
-                    .map(move |(p, l, off)| (c, p, l, Section(unsafe { base.add(off) })))
+            .map(|(c, g)| Scatter {
+                blocks: plan.chunk_blocks(c),
+                skip_blocks: skip_blocks.saturating_sub(c * plan.blocks_per_chunk),
+                object: g.as_ref().expect("all present"),
             })
             .collect();
-        sections.par_iter().for_each(|&(c, p, l, src)| {
-            let blocks = &plan.blocks[c * plan.blocks_per_chunk..(c + 1) * plan.blocks_per_chunk];
-            let skip = skip_blocks.saturating_sub(c * plan.blocks_per_chunk);
-            // SAFETY: bound-checked blocks; `src` is a section of an object pinned by `reads`.
-            unsafe { kv.scatter(p, l, blocks, skip, src.0) }
-        });
+        let copied = kv.scatter(&chunks, event);
         release();
-        self.counters
-            .record_retrieve(reads.len() as u64, (reads.len() * object_bytes) as u64);
+        copied.map_err(TransferError::from)?;
+        let bytes = reads.iter().flatten().map(|g| g.len() as u64).sum();
+        self.counters.record_retrieve(reads.len() as u64, bytes);
         Ok(())
     }
 
@@ -291,10 +260,9 @@ impl Cwm {
     }
 }
 
-/// The (plane, layer, byte offset) of every section of one object.
-fn sections(kv: &EngineKv, chunk_tokens: u64) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
-    let l = &kv.layout;
-    (0..l.planes).flat_map(move |p| {
-        (0..l.num_layers).map(move |layer| (p, layer, kv.section_offset(p, layer, chunk_tokens)))
-    })
+impl Plan<'_> {
+    /// The engine blocks of chunk `c`.
+    fn chunk_blocks(&self, c: usize) -> &[u32] {
+        &self.blocks[c * self.blocks_per_chunk..(c + 1) * self.blocks_per_chunk]
+    }
 }

@@ -186,8 +186,13 @@ async fn cache_clear(
             .into_response());
     }
     let force = req.force;
-    let dropped = blocking(w, move |w| w.cwm.tiers.l1.clear(force)).await?;
-    tracing::info!(force, dropped, "cache cleared via HTTP");
+    let cleared = blocking(w, move |w| w.cwm.tiers.clear(force)).await?;
+    tracing::info!(
+        force,
+        l1 = cleared.l1,
+        lower = cleared.lower,
+        "cache cleared via HTTP"
+    );
     Ok(Json(json!({"status": "ok", "cleared": {"tier": "l1"}})))
 }
 
@@ -215,7 +220,7 @@ async fn cache_checksums(
     State(w): State<Arc<Windows>>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, Response> {
-    use crate::engine_mem::checksum::{block_checksums, compress_ids, Checksums};
+    use crate::engine_mem::checksum::{compress_ids, Checksums};
     let req: ChecksumRequest = serde_json::from_slice(&body).map_err(|e| {
         detail(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -242,7 +247,8 @@ async fn cache_checksums(
     let ids = req.block_ids;
     let (ids, result) = blocking(w, move |_| {
         let r = match &inst.kv {
-            Ok(kv) => block_checksums(kv, &ids, chunk, layerwise)
+            Ok(kv) => kv
+                .checksums(&ids, chunk, layerwise)
                 .map_err(|e| detail(StatusCode::BAD_REQUEST, e.to_string())),
             Err(reason) => Err(detail(
                 StatusCode::NOT_IMPLEMENTED,

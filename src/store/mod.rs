@@ -1,12 +1,14 @@
-//! The native tensor store: L1 (memory), L2 (disk), L3 (Redis), together in `tiered`.
-//! Knows nothing of ZMQ, MCP or vLLM: it stores bytes under `ObjectKey`s.
+//! The native tensor store: L1 in memory and the tiers behind it (`tier::Tier`: the disk
+//! and Redis), behind one facade (`tiered::Tiers`). Knows nothing of ZMQ, MCP, vLLM or engine
+//! memory: it stores bytes under `ObjectKey`s.
 
 pub mod arena;
 pub mod codec;
 pub mod disk;
 pub mod l1;
 pub mod l3;
+pub mod record;
+pub mod tier;
 pub mod tiered;
-pub mod write_queue;
 
 pub use l1::{L1Config, L1Store, ReadGuard, Reservation, WriteGuard};

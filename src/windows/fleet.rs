@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use connector_protocol::ObjectKey;
 
 use super::catalog::Window;
-use super::{WindowError, Windows, ITEMSIZE};
+use super::{WindowError, Windows};
 use crate::store::l3::L3;
 
 /// Records pushed per batch by a freeze: bounds the memory of encoded records in flight.
@@ -25,7 +25,7 @@ const PUSH_BATCH: usize = 8;
 
 impl Windows {
     pub(super) fn l3(&self) -> Option<&L3> {
-        self.cwm.tiers.l3.as_deref()
+        self.cwm.tiers.l3().map(|l| &**l)
     }
 
     /// Bring the local catalog in line with the manifests in Redis. Call under `op_lock`.
@@ -90,10 +90,7 @@ impl Windows {
             for keys in w.data_keys().chunks(PUSH_BATCH) {
                 let mut records = Vec::with_capacity(keys.len());
                 for k in keys {
-                    let raw = self
-                        .object_bytes(k)
-                        .ok_or_else(|| WindowError::Vanished(Box::new(k.clone())))?;
-                    records.push((k.clone(), l3.record(k, &raw, ITEMSIZE)));
+                    records.push((k.clone(), self.record_of(l3, k)?));
                 }
                 l3.put(records, false).map_err(|e| fleet_err(&e))?;
             }
@@ -127,19 +124,10 @@ impl Windows {
         }
     }
 
-    /// Make `keys` resident in L1 from Redis where they are in neither L1 nor L2. Returns how
-    /// many were read from Redis.
+    /// Make `keys` resident in L1 from Redis where no local tier holds them. Returns how many
+    /// were read from Redis.
     pub(super) fn fetch_from_l3(&self, keys: &[ObjectKey]) -> u64 {
-        let Some(l3) = self.l3() else { return 0 };
-        let missing: Vec<ObjectKey> = keys
-            .iter()
-            .filter(|k| !self.cwm.tiers.available(k))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return 0;
-        }
-        l3.promote(&self.cwm.tiers.l1, &missing).len() as u64
+        self.cwm.tiers.promote_from_l3(keys)
     }
 
     /// How many chunks of `w` have every rank's record in Redis (None without L3 or while it is
@@ -162,28 +150,22 @@ impl Windows {
         )
     }
 
-    /// The object bytes of `key` from L1, else L2.
-    fn object_bytes(&self, key: &ObjectKey) -> Option<Vec<u8>> {
+    /// The record of `key`: encoded from L1, else the local tier's verbatim.
+    fn record_of(&self, l3: &L3, key: &ObjectKey) -> Result<Vec<u8>, WindowError> {
         let t = &self.cwm.tiers;
-        if let Some(g) = t.l1.read(key) {
-            return Some(g.as_slice().to_vec());
+        if let Some(g) = t.read(key) {
+            return Ok(l3.record(key, g.as_slice(), g.itemsize()));
         }
-        let l2 = t.l2.as_ref()?;
-        let mut out = vec![0; l2.raw_len(key)? as usize];
-        l2.read(key, &mut out).ok()?;
-        Some(out)
+        t.export_record(key)
+            .map_err(|_| WindowError::Vanished(Box::new(key.clone())))
     }
 
     fn pin_present(&self, w: &Window) -> Vec<ObjectKey> {
-        match &self.cwm.tiers.l2 {
-            Some(l2) => w.data_keys().into_iter().filter(|k| l2.pin(k)).collect(),
-            None => Vec::new(),
-        }
+        let t = &self.cwm.tiers;
+        w.data_keys().into_iter().filter(|k| t.pin(k)).collect()
     }
 
     fn unpin(&self, keys: &[ObjectKey]) {
-        if let Some(l2) = &self.cwm.tiers.l2 {
-            keys.iter().for_each(|k| l2.unpin(k));
-        }
+        keys.iter().for_each(|k| self.cwm.tiers.unpin(k));
     }
 }

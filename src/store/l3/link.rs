@@ -29,6 +29,8 @@ pub enum LinkError {
     Timeout(Duration),
     #[error("L3: {0}")]
     Redis(#[from] RedisError),
+    #[error("{0:?}: L3 is read in batches by lookups and thaws, not record by record")]
+    NotLocal(Box<connector_protocol::ObjectKey>),
 }
 
 /// One connection: to a single server, or to a whole cluster (routing by slot).
@@ -263,7 +265,7 @@ impl Link {
         let connectivity = match &e {
             LinkError::Redis(r) => broken_redis(r),
             LinkError::Timeout(_) => true,
-            LinkError::Down => false,
+            LinkError::Down | LinkError::NotLocal(_) => false,
         };
         if connectivity {
             let mut down = self.health.down.lock();
@@ -347,7 +349,7 @@ fn broken(e: &LinkError) -> bool {
     match e {
         LinkError::Redis(r) => broken_redis(r),
         LinkError::Timeout(_) => true,
-        LinkError::Down => false,
+        LinkError::Down | LinkError::NotLocal(_) => false,
     }
 }
 

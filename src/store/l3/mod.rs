@@ -1,13 +1,16 @@
 //! L3: Redis or Redis Cluster, shared by a fleet of sidecars.
 //!
-//! Values are L2 records (`disk::record`: header with the full key, codec, checksums), so every
+//! Values are records (`store::record`: header with the full key, codec, checksums), so every
 //! tier verifies integrity the same way; a value that fails its checks or carries another key
 //! is a miss (counted, logged), never served. Keys: `keys`. Connections, deadlines and
 //! reconnection: `link`.
 //!
-//! Write path: objects committed to L1 are queued (bounded in bytes, never blocking a store)
-//! and a worker pushes them in pipelined batches with a TTL (cache data); frozen windows are
-//! pushed without one. Read path: `promote` checks existence of a whole lookup's missing
+//! L3 is a `Tier` behind L1 for the write path: write-behind hands it every committed object's
+//! record (`put`), which it queues (bounded in bytes, never blocking) for a worker that pushes
+//! batches of concurrent SETs with a TTL (cache data); frozen windows are pushed without one.
+//! It does not fit the trait's read contract (`contains` and `info` answer from memory, and
+//! Redis is remote): it answers "not held" there, and the facade reads it through the batched
+//! calls below, from prefetch jobs only. Read path: `promote` checks existence of a whole lookup's missing
 //! chunks at once (concurrent commands on multiplexed connections: one round trip per node),
 //! then fetches the leading present ones and installs them in L1.
 
@@ -21,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use std::time::Instant;
 
 use connector_protocol::ObjectKey;
 use futures_util::future::join_all;
@@ -31,10 +35,10 @@ use serde::{Deserialize, Serialize};
 use self::config::{L3Config, WritePolicy};
 use self::keys::KeyLayout;
 use self::link::{Link, LinkError, LinkStatus};
-use super::codec::{self, CompressionPolicy};
-use super::disk::record::{decode_header, encode_header, verify_payload};
-use super::write_queue::{recv_batch, Job, WriteQueue};
-use super::{L1Store, Reservation};
+use super::codec::CompressionPolicy;
+use super::record::{self, Record};
+use super::tier::{RecordInfo, Tier, TierError, TierStats};
+use super::{L1Store, Reservation, WriteGuard};
 
 #[derive(Debug, Default)]
 pub struct L3Counters {
@@ -69,7 +73,6 @@ pub struct L3Stats {
     pub link_errors: u64,
     pub write_behind_queued_bytes: u64,
     pub write_behind_dropped: u64,
-    pub write_behind_missed: u64,
 }
 
 pub struct L3 {
@@ -78,7 +81,10 @@ pub struct L3 {
     config: L3Config,
     compression: CompressionPolicy,
     pub counters: Arc<L3Counters>,
-    queue: Arc<WriteQueue>,
+    queue: Mutex<Option<mpsc::Sender<(ObjectKey, Vec<u8>)>>>,
+    queue_bytes: AtomicU64,
+    dropped: AtomicU64,
+    last_drop_log: Mutex<Option<Instant>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -86,29 +92,27 @@ const BATCH: usize = 16;
 
 impl L3 {
     /// Connects lazily: a Redis absent at start is a link that is down, not an error.
-    /// `l1` is where write-behind reads committed objects back from.
-    pub fn open(
-        config: L3Config,
-        compression: CompressionPolicy,
-        l1: Arc<L1Store>,
-    ) -> anyhow::Result<Arc<L3>> {
+    pub fn open(config: L3Config, compression: CompressionPolicy) -> anyhow::Result<Arc<L3>> {
         config.validate()?;
         let link = Arc::new(Link::new(&config)?);
-        let (queue, rx) = WriteQueue::new("l3", config.queue_bytes);
+        let (tx, rx) = mpsc::channel();
         let l3 = Arc::new(L3 {
             link,
             keys: KeyLayout::new(&config.namespace),
             config,
             compression,
             counters: Arc::default(),
-            queue: Arc::new(queue),
+            queue: Mutex::new(Some(tx)),
+            queue_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_drop_log: Mutex::new(None),
             worker: Mutex::new(None),
         });
         let worker = {
             let l3 = l3.clone();
             std::thread::Builder::new()
                 .name("cwm-l3-write".into())
-                .spawn(move || l3.write_behind(rx, l1))?
+                .spawn(move || l3.write_behind(rx))?
         };
         *l3.worker.lock() = Some(worker);
         tracing::info!(
@@ -128,14 +132,35 @@ impl L3 {
         &self.link
     }
 
-    pub fn write_counters(&self) -> &super::write_queue::WriteBehindCounters {
-        &self.queue.counters
+    /// Queue a cache record for Redis (write policy `always`). Never blocks: beyond the queue's
+    /// bytes, or while Redis is down, the record is dropped and counted.
+    fn enqueue(&self, key: &ObjectKey, record: &[u8]) {
+        if self.config.write != WritePolicy::Always {
+            return;
+        }
+        let n = record.len() as u64;
+        let queue = self.queue.lock();
+        let Some(tx) = queue.as_ref() else { return };
+        if !self.link.usable() || self.queue_bytes.load(Relaxed) + n > self.config.queue_bytes {
+            self.drop_records(1);
+            return;
+        }
+        self.queue_bytes.fetch_add(n, Relaxed);
+        if tx.send((key.clone(), record.to_vec())).is_err() {
+            self.queue_bytes.fetch_sub(n, Relaxed);
+        }
     }
 
-    /// Queue objects just committed to L1 (write policy `always`). Never blocks.
-    pub fn committed(&self, keys: impl IntoIterator<Item = ObjectKey>, bytes: u64, itemsize: u8) {
-        if self.config.write == WritePolicy::Always {
-            self.queue.push(keys, bytes, itemsize);
+    /// Count records given up, logging at most every 10 s.
+    fn drop_records(&self, n: u64) {
+        self.dropped.fetch_add(n, Relaxed);
+        let mut last = self.last_drop_log.lock();
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                dropped_total = self.dropped.load(Relaxed),
+                "L3 write-behind is dropping records (Redis slower than stores, or unreachable)"
+            );
         }
     }
 
@@ -213,29 +238,26 @@ impl L3 {
 
     /// Verify a value fetched for `key` and copy its object into L1.
     fn install(&self, l1: &Arc<L1Store>, key: &ObjectKey, value: &[u8]) -> bool {
-        let h = match decode_header(value, 0) {
-            Ok(h) if h.key == *key => h,
-            Ok(h) => return self.corrupt(key, &format!("value carries key {:?}", h.key)),
+        let r = match Record::parse(value, 0) {
+            Ok(r) if r.header.key == *key => r,
+            Ok(r) => return self.corrupt(key, &format!("value carries key {:?}", r.header.key)),
             Err(e) => return self.corrupt(key, &e.to_string()),
         };
-        let payload = value.get(h.header_len as usize..).unwrap_or(&[]);
-        if let Err(e) = verify_payload(&h, payload, 0) {
-            return self.corrupt(key, &e.to_string());
-        }
-        match l1.reserve(key, h.raw_len) {
+        match l1.reserve(key, r.header.raw_len) {
             Reservation::Present => true,
             Reservation::NoSpace => false,
-            Reservation::Reserved(mut w) => {
-                match codec::decompress(h.codec, payload, w.as_mut_slice()) {
-                    Ok(()) => {
-                        w.commit();
-                        self.counters.read_records.fetch_add(1, Relaxed);
-                        self.counters.read_bytes.fetch_add(h.raw_len, Relaxed);
-                        true
-                    }
-                    Err(e) => self.corrupt(key, &e.to_string()),
+            Reservation::Reserved(mut w) => match r.decode_into(w.as_mut_slice()) {
+                Ok(()) => {
+                    w.set_itemsize(r.header.itemsize);
+                    w.commit();
+                    self.counters.read_records.fetch_add(1, Relaxed);
+                    self.counters
+                        .read_bytes
+                        .fetch_add(r.header.raw_len, Relaxed);
+                    true
                 }
-            }
+                Err(e) => self.corrupt(key, &e.to_string()),
+            },
         }
     }
 
@@ -247,10 +269,7 @@ impl L3 {
 
     /// Encode `raw` as the record stored for `key`.
     pub fn record(&self, key: &ObjectKey, raw: &[u8], itemsize: u8) -> Vec<u8> {
-        let (codec, payload) = codec::compress(raw, itemsize as usize, self.compression);
-        let mut out = encode_header(key, codec, itemsize, raw.len() as u64, &payload);
-        out.extend_from_slice(&payload);
-        out
+        record::encode(key, raw, itemsize, self.compression)
     }
 
     /// Write records in one concurrent batch: cache data with the TTL and only where absent
@@ -309,47 +328,29 @@ impl L3 {
         tracing::debug!("L3: {e}");
     }
 
-    fn write_behind(&self, rx: mpsc::Receiver<Job>, l1: Arc<L1Store>) {
-        let c = &self.queue.counters;
-        while let Some(batch) = recv_batch(&rx, BATCH, Duration::from_millis(200)) {
-            if batch.is_empty() {
-                continue;
+    fn write_behind(&self, rx: mpsc::Receiver<(ObjectKey, Vec<u8>)>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
+            let bytes: u64 = batch.iter().map(|(_, r)| r.len() as u64).sum();
+            let n = batch.len() as u64;
             if !self.link.usable() {
                 // Down: give the batch up rather than let the queue fill behind a dead link.
-                self.queue.dropped(batch.len() as u64);
-                batch.iter().for_each(|j| self.queue.done(j));
-                continue;
+                self.drop_records(n);
+            } else {
+                let _ = self.put(batch, true);
             }
-            let records: Vec<(ObjectKey, Vec<u8>)> = batch
-                .par_iter()
-                .filter_map(|job| match l1.read(&job.key) {
-                    Some(object) => Some((
-                        job.key.clone(),
-                        self.record(&job.key, object.as_slice(), job.itemsize),
-                    )),
-                    None => {
-                        c.missed.fetch_add(1, Relaxed);
-                        None
-                    }
-                })
-                .collect();
-            let n = records.len() as u64;
-            match self.put(records, true) {
-                Ok(_) => {
-                    c.written.fetch_add(n, Relaxed);
-                }
-                Err(_) => {
-                    c.failed.fetch_add(n, Relaxed);
-                }
-            }
-            batch.iter().for_each(|j| self.queue.done(j));
+            self.queue_bytes.fetch_sub(bytes, Relaxed);
         }
     }
 
     pub fn stats(&self) -> L3Stats {
         let c = &self.counters;
-        let q = &self.queue.counters;
         L3Stats {
             link: self.link.status(),
             namespace: self.config.namespace.clone(),
@@ -363,17 +364,84 @@ impl L3 {
             written_bytes: c.written_bytes.load(Relaxed),
             write_errors: c.write_errors.load(Relaxed),
             link_errors: c.link_errors.load(Relaxed),
-            write_behind_queued_bytes: q.queued_bytes.load(Relaxed),
-            write_behind_dropped: q.dropped.load(Relaxed),
-            write_behind_missed: q.missed.load(Relaxed),
+            write_behind_queued_bytes: self.queue_bytes.load(Relaxed),
+            write_behind_dropped: self.dropped.load(Relaxed),
         }
     }
 
     /// Stop write-behind after it drained its queue.
     pub fn shutdown(&self) {
-        self.queue.close();
+        self.queue.lock().take();
         if let Some(w) = self.worker.lock().take() {
             let _ = w.join();
         }
+    }
+}
+
+/// The write path of the tier trait. Reads go through `existing` / `promote` (batched, remote):
+/// `contains` and `info` must answer from memory, so L3 answers "not held" there.
+impl Tier for L3 {
+    fn name(&self) -> &'static str {
+        "L3"
+    }
+
+    fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        vec![false; keys.len()]
+    }
+
+    fn info(&self, _key: &ObjectKey) -> Option<RecordInfo> {
+        None
+    }
+
+    fn read_into(&self, key: &ObjectKey, _object: &mut WriteGuard) -> Result<(), TierError> {
+        Err(TierError::new(
+            "L3",
+            LinkError::NotLocal(Box::new(key.clone())),
+        ))
+    }
+
+    fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
+        Err(TierError::new(
+            "L3",
+            LinkError::NotLocal(Box::new(key.clone())),
+        ))
+    }
+
+    fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError> {
+        self.enqueue(key, record);
+        Ok(())
+    }
+
+    fn pin(&self, _key: &ObjectKey) -> bool {
+        false
+    }
+
+    fn unpin(&self, _key: &ObjectKey) {}
+
+    fn sync(&self) -> Result<(), TierError> {
+        Ok(())
+    }
+
+    /// The fleet's shared cache is not one node's to clear.
+    fn clear(&self) -> Result<usize, TierError> {
+        Ok(0)
+    }
+
+    fn stats(&self) -> TierStats {
+        let c = &self.counters;
+        TierStats {
+            read_records: c.read_records.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            written_records: c.written_records.load(Relaxed),
+            written_stored_bytes: c.written_bytes.load(Relaxed),
+            corrupt_records: c.corrupt_records.load(Relaxed),
+            write_errors: c.write_errors.load(Relaxed),
+            ..TierStats::default()
+        }
+    }
+
+    fn close(&self) -> Result<(), TierError> {
+        self.shutdown();
+        Ok(())
     }
 }
