@@ -82,6 +82,31 @@ fn lookup(c: &mut MpClient, salt: &str, t: &[u32], rid: &str) -> u64 {
     lookup_hits(c, &key(MODEL, salt, t, None, 1, 0, t.len() as u64, rid))
 }
 
+/// On sidecar `b` (a fresh engine of `src`'s geometry): the lookup hits `chunks`, and the
+/// retrieve gives back `src`'s blocks byte for byte.
+fn hits_byte_exact_on(b: &Sidecar, salt: &str, t: &[u32], chunks: u64, src: &TestKv) {
+    let mut cb = client(b);
+    let dst = TestKv::new(
+        src.layout,
+        src.layers,
+        src.blocks,
+        src.bs,
+        src.heads,
+        src.content,
+    );
+    register(&mut cb, 2, &dst);
+    assert_eq!(lookup(&mut cb, salt, t, "q"), chunks);
+    assert!(retrieve(&mut cb, 2, salt, t, chunks, "q"));
+    for j in 0..chunks * CS / 16 {
+        assert_eq!(src.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    assert_eq!(
+        lookup(&mut cb, "another-salt", t, "q2"),
+        0,
+        "salts stay isolated"
+    );
+}
+
 /// `cwm serve` as a process with its own empty L2 and the given extra flags.
 struct Serve {
     child: Child,
@@ -415,14 +440,7 @@ fn tls_with_a_private_ca() {
     register(&mut ca_, 1, &kv);
     assert!(store(&mut ca_, 1, "tls", &t, 1));
     wait_keys(&redis, 2);
-    let mut cb = client(&b);
-    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
-    assert_eq!(lookup(&mut cb, "tls", &t, "q"), 2);
-    assert!(retrieve(&mut cb, 2, "tls", &t, 2, "q"));
-    for j in 0..32 {
-        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
-    }
+    hits_byte_exact_on(&b, "tls", &t, 2, &kv);
 }
 
 /// A 3-master cluster: chunks spread over the nodes, and B finds what A stored.
@@ -452,15 +470,7 @@ fn two_sidecars_share_chunks_through_a_cluster() {
         sizes.iter().filter(|&&n| n > 0).count() >= 2,
         "12 chunks spread over the masters: {sizes:?}"
     );
-    let mut cb = client(&b);
-    let dst = TestKv::new(Layout::Nhd, 2, 200, 16, 2, 16);
-    register(&mut cb, 2, &dst);
-    assert_eq!(lookup(&mut cb, "c", &t, "q"), 12);
-    assert!(retrieve(&mut cb, 2, "c", &t, 12, "q"));
-    for j in 0..192 {
-        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
-    }
-    assert_eq!(lookup(&mut cb, "other", &t, "q2"), 0);
+    hits_byte_exact_on(&b, "c", &t, 12, &kv);
 }
 
 /// Windows fleet-wide: frozen on A (chunks and manifest pushed to Redis, no TTL), listed,

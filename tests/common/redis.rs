@@ -107,16 +107,10 @@ impl RedisServer {
 
     /// Run `redis-cli` against this server; stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(&self.cli)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&self.cli_raw(args)).into_owned()
     }
 
-    /// Run `redis-cli` with raw (binary-safe) output.
+    /// Run `redis-cli` against this server; stdout as bytes (binary-safe).
     pub fn cli_raw(&self, args: &[&str]) -> Vec<u8> {
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])

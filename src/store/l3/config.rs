@@ -143,6 +143,20 @@ pub fn redacted(url: &str) -> String {
 mod tests {
     use super::*;
 
+    fn config(endpoints: Endpoints, password: Option<&str>) -> L3Config {
+        L3Config {
+            endpoints,
+            password: password.map(String::from),
+            tls_ca: None,
+            namespace: "cwm".into(),
+            write: WritePolicy::Always,
+            timeout: Duration::from_secs(1),
+            connections: 1,
+            ttl: Duration::from_secs(1),
+            queue_bytes: 1,
+        }
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
@@ -156,17 +170,10 @@ mod tests {
         );
         assert_eq!(redacted("redis://h:1"), "redis://h:1");
         assert_eq!(redacted("redis://user@h:1"), "redis://user@h:1");
-        let c = L3Config {
-            endpoints: Endpoints::Cluster(vec!["redis://a:topsecret@h:1".into()]),
-            password: Some("alsosecret".into()),
-            tls_ca: None,
-            namespace: "cwm".into(),
-            write: WritePolicy::Always,
-            timeout: Duration::from_secs(1),
-            connections: 1,
-            ttl: Duration::from_secs(1),
-            queue_bytes: 1,
-        };
+        let c = config(
+            Endpoints::Cluster(vec!["redis://a:topsecret@h:1".into()]),
+            Some("alsosecret"),
+        );
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("topsecret") && !shown.contains("alsosecret"),
@@ -176,17 +183,7 @@ mod tests {
 
     #[test]
     fn bad_urls_and_namespaces_are_refused_without_showing_the_password() {
-        let mut c = L3Config {
-            endpoints: Endpoints::Single("http://u:pw@h".into()),
-            password: None,
-            tls_ca: None,
-            namespace: "cwm".into(),
-            write: WritePolicy::Always,
-            timeout: Duration::from_secs(1),
-            connections: 1,
-            ttl: Duration::from_secs(1),
-            queue_bytes: 1,
-        };
+        let mut c = config(Endpoints::Single("http://u:pw@h".into()), None);
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("http://u:***@h") && !e.contains("pw@"), "{e}");
         c.endpoints = Endpoints::Single("redis://127.0.0.1:6379".into());
