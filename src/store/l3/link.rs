@@ -50,8 +50,8 @@ impl Conn {
 }
 
 enum Target {
-    Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Single(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// What `/status` shows about the link.
@@ -128,10 +128,10 @@ impl Link {
         let target = match &config.endpoints {
             Endpoints::Single(url) => {
                 let info = with_password(url)?;
-                Target::Single(match certs {
+                Target::Single(Box::new(match certs {
                     Some(c) => redis::Client::build_with_tls(info, c)?,
                     None => redis::Client::open(info)?,
-                })
+                }))
             }
             Endpoints::Cluster(urls) => {
                 let infos = urls
@@ -145,7 +145,7 @@ impl Link {
                 if let Some(c) = certs {
                     b = b.certs(c);
                 }
-                Target::Cluster(b.build()?)
+                Target::Cluster(Box::new(b.build()?))
             }
         };
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -81,7 +81,7 @@ pub struct L3 {
     config: L3Config,
     compression: CompressionPolicy,
     pub counters: Arc<L3Counters>,
-    queue: Mutex<Option<mpsc::Sender<(ObjectKey, Vec<u8>)>>>,
+    queue: Mutex<Option<mpsc::Sender<Queued>>>,
     queue_bytes: AtomicU64,
     dropped: AtomicU64,
     last_drop_log: Mutex<Option<Instant>>,
@@ -89,6 +89,9 @@ pub struct L3 {
 }
 
 const BATCH: usize = 16;
+
+/// A record waiting for Redis, under its key.
+type Queued = (ObjectKey, Vec<u8>);
 
 impl L3 {
     /// Connects lazily: a Redis absent at start is a link that is down, not an error.
@@ -328,7 +331,7 @@ impl L3 {
         tracing::debug!("L3: {e}");
     }
 
-    fn write_behind(&self, rx: mpsc::Receiver<(ObjectKey, Vec<u8>)>) {
+    fn write_behind(&self, rx: mpsc::Receiver<Queued>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < BATCH {
