@@ -117,7 +117,7 @@ struct Serve {
 impl Serve {
     fn start(extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port(false);
+        let port = free_redis_port(false);
         let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args([

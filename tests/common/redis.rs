@@ -27,7 +27,7 @@ impl RedisServer {
     /// A server with extra `redis-server` arguments (e.g. `--maxmemory 1mb`).
     pub fn with_args(extra: &[&str]) -> RedisServer {
         let mut s = RedisServer {
-            port: free_port(false),
+            port: free_redis_port(false),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -42,7 +42,7 @@ impl RedisServer {
     pub fn with_tls() -> (RedisServer, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let ca = make_certs(dir.path());
-        let port = free_port(false);
+        let port = free_redis_port(false);
         let d = dir.path().display().to_string();
         let tls_args: Vec<String> = vec![
             "--port".into(),
@@ -152,7 +152,7 @@ impl RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 let mut s = RedisServer {
-                    port: free_port(true),
+                    port: free_redis_port(true),
                     dir: tempfile::tempdir().unwrap(),
                     extra: vec![
                         "--cluster-enabled".into(),
@@ -213,7 +213,7 @@ impl RedisCluster {
 }
 
 /// A free loopback port (for a cluster node, one whose bus port, +10000, is free too).
-pub fn free_port(cluster: bool) -> u16 {
+pub fn free_redis_port(cluster: bool) -> u16 {
     loop {
         let p = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
