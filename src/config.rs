@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
+use crate::store::l3::config::{Endpoints, L3Config, WritePolicy};
 use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
 use crate::store::L1Config;
 
@@ -65,6 +66,25 @@ pub struct Config {
     /// Bearer token every HTTP route but /healthcheck requires (MCP included). Required when
     /// `host` is beyond loopback; optional on loopback.
     pub http_token: Option<String>,
+    /// L3: one Redis, `redis://[user[:password]@]host:port[/db]` (`rediss://` for TLS). The
+    /// password may instead come from `CWM_L3_PASSWORD`; it is never logged or shown.
+    pub l3_url: Option<String>,
+    /// L3: the seed nodes of a Redis Cluster, comma-separated URLs (instead of `l3_url`).
+    pub l3_cluster: Option<String>,
+    /// Prefix of every L3 key; sidecars sharing chunks and windows use the same one.
+    pub l3_namespace: String,
+    /// Which chunks write-behind pushes to L3: `always`, `frozen` (windows only) or `never`.
+    pub l3_write: String,
+    /// Deadline of one L3 operation (a batch of checks, reads or writes), in milliseconds.
+    pub l3_timeout_ms: u64,
+    /// Connections per Redis node.
+    pub l3_connections: usize,
+    /// TTL of cache chunks in L3, in seconds (window chunks have none).
+    pub l3_ttl_secs: u64,
+    /// MiB of stored objects that may wait for L3 before write-behind drops work.
+    pub l3_write_queue_mb: u64,
+    /// PEM file of the CA that signed the Redis servers' TLS certificates.
+    pub l3_tls_ca: Option<PathBuf>,
 }
 
 /// The platform's state directory for cwm's data: systemd's `$STATE_DIRECTORY` when run as a
@@ -119,6 +139,15 @@ impl Default for Config {
             l2_write_queue_mb: 1024,
             http_port: 8080,
             http_token: None,
+            l3_url: None,
+            l3_cluster: None,
+            l3_namespace: "cwm".into(),
+            l3_write: "always".into(),
+            l3_timeout_ms: 5000,
+            l3_connections: 4,
+            l3_ttl_secs: 86400,
+            l3_write_queue_mb: 1024,
+            l3_tls_ca: None,
         }
     }
 }
@@ -235,6 +264,28 @@ impl Config {
                     &"(not shown)",
                     "at least 16 printable ASCII characters without spaces",
                 );
+        if self.l3_url.is_some() && self.l3_cluster.is_some() {
+            return invalid(
+                "l3_cluster",
+                &"(set together with l3_url)",
+                "either l3_url (one Redis) or l3_cluster (seed nodes), not both",
+            );
+        }
+        if WritePolicy::parse(&self.l3_write).is_none() {
+            return invalid("l3_write", &self.l3_write, "always, frozen or never");
+        }
+        if self.l3_timeout_ms == 0 {
+            return invalid("l3_timeout_ms", &self.l3_timeout_ms, "at least 1 ms");
+        }
+        if !(1..=64).contains(&self.l3_connections) {
+            return invalid("l3_connections", &self.l3_connections, "1..=64");
+        }
+        if self.l3_ttl_secs == 0 {
+            return invalid("l3_ttl_secs", &self.l3_ttl_secs, "at least 1 second");
+        }
+        if let Some(l3) = self.l3_config(None) {
+            if let Err(e) = l3.validate() {
+                return invalid("l3", &e, "a valid L3 setting");
             }
         }
         if let Some(name) = &self.shm_name {
@@ -278,6 +329,34 @@ impl Config {
         }
     }
 
+    /// The L3 settings, when L3 is configured. `password` (from `CWM_L3_PASSWORD`) overrides
+    /// the URLs' own.
+    pub fn l3_config(&self, password: Option<String>) -> Option<L3Config> {
+        let endpoints = match (&self.l3_url, &self.l3_cluster) {
+            (Some(url), _) => Endpoints::Single(url.clone()),
+            (None, Some(seeds)) => Endpoints::Cluster(
+                seeds
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+            (None, None) => return None,
+        };
+        Some(L3Config {
+            endpoints,
+            password,
+            tls_ca: self.l3_tls_ca.clone(),
+            namespace: self.l3_namespace.clone(),
+            write: WritePolicy::parse(&self.l3_write).unwrap_or(WritePolicy::Always),
+            timeout: Duration::from_millis(self.l3_timeout_ms),
+            connections: self.l3_connections,
+            ttl: Duration::from_secs(self.l3_ttl_secs),
+            queue_bytes: self.l3_write_queue_mb << 20,
+        })
+    }
+
     /// What the tiers are built from (`Tiers::open`).
     pub fn tiers_config(&self) -> TiersConfig {
         TiersConfig {
@@ -294,6 +373,11 @@ impl Config {
                 path: self.l2_path.clone(),
                 disk: self.l2_disk_config(),
             }),
+            l3: self.l3_config(
+                std::env::var("CWM_L3_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty()),
+            ),
             write_queue_bytes: self.l2_write_queue_mb << 20,
         }
     }
@@ -386,6 +470,30 @@ mod tests {
             PathBuf::from("/var/lib/cwm")
         );
         assert_eq!(state_dir(env(&[])), PathBuf::from("/var/lib/cwm"));
+    }
+
+    #[test]
+    fn l3_settings_are_checked_and_the_password_never_shows() {
+        let mut c = Config::default();
+        assert!(c.l3_config(None).is_none(), "no L3 unless configured");
+        c.l3_url = Some("redis://cwm:hunter2@127.0.0.1:6379".into());
+        c.validate().unwrap();
+        c.l3_write = "sometimes".into();
+        assert!(c.validate().unwrap_err().to_string().contains("sometimes"));
+        c.l3_write = "frozen".into();
+        c.l3_cluster = Some("redis://127.0.0.1:7000".into());
+        assert!(c.validate().is_err(), "both l3_url and l3_cluster");
+        c.l3_url = None;
+        c.l3_cluster = Some("redis://a:1, redis://u:hunter2@b:2,".into());
+        let l3 = c.l3_config(Some("pw2".into())).unwrap();
+        assert_eq!(
+            l3.endpoints_redacted(),
+            ["redis://a:1", "redis://u:***@b:2"]
+        );
+        assert_eq!(l3.write, WritePolicy::Frozen);
+        c.l3_cluster = Some("http://u:hunter2@b:2".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

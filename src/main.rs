@@ -181,6 +181,34 @@ struct ServeArgs {
     /// --host is beyond loopback [default: none].
     #[arg(long, env = "CWM_HTTP_TOKEN", hide_env_values = true)]
     http_token: Option<String>,
+    /// L3: one Redis, redis://[user[:password]@]host:port (rediss:// for TLS); the password may
+    /// come from CWM_L3_PASSWORD instead [default: no L3].
+    #[arg(long, env = "CWM_L3_URL")]
+    l3_url: Option<String>,
+    /// L3: seed nodes of a Redis Cluster, comma-separated URLs (instead of --l3-url).
+    #[arg(long, env = "CWM_L3_CLUSTER")]
+    l3_cluster: Option<String>,
+    /// Prefix of every L3 key [default: cwm].
+    #[arg(long, env = "CWM_L3_NAMESPACE")]
+    l3_namespace: Option<String>,
+    /// Which chunks go to L3: always, frozen (windows only) or never [default: always].
+    #[arg(long, env = "CWM_L3_WRITE")]
+    l3_write: Option<String>,
+    /// Deadline of one L3 operation in ms [default: 5000].
+    #[arg(long, env = "CWM_L3_TIMEOUT_MS")]
+    l3_timeout_ms: Option<u64>,
+    /// Connections per Redis node [default: 4].
+    #[arg(long, env = "CWM_L3_CONNECTIONS")]
+    l3_connections: Option<usize>,
+    /// TTL of cache chunks in L3, seconds; window chunks have none [default: 86400].
+    #[arg(long, env = "CWM_L3_TTL_SECS")]
+    l3_ttl_secs: Option<u64>,
+    /// MiB of stored objects that may wait for L3 before write-behind drops work [default: 1024].
+    #[arg(long, env = "CWM_L3_WRITE_QUEUE_MB")]
+    l3_write_queue_mb: Option<u64>,
+    /// PEM file of the CA that signed the Redis servers' certificates (rediss://).
+    #[arg(long, env = "CWM_L3_TLS_CA")]
+    l3_tls_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -214,8 +242,25 @@ impl ServeArgs {
             l2_fsync,
             l2_fsync_interval_ms,
             l2_write_queue_mb,
-            http_port
+            http_port,
+            l3_namespace,
+            l3_write,
+            l3_timeout_ms,
+            l3_connections,
+            l3_ttl_secs,
+            l3_write_queue_mb
         );
+        for (field, value) in [
+            (&mut c.l3_url, self.l3_url),
+            (&mut c.l3_cluster, self.l3_cluster),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if self.l3_tls_ca.is_some() {
+            c.l3_tls_ca = self.l3_tls_ca;
+        }
         if self.shm_name.is_some() {
             c.shm_name = self.shm_name;
         }

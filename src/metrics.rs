@@ -240,6 +240,82 @@ pub fn render(windows: &Windows) -> String {
         "Write-behind L2 writes that failed",
         &[("", c(wb.failed))],
     );
+    if let Some(l3) = &s.l3 {
+        let link = &l3.link;
+        metric(
+            "l3_up",
+            "gauge",
+            "1 while the L3 Redis link answers, 0 while it is down or not yet connected",
+            &[("", if link.state == "up" { 1.0 } else { 0.0 })],
+        );
+        metric(
+            "l3_full",
+            "gauge",
+            "1 while L3 Redis refuses writes for lack of memory (maxmemory)",
+            &[("", if link.full { 1.0 } else { 0.0 })],
+        );
+        for (name, help, v) in [
+            (
+                "l3_incidents_total",
+                "Times the L3 link went down",
+                link.incidents,
+            ),
+            (
+                "l3_link_errors_total",
+                "L3 operations failed for the link (down, timeout)",
+                l3.link_errors,
+            ),
+            (
+                "l3_exists_checked_total",
+                "Keys looked up in L3",
+                l3.exists_checked,
+            ),
+            ("l3_exists_found_total", "Keys found in L3", l3.exists_found),
+            (
+                "l3_read_records_total",
+                "Values read from L3 into L1",
+                l3.read_records,
+            ),
+            (
+                "l3_read_bytes_total",
+                "Object bytes read from L3 into L1",
+                l3.read_bytes,
+            ),
+            (
+                "l3_corrupt_records_total",
+                "L3 values that failed verification or carried another key (served as misses)",
+                l3.corrupt_records,
+            ),
+            (
+                "l3_written_records_total",
+                "Values written to L3",
+                l3.written_records,
+            ),
+            (
+                "l3_written_bytes_total",
+                "Value bytes written to L3",
+                l3.written_bytes,
+            ),
+            (
+                "l3_write_errors_total",
+                "L3 write batches that failed",
+                l3.write_errors,
+            ),
+            (
+                "l3_write_behind_dropped_total",
+                "Objects L3 write-behind gave up (queue full or link down)",
+                l3.write_behind_dropped,
+            ),
+        ] {
+            metric(name, "counter", help, &[("", c(v))]);
+        }
+        metric(
+            "l3_write_behind_queue_bytes",
+            "gauge",
+            "Bytes waiting for L3 write-behind",
+            &[("", c(l3.write_behind_queued_bytes))],
+        );
+    }
     let h = windows.health();
     metric(
         "windows",

@@ -3,10 +3,12 @@
 //! servable until the worker retrieves it.
 //!
 //! A lookup counts the leading chunks available for every kv_rank in L1 or L2. When all of them
-//! are already in L1 it read-locks them (`num_kv_readers` per object) and is done at once.
-//! Otherwise a prefetch job promotes the L2 hits into L1 on the bulk pool, and only then counts
-//! and locks the resident prefix; until it finishes `query_prefetch_status` answers "not yet"
-//! (no payload). A result is handed out exactly once; later queries answer 0. Retrieves
+//! are already in L1 (and there is no L3 to ask about the rest) it read-locks them
+//! (`num_kv_readers` per object) and is done at once. Otherwise a prefetch job on the bulk pool
+//! promotes the L2 hits into L1, asks L3 about the chunks past them in one batch and fetches
+//! the prefix found there, and only then counts and locks the resident prefix; until it
+//! finishes `query_prefetch_status` answers "not yet" (no payload). The socket thread never
+//! waits for disk or Redis. A result is handed out exactly once; later queries answer 0. Retrieves
 //! release one lock per object they read, `free_lookup_locks` the rest; the store's lock TTL
 //! covers clients that vanish.
 
@@ -19,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use connector_protocol::{codec, IpcCacheServerKey, ObjectKey};
 use parking_lot::{Condvar, Mutex};
-use rayon::prelude::*;
 
 use super::{Cwm, OpError};
 use crate::store::tiered::Tiers;
@@ -118,10 +119,12 @@ impl Cwm {
             self.set_session(key, None, Status::Done(0));
             return Ok(());
         };
-        // The prefix available in some tier, and whether part of it must come from L2.
+        // The prefix available in L1 or a local tier. Past it, L3 (when configured) may hold
+        // more: only a prefetch job asks it, never this thread.
         let located = self.tiers.locate(&chunks);
         let available = located.len();
-        if located.iter().all(|&resident| resident) {
+        let ask_l3 = self.tiers.l3().is_some() && available < chunks.len();
+        if located.iter().all(|&resident| resident) && !ask_l3 {
             let hit = self.tiers.lock_prefix(&chunks, readers);
             self.counters.record_lookup(chunks.len(), hit);
             self.set_session(
@@ -140,11 +143,8 @@ impl Cwm {
         );
         let cwm = self.clone();
         rayon::spawn(move || {
-            let wanted = &chunks[..available];
-            wanted.par_iter().flatten().for_each(|k| {
-                cwm.tiers.promote(k);
-            });
-            let hit = cwm.tiers.lock_prefix(wanted, readers);
+            let found = cwm.tiers.promote_prefix(&chunks, available);
+            let hit = cwm.tiers.lock_prefix(&chunks[..found], readers);
             cwm.counters.record_lookup(chunks.len(), hit);
             cwm.finish_prefetch(&request_id, job, hit, &chunks, readers);
         });

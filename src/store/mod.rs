@@ -1,11 +1,12 @@
 //! The native tensor store: L1 in memory and the tiers behind it (`tier::Tier`: the disk
-//! today), behind one facade (`tiered::Tiers`). Knows nothing of ZMQ, MCP, vLLM or engine
+//! and Redis), behind one facade (`tiered::Tiers`). Knows nothing of ZMQ, MCP, vLLM or engine
 //! memory: it stores bytes under `ObjectKey`s.
 
 pub mod arena;
 pub mod codec;
 pub mod disk;
 pub mod l1;
+pub mod l3;
 pub mod record;
 pub mod tier;
 pub mod tiered;

@@ -8,6 +8,7 @@
 //! same record goes to every tier; hits behind L1 are promoted into L1 before anyone may read
 //! them; lookups only ever ask tiers what they hold in memory.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
@@ -23,6 +24,8 @@ use super::codec::CompressionPolicy;
 use super::disk::storage::FsStorage;
 use super::disk::{DiskConfig, DiskError, DiskStore};
 use super::l1::{L1Config, L1Counters, L1Stats, PoolInfo};
+use super::l3::config::L3Config;
+use super::l3::L3;
 use super::record;
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
@@ -49,6 +52,8 @@ pub struct TiersConfig {
     pub l1: L1Config,
     pub l1_memory: L1Memory,
     pub l2: Option<L2Config>,
+    /// Redis (or a Redis Cluster) behind L2, shared by a fleet of sidecars.
+    pub l3: Option<L3Config>,
     /// Bytes of committed objects the write-behind queue may hold before it drops work.
     pub write_queue_bytes: u64,
 }
@@ -70,6 +75,8 @@ pub enum OpenError {
     },
     #[error("cannot open L2 at {}: {source}", .path.display())]
     L2 { path: PathBuf, source: DiskError },
+    #[error("cannot set up L3: {0}")]
+    L3(String),
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +172,8 @@ pub struct Cleared {
 pub struct Tiers {
     l1: Arc<L1Store>,
     lower: Vec<Arc<dyn Tier>>,
+    /// L3 again (it is also in `lower` for write-behind): lookups and thaws read it in batches.
+    l3: Option<Arc<L3>>,
     compression: CompressionPolicy,
     write_behind: Arc<WriteBehindCounters>,
     generation: Arc<Generation>,
@@ -197,12 +206,18 @@ impl Tiers {
             lower.push(Arc::new(open_disk(l2)?));
             compression = l2.disk.compression;
         }
-        Ok(Tiers::with_tiers(
-            l1,
-            lower,
-            compression,
-            config.write_queue_bytes,
-        ))
+        let l3 = match &config.l3 {
+            Some(c) => {
+                let l3 =
+                    L3::open(c.clone(), compression).map_err(|e| OpenError::L3(e.to_string()))?;
+                lower.push(l3.clone());
+                Some(l3)
+            }
+            None => None,
+        };
+        let mut tiers = Tiers::with_tiers(l1, lower, compression, config.write_queue_bytes);
+        tiers.l3 = l3;
+        Ok(tiers)
     }
 
     /// L1 over `l1` with `lower` behind it (tests and benches that build tiers by hand).
@@ -234,6 +249,7 @@ impl Tiers {
         Tiers {
             l1,
             lower,
+            l3: None,
             compression,
             write_behind: counters,
             generation,
@@ -352,6 +368,66 @@ impl Tiers {
             }
         }
         held.iter().all(|&h| h)
+    }
+
+    /// The Redis tier, when configured.
+    pub fn l3(&self) -> Option<&Arc<L3>> {
+        self.l3.as_ref()
+    }
+
+    /// Make the leading chunks of a lookup resident in L1 (each chunk: one key per rank). The
+    /// first `local` chunks are known to be in L1 or a local tier; past them, the keys in none
+    /// are checked in L3 in one batch, and the prefix found there is fetched. Local hits are
+    /// promoted in parallel. Returns the length of the prefix now found in some tier
+    /// (`lock_prefix` then counts what is actually resident). Waits on I/O: prefetch jobs only.
+    pub fn promote_prefix(&self, chunks: &[Vec<ObjectKey>], local: usize) -> usize {
+        let mut end = local;
+        let mut from_l3 = HashSet::new();
+        if let Some(l3) = self.l3.as_ref().filter(|_| local < chunks.len()) {
+            let tail = &chunks[local..];
+            let remote: Vec<ObjectKey> = tail
+                .iter()
+                .flatten()
+                .filter(|k| !self.available(k))
+                .cloned()
+                .collect();
+            let found = l3.existing(&remote);
+            let n = tail
+                .iter()
+                .take_while(|keys| keys.iter().all(|k| found.contains(k) || self.available(k)))
+                .count();
+            let wanted: Vec<ObjectKey> = tail[..n]
+                .iter()
+                .flatten()
+                .filter(|k| found.contains(*k))
+                .cloned()
+                .collect();
+            from_l3 = l3.promote(&self.l1, &wanted);
+            end += n;
+        }
+        chunks[..end]
+            .par_iter()
+            .flatten()
+            .filter(|k| !from_l3.contains(*k))
+            .for_each(|k| {
+                self.promote(k);
+            });
+        end
+    }
+
+    /// Make those of `keys` that are in no local tier resident in L1 from L3 (verified);
+    /// how many were read from it.
+    pub fn promote_from_l3(&self, keys: &[ObjectKey]) -> u64 {
+        let Some(l3) = &self.l3 else { return 0 };
+        let missing: Vec<ObjectKey> = keys
+            .iter()
+            .filter(|k| !self.available(k))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return 0;
+        }
+        l3.promote(&self.l1, &missing).len() as u64
     }
 
     /// Whether `key` is in L1 or a tier behind it.

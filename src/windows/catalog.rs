@@ -51,6 +51,10 @@ pub struct Window {
     pub tags: Vec<String>,
     #[serde(default)]
     pub cloned_from: Option<String>,
+    /// Published to L3 (Redis): the fleet-wide catalog there is its truth, and a node drops
+    /// it when it leaves Redis (deleted on another node).
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 impl Window {
@@ -275,6 +279,7 @@ mod tests {
             description: "d".into(),
             tags: vec!["t".into()],
             cloned_from: None,
+            fleet: false,
         }
     }
 

@@ -19,6 +19,7 @@
 
 pub mod catalog;
 pub mod export;
+mod fleet;
 pub mod session;
 
 use std::collections::{HashMap, HashSet};
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ops::Cwm;
+use crate::store::l3::L3Stats;
 use crate::store::tier::TierError;
 use crate::store::tiered::{DurableError, InstallError, Installed, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
@@ -77,6 +79,8 @@ pub enum WindowError {
     Export(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 impl From<DurableError> for WindowError {
@@ -220,6 +224,9 @@ pub struct TierReads {
     pub l2: u64,
     /// Objects already resident under the target session: nothing to do.
     pub already_resident: u64,
+    /// Objects read (and verified) from L3, Redis (then copied like L1 reads).
+    #[serde(default)]
+    pub l3: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -289,6 +296,9 @@ pub struct WindowStatus {
     pub chunks_in_l2: usize,
     /// Leading chunks resident in L1 under the window's session: a request hits them now.
     pub chunks_resident: usize,
+    /// Chunks whose records (every rank) are in L3, Redis; null without L3 or while it is
+    /// unreachable.
+    pub chunks_in_l3: Option<usize>,
     /// Chunks whose records are gone (the window cannot fully thaw).
     pub chunks_missing: usize,
 }
@@ -405,6 +415,8 @@ pub struct CacheStats {
     pub l1: L1Stats,
     pub l2: Option<L2Stats>,
     pub write_behind: WriteBehindStats,
+    /// The Redis tier: its link (up/down, incidents), reads, writes, corrupt values.
+    pub l3: Option<L3Stats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -509,6 +521,7 @@ impl Windows {
         validate_meta(&description, &tags)?;
         let (l2, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
+        self.sync_locked();
         if catalog.contains(&req.window_name) {
             return Err(WindowError::Taken(req.window_name.clone()));
         }
@@ -541,6 +554,7 @@ impl Windows {
             description,
             tags,
             cloned_from: None,
+            fleet: false,
         };
         let n = self.cached_prefix(&w, &hashes, &req.session_id);
         if n == 0 {
@@ -575,6 +589,12 @@ impl Windows {
         let infos: Vec<_> = keys.iter().filter_map(|k| l2.record_info(k)).collect();
         w.raw_bytes = infos.iter().map(|i| i.raw_len).sum();
         w.stored_bytes = infos.iter().map(|i| i.record_len).sum();
+        w.fleet = self.l3().is_some();
+        // Fleet-wide first (records, then the manifest if the name is free everywhere).
+        if let Err(e) = self.publish(&w, true) {
+            unpin_all(&pinned);
+            return Err(e);
+        }
         if let Err(e) = catalog.insert(w.clone()) {
             unpin_all(&pinned);
             return Err(e.into());
@@ -610,6 +630,7 @@ impl Windows {
             validate_session(s)?;
         }
         let (l2, catalog) = self.disk()?;
+        self.sync();
         let mut w = catalog
             .get(&req.window_name)
             .ok_or_else(|| WindowError::Unknown(req.window_name.clone()))?;
@@ -621,6 +642,8 @@ impl Windows {
                 server: cs,
             });
         }
+        // Records frozen on another node: from Redis into L1, then copied like L1 hits.
+        let from_l3 = self.fetch_from_l3(&w.data_keys());
         let target = req.new_session_id.clone().unwrap_or(w.session_id.clone());
         let hashes = w.hashes();
         let total = hashes.len();
@@ -709,6 +732,7 @@ impl Windows {
                 l1: from_l1.into_inner(),
                 l2: from_l2.into_inner(),
                 already_resident: resident.into_inner(),
+                l3: from_l3,
             },
             complete: ready == total,
             elapsed_ms: elapsed * 1e3,
@@ -728,6 +752,7 @@ impl Windows {
         }
         let (l2, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
+        self.sync_locked();
         let src = catalog
             .get(&req.source_window)
             .ok_or_else(|| WindowError::Unknown(req.source_window.clone()))?;
@@ -740,6 +765,8 @@ impl Windows {
         w.created_at = unix_now();
         w.last_thawed_at = None;
         w.cloned_from = Some(src.name.clone());
+        w.fleet = self.l3().is_some();
+        self.publish(&w, false)?;
         let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| l2.pin(k)).collect();
         if let Err(e) = catalog.insert(w.clone()) {
             pinned.iter().for_each(|k| l2.unpin(k));
@@ -753,13 +780,25 @@ impl Windows {
         validate_name(&req.window_name)?;
         let (l2, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
+        self.sync_locked();
+        if !catalog.contains(&req.window_name) {
+            return Err(WindowError::Unknown(req.window_name.clone()));
+        }
+        // Out of the fleet's catalog first, so every node sees the delete.
+        self.unpublish(&req.window_name)?;
         let w = catalog.remove(&req.window_name)?;
         let others: HashSet<ObjectKey> = catalog.all().iter().flat_map(|o| o.data_keys()).collect();
         let keys = w.data_keys();
         for k in self.pins.lock().remove(&w.name).unwrap_or_default() {
             l2.unpin(&k);
         }
-        let shared = keys.iter().filter(|k| others.contains(*k)).count();
+        let released: Vec<ObjectKey> = keys
+            .iter()
+            .filter(|k| !others.contains(*k))
+            .cloned()
+            .collect();
+        self.release_in_l3(&released);
+        let shared = keys.len() - released.len();
         tracing::info!(window = w.name, "window deleted");
         Ok(DeleteReport {
             window_name: w.name.clone(),
@@ -770,6 +809,7 @@ impl Windows {
     }
 
     pub fn list(&self, req: &ListRequest) -> Result<WindowList, WindowError> {
+        self.sync();
         let Some(catalog) = &self.catalog else {
             return Ok(WindowList {
                 total: 0,
@@ -818,6 +858,7 @@ impl Windows {
                 "give window_name or session_id".into(),
             ));
         }
+        self.sync();
         let window = match &req.window_name {
             Some(name) => {
                 validate_name(name)?;
@@ -857,11 +898,13 @@ impl Windows {
                     .all(|k| tiers.resident(k))
             })
             .count();
+        let in_l3 = self.chunks_in_l3(w);
         WindowStatus {
             window: WindowSummary::from(w),
             chunks_in_l2: in_l2,
             chunks_resident: resident,
-            chunks_missing: hashes.len() - in_l2,
+            chunks_in_l3: in_l3,
+            chunks_missing: hashes.len() - in_l2.max(in_l3.unwrap_or(0)),
         }
     }
 
@@ -985,6 +1028,7 @@ impl Windows {
                 missed: wb.missed,
                 failed: wb.failed,
             },
+            l3: self.cwm.tiers.l3().map(|l3| l3.stats()),
         }
     }
 
@@ -1023,6 +1067,7 @@ fn probe_window() -> Window {
         description: String::new(),
         tags: Vec::new(),
         cloned_from: None,
+        fleet: false,
     }
 }
 

@@ -1,0 +1,171 @@
+//! Windows fleet-wide, when L3 is configured: the manifests in Redis (`store::l3::catalog`) are
+//! the shared truth, and each node's local catalog follows them.
+//!
+//! - `publish` (freeze, clone): the window's records go to Redis without a TTL, then its
+//!   manifest is created there (only if the name is free fleet-wide). If either fails the
+//!   local freeze is undone: a window is frozen everywhere or nowhere.
+//! - `sync` (before list, status, thaw, freeze, clone, delete): manifests in Redis that this node
+//!   does not know are added to its catalog (marked `fleet`); fleet windows gone from Redis
+//!   (deleted on another node) are removed here. While Redis is unreachable the local catalog
+//!   answers as it is.
+//! - `unpublish` (delete): the manifest leaves Redis first (so the delete is seen by all), and
+//!   records no remaining window names get the cache TTL back.
+//! - `fetch` (thaw): records in neither L1 nor L2 are read from Redis (verified) into L1.
+
+use std::collections::HashSet;
+
+use connector_protocol::ObjectKey;
+
+use super::catalog::Window;
+use super::{WindowError, Windows};
+use crate::store::l3::L3;
+
+/// Records pushed per batch by a freeze: bounds the memory of encoded records in flight.
+const PUSH_BATCH: usize = 8;
+
+impl Windows {
+    pub(super) fn l3(&self) -> Option<&L3> {
+        self.cwm.tiers.l3().map(|l| &**l)
+    }
+
+    /// Bring the local catalog in line with the manifests in Redis. Call under `op_lock`.
+    pub(super) fn sync_locked(&self) {
+        let (Some(l3), Some(catalog)) = (self.l3(), &self.catalog) else {
+            return;
+        };
+        let manifests = match l3.manifests() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("window catalog not synced with L3: {e}");
+                return;
+            }
+        };
+        let mut fleet = HashSet::new();
+        for (name, bytes) in manifests {
+            let w = match serde_json::from_slice::<Window>(&bytes) {
+                Ok(w) if w.name == name && w.check().is_ok() => w,
+                _ => {
+                    tracing::error!(
+                        window = name,
+                        "L3: skipping a window manifest that does not parse or check"
+                    );
+                    continue;
+                }
+            };
+            fleet.insert(name.clone());
+            if !catalog.contains(&name) {
+                let w = Window { fleet: true, ..w };
+                let pinned = self.pin_present(&w);
+                if let Err(e) = catalog.insert(w) {
+                    tracing::warn!(window = name, "could not add a fleet window locally: {e}");
+                    self.unpin(&pinned);
+                    continue;
+                }
+                self.pins.lock().insert(name, pinned);
+            }
+        }
+        for w in catalog.all() {
+            if w.fleet && !fleet.contains(&w.name) && catalog.remove(&w.name).is_ok() {
+                let pinned = self.pins.lock().remove(&w.name).unwrap_or_default();
+                self.unpin(&pinned);
+                tracing::info!(window = w.name, "window deleted on another node");
+            }
+        }
+    }
+
+    pub(super) fn sync(&self) {
+        if self.l3().is_some() {
+            let _serial = self.op_lock.lock();
+            self.sync_locked();
+        }
+    }
+
+    /// Push `w`'s records (when `with_data`) and create its manifest in Redis.
+    pub(super) fn publish(&self, w: &Window, with_data: bool) -> Result<(), WindowError> {
+        let Some(l3) = self.l3() else { return Ok(()) };
+        let fleet_err = |e: &dyn std::fmt::Display| {
+            WindowError::Fleet(format!("window {:?} not published to L3: {e}", w.name))
+        };
+        if with_data {
+            for keys in w.data_keys().chunks(PUSH_BATCH) {
+                let mut records = Vec::with_capacity(keys.len());
+                for k in keys {
+                    records.push((k.clone(), self.record_of(l3, k)?));
+                }
+                l3.put(records, false).map_err(|e| fleet_err(&e))?;
+            }
+        }
+        let manifest = serde_json::to_vec(&Window {
+            fleet: true,
+            ..w.clone()
+        })
+        .map_err(|e| fleet_err(&e))?;
+        match l3.publish_manifest(&w.name, manifest) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WindowError::Taken(w.name.clone())),
+            Err(e) => Err(fleet_err(&e)),
+        }
+    }
+
+    /// Remove `w`'s manifest from Redis and give its records no other window names their TTL.
+    /// `others`: the data keys of the windows that remain.
+    pub(super) fn unpublish(&self, name: &str) -> Result<(), WindowError> {
+        let Some(l3) = self.l3() else { return Ok(()) };
+        l3.remove_manifest(name)
+            .map(|_| ())
+            .map_err(|e| WindowError::Fleet(format!("window {name:?} not deleted from L3: {e}")))
+    }
+
+    pub(super) fn release_in_l3(&self, keys: &[ObjectKey]) {
+        if let Some(l3) = self.l3() {
+            if let Err(e) = l3.release(keys) {
+                tracing::warn!("L3: records of a deleted window keep no TTL: {e}");
+            }
+        }
+    }
+
+    /// Make `keys` resident in L1 from Redis where no local tier holds them. Returns how many
+    /// were read from Redis.
+    pub(super) fn fetch_from_l3(&self, keys: &[ObjectKey]) -> u64 {
+        self.cwm.tiers.promote_from_l3(keys)
+    }
+
+    /// How many chunks of `w` have every rank's record in Redis (None without L3 or while it is
+    /// unreachable).
+    pub(super) fn chunks_in_l3(&self, w: &Window) -> Option<usize> {
+        let l3 = self.l3()?;
+        if !l3.link().usable() {
+            return None;
+        }
+        let found = l3.existing(&w.data_keys());
+        Some(
+            w.hashes()
+                .iter()
+                .filter(|h| {
+                    w.keys_of(**h, &w.data_salt)
+                        .iter()
+                        .all(|k| found.contains(k))
+                })
+                .count(),
+        )
+    }
+
+    /// The record of `key`: encoded from L1, else the local tier's verbatim.
+    fn record_of(&self, l3: &L3, key: &ObjectKey) -> Result<Vec<u8>, WindowError> {
+        let t = &self.cwm.tiers;
+        if let Some(g) = t.read(key) {
+            return Ok(l3.record(key, g.as_slice(), g.itemsize()));
+        }
+        t.export_record(key)
+            .map_err(|_| WindowError::Vanished(Box::new(key.clone())))
+    }
+
+    fn pin_present(&self, w: &Window) -> Vec<ObjectKey> {
+        let t = &self.cwm.tiers;
+        w.data_keys().into_iter().filter(|k| t.pin(k)).collect()
+    }
+
+    fn unpin(&self, keys: &[ObjectKey]) {
+        keys.iter().for_each(|k| self.cwm.tiers.unpin(k));
+    }
+}

@@ -1,0 +1,584 @@
+//! L3 through real Redis servers the tests start themselves: two sidecars sharing chunks,
+//! salt isolation, corrupted values, Redis dying mid-burst, ACL users and TLS.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::redis::*;
+use common::*;
+use cwm::client::MpClient;
+use cwm::config::Config;
+use cwm::serve::Sidecar;
+
+const MODEL: &str = "l3-model";
+
+fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
+    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
+        .unwrap();
+}
+
+fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
+    vec![(first..first + n).collect()]
+}
+
+/// Memory-only sidecar config with L3 at `url`.
+fn l3_config(url: &str) -> Config {
+    Config {
+        l3_url: Some(url.into()),
+        l3_timeout_ms: 1000,
+        ..small_config()
+    }
+}
+
+fn chunk_keys(r: &RedisServer) -> Vec<String> {
+    let mut keys: Vec<String> = r
+        .cli(&["--scan", "--pattern", "cwm:c1:*"])
+        .lines()
+        .map(String::from)
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn wait_keys(r: &RedisServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while chunk_keys(r).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "write-behind did not put {n} chunks in Redis (has {:?})",
+            chunk_keys(r)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn store(c: &mut MpClient, id: u64, salt: &str, t: &[u32], first_block: u32) -> bool {
+    let n = (t.len() as u64 / CS) * CS;
+    c.store(
+        &key(MODEL, salt, t, Some(0), 1, 0, n, "w"),
+        id,
+        &blocks(first_block, (n / 16) as u32),
+    )
+    .unwrap()
+    .ok
+}
+
+fn retrieve(c: &mut MpClient, id: u64, salt: &str, t: &[u32], chunks: u64, rid: &str) -> bool {
+    c.retrieve(
+        &key(MODEL, salt, t, Some(0), 1, 0, chunks * CS, rid),
+        id,
+        &blocks(1, (chunks * CS / 16) as u32),
+        0,
+    )
+    .unwrap()
+    .ok
+}
+
+fn lookup(c: &mut MpClient, salt: &str, t: &[u32], rid: &str) -> u64 {
+    lookup_hits(c, &key(MODEL, salt, t, None, 1, 0, t.len() as u64, rid))
+}
+
+/// On sidecar `b` (a fresh engine of `src`'s geometry): the lookup hits `chunks`, and the
+/// retrieve gives back `src`'s blocks byte for byte.
+fn hits_byte_exact_on(b: &Sidecar, salt: &str, t: &[u32], chunks: u64, src: &TestKv) {
+    let mut cb = client(b);
+    let dst = TestKv::new(
+        src.layout,
+        src.layers,
+        src.blocks,
+        src.bs,
+        src.heads,
+        src.content,
+    );
+    register(&mut cb, 2, &dst);
+    assert_eq!(lookup(&mut cb, salt, t, "q"), chunks);
+    assert!(retrieve(&mut cb, 2, salt, t, chunks, "q"));
+    for j in 0..chunks * CS / 16 {
+        assert_eq!(src.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    assert_eq!(
+        lookup(&mut cb, "another-salt", t, "q2"),
+        0,
+        "salts stay isolated"
+    );
+}
+
+/// `cwm serve` as a process with its own empty L2 and the given extra flags.
+struct Serve {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(extra: &[&str], env: &[(&str, &str)]) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_redis_port(false);
+        let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--l1-size-gb",
+                "0.25",
+                "--l2-size-gb",
+                "1",
+                "--http-port",
+                "0",
+            ])
+            .args(["--no-engine-driven"])
+            .arg("--l2-path")
+            .arg(dir.path())
+            .args(extra)
+            .envs(env.iter().copied())
+            .env("CWM_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        Serve {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    fn client(&self) -> MpClient {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut c = MpClient::connect(&self.endpoint).unwrap();
+            c.timeout = Duration::from_millis(500);
+            if c.get_chunk_size().is_ok() {
+                c.timeout = Duration::from_secs(10);
+                return c;
+            }
+            assert!(Instant::now() < deadline, "cwm serve did not start");
+        }
+    }
+
+    /// Stop it and return what it logged.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut log = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut log);
+        }
+        log
+    }
+}
+
+/// The story of the issue: A stores, B (empty L1 and L2, its own process) hits and retrieves
+/// byte-exact through Redis; another salt sees nothing; the keys carry the salt.
+#[test]
+fn two_sidecars_share_chunks_through_one_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = Serve::start(&["--l3-url", &url], &[]);
+    let b = Serve::start(&["--l3-url", &url], &[]);
+    let (src, dst) = (
+        TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32),
+        TestKv::new(Layout::Hnd, 2, 80, 16, 2, 32),
+    );
+    src.fill(7);
+    let t = tokens(11, 1024);
+    let mut ca = a.client();
+    register(&mut ca, 1, &src);
+    assert!(store(&mut ca, 1, "alice", &t, 1));
+    wait_keys(&redis, 4);
+    let keys = chunk_keys(&redis);
+    assert!(
+        keys.iter().all(|k| k.ends_with(":5:alice")),
+        "keys carry the salt: {keys:?}"
+    );
+    let mut cb = b.client();
+    register(&mut cb, 2, &dst);
+    assert_eq!(
+        lookup(&mut cb, "bob", &t, "other-salt"),
+        0,
+        "salts stay isolated"
+    );
+    assert_eq!(lookup(&mut cb, "", &t, "no-salt"), 0, "salts stay isolated");
+    assert_eq!(
+        lookup(&mut cb, "alice", &t, "q"),
+        4,
+        "B finds A's chunks in Redis"
+    );
+    assert!(retrieve(&mut cb, 2, "alice", &t, 4, "q"));
+    for j in 0..64 {
+        assert_eq!(src.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    a.stop();
+    b.stop();
+}
+
+/// A value whose payload was altered, and a value holding another chunk's record, are misses
+/// (counted), never served.
+#[test]
+fn corrupted_or_misplaced_values_are_misses() {
+    let redis = RedisServer::start();
+    let a = sidecar(l3_config(&redis.url()));
+    let b = sidecar(l3_config(&redis.url()));
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(3);
+    let t = tokens(21, 1024);
+    let mut ca = client(&a);
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "s", &t, 1));
+    wait_keys(&redis, 4);
+    // Which key is which chunk: B's own key layout says.
+    let hashes = b.cwm.hasher.chunk_hashes(&t, 0, 1024);
+    let keys: Vec<String> = hashes
+        .iter()
+        .map(|h| {
+            let k = connector_protocol::ObjectKey {
+                model: MODEL.into(),
+                kv_rank: connector_protocol::kv_rank(1, 0),
+                object_group: 0,
+                chunk_hash: *h,
+                cache_salt: "s".into(),
+            };
+            String::from_utf8(b.cwm.tiers.l3().unwrap().keys().chunk(&k)).unwrap()
+        })
+        .collect();
+    // Chunk 2: change the last payload byte. Chunk 1: chunk 3's record under chunk 1's key.
+    let len: usize = redis.cli(&["STRLEN", &keys[2]]).trim().parse().unwrap();
+    let at = (len - 1).to_string();
+    let last = redis.cli_raw(&["GETRANGE", &keys[2], &at, &at]);
+    let other = if last[0] == b'A' { "B" } else { "A" };
+    assert_eq!(
+        redis.cli(&["SETRANGE", &keys[2], &at, other]).trim(),
+        len.to_string()
+    );
+    assert_eq!(
+        redis.cli(&["COPY", &keys[3], &keys[1], "REPLACE"]).trim(),
+        "1"
+    );
+    let mut cb = client(&b);
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cb, 2, &dst);
+    assert_eq!(lookup(&mut cb, "s", &t, "q"), 1, "only chunk 0 is servable");
+    let l3 = b.cwm.tiers.l3().unwrap();
+    assert_eq!(
+        l3.counters.corrupt_records.load(Relaxed),
+        2,
+        "the misplaced and the altered value are counted"
+    );
+    assert!(retrieve(&mut cb, 2, "s", &t, 1, "q"));
+    for j in 0..16 {
+        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
+}
+
+/// Redis killed during a burst of stores and lookups: every request is answered, nothing
+/// wrong is served, the state shows in /status and /metrics, and L3 recovers after a restart.
+#[test]
+fn redis_killed_mid_burst_then_back() {
+    let mut redis = RedisServer::start();
+    let s = sidecar(Config {
+        l3_timeout_ms: 300,
+        ..l3_config(&redis.url())
+    });
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let mut c = client(&s);
+    register(&mut c, 1, &kv);
+    register(&mut c, 2, &back);
+    let requests: Vec<Vec<u32>> = (0..30).map(|i| tokens(500 + i, 512)).collect();
+    for (i, t) in requests.iter().enumerate() {
+        if i == 10 {
+            redis.kill();
+        }
+        kv.fill(i as u64);
+        assert!(store(&mut c, 1, "burst", t, 1), "store {i} answered ok");
+        // A lookup of something never stored: L3 is asked (or known down) and the lookup is
+        // answered (the client's 10 s timeout and lookup_hits' deadline fail the test if not).
+        let miss = tokens(9000 + i as u32, 512);
+        assert_eq!(lookup(&mut c, "burst", &miss, &format!("m{i}")), 0);
+    }
+    // Everything stored is still served from L1, byte-exact.
+    for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(lookup(&mut c, "burst", t, &rid), 2, "request {i}");
+        kv.fill(i as u64);
+        back.fill_byte(0);
+        assert!(retrieve(&mut c, 2, "burst", t, 2, &rid));
+        for j in 0..32 {
+            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
+        }
+    }
+    let status = |s: &Sidecar| {
+        let stats = s.windows.cache_stats();
+        stats.l3.unwrap()
+    };
+    let st = status(&s);
+    assert_eq!(st.link.state, "down", "{st:?}");
+    assert_eq!(st.link.incidents, 1, "one incident: {st:?}");
+    let metrics = cwm::metrics::render(&s.windows);
+    assert!(metrics.contains("cwm_l3_up 0"), "{metrics}");
+    redis.restart();
+    // New stores reach the restarted Redis once the backoff lets write-behind retry.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut round = 0;
+    while chunk_keys(&redis).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "L3 never recovered: {:?}",
+            status(&s)
+        );
+        round += 1;
+        kv.fill(1000 + round);
+        assert!(store(
+            &mut c,
+            1,
+            "burst",
+            &tokens(2000 + round as u32, 256),
+            1
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = status(&s);
+    assert_eq!(st.link.state, "up", "{st:?}");
+    assert_eq!(st.link.incidents, 1);
+    assert!(cwm::metrics::render(&s.windows).contains("cwm_l3_up 1"));
+    assert!(
+        st.write_behind_dropped > 0,
+        "writes while down were dropped and counted"
+    );
+}
+
+/// An ACL user whose password comes from CWM_L3_PASSWORD: B finds what A stored, and the
+/// password appears in neither log.
+#[test]
+fn acl_user_with_password_from_the_environment() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis
+            .cli(&[
+                "ACL",
+                "SETUSER",
+                "cwm",
+                "on",
+                ">Sekr1t-pw",
+                "~cwm:*",
+                "+@all"
+            ])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "default", "off"]).trim(),
+        "OK"
+    );
+    let url = format!("redis://cwm@127.0.0.1:{}", redis.port);
+    let env = [("CWM_L3_PASSWORD", "Sekr1t-pw")];
+    let a = Serve::start(&["--l3-url", &url], &env);
+    let b = Serve::start(&["--l3-url", &url], &env);
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(5);
+    let t = tokens(31, 512);
+    let mut ca = a.client();
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "acl", &t, 1));
+    let authed = |args: &[&str]| {
+        let mut all = vec!["--user", "cwm", "--pass", "Sekr1t-pw", "--no-auth-warning"];
+        all.extend_from_slice(args);
+        redis.cli(&all)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while authed(&["DBSIZE"]).trim() != "2" {
+        assert!(
+            Instant::now() < deadline,
+            "A never wrote through the ACL user"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cb = b.client();
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cb, 2, &dst);
+    assert_eq!(lookup(&mut cb, "acl", &t, "q"), 2);
+    assert!(retrieve(&mut cb, 2, "acl", &t, 2, "q"));
+    for j in 0..32 {
+        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    let (la, lb) = (a.stop(), b.stop());
+    assert!(la.contains("L3 Redis tier configured"), "{la}");
+    assert!(
+        !la.contains("Sekr1t") && !lb.contains("Sekr1t"),
+        "password logged"
+    );
+    // A wrong password: the link is down, cwm still serves, and says why without the secret.
+    let c = Serve::start(&["--l3-url", &url], &[("CWM_L3_PASSWORD", "wrong-Sekr1t")]);
+    let mut cc = c.client();
+    let kv3 = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cc, 3, &kv3);
+    assert_eq!(lookup(&mut cc, "acl", &t, "q3"), 0);
+    assert!(store(&mut cc, 3, "acl", &t, 1));
+    let log = c.stop();
+    assert!(log.contains("L3 Redis unreachable"), "{log}");
+    assert!(!log.contains("Sekr1t"), "password logged: {log}");
+}
+
+/// TLS with a CA made here: B reads what A wrote over rediss://.
+#[test]
+fn tls_with_a_private_ca() {
+    let (redis, ca) = RedisServer::with_tls();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let config = Config {
+        l3_tls_ca: Some(ca),
+        ..l3_config(&url)
+    };
+    let a = sidecar(config.clone());
+    let b = sidecar(config);
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(8);
+    let t = tokens(41, 512);
+    let mut ca_ = client(&a);
+    register(&mut ca_, 1, &kv);
+    assert!(store(&mut ca_, 1, "tls", &t, 1));
+    wait_keys(&redis, 2);
+    hits_byte_exact_on(&b, "tls", &t, 2, &kv);
+}
+
+/// A 3-master cluster: chunks spread over the nodes, and B finds what A stored.
+#[test]
+fn two_sidecars_share_chunks_through_a_cluster() {
+    let cluster = RedisCluster::start();
+    let config = Config {
+        l3_cluster: Some(cluster.seeds()),
+        l3_timeout_ms: 2000,
+        ..small_config()
+    };
+    let a = sidecar(config.clone());
+    let b = sidecar(config);
+    let kv = TestKv::new(Layout::Nhd, 2, 200, 16, 2, 16);
+    kv.fill(12);
+    let t = tokens(51, 3072);
+    let mut ca = client(&a);
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "c", &t, 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.sizes().iter().sum::<u64>() < 12 {
+        assert!(Instant::now() < deadline, "sizes {:?}", cluster.sizes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sizes = cluster.sizes();
+    assert!(
+        sizes.iter().filter(|&&n| n > 0).count() >= 2,
+        "12 chunks spread over the masters: {sizes:?}"
+    );
+    hits_byte_exact_on(&b, "c", &t, 12, &kv);
+}
+
+/// Windows fleet-wide: frozen on A (chunks and manifest pushed to Redis, no TTL), listed,
+/// inspected and thawed on B (whose L1 and L2 never saw the chunks), name taken fleet-wide,
+/// and a delete on B seen by A.
+#[test]
+fn windows_frozen_on_one_sidecar_thaw_on_another() {
+    use cwm::windows::{DeleteRequest, FreezeRequest, ListRequest, StatusRequest, ThawRequest};
+    let redis = RedisServer::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_l3 = |dir: &std::path::Path| Config {
+        l3_url: Some(redis.url()),
+        l3_write: "frozen".into(), // only windows go to Redis: B cannot hit by the cache path
+        ..disk_config(dir)
+    };
+    let a = sidecar(with_l3(da.path()));
+    let b = sidecar(with_l3(db.path()));
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(17);
+    let t = tokens(61, 1024);
+    let mut ca = client(&a);
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "chat-1", &t, 1));
+    assert!(
+        chunk_keys(&redis).is_empty(),
+        "l3_write frozen: nothing cached in Redis"
+    );
+    let frozen = a
+        .windows
+        .freeze(&FreezeRequest {
+            session_id: "chat-1".into(),
+            window_name: "review".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(frozen.window.chunks, 4);
+    let keys = chunk_keys(&redis);
+    assert_eq!(keys.len(), 4, "the window's chunks are in Redis");
+    for k in &keys {
+        assert_eq!(
+            redis.cli(&["TTL", k]).trim(),
+            "-1",
+            "window data has no TTL"
+        );
+    }
+    // B: listed, status from Redis, thaw byte-exact under a new session.
+    let list = b.windows.list(&ListRequest::default()).unwrap();
+    assert_eq!(
+        list.windows
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>(),
+        ["review"]
+    );
+    let status = b
+        .windows
+        .status(&StatusRequest {
+            window_name: Some("review".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .window
+        .unwrap();
+    assert_eq!((status.chunks_in_l2, status.chunks_in_l3), (0, Some(4)));
+    let mut cb = client(&b);
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cb, 2, &dst);
+    assert_eq!(lookup(&mut cb, "chat-2", &t, "before"), 0);
+    let thawed = b
+        .windows
+        .thaw(
+            &ThawRequest {
+                window_name: "review".into(),
+                new_session_id: Some("chat-2".into()),
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+    assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
+    assert_eq!(lookup(&mut cb, "chat-2", &t, "q"), 4);
+    assert!(retrieve(&mut cb, 2, "chat-2", &t, 4, "q"));
+    for j in 0..64 {
+        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    // The name is taken fleet-wide.
+    assert!(b
+        .windows
+        .freeze(&FreezeRequest {
+            session_id: "chat-2".into(),
+            window_name: "review".into(),
+            ..Default::default()
+        })
+        .is_err());
+    // Deleted on B: gone on A, and its data is cache again (a TTL).
+    b.windows
+        .delete(&DeleteRequest {
+            window_name: "review".into(),
+        })
+        .unwrap();
+    assert!(a
+        .windows
+        .list(&ListRequest::default())
+        .unwrap()
+        .windows
+        .is_empty());
+    assert!(a.windows.get("review").is_none());
+    for k in &chunk_keys(&redis) {
+        let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
+        assert!(ttl > 0, "released data gets the cache TTL: {ttl}");
+    }
+}
