@@ -264,6 +264,8 @@ impl Config {
                     &"(not shown)",
                     "at least 16 printable ASCII characters without spaces",
                 );
+            }
+        }
         if self.l3_url.is_some() && self.l3_cluster.is_some() {
             return invalid(
                 "l3_cluster",
