@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
+use crate::store::populate::L1Populate;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -21,6 +22,9 @@ pub struct Config {
     pub chunk_size: usize,
     /// L1 memory budget in GiB.
     pub l1_size_gb: f64,
+    /// When L1's pages are committed: `eager` (in the background, ahead of use, so stores
+    /// take no page faults) or `lazy` (by the first store that touches them).
+    pub l1_populate: L1Populate,
     /// L1 eviction policy. Only `LRU`.
     pub eviction_policy: String,
     /// Chunk hash algorithm. Only `blake3` (vLLM's default).
@@ -69,6 +73,7 @@ impl Default for Config {
             port: 5555,
             chunk_size: 256,
             l1_size_gb: 8.0,
+            l1_populate: L1Populate::Eager,
             eviction_policy: "LRU".into(),
             hash_algorithm: "blake3".into(),
             lock_ttl_secs: 300,

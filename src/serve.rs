@@ -11,6 +11,7 @@ use crate::server::http::HttpServer;
 use crate::server::mp::MpServer;
 use crate::store::disk::storage::FsStorage;
 use crate::store::disk::DiskStore;
+use crate::store::populate::{self, L1Populate};
 use crate::store::tiered::Tiers;
 use crate::store::{L1Config, L1Store};
 use crate::windows::Windows;
@@ -31,7 +32,12 @@ impl Sidecar {
     /// Start every server of the sidecar on background threads.
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         config.validate()?;
-        let cwm = open_cwm(config, open_l1(config)?)?;
+        let l1 = open_l1(config)?;
+        if config.l1_populate == L1Populate::Eager {
+            // Detached: it ends when L1 is dropped or fully committed.
+            populate::start(&l1);
+        }
+        let cwm = open_cwm(config, l1)?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),

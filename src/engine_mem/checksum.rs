@@ -166,6 +166,7 @@ pub fn compress_ids(ids: &[u32]) -> Vec<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::engine_mem::shm::ShmSegment;
+    use crate::engine_mem::EngineMemError;
     use crate::engine_mem::EngineMemory;
     use connector_protocol::{IpcDescriptor, TensorMetadata};
 
@@ -230,7 +231,7 @@ mod tests {
         let shape = [2, 4, 2, 2, 3];
         let kv = open(&seg, "bfloat16", &shape, &[48, 12, 6, 3, 1], &[0, 96], None);
         check(
-            &kv,
+            &*kv,
             &[3, 1, 2],
             [
                 "ee7f5ed26e4bb3d3818ee3ac4aeb8ac0",
@@ -263,7 +264,7 @@ mod tests {
             Some("BLHNC"),
         );
         check(
-            &kv,
+            &*kv,
             &[2, 0, 1],
             [
                 "6a8ba5bc4d00a19b90599eaabbdf0e7c",

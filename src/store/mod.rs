@@ -5,6 +5,7 @@ pub mod arena;
 pub mod codec;
 pub mod disk;
 pub mod l1;
+pub mod populate;
 pub mod tiered;
 
 pub use l1::{L1Config, L1Store, ReadGuard, Reservation, WriteGuard};

@@ -2,7 +2,8 @@
 //!
 //! Policy owned here: every object committed to L1 by a store is queued for L2 (write-behind)
 //! without ever delaying the store's reply — the queue is bounded in bytes and drops work,
-//! counted and logged, rather than block; compression runs on the bulk (rayon) pool; L2 hits
+//! counted and logged, rather than block; the write-behind thread and compression run at
+//! background priority (`crate::background`), never on the foreground pool; L2 hits
 //! are promoted into L1 before anyone may read them; the index is checkpointed periodically
 //! and at shutdown.
 
@@ -19,6 +20,7 @@ use super::codec::{self, CompressionPolicy};
 use super::disk::storage::FsStorage;
 use super::disk::DiskStore;
 use super::{L1Store, Reservation};
+use crate::background;
 
 pub type Disk = DiskStore<FsStorage>;
 
@@ -73,10 +75,9 @@ impl Tiers {
         let counters: Arc<WriteBehindCounters> = Arc::default();
         let worker = {
             let (l1, l2, counters) = (l1.clone(), l2.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("cwm-write-behind".into())
-                .spawn(move || write_behind(rx, l1, l2, counters, compression))
-                .expect("spawn write-behind thread")
+            background::spawn("cwm-write-behind", move || {
+                write_behind(rx, l1, l2, counters, compression)
+            })
         };
         Tiers {
             l1,
@@ -225,21 +226,23 @@ fn write_batch(
     c: &WriteBehindCounters,
     compression: CompressionPolicy,
 ) {
-    let compressed: Vec<_> = batch
-        .par_iter()
-        .map(|job| {
-            if l2.contains(&job.key) {
-                return None;
-            }
-            let Some(object) = l1.read(&job.key) else {
-                c.missed.fetch_add(1, Relaxed);
-                return None;
-            };
-            let raw = object.as_slice();
-            let (codec, payload) = codec::compress(raw, job.itemsize as usize, compression);
-            Some((codec, payload, raw.len() as u64))
-        })
-        .collect();
+    let compressed: Vec<_> = background::pool().install(|| {
+        batch
+            .par_iter()
+            .map(|job| {
+                if l2.contains(&job.key) {
+                    return None;
+                }
+                let Some(object) = l1.read(&job.key) else {
+                    c.missed.fetch_add(1, Relaxed);
+                    return None;
+                };
+                let raw = object.as_slice();
+                let (codec, payload) = codec::compress(raw, job.itemsize as usize, compression);
+                Some((codec, payload, raw.len() as u64))
+            })
+            .collect()
+    });
     for (job, result) in batch.iter().zip(compressed) {
         c.queued_bytes.fetch_sub(job.bytes, Relaxed);
         let Some((codec, payload, raw_len)) = result else {
