@@ -7,9 +7,10 @@ use std::sync::Arc;
 use connector_protocol::{ChunkHash, ObjectKey};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cwm::bench::data::Rng;
-use cwm::store::codec::{self, CompressionPolicy};
+use cwm::store::codec::CompressionPolicy;
 use cwm::store::disk::storage::FsStorage;
 use cwm::store::disk::{DiskConfig, DiskStore, FsyncPolicy};
+use cwm::store::record;
 use rayon::prelude::*;
 
 const CHUNKS: usize = 16;
@@ -78,13 +79,13 @@ fn bench(c: &mut Criterion) {
                 || tempfile::tempdir().unwrap(),
                 |dir| {
                     let disk = open(dir.path(), policy);
-                    let compressed: Vec<_> = data
+                    let records: Vec<_> = data
                         .par_iter()
-                        .map(|raw| codec::compress(raw, 2, policy))
+                        .enumerate()
+                        .map(|(i, raw)| record::encode(&key(i), raw, 2, policy))
                         .collect();
-                    for (i, (codec, payload)) in compressed.iter().enumerate() {
-                        disk.write_compressed(&key(i), *codec, 2, CHUNK_BYTES as u64, payload)
-                            .unwrap();
+                    for (i, record) in records.iter().enumerate() {
+                        disk.append_record(&key(i), record).unwrap();
                     }
                     dir
                 },

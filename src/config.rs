@@ -10,6 +10,8 @@ use thiserror::Error;
 use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
 use crate::store::populate::L1Populate;
+use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
+use crate::store::L1Config;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,6 +68,31 @@ pub struct Config {
     pub http_port: u16,
 }
 
+/// The platform's state directory for cwm's data: systemd's `$STATE_DIRECTORY` when run as a
+/// service (`StateDirectory=cwm`: `/var/lib/cwm`), else `$XDG_STATE_HOME/cwm`, else
+/// `~/.local/state/cwm`, else `/var/lib/cwm`. Never the working directory: a run from a source
+/// tree must not leave gigabytes in the checkout.
+pub fn default_l2_path() -> PathBuf {
+    state_dir(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+}
+
+fn state_dir(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    // systemd may list several directories, ':'-separated; the first is ours.
+    if let Some(dirs) = var("STATE_DIRECTORY") {
+        if let Some(first) = dirs.to_string_lossy().split(':').find(|d| !d.is_empty()) {
+            return PathBuf::from(first);
+        }
+    }
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    if let Some(state) = var("XDG_STATE_HOME").and_then(absolute) {
+        return state.join("cwm");
+    }
+    if let Some(home) = var("HOME").and_then(absolute) {
+        return home.join(".local/state/cwm");
+    }
+    PathBuf::from("/var/lib/cwm")
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -84,7 +111,7 @@ impl Default for Config {
             engine_driven: true,
             shm_name: None,
             engine_driven_ttl_secs: 300,
-            l2_path: PathBuf::from("cwm-data"),
+            l2_path: default_l2_path(),
             l2_size_gb: 32.0,
             l2_segment_mb: 256,
             l2_compression: "zstd".into(),
@@ -234,6 +261,27 @@ impl Config {
         }
     }
 
+    /// What the tiers are built from (`Tiers::open`).
+    pub fn tiers_config(&self) -> TiersConfig {
+        TiersConfig {
+            l1: L1Config {
+                capacity_bytes: self.l1_bytes(),
+                lock_ttl: self.lock_ttl(),
+            },
+            l1_memory: if self.engine_driven {
+                L1Memory::Shared(self.shm_name.clone())
+            } else {
+                L1Memory::Private
+            },
+            l1_populate: self.l1_populate,
+            l2: self.l2_enabled().then(|| L2Config {
+                path: self.l2_path.clone(),
+                disk: self.l2_disk_config(),
+            }),
+            write_queue_bytes: self.l2_write_queue_mb << 20,
+        }
+    }
+
     pub fn lock_ttl(&self) -> Duration {
         Duration::from_secs(self.lock_ttl_secs)
     }
@@ -282,6 +330,37 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("/a/b"));
         c.shm_name = Some("/cwm_pool".into());
         c.validate().unwrap();
+    }
+
+    /// The default data directory is the platform's state directory, never the working
+    /// directory (before: `./cwm-data`, which filled source checkouts).
+    #[test]
+    fn the_default_l2_path_is_the_state_directory() {
+        assert!(Config::default().l2_path.is_absolute());
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            state_dir(env(&[("XDG_STATE_HOME", "/s"), ("HOME", "/h")])),
+            PathBuf::from("/s/cwm")
+        );
+        assert_eq!(
+            state_dir(env(&[("XDG_STATE_HOME", "rel"), ("HOME", "/h")])),
+            PathBuf::from("/h/.local/state/cwm"),
+            "a relative XDG_STATE_HOME is ignored, as the spec says"
+        );
+        assert_eq!(
+            state_dir(env(&[
+                ("STATE_DIRECTORY", "/var/lib/cwm:/x"),
+                ("HOME", "/h")
+            ])),
+            PathBuf::from("/var/lib/cwm")
+        );
+        assert_eq!(state_dir(env(&[])), PathBuf::from("/var/lib/cwm"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ struct DataDirArgs {
     /// TOML config file (its l2_path and chunk_size are used).
     #[arg(long, env = "CWM_CONFIG")]
     config: Option<PathBuf>,
-    /// Directory of the L2 disk tier [default: cwm-data].
+    /// Directory of the L2 disk tier [default: $XDG_STATE_HOME/cwm, else ~/.local/state/cwm].
     #[arg(long, env = "CWM_L2_PATH")]
     l2_path: Option<PathBuf>,
 }
@@ -144,7 +144,7 @@ struct ServeArgs {
     /// Seconds an engine-driven prepare may wait for its commit before it is released [default: 300].
     #[arg(long, env = "CWM_ENGINE_DRIVEN_TTL_SECS")]
     engine_driven_ttl_secs: Option<u64>,
-    /// Directory of the L2 disk tier [default: cwm-data].
+    /// Directory of the L2 disk tier [default: $XDG_STATE_HOME/cwm, else ~/.local/state/cwm].
     #[arg(long, env = "CWM_L2_PATH")]
     l2_path: Option<std::path::PathBuf>,
     /// L2 disk budget in GiB; 0 turns the disk tier off [default: 32].

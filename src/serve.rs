@@ -9,11 +9,7 @@ use crate::config::Config;
 use crate::ops::{Cwm, ReapPolicy, Settings};
 use crate::server::http::HttpServer;
 use crate::server::mp::MpServer;
-use crate::store::disk::storage::FsStorage;
-use crate::store::disk::DiskStore;
-use crate::store::populate::{self, L1Populate};
-use crate::store::tiered::Tiers;
-use crate::store::{L1Config, L1Store};
+use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
 
 /// A running sidecar. Dropping it shuts it down and waits for its threads.
@@ -32,12 +28,7 @@ impl Sidecar {
     /// Start every server of the sidecar on background threads.
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         config.validate()?;
-        let l1 = open_l1(config)?;
-        if config.l1_populate == L1Populate::Eager {
-            // Detached: it ends when L1 is dropped or fully committed.
-            populate::start(&l1);
-        }
-        let cwm = open_cwm(config, l1)?;
+        let cwm = open_cwm(config, &config.tiers_config())?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
@@ -80,7 +71,11 @@ impl Sidecar {
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
-            l1_pool = cwm.tiers.l1.pool().map(|p| p.shm_name),
+            l1_pool = cwm.tiers.pool().map(|p| p.shm_name),
+            l2_path = %config
+                .l2_enabled()
+                .then(|| config.l2_path.display().to_string())
+                .unwrap_or_else(|| "off".into()),
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {
@@ -119,27 +114,13 @@ impl Sidecar {
         self.cwm.tiers.shutdown();
         // The pool's memory goes back to the system once the last mapping (ours or an
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
-        self.cwm.tiers.l1.unlink_pool();
+        self.cwm.tiers.unlink_pool();
     }
 }
 
-/// The operations over `l1` and, when the config enables it, the L2 disk tier.
-pub(crate) fn open_cwm(config: &Config, l1: Arc<L1Store>) -> anyhow::Result<Arc<Cwm>> {
-    let tiers = if config.l2_enabled() {
-        let storage = FsStorage::open(&config.l2_path).map_err(|e| {
-            anyhow::anyhow!("cannot open L2 directory {}: {e}", config.l2_path.display())
-        })?;
-        let disk = DiskStore::open(storage, config.l2_disk_config())
-            .map_err(|e| anyhow::anyhow!("cannot open L2 at {}: {e}", config.l2_path.display()))?;
-        Tiers::with_disk(
-            l1,
-            Arc::new(disk),
-            config.l2_compression_policy(),
-            config.l2_write_queue_mb << 20,
-        )
-    } else {
-        Tiers::memory_only(l1)
-    };
+/// The operations over the tiers `tiers` describes (built by `Tiers::open`).
+pub(crate) fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
+    let tiers = open_tiers(tiers)?;
     Ok(Cwm::new(
         Settings {
             chunk_size: config.chunk_size,
@@ -154,32 +135,25 @@ pub(crate) fn open_cwm(config: &Config, l1: Arc<L1Store>) -> anyhow::Result<Arc<
     ))
 }
 
-/// L1 in a shared-memory pool engines can map (engine-driven mode), else in private memory.
-fn open_l1(config: &Config) -> anyhow::Result<std::sync::Arc<L1Store>> {
-    let l1_config = L1Config {
-        capacity_bytes: config.l1_bytes(),
-        lock_ttl: config.lock_ttl(),
-    };
-    let gib = config.l1_size_gb;
-    if !config.engine_driven {
-        return L1Store::new(&l1_config)
-            .map_err(|e| anyhow::anyhow!("cannot reserve {gib} GiB for L1: {e}"));
-    }
-    let l1 = L1Store::new_shared(&l1_config, config.shm_name.as_deref()).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create the shared-memory L1 pool ({gib} GiB in /dev/shm{}): {e}; \
-             pass --no-engine-driven to keep L1 in private memory",
-            config
-                .shm_name
-                .as_deref()
-                .map(|n| format!(", name {n:?}"))
-                .unwrap_or_default()
-        )
+/// The tiers, with what to do about a failure in the user's terms.
+fn open_tiers(config: &TiersConfig) -> anyhow::Result<Tiers> {
+    let tiers = Tiers::open(config).map_err(|e| match e {
+        OpenError::Pool { .. } => {
+            anyhow::anyhow!("{e}; pass --no-engine-driven to keep L1 in private memory")
+        }
+        e => e.into(),
     })?;
+    if matches!(config.l1_memory, L1Memory::Shared(_)) {
+        warn_if_shm_is_short(config.l1.capacity_bytes);
+    }
+    Ok(tiers)
+}
+
+fn warn_if_shm_is_short(pool_bytes: u64) {
     if let Some(avail) = shm_available_bytes() {
-        if avail < l1_config.capacity_bytes {
+        if avail < pool_bytes {
             tracing::warn!(
-                l1_bytes = l1_config.capacity_bytes,
+                l1_bytes = pool_bytes,
                 shm_available = avail,
                 "/dev/shm has less room than the L1 budget: L1 will stop growing when /dev/shm \
                  is full. Enlarge /dev/shm (docker: --shm-size) or lower --l1-size-gb; if no \
@@ -188,10 +162,10 @@ fn open_l1(config: &Config) -> anyhow::Result<std::sync::Arc<L1Store>> {
             );
         }
     }
-    Ok(l1)
 }
 
 fn shm_available_bytes() -> Option<u64> {
+    // SAFETY: `statvfs` is plain old data, for which all-zero bytes are a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a zeroed out-struct.
     let rc = unsafe { libc::statvfs(c"/dev/shm".as_ptr(), &mut st) };

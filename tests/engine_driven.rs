@@ -139,12 +139,12 @@ fn store_then_retrieve_through_the_pool_byte_exact() {
         .unwrap();
     assert_eq!(
         answer.pool_size,
-        s.cwm.tiers.l1.capacity_bytes(),
+        s.cwm.tiers.l1_stats().capacity_bytes,
         "pool = the L1 budget"
     );
     assert_eq!(
         Some(answer.shm_name.clone()),
-        s.cwm.tiers.l1.pool().map(|p| p.shm_name)
+        s.cwm.tiers.pool().map(|p| p.shm_name)
     );
     let pool = Pool::open(&answer);
     let t = tokens(1, 600);
@@ -187,14 +187,14 @@ fn store_then_retrieve_through_the_pool_byte_exact() {
     assert_eq!(pool.read(&got.context.slots[0]), chunk_bytes(0, len));
     assert_eq!(pool.read(&got.context.slots[1]), chunk_bytes(1, len));
     let keys = [object_key(&t, 0, 1, 0), object_key(&t, 1, 1, 0)];
-    assert_eq!(s.cwm.tiers.l1.lock_count(&keys[0]), 1);
+    assert_eq!(s.cwm.tiers.lock_count(&keys[0]), 1);
     assert!(c.commit_retrieve(&k, 7).unwrap());
     assert_eq!(
-        s.cwm.tiers.l1.lock_count(&keys[0]),
+        s.cwm.tiers.lock_count(&keys[0]),
         0,
         "one lookup lock released"
     );
-    assert_eq!(s.cwm.tiers.l1.lock_count(&keys[1]), 0);
+    assert_eq!(s.cwm.tiers.lock_count(&keys[1]), 0);
     assert!(
         !c.commit_retrieve(&k, 7).unwrap(),
         "nothing pending any more"
@@ -358,7 +358,7 @@ fn objects_of_another_size_are_never_served() {
     let k = key(MODEL, "", &t, Some(0), 1, 0, 256, "r");
     assert!(!c.prepare_retrieve(&k, 2).unwrap().success, "half the size");
     assert_eq!(
-        s.cwm.tiers.l1.lock_count(&object_key(&t, 0, 1, 0)),
+        s.cwm.tiers.lock_count(&object_key(&t, 0, 1, 0)),
         0,
         "lock released"
     );
@@ -390,13 +390,13 @@ fn commit_with_inline_data_answers_false_and_drops_the_reservation() {
     let t = tokens(8, 512);
     let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "r");
     assert_eq!(c.prepare_store(&k, 7).unwrap().context.slots.len(), 2);
-    assert!(s.cwm.tiers.l1.stats().used_bytes > 0);
+    assert!(s.cwm.tiers.l1_stats().used_bytes > 0);
     // What LMCache's pickle context sends (e.g. when the worker could not map the pool).
     assert!(!c
         .commit_store(&k, 7, b"\x80\x04\x95pickled tensors")
         .unwrap());
     assert_eq!(s.cwm.engine_driven.pending(), (0, 0));
-    assert_eq!(s.cwm.tiers.l1.stats().used_bytes, 0, "reservation dropped");
+    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0, "reservation dropped");
     assert!(!c.commit_store(&k, 7, b"").unwrap());
     assert_eq!(hits(&mut c, &t, 1, 512, "r"), 0);
 }
@@ -415,7 +415,7 @@ fn prepare_retrieve_of_a_missing_chunk_fails_and_releases_the_locks() {
     let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "r");
     let got = c.prepare_retrieve(&k, 7).unwrap();
     assert!(!got.success && got.context.slots.is_empty());
-    assert_eq!(s.cwm.tiers.l1.lock_count(&object_key(&t, 0, 1, 0)), 0);
+    assert_eq!(s.cwm.tiers.lock_count(&object_key(&t, 0, 1, 0)), 0);
     assert_eq!(s.cwm.engine_driven.pending(), (0, 0));
     assert!(!c.commit_retrieve(&k, 7).unwrap());
     // Golden failure reply, as LMCache's reference answers it.
@@ -472,7 +472,7 @@ fn unknown_instances_and_bad_keys_fail_cleanly() {
     assert!(!c.prepare_retrieve(&k, 8).unwrap().success);
     assert!(!c.commit_store(&k, 8, b"").unwrap());
     assert!(!c.commit_retrieve(&k, 8).unwrap());
-    assert_eq!(s.cwm.tiers.l1.stats().used_bytes, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0);
 }
 
 #[test]
@@ -492,9 +492,9 @@ fn a_repeated_prepare_starts_over() {
         vec![0],
         "a retry gets the chunk again, not 'being stored'"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().used_bytes, object_bytes(false));
+    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, object_bytes(false));
     assert!(c.commit_store(&k, 7, b"").unwrap());
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 1);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 1);
 }
 
 #[test]
@@ -522,7 +522,7 @@ fn uncommitted_prepares_expire_and_free_their_space() {
         c.prepare_store(&other, 7).unwrap().context.slots.is_empty(),
         "being stored by the first request"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().used_bytes, 2 * object_bytes(false));
+    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 2 * object_bytes(false));
     assert_eq!(s.cwm.engine_driven.pending(), (1, 1));
 
     wait_until(
@@ -531,12 +531,12 @@ fn uncommitted_prepares_expire_and_free_their_space() {
         || s.cwm.engine_driven.pending() == (0, 0),
     );
     assert_eq!(
-        s.cwm.tiers.l1.stats().used_bytes,
+        s.cwm.tiers.l1_stats().used_bytes,
         object_bytes(false),
         "t's reservation freed"
     );
     assert_eq!(
-        s.cwm.tiers.l1.lock_count(&object_key(&u, 0, 1, 0)),
+        s.cwm.tiers.lock_count(&object_key(&u, 0, 1, 0)),
         0,
         "u's lock released"
     );
@@ -550,7 +550,7 @@ fn uncommitted_prepares_expire_and_free_their_space() {
     );
     // u is neither locked nor pinned any more: clear drops it.
     c.clear(false).unwrap();
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
 }
 
 #[test]
@@ -577,9 +577,9 @@ fn unregister_releases_everything_of_the_instance() {
 
     c.unregister_engine_driven_context(7).unwrap();
     assert_eq!(s.cwm.engine_driven.pending(), (1, 0));
-    assert_eq!(s.cwm.tiers.l1.lock_count(&object_key(&u, 0, 1, 0)), 0);
+    assert_eq!(s.cwm.tiers.lock_count(&object_key(&u, 0, 1, 0)), 0);
     assert_eq!(
-        s.cwm.tiers.l1.stats().used_bytes,
+        s.cwm.tiers.l1_stats().used_bytes,
         2 * object_bytes(false),
         "u and v's reservation"
     );
@@ -616,7 +616,7 @@ fn a_silent_worker_is_reaped_with_its_pending_prepares() {
         || s.cwm.engine_driven.is_empty(),
     );
     assert_eq!(s.cwm.engine_driven.pending(), (0, 0));
-    assert_eq!(s.cwm.tiers.l1.stats().used_bytes, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0);
 }
 
 #[test]
@@ -732,7 +732,7 @@ fn without_engine_driven_the_worker_gets_pickle_mode_and_clean_failures() {
         engine_driven: false,
         ..small_config()
     });
-    assert!(s.cwm.tiers.l1.pool().is_none());
+    assert!(s.cwm.tiers.pool().is_none());
     let mut c = client(&s);
     let answer = c
         .register_engine_driven_context(&payload(7, 1, false))
@@ -753,7 +753,7 @@ fn without_engine_driven_the_worker_gets_pickle_mode_and_clean_failures() {
 #[test]
 fn the_pool_is_unlinked_when_the_sidecar_stops() {
     let s = sidecar(small_config());
-    let name = s.cwm.tiers.l1.pool().unwrap().shm_name;
+    let name = s.cwm.tiers.pool().unwrap().shm_name;
     let path = Path::new("/dev/shm").join(&name);
     assert!(path.exists());
     let mode =
@@ -771,7 +771,7 @@ fn a_named_pool_is_exclusive_while_its_cwm_runs() {
         ..small_config()
     };
     let first = sidecar(config.clone());
-    assert_eq!(first.cwm.tiers.l1.pool().unwrap().shm_name, name);
+    assert_eq!(first.cwm.tiers.pool().unwrap().shm_name, name);
     let err = Sidecar::start(&Config {
         host: "127.0.0.1".into(),
         port: 0,
@@ -788,7 +788,7 @@ fn a_named_pool_is_exclusive_while_its_cwm_runs() {
         std::fs::metadata(Path::new("/dev/shm").join(&name))
             .unwrap()
             .len(),
-        second.cwm.tiers.l1.capacity_bytes()
+        second.cwm.tiers.l1_stats().capacity_bytes
     );
 }
 
@@ -810,20 +810,13 @@ fn engine_driven_chunks_survive_a_restart_through_l2() {
         wait_until(
             "write-behind wrote both chunks",
             Duration::from_secs(20),
-            || {
-                s.cwm
-                    .tiers
-                    .write_behind
-                    .written
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    >= 2
-            },
+            || s.cwm.tiers.stats().write_behind.written >= 2,
         );
         s.stop();
         answer.shm_name
     };
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
     let mut c = client(&s);
     let answer = c
         .register_engine_driven_context(&payload(8, 1, false))
@@ -907,4 +900,67 @@ fn engine_driven_sessions_freeze_and_thaw() {
         assert_eq!(pool.read(slot), chunk_bytes(n as u64, len), "chunk {n}");
     }
     assert!(c.commit_retrieve(&k, 8).unwrap());
+}
+
+/// A frozen window's records say the element size of what they hold (docs/FORMATS.md), and an
+/// export carries L2's records verbatim. Before: freeze wrote `itemsize = 2` whatever the
+/// dtype, and export decompressed and recompressed every record (with zstd, here where L2
+/// stores raw) under that same 2.
+#[test]
+fn frozen_and_exported_records_keep_the_dtype_and_the_bytes() {
+    use cwm::store::codec::Codec;
+    use cwm::store::record::Record;
+    use cwm::windows::FreezeRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let s = sidecar(Config {
+        // Write-behind drops everything: the freeze writes every record itself.
+        l2_write_queue_mb: 0,
+        l2_compression: "none".into(),
+        ..disk_config(dir.path())
+    });
+    let mut c = client(&s);
+    let fp32 = RegisterEngineDrivenContextPayload {
+        dtype_str: "float32".into(),
+        ..payload(7, 1, false)
+    };
+    let pool = Pool::open(&c.register_engine_driven_context(&fp32).unwrap());
+    let (salt, t) = ("fp32-agent", tokens(33, 512));
+    let k = key(MODEL, salt, &t, Some(0), 1, 0, 512, "store");
+    let prepared = c.prepare_store(&k, 7).unwrap().context;
+    assert_eq!(prepared.chunk_indices, vec![0, 1]);
+    for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
+        pool.write(slot, &chunk_bytes(i as u64, slot.length));
+    }
+    assert!(c.commit_store(&k, 7, b"").unwrap());
+    assert_eq!(s.cwm.tiers.stats().write_behind.written, 0);
+    s.windows
+        .freeze(&FreezeRequest {
+            session_id: salt.into(),
+            window_name: "fp32".into(),
+            ..Default::default()
+        })
+        .expect("freezes");
+    let file = dir.path().join("fp32.cwmx");
+    s.windows.export("fp32", &file).expect("exports");
+    // The window file: magic, version, reserved, manifest, record count, (length, record)*.
+    let b = std::fs::read(&file).unwrap();
+    let mlen = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+    let mut at = 12 + mlen;
+    let n = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    at += 4;
+    assert_eq!(n, 2);
+    for chunk in 0..n {
+        let len = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize;
+        let r = Record::parse(&b[at + 8..at + 8 + len], 0).unwrap();
+        assert_eq!(
+            (r.header.itemsize, r.header.codec),
+            (4, Codec::Raw),
+            "chunk {chunk}: float32 elements, stored raw as L2 stores them"
+        );
+        assert_eq!(
+            r.payload,
+            chunk_bytes(chunk as u64, 2 * object_bytes(false))
+        );
+        at += 8 + len;
+    }
 }

@@ -23,14 +23,7 @@ fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
 /// Wait until write-behind has written `n` objects to L2.
 fn wait_written(s: &Sidecar, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s
-        .cwm
-        .tiers
-        .write_behind
-        .written
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < n
-    {
+    while s.cwm.tiers.stats().write_behind.written < n {
         assert!(
             Instant::now() < deadline,
             "write-behind did not write {n} objects"
@@ -69,7 +62,7 @@ fn a_restart_keeps_the_cache() {
         s.stop();
     }
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
     let mut c = client(&s);
     register(&mut c, 2, &dst);
     assert_eq!(
@@ -77,7 +70,7 @@ fn a_restart_keeps_the_cache() {
         4,
         "all chunks found on disk"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 4, "promoted into L1");
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 4, "promoted into L1");
     assert!(
         c.retrieve(
             &key(MODEL, "", &t, Some(0), 1, 0, 1024, "r2"),
@@ -117,7 +110,7 @@ fn l2_hits_extend_a_partial_l1_prefix() {
     );
     wait_written(&s, 3);
     // Drop chunk 1 and 2 from L1 only: the lookup must fetch them back from disk.
-    s.cwm.tiers.l1.clear(true);
+    s.cwm.tiers.evict_l1(true);
     assert_eq!(lookup(&mut c, &t, 768, "q"), 3);
     let before = kv.block(20);
     kv.fill_byte(0);
@@ -225,4 +218,76 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `clear` empties L1 and L2 of everything no window pins and cancels queued write-behind, so
+/// nothing stored before it is found after it, whatever write-behind had done by then (before:
+/// a chunk whose write-behind had finished came back from disk, one still queued did not).
+/// Windows are named, durable saves: they survive it.
+#[test]
+fn clear_empties_both_tiers_but_keeps_windows() {
+    use cwm::windows::{FreezeRequest, ThawRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let kv = TestKv::new(Layout::Nhd, 2, 200, 16, 2, 16);
+    kv.fill(3);
+    let s = sidecar(disk_config(dir.path()));
+    let mut c = client(&s);
+    register(&mut c, 1, &kv);
+    let store = |c: &mut MpClient, salt: &str, t: &[u32], first: u32| {
+        let k = key(MODEL, salt, t, Some(0), 1, 0, 512, "store");
+        assert!(c.store(&k, 1, &blocks(first, 32)).unwrap().ok);
+    };
+    let l2_records = || s.windows.cache_stats().l2.expect("L2 on").records;
+    let wait_records = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while l2_records() < n {
+            assert!(Instant::now() < deadline, "L2 never held {n} records");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let kept = tokens(1, 512);
+    store(&mut c, "keep", &kept, 1);
+    s.windows
+        .freeze(&FreezeRequest {
+            session_id: "keep".into(),
+            window_name: "kept".into(),
+            ..Default::default()
+        })
+        .expect("freezes");
+    // Two chunks surely on disk, then two more that may still be queued when the clear comes.
+    let (written, queued) = (tokens(2, 512), tokens(3, 512));
+    store(&mut c, "", &written, 40);
+    wait_records(4);
+    store(&mut c, "", &queued, 80);
+    c.clear(false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.cwm.tiers.stats().write_behind.queued_bytes > 0 {
+        assert!(Instant::now() < deadline, "write-behind never drained");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        lookup(&mut c, &written, 512, "a"),
+        0,
+        "written chunks cleared"
+    );
+    assert_eq!(
+        lookup(&mut c, &queued, 512, "b"),
+        0,
+        "queued chunks cleared"
+    );
+    assert_eq!(l2_records(), 2, "only the window's records stay");
+    let thawed = s
+        .windows
+        .thaw(
+            &ThawRequest {
+                window_name: "kept".into(),
+                new_session_id: None,
+            },
+            &|_, _| {},
+        )
+        .expect("a window survives clear");
+    assert_eq!(thawed.chunks_ready, 2);
+    // The cache works on: a new store after the clear goes to disk as before.
+    store(&mut c, "", &written, 40);
+    wait_records(4);
 }

@@ -343,7 +343,7 @@ fn failures_answer_false_and_change_nothing() {
         0,
         "no failed store left anything behind"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
     assert_eq!(c.query_prefetch_status("never-looked-up").unwrap(), 0);
 }
 
@@ -520,7 +520,7 @@ fn lookup_locks_keep_hits_servable_until_released() {
         .unwrap();
     c.end_session("a").unwrap();
     c.clear(false).unwrap();
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
 }
 
 #[test]
@@ -611,3 +611,45 @@ fn clients_reconnect_after_a_restart() {
 }
 
 use cwm::serve::Sidecar;
+
+/// A second lookup of the same request replaces the first, and gives back the locks the first
+/// still holds, no more (before: each repeat added `num_kv_readers` locks that stayed until the
+/// TTL). Locks another request holds on the same objects are left alone.
+#[test]
+fn a_repeated_lookup_releases_what_the_first_still_holds() {
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 1, 16);
+    kv.fill(1);
+    register(&mut c, 1, &kv, 1);
+    let t = tokens(5, 256);
+    let k = |worker, rid| key(MODEL, "", &t, worker, 1, 0, 256, rid);
+    assert!(c.store(&k(Some(0), "store"), 1, &blocks(1, 16)).unwrap().ok);
+    let object = connector_protocol::ObjectKey {
+        model: MODEL.into(),
+        kv_rank: connector_protocol::kv_rank(1, 0),
+        object_group: 0,
+        chunk_hash: s.cwm.hasher.chunk_hashes(&t, 0, 256)[0],
+        cache_salt: "".into(),
+    };
+    let locks = || s.cwm.tiers.lock_count(&object);
+    for _ in 0..3 {
+        assert_eq!(lookup_hits(&mut c, &k(None, "q")), 1);
+    }
+    assert_eq!(locks(), 1, "one lookup's lock, not three");
+    // Another request locks the object too; q's retrieve gives back q's lock.
+    assert_eq!(lookup_hits(&mut c, &k(None, "p")), 1);
+    assert!(
+        c.retrieve(&k(Some(0), "q"), 1, &blocks(20, 16), 0)
+            .unwrap()
+            .ok
+    );
+    assert_eq!(locks(), 1, "p's lock");
+    // q holds nothing now: looking it up again must not release p's lock.
+    assert_eq!(lookup_hits(&mut c, &k(None, "q")), 1);
+    assert_eq!(lookup_hits(&mut c, &k(None, "q")), 1);
+    assert_eq!(locks(), 2, "p's lock and q's newest");
+    c.free_lookup_locks(&k(None, "q")).unwrap();
+    c.free_lookup_locks(&k(None, "q")).unwrap();
+    assert_eq!(locks(), 1, "freeing twice releases q's lock once");
+}

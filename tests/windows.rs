@@ -331,7 +331,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
 
     // Restart on the same L2 directory: L1 is empty, the window is still there.
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
     let session = McpSession::open(&rt, &s, transport);
     let m = &session.client;
     let mut c = client(&s);
@@ -343,7 +343,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     assert_eq!(r["tokens_ready"], 1024, "{r}");
     assert_eq!(r["complete"], true);
     assert_eq!(r["tiers"]["l2"], 4, "read from disk: {r}");
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 4);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 4);
     assert_eq!(
         lookup(&mut c, "S", &t, 1024, "q1"),
         4,
@@ -374,7 +374,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     // Delete the original: the branch still thaws, from disk.
     let r = call(&rt, m, "window_delete", json!({"window_name": "chat"})).unwrap();
     assert_eq!(r["records_shared"], 4, "{r}");
-    s.cwm.tiers.l1.clear(true);
+    s.cwm.tiers.evict_l1(true);
     let r = call(&rt, m, "window_thaw", json!({"window_name": "chat.branch"})).unwrap();
     assert_eq!(r["tokens_ready"], 1024);
     assert_eq!(r["tiers"]["l2"], 4);
@@ -476,10 +476,10 @@ fn thaw_sends_progress_notifications() {
         json!({"session_id": "P", "window_name": "p"}),
     )
     .unwrap();
-    s.cwm.tiers.l1.clear(true);
+    s.cwm.tiers.evict_l1(true);
 
     for transport in [Transport::Http, Transport::Stdio] {
-        s.cwm.tiers.l1.clear(true);
+        s.cwm.tiers.evict_l1(true);
         let progress = Progress::default();
         let session = McpSession::open_with(&rt, &s, transport, progress.clone());
         let client = &session.client;
@@ -579,7 +579,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
     )
     .unwrap_err();
     assert!(e.contains("no window named"), "{e}");
-    s.cwm.tiers.l1.clear(true);
+    s.cwm.tiers.evict_l1(true);
     let r = call(
         &rt,
         client,
@@ -698,11 +698,11 @@ fn cache_clear_over_http() {
     let mut c = client(&s);
     register(&mut c, 1, &src);
     store_conversation(&mut c, "C", &tokens(3, 1100));
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 4);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 4);
     let r = http_post(&s, "/cache/clear", r#"{"tier": "l2"}"#);
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(
-        s.cwm.tiers.l1.stats().objects,
+        s.cwm.tiers.l1_stats().objects,
         4,
         "a refused clear changes nothing"
     );
@@ -711,7 +711,7 @@ fn cache_clear_over_http() {
         r.starts_with("HTTP/1.1 200") && r.contains(r#""cleared":{"tier":"l1"}"#),
         "{r}"
     );
-    assert_eq!(s.cwm.tiers.l1.stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
 }
 
 /// A `POST /cache/checksums` answer: status code and JSON body.

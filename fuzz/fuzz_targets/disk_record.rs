@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use connector_protocol::{ChunkHash, ObjectKey};
 use cwm::store::codec::{self, CompressionPolicy};
-use cwm::store::disk::record::{
+use cwm::store::record::{
     decode_header, decode_key_bytes, encode_key_bytes, verify_payload, RecordError, FIXED, MAGIC,
     VERSION,
 };
@@ -106,7 +106,7 @@ fn check_reader(seg: &[u8]) {
     }
 }
 
-fn check_header(b: &[u8], label: u64, h: &cwm::store::disk::record::RecordHeader) {
+fn check_header(b: &[u8], label: u64, h: &cwm::store::record::RecordHeader) {
     // Everything the header claims is in the bytes it was decoded from.
     assert!(b.len() >= FIXED, "decoded from {} bytes", b.len());
     assert_eq!(b[0..4], MAGIC);
@@ -429,7 +429,7 @@ fn check_reads<S: Storage>(store: &DiskStore<S>, files: &Files, keys: &[ObjectKe
         assert!(store.contains(k), "a wrong-length read dropped the key");
         let mut out = vec![0; len];
         match store.read(k, &mut out) {
-            Ok(()) => {
+            Ok(_) => {
                 let ok = verified_contents(files, k, len);
                 assert!(
                     ok.iter().any(|v| *v == out),

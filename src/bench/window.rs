@@ -169,7 +169,7 @@ pub fn run(cfg: &WindowConfig, between: &mut dyn FnMut()) -> anyhow::Result<Wind
         drop_page_cache(&cfg.l2_path)?;
         let s = Sidecar::start(&config).context("restart the in-process cwm")?;
         cold.push(thaw(&s)?);
-        s.cwm.tiers.l1.clear(true);
+        s.cwm.tiers.evict_l1(true);
         between();
         warm.push(thaw(&s)?);
         last = Some(s);

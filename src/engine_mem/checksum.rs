@@ -166,8 +166,7 @@ pub fn compress_ids(ids: &[u32]) -> Vec<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::engine_mem::shm::ShmSegment;
-    use crate::engine_mem::EngineMemError;
-    use crate::engine_mem::EngineMemory;
+    use crate::engine_mem::{EngineMemError, EngineMemory};
     use connector_protocol::{IpcDescriptor, TensorMetadata};
 
     fn segment(tag: &str, n: u64) -> ShmSegment {

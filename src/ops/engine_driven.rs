@@ -34,6 +34,7 @@ use thiserror::Error;
 
 use super::registry::{Liveness, ReapPolicy};
 use super::{Cwm, OpError, TransferError};
+use crate::store::tiered::Tiers;
 use crate::store::{ReadGuard, Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -154,7 +155,7 @@ impl EngineDriven {
     }
 
     /// Forget instance `id` and release every prepare it left pending.
-    pub fn remove(&self, id: u64, l1: &crate::store::L1Store) -> Option<Released> {
+    pub fn remove(&self, id: u64, tiers: &Tiers) -> Option<Released> {
         let removed = self.contexts.write().remove(&id)?;
         {
             let mut models = self.models.lock();
@@ -166,14 +167,14 @@ impl EngineDriven {
                 }
             }
         }
-        Some(self.release_where(l1, |k, _| k.instance_id == id))
+        Some(self.release_where(tiers, |k, _| k.instance_id == id))
     }
 
     /// Release pending prepares matching `pred(key, deadline)`: reservations are dropped (their
     /// space freed), reads unpinned with their lookup lock released, as a commit would.
     fn release_where(
         &self,
-        l1: &crate::store::L1Store,
+        tiers: &Tiers,
         pred: impl Fn(&TransferKey, Instant) -> bool,
     ) -> Released {
         let stores: Vec<PendingStore> = {
@@ -202,20 +203,15 @@ impl EngineDriven {
         };
         for (key, pending) in retrieves {
             drop(pending);
-            l1.unlock(&key.objects, 1);
+            tiers.unlock(&key.objects, 1);
         }
         drop(stores);
         released
     }
 
     /// Release prepares past their deadline, and forget workers silent for too long.
-    pub fn sweep(
-        &self,
-        now: Instant,
-        policy: ReapPolicy,
-        l1: &crate::store::L1Store,
-    ) -> (Released, Vec<u64>) {
-        let expired = self.release_where(l1, |_, deadline| deadline <= now);
+    pub fn sweep(&self, now: Instant, policy: ReapPolicy, tiers: &Tiers) -> (Released, Vec<u64>) {
+        let expired = self.release_where(tiers, |_, deadline| deadline <= now);
         let stale: Vec<u64> = self
             .contexts
             .read()
@@ -224,7 +220,7 @@ impl EngineDriven {
             .map(|c| c.id)
             .collect();
         for id in &stale {
-            self.remove(*id, l1);
+            self.remove(*id, tiers);
         }
         (expired, stale)
     }
@@ -235,7 +231,7 @@ impl Cwm {
         &self,
         payload: &RegisterEngineDrivenContextPayload,
     ) -> Result<RegisterEngineDrivenContextResponse, OpError> {
-        let Some(pool) = self.tiers.l1.pool() else {
+        let Some(pool) = self.tiers.pool() else {
             tracing::error!(
                 instance_id = payload.instance_id,
                 "engine-driven context refused: cwm runs with --no-engine-driven (no shared L1 \
@@ -339,7 +335,7 @@ impl Cwm {
     }
 
     pub(super) fn unregister_engine_driven_context(&self, id: u64) {
-        match self.engine_driven.remove(id, &self.tiers.l1) {
+        match self.engine_driven.remove(id, &self.tiers) {
             None => tracing::warn!(
                 instance_id = id,
                 "unregister_kv_cache_engine_driven_context: unknown instance"
@@ -402,7 +398,7 @@ impl Cwm {
         let mut context = PrepareStoreContext::default();
         let mut writes = Vec::new();
         for (i, object) in tkey.objects.iter().enumerate() {
-            match self.tiers.l1.reserve(object, ctx.object_bytes) {
+            match self.tiers.reserve(object, ctx.object_bytes) {
                 Reservation::Reserved(w) => {
                     context.slots.push(ctx.slot(w.pool_offset()));
                     context.chunk_indices.push(i as u32);
@@ -456,14 +452,8 @@ impl Cwm {
             return Ok(false);
         };
         let objects = pending.writes.len() as u64;
-        let mut committed = Vec::with_capacity(pending.writes.len());
-        for w in pending.writes {
-            committed.push(w.key().clone());
-            w.commit();
-        }
         // Like `store`: committed objects go behind to L2.
-        self.tiers
-            .committed(committed, ctx.object_bytes, ctx.itemsize);
+        self.tiers.commit(pending.writes, ctx.itemsize);
         self.counters
             .record_store(objects, objects * ctx.object_bytes);
         self.record_chain(key);
@@ -480,11 +470,10 @@ impl Cwm {
         let replaced = self.engine_driven.retrieves.lock().remove(&tkey);
         drop(replaced);
         let reads: Vec<Option<ReadGuard>> =
-            tkey.objects.iter().map(|k| self.tiers.l1.read(k)).collect();
+            tkey.objects.iter().map(|k| self.tiers.read(k)).collect();
         // As in `retrieve`: on failure the lookup's lock on each object read is released now.
         let fail = |reads: &[Option<ReadGuard>]| {
             self.tiers
-                .l1
                 .unlock(reads.iter().flatten().map(ReadGuard::key), 1);
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
@@ -499,7 +488,7 @@ impl Cwm {
                 got: bad.len(),
                 want: ctx.object_bytes as usize,
             };
-            self.tiers.l1.unlock(reads.iter().map(ReadGuard::key), 1);
+            self.tiers.unlock(reads.iter().map(ReadGuard::key), 1);
             return Err(err);
         }
         let slots = reads.iter().map(|g| ctx.slot(g.pool_offset())).collect();
@@ -526,7 +515,9 @@ impl Cwm {
         let Some(pending) = self.engine_driven.retrieves.lock().remove(&tkey) else {
             return Ok(false);
         };
-        self.tiers.l1.unlock(&tkey.objects, 1);
+        self.tiers.unlock(&tkey.objects, 1);
+        let first = key.start as usize / self.settings.chunk_size;
+        self.lookup_locks_released(&key.request_id, first..first + tkey.objects.len());
         let (objects, bytes) = (
             pending.reads.len() as u64,
             pending.reads.iter().map(|g| g.len() as u64).sum(),

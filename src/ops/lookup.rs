@@ -11,6 +11,7 @@
 //! covers clients that vanish.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use parking_lot::{Condvar, Mutex};
 use rayon::prelude::*;
 
 use super::{Cwm, OpError};
+use crate::store::tiered::Tiers;
 
 /// What a lookup found for one request.
 struct LookupRecord {
@@ -27,6 +29,41 @@ struct LookupRecord {
     chunks: Arc<Vec<Vec<ObjectKey>>>,
     readers: u32,
     hit: usize,
+    /// Read locks this lookup still holds on each object of hit chunk `i` (it took `readers`;
+    /// retrieves and `free_lookup_locks` give them back).
+    held: Vec<u32>,
+}
+
+impl LookupRecord {
+    fn new(chunks: Arc<Vec<Vec<ObjectKey>>>, readers: u32, hit: usize) -> LookupRecord {
+        LookupRecord {
+            chunks,
+            readers,
+            hit,
+            held: vec![readers; hit],
+        }
+    }
+
+    /// Release up to `n` of the locks still held on the hit chunks in `range`.
+    fn release(&mut self, tiers: &Tiers, range: Range<usize>, n: u32) {
+        let end = range.end.min(self.hit);
+        for i in range.start.min(end)..end {
+            let k = self.held[i].min(n);
+            if k > 0 {
+                tiers.unlock(&self.chunks[i], k);
+                self.held[i] -= k;
+            }
+        }
+    }
+
+    /// Note that `n` locks on the hit chunks in `range` were released by someone else (a
+    /// retrieve gives back one per object it read).
+    fn released(&mut self, range: Range<usize>, n: u32) {
+        let end = range.end.min(self.hit);
+        for held in &mut self.held[range.start.min(end)..end] {
+            *held = held.saturating_sub(n);
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -81,28 +118,14 @@ impl Cwm {
             return Ok(());
         };
         // The prefix available in some tier, and whether part of it must come from L2.
-        let tiers = &self.tiers;
-        let mut available = 0;
-        let mut from_l2 = false;
-        for keys in chunks.iter() {
-            if keys.iter().all(|k| tiers.l1.contains(k)) {
-            } else if keys.iter().all(|k| tiers.available(k)) {
-                from_l2 = true;
-            } else {
-                break;
-            }
-            available += 1;
-        }
-        if !from_l2 {
-            let hit = tiers.l1.lock_prefix(&chunks, readers);
+        let located = self.tiers.locate(&chunks);
+        let available = located.len();
+        if located.iter().all(|&resident| resident) {
+            let hit = self.tiers.lock_prefix(&chunks, readers);
             self.counters.record_lookup(chunks.len(), hit);
             self.set_session(
                 key,
-                Some(LookupRecord {
-                    chunks,
-                    readers,
-                    hit,
-                }),
+                Some(LookupRecord::new(chunks, readers, hit)),
                 Status::Done(hit),
             );
             return Ok(());
@@ -111,11 +134,7 @@ impl Cwm {
         let request_id = key.request_id.clone();
         self.set_session(
             key,
-            Some(LookupRecord {
-                chunks: chunks.clone(),
-                readers,
-                hit: 0,
-            }),
+            Some(LookupRecord::new(chunks.clone(), readers, 0)),
             Status::Running(job),
         );
         let cwm = self.clone();
@@ -124,7 +143,7 @@ impl Cwm {
             wanted.par_iter().flatten().for_each(|k| {
                 cwm.tiers.promote(k);
             });
-            let hit = cwm.tiers.l1.lock_prefix(wanted, readers);
+            let hit = cwm.tiers.lock_prefix(wanted, readers);
             cwm.counters.record_lookup(chunks.len(), hit);
             cwm.finish_prefetch(&request_id, job, hit, &chunks, readers);
         });
@@ -164,8 +183,20 @@ impl Cwm {
         let session = sessions.entry(key.request_id.clone()).or_default();
         session.last_seen = Some(Instant::now());
         session.status = Some(status);
-        if record.is_some() {
-            session.lookup = record;
+        if let Some(record) = record {
+            // A new lookup of the request replaces the last one: give back what that one still
+            // holds (a prefetch still running releases its own when it finds itself replaced).
+            if let Some(mut old) = session.lookup.replace(record) {
+                old.release(&self.tiers, 0..old.hit, u32::MAX);
+            }
+        }
+    }
+
+    /// A retrieve of `request_id` read the chunks `range` and released one lock per object.
+    pub(super) fn lookup_locks_released(&self, request_id: &str, range: Range<usize>) {
+        let mut sessions = self.sessions.by_request.lock();
+        if let Some(r) = sessions.get_mut(request_id).and_then(|s| s.lookup.as_mut()) {
+            r.released(range, 1);
         }
     }
 
@@ -182,14 +213,11 @@ impl Cwm {
             Some(s) if s.status == Some(Status::Running(job)) => {
                 s.status = Some(Status::Done(hit));
                 if let Some(r) = s.lookup.as_mut() {
-                    r.hit = hit;
+                    *r = LookupRecord::new(r.chunks.clone(), readers, hit);
                 }
             }
             // The session ended or a newer lookup replaced this one: nobody will retrieve.
-            _ => self
-                .tiers
-                .l1
-                .unlock(chunks[..hit].iter().flatten(), readers),
+            _ => self.tiers.unlock(chunks[..hit].iter().flatten(), readers),
         }
         drop(sessions);
         self.sessions.finished.notify_all();
@@ -247,16 +275,15 @@ impl Cwm {
         if matches!(s.status, Some(Status::Running(_))) {
             return;
         }
-        let Some(record) = s.lookup.as_ref() else {
+        let Some(record) = s.lookup.as_mut() else {
             return;
         };
-        let from = (key.start / cs) as usize;
-        let to = ((key.end / cs) as usize).min(record.hit);
-        if from < to {
-            self.tiers
-                .l1
-                .unlock(record.chunks[from..to].iter().flatten(), record.readers);
-        }
+        let readers = record.readers;
+        record.release(
+            &self.tiers,
+            (key.start / cs) as usize..(key.end / cs) as usize,
+            readers,
+        );
     }
 
     pub(super) fn end_session(&self, request_id: &str) {
@@ -264,7 +291,6 @@ impl Cwm {
         let session = self.sessions.by_request.lock().remove(request_id);
         if let Some(record) = session.and_then(|s| s.lookup) {
             self.tiers
-                .l1
                 .touch(record.chunks[..record.hit].iter().flatten());
         }
     }

@@ -241,8 +241,8 @@ impl Cwm {
             }
             Op::Clear => {
                 let force = decode_bool("force", p(1)?[0])?;
-                let dropped = self.tiers.l1.clear(force);
-                tracing::info!(force, dropped, "clear");
+                let cleared = self.tiers.clear(force);
+                tracing::info!(force, l1 = cleared.l1, lower = cleared.lower, "clear");
                 None
             }
             other => {
@@ -278,9 +278,9 @@ impl Cwm {
         let now = Instant::now();
         let sessions = self.sessions.expire(now, self.settings.session_ttl);
         let reaped = self.registry.reap(now, self.settings.reap);
-        let (expired, reaped_ed) =
-            self.engine_driven
-                .sweep(now, self.settings.reap, &self.tiers.l1);
+        let (expired, reaped_ed) = self
+            .engine_driven
+            .sweep(now, self.settings.reap, &self.tiers);
         if sessions > 0 || !reaped.is_empty() || !reaped_ed.is_empty() {
             tracing::info!(
                 sessions,

@@ -159,7 +159,7 @@ impl Cwm {
             if plan.chunk_blocks(c).iter().all(|&b| b == 0) {
                 continue;
             }
-            match self.tiers.l1.reserve(key, object_bytes) {
+            match self.tiers.reserve(key, object_bytes) {
                 Reservation::Reserved(w) => writes.push((c, w)),
                 Reservation::Present => {}
                 Reservation::NoSpace => tracing::warn!(
@@ -177,14 +177,12 @@ impl Cwm {
             })
             .collect();
         kv.gather(&chunks, event).map_err(TransferError::from)?;
+        drop(chunks);
         let stored = writes.len();
-        let mut committed = Vec::with_capacity(stored);
-        for (c, w) in writes {
-            w.commit();
-            committed.push(plan.keys[c].clone());
-        }
-        self.tiers
-            .committed(committed, object_bytes, kv.layout().itemsize as u8);
+        self.tiers.commit(
+            writes.into_iter().map(|(_, w)| w),
+            kv.layout().itemsize as u8,
+        );
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         self.record_chain(key);
@@ -215,13 +213,13 @@ impl Cwm {
         let inst = self.instance_kv(key, instance_id)?;
         let kv = inst.kv.as_deref().expect("checked usable");
         let plan = self.plan(key, kv, block_ids)?;
-        let reads: Vec<Option<ReadGuard>> =
-            plan.keys.iter().map(|k| self.tiers.l1.read(k)).collect();
+        let reads: Vec<Option<ReadGuard>> = plan.keys.iter().map(|k| self.tiers.read(k)).collect();
         // One lookup lock per object read is released whatever happens next.
+        let first = key.start as usize / self.settings.chunk_size;
         let release = || {
             self.tiers
-                .l1
-                .unlock(reads.iter().flatten().map(|g| g.key()), 1)
+                .unlock(reads.iter().flatten().map(|g| g.key()), 1);
+            self.lookup_locks_released(&key.request_id, first..first + reads.len());
         };
         if let Some(missing) = reads.iter().position(Option::is_none) {
             release();

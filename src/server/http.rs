@@ -186,8 +186,13 @@ async fn cache_clear(
             .into_response());
     }
     let force = req.force;
-    let dropped = blocking(w, move |w| w.cwm.tiers.l1.clear(force)).await?;
-    tracing::info!(force, dropped, "cache cleared via HTTP");
+    let cleared = blocking(w, move |w| w.cwm.tiers.clear(force)).await?;
+    tracing::info!(
+        force,
+        l1 = cleared.l1,
+        lower = cleared.lower,
+        "cache cleared via HTTP"
+    );
     Ok(Json(json!({"status": "ok", "cleared": {"tier": "l1"}})))
 }
 

@@ -48,6 +48,8 @@ struct Entry {
     /// Reads in progress (a `ReadGuard` alive); memory safety, never expires.
     active_reads: u32,
     lru_tick: u64,
+    /// Bytes per element of what the object holds (steers the tiers' compression).
+    itemsize: u8,
 }
 
 impl Entry {
@@ -284,6 +286,7 @@ impl L1Store {
                 locks_expire: now,
                 active_reads: 0,
                 lru_tick: 0,
+                itemsize: 1,
             },
         );
         Reservation::Reserved(WriteGuard {
@@ -292,6 +295,7 @@ impl L1Store {
             ptr: self.arena.ptr(extent),
             offset: extent.offset,
             len,
+            itemsize: 1,
         })
     }
 
@@ -360,7 +364,7 @@ impl L1Store {
             .get_mut(key)
             .filter(|e| e.state == State::Ready)?;
         e.active_reads += 1;
-        let (extent, len) = (e.extent, e.len);
+        let (extent, len, itemsize) = (e.extent, e.len, e.itemsize);
         index.touch(key);
         Some(ReadGuard {
             store: self.clone(),
@@ -368,6 +372,7 @@ impl L1Store {
             ptr: self.arena.ptr(extent),
             offset: extent.offset,
             len,
+            itemsize,
         })
     }
 
@@ -424,6 +429,7 @@ pub struct WriteGuard {
     ptr: *mut u8,
     offset: u64,
     len: u64,
+    itemsize: u8,
 }
 
 // The reserved extent belongs to this guard alone until commit or drop.
@@ -457,6 +463,24 @@ impl WriteGuard {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len as usize) }
     }
 
+    /// Bytes per element of what the object holds (dtype size; 1 until told).
+    pub fn set_itemsize(&mut self, itemsize: u8) {
+        self.itemsize = itemsize;
+    }
+
+    /// Copy `source`'s bytes and element size in (objects of equal length), pointer to
+    /// pointer: either may lie in the shared pool, which engines map read-write.
+    pub fn copy_from(&mut self, source: &ReadGuard) {
+        self.itemsize = source.itemsize;
+        assert_eq!(
+            self.len, source.len,
+            "copy between objects of different sizes"
+        );
+        // SAFETY: both extents are `len` bytes inside the arena, ours reserved for this guard
+        // alone and the source pinned by its guard; distinct keys never share an extent.
+        unsafe { std::ptr::copy_nonoverlapping(source.ptr, self.ptr, self.len as usize) }
+    }
+
     /// Publish the object: from now on lookups and reads see it.
     pub fn commit(mut self) {
         let key = self.key.take().expect("commit once");
@@ -465,6 +489,7 @@ impl WriteGuard {
         let index = &mut guard.0;
         if let Some(e) = index.entries.get_mut(&key) {
             e.state = State::Ready;
+            e.itemsize = self.itemsize;
             e.lru_tick = index.next_tick;
             index.lru.insert(index.next_tick, key);
             index.next_tick += 1;
@@ -491,6 +516,7 @@ pub struct ReadGuard {
     ptr: *const u8,
     offset: u64,
     len: u64,
+    itemsize: u8,
 }
 
 unsafe impl Send for ReadGuard {}
@@ -499,6 +525,11 @@ unsafe impl Sync for ReadGuard {}
 impl ReadGuard {
     pub fn key(&self) -> &ObjectKey {
         &self.key
+    }
+
+    /// Bytes per element of what the object holds.
+    pub fn itemsize(&self) -> u8 {
+        self.itemsize
     }
 
     /// Start of the object's bytes, for raw copies (`len()` bytes, pinned while we live).

@@ -1,11 +1,14 @@
-//! The native tensor store. L1 (memory) for now; the disk and Redis tiers join here.
-//! Knows nothing of ZMQ, MCP or vLLM: it stores bytes under `ObjectKey`s.
+//! The native tensor store: L1 in memory and the tiers behind it (`tier::Tier`: the disk
+//! today), behind one facade (`tiered::Tiers`). Knows nothing of ZMQ, MCP, vLLM or engine
+//! memory: it stores bytes under `ObjectKey`s.
 
 pub mod arena;
 pub mod codec;
 pub mod disk;
 pub mod l1;
 pub mod populate;
+pub mod record;
+pub mod tier;
 pub mod tiered;
 
 pub use l1::{L1Config, L1Store, ReadGuard, Reservation, WriteGuard};

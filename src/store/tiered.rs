@@ -1,12 +1,15 @@
-//! The tiers together: L1 in memory, optionally L2 on disk behind it.
+//! The tiers together, behind one closed facade: L1 in memory, and the tiers behind it
+//! (`store::tier::Tier`: the disk today) in order.
 //!
-//! Policy owned here: every object committed to L1 by a store is queued for L2 (write-behind)
-//! without ever delaying the store's reply — the queue is bounded in bytes and drops work,
-//! counted and logged, rather than block; the write-behind thread and compression run at
-//! background priority (`crate::background`), never on the foreground pool; L2 hits
-//! are promoted into L1 before anyone may read them; the index is checkpointed periodically
-//! and at shutdown.
+//! Policy owned here: `reserve` is the one door into L1 (where admission will live); every
+//! object committed to L1 by a store is queued for the tiers behind (write-behind) without ever
+//! delaying the store's reply — the queue is bounded in bytes and drops work, counted and
+//! logged, rather than block; each object is encoded once, on the background pool
+//! (`crate::background`: nice 19, never the foreground rayon pool), and the same record goes
+//! to every tier; hits behind L1 are promoted into L1 before anyone may read
+//! them; lookups only ever ask tiers what they hold in memory.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -15,36 +18,161 @@ use std::time::{Duration, Instant};
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use rayon::prelude::*;
+use thiserror::Error;
 
-use super::codec::{self, CompressionPolicy};
+use super::codec::CompressionPolicy;
 use super::disk::storage::FsStorage;
-use super::disk::DiskStore;
-use super::{L1Store, Reservation};
+use super::disk::{DiskConfig, DiskError, DiskStore};
+use super::l1::{L1Config, L1Counters, L1Stats, PoolInfo};
+use super::populate::{self, L1Populate};
+use super::record;
+use super::tier::{RecordInfo, Tier, TierError, TierStats};
+use super::{L1Store, ReadGuard, Reservation, WriteGuard};
 use crate::background;
 
-pub type Disk = DiskStore<FsStorage>;
+/// Where L1 keeps its memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L1Memory {
+    /// Private anonymous memory.
+    Private,
+    /// A POSIX shared-memory pool engines can map (engine-driven mode); `None` picks a name.
+    Shared(Option<String>),
+}
+
+/// The disk tier's place and policy.
+#[derive(Debug, Clone)]
+pub struct L2Config {
+    pub path: PathBuf,
+    pub disk: DiskConfig,
+}
+
+/// Everything `Tiers::open` builds the tiers from.
+#[derive(Debug, Clone)]
+pub struct TiersConfig {
+    pub l1: L1Config,
+    pub l1_memory: L1Memory,
+    /// Whether L1's pages are committed ahead of use (`populate`).
+    pub l1_populate: L1Populate,
+    pub l2: Option<L2Config>,
+    /// Bytes of committed objects the write-behind queue may hold before it drops work.
+    pub write_queue_bytes: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("cannot reserve {bytes} bytes for L1: {source}")]
+    L1 { bytes: u64, source: std::io::Error },
+    #[error("cannot create the shared-memory L1 pool ({bytes} bytes in /dev/shm{}): {source}", .name.as_deref().map(|n| format!(", name {n:?}")).unwrap_or_default())]
+    Pool {
+        bytes: u64,
+        name: Option<String>,
+        source: std::io::Error,
+    },
+    #[error("cannot open L2 directory {}: {source}", .path.display())]
+    L2Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open L2 at {}: {source}", .path.display())]
+    L2 { path: PathBuf, source: DiskError },
+}
 
 #[derive(Debug, Default)]
-pub struct WriteBehindCounters {
-    pub queued_bytes: AtomicU64,
-    pub enqueued: AtomicU64,
-    pub dropped: AtomicU64,
-    pub written: AtomicU64,
+struct WriteBehindCounters {
+    queued_bytes: AtomicU64,
+    enqueued: AtomicU64,
+    dropped: AtomicU64,
+    written: AtomicU64,
     /// Evicted from L1 before it could be written.
-    pub missed: AtomicU64,
-    pub failed: AtomicU64,
+    missed: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Write-behind's traffic so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBehindStats {
+    pub queued_bytes: u64,
+    pub enqueued: u64,
+    pub dropped: u64,
+    pub written: u64,
+    pub missed: u64,
+    pub failed: u64,
+}
+
+/// L1's occupancy and traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct L1Report {
+    pub objects: usize,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub committed_objects: u64,
+    pub committed_bytes: u64,
+    pub evicted_objects: u64,
+    pub evicted_bytes: u64,
+    pub no_space: u64,
+}
+
+/// Every tier's figures at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct TiersStats {
+    pub l1: L1Report,
+    /// The tiers behind L1, in order, by name.
+    pub lower: Vec<(&'static str, TierStats)>,
+    pub write_behind: WriteBehindStats,
+}
+
+/// Where `install` found an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// The target key was resident already.
+    Resident,
+    /// Copied from another L1 object (`bytes`).
+    FromL1(u64),
+    /// Read from a tier behind L1 (`bytes`).
+    FromLower(u64),
+}
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    #[error("record {0:?} is in no tier")]
+    Missing(Box<ObjectKey>),
+    #[error("L1 has no room")]
+    NoSpace,
+    #[error(transparent)]
+    Tier(#[from] TierError),
 }
 
 struct Job {
     key: ObjectKey,
     bytes: u64,
-    itemsize: u8,
+    /// The clear generation it was queued in: a `clear` since cancels it.
+    generation: u64,
 }
 
+/// What `clear` shares with write-behind: the generation stamped on every queued job (a job
+/// of an older generation was cancelled by a clear), and the fence that keeps a write to the
+/// tiers behind and a clear apart, so nothing written before a clear survives it.
+#[derive(Default)]
+struct Generation {
+    current: AtomicU64,
+    fence: Mutex<()>,
+}
+
+/// What `clear` dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleared {
+    pub l1: usize,
+    /// Records dropped from the tiers behind L1.
+    pub lower: usize,
+}
+
+/// L1 and the tiers behind it. Fields are private: callers go through the operations below.
 pub struct Tiers {
-    pub l1: Arc<L1Store>,
-    pub l2: Option<Arc<Disk>>,
-    pub write_behind: Arc<WriteBehindCounters>,
+    l1: Arc<L1Store>,
+    lower: Vec<Arc<dyn Tier>>,
+    compression: CompressionPolicy,
+    write_behind: Arc<WriteBehindCounters>,
+    generation: Arc<Generation>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     queue_limit: u64,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -52,55 +180,384 @@ pub struct Tiers {
 }
 
 impl Tiers {
-    pub fn memory_only(l1: Arc<L1Store>) -> Tiers {
-        Tiers {
-            l1,
-            l2: None,
-            write_behind: Arc::default(),
-            queue: Mutex::new(None),
-            queue_limit: 0,
-            worker: Mutex::new(None),
-            last_drop_log: Mutex::new(None),
+    /// Build every configured tier: L1, then the disk tier behind it when configured (the one
+    /// line a new tier adds is here), and start write-behind when some tier is behind L1.
+    pub fn open(config: &TiersConfig) -> Result<Tiers, OpenError> {
+        let bytes = config.l1.capacity_bytes;
+        let l1 =
+            match &config.l1_memory {
+                L1Memory::Private => {
+                    L1Store::new(&config.l1).map_err(|source| OpenError::L1 { bytes, source })?
+                }
+                L1Memory::Shared(name) => L1Store::new_shared(&config.l1, name.as_deref())
+                    .map_err(|source| OpenError::Pool {
+                        bytes,
+                        name: name.clone(),
+                        source,
+                    })?,
+            };
+        if config.l1_populate == L1Populate::Eager {
+            // Detached: it ends when L1 is dropped or fully committed.
+            populate::start(&l1);
         }
+        let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
+        let mut compression = CompressionPolicy::default();
+        if let Some(l2) = &config.l2 {
+            lower.push(Arc::new(open_disk(l2)?));
+            compression = l2.disk.compression;
+        }
+        Ok(Tiers::with_tiers(
+            l1,
+            lower,
+            compression,
+            config.write_queue_bytes,
+        ))
     }
 
-    /// L1 with L2 behind it; starts the write-behind worker.
-    pub fn with_disk(
+    /// L1 over `l1` with `lower` behind it (tests and benches that build tiers by hand).
+    pub fn with_tiers(
         l1: Arc<L1Store>,
-        l2: Arc<Disk>,
+        lower: Vec<Arc<dyn Tier>>,
         compression: CompressionPolicy,
         queue_limit: u64,
     ) -> Tiers {
-        let (tx, rx) = mpsc::channel();
         let counters: Arc<WriteBehindCounters> = Arc::default();
-        let worker = {
-            let (l1, l2, counters) = (l1.clone(), l2.clone(), counters.clone());
-            background::spawn("cwm-write-behind", move || {
-                write_behind(rx, l1, l2, counters, compression)
-            })
+        let generation: Arc<Generation> = Arc::default();
+        let (queue, worker) = if lower.is_empty() {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel();
+            let worker = WriteBehind {
+                l1: l1.clone(),
+                lower: lower.clone(),
+                counters: counters.clone(),
+                generation: generation.clone(),
+                compression,
+            };
+            let worker = background::spawn("cwm-write-behind", move || worker.run(rx));
+            (Some(tx), Some(worker))
         };
         Tiers {
             l1,
-            l2: Some(l2),
+            lower,
+            compression,
             write_behind: counters,
-            queue: Mutex::new(Some(tx)),
+            generation,
+            queue: Mutex::new(queue),
             queue_limit,
-            worker: Mutex::new(Some(worker)),
+            worker: Mutex::new(worker),
             last_drop_log: Mutex::new(None),
         }
     }
 
-    /// Queue freshly committed L1 objects for L2. Never blocks.
-    pub fn committed(
-        &self,
-        keys: impl IntoIterator<Item = ObjectKey>,
-        object_bytes: u64,
-        itemsize: u8,
-    ) {
+    // ----- L1 ---------------------------------------------------------------------------------
+
+    /// Reserve `len` bytes of L1 for `key` (evicting if needed): the one way into L1.
+    pub fn reserve(&self, key: &ObjectKey, len: u64) -> Reservation {
+        self.l1.reserve(key, len)
+    }
+
+    /// Publish written objects (elements of `itemsize` bytes) and queue them for the tiers
+    /// behind L1. Never blocks on those tiers.
+    pub fn commit(&self, writes: impl IntoIterator<Item = WriteGuard>, itemsize: u8) {
+        let mut committed = Vec::new();
+        for mut w in writes {
+            let (key, bytes) = (w.key().clone(), w.len() as u64);
+            w.set_itemsize(itemsize);
+            w.commit();
+            committed.push((key, bytes));
+        }
+        self.queue_write_behind(committed);
+    }
+
+    /// Pin a committed L1 object for reading.
+    pub fn read(&self, key: &ObjectKey) -> Option<ReadGuard> {
+        self.l1.read(key)
+    }
+
+    /// Count the leading chunks resident for every rank and read-lock them (see
+    /// `L1Store::lock_prefix`).
+    pub fn lock_prefix(&self, chunks: &[Vec<ObjectKey>], readers: u32) -> usize {
+        self.l1.lock_prefix(chunks, readers)
+    }
+
+    /// Release up to `n` lookup read locks on each of `keys`.
+    pub fn unlock<'a>(&self, keys: impl IntoIterator<Item = &'a ObjectKey>, n: u32) {
+        self.l1.unlock(keys, n)
+    }
+
+    /// Refresh the L1 recency of `keys`.
+    pub fn touch<'a>(&self, keys: impl IntoIterator<Item = &'a ObjectKey>) {
+        self.l1.touch(keys)
+    }
+
+    /// Whether `key` is committed in L1.
+    pub fn resident(&self, key: &ObjectKey) -> bool {
+        self.l1.contains(key)
+    }
+
+    /// Read-lock count of `key` in L1 (expired locks count as 0).
+    pub fn lock_count(&self, key: &ObjectKey) -> u32 {
+        self.l1.lock_count(key)
+    }
+
+    pub fn l1_stats(&self) -> L1Stats {
+        self.l1.stats()
+    }
+
+    /// The shared pool, if L1 lives in one.
+    pub fn pool(&self) -> Option<PoolInfo> {
+        self.l1.pool()
+    }
+
+    /// Remove the shared pool's name (shutdown). Mappings stay valid.
+    pub fn unlink_pool(&self) {
+        self.l1.unlink_pool()
+    }
+
+    // ----- across tiers -----------------------------------------------------------------------
+
+    /// Whether some tier is behind L1.
+    pub fn has_lower(&self) -> bool {
+        !self.lower.is_empty()
+    }
+
+    /// For each chunk (its keys for every rank), in order, up to the first chunk some rank of
+    /// which no tier holds: whether every rank of it is resident in L1. Asks the tiers behind
+    /// only what they hold in memory (never waits on I/O).
+    pub fn locate(&self, chunks: &[Vec<ObjectKey>]) -> Vec<bool> {
+        let mut located = Vec::with_capacity(chunks.len());
+        for keys in chunks {
+            let missing: Vec<ObjectKey> = keys
+                .iter()
+                .filter(|k| !self.l1.contains(k))
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                located.push(true);
+            } else if self.held_behind(&missing) {
+                located.push(false);
+            } else {
+                break;
+            }
+        }
+        located
+    }
+
+    /// Whether every one of `keys` is in some tier behind L1.
+    fn held_behind(&self, keys: &[ObjectKey]) -> bool {
+        let mut held = vec![false; keys.len()];
+        for tier in &self.lower {
+            for (h, c) in held.iter_mut().zip(tier.contains(keys)) {
+                *h |= c;
+            }
+        }
+        held.iter().all(|&h| h)
+    }
+
+    /// Whether `key` is in L1 or a tier behind it.
+    pub fn available(&self, key: &ObjectKey) -> bool {
+        self.l1.contains(key) || self.held_behind(std::slice::from_ref(key))
+    }
+
+    /// Whether `key` is in a tier behind L1 (durable).
+    pub fn durable(&self, key: &ObjectKey) -> bool {
+        !self.lower.is_empty() && self.held_behind(std::slice::from_ref(key))
+    }
+
+    /// Sizes of `key`'s record in the first tier behind L1 that holds it.
+    pub fn record_info(&self, key: &ObjectKey) -> Option<RecordInfo> {
+        self.lower.iter().find_map(|t| t.info(key))
+    }
+
+    /// Make `key` resident in L1, reading it from a tier behind if needed. False if it is in
+    /// none, L1 has no room, or every stored copy failed verification.
+    pub fn promote(&self, key: &ObjectKey) -> bool {
+        matches!(
+            self.install(key, key),
+            Ok(Installed::Resident | Installed::FromLower(_) | Installed::FromL1(_))
+        )
+    }
+
+    /// Make the object of `src` resident in L1 under `dst` (the same key, or the same chunk
+    /// under another salt): copied from L1 if `src` is resident, else read from a tier behind.
+    pub fn install(&self, src: &ObjectKey, dst: &ObjectKey) -> Result<Installed, InstallError> {
+        if self.l1.contains(dst) {
+            return Ok(Installed::Resident);
+        }
+        let in_l1 = if src == dst { None } else { self.l1.read(src) };
+        let len = match &in_l1 {
+            Some(g) => g.len() as u64,
+            None => self
+                .lower
+                .iter()
+                .find_map(|t| t.info(src).map(|i| i.raw_len))
+                .ok_or_else(|| InstallError::Missing(Box::new(src.clone())))?,
+        };
+        let mut slot = match self.l1.reserve(dst, len) {
+            Reservation::Present => return Ok(Installed::Resident),
+            Reservation::NoSpace => return Err(InstallError::NoSpace),
+            Reservation::Reserved(slot) => slot,
+        };
+        if let Some(g) = &in_l1 {
+            slot.copy_from(g);
+            slot.commit();
+            return Ok(Installed::FromL1(len));
+        }
+        let mut last = None;
+        for tier in &self.lower {
+            if tier.info(src).is_none() {
+                continue;
+            }
+            match tier.read_into(src, &mut slot) {
+                Ok(()) => {
+                    slot.commit();
+                    return Ok(Installed::FromLower(len));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| InstallError::Missing(Box::new(src.clone())), Into::into))
+    }
+
+    /// Write `key` to every tier behind L1 now, from L1, unless a tier holds it; true if
+    /// written now. `Ok(false)` too when it is no longer in L1 but some tier holds it.
+    pub fn make_durable(&self, key: &ObjectKey) -> Result<bool, DurableError> {
+        if self.lower.is_empty() {
+            return Err(DurableError::NoTier);
+        }
+        if self.durable(key) {
+            return Ok(false);
+        }
+        match self.l1.read(key) {
+            Some(object) => {
+                let record =
+                    record::encode(key, object.as_slice(), object.itemsize(), self.compression);
+                for tier in &self.lower {
+                    tier.put(key, &record)?;
+                }
+                Ok(true)
+            }
+            None if self.durable(key) => Ok(false),
+            None => Err(DurableError::Vanished(Box::new(key.clone()))),
+        }
+    }
+
+    /// The record of `key` verbatim, from the first tier behind L1 that holds it.
+    pub fn export_record(&self, key: &ObjectKey) -> Result<Vec<u8>, DurableError> {
+        let tier = self
+            .lower
+            .iter()
+            .find(|t| t.info(key).is_some())
+            .ok_or_else(|| DurableError::Vanished(Box::new(key.clone())))?;
+        Ok(tier.record(key)?)
+    }
+
+    /// Keep a verified record (from a window file) in every tier behind L1.
+    pub fn import_record(&self, key: &ObjectKey, record: &[u8]) -> Result<(), DurableError> {
+        if self.lower.is_empty() {
+            return Err(DurableError::NoTier);
+        }
+        for tier in &self.lower {
+            tier.put(key, record)?;
+        }
+        Ok(())
+    }
+
+    /// Protect `key` from eviction and `clear` in every tier behind L1 that holds it (reference
+    /// counted); false if none does.
+    pub fn pin(&self, key: &ObjectKey) -> bool {
+        let mut pinned = false;
+        for tier in &self.lower {
+            pinned |= tier.pin(key);
+        }
+        pinned
+    }
+
+    pub fn unpin(&self, key: &ObjectKey) {
+        for tier in &self.lower {
+            tier.unpin(key);
+        }
+    }
+
+    /// Make everything written to the tiers behind L1 durable.
+    pub fn sync(&self) -> Result<(), TierError> {
+        self.lower.iter().try_for_each(|t| t.sync())
+    }
+
+    /// Empty the cache of everything no window pins: L1 (read-locked objects too with
+    /// `force`; objects being read or written always stay), every unpinned record of the tiers
+    /// behind, and the write-behind queue (cancelled, so nothing stored before the clear
+    /// reaches a tier after it).
+    pub fn clear(&self, force: bool) -> Cleared {
+        let _fence = self.generation.fence.lock();
+        self.generation.current.fetch_add(1, Relaxed);
+        let mut cleared = Cleared {
+            l1: self.l1.clear(force),
+            lower: 0,
+        };
+        for tier in &self.lower {
+            match tier.clear() {
+                Ok(n) => cleared.lower += n,
+                Err(e) => tracing::error!("clear: {e}"),
+            }
+        }
+        cleared
+    }
+
+    /// Drop L1's objects as eviction would (read-locked ones too with `force`); the tiers
+    /// behind keep theirs. For tests and benchmarks that need reads to come from behind L1.
+    pub fn evict_l1(&self, force: bool) -> usize {
+        self.l1.clear(force)
+    }
+
+    pub fn stats(&self) -> TiersStats {
+        let s = self.l1.stats();
+        let c: &L1Counters = &self.l1.counters;
+        let wb = &self.write_behind;
+        TiersStats {
+            l1: L1Report {
+                objects: s.objects,
+                used_bytes: s.used_bytes,
+                capacity_bytes: s.capacity_bytes,
+                committed_objects: c.committed_objects.load(Relaxed),
+                committed_bytes: c.committed_bytes.load(Relaxed),
+                evicted_objects: c.evicted_objects.load(Relaxed),
+                evicted_bytes: c.evicted_bytes.load(Relaxed),
+                no_space: c.no_space.load(Relaxed),
+            },
+            lower: self.lower.iter().map(|t| (t.name(), t.stats())).collect(),
+            write_behind: WriteBehindStats {
+                queued_bytes: wb.queued_bytes.load(Relaxed),
+                enqueued: wb.enqueued.load(Relaxed),
+                dropped: wb.dropped.load(Relaxed),
+                written: wb.written.load(Relaxed),
+                missed: wb.missed.load(Relaxed),
+                failed: wb.failed.load(Relaxed),
+            },
+        }
+    }
+
+    /// Stop the write-behind worker after it drained its queue, and close the tiers behind.
+    pub fn shutdown(&self) {
+        self.queue.lock().take();
+        if let Some(w) = self.worker.lock().take() {
+            let _ = w.join();
+        }
+        for tier in &self.lower {
+            if let Err(e) = tier.close() {
+                tracing::error!("closing {} at shutdown failed: {e}", tier.name());
+            }
+        }
+    }
+
+    /// Queue freshly committed L1 objects for the tiers behind. Never blocks.
+    fn queue_write_behind(&self, committed: Vec<(ObjectKey, u64)>) {
         let queue = self.queue.lock();
         let Some(tx) = queue.as_ref() else { return };
         let c = &self.write_behind;
-        for key in keys {
+        let generation = self.generation.current.load(Relaxed);
+        for (key, object_bytes) in committed {
             if c.queued_bytes.load(Relaxed) + object_bytes > self.queue_limit {
                 c.dropped.fetch_add(1, Relaxed);
                 let mut last = self.last_drop_log.lock();
@@ -110,7 +567,8 @@ impl Tiers {
                         queued_bytes = c.queued_bytes.load(Relaxed),
                         limit = self.queue_limit,
                         dropped_total = c.dropped.load(Relaxed),
-                        "L2 write-behind queue full: dropping writes (disk slower than stores)"
+                        "write-behind queue full: dropping writes (the tiers behind L1 are \
+                         slower than stores)"
                     );
                 }
                 continue;
@@ -121,52 +579,11 @@ impl Tiers {
                 .send(Job {
                     key,
                     bytes: object_bytes,
-                    itemsize,
+                    generation,
                 })
                 .is_err()
             {
                 c.queued_bytes.fetch_sub(object_bytes, Relaxed);
-            }
-        }
-    }
-
-    /// Whether every rank's object of a chunk is in L1 or L2.
-    pub fn available(&self, key: &ObjectKey) -> bool {
-        self.l1.contains(key) || self.l2.as_ref().is_some_and(|d| d.contains(key))
-    }
-
-    /// Make `key` resident in L1, reading it from L2 if needed. False if it is in neither,
-    /// L1 has no room, or the L2 record failed verification.
-    pub fn promote(&self, key: &ObjectKey) -> bool {
-        if self.l1.contains(key) {
-            return true;
-        }
-        let Some(l2) = &self.l2 else { return false };
-        let Some(len) = l2.raw_len(key) else {
-            return false;
-        };
-        match self.l1.reserve(key, len) {
-            Reservation::Present => true,
-            Reservation::NoSpace => false,
-            Reservation::Reserved(mut w) => match l2.read(key, w.as_mut_slice()) {
-                Ok(()) => {
-                    w.commit();
-                    true
-                }
-                Err(_) => false,
-            },
-        }
-    }
-
-    /// Stop the write-behind worker after it drained its queue, and checkpoint L2.
-    pub fn shutdown(&self) {
-        self.queue.lock().take();
-        if let Some(w) = self.worker.lock().take() {
-            let _ = w.join();
-        }
-        if let Some(l2) = &self.l2 {
-            if let Err(e) = l2.checkpoint() {
-                tracing::error!("L2 checkpoint at shutdown failed: {e}");
             }
         }
     }
@@ -178,83 +595,104 @@ impl Drop for Tiers {
     }
 }
 
-const BATCH: usize = 8;
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+#[derive(Debug, Error)]
+pub enum DurableError {
+    #[error("no tier behind L1 (set --l2-size-gb above 0)")]
+    NoTier,
+    #[error("chunk {0:?} left the cache")]
+    Vanished(Box<ObjectKey>),
+    #[error(transparent)]
+    Tier(#[from] TierError),
+}
 
-fn write_behind(
-    rx: mpsc::Receiver<Job>,
+/// The disk tier at `config.path`.
+fn open_disk(config: &L2Config) -> Result<DiskStore<FsStorage>, OpenError> {
+    let path = config.path.clone();
+    let storage = FsStorage::open(&path).map_err(|source| OpenError::L2Dir {
+        path: path.clone(),
+        source,
+    })?;
+    DiskStore::open(storage, config.disk.clone()).map_err(|source| OpenError::L2 { path, source })
+}
+
+const BATCH: usize = 8;
+
+/// The write-behind worker: drains the queue in batches, encodes each object once (on rayon)
+/// and hands the record to every tier behind L1.
+struct WriteBehind {
     l1: Arc<L1Store>,
-    l2: Arc<Disk>,
-    c: Arc<WriteBehindCounters>,
+    lower: Vec<Arc<dyn Tier>>,
+    counters: Arc<WriteBehindCounters>,
+    generation: Arc<Generation>,
     compression: CompressionPolicy,
-) {
-    let mut last_checkpoint = Instant::now();
-    loop {
-        let first = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch: Vec<Job> = first.into_iter().collect();
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+}
+
+impl WriteBehind {
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch: Vec<Job> = first.into_iter().collect();
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
             }
-        }
-        if !batch.is_empty() {
-            write_batch(&batch, &l1, &l2, &c, compression);
-        }
-        if l2.sync_due() {
-            if let Err(e) = l2.sync() {
-                tracing::error!("L2 fsync failed: {e}");
+            if !batch.is_empty() {
+                self.write_batch(&batch);
             }
-        }
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            last_checkpoint = Instant::now();
-            if let Err(e) = l2.checkpoint() {
-                tracing::error!("L2 checkpoint failed: {e}");
+            for tier in &self.lower {
+                tier.maintain();
             }
         }
     }
-}
 
-fn write_batch(
-    batch: &[Job],
-    l1: &Arc<L1Store>,
-    l2: &Disk,
-    c: &WriteBehindCounters,
-    compression: CompressionPolicy,
-) {
-    let compressed: Vec<_> = background::pool().install(|| {
-        batch
-            .par_iter()
-            .map(|job| {
-                if l2.contains(&job.key) {
-                    return None;
-                }
-                let Some(object) = l1.read(&job.key) else {
-                    c.missed.fetch_add(1, Relaxed);
-                    return None;
-                };
-                let raw = object.as_slice();
-                let (codec, payload) = codec::compress(raw, job.itemsize as usize, compression);
-                Some((codec, payload, raw.len() as u64))
-            })
-            .collect()
-    });
-    for (job, result) in batch.iter().zip(compressed) {
-        c.queued_bytes.fetch_sub(job.bytes, Relaxed);
-        let Some((codec, payload, raw_len)) = result else {
-            continue;
-        };
-        match l2.write_compressed(&job.key, codec, job.itemsize, raw_len, &payload) {
-            Ok(()) => {
-                c.written.fetch_add(1, Relaxed);
+    fn write_batch(&self, batch: &[Job]) {
+        let c = &self.counters;
+        let cancelled = |job: &Job| job.generation != self.generation.current.load(Relaxed);
+        let records: Vec<Option<Vec<u8>>> = background::pool().install(|| {
+            batch
+                .par_iter()
+                .map(|job| {
+                    let keys = std::slice::from_ref(&job.key);
+                    if cancelled(job) || self.lower.iter().all(|t| t.contains(keys)[0]) {
+                        return None;
+                    }
+                    let Some(object) = self.l1.read(&job.key) else {
+                        c.missed.fetch_add(1, Relaxed);
+                        return None;
+                    };
+                    Some(record::encode(
+                        &job.key,
+                        object.as_slice(),
+                        object.itemsize(),
+                        self.compression,
+                    ))
+                })
+                .collect()
+        });
+        for (job, record) in batch.iter().zip(records) {
+            c.queued_bytes.fetch_sub(job.bytes, Relaxed);
+            let Some(record) = record else { continue };
+            let _fence = self.generation.fence.lock();
+            if cancelled(job) {
+                continue;
             }
-            Err(e) => {
+            let mut ok = true;
+            for tier in &self.lower {
+                if let Err(e) = tier.put(&job.key, &record) {
+                    ok = false;
+                    tracing::error!(key = ?job.key, "{} write failed: {e}", tier.name());
+                }
+            }
+            if ok {
+                c.written.fetch_add(1, Relaxed);
+            } else {
                 c.failed.fetch_add(1, Relaxed);
-                tracing::error!(key = ?job.key, "L2 write failed: {e}");
             }
         }
     }

@@ -18,9 +18,8 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::catalog::{unix_now, Window};
-use super::{validate_name, WindowError, WindowSummary, Windows, ITEMSIZE};
-use crate::store::codec::{self, CompressionPolicy};
-use crate::store::disk::record::{decode_header, encode_header, verify_payload};
+use super::{validate_name, WindowError, WindowSummary, Windows};
+use crate::store::record::Record;
 
 pub const MAGIC: &[u8; 4] = b"CWMX";
 pub const VERSION: u16 = 1;
@@ -48,19 +47,14 @@ impl Windows {
         out.write_all(&manifest)?;
         out.write_all(&(keys.len() as u32).to_le_bytes())?;
         for key in &keys {
-            let len = l2.raw_len(key).ok_or_else(|| {
-                bad(format!(
+            if l2.record_info(key).is_none() {
+                return Err(bad(format!(
                     "window {name:?}: record {key:?} is missing from L2"
-                ))
-            })?;
-            let mut raw = vec![0u8; len as usize];
-            l2.read(key, &mut raw)?;
-            let (codec, payload) =
-                codec::compress(&raw, ITEMSIZE as usize, CompressionPolicy::default());
-            let header = encode_header(key, codec, ITEMSIZE, len, &payload);
-            out.write_all(&((header.len() + payload.len()) as u64).to_le_bytes())?;
-            out.write_all(&header)?;
-            out.write_all(&payload)?;
+                )));
+            }
+            let record = l2.export_record(key)?;
+            out.write_all(&(record.len() as u64).to_le_bytes())?;
+            out.write_all(&record)?;
         }
         let crc = out.crc.clone().finalize();
         let mut inner = out.inner;
@@ -92,8 +86,8 @@ impl Windows {
         }
         let mut pinned = Vec::with_capacity(records.len());
         let result = (|| {
-            for (key, codec, itemsize, raw_len, payload) in &records {
-                l2.write_compressed(key, *codec, *itemsize, *raw_len, payload)?;
+            for (key, record) in &records {
+                l2.import_record(key, record)?;
                 if !l2.pin(key) {
                     return Err(WindowError::Vanished(Box::new(key.clone())));
                 }
@@ -115,16 +109,10 @@ impl Windows {
     }
 }
 
-type Record<'a> = (
-    connector_protocol::ObjectKey,
-    codec::Codec,
-    u8,
-    u64,
-    &'a [u8],
-);
-
-/// Verify a whole window file and split it into its manifest and records.
-fn parse(b: &[u8]) -> Result<(Window, Vec<Record<'_>>), WindowError> {
+/// Verify a whole window file and split it into its manifest and its records (each verified,
+/// with its key).
+#[allow(clippy::type_complexity)]
+fn parse(b: &[u8]) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &[u8])>), WindowError> {
     if b.len() < 16 || &b[..4] != MAGIC {
         return Err(bad("not a cwm window file (bad magic)"));
     }
@@ -163,15 +151,13 @@ fn parse(b: &[u8]) -> Result<(Window, Vec<Record<'_>>), WindowError> {
     for want in &keys {
         let len = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
         let rec = take(len)?;
-        let h = decode_header(rec, 0).map_err(|e| bad(e.to_string()))?;
-        if h.record_len() != len as u64 || h.key != *want {
+        let r = Record::parse(rec, 0).map_err(|e| bad(e.to_string()))?;
+        if r.header.key != *want {
             return Err(bad(format!(
                 "record for {want:?} does not match the manifest"
             )));
         }
-        let payload = &rec[h.header_len as usize..];
-        verify_payload(&h, payload, 0).map_err(|e| bad(e.to_string()))?;
-        records.push((h.key, h.codec, h.itemsize, h.raw_len, payload));
+        records.push((r.header.key, rec));
     }
     if at != body.len() {
         return Err(bad("trailing bytes after the last record"));
@@ -209,18 +195,17 @@ impl<W: Write> Write for Crc32Writer<W> {
 /// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
 /// The sidecar must not be running on the same directory: L2 has one writer.
 pub fn open_offline(config: &crate::config::Config) -> anyhow::Result<Windows> {
-    use crate::store::{L1Config, L1Store};
+    use crate::store::tiered::L1Memory;
 
     config.validate()?;
     anyhow::ensure!(
         config.l2_enabled(),
         "windows live in L2: --l2-size-gb must be above 0"
     );
-    let l1 = L1Store::new(&L1Config {
-        capacity_bytes: 1 << 20,
-        lock_ttl: config.lock_ttl(),
-    })?;
-    let cwm = crate::serve::open_cwm(config, l1)?;
+    let mut tiers = config.tiers_config();
+    tiers.l1.capacity_bytes = 1 << 20;
+    tiers.l1_memory = L1Memory::Private;
+    let cwm = crate::serve::open_cwm(config, &tiers)?;
     Ok(Windows::open(cwm, Some(&config.l2_path))?)
 }
 

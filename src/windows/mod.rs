@@ -35,14 +35,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ops::Cwm;
-use crate::store::disk::DiskError;
-use crate::store::tiered::Disk;
-use crate::store::Reservation;
+use crate::store::tier::TierError;
+use crate::store::tiered::{DurableError, InstallError, Installed, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
-
-/// Item size assumed when a window writes a chunk to L2 itself (bf16/fp16). It only steers
-/// the compressor (byte-plane split); any value decodes exactly.
-const ITEMSIZE: u8 = 2;
 
 #[derive(Debug, Error)]
 pub enum WindowError {
@@ -74,14 +69,24 @@ pub enum WindowError {
         chunks: usize,
         reason: String,
     },
-    #[error("L2: {0}")]
-    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Tier(#[from] TierError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error("{0}")]
     Export(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<DurableError> for WindowError {
+    fn from(e: DurableError) -> Self {
+        match e {
+            DurableError::NoTier => WindowError::NoDisk,
+            DurableError::Vanished(key) => WindowError::Vanished(key),
+            DurableError::Tier(e) => WindowError::Tier(e),
+        }
+    }
 }
 
 /// Window names: `^[A-Za-z0-9_.-]{1,64}$`.
@@ -425,8 +430,8 @@ pub struct Windows {
 impl Windows {
     /// Open the catalog in `<l2 dir>/windows` (when L2 is on) and re-pin every window's records.
     pub fn open(cwm: Arc<Cwm>, l2_dir: Option<&Path>) -> Result<Windows, WindowError> {
-        let catalog = match (l2_dir, &cwm.tiers.l2) {
-            (Some(dir), Some(_)) => Some(Catalog::open(&dir.join("windows"))?),
+        let catalog = match l2_dir {
+            Some(dir) if cwm.tiers.has_lower() => Some(Catalog::open(&dir.join("windows"))?),
             _ => None,
         };
         let w = Windows {
@@ -436,10 +441,14 @@ impl Windows {
             op_lock: Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
         };
-        if let (Some(cat), Some(l2)) = (&w.catalog, &w.cwm.tiers.l2) {
+        if let Some(cat) = &w.catalog {
             for win in cat.all() {
                 let keys = win.data_keys();
-                let pinned: Vec<ObjectKey> = keys.iter().filter(|k| l2.pin(k)).cloned().collect();
+                let pinned: Vec<ObjectKey> = keys
+                    .iter()
+                    .filter(|k| w.cwm.tiers.pin(k))
+                    .cloned()
+                    .collect();
                 let missing = keys.len() - pinned.len();
                 w.pins.lock().insert(win.name.clone(), pinned);
                 if missing > 0 {
@@ -456,9 +465,10 @@ impl Windows {
         Ok(w)
     }
 
-    fn disk(&self) -> Result<(&Arc<Disk>, &Catalog), WindowError> {
-        match (&self.cwm.tiers.l2, &self.catalog) {
-            (Some(l2), Some(cat)) => Ok((l2, cat)),
+    /// The tiers and the catalog, when windows can be durable (a tier behind L1).
+    fn disk(&self) -> Result<(&Tiers, &Catalog), WindowError> {
+        match &self.catalog {
+            Some(cat) if self.cwm.tiers.has_lower() => Ok((&self.cwm.tiers, cat)),
             _ => Err(WindowError::NoDisk),
         }
     }
@@ -536,7 +546,7 @@ impl Windows {
         // Durable first (in parallel: compression dominates), then pinned.
         let written = AtomicUsize::new(0);
         keys.par_iter().try_for_each(|k| {
-            if self.make_durable(l2, k)? {
+            if l2.make_durable(k)? {
                 written.fetch_add(1, Relaxed);
             }
             Ok::<(), WindowError>(())
@@ -545,7 +555,7 @@ impl Windows {
         let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| l2.unpin(k));
         for k in &keys {
             // A record reclaimed since it was written is written again, once.
-            let ok = l2.pin(k) || (self.make_durable(l2, k).is_ok() && l2.pin(k));
+            let ok = l2.pin(k) || (l2.make_durable(k).is_ok() && l2.pin(k));
             if !ok {
                 unpin_all(&pinned);
                 return Err(WindowError::Vanished(Box::new(k.clone())));
@@ -556,8 +566,9 @@ impl Windows {
             unpin_all(&pinned);
             return Err(e.into());
         }
-        w.raw_bytes = keys.iter().filter_map(|k| l2.raw_len(k)).sum();
-        w.stored_bytes = keys.iter().filter_map(|k| l2.record_len(k)).sum();
+        let infos: Vec<_> = keys.iter().filter_map(|k| l2.record_info(k)).collect();
+        w.raw_bytes = infos.iter().map(|i| i.raw_len).sum();
+        w.stored_bytes = infos.iter().map(|i| i.record_len).sum();
         if let Err(e) = catalog.insert(w.clone()) {
             unpin_all(&pinned);
             return Err(e.into());
@@ -578,21 +589,6 @@ impl Windows {
             tokens_left_out: chain.tokens.len() - n * cs,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         })
-    }
-
-    /// Write `key` to L2 from L1 unless it is there; true if written now.
-    fn make_durable(&self, l2: &Disk, key: &ObjectKey) -> Result<bool, WindowError> {
-        if l2.contains(key) {
-            return Ok(false);
-        }
-        match self.cwm.tiers.l1.read(key) {
-            Some(object) => {
-                l2.write(key, object.as_slice(), ITEMSIZE)?;
-                Ok(true)
-            }
-            None if l2.contains(key) => Ok(false),
-            None => Err(WindowError::Vanished(Box::new(key.clone()))),
-        }
     }
 
     /// Load the window's chunks into L1 under its session or `new_session_id`. `progress` is
@@ -630,61 +626,37 @@ impl Windows {
             AtomicU64::new(0),
         );
         let last_error: Mutex<Option<String>> = Mutex::new(None);
-        let l1 = &self.cwm.tiers.l1;
         let loaded: Vec<bool> = hashes
             .par_iter()
             .map(|h| {
                 let data = w.keys_of(*h, &w.data_salt);
                 let dest = w.keys_of(*h, &target);
-                let ok = data.iter().zip(&dest).all(|(src, dst)| {
-                    if l1.contains(dst) {
-                        resident.fetch_add(1, Relaxed);
-                        return true;
-                    }
-                    let in_l1 = l1.read(src);
-                    let Some(len) = in_l1
-                        .as_ref()
-                        .map(|g| g.as_slice().len() as u64)
-                        .or_else(|| l2.raw_len(src))
-                    else {
-                        *last_error.lock() = Some(format!("record {src:?} is not in L2"));
-                        return false;
-                    };
-                    match l1.reserve(dst, len) {
-                        Reservation::Present => {
+                let ok = data
+                    .iter()
+                    .zip(&dest)
+                    .all(|(src, dst)| match l2.install(src, dst) {
+                        Ok(Installed::Resident) => {
                             resident.fetch_add(1, Relaxed);
                             true
                         }
-                        Reservation::NoSpace => {
-                            *last_error.lock() = Some("L1 has no room".into());
+                        Ok(Installed::FromL1(len)) => {
+                            from_l1.fetch_add(1, Relaxed);
+                            bytes.fetch_add(len, Relaxed);
+                            true
+                        }
+                        Ok(Installed::FromLower(len)) => {
+                            from_l2.fetch_add(1, Relaxed);
+                            bytes.fetch_add(len, Relaxed);
+                            true
+                        }
+                        Err(e) => {
+                            *last_error.lock() = Some(match e {
+                                InstallError::Missing(_) => format!("record {src:?} is not in L2"),
+                                e => e.to_string(),
+                            });
                             false
                         }
-                        Reservation::Reserved(mut slot) => {
-                            let ok = match &in_l1 {
-                                Some(g) => {
-                                    slot.as_mut_slice().copy_from_slice(g.as_slice());
-                                    from_l1.fetch_add(1, Relaxed);
-                                    true
-                                }
-                                None => match l2.read(src, slot.as_mut_slice()) {
-                                    Ok(()) => {
-                                        from_l2.fetch_add(1, Relaxed);
-                                        true
-                                    }
-                                    Err(e) => {
-                                        *last_error.lock() = Some(e.to_string());
-                                        false
-                                    }
-                                },
-                            };
-                            if ok {
-                                slot.commit();
-                                bytes.fetch_add(len, Relaxed);
-                            }
-                            ok
-                        }
-                    }
-                });
+                    });
                 progress(done.fetch_add(1, Relaxed) + 1, total);
                 ok
             })
@@ -861,14 +833,14 @@ impl Windows {
     }
 
     fn window_status(&self, w: &Window) -> WindowStatus {
-        let l2 = self.cwm.tiers.l2.as_ref();
+        let tiers = &self.cwm.tiers;
         let hashes = w.hashes();
         let in_l2 = hashes
             .iter()
             .filter(|h| {
                 w.keys_of(**h, &w.data_salt)
                     .iter()
-                    .all(|k| l2.is_some_and(|d| d.contains(k)))
+                    .all(|k| tiers.durable(k))
             })
             .count();
         let resident = hashes
@@ -876,7 +848,7 @@ impl Windows {
             .take_while(|h| {
                 w.keys_of(**h, &w.session_id)
                     .iter()
-                    .all(|k| self.cwm.tiers.l1.contains(k))
+                    .all(|k| tiers.resident(k))
             })
             .count();
         WindowStatus {
@@ -951,12 +923,10 @@ impl Windows {
 
     pub fn cache_stats(&self) -> CacheStats {
         let c = &self.cwm.counters;
-        let t = &self.cwm.tiers;
+        let t = self.cwm.tiers.stats();
         let lookups = c.lookup_chunks.load(Relaxed);
         let hits = c.lookup_hit_chunks.load(Relaxed);
-        let l1 = t.l1.stats();
-        let l1c = &t.l1.counters;
-        let wb = &t.write_behind;
+        let (l1, wb) = (&t.l1, &t.write_behind);
         CacheStats {
             lookup_chunks: lookups,
             lookup_hit_chunks: hits,
@@ -975,39 +945,39 @@ impl Windows {
                 objects: l1.objects,
                 used_bytes: l1.used_bytes,
                 capacity_bytes: l1.capacity_bytes,
-                committed_objects: l1c.committed_objects.load(Relaxed),
-                committed_bytes: l1c.committed_bytes.load(Relaxed),
-                evicted_objects: l1c.evicted_objects.load(Relaxed),
-                evicted_bytes: l1c.evicted_bytes.load(Relaxed),
-                no_space: l1c.no_space.load(Relaxed),
+                committed_objects: l1.committed_objects,
+                committed_bytes: l1.committed_bytes,
+                evicted_objects: l1.evicted_objects,
+                evicted_bytes: l1.evicted_bytes,
+                no_space: l1.no_space,
             },
-            l2: t.l2.as_ref().map(|d| {
-                let s = d.stats();
-                let dc = &d.counters;
-                L2Stats {
+            l2: t
+                .lower
+                .iter()
+                .find(|(name, _)| *name == "L2")
+                .map(|(_, s)| L2Stats {
                     records: s.records,
                     segments: s.segments,
                     used_bytes: s.used_bytes,
                     capacity_bytes: s.capacity_bytes,
-                    pinned_records: s.pinned,
-                    read_records: dc.read_records.load(Relaxed),
-                    read_bytes: dc.read_bytes.load(Relaxed),
-                    written_records: dc.written_records.load(Relaxed),
-                    written_raw_bytes: dc.written_raw_bytes.load(Relaxed),
-                    written_stored_bytes: dc.written_stored_bytes.load(Relaxed),
-                    corrupt_records: dc.corrupt_records.load(Relaxed),
-                    reclaimed_segments: dc.reclaimed_segments.load(Relaxed),
-                    reclaimed_records: dc.reclaimed_records.load(Relaxed),
-                    write_errors: dc.write_errors.load(Relaxed),
-                }
-            }),
+                    pinned_records: s.pinned_records,
+                    read_records: s.read_records,
+                    read_bytes: s.read_bytes,
+                    written_records: s.written_records,
+                    written_raw_bytes: s.written_raw_bytes,
+                    written_stored_bytes: s.written_stored_bytes,
+                    corrupt_records: s.corrupt_records,
+                    reclaimed_segments: s.reclaimed_segments,
+                    reclaimed_records: s.reclaimed_records,
+                    write_errors: s.write_errors,
+                }),
             write_behind: WriteBehindStats {
-                queued_bytes: wb.queued_bytes.load(Relaxed),
-                enqueued: wb.enqueued.load(Relaxed),
-                dropped: wb.dropped.load(Relaxed),
-                written: wb.written.load(Relaxed),
-                missed: wb.missed.load(Relaxed),
-                failed: wb.failed.load(Relaxed),
+                queued_bytes: wb.queued_bytes,
+                enqueued: wb.enqueued,
+                dropped: wb.dropped,
+                written: wb.written,
+                missed: wb.missed,
+                failed: wb.failed,
             },
         }
     }
@@ -1018,7 +988,7 @@ impl Windows {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_secs: self.started.elapsed().as_secs(),
             chunk_size: self.cwm.settings.chunk_size,
-            l2_enabled: self.cwm.tiers.l2.is_some(),
+            l2_enabled: self.cwm.tiers.has_lower(),
             windows: self.catalog.as_ref().map_or(0, Catalog::len),
             sessions: self.cwm.chains.len(),
             registered_instances: self.cwm.registry.len(),

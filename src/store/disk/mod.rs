@@ -1,4 +1,4 @@
-//! L2: the disk tier. Append-only segment files of checksummed records (see `record`), an
+//! L2: the disk tier. Append-only segment files of records (`store::record`), an
 //! in-memory index rebuilt at open from a checkpoint plus a forward scan of what was appended
 //! after it, and segment-level LRU reclaim within a byte budget.
 //!
@@ -8,7 +8,6 @@
 //! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
 //! copied forward into the active segment before their old segment is deleted.
 
-pub mod record;
 pub mod storage;
 
 use std::collections::{HashMap, HashSet};
@@ -21,9 +20,11 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use self::record::{decode_header, encode_header, verify_payload, RecordError};
 use self::storage::{SegmentFile, Storage};
-use crate::store::codec::{self, Codec, CompressionPolicy};
+use crate::store::codec::{self, CompressionPolicy};
+use crate::store::record::{self, decode_header, Record, RecordError};
+use crate::store::tier::{RecordInfo, Tier, TierError, TierStats};
+use crate::store::WriteGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -118,8 +119,15 @@ pub struct DiskStore<S: Storage> {
     storage: S,
     config: DiskConfig,
     state: Mutex<State<S::File>>,
+    /// Held across every disk write (append, fsync on the write path, segment rotation and
+    /// reclaim, clear): one writer at a time, while `state` is only ever held for bookkeeping.
+    writer: Mutex<()>,
     pub counters: DiskCounters,
+    last_checkpoint: Mutex<Instant>,
 }
+
+/// How often `maintain` persists the index.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 const CKPT_MAGIC: &[u8; 4] = b"CWMI";
 const CKPT_VERSION: u16 = 1;
@@ -231,7 +239,9 @@ impl<S: Storage> DiskStore<S> {
             storage,
             config,
             state: Mutex::new(state),
+            writer: Mutex::new(()),
             counters,
+            last_checkpoint: Mutex::new(Instant::now()),
         };
         let stats = store.stats();
         tracing::info!(
@@ -263,40 +273,42 @@ impl<S: Storage> DiskStore<S> {
         if self.contains(key) {
             return Ok(());
         }
-        let (codec, payload) = codec::compress(raw, itemsize as usize, self.config.compression);
-        self.write_compressed(key, codec, itemsize, raw.len() as u64, &payload)
+        let record = record::encode(key, raw, itemsize, self.config.compression);
+        self.append_record(key, &record)
     }
 
-    /// Append an already compressed payload (no-op if present).
-    pub fn write_compressed(
-        &self,
-        key: &ObjectKey,
-        codec: Codec,
-        itemsize: u8,
-        raw_len: u64,
-        payload: &[u8],
-    ) -> Result<(), DiskError> {
-        let header = encode_header(key, codec, itemsize, raw_len, payload);
-        let record_len = header.len() as u64 + payload.len() as u64;
-        let mut st = self.state.lock();
-        if st.index.contains_key(key) {
+    /// Append an encoded record of `key` (`store::record`; no-op if present).
+    pub fn append_record(&self, key: &ObjectKey, record: &[u8]) -> Result<(), DiskError> {
+        let h = decode_header(record, 0)?;
+        if h.key != *key || h.record_len() != record.len() as u64 {
+            return Err(DiskError::KeyMismatch {
+                want: Box::new(key.clone()),
+                found: Box::new(h.key),
+            });
+        }
+        let (record_len, raw_len) = (h.record_len(), h.raw_len);
+        let stored_len = h.stored_len;
+        // Disk I/O runs under `writer` only; `state` is held for bookkeeping alone, so what the
+        // index answers (lookups, on the request path) never waits on an append or an fsync.
+        let _writer = self.writer.lock();
+        if self.state.lock().index.contains_key(key) {
             return Ok(());
         }
-        self.make_room(&mut st, record_len)?;
-        let id = self.active_segment(&mut st, record_len)?;
-        let file = st.segments[&id].file.clone();
-        let offset = file.append(&[&header, payload]).inspect_err(|_| {
+        self.make_room(record_len)?;
+        let (id, file) = self.active_segment(record_len)?;
+        let offset = file.append(&[record]).inspect_err(|_| {
             self.counters.write_errors.fetch_add(1, Relaxed);
         })?;
         let sync_now = match self.config.fsync {
             FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
+            FsyncPolicy::Interval(d) => self.state.lock().last_sync.elapsed() >= d,
             FsyncPolicy::Never => false,
         };
         if sync_now {
             file.sync()?;
-            st.last_sync = Instant::now();
+            self.state.lock().last_sync = Instant::now();
         }
+        let mut st = self.state.lock();
         st.tick += 1;
         let tick = st.tick;
         let seg = st.segments.get_mut(&id).expect("active segment");
@@ -317,119 +329,190 @@ impl<S: Storage> DiskStore<S> {
         self.counters.written_raw_bytes.fetch_add(raw_len, Relaxed);
         self.counters
             .written_stored_bytes
-            .fetch_add(payload.len() as u64, Relaxed);
+            .fetch_add(stored_len, Relaxed);
         Ok(())
     }
 
     /// The segment to append `record_len` bytes to, rotating when the active one is full.
-    fn active_segment(&self, st: &mut State<S::File>, record_len: u64) -> Result<u32, DiskError> {
-        if let Some(id) = st.active {
-            let len = st.segments[&id].file.len();
+    /// Caller holds `writer`.
+    fn active_segment(&self, record_len: u64) -> Result<(u32, Arc<S::File>), DiskError> {
+        let active = {
+            let st = self.state.lock();
+            st.active.map(|id| (id, st.segments[&id].file.clone()))
+        };
+        if let Some((id, file)) = active {
+            let len = file.len();
             if len == 0 || len + record_len <= self.config.segment_bytes {
-                return Ok(id);
+                return Ok((id, file));
             }
-            st.segments[&id].file.sync()?;
+            file.sync()?;
         }
-        let id = st.next_id;
+        let id = self.state.lock().next_id;
         let file = Arc::new(self.storage.create(id)?);
+        let mut st = self.state.lock();
         st.next_id += 1;
         st.active = Some(id);
+        let last_access = st.tick;
         st.segments.insert(
             id,
             SegmentState {
-                file,
+                file: file.clone(),
                 keys: HashSet::new(),
-                last_access: st.tick,
+                last_access,
             },
         );
-        Ok(id)
+        Ok((id, file))
     }
 
     /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
-    fn make_room(&self, st: &mut State<S::File>, need: u64) -> Result<(), DiskError> {
+    /// Caller holds `writer`; segment reads, appends and deletes run outside `state`.
+    fn make_room(&self, need: u64) -> Result<(), DiskError> {
         let capacity = self.config.capacity_bytes;
-        if st.used_bytes + need <= capacity {
-            return Ok(());
-        }
+        let full = |st: &State<S::File>| st.used_bytes + need > capacity;
         // Candidates: the sealed segments of now, least recently used first. Segments created
         // while moving pinned records forward are never candidates of this round.
-        let mut candidates: Vec<(u64, u32)> = st
-            .segments
-            .iter()
-            .filter(|(id, _)| Some(**id) != st.active)
-            .map(|(id, s)| (s.last_access, *id))
-            .collect();
-        candidates.sort_unstable();
-        let mut candidates = candidates.into_iter().map(|(_, id)| id);
-        while st.used_bytes + need > capacity {
-            let Some(victim) = candidates.next() else {
-                return Err(DiskError::Full {
-                    need,
-                    capacity,
-                    free: capacity.saturating_sub(st.used_bytes),
-                });
-            };
-            let (file, keys) = {
-                let seg = &st.segments[&victim];
-                (
-                    seg.file.clone(),
-                    seg.keys.iter().cloned().collect::<Vec<_>>(),
-                )
-            };
-            let (pinned, unpinned): (Vec<_>, Vec<_>) =
-                keys.into_iter().partition(|k| st.pins.contains_key(k));
-            if unpinned.is_empty() {
-                continue; // nothing to gain
+        let mut candidates = {
+            let st = self.state.lock();
+            if !full(&st) {
+                return Ok(());
             }
+            let mut c: Vec<(u64, u32)> = st
+                .segments
+                .iter()
+                .filter(|(id, _)| Some(**id) != st.active)
+                .map(|(id, s)| (s.last_access, *id))
+                .collect();
+            c.sort_unstable();
+            c.into_iter().map(|(_, id)| id)
+        };
+        loop {
+            let (victim, file, pinned) = {
+                let st = self.state.lock();
+                if !full(&st) {
+                    return Ok(());
+                }
+                let Some((victim, seg)) = candidates
+                    .by_ref()
+                    .find_map(|id| st.segments.get(&id).map(|s| (id, s)))
+                else {
+                    return Err(DiskError::Full {
+                        need,
+                        capacity,
+                        free: capacity.saturating_sub(st.used_bytes),
+                    });
+                };
+                let pinned: Vec<ObjectKey> = seg
+                    .keys
+                    .iter()
+                    .filter(|k| st.pins.contains_key(*k))
+                    .cloned()
+                    .collect();
+                if pinned.len() == seg.keys.len() {
+                    continue; // nothing to gain
+                }
+                (victim, seg.file.clone(), pinned)
+            };
             // Pinned records move forward first; if that fails the segment stays as it is.
             for key in &pinned {
-                let loc = st.index[key];
+                let Some(loc) = self.state.lock().index.get(key).copied() else {
+                    continue;
+                };
                 let bytes = file.read(loc.offset, loc.record_len)?;
-                let id = self.active_segment(st, loc.record_len)?;
-                let offset = st.segments[&id].file.append(&[&bytes])?;
-                st.segments
-                    .get_mut(&id)
-                    .expect("active")
-                    .keys
-                    .insert(key.clone());
-                st.index.insert(
-                    key.clone(),
-                    Location {
-                        segment: id,
-                        offset,
-                        ..loc
-                    },
-                );
-            }
-            st.segments.remove(&victim);
-            for key in &unpinned {
-                if let Some(loc) = st.index.remove(key) {
-                    st.used_bytes -= loc.record_len;
+                let (id, active) = self.active_segment(loc.record_len)?;
+                let offset = active.append(&[&bytes])?;
+                let mut st = self.state.lock();
+                if st.index.contains_key(key) {
+                    let seg = st.segments.get_mut(&id).expect("active");
+                    seg.keys.insert(key.clone());
+                    st.index.insert(
+                        key.clone(),
+                        Location {
+                            segment: id,
+                            offset,
+                            ..loc
+                        },
+                    );
                 }
             }
+            let dropped = {
+                let mut st = self.state.lock();
+                let seg = &st.segments[&victim];
+                // Pinned since the move above (a window froze meanwhile): keep the segment.
+                if seg.keys.iter().any(|k| {
+                    st.pins.contains_key(k) && st.index.get(k).is_some_and(|l| l.segment == victim)
+                }) {
+                    continue;
+                }
+                let seg = st.segments.remove(&victim).expect("victim exists");
+                let mut dropped = 0;
+                for key in &seg.keys {
+                    if st.index.get(key).is_some_and(|l| l.segment == victim) {
+                        let loc = st.index.remove(key).expect("indexed");
+                        st.used_bytes -= loc.record_len;
+                        dropped += 1;
+                    }
+                }
+                st.dirty = true;
+                dropped
+            };
+            let moved = pinned.len();
+            let unpinned = dropped;
             // A moved record keeps its byte count: the copy replaces the one deleted here.
-            if let Some(active) = st.active {
-                st.segments[&active].file.sync()?;
+            let active = {
+                let st = self.state.lock();
+                st.active.map(|id| st.segments[&id].file.clone())
+            };
+            if let Some(active) = active {
+                active.sync()?;
             }
             self.storage.remove(victim)?;
-            st.dirty = true;
             self.counters.reclaimed_segments.fetch_add(1, Relaxed);
             self.counters
                 .reclaimed_records
-                .fetch_add(unpinned.len() as u64, Relaxed);
+                .fetch_add(unpinned as u64, Relaxed);
             tracing::debug!(
                 segment = victim,
-                dropped = unpinned.len(),
-                moved = pinned.len(),
+                dropped = unpinned,
+                moved,
                 "L2: reclaimed segment"
             );
         }
-        Ok(())
     }
 
-    /// Read, verify and decompress `key` into `out` (exactly its raw length). A record that
-    /// fails verification is dropped from the index.
-    pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<(), DiskError> {
+    /// Read, verify and decompress `key` into `out` (exactly its raw length); returns the
+    /// record's itemsize. A record that fails verification is dropped from the index.
+    pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<u8, DiskError> {
+        let mut itemsize = 0;
+        self.read_with(key, |loc, record, _| {
+            if loc.raw_len != out.len() as u64 {
+                return Err(DiskError::Length {
+                    want: out.len() as u64,
+                    found: loc.raw_len,
+                });
+            }
+            itemsize = record.header.itemsize;
+            Ok(record.decode_into(out)?)
+        })?;
+        Ok(itemsize)
+    }
+
+    /// The record of `key` as stored, verified.
+    pub fn read_record(&self, key: &ObjectKey) -> Result<Vec<u8>, DiskError> {
+        let mut verbatim = Vec::new();
+        self.read_with(key, |_, _, bytes| {
+            verbatim = bytes.to_vec();
+            Ok(())
+        })?;
+        Ok(verbatim)
+    }
+
+    /// Read and verify the record of `key`, then hand it to `use_record`. A record failing
+    /// any check (but a length mismatch, which is the caller's) is dropped from the index.
+    fn read_with(
+        &self,
+        key: &ObjectKey,
+        use_record: impl FnOnce(Location, &Record<'_>, &[u8]) -> Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
         let (loc, file) = {
             let mut st = self.state.lock();
             let Some(loc) = st.index.get(key).copied() else {
@@ -445,24 +528,15 @@ impl<S: Storage> DiskStore<S> {
             (loc, seg.file.clone())
         };
         let result = (|| {
-            if loc.raw_len != out.len() as u64 {
-                return Err(DiskError::Length {
-                    want: out.len() as u64,
-                    found: loc.raw_len,
-                });
-            }
             let bytes = file.read(loc.offset, loc.record_len)?;
-            let h = decode_header(&bytes, loc.offset)?;
-            if h.key != *key {
+            let record = Record::parse(&bytes, loc.offset)?;
+            if record.header.key != *key {
                 return Err(DiskError::KeyMismatch {
                     want: Box::new(key.clone()),
-                    found: Box::new(h.key),
+                    found: Box::new(record.header.key),
                 });
             }
-            let payload = bytes.get(h.header_len as usize..).unwrap_or(&[]);
-            verify_payload(&h, payload, loc.offset)?;
-            codec::decompress(h.codec, payload, out)?;
-            Ok(())
+            use_record(loc, &record, &bytes)
         })();
         match &result {
             Ok(()) => {
@@ -534,6 +608,9 @@ impl<S: Storage> DiskStore<S> {
     pub fn checkpoint(&self) -> Result<(), DiskError> {
         self.sync()?;
         let bytes = {
+            // No append may sit between its bytes and its index entry while segment lengths
+            // and the index are captured together.
+            let _writer = self.writer.lock();
             let mut st = self.state.lock();
             if !st.dirty {
                 return Ok(());
@@ -567,6 +644,143 @@ impl<S: Storage> DiskStore<S> {
             capacity_bytes: self.config.capacity_bytes,
             pinned: st.pins.len(),
         }
+    }
+}
+
+impl<S: Storage> DiskStore<S> {
+    /// Drop every record no pin protects: from the index at once, and sealed segments left
+    /// with no record are deleted. Returns the number of records dropped.
+    pub fn clear(&self) -> Result<usize, DiskError> {
+        let _writer = self.writer.lock();
+        let mut st = self.state.lock();
+        let State {
+            index,
+            pins,
+            segments,
+            active,
+            used_bytes,
+            dirty,
+            ..
+        } = &mut *st;
+        let victims: Vec<ObjectKey> = index
+            .keys()
+            .filter(|k| !pins.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in &victims {
+            if let Some(loc) = index.remove(key) {
+                *used_bytes -= loc.record_len;
+                if let Some(seg) = segments.get_mut(&loc.segment) {
+                    seg.keys.remove(key);
+                }
+            }
+        }
+        let empty: Vec<u32> = segments
+            .iter()
+            .filter(|(id, s)| s.keys.is_empty() && Some(**id) != *active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &empty {
+            segments.remove(id);
+        }
+        *dirty |= !victims.is_empty();
+        drop(st);
+        for id in empty {
+            self.storage.remove(id)?;
+        }
+        Ok(victims.len())
+    }
+}
+
+impl<S: Storage> Tier for DiskStore<S> {
+    fn name(&self) -> &'static str {
+        "L2"
+    }
+
+    fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        let st = self.state.lock();
+        keys.iter().map(|k| st.index.contains_key(k)).collect()
+    }
+
+    fn info(&self, key: &ObjectKey) -> Option<RecordInfo> {
+        self.state.lock().index.get(key).map(|l| RecordInfo {
+            raw_len: l.raw_len,
+            record_len: l.record_len,
+        })
+    }
+
+    fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError> {
+        let itemsize = self
+            .read(key, object.as_mut_slice())
+            .map_err(|e| TierError::new("L2", e))?;
+        object.set_itemsize(itemsize);
+        Ok(())
+    }
+
+    fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
+        self.read_record(key).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError> {
+        self.append_record(key, record)
+            .map_err(|e| TierError::new("L2", e))
+    }
+
+    fn pin(&self, key: &ObjectKey) -> bool {
+        DiskStore::pin(self, key)
+    }
+
+    fn unpin(&self, key: &ObjectKey) {
+        DiskStore::unpin(self, key)
+    }
+
+    fn sync(&self) -> Result<(), TierError> {
+        DiskStore::sync(self).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn clear(&self) -> Result<usize, TierError> {
+        DiskStore::clear(self).map_err(|e| TierError::new("L2", e))
+    }
+
+    fn stats(&self) -> TierStats {
+        let s = DiskStore::stats(self);
+        let c = &self.counters;
+        TierStats {
+            records: s.records,
+            segments: s.segments,
+            used_bytes: s.used_bytes,
+            capacity_bytes: s.capacity_bytes,
+            pinned_records: s.pinned,
+            read_records: c.read_records.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            written_records: c.written_records.load(Relaxed),
+            written_raw_bytes: c.written_raw_bytes.load(Relaxed),
+            written_stored_bytes: c.written_stored_bytes.load(Relaxed),
+            corrupt_records: c.corrupt_records.load(Relaxed),
+            reclaimed_segments: c.reclaimed_segments.load(Relaxed),
+            reclaimed_records: c.reclaimed_records.load(Relaxed),
+            write_errors: c.write_errors.load(Relaxed),
+        }
+    }
+
+    /// fsync when the interval policy says so; persist the index every 30 s.
+    fn maintain(&self) {
+        if self.sync_due() {
+            if let Err(e) = DiskStore::sync(self) {
+                tracing::error!("L2 fsync failed: {e}");
+            }
+        }
+        let mut last = self.last_checkpoint.lock();
+        if last.elapsed() >= CHECKPOINT_EVERY {
+            *last = Instant::now();
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("L2 checkpoint failed: {e}");
+            }
+        }
+    }
+
+    fn close(&self) -> Result<(), TierError> {
+        self.checkpoint().map_err(|e| TierError::new("L2", e))
     }
 }
 

@@ -276,3 +276,143 @@ proptest! {
         }
     }
 }
+
+/// Storage whose appends and fsyncs stall while its gate is closed, to catch callers that wait
+/// on another thread's disk I/O.
+#[derive(Clone)]
+struct Stalling {
+    inner: Arc<MemStorage>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    closed: parking_lot::Mutex<bool>,
+    changed: parking_lot::Condvar,
+    /// I/O calls that found the gate closed.
+    stalled: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock();
+        if *closed {
+            self.stalled.fetch_add(1, Relaxed);
+        }
+        while *closed {
+            self.changed.wait(&mut closed);
+        }
+    }
+}
+
+struct StallingFile {
+    inner: storage::MemSegment,
+    gate: Arc<Gate>,
+}
+
+impl Storage for Stalling {
+    type File = StallingFile;
+    fn segments(&self) -> io::Result<Vec<u32>> {
+        self.inner.segments()
+    }
+    fn open(&self, id: u32) -> io::Result<StallingFile> {
+        let inner = self.inner.open(id)?;
+        Ok(StallingFile {
+            inner,
+            gate: self.gate.clone(),
+        })
+    }
+    fn create(&self, id: u32) -> io::Result<StallingFile> {
+        let inner = self.inner.create(id)?;
+        Ok(StallingFile {
+            inner,
+            gate: self.gate.clone(),
+        })
+    }
+    fn remove(&self, id: u32) -> io::Result<()> {
+        self.inner.remove(id)
+    }
+    fn write_checkpoint(&self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.write_checkpoint(bytes)
+    }
+    fn read_checkpoint(&self) -> io::Result<Option<Vec<u8>>> {
+        self.inner.read_checkpoint()
+    }
+}
+
+impl SegmentFile for StallingFile {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
+        self.gate.pass();
+        self.inner.append(parts)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.gate.pass();
+        self.inner.sync()
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn read(&self, offset: u64, len: u64) -> io::Result<storage::SegmentBytes> {
+        self.inner.read(offset, len)
+    }
+}
+
+/// Lookups ask L2 what it holds on the socket thread: that answer must never wait for another
+/// thread's append or fsync (before the fix both ran under the index lock).
+#[test]
+fn presence_never_waits_on_disk_io() {
+    use crate::store::tier::Tier;
+    let gate = Arc::new(Gate::default());
+    let storage = Stalling {
+        inner: Arc::new(MemStorage::default()),
+        gate: gate.clone(),
+    };
+    let d = Arc::new(
+        DiskStore::open(
+            storage,
+            DiskConfig {
+                fsync: FsyncPolicy::Always,
+                ..config(1 << 30, 1 << 20)
+            },
+        )
+        .unwrap(),
+    );
+    d.write(&key(1), &payload(1, 1000), 1).unwrap();
+    gate.set(true);
+    let writer = {
+        let d = d.clone();
+        std::thread::spawn(move || d.write(&key(2), &payload(2, 1000), 1))
+    };
+    while gate.stalled.load(Relaxed) == 0 {
+        std::thread::yield_now();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((
+                Tier::contains(&*d, &[key(1), key(2)]),
+                Tier::info(&*d, &key(1)),
+            ));
+        });
+    }
+    let answer = rx.recv_timeout(Duration::from_secs(10));
+    gate.set(false);
+    writer.join().unwrap().unwrap();
+    let (present, info) = answer.expect("presence waited for another thread's disk I/O");
+    assert_eq!(
+        present,
+        vec![true, false],
+        "key 2 is not indexed until appended"
+    );
+    assert_eq!(info.map(|i| i.raw_len), Some(1000));
+    assert_eq!(Tier::contains(&*d, &[key(2)]), vec![true]);
+}

@@ -1,4 +1,6 @@
-//! The disk record: one stored object (format version 1, documented in docs/FORMATS.md).
+//! The record: one stored object as every tier behind L1 stores it, and as window files carry
+//! it (format version 1, documented in docs/FORMATS.md). Encoded once, by write-behind or a
+//! window freeze, and copied verbatim between tiers and files.
 //!
 //! ```text
 //! offset size field
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use connector_protocol::{ChunkHash, ObjectKey};
 use thiserror::Error;
 
-use crate::store::codec::Codec;
+use crate::store::codec::{self, Codec, CodecError, CompressionPolicy};
 
 pub const MAGIC: [u8; 4] = *b"CWMR";
 pub const VERSION: u16 = 1;
@@ -205,6 +207,36 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
     })
 }
 
+/// Compress `raw` and encode it as one record (header ++ payload).
+pub fn encode(key: &ObjectKey, raw: &[u8], itemsize: u8, policy: CompressionPolicy) -> Vec<u8> {
+    let (codec, payload) = codec::compress(raw, itemsize as usize, policy);
+    let mut record = encode_header(key, codec, itemsize, raw.len() as u64, &payload);
+    record.extend_from_slice(&payload);
+    record
+}
+
+/// A whole record, header and payload checksums verified.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub header: RecordHeader,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// Verify the record `b` holds exactly (`offset` only labels errors).
+    pub fn parse(b: &'a [u8], offset: u64) -> Result<Record<'a>, RecordError> {
+        let header = decode_header(b, offset)?;
+        let payload = b.get(header.header_len as usize..).unwrap_or(&[]);
+        verify_payload(&header, payload, offset)?;
+        Ok(Record { header, payload })
+    }
+
+    /// Decompress into `out`, which must be exactly the raw length.
+    pub fn decode_into(&self, out: &mut [u8]) -> Result<(), CodecError> {
+        codec::decompress(self.header.codec, self.payload, out)
+    }
+}
+
 /// Check a payload against its header.
 pub fn verify_payload(h: &RecordHeader, payload: &[u8], offset: u64) -> Result<(), RecordError> {
     if payload.len() as u64 != h.stored_len {
@@ -251,6 +283,18 @@ mod tests {
         );
         assert_eq!(h.record_len() as usize, r.len());
         verify_payload(&h, &r[h.header_len as usize..], 0).unwrap();
+    }
+
+    #[test]
+    fn encode_then_parse_gives_the_raw_bytes_back() {
+        let raw: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
+        let r = encode(&key("s"), &raw, 2, CompressionPolicy::default());
+        let rec = Record::parse(&r, 0).unwrap();
+        assert_eq!((rec.header.key.clone(), rec.header.itemsize), (key("s"), 2));
+        let mut out = vec![0; raw.len()];
+        rec.decode_into(&mut out).unwrap();
+        assert_eq!(out, raw);
+        assert!(Record::parse(&r[..r.len() - 1], 0).is_err());
     }
 
     #[test]
