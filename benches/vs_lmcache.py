@@ -5,6 +5,7 @@ Prints the p50 of each phase per server and cwm's speed-up (LMCache time / cwm t
 
     benches/vs_lmcache.sh [--rounds N] [--requests N] [--num-tokens N] [--l1-size-gb G]
 
+$CWM_EXTRA_ARGS adds flags to cwm's (e.g. `--l2-size-gb 0`, `--l1-populate lazy`).
 Needs LMCache in tests/e2e/.venv (tests/e2e/setup.sh builds it) and a built cwm ($CWM_BIN,
 default target/ci/cwm). Numbers go to BENCHMARKS.md by hand, with `uptime` and `lscpu`.
 """
@@ -49,7 +50,8 @@ def server_argv(kind: str, port: int, http: int, l1: float, work: str):
                 "--http-port", str(http), "--l1-size-gb", str(l1), "--eviction-policy", "LRU"]
     cwm = os.environ.get("CWM_BIN", os.path.join(ROOT, "target", "ci", "cwm"))
     return [cwm, "serve", "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http),
-            "--l1-size-gb", str(l1), "--l2-path", os.path.join(work, "l2")]
+            "--l1-size-gb", str(l1), "--l2-path", os.path.join(work, "l2"),
+            *os.environ.get("CWM_EXTRA_ARGS", "").split()]
 
 
 def run(kind: str, args, work: str, start: int) -> dict:
@@ -78,7 +80,9 @@ def run(kind: str, args, work: str, start: int) -> dict:
         res = m["results"]
         if res["checksum_fail"]:
             sys.exit(f"{kind}: {res['checksum_fail']} retrieves returned wrong bytes")
-        return {p: m[p][f"{p}_p50"] for p in PHASES}
+        got = {p: m[p][f"{p}_p50"] for p in PHASES}
+        got["minflt"] = minor_faults(srv.pid)
+        return got
     finally:
         srv.terminate()
         try:
@@ -86,6 +90,12 @@ def run(kind: str, args, work: str, start: int) -> dict:
         except subprocess.TimeoutExpired:
             srv.kill()
             srv.wait()
+
+
+def minor_faults(pid: int) -> int:
+    """The server process's minor page faults so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def main():
@@ -104,8 +114,8 @@ def main():
             for kind in ("lmcache", "cwm", "cwm", "lmcache"):
                 got = run(kind, args, work, start)
                 start += args.requests
-                print(f"{kind:8} " + "  ".join(f"{p} {got[p]:8.2f} ms" for p in PHASES),
-                      flush=True)
+                print(f"{kind:8} " + "  ".join(f"{p} {got[p]:8.2f} ms" for p in PHASES)
+                      + f"  server minor faults {got['minflt']}", flush=True)
                 for p in PHASES:
                     p50[kind][p].append(got[p])
     print(f"\np50 over {2 * args.rounds} runs each, {args.requests} requests of "
