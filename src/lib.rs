@@ -7,6 +7,7 @@ pub mod background;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod engine_mem;
 pub mod mcp;
 pub mod metrics;
