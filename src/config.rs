@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
 use crate::store::l3::config::{Endpoints, L3Config, WritePolicy};
+use crate::store::populate::L1Populate;
 use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
 use crate::store::L1Config;
 
@@ -24,6 +25,9 @@ pub struct Config {
     pub chunk_size: usize,
     /// L1 memory budget in GiB.
     pub l1_size_gb: f64,
+    /// When L1's pages are committed: `eager` (in the background, ahead of use, so stores
+    /// take no page faults) or `lazy` (by the first store that touches them).
+    pub l1_populate: L1Populate,
     /// L1 eviction policy. Only `LRU`.
     pub eviction_policy: String,
     /// Chunk hash algorithm. Only `blake3` (vLLM's default).
@@ -119,6 +123,7 @@ impl Default for Config {
             port: 5555,
             chunk_size: 256,
             l1_size_gb: 8.0,
+            l1_populate: L1Populate::Eager,
             eviction_policy: "LRU".into(),
             hash_algorithm: "blake3".into(),
             lock_ttl_secs: 300,
@@ -371,6 +376,7 @@ impl Config {
             } else {
                 L1Memory::Private
             },
+            l1_populate: self.l1_populate,
             l2: self.l2_enabled().then(|| L2Config {
                 path: self.l2_path.clone(),
                 disk: self.l2_disk_config(),

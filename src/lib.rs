@@ -3,6 +3,7 @@
 //! Dependencies point one way: `server → ops → {engine_mem, store}`; `store` knows nothing of
 //! the wire, `connector_protocol` knows nothing of the rest.
 
+pub mod background;
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod ops;
+pub mod prefault;
 pub mod serve;
 pub mod server;
 pub mod store;

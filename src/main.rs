@@ -128,6 +128,10 @@ struct ServeArgs {
     /// Seconds before an idle request session is dropped [default: 600].
     #[arg(long, env = "CWM_SESSION_TTL_SECS")]
     session_ttl_secs: Option<u64>,
+    /// When L1's pages are committed: eager (in the background, ahead of use) or lazy (by the
+    /// first store touching them) [default: eager].
+    #[arg(long, env = "CWM_L1_POPULATE")]
+    l1_populate: Option<cwm::store::populate::L1Populate>,
     /// Seconds a worker may be silent after pinging before it is unregistered [default: 120].
     #[arg(long, env = "CWM_WORKER_REAP_TIMEOUT_SECS")]
     worker_reap_timeout_secs: Option<u64>,
@@ -225,6 +229,7 @@ impl ServeArgs {
             port,
             chunk_size,
             l1_size_gb,
+            l1_populate,
             eviction_policy,
             hash_algorithm,
             lock_ttl_secs,

@@ -105,12 +105,22 @@ pub struct Scatter<'a> {
 /// fans sections out over the rayon pool; a device backend would queue them on a stream and
 /// wait on the engine's `event` first). Objects are canonical (`KvLayout::object_bytes`), so
 /// every backend shares cache entries with every other.
+/// See [`EngineMemory::warm_up`]; returns the bytes it mapped.
+pub type WarmUp = Box<dyn FnOnce() -> std::io::Result<u64> + Send>;
+
 pub trait EngineMemory: Send + Sync {
     /// The geometry derived from the registered tensors.
     fn layout(&self) -> &KvLayout;
 
     /// Where the memory lives.
     fn device(&self) -> Device;
+
+    /// Work that maps the engine's memory into cwm ahead of the first transfer (so copies take
+    /// no page faults), to run off the request thread; `None` when there is nothing to do. It
+    /// keeps the memory mapped while it runs and never changes a byte.
+    fn warm_up(&self) -> Option<WarmUp> {
+        None
+    }
 
     /// Every id in range, or the first that is not.
     fn check_blocks(&self, blocks: &[u32]) -> Result<(), EngineMemError> {
@@ -199,5 +209,100 @@ pub fn open_with(
             ))
         }
         IpcDescriptor::Unsupported { kind } => Err(EngineMemError::UnsupportedKind(kind.clone())),
+    }
+}
+
+#[cfg(test)]
+mod warm_up_tests {
+    use std::time::Duration;
+
+    use connector_protocol::{ChunkHash, IpcDescriptor, ObjectKey, TensorMetadata};
+
+    use super::*;
+    use crate::engine_mem::shm::ShmSegment;
+    use crate::prefault::thread_minor_faults;
+    use crate::store::{L1Config, L1Store, Reservation};
+
+    const NB: u64 = 64;
+    const BS: u64 = 16;
+    const NH: u64 = 8;
+    const HS: u64 = 128;
+    const LAYERS: u64 = 8;
+
+    fn engine(tag: &str) -> (ShmSegment, Box<dyn EngineMemory>) {
+        let layer = 2 * NB * BS * NH * HS; // bf16 elements per layer
+        let name = format!("/cwm_warm_{}_{tag}", std::process::id());
+        let seg = ShmSegment::create(&name, layer * LAYERS * 2).unwrap();
+        // The engine wrote its cache: the pages exist, but not yet in the mapping cwm opens.
+        unsafe { std::ptr::write_bytes(seg.as_mut_ptr(), 3, seg.len() as usize) };
+        let d: Vec<IpcDescriptor> = (0..LAYERS)
+            .map(|l| IpcDescriptor::CpuShm {
+                shm_name: seg.name().to_string(),
+                nbytes: seg.len(),
+                metadata: TensorMetadata {
+                    dtype: "bfloat16".into(),
+                    shape: vec![2, NB, BS, NH, HS],
+                    stride: vec![NB * BS * NH * HS, BS * NH * HS, NH * HS, HS, 1],
+                    storage_offset: l * layer,
+                    device_uuid: "cpu".into(),
+                },
+            })
+            .collect();
+        (seg, open(&d, None).unwrap())
+    }
+
+    /// Minor faults gathering every block (on one thread, so its fault count sees them all).
+    fn faults_gathering(kv: &dyn EngineMemory) -> u64 {
+        let blocks: Vec<u32> = (0..NB as u32).collect();
+        let len = kv.layout().object_bytes(NB * BS);
+        let l1 = L1Store::new(&L1Config {
+            capacity_bytes: len,
+            lock_ttl: Duration::from_secs(60),
+        })
+        .unwrap();
+        l1.populate(0, l1.capacity_bytes()).unwrap();
+        let key = ObjectKey {
+            model: "m".into(),
+            kv_rank: 0,
+            object_group: 0,
+            chunk_hash: ChunkHash([1; 32]),
+            cache_salt: "".into(),
+        };
+        let Reservation::Reserved(object) = l1.reserve(&key, len) else {
+            panic!("no room")
+        };
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        one.install(|| {
+            let before = thread_minor_faults();
+            let chunk = Gather {
+                blocks: &blocks,
+                object: &object,
+            };
+            kv.gather(&[chunk], &[]).unwrap();
+            thread_minor_faults() - before
+        })
+    }
+
+    #[test]
+    fn warmed_up_engine_memory_is_copied_without_page_faults() {
+        let pages = 2 * NB * BS * NH * HS * 2 * LAYERS / 4096;
+        let (_cold_seg, cold) = engine("cold");
+        let cold_faults = faults_gathering(&*cold);
+        // Reads of shared file pages fault 16 pages at a time (the kernel's fault-around).
+        assert!(
+            cold_faults >= pages / 32,
+            "{cold_faults} faults, {pages} pages"
+        );
+        let (_seg, warm) = engine("warm");
+        let mapped = warm.warm_up().expect("shm memory has a warm-up")().unwrap();
+        assert_eq!(mapped, pages * 4096);
+        let warm_faults = faults_gathering(&*warm);
+        assert!(
+            warm_faults < cold_faults / 10,
+            "{warm_faults} faults after warm-up, {cold_faults} before"
+        );
     }
 }

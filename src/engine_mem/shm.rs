@@ -194,6 +194,17 @@ impl EngineMemory for ShmKv {
         Device::Host
     }
 
+    fn warm_up(&self) -> Option<super::WarmUp> {
+        let segments = self._segments.clone();
+        Some(Box::new(move || {
+            segments.iter().try_fold(0, |n, s| {
+                // SAFETY: the Arc keeps the mapping alive; populate changes no byte.
+                unsafe { crate::prefault::populate(s.as_mut_ptr(), s.len() as usize)? };
+                Ok(n + s.len())
+            })
+        }))
+    }
+
     fn gather(&self, chunks: &[Gather<'_>], _event: &[u8]) -> Result<Vec<u8>, EngineMemError> {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;

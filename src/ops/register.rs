@@ -63,6 +63,25 @@ impl Cwm {
                 for_log(reason)
             ),
         }
+        if let Some(warm_up) = kv.as_ref().ok().and_then(|kv| kv.warm_up()) {
+            // Mapping a multi-GiB engine cache page by page takes tens of milliseconds per GiB:
+            // done in the background, so neither this reply nor the first store waits for it.
+            crate::background::spawn("cwm-engine-warm-up", move || {
+                let t = std::time::Instant::now();
+                match warm_up() {
+                    Ok(bytes) => tracing::info!(
+                        instance_id = id,
+                        bytes,
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        "engine memory mapped ahead of the first transfer"
+                    ),
+                    Err(e) => tracing::warn!(
+                        instance_id = id,
+                        "could not map engine memory ahead of use: {e}"
+                    ),
+                }
+            });
+        }
         self.registry
             .insert(Instance::new(id, model, world_size, kv));
         Ok(())

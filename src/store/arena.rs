@@ -390,6 +390,15 @@ impl Arena {
         Ok(())
     }
 
+    /// Commit `extent`'s pages now (backing them first if the arena is a shared pool), so the
+    /// first store into them takes no page faults. Contents are left as they are: safe while
+    /// the extent is in use.
+    pub fn populate(&self, extent: Extent) -> io::Result<()> {
+        self.ensure_backed(extent)?;
+        // SAFETY: `ptr` checks the extent lies inside our mapping, which lives as long as self.
+        unsafe { crate::prefault::populate(self.ptr(extent), extent.len as usize) }
+    }
+
     /// Bytes `[0, n)` of the pool known to be backed (the whole arena if anonymous).
     pub fn backed_bytes(&self) -> u64 {
         self.pool

@@ -113,6 +113,8 @@ pub struct L1Counters {
     pub no_space: AtomicU64,
     /// Times the shared pool could not get memory from /dev/shm (it stops growing then).
     pub pool_backing_failures: AtomicU64,
+    /// Bytes `[0, n)` of the arena committed ahead of use (`store::populate`).
+    pub populated_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +128,8 @@ pub struct L1Store {
     arena: Arena,
     inner: Mutex<(Index, ExtentAllocator)>,
     lock_ttl: Duration,
+    /// The highest extent end ever handed out: how far into the arena stores have reached.
+    high_water: AtomicU64,
     pub counters: L1Counters,
 }
 
@@ -169,6 +173,7 @@ impl L1Store {
             arena,
             inner: Mutex::new((Index::default(), alloc)),
             lock_ttl: config.lock_ttl,
+            high_water: AtomicU64::new(0),
             counters: L1Counters::default(),
         })
     }
@@ -187,6 +192,19 @@ impl L1Store {
         self.arena.shm_name().map(|name| PoolInfo {
             shm_name: name.to_string(),
             size: self.arena.len(),
+        })
+    }
+
+    /// The highest arena offset any reservation has reached so far.
+    pub fn high_water(&self) -> u64 {
+        self.high_water.load(Relaxed)
+    }
+
+    /// Commit the arena's pages in `[from, to)` ahead of use (see `Arena::populate`).
+    pub fn populate(&self, from: u64, to: u64) -> std::io::Result<()> {
+        self.arena.populate(Extent {
+            offset: from,
+            len: to - from,
         })
     }
 
@@ -261,6 +279,8 @@ impl L1Store {
             }
         };
         index.used_bytes += extent.len;
+        self.high_water
+            .fetch_max(extent.offset + extent.len, Relaxed);
         index.entries.insert(
             key.clone(),
             Entry {

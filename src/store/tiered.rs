@@ -4,8 +4,9 @@
 //! Policy owned here: `reserve` is the one door into L1 (where admission will live); every
 //! object committed to L1 by a store is queued for the tiers behind (write-behind) without ever
 //! delaying the store's reply — the queue is bounded in bytes and drops work, counted and
-//! logged, rather than block; each object is encoded once, on the bulk (rayon) pool, and the
-//! same record goes to every tier; hits behind L1 are promoted into L1 before anyone may read
+//! logged, rather than block; each object is encoded once, on the background pool
+//! (`crate::background`: nice 19, never the foreground rayon pool), and the same record goes
+//! to every tier; hits behind L1 are promoted into L1 before anyone may read
 //! them; lookups only ever ask tiers what they hold in memory.
 
 use std::collections::HashSet;
@@ -26,9 +27,11 @@ use super::disk::{DiskConfig, DiskError, DiskStore};
 use super::l1::{L1Config, L1Counters, L1Stats, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::L3;
+use super::populate::{self, L1Populate};
 use super::record;
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
+use crate::background;
 
 /// Where L1 keeps its memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,8 @@ pub struct L2Config {
 pub struct TiersConfig {
     pub l1: L1Config,
     pub l1_memory: L1Memory,
+    /// Whether L1's pages are committed ahead of use (`populate`).
+    pub l1_populate: L1Populate,
     pub l2: Option<L2Config>,
     /// Redis (or a Redis Cluster) behind L2, shared by a fleet of sidecars.
     pub l3: Option<L3Config>,
@@ -200,6 +205,10 @@ impl Tiers {
                         source,
                     })?,
             };
+        if config.l1_populate == L1Populate::Eager {
+            // Detached: it ends when L1 is dropped or fully committed.
+            populate::start(&l1);
+        }
         let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
         let mut compression = CompressionPolicy::default();
         if let Some(l2) = &config.l2 {
@@ -240,10 +249,7 @@ impl Tiers {
                 generation: generation.clone(),
                 compression,
             };
-            let worker = std::thread::Builder::new()
-                .name("cwm-write-behind".into())
-                .spawn(move || worker.run(rx))
-                .expect("spawn write-behind thread");
+            let worker = background::spawn("cwm-write-behind", move || worker.run(rx));
             (Some(tx), Some(worker))
         };
         Tiers {
@@ -729,25 +735,27 @@ impl WriteBehind {
     fn write_batch(&self, batch: &[Job]) {
         let c = &self.counters;
         let cancelled = |job: &Job| job.generation != self.generation.current.load(Relaxed);
-        let records: Vec<Option<Vec<u8>>> = batch
-            .par_iter()
-            .map(|job| {
-                let keys = std::slice::from_ref(&job.key);
-                if cancelled(job) || self.lower.iter().all(|t| t.contains(keys)[0]) {
-                    return None;
-                }
-                let Some(object) = self.l1.read(&job.key) else {
-                    c.missed.fetch_add(1, Relaxed);
-                    return None;
-                };
-                Some(record::encode(
-                    &job.key,
-                    object.as_slice(),
-                    object.itemsize(),
-                    self.compression,
-                ))
-            })
-            .collect();
+        let records: Vec<Option<Vec<u8>>> = background::pool().install(|| {
+            batch
+                .par_iter()
+                .map(|job| {
+                    let keys = std::slice::from_ref(&job.key);
+                    if cancelled(job) || self.lower.iter().all(|t| t.contains(keys)[0]) {
+                        return None;
+                    }
+                    let Some(object) = self.l1.read(&job.key) else {
+                        c.missed.fetch_add(1, Relaxed);
+                        return None;
+                    };
+                    Some(record::encode(
+                        &job.key,
+                        object.as_slice(),
+                        object.itemsize(),
+                        self.compression,
+                    ))
+                })
+                .collect()
+        });
         for (job, record) in batch.iter().zip(records) {
             c.queued_bytes.fetch_sub(job.bytes, Relaxed);
             let Some(record) = record else { continue };

@@ -74,6 +74,17 @@ if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
     summary+=("lmcache bench server: $word in $((SECONDS - t0)) s")
 fi
 
+# Smoke run of benches/vs_lmcache.sh: one short ABBA round, ratios printed, never asserted
+# (it fails only if a server or the bench fails, e.g. a checksum mismatch).
+if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
+    echo "==== e2e: benches/vs_lmcache.sh smoke (ratios informational) ===="
+    t0=$SECONDS
+    "$HERE/../../benches/vs_lmcache.sh" --rounds 1 --requests 2 --num-tokens 512 --l1-size-gb 1
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (exit $rc)"; failed=1; fi
+    summary+=("vs_lmcache smoke: $word in $((SECONDS - t0)) s")
+fi
+
 echo "==== e2e summary (setup ${t_setup} s, total $((SECONDS - t_all)) s) ===="
 for line in "${summary[@]}"; do echo "  $line"; done
 exit $failed
