@@ -12,5 +12,7 @@ pub mod metrics;
 pub mod ops;
 pub mod serve;
 pub mod server;
+pub mod session;
+pub mod status;
 pub mod store;
 pub mod windows;

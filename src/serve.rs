@@ -119,7 +119,7 @@ impl Sidecar {
 }
 
 /// The operations over the tiers `tiers` describes (built by `Tiers::open`).
-pub(crate) fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
+fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
     let tiers = open_tiers(tiers)?;
     Ok(Cwm::new(
         Settings {
@@ -133,6 +133,21 @@ pub(crate) fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<A
         },
         tiers,
     ))
+}
+
+/// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
+/// The sidecar must not be running on the same directory: L2 has one writer.
+pub fn open_offline(config: &Config) -> anyhow::Result<Windows> {
+    config.validate()?;
+    anyhow::ensure!(
+        config.l2_enabled(),
+        "windows live in L2: --l2-size-gb must be above 0"
+    );
+    let mut tiers = config.tiers_config();
+    tiers.l1.capacity_bytes = 1 << 20;
+    tiers.l1_memory = L1Memory::Private;
+    let cwm = open_cwm(config, &tiers)?;
+    Ok(Windows::open(cwm, Some(&config.l2_path))?)
 }
 
 /// The tiers, with what to do about a failure in the user's terms.

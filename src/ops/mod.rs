@@ -24,11 +24,11 @@ use thiserror::Error;
 pub use counters::OpCounters;
 pub use engine_driven::{EngineDriven, EngineDrivenError};
 pub use lookup::Sessions;
-pub use registry::{ReapPolicy, Registry};
+pub use registry::{ReapPolicy, Registry, Roster};
 pub use transfer::TransferError;
 
+use crate::session::SessionIndex;
 use crate::store::tiered::Tiers;
-use crate::windows::session::SessionIndex;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
