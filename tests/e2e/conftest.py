@@ -30,12 +30,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         s = json.load(f)
     tr = terminalreporter
     tr.section(f"vLLM counters per request (server {server}, mode {mode}; logs in {out})")
+    if "cpu" in s:
+        tr.write_line(E.cpu_line(s["cpu"]))
     tr.write_line(f"{'engine':6} {'request':8} {'external_hits':>13} {'ext_queries':>11} "
                   f"{'own_hits':>8} {'num_cached':>10} {'wall_s':>7}  first tokens")
     for name, res in s["engines"].items():
         if res.get("engine_start_s") is not None:
+            cpu = res.get("cpu", {})
             tr.write_line(f"{name:6} (engine start {res['engine_start_s']:.1f} s, "
-                          f"process {res.get('wall_s', 0):.1f} s)")
+                          f"process {res.get('wall_s', 0):.1f} s; torch ISA "
+                          f"{cpu.get('torch_capability', '?')}, vLLM kernels "
+                          f"{' '.join(cpu.get('vllm_kernels', [])) or '?'})")
         for st in res.get("steps", []):
             if st.get("op") != "generate":
                 continue

@@ -24,6 +24,9 @@ def free_port() -> int:
 def run_dir(mode: str, server: str = "cwm") -> str:
     """Where one run of e2e_vllm.py keeps its logs and results."""
     name = mode if server == "cwm" else f"{server}-{mode}"
+    isa = os.environ.get("CWM_E2E_ISA", "native")
+    if isa != "native":
+        name += f"-{isa}"
     return os.environ.get("CWM_E2E_OUT") or os.path.join(WORK, "runs", name)
 
 
@@ -123,6 +126,54 @@ def lmcache_server(log: str, l1_gb: float = 2.0, extra=()) -> Server:
     return Server(argv, log, "lmcache server", env=env)
 
 
+SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def cpu_info() -> dict:
+    """The CPU model, its SIMD flags and the ISA caps set in the environment: vLLM's CPU kernels
+    round a split prefill differently on different instruction sets, so every e2e log and
+    benchmark figure says which one it ran on."""
+    model, flags = "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = sorted(x for x in val.split() if x.startswith(SIMD_PREFIXES))
+    except OSError as e:
+        model = f"unknown ({e})"
+    caps = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
+    if os.environ.get("CWM_E2E_ISA", "native") != "native":
+        caps["CWM_E2E_ISA"] = os.environ["CWM_E2E_ISA"]
+    return {"model": model, "simd": " ".join(flags), "isa_caps": caps}
+
+
+def cpu_line(info=None) -> str:
+    i = info or cpu_info()
+    caps = " ".join(f"{k}={v}" for k, v in i["isa_caps"].items()) or "none"
+    return f"CPU: {i['model']}; SIMD: {i['simd']}; ISA caps: {caps}"
+
+
+def engine_env_for(env: dict) -> dict:
+    """An engine process's environment. CWM_E2E_ISA=avx2 runs the engines on the code paths of
+    an AVX2-only CPU on a machine that has AVX-512: torch's kernels (ATEN_CPU_CAPABILITY),
+    oneDNN's (ONEDNN_MAX_CPU_ISA) and vLLM's own (isa_cap/sitecustomize.py hides AVX-512 and AMX
+    from torch.cpu.get_capabilities(), so vLLM loads its _C_AVX2 library)."""
+    isa = env.get("CWM_E2E_ISA", "native")
+    if isa == "avx2":
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+        cap = os.path.join(HERE, "isa_cap")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (cap, env.get("PYTHONPATH")) if p)
+    elif isa != "native":
+        raise RuntimeError(f"CWM_E2E_ISA must be native or avx2, not {isa!r}")
+    return env
+
+
 class EngineFailed(RuntimeError):
     pass
 
@@ -138,7 +189,7 @@ def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> d
         json.dump(plan, f)
     if os.path.exists(res_path):
         os.remove(res_path)
-    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1")
+    env = engine_env_for(dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1"))
     t0 = time.time()
     with open(log_path, "w") as logf:
         p = subprocess.Popen([PY, os.path.join(HERE, "vllm_engine.py"), plan_path, res_path],

@@ -4,37 +4,57 @@ One transfer mode per run, from CWM_E2E_MODE:
   lmcache_driven  forced with kv_connector_extra_config "lmcache.mp.mp_transfer_mode"
   default         no mode key: the connector's `auto`, which on CPU is engine_driven
 
-The story (a tiny Llama written by make_model.py, seeded weights, prompts of 1100 random token
+What is invariant, and so what is asserted. vLLM's CPU kernels are not invariant to how a
+prompt's prefill is split: computing 16 tokens after 1024 cached ones rounds differently from
+computing all 1040 at once, whoever supplied the cached 1024 (vLLM's own prefix cache does the
+same; on some CPUs, e.g. AVX2-only ones, the last logprobs differ in the 2nd or 3rd decimal).
+So an external hit is compared bit for bit with vLLM's OWN prefix-cache hit of the same
+prefix (the same split: prompts are 1024 + 16 tokens, 16 < the 32-token block, so vLLM's
+block-granular own hit and cwm's 256-token-chunk hit cover the same 1024 tokens), and with the
+cold run by tokens and by logprobs within CLOSE. A sensitivity check (`tampered`) flips bits of
+the KV cwm holds and asserts the output moves by more than 4 x CLOSE, so the checks still fail
+when cwm serves wrong bytes.
+
+The story (a tiny Llama written by make_model.py, seeded weights, prompts of 1040 random token
 ids, chunk size 256 so 4 full chunks = 1024 tokens; greedy decoding of 8 tokens with logprobs):
 
   engine A (own process), `cwm serve` fresh:
     cold      P, salt alice          -> no external hits; the connector stores P's 4 chunks
     reset_prefix_cache()             (between every two requests below unless noted)
-    warm      P, salt alice          -> 1024 external hits (vLLM's own counters), same tokens and
-                                        logprobs as cold, bit for bit
+    warm      P, salt alice          -> 1024 external hits (vLLM's own counters); same output as
+                                        `own` bit for bit; same tokens as cold, logprobs close
     bob       P, salt bob            -> no external hits (salt isolation), same output as cold
+    ownfill   P, salt own            (no reset after)
+    own       P, salt own            -> 1024 tokens from vLLM's OWN pool: P's local reference
     qref      Q, salt qref           -> Q shares P's first 600 tokens; computed cold
     rsplit    R, salt split          -> R shares exactly Q's first 512 tokens (no reset after)
-    qsplit    Q, salt split          -> 512 tokens from vLLM's OWN pool: the local reference
+    qsplit    Q, salt split          -> 512 tokens from vLLM's own pool
     partial   Q, salt alice          -> 512 external hits (the 2 full chunks shared with P),
-                                        output bit for bit that of qsplit (same prefill split),
-                                        within bf16 rounding of qref
-    qwarm     Q, salt alice          -> 1024 external hits (partial stored Q's chunks 3 and 4)
-    first     P with token 0 changed -> no external hits, output differs from cold (so the
-                                        "same output" checks can fail)
+                                        output bit for bit that of qsplit, close to qref
+    qwarm     Q, salt alice          -> 1024 external hits (partial stored Q's chunks 3 and 4),
+                                        output bit for bit that of qown, close to qref
+    qownfill, qown  Q, salt qown     -> 1024 tokens from vLLM's own pool: Q's local reference
+    first     P with token 0 changed -> no external hits, output differs from cold
   engine B (a second process), same `cwm serve`:
-    P alice -> 1024 hits, output of A's cold; Q alice -> 1024 hits, output of A's qwarm;
-    P carol -> 0 hits
+    P alice -> 1024 hits, output of A's own; Q alice -> 1024 hits, output of A's qwarm;
+    P carol -> 0 hits, output of A's cold
   engine C, only when cwm has a disk tier (`--l2-path`): `cwm serve` is restarted on the same disk
-  directory between B and C; P alice -> 1024 hits, output of A's cold.
+  directory between B and C; P alice -> 1024 hits, output of A's own.
+  The last engine (C, else B) ends with the sensitivity check: `tamper` flips one mantissa bit
+  of every bf16 value in cwm's L1 pool (/dev/shm, --shm-name), then `tampered` P alice must
+  still get 1024 external hits and an output that moves beyond 4 x CLOSE from A's own.
 
 Each reset_prefix_cache() empties vLLM's own block pool, so a hit can only come from cwm; the
 tests also check vLLM's own pool supplied nothing (vllm:prefix_cache_hits).
 CWM_E2E_SERVER=lmcache runs the same story against LMCache 0.5.6's own server (a check of the
-test itself; it passes there too).
+test itself; it passes there too, but for the tamper check, which needs cwm's pool).
+The CPU model, its SIMD flags and any ISA caps in the environment (ONEDNN_MAX_CPU_ISA,
+ATEN_CPU_CAPABILITY) are in story.json, each engine's log and the summary: the rounding of a
+split prefill depends on them.
 Logs: tests/e2e/.work/runs/<mode>/ (cwm.log, engine-*.log, *.result.json, story.json).
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -50,7 +70,8 @@ if MODE not in ("lmcache_driven", "default", "engine_driven"):
 # Which server the engines talk to: cwm (the point), or lmcache (LMCache's own, to check the test).
 SERVER = os.environ.get("CWM_E2E_SERVER", "cwm")
 CHUNK = 256
-PROMPT_LEN = 1100
+BLOCK = 32                                    # vLLM block size (vllm_engine.py)
+PROMPT_LEN = 1040                             # 4 full chunks + 16 tokens, 16 < BLOCK
 SHARED = 600                                  # tokens Q shares with P
 FULL = PROMPT_LEN // CHUNK * CHUNK            # 1024: every full chunk of P
 SHARED_FULL = SHARED // CHUNK * CHUNK         # 512
@@ -83,15 +104,25 @@ RESET = {"op": "reset"}
 STEPS_A = [gen("cold", "P", "alice"), RESET,
            gen("warm", "P", "alice"), RESET,
            gen("bob", "P", "bob"), RESET,
+           gen("ownfill", "P", "own"),           # no reset: leaves P's blocks in vLLM's pool
+           gen("own", "P", "own"), RESET,        # 1024 tokens from vLLM's own pool
            gen("qref", "Q", "qref"), RESET,
            gen("rsplit", "R", "split"),          # no reset: leaves R's blocks in vLLM's pool
            gen("qsplit", "Q", "split"), RESET,   # 512 tokens from vLLM's own pool
            gen("partial", "Q", "alice"), RESET,  # 512 tokens from cwm (P's chunks)
            gen("qwarm", "Q", "alice"), RESET,    # 1024 from cwm (the last 2 stored by partial)
+           gen("qownfill", "Q", "qown"),
+           gen("qown", "Q", "qown"), RESET,      # 1024 tokens from vLLM's own pool
            gen("first", "P2", "alice")]
 STEPS_B = [gen("P", "P", "alice"), RESET, gen("Q", "Q", "alice"), RESET,
            gen("carol", "P", "carol")]
 STEPS_C = [gen("P", "P", "alice")]
+
+
+def tamper_steps(shm_name):
+    """The sensitivity check, appended to the last engine: flip a bit of every bf16 value cwm
+    holds in L1, then ask for P again."""
+    return [{"op": "tamper", "shm": shm_name}, RESET, gen("tampered", "P", "alice")]
 
 
 def disk_wanted() -> bool:
@@ -111,6 +142,7 @@ def story():
     os.makedirs(out)
     model = make_model.write_model(os.path.join(E.WORK, "models", "tiny"), "tiny")
     disk = SERVER == "cwm" and disk_wanted()
+    shm_name = f"cwm_e2e_l1_{os.getpid()}"      # cwm's L1 pool, for the tamper step
     if SERVER == "lmcache":
         # The same story against LMCache's own server: a check of the test itself.
         extra = ([] if MODE == "lmcache_driven" else
@@ -118,8 +150,10 @@ def story():
         cwm = E.lmcache_server(os.path.join(out, "server.log"), l1_gb=2.0, extra=extra)
     else:
         l2 = os.path.join(out, "l2") if E.cwm_has_flag("--l2-path") else None
-        cwm = E.cwm_server(os.path.join(out, "cwm.log"), l1_gb=2.0, l2_path=l2)
-    s = {"out": out, "disk": disk, "engines": {}, "errors": {}, "cwm_log": cwm.log}
+        cwm = E.cwm_server(os.path.join(out, "cwm.log"), l1_gb=2.0, l2_path=l2,
+                           extra=["--shm-name", shm_name])
+    s = {"out": out, "disk": disk, "engines": {}, "errors": {}, "cwm_log": cwm.log,
+         "cpu": E.cpu_info()}
     os.environ["CWM_E2E_CURRENT_CWM_LOG"] = cwm.log      # for conftest's failure report
 
     def plan(steps):
@@ -137,12 +171,13 @@ def story():
 
     try:
         cwm.start()
+        tamper = tamper_steps(shm_name) if SERVER == "cwm" else []
         engine("A", STEPS_A)
-        engine("B", STEPS_B)
+        engine("B", STEPS_B + ([] if disk else tamper))
         if disk:
             cwm.stop()
             cwm.start()                     # same port, same --l2-path, empty memory
-            engine("C", STEPS_C)
+            engine("C", STEPS_C + tamper)
     except RuntimeError as e:               # the server did not start
         s["errors"]["server"] = str(e)
     finally:
@@ -166,13 +201,31 @@ def hits(st):
     return st["delta"][EXT_HITS]
 
 
-CLOSE = 0.05     # |d logprob| allowed between two prefill splits; token 0's change moves ~1
+# |d logprob| allowed between two prefill splits of the same prompt (bf16 rounding summed in
+# another order; seen: up to 0.012 on an AVX2-only EPYC, 0 on AVX-512 machines). Changing a
+# prompt's first token moves the output by ~1; tampered KV must move it by more than 4 x CLOSE.
+CLOSE = 0.05
+
+
+def max_logprob_diff(a, b) -> float:
+    """Largest |d logprob| between two outputs; inf where either is missing or not a number."""
+    if len(a["logprobs"]) != len(b["logprobs"]):
+        return math.inf
+    diffs = [abs(x - y) if x is not None and y is not None else math.inf
+             for x, y in zip(a["logprobs"], b["logprobs"])]
+    return max((math.inf if math.isnan(d) else d for d in diffs), default=0.0)
 
 
 def assert_close_output(a, b, what):
     assert a["tokens"] == b["tokens"], f"{what}: tokens differ: {a['tokens']} vs {b['tokens']}"
-    diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"]))
+    diff = max_logprob_diff(a, b)
     assert diff <= CLOSE, f"{what}: max |d logprob| {diff} > {CLOSE}"
+
+
+def assert_output_moved(a, b, what):
+    diff = max_logprob_diff(a, b)
+    assert a["tokens"] != b["tokens"] or diff > 4 * CLOSE, (
+        f"{what}: output did not move (max |d logprob| {diff} <= {4 * CLOSE}, same tokens)")
 
 
 def assert_same_output(a, b, what):
@@ -209,8 +262,23 @@ def test_warm_after_reset_gets_every_full_chunk_externally(story):
     assert warm["num_cached_tokens"] == FULL
 
 
-def test_warm_output_identical_to_cold(story):
-    assert_same_output(step(story, "A", "warm"), step(story, "A", "cold"), "warm vs cold")
+def test_own_prefix_cache_reference_hit_locally(story):
+    """The references really came from vLLM's own pool, with the same split as cwm's hits."""
+    for name in ("own", "qown"):
+        st = step(story, "A", name)
+        assert st["delta"][OWN_HITS] == FULL and hits(st) == 0, (name, st["delta"])
+        assert st["num_cached_tokens"] == FULL, (name, st["num_cached_tokens"])
+
+
+def test_warm_output_identical_to_own_prefix_cache_hit(story):
+    """An external hit gives exactly what vLLM's own prefix-cache hit of the same 1024 tokens
+    gives: the KV bytes cwm served are the ones vLLM computed."""
+    assert_same_output(step(story, "A", "warm"), step(story, "A", "own"),
+                       "warm (1024 from cwm) vs own (1024 from vLLM's own pool)")
+
+
+def test_warm_output_close_to_cold(story):
+    assert_close_output(step(story, "A", "warm"), step(story, "A", "cold"), "warm vs cold")
 
 
 def test_other_salt_gets_no_hits(story):
@@ -230,7 +298,7 @@ def test_partial_prefix_hits_shared_full_chunks(story):
 
 def test_partial_prefix_output_matches_same_split_computed_locally(story):
     """The partial hit's output equals, bit for bit, Q computed with the same 512 tokens coming
-    from vLLM's own prefix cache instead of cwm. (Against Q computed in one 1100-token prefill it
+    from vLLM's own prefix cache instead of cwm. (Against Q computed in one 1040-token prefill it
     may differ by bf16 rounding, ~0.01 in a logprob: vLLM's split prefill sums in another order.
     LMCache's own server gives the very same numbers as cwm here.)"""
     qsplit, partial, qref = (step(story, "A", n) for n in ("qsplit", "partial", "qref"))
@@ -243,6 +311,7 @@ def test_partial_prefix_output_matches_same_split_computed_locally(story):
 def test_chunks_stored_by_partial_request_hit(story):
     qwarm = step(story, "A", "qwarm")
     assert hits(qwarm) == FULL, qwarm["delta"]
+    assert_same_output(qwarm, step(story, "A", "qown"), "Q warm vs Q from vLLM's own pool")
     assert_close_output(qwarm, step(story, "A", "qref"), "Q warm vs Q in one prefill")
 
 
@@ -250,16 +319,14 @@ def test_first_token_change_misses_and_changes_output(story):
     """Proves 'same output' is a real check: the KV of the prefix moves the output."""
     cold, first = step(story, "A", "cold"), step(story, "A", "first")
     assert hits(first) == 0, first["delta"]
-    diff = max(abs(a - b) for a, b in zip(first["logprobs"], cold["logprobs"]))
-    assert first["tokens"] != cold["tokens"] or diff > 4 * CLOSE, (
-        f"changing token 0 left the output as it was (max |d logprob| {diff})")
+    assert_output_moved(first, cold, "changing token 0")
 
 
 def test_second_engine_process_hits(story):
     p, q, carol = step(story, "B", "P"), step(story, "B", "Q"), step(story, "B", "carol")
     assert hits(p) == FULL, p["delta"]
     assert p["delta"][OWN_HITS] == 0
-    assert_same_output(p, step(story, "A", "cold"), "engine B P vs engine A cold")
+    assert_same_output(p, step(story, "A", "own"), "engine B P vs engine A own-pool hit")
     assert hits(q) == FULL, q["delta"]           # A's partial request stored Q's tail chunks
     assert_same_output(q, step(story, "A", "qwarm"), "engine B Q vs engine A Q warm")
     assert hits(carol) == 0, carol["delta"]
@@ -274,4 +341,18 @@ def test_restarted_server_still_hits_from_disk(story):
                     "cwm serve has no disk tier (--l2-path) yet")
     p = step(story, "C", "P")
     assert hits(p) == FULL, p["delta"]
-    assert_same_output(p, step(story, "A", "cold"), "after cwm restart vs engine A cold")
+    assert_same_output(p, step(story, "A", "own"), "after cwm restart vs engine A own-pool hit")
+
+
+def test_tampered_kv_moves_the_output(story):
+    """Sensitivity: when the KV cwm serves is altered, the checks above fail. The last engine
+    flipped a mantissa bit of every value in cwm's L1 pool and asked for P again: still 1024
+    external hits, and an output that moved beyond 4 x CLOSE from the own-pool reference."""
+    if SERVER != "cwm":
+        pytest.skip("not run: the tamper step alters cwm's own L1 pool (LMCache's server has none)")
+    last = "C" if story["disk"] else "B"
+    t = step(story, last, "tamper")
+    assert t["values_flipped"] > 0, t
+    st = step(story, last, "tampered")
+    assert hits(st) == FULL, st["delta"]
+    assert_output_moved(st, step(story, "A", "own"), "tampered KV")

@@ -6,12 +6,16 @@
 #   tests/e2e/run.sh [pytest args...]
 #
 # Env:
-#   CWM_E2E_MODES   transfer modes to run, in order (default "lmcache_driven default");
-#                   "default" is the connector's auto mode, engine_driven on CPU
+#   CWM_E2E_MODES   transfer modes to run, in order, each MODE or MODE@ISA (default
+#                   "lmcache_driven default@avx2"); "default" is the connector's auto mode,
+#                   engine_driven on CPU; ISA as CWM_E2E_ISA below
 #   CWM_BIN         cwm binary (default: <repo>/target/release/cwm, built here if missing)
 #   CWM_E2E_SERVER  cwm (default) | lmcache: run the story against LMCache's own server instead
 #   CWM_E2E_DISK    auto | 0 | 1: the restart-from-disk check (a third engine; auto: when cwm has
 #                   --l2-path). Unset: auto in the first mode, 0 in the others
+#   CWM_E2E_ISA     native (default) | avx2: the ISA of entries without @ISA; avx2 runs the
+#                   engines on an AVX2-only CPU's code paths
+#                   (torch, oneDNN and vLLM's kernels capped; see e2e_lib.engine_env_for)
 # Logs and results: tests/e2e/.work/runs/<mode>/. Exit status non-zero if any mode failed.
 set -uo pipefail
 
@@ -33,23 +37,30 @@ export CWM_BIN
 
 "$HERE/.venv/bin/python" "$HERE/make_model.py" "$HERE/.work/models/tiny" >/dev/null ||
     { echo "e2e: make_model.py failed" >&2; exit 1; }
+# The CPU and its SIMD flags: vLLM's CPU kernels round differently on different ISAs.
+(cd "$HERE" && "$HERE/.venv/bin/python" -c 'import e2e_lib; print("e2e:", e2e_lib.cpu_line())')
 
 summary=()
 failed=0
 first=1
-for mode in ${CWM_E2E_MODES:-lmcache_driven default}; do
-    echo "==== e2e: vLLM + ${CWM_E2E_SERVER:-cwm}, transfer mode $mode ===="
+# Each entry is MODE or MODE@ISA. By default the second mode runs on the code paths of an
+# AVX2-only CPU (a no-op on one), so every run checks both ISA families vLLM-CPU has kernels for.
+for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do
+    mode="${entry%@*}"
+    isa="${CWM_E2E_ISA:-native}"
+    [[ "$entry" == *@* ]] && isa="${entry#*@}"
+    echo "==== e2e: vLLM + ${CWM_E2E_SERVER:-cwm}, transfer mode $mode, ISA $isa ===="
     t0=$SECONDS
     # The restart-from-disk check (a third engine) does not depend on the transfer mode: unless
     # CWM_E2E_DISK is set, run it in the first mode only, to keep the run short.
     disk="${CWM_E2E_DISK:-auto}"
     [[ -z "${CWM_E2E_DISK:-}" && $first -eq 0 ]] && disk=0
     first=0
-    (cd "$HERE" && CWM_E2E_MODE="$mode" CWM_E2E_DISK="$disk" "$HERE/.venv/bin/python" -m pytest \
+    (cd "$HERE" && CWM_E2E_MODE="$mode" CWM_E2E_DISK="$disk" CWM_E2E_ISA="$isa" "$HERE/.venv/bin/python" -m pytest \
         -c "$HERE/pytest.ini" --rootdir "$HERE" "$HERE/e2e_vllm.py" "$@")
     rc=$?
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
-    summary+=("mode $mode: $word in $((SECONDS - t0)) s")
+    summary+=("mode $mode (ISA $isa): $word in $((SECONDS - t0)) s")
 done
 
 # LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.

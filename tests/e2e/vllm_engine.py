@@ -12,12 +12,14 @@ PLAN.json:
      "prompts": {"P": [token ids], ...},
      "steps": [{"op": "generate", "name": "cold", "prompt": "P", "salt": "alice",
                 "max_tokens": 8},
-               {"op": "reset"}, ...]}
+               {"op": "reset"}, {"op": "tamper", "shm": "cwm_l1_..."}, ...]}
 
 RESULT.json gets, per generate step: the output token ids, the logprob of each sampled token,
 RequestOutput.num_cached_tokens, the change of vLLM's own prefix-cache counters over the step
 (vllm:external_prefix_cache_hits/queries: tokens the connector supplied; vllm:prefix_cache_*:
-vLLM's own block pool) and its wall time; per reset step whether reset_prefix_cache() worked.
+vLLM's own block pool) and its wall time; per reset step whether reset_prefix_cache() worked;
+per tamper step (the e2e suite's sensitivity check) how many bf16 values of cwm's L1 pool it
+altered. It also records the CPU and the ISA torch dispatches to.
 The file is rewritten after every step, so a crash still leaves what was done.
 """
 import json
@@ -134,12 +136,64 @@ def reset(llm, timeout: float) -> dict:
         time.sleep(0.02)
 
 
+def vllm_kernel_libraries() -> list:
+    """Which of vLLM-CPU's kernel libraries (_C: AVX-512 BF16/AMX, _C_AVX512, _C_AVX2) the
+    processes of this engine (this one, its engine core and workers: one session) mapped."""
+    sid, found = os.getsid(0), set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != sid:
+                continue
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.rsplit(None, 1)[-1]
+                    if "/vllm/_C" in path and path.endswith(".so"):
+                        found.add(os.path.basename(path))
+        except (OSError, ProcessLookupError):
+            continue
+    return sorted(found)
+
+
+def tamper(shm_name: str) -> dict:
+    """The e2e suite's sensitivity check: flip one mantissa bit (0x0040) of every bf16 value in
+    the populated pages of cwm's L1 pool (/dev/shm/<shm_name>), so every chunk cwm serves from
+    then on differs from what was stored. tmpfs reports its populated ranges through
+    SEEK_DATA/SEEK_HOLE, so untouched pages of the pool are left uncommitted."""
+    import mmap
+
+    import numpy as np
+
+    flipped = 0
+    fd = os.open(os.path.join("/dev/shm", shm_name), os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        with mmap.mmap(fd, size) as m:
+            words = np.frombuffer(m, dtype=np.uint16)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:          # ENXIO: no data after pos
+                    break
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                words[start // 2:end // 2] ^= 0x0040
+                flipped += (end - start) // 2
+                pos = end
+            del words
+    finally:
+        os.close(fd)
+    return {"values_flipped": flipped}
+
+
 def main() -> int:
     plan_path, result_path = sys.argv[1], sys.argv[2]
     with open(plan_path) as f:
         plan = json.load(f)
     engine_env()
     result = {"pid": os.getpid(), "steps": [], "done": False}
+    import e2e_lib
+    result["cpu"] = e2e_lib.cpu_info()
+    print(f"[vllm_engine] {e2e_lib.cpu_line(result['cpu'])}", flush=True)
 
     def save():
         tmp = result_path + ".tmp"
@@ -150,6 +204,11 @@ def main() -> int:
     t0 = time.perf_counter()
     llm = make_llm(plan)
     result["engine_start_s"] = time.perf_counter() - t0
+    import torch
+    result["cpu"]["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    result["cpu"]["vllm_kernels"] = vllm_kernel_libraries()
+    print(f"[vllm_engine] torch CPU capability: {result['cpu']['torch_capability']}; "
+          f"vLLM kernels: {' '.join(result['cpu']['vllm_kernels']) or 'none found'}", flush=True)
     result["counters_at_start"] = counters(llm)
     save()
     for step in plan["steps"]:
@@ -159,6 +218,8 @@ def main() -> int:
                          int(step.get("max_tokens", 8)))
         elif op == "reset":
             r = reset(llm, float(step.get("timeout", 30)))
+        elif op == "tamper":
+            r = tamper(step["shm"])
         elif op == "sleep":
             time.sleep(float(step["seconds"]))
             r = {}
