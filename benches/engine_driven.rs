@@ -185,7 +185,7 @@ fn main() {
         let (row, heads, bs) = (256usize, 8usize, 32usize);
         let cache = vec![3u8; 4 * len];
         let gather = |s: &Arc<L1Store>, n: u64| {
-            let Reservation::Reserved(mut w) = s.reserve(&key(n), len as u64) else {
+            let Reservation::Reserved(w) = s.reserve(&key(n), len as u64) else {
                 panic!("no space")
             };
             let obj = w.as_mut_ptr();

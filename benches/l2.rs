@@ -109,9 +109,9 @@ fn bench(c: &mut Criterion) {
         let mut outs: Vec<Vec<u8>> = (0..CHUNKS).map(|_| vec![0u8; CHUNK_BYTES]).collect();
         g.bench_function("read_parallel", |b| {
             b.iter(|| {
-                outs.par_iter_mut()
-                    .enumerate()
-                    .for_each(|(i, out)| disk.read(&key(i), out).unwrap());
+                outs.par_iter_mut().enumerate().for_each(|(i, out)| {
+                    disk.read(&key(i), out).unwrap();
+                });
             })
         });
         assert_eq!(outs[3], data[3], "thaw must be byte-exact");

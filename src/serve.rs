@@ -67,15 +67,17 @@ impl Sidecar {
                 },
             )?);
         }
+        let l2_path = if config.l2_enabled() {
+            config.l2_path.display().to_string()
+        } else {
+            "off".into()
+        };
         tracing::info!(
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
             l1_pool = cwm.tiers.pool().map(|p| p.shm_name),
-            l2_path = %config
-                .l2_enabled()
-                .then(|| config.l2_path.display().to_string())
-                .unwrap_or_else(|| "off".into()),
+            l2_path = %l2_path,
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {

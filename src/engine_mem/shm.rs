@@ -113,6 +113,29 @@ impl ShmKv {
         })
     }
 
+    /// Run `copy(object index, plane, layer, section)` for every (plane, layer) section of
+    /// every object (its start, and the blocks of its chunk), in parallel on the rayon pool.
+    /// Objects must have passed `check_copy`.
+    fn par_sections(
+        &self,
+        objects: &[(*mut u8, usize)],
+        copy: impl Fn(usize, u64, u64, *mut u8) + Sync + Send,
+    ) {
+        let sections: Vec<(usize, u64, u64, Section)> = objects
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(base, blocks))| {
+                let tokens = blocks as u64 * self.layout.block_size;
+                // SAFETY: section offsets lie inside the object (its size was checked).
+                self.sections(tokens)
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
+            .collect();
+        sections
+            .par_iter()
+            .for_each(|&(i, p, l, section)| copy(i, p, l, section.0));
+    }
+
     /// Copy the `(plane, layer)` rows of `blocks` from the engine into `section`
     /// (`section_bytes(blocks.len())` bytes, token-major).
     ///
@@ -232,21 +255,14 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let chunk_tokens = |c: &Gather| c.blocks.len() as u64 * self.layout.block_size;
-        let sections: Vec<(usize, u64, u64, Section)> = chunks
+        let objects: Vec<_> = chunks
             .iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                let base = c.object.as_mut_ptr();
-                // SAFETY: section offsets lie inside the object (its size was checked above).
-                self.sections(chunk_tokens(c))
-                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
-            })
+            .map(|c| (c.object.as_mut_ptr(), c.blocks.len()))
             .collect();
-        sections.par_iter().for_each(|&(i, p, l, dst)| {
+        self.par_sections(&objects, |i, p, l, dst| {
             // SAFETY: blocks were bound-checked above; `dst` is this task's own section of a
             // reserved object, `section_bytes(blocks.len())` long.
-            unsafe { self.gather_section(p, l, chunks[i].blocks, dst.0) }
+            unsafe { self.gather_section(p, l, chunks[i].blocks, dst) }
         });
         Ok(())
     }
@@ -255,22 +271,15 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let chunk_tokens = |c: &Scatter| c.blocks.len() as u64 * self.layout.block_size;
-        let sections: Vec<(usize, u64, u64, Section)> = chunks
+        let objects: Vec<_> = chunks
             .iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                let base = c.object.as_ptr() as *mut u8;
-                // SAFETY: section offsets lie inside the object (its size was checked above).
-                self.sections(chunk_tokens(c))
-                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
-            })
+            .map(|c| (c.object.as_ptr() as *mut u8, c.blocks.len()))
             .collect();
-        sections.par_iter().for_each(|&(i, p, l, src)| {
+        self.par_sections(&objects, |i, p, l, src| {
             let c = &chunks[i];
             // SAFETY: bound-checked blocks; `src` is a section of an object pinned by its
-            // `ReadGuard` for the duration of the copy.
-            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src.0) }
+            // `ReadGuard` for the duration of the copy, only read.
+            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src) }
         });
         Ok(())
     }
