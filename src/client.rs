@@ -28,6 +28,9 @@ pub struct MpClient {
     pub timeout: Duration,
 }
 
+/// The event handle LMCache's CPU client sends (`stub_cpu_device.py`).
+const STUB_EVENT: &[u8] = b"stub_ipc_handle";
+
 impl MpClient {
     pub fn connect(endpoint: &str) -> Result<MpClient, ClientError> {
         let ctx = zmq::Context::new();
@@ -158,21 +161,34 @@ impl MpClient {
         Ok(())
     }
 
+    /// `store` with the CPU client's stub event handle.
     pub fn store(
         &mut self,
         key: &IpcCacheServerKey,
         instance_id: u64,
         blocks: &[Vec<u32>],
     ) -> Result<TransferResult, ClientError> {
+        self.store_after(key, instance_id, blocks, STUB_EVENT)
+    }
+
+    /// `store` ordered after the engine's event `event` (a CUDA IPC event handle).
+    pub fn store_after(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        blocks: &[Vec<u32>],
+        event: &[u8],
+    ) -> Result<TransferResult, ClientError> {
         let payloads = [
             codec::encode(key),
             codec::encode_u64(instance_id),
             codec::encode_block_ids(blocks),
-            codec::encode_bin(b"stub_ipc_handle"),
+            codec::encode_bin(event),
         ];
         self.call_transfer(Op::Store, &payloads)
     }
 
+    /// `retrieve` with the CPU client's stub event handle.
     pub fn retrieve(
         &mut self,
         key: &IpcCacheServerKey,
@@ -180,11 +196,23 @@ impl MpClient {
         blocks: &[Vec<u32>],
         skip_tokens: u64,
     ) -> Result<TransferResult, ClientError> {
+        self.retrieve_after(key, instance_id, blocks, STUB_EVENT, skip_tokens)
+    }
+
+    /// `retrieve` ordered after the engine's event `event`.
+    pub fn retrieve_after(
+        &mut self,
+        key: &IpcCacheServerKey,
+        instance_id: u64,
+        blocks: &[Vec<u32>],
+        event: &[u8],
+        skip_tokens: u64,
+    ) -> Result<TransferResult, ClientError> {
         let payloads = [
             codec::encode(key),
             codec::encode_u64(instance_id),
             codec::encode_block_ids(blocks),
-            codec::encode_bin(b"stub_ipc_handle"),
+            codec::encode_bin(event),
             codec::encode_u64(skip_tokens),
         ];
         self.call_transfer(Op::Retrieve, &payloads)

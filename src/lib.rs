@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod engine_mem;
 pub mod mcp;
 pub mod metrics;

@@ -33,6 +33,13 @@ enum Command {
     /// Context windows of a data directory (with the sidecar stopped): list, export, import.
     #[command(subcommand)]
     Windows(WindowsCommand),
+    /// What this host offers cwm (CUDA driver and GPUs, pinned-memory limit, /dev/shm, THP)
+    /// and what cwm will do with it.
+    Doctor {
+        /// The L1 budget to check against (GiB), as `serve --l1-size-gb`.
+        #[arg(long, default_value_t = 8.0)]
+        l1_size_gb: f64,
+    },
 }
 
 #[derive(Args)]
@@ -218,7 +225,9 @@ fn main() -> anyhow::Result<()> {
     // The bench's own server would log every registration and clear; its report is the output.
     let default_log = match cli.command {
         Command::Serve(_) => "info",
-        Command::Bench(_) | Command::Mcp(_) | Command::Windows(_) => "warn",
+        Command::Bench(_) | Command::Mcp(_) | Command::Windows(_) | Command::Doctor { .. } => {
+            "warn"
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -236,6 +245,13 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(cwm::mcp::forward_stdio(&args.url)),
         Command::Windows(cmd) => windows(cmd),
+        Command::Doctor { l1_size_gb } => {
+            print!(
+                "{}",
+                cwm::doctor::report((l1_size_gb.max(0.0) * (1u64 << 30) as f64) as u64)
+            );
+            Ok(())
+        }
     }
 }
 

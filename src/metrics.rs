@@ -260,6 +260,25 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
     );
+    let gpu = windows.cwm.gpu_status();
+    metric(
+        "l1_pinned_bytes",
+        "gauge",
+        "L1 bytes registered with the CUDA driver for GPU copies",
+        &[("", gpu.l1_pinned_bytes as f64)],
+    );
+    metric(
+        "l1_pin_failed",
+        "gauge",
+        "1 if pinning L1 for GPU copies failed (they then run from pageable memory)",
+        &[("", f64::from(u8::from(gpu.l1_pin_error.is_some())))],
+    );
+    metric(
+        "gpu_engine_mappings",
+        "gauge",
+        "Engine GPU allocations opened over CUDA IPC",
+        &[("", gpu.engine_mappings as f64)],
+    );
     metric(
         "uptime_seconds",
         "gauge",

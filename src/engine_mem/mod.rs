@@ -6,18 +6,24 @@
 //! fail but can never read or write outside what the engine registered.
 //!
 //! Backends: `shm` (host memory in POSIX shared-memory segments, `cpu_shm` descriptors) and
-//! `cuda` (`cuda` / `cuda_raw` descriptors; this build answers them with a clear error). `open`
-//! is the one door: it picks the backend by descriptor kind.
+//! `cuda` (`cuda` / `cuda_raw` descriptors: GPU memory over CUDA IPC, the driver loaded at run
+//! time). `open` is the one door: it picks the backend by descriptor kind. Both run the same copy
+//! plan (`plan`: block ids + strides -> byte runs).
 
 pub mod checksum;
-mod cuda;
+pub mod cuda;
 pub mod layout;
+pub(crate) mod plan;
 pub mod shm;
 
 use std::fmt;
 
+use std::sync::Arc;
+
 use connector_protocol::IpcDescriptor;
 use thiserror::Error;
+
+use cuda::PinnedHost;
 
 use crate::store::{ReadGuard, WriteGuard};
 pub use checksum::Checksums;
@@ -25,9 +31,11 @@ pub use layout::{BlockShape, KvLayout, LayoutError};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
-    #[error("CUDA unavailable: cwm cannot open {0:?} descriptors on this machine (no CUDA support in this build or no driver)")]
+    #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
-    #[error("descriptor kind {0:?} is not supported")]
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]
     ShmName(String),
@@ -115,11 +123,13 @@ pub trait EngineMemory: Send + Sync {
 
     /// Copy each chunk's blocks into its object. `event` is the engine's IPC event handle for
     /// the store (empty when it sent none): work the engine queued before it must be complete
-    /// before the copy reads.
-    fn gather(&self, chunks: &[Gather<'_>], event: &[u8]) -> Result<(), EngineMemError>;
+    /// before the copy reads. Returns the handle of an event that completes with the copy, for
+    /// the reply (empty: nothing pending). The copy has completed when this returns.
+    fn gather(&self, chunks: &[Gather<'_>], event: &[u8]) -> Result<Vec<u8>, EngineMemError>;
 
-    /// Copy each chunk's object into its blocks; null blocks (id 0) are never written.
-    fn scatter(&self, chunks: &[Scatter<'_>], event: &[u8]) -> Result<(), EngineMemError>;
+    /// Copy each chunk's object into its blocks; null blocks (id 0) are never written. As
+    /// `gather` for `event` and the result.
+    fn scatter(&self, chunks: &[Scatter<'_>], event: &[u8]) -> Result<Vec<u8>, EngineMemError>;
 
     /// LMCache's `/cache/checksums` digests of `blocks`, `chunk_blocks` per chunk.
     fn checksums(
@@ -145,10 +155,27 @@ pub trait EngineMemory: Send + Sync {
     }
 }
 
+/// Whether the descriptors name GPU memory (which copies through pinned L1).
+pub fn is_gpu(descriptors: &[IpcDescriptor]) -> bool {
+    matches!(
+        descriptors.first(),
+        Some(IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. })
+    )
+}
+
 /// Open an engine's registered memory with the backend for its descriptors' kind.
 pub fn open(
     descriptors: &[IpcDescriptor],
     kv_layout_hint: Option<&str>,
+) -> Result<Box<dyn EngineMemory>, EngineMemError> {
+    open_with(descriptors, kv_layout_hint, None)
+}
+
+/// As `open`; GPU backends copy through `pinned` L1 when given (else from pageable memory).
+pub fn open_with(
+    descriptors: &[IpcDescriptor],
+    kv_layout_hint: Option<&str>,
+    pinned: Option<Arc<PinnedHost>>,
 ) -> Result<Box<dyn EngineMemory>, EngineMemError> {
     let first = descriptors.first().ok_or(EngineMemError::NoDescriptors)?;
     if let Some(other) = descriptors.iter().find(|d| d.kind() != first.kind()) {
@@ -161,8 +188,15 @@ pub fn open(
         IpcDescriptor::CpuShm { .. } => {
             Ok(Box::new(shm::ShmKv::open(descriptors, kv_layout_hint)?))
         }
-        IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => {
-            cuda::open(descriptors, kv_layout_hint)
+        IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => Ok(Box::new(
+            cuda::CudaKv::open(descriptors, kv_layout_hint, pinned)?,
+        )),
+        IpcDescriptor::Unsupported { kind } if kind == "cuda_vmm" => {
+            Err(EngineMemError::UnsupportedKind(
+                "cuda_vmm (LMCache's VMM IPC mode, use_vmm_api): register with the default \
+                 CUDA IPC mode instead"
+                    .to_string(),
+            ))
         }
         IpcDescriptor::Unsupported { kind } => Err(EngineMemError::UnsupportedKind(kind.clone())),
     }

@@ -20,7 +20,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use rayon::prelude::*;
 
 use super::checksum::{self, Checksums};
-use super::{BlockShape, Device, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
+use super::{plan, Device, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
 
 /// An engine's KV cache in shared-memory segments: the mappings plus the layout.
 pub struct ShmKv {
@@ -101,39 +101,7 @@ impl ShmKv {
 
     /// Byte offset of the (plane, layer) section in an object of `chunk_tokens` tokens.
     pub fn section_offset(&self, plane: u64, layer: u64, chunk_tokens: u64) -> usize {
-        ((plane * self.layout.num_layers + layer) * chunk_tokens * self.layout.row_bytes()) as usize
-    }
-
-    /// The (plane, layer, byte offset) of every section of an object of `chunk_tokens`.
-    fn sections(&self, chunk_tokens: u64) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
-        let l = &self.layout;
-        (0..l.planes).flat_map(move |p| {
-            (0..l.num_layers)
-                .map(move |layer| (p, layer, self.section_offset(p, layer, chunk_tokens)))
-        })
-    }
-
-    /// Run `copy(object index, plane, layer, section)` for every (plane, layer) section of
-    /// every object (its start, and the blocks of its chunk), in parallel on the rayon pool.
-    /// Objects must have passed `check_copy`.
-    fn par_sections(
-        &self,
-        objects: &[(*mut u8, usize)],
-        copy: impl Fn(usize, u64, u64, *mut u8) + Sync + Send,
-    ) {
-        let sections: Vec<(usize, u64, u64, Section)> = objects
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &(base, blocks))| {
-                let tokens = blocks as u64 * self.layout.block_size;
-                // SAFETY: section offsets lie inside the object (its size was checked).
-                self.sections(tokens)
-                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
-            })
-            .collect();
-        sections
-            .par_iter()
-            .for_each(|&(i, p, l, section)| copy(i, p, l, section.0));
+        plan::section_offset(&self.layout, plane, layer, chunk_tokens)
     }
 
     /// Copy the `(plane, layer)` rows of `blocks` from the engine into `section`
@@ -181,11 +149,12 @@ impl ShmKv {
         );
     }
 
-    /// Visit every contiguous run of the (plane, layer) rows of the blocks `wanted(index, id)`
-    /// selects: `f(engine_ptr, object_offset, len)`.
+    /// The plan's runs of the (plane, layer) rows of the blocks `wanted(index, id)` selects:
+    /// `f(engine_ptr, object_offset, len)`.
     ///
     /// # Safety
-    /// `blocks` must have passed `check_blocks` and `plane`/`layer` be in range.
+    /// `blocks` must have passed `check_blocks` and `plane`/`layer` be in range: registration
+    /// checked that every layer's span, which covers every such run, lies in its segment.
     unsafe fn for_each_run(
         &self,
         plane: u64,
@@ -194,51 +163,16 @@ impl ShmKv {
         wanted: impl Fn(usize, u32) -> bool,
         mut f: impl FnMut(*mut u8, usize, usize),
     ) {
-        let l = &self.layout;
-        // SAFETY (all `add`s below): registration checked that every layer's span, which
-        // covers every (plane, block < num_blocks, token, head) offset, lies in its segment.
-        let base = unsafe {
-            self.layer_base[layer as usize]
-                .add((l.layer_offsets[layer as usize] + plane * l.plane_stride) as usize)
-        };
-        let row = l.row_bytes() as usize;
-        let bs = l.block_size as usize;
-        let shape = l.block_shape();
-        for (j, &b) in blocks.iter().enumerate() {
-            if !wanted(j, b) {
-                continue;
-            }
-            let block = unsafe { base.add((b as u64 * l.block_stride) as usize) };
-            let object = j * bs * row;
-            match shape {
-                BlockShape::Contiguous => f(block, object, bs * row),
-                BlockShape::RowMajor => {
-                    for t in 0..bs {
-                        f(
-                            unsafe { block.add(t * l.token_stride as usize) },
-                            object + t * row,
-                            row,
-                        )
-                    }
-                }
-                BlockShape::Strided => {
-                    // Token-major, as the object is: its side then moves sequentially and
-                    // only the engine side jumps (~10-20% faster than head-major on HND;
-                    // BENCHMARKS.md).
-                    let hb = l.head_bytes as usize;
-                    for t in 0..bs {
-                        let token = unsafe { block.add(t * l.token_stride as usize) };
-                        for h in 0..l.num_heads as usize {
-                            f(
-                                unsafe { token.add(h * l.head_stride as usize) },
-                                object + t * row + h * hb,
-                                hb,
-                            )
-                        }
-                    }
-                }
-            }
-        }
+        let base = self.layer_base[layer as usize] as usize;
+        plan::for_each_run(
+            &self.layout,
+            base,
+            plane,
+            layer,
+            blocks,
+            wanted,
+            |e, o, n| f(e as *mut u8, o, n),
+        );
     }
 }
 
@@ -251,37 +185,51 @@ impl EngineMemory for ShmKv {
         Device::Host
     }
 
-    fn gather(&self, chunks: &[Gather<'_>], _event: &[u8]) -> Result<(), EngineMemError> {
+    fn gather(&self, chunks: &[Gather<'_>], _event: &[u8]) -> Result<Vec<u8>, EngineMemError> {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let objects: Vec<_> = chunks
+        let chunk_tokens = |c: &Gather| c.blocks.len() as u64 * self.layout.block_size;
+        let sections: Vec<(usize, u64, u64, Section)> = chunks
             .iter()
-            .map(|c| (c.object.as_mut_ptr(), c.blocks.len()))
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let base = c.object.as_mut_ptr();
+                // SAFETY: section offsets lie inside the object (its size was checked above).
+                plan::sections(&self.layout, chunk_tokens(c))
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
             .collect();
-        self.par_sections(&objects, |i, p, l, dst| {
+        sections.par_iter().for_each(|&(i, p, l, dst)| {
             // SAFETY: blocks were bound-checked above; `dst` is this task's own section of a
             // reserved object, `section_bytes(blocks.len())` long.
-            unsafe { self.gather_section(p, l, chunks[i].blocks, dst) }
+            unsafe { self.gather_section(p, l, chunks[i].blocks, dst.0) }
         });
-        Ok(())
+        Ok(Vec::new())
     }
 
-    fn scatter(&self, chunks: &[Scatter<'_>], _event: &[u8]) -> Result<(), EngineMemError> {
+    fn scatter(&self, chunks: &[Scatter<'_>], _event: &[u8]) -> Result<Vec<u8>, EngineMemError> {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let objects: Vec<_> = chunks
+        let chunk_tokens = |c: &Scatter| c.blocks.len() as u64 * self.layout.block_size;
+        let sections: Vec<(usize, u64, u64, Section)> = chunks
             .iter()
-            .map(|c| (c.object.as_ptr() as *mut u8, c.blocks.len()))
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let base = c.object.as_ptr() as *mut u8;
+                // SAFETY: section offsets lie inside the object (its size was checked above).
+                plan::sections(&self.layout, chunk_tokens(c))
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
             .collect();
-        self.par_sections(&objects, |i, p, l, src| {
+        sections.par_iter().for_each(|&(i, p, l, src)| {
             let c = &chunks[i];
             // SAFETY: bound-checked blocks; `src` is a section of an object pinned by its
-            // `ReadGuard` for the duration of the copy, only read.
-            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src) }
+            // `ReadGuard` for the duration of the copy.
+            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src.0) }
         });
-        Ok(())
+        Ok(Vec::new())
     }
 
     fn checksums(

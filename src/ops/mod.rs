@@ -11,7 +11,7 @@ mod register;
 pub mod registry;
 mod transfer;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use connector_protocol::{
@@ -24,9 +24,11 @@ use thiserror::Error;
 pub use counters::OpCounters;
 pub use engine_driven::{EngineDriven, EngineDrivenError};
 pub use lookup::Sessions;
+pub use register::{GpuStatus, PIN_PIECE_ENV};
 pub use registry::{ReapPolicy, Registry, Roster};
 pub use transfer::TransferError;
 
+use crate::engine_mem::cuda::PinnedHost;
 use crate::session::SessionIndex;
 use crate::store::tiered::Tiers;
 
@@ -70,6 +72,9 @@ pub struct Cwm {
     pub counters: OpCounters,
     /// Token chains stored per (model, cache_salt), for context windows.
     pub chains: SessionIndex,
+    /// L1 registered with the CUDA driver, done when the first GPU engine registers; the
+    /// error if pinning failed (GPU copies then run from pageable memory, loudly).
+    pub gpu_l1: OnceLock<Result<Arc<PinnedHost>, String>>,
 }
 
 /// Ops that copy engine memory or may wait: run off the socket thread, in order per client.
@@ -97,6 +102,7 @@ impl Cwm {
             sessions: Sessions::default(),
             counters: OpCounters::default(),
             chains: SessionIndex::default(),
+            gpu_l1: OnceLock::new(),
         })
     }
 
@@ -163,8 +169,8 @@ impl Cwm {
                 let id = decode_u64("instance_id", f[1])?;
                 let blocks = decode_block_ids(f[2])?;
                 let event = decode_bin("event_ipc_handle", f[3])?;
-                self.store(&key, id, &blocks, event)?;
-                Some(TransferResult::DONE.encode())
+                let event = self.store(&key, id, &blocks, event)?;
+                Some(TransferResult { event, ok: true }.encode())
             }
             Op::Retrieve => {
                 let f = p(5)?;
@@ -173,8 +179,8 @@ impl Cwm {
                 let blocks = decode_block_ids(f[2])?;
                 let event = decode_bin("event_ipc_handle", f[3])?;
                 let skip = decode_u64("skip_first_n_tokens", f[4])?;
-                self.retrieve(&key, id, &blocks, event, skip)?;
-                Some(TransferResult::DONE.encode())
+                let event = self.retrieve(&key, id, &blocks, event, skip)?;
+                Some(TransferResult { event, ok: true }.encode())
             }
             Op::Lookup => {
                 let f = p(2)?;

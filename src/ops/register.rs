@@ -5,9 +5,16 @@
 
 use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints};
 
+use std::sync::Arc;
+
 use super::registry::Instance;
 use super::{Cwm, OpError};
+use crate::engine_mem::cuda::{self, pinned, PinnedHost};
 use crate::engine_mem::{self, EngineMemory};
+
+/// Tests: register L1 with the driver in pieces of this many bytes instead of 64 GiB, so the
+/// piece-boundary splitting of copies is exercised with a small L1.
+pub const PIN_PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
 
 impl Cwm {
     pub(super) fn register_kv_cache(&self, f: &[&[u8]]) -> Result<(), OpError> {
@@ -71,7 +78,12 @@ impl Cwm {
                 groups.len()
             ));
         };
-        let kv = engine_mem::open(descriptors, hint).map_err(|e| e.to_string())?;
+        let pinned = if engine_mem::is_gpu(descriptors) {
+            self.pinned_l1()
+        } else {
+            None
+        };
+        let kv = engine_mem::open_with(descriptors, hint, pinned).map_err(|e| e.to_string())?;
         kv.layout()
             .check_chunking(
                 self.settings.chunk_size as u64,
@@ -79,5 +91,58 @@ impl Cwm {
             )
             .map_err(|e| e.to_string())?;
         Ok(kv)
+    }
+}
+
+/// The GPU path's state for `/status` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuStatus {
+    /// L1 bytes registered with the CUDA driver (0 before a GPU engine registered).
+    pub l1_pinned_bytes: u64,
+    /// Why pinning L1 failed, if it did (GPU copies then run from pageable memory).
+    pub l1_pin_error: Option<String>,
+    /// Engine allocations opened over CUDA IPC.
+    pub engine_mappings: usize,
+}
+
+impl Cwm {
+    pub fn gpu_status(&self) -> GpuStatus {
+        let (l1_pinned_bytes, l1_pin_error) = match self.gpu_l1.get() {
+            Some(Ok(p)) => (p.len(), None),
+            Some(Err(e)) => (0, Some(e.clone())),
+            None => (0, None),
+        };
+        GpuStatus {
+            l1_pinned_bytes,
+            l1_pin_error,
+            engine_mappings: cuda::mapping::open_count(),
+        }
+    }
+
+    /// L1 pinned for GPU copies, registering it on first use. A failure is logged, counted in
+    /// `/status` and `/metrics`, and not retried; copies then run from pageable memory.
+    fn pinned_l1(&self) -> Option<Arc<PinnedHost>> {
+        // Without a driver the registration fails with that reason; nothing to pin.
+        cuda::driver::driver().ok()?;
+        let pinned = self.gpu_l1.get_or_init(|| {
+            let (base, len) = self.tiers.l1_memory();
+            let piece = std::env::var(PIN_PIECE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(pinned::MAX_PIECE);
+            match cuda::pin_host(base, len, piece) {
+                Ok(p) => {
+                    tracing::info!(bytes = len, pieces = p.pieces(), "L1 pinned for GPU copies");
+                    Ok(Arc::new(p))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "L1 is NOT pinned, GPU copies will run from pageable memory (slower): {e}"
+                    );
+                    Err(e)
+                }
+            }
+        });
+        pinned.as_ref().ok().cloned()
     }
 }

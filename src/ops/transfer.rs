@@ -145,7 +145,7 @@ impl Cwm {
         instance_id: u64,
         block_ids: &[Vec<u32>],
         event: &[u8],
-    ) -> Result<(), OpError> {
+    ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
         let kv = inst.kv.as_deref().expect("checked usable");
@@ -176,7 +176,8 @@ impl Cwm {
                 object: w,
             })
             .collect();
-        kv.gather(&chunks, event).map_err(TransferError::from)?;
+        // Returns once the copy completed: only then are the objects committed (visible).
+        let done = kv.gather(&chunks, event).map_err(TransferError::from)?;
         drop(chunks);
         let stored = writes.len();
         self.tiers.commit(
@@ -186,7 +187,7 @@ impl Cwm {
         self.counters
             .record_store(stored as u64, stored as u64 * object_bytes);
         self.record_chain(key);
-        Ok(())
+        Ok(done)
     }
 
     /// Tell the session index that `key`'s tokens are stored (the chain a window freezes).
@@ -208,7 +209,7 @@ impl Cwm {
         block_ids: &[Vec<u32>],
         event: &[u8],
         skip_tokens: u64,
-    ) -> Result<(), OpError> {
+    ) -> Result<Vec<u8>, OpError> {
         self.check_identity(key)?;
         let inst = self.instance_kv(key, instance_id)?;
         let kv = inst.kv.as_deref().expect("checked usable");
@@ -236,12 +237,13 @@ impl Cwm {
                 object: g.as_ref().expect("all present"),
             })
             .collect();
+        // Returns once the copy completed: only then are the objects unpinned.
         let copied = kv.scatter(&chunks, event);
         release();
-        copied.map_err(TransferError::from)?;
+        let done = copied.map_err(TransferError::from)?;
         let bytes = reads.iter().flatten().map(|g| g.len() as u64).sum();
         self.counters.record_retrieve(reads.len() as u64, bytes);
-        Ok(())
+        Ok(done)
     }
 
     pub(super) fn object_key(

@@ -324,6 +324,11 @@ impl Arena {
         })
     }
 
+    /// Start of the mapping.
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
     pub fn len(&self) -> u64 {
         self.len as u64
     }

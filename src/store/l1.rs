@@ -179,6 +179,11 @@ impl L1Store {
         self.arena.len()
     }
 
+    /// The whole arena's address and length (to register it with a GPU driver).
+    pub fn memory(&self) -> (*mut u8, u64) {
+        (self.arena.base(), self.arena.len())
+    }
+
     /// The shared pool, if L1 lives in one.
     pub fn pool(&self) -> Option<PoolInfo> {
         self.arena.shm_name().map(|name| PoolInfo {

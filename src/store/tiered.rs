@@ -302,6 +302,11 @@ impl Tiers {
         self.l1.stats()
     }
 
+    /// L1's whole memory (address, length), to register it with a GPU driver.
+    pub fn l1_memory(&self) -> (*mut u8, u64) {
+        self.l1.memory()
+    }
+
     /// The shared pool, if L1 lives in one.
     pub fn pool(&self) -> Option<PoolInfo> {
         self.l1.pool()

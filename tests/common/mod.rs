@@ -307,3 +307,12 @@ pub fn lookup_hits(c: &mut MpClient, key: &IpcCacheServerKey) -> u64 {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,757 @@
+//! The GPU path end to end through the CUDA driver stand-in (`tests/cuda-sim/libcuda.c`): a real
+//! `cwm serve` process loads the stand-in as `libcuda.so`, and this test plays the engine. It
+//! registers `cuda` and `cuda_raw` descriptors (encoded as LMCache 0.5.6 encodes them; the
+//! interop suite checks the encoding against LMCache's own types), stores, looks up, retrieves
+//! into other blocks and compares bytes, then unregisters (or lets the reaper drop the worker)
+//! and checks every mapping was closed.
+//!
+//! The stand-in proves call sequences and byte placement, not GPU speed. It counts a violation
+//! when cwm touches engine memory before the engine's event fired, copies outside a mapping,
+//! opens an allocation twice or destroys an exported event before it completed; every test
+//! checks there were none. A lookup that sees a chunk while its copy is still queued fails
+//! `lookups_never_see_a_chunk_before_its_copy_completed`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use connector_protocol::ipc::encode_descriptor_list;
+use connector_protocol::{
+    CudaStorageHandle, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, TensorMetadata,
+};
+use cwm::client::MpClient;
+use cwm::engine_mem::shm::ShmSegment;
+
+mod common;
+use common::{free_port, lookup_hits, tokens};
+
+const MODEL: &str = "sim-model";
+const UUID0: [u8; 16] = [
+    0x3f, 0x2a, 0x9c, 0x1e, 0x0b, 0x7d, 0x4e, 0x5f, 0x8a, 0x6b, 0x1c, 0x2d, 0x3e, 0x4f, 0x5a, 0x6b,
+];
+const UUID0_STR: &str = "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b";
+const UUID1: [u8; 16] = [0x11; 16];
+const UUID1_STR: &str = "11111111-1111-1111-1111-111111111111";
+/// L1 of the sidecars here, and the pinned-piece size (so copies cross piece boundaries).
+const L1_BYTES: u64 = 64 << 20;
+const PIECE: u64 = 16 << 20;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn uniq(what: &str) -> String {
+    format!(
+        "/cwmsim_{what}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Build the stand-in once per test run (gcc is the only requirement).
+fn sim_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-sim/libcuda.c");
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libcuda.so.1");
+        let out = Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .args(["-pthread", "-lrt"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run gcc to build the CUDA stand-in ({e}): install gcc")
+            });
+        assert!(
+            out.status.success(),
+            "building the CUDA stand-in failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).unwrap();
+        dir
+    })
+}
+
+fn now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The stand-in's shared state (`struct sim_state` in libcuda.c; offsets mirrored here).
+struct Sim {
+    seg: ShmSegment,
+}
+
+mod off {
+    pub const DRIVER_VERSION: usize = 8;
+    pub const NUM_DEVICES: usize = 16;
+    pub const UUIDS: usize = 24;
+    pub const COPY_DELAY_US: usize = 88;
+    pub const ENGINE_BUSY_UNTIL: usize = 104;
+    pub const VIOLATIONS: usize = 112;
+    pub const OPEN_MAPPINGS: usize = 120;
+    pub const OPENS: usize = 128;
+    pub const PINNED_BYTES: usize = 144;
+    pub const HOST_REGISTERS: usize = 152;
+    pub const PAGEABLE_COPIES: usize = 160;
+    pub const COPIES_DONE: usize = 168;
+    pub const COPIES_PENDING: usize = 176;
+    pub const BATCH_CALLS: usize = 184;
+    pub const ENGINE_WAITS: usize = 192;
+    pub const INJECT_CODE: usize = 208;
+    pub const INJECT_COUNT: usize = 216;
+    pub const INJECT_FN: usize = 224;
+    pub const VIOLATION: usize = 288;
+    pub const EXPORTED_DONE: usize = 544;
+    pub const SIZE: u64 = 544 + 8 * 1024;
+}
+
+impl Sim {
+    fn new(driver_version: u64) -> Sim {
+        let seg = ShmSegment::create(&uniq("state"), off::SIZE).unwrap();
+        let sim = Sim { seg };
+        unsafe {
+            std::ptr::copy_nonoverlapping(b"CWMCUSIM".as_ptr(), sim.seg.as_mut_ptr(), 8);
+            std::ptr::copy_nonoverlapping(UUID0.as_ptr(), sim.seg.as_mut_ptr().add(off::UUIDS), 16);
+            std::ptr::copy_nonoverlapping(
+                UUID1.as_ptr(),
+                sim.seg.as_mut_ptr().add(off::UUIDS + 16),
+                16,
+            );
+        }
+        sim.set(off::DRIVER_VERSION, driver_version);
+        sim.set(off::NUM_DEVICES, 2);
+        sim
+    }
+
+    fn word(&self, at: usize) -> &AtomicU64 {
+        unsafe { &*(self.seg.as_mut_ptr().add(at) as *const AtomicU64) }
+    }
+
+    fn get(&self, at: usize) -> u64 {
+        self.word(at).load(Ordering::SeqCst)
+    }
+
+    fn set(&self, at: usize, v: u64) {
+        self.word(at).store(v, Ordering::SeqCst)
+    }
+
+    /// Make the next `count` calls of `func` fail with CUDA error `code`.
+    fn inject(&self, func: &str, code: u64, count: u64) {
+        unsafe {
+            let p = self.seg.as_mut_ptr().add(off::INJECT_FN);
+            std::ptr::write_bytes(p, 0, 64);
+            std::ptr::copy_nonoverlapping(func.as_ptr(), p, func.len());
+        }
+        self.set(off::INJECT_CODE, code);
+        self.set(off::INJECT_COUNT, count);
+    }
+
+    /// An engine event that fires `delay` from now; engine memory is "being written" until then.
+    fn engine_event(&self, delay: Duration) -> Vec<u8> {
+        let fire = now_ns() + delay.as_nanos() as u64;
+        self.set(off::ENGINE_BUSY_UNTIL, fire);
+        let mut h = vec![0u8; 64];
+        h[..8].copy_from_slice(b"CWMSIMEV");
+        h[8..16].copy_from_slice(&fire.to_ne_bytes());
+        h
+    }
+
+    /// Whether the exported event behind a handle cwm replied with has completed.
+    fn exported_done(&self, handle: &[u8]) -> bool {
+        assert_eq!(handle.len(), 64, "a CUDA event handle");
+        assert_eq!(&handle[..8], b"CWMSIMXE", "an event the stand-in exported");
+        let slot = u64::from_ne_bytes(handle[8..16].try_into().unwrap()) as usize;
+        self.get(off::EXPORTED_DONE + 8 * slot) == 1
+    }
+
+    fn assert_clean(&self) {
+        let msg = unsafe {
+            std::ffi::CStr::from_ptr(self.seg.as_mut_ptr().add(off::VIOLATION) as *const _)
+        };
+        assert_eq!(
+            self.get(off::VIOLATIONS),
+            0,
+            "the CUDA stand-in saw a violation: {}",
+            msg.to_string_lossy()
+        );
+    }
+
+    fn wait_for(&self, at: usize, want: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.get(at) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} != {want}",
+                self.get(at)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A `cwm serve` process that loads the stand-in as its CUDA driver.
+struct Server {
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(sim: Option<&Sim>, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("cwm.log");
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cwm"));
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--l1-size-gb",
+                &(L1_BYTES as f64 / (1u64 << 30) as f64).to_string(),
+            ])
+            .args([
+                "--l2-size-gb",
+                "0",
+                "--http-port",
+                "0",
+                "--no-engine-driven",
+            ])
+            .args(extra)
+            .env("CWM_LOG", "info")
+            .env(cwm::ops::PIN_PIECE_ENV, PIECE.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        match sim {
+            Some(sim) => {
+                cmd.env("LD_LIBRARY_PATH", sim_dir())
+                    .env("CWM_CUDA_SIM", sim.seg.name());
+            }
+            None => {
+                cmd.env("LD_LIBRARY_PATH", dir.path())
+                    .env_remove("CWM_CUDA_SIM");
+            }
+        }
+        let child = cmd.spawn().unwrap();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let mut c = MpClient::connect(&endpoint).unwrap();
+        c.get_chunk_size().unwrap();
+        Server {
+            child,
+            endpoint,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn client(&self) -> MpClient {
+        MpClient::connect(&self.endpoint).unwrap()
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        std::fs::File::open(&self.log)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "cwm's log never said {needle:?}; it has:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Geometry of the engines here: vLLM 0.33's per-layer `[NB, BS, NH, C]` bf16 views of one
+/// allocation.
+const LAYERS: u64 = 4;
+const NB: u64 = 40;
+const BS: u64 = 16;
+const NH: u64 = 2;
+const C: u64 = 64;
+const BLOCK_BYTES: u64 = BS * NH * C * 2;
+const LAYER_BYTES: u64 = NB * BLOCK_BYTES;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Cuda,
+    CudaRaw,
+}
+
+/// An engine's KV cache in "device memory": the stand-in's shm allocation.
+struct GpuKv {
+    seg: ShmSegment,
+}
+
+impl GpuKv {
+    fn new() -> GpuKv {
+        GpuKv {
+            seg: ShmSegment::create(&uniq("kv"), LAYERS * LAYER_BYTES).unwrap(),
+        }
+    }
+
+    fn handle(&self) -> [u8; 64] {
+        let mut h = [0u8; 64];
+        h[..8].copy_from_slice(b"CWMSIMMH");
+        let name = self.seg.name().as_bytes();
+        h[8..8 + name.len()].copy_from_slice(name);
+        h
+    }
+
+    fn descriptors(&self, kind: Kind, uuid: &str) -> Vec<IpcDescriptor> {
+        descriptors(kind, self.handle(), uuid)
+    }
+
+    fn fill(&self, seed: u64) {
+        let n = (LAYERS * LAYER_BYTES) as usize;
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.seg.as_mut_ptr(), n) };
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for b in bytes {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+
+    fn block(&self, layer: u64, block: u64) -> Vec<u8> {
+        let at = (layer * LAYER_BYTES + block * BLOCK_BYTES) as usize;
+        unsafe { std::slice::from_raw_parts(self.seg.as_mut_ptr().add(at), BLOCK_BYTES as usize) }
+            .to_vec()
+    }
+}
+
+/// The descriptors a vLLM 0.33 worker registers for one allocation of `LAYERS` layer views
+/// (`cuda`: torch's storage share of the whole allocation, layers at element offsets;
+/// `cuda_raw`: the allocation handle, each layer at its byte offset).
+fn descriptors(kind: Kind, handle: [u8; 64], uuid: &str) -> Vec<IpcDescriptor> {
+    let layer_elems = LAYER_BYTES / 2;
+    (0..LAYERS)
+        .map(|l| {
+            let metadata = |storage_offset| TensorMetadata {
+                dtype: "bfloat16".into(),
+                shape: vec![NB, BS, NH, C],
+                stride: vec![BS * NH * C, NH * C, C, 1],
+                storage_offset,
+                device_uuid: uuid.into(),
+            };
+            match kind {
+                Kind::Cuda => IpcDescriptor::Cuda {
+                    handle: CudaStorageHandle {
+                        device: 0,
+                        mem_handle: handle,
+                        storage_size: LAYERS * LAYER_BYTES,
+                        storage_offset_bytes: 0,
+                        event_handle: None,
+                        event_sync_required: false,
+                    },
+                    metadata: metadata(l * layer_elems),
+                },
+                Kind::CudaRaw => IpcDescriptor::CudaRaw {
+                    ipc_handle: handle,
+                    alloc_offset: l * LAYER_BYTES,
+                    nbytes: LAYER_BYTES,
+                    metadata: metadata(0),
+                },
+            }
+        })
+        .collect()
+}
+
+fn groups() -> Vec<EngineGroupInfo> {
+    vec![EngineGroupInfo {
+        engine_group_id: 0,
+        layer_indices: (0..LAYERS as u32).collect(),
+        tokens_per_block: BS as u32,
+        sw_size_tokens: -1,
+        extra_object_group_tag: 0,
+        recurrent_state: false,
+    }]
+}
+
+fn register(c: &mut MpClient, id: u64, descs: &[IpcDescriptor]) {
+    // What goes on the wire is exactly LMCache's encoding of these descriptors.
+    let frame = encode_descriptor_list(descs);
+    assert_eq!(
+        connector_protocol::ipc::decode_descriptor_list(&frame).unwrap(),
+        descs
+    );
+    c.register_kv_cache(id, descs, MODEL, 1, Some("NHD"), &groups())
+        .unwrap();
+}
+
+fn key(tokens: &[u32], end: u64, rid: &str, worker: Option<u32>) -> IpcCacheServerKey {
+    common::key(MODEL, "", tokens, worker, 1, 0, end, rid)
+}
+
+/// A sidecar on a fresh stand-in with `driver_version`, and a client.
+fn gpu_server(driver_version: u64, extra: &[&str]) -> (Sim, Server, MpClient) {
+    let sim = Sim::new(driver_version);
+    let server = Server::start(Some(&sim), extra);
+    let c = server.client();
+    (sim, server, c)
+}
+
+/// Store 2 chunks (32 blocks) from `src`, retrieve them into other blocks of `dst`, skipping
+/// the first `skip` tokens, and compare every block of every layer.
+fn round_trip(kind: Kind, driver_version: u64) {
+    let (sim, server, mut c) = gpu_server(driver_version, &[]);
+    let (src, dst) = (GpuKv::new(), GpuKv::new());
+    src.fill(1);
+    dst.fill(2);
+    register(&mut c, 1, &src.descriptors(kind, UUID0_STR));
+    register(&mut c, 2, &dst.descriptors(kind, UUID0_STR));
+    assert_eq!(sim.get(off::OPENS), 2, "one mapping per allocation");
+    assert_eq!(sim.get(off::PINNED_BYTES), L1_BYTES, "all of L1 pinned");
+    assert_eq!(sim.get(off::HOST_REGISTERS), L1_BYTES / PIECE, "in pieces");
+    let toks = tokens(5, 512);
+    let src_blocks: Vec<u32> = (1..=32).collect();
+    let dst_blocks: Vec<u32> = (8..40).rev().collect();
+
+    let stored = c
+        .store_after(
+            &key(&toks, 512, "s", Some(0)),
+            1,
+            std::slice::from_ref(&src_blocks),
+            &sim.engine_event(Duration::from_millis(150)),
+        )
+        .unwrap();
+    assert!(stored.ok, "store failed: {}", server.log());
+    assert!(
+        sim.exported_done(&stored.event),
+        "the reply's event covers the copy"
+    );
+    assert!(
+        sim.get(off::ENGINE_WAITS) >= 1,
+        "the copy waited on the engine's event"
+    );
+    assert_eq!(lookup_hits(&mut c, &key(&toks, 512, "l", None)), 2);
+
+    let skip_blocks = 3;
+    let before: Vec<Vec<u8>> = (0..LAYERS)
+        .flat_map(|l| dst_blocks[..skip_blocks].iter().map(move |&b| (l, b)))
+        .map(|(l, b)| dst.block(l, b as u64))
+        .collect();
+    let got = c
+        .retrieve_after(
+            &key(&toks, 512, "l", Some(0)),
+            2,
+            std::slice::from_ref(&dst_blocks),
+            &sim.engine_event(Duration::from_millis(100)),
+            skip_blocks as u64 * BS,
+        )
+        .unwrap();
+    assert!(got.ok, "retrieve failed: {}", server.log());
+    assert!(sim.exported_done(&got.event));
+    for l in 0..LAYERS {
+        for (j, (&s, &d)) in src_blocks.iter().zip(&dst_blocks).enumerate() {
+            if j < skip_blocks {
+                continue;
+            }
+            assert_eq!(
+                src.block(l, s as u64),
+                dst.block(l, d as u64),
+                "layer {l} block {j}"
+            );
+        }
+    }
+    let after: Vec<Vec<u8>> = (0..LAYERS)
+        .flat_map(|l| dst_blocks[..skip_blocks].iter().map(move |&b| (l, b)))
+        .map(|(l, b)| dst.block(l, b as u64))
+        .collect();
+    assert_eq!(before, after, "skipped blocks untouched");
+    assert_eq!(
+        sim.get(off::PAGEABLE_COPIES),
+        0,
+        "every copy from pinned L1"
+    );
+    if driver_version >= 12080 {
+        assert!(
+            sim.get(off::BATCH_CALLS) >= 2,
+            "cuMemcpyBatchAsync on 12.8+"
+        );
+    } else {
+        assert_eq!(
+            sim.get(off::BATCH_CALLS),
+            0,
+            "no cuMemcpyBatchAsync before 12.8"
+        );
+    }
+
+    c.unregister_kv_cache(1).unwrap();
+    c.unregister_kv_cache(2).unwrap();
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "mappings closed on unregister");
+    sim.assert_clean();
+}
+
+#[test]
+fn cuda_descriptors_round_trip_with_batched_copies() {
+    round_trip(Kind::Cuda, 12080);
+}
+
+#[test]
+fn cuda_raw_descriptors_round_trip_with_per_run_copies() {
+    round_trip(Kind::CudaRaw, 12040);
+}
+
+#[test]
+fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
+    let (sim, _server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    assert_eq!(sim.get(off::OPENS), 1, "both instances share one mapping");
+    c.unregister_kv_cache(1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sim.get(off::OPEN_MAPPINGS), 1, "still used by instance 2");
+    // Instance 2 never pings: the reaper drops it after the grace period, closing the mapping
+    // from the sweep thread (which must bind the device's context first).
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "the reaper closes the last mapping");
+    sim.assert_clean();
+}
+
+#[test]
+fn lookups_never_see_a_chunk_before_its_copy_completed() {
+    let (sim, server, mut c) = gpu_server(12040, &[]);
+    let kv = GpuKv::new();
+    kv.fill(3);
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    sim.set(off::COPY_DELAY_US, 20_000); // every queued copy lands 20 ms after the previous
+    let toks = tokens(9, 256);
+    let event = sim.engine_event(Duration::from_millis(50));
+    let mut storer = server.client();
+    let store_key = key(&toks, 256, "s", Some(0));
+    let store = std::thread::spawn(move || {
+        storer
+            .store_after(&store_key, 1, &[(1..=16).collect()], &event)
+            .unwrap()
+    });
+    let (mut misses_while_copying, mut n) = (0, 0);
+    while !store.is_finished() {
+        n += 1;
+        let pending = sim.get(off::COPIES_PENDING);
+        let hits = lookup_hits(&mut c, &key(&toks, 256, &format!("l{n}"), None));
+        if hits > 0 {
+            assert_eq!(
+                sim.get(off::COPIES_PENDING),
+                0,
+                "a lookup saw the chunk while its copy was still queued"
+            );
+        } else if pending > 0 {
+            misses_while_copying += 1;
+        }
+    }
+    assert!(store.join().unwrap().ok);
+    assert!(misses_while_copying > 0, "the lookups raced the copy");
+    assert_eq!(lookup_hits(&mut c, &key(&toks, 256, "after", None)), 1);
+    assert!(sim.get(off::COPIES_DONE) > 0);
+    sim.assert_clean();
+}
+
+#[test]
+fn gpu_registrations_fail_with_the_cause_named() {
+    let (sim, server, mut c) = gpu_server(12080, &[]);
+    let kv = GpuKv::new();
+    kv.fill(4);
+    let toks = tokens(11, 256);
+    let store = |c: &mut MpClient, id: u64, event: &[u8]| {
+        c.store_after(
+            &key(&toks, 256, "s", Some(0)),
+            id,
+            &[(1..=16).collect()],
+            event,
+        )
+        .unwrap()
+        .ok
+    };
+
+    // A device this host does not have.
+    register(
+        &mut c,
+        1,
+        &kv.descriptors(Kind::Cuda, "99999999-0000-0000-0000-000000000000"),
+    );
+    assert!(!store(&mut c, 1, &[]));
+    server.wait_log("not found among this host's GPUs");
+
+    // Layers on two devices.
+    let mut mixed = kv.descriptors(Kind::CudaRaw, UUID0_STR);
+    mixed[1] = descriptors(Kind::CudaRaw, kv.handle(), UUID1_STR).remove(1);
+    register(&mut c, 2, &mixed);
+    assert!(!store(&mut c, 2, &[]));
+    server.wait_log("one instance must register one device");
+
+    // The driver refuses the handle: no mapping is left behind.
+    sim.inject("cuIpcOpenMemHandle_v2", 400, 1);
+    register(&mut c, 3, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    assert!(!store(&mut c, 3, &[]));
+    server.wait_log("cuIpcOpenMemHandle_v2 failed: CUDA_ERROR_INVALID_HANDLE");
+
+    // A registration that works, then an isolated_ipc (timeline semaphore) event.
+    register(&mut c, 4, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    assert!(!store(&mut c, 4, &[0u8; 81]));
+    server.wait_log("isolated_ipc");
+    assert!(store(
+        &mut c,
+        4,
+        &sim.engine_event(Duration::from_millis(10))
+    ));
+    for id in 1..=4 {
+        c.unregister_kv_cache(id).unwrap();
+    }
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "every mapping closed");
+    assert_eq!(c.get_chunk_size().unwrap(), 256, "still serving");
+    sim.assert_clean();
+}
+
+#[test]
+fn a_failed_pin_is_loud_and_copies_still_complete() {
+    let sim = Sim::new(12080);
+    sim.inject("cuMemHostRegister_v2", 2, 1); // CUDA_ERROR_OUT_OF_MEMORY on the 1st piece
+    let server = Server::start(Some(&sim), &[]);
+    let mut c = server.client();
+    let (src, dst) = (GpuKv::new(), GpuKv::new());
+    src.fill(6);
+    register(&mut c, 1, &src.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &dst.descriptors(Kind::Cuda, UUID0_STR));
+    server.wait_log("L1 is NOT pinned");
+    assert_eq!(sim.get(off::PINNED_BYTES), 0);
+    let toks = tokens(12, 256);
+    let blocks: Vec<u32> = (1..=16).collect();
+    assert!(
+        c.store_after(
+            &key(&toks, 256, "s", Some(0)),
+            1,
+            std::slice::from_ref(&blocks),
+            &[]
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(lookup_hits(&mut c, &key(&toks, 256, "l", None)), 1);
+    assert!(
+        c.retrieve_after(
+            &key(&toks, 256, "l", Some(0)),
+            2,
+            std::slice::from_ref(&blocks),
+            &[],
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(src.block(2, 5), dst.block(2, 5));
+    assert!(
+        sim.get(off::PAGEABLE_COPIES) > 0,
+        "copies ran from pageable memory"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn without_a_driver_gpu_registrations_get_a_clear_error_and_cpu_serving_goes_on() {
+    // No libcuda at all (unless the host has a real one; then the stand-in's absence of
+    // CWM_CUDA_SIM does not matter and the real driver answers).
+    let host_has_driver = Command::new("sh")
+        .args(["-c", "ldconfig -p | grep -q 'libcuda\\.so'"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let server = Server::start(None, &[]);
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    let toks = tokens(13, 256);
+    assert!(
+        !c.store_after(
+            &key(&toks, 256, "s", Some(0)),
+            1,
+            &[(1..=16).collect()],
+            &[]
+        )
+        .unwrap()
+        .ok
+    );
+    if host_has_driver {
+        server.wait_log("registered KV cache cannot be served");
+    } else {
+        server.wait_log("no CUDA driver: libcuda.so was not found");
+    }
+    assert_eq!(c.get_chunk_size().unwrap(), 256);
+}
+
+/// With a sim but no `CWM_CUDA_SIM`, the stand-in behaves as a driver with no device.
+#[test]
+fn a_driver_without_devices_is_named() {
+    let sim = Sim::new(12080);
+    sim.set(off::NUM_DEVICES, 0);
+    let server = Server::start(Some(&sim), &[]);
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    server.wait_log("not found among this host's GPUs []");
+    sim.assert_clean();
+}
+
+/// The descriptors these tests register are byte for byte LMCache 0.5.6's: the fixture is
+/// written by LMCache's own wire types and encoder (tests/interop/test_cuda_descriptors.py,
+/// which also checks it in the interop suite).
+#[test]
+fn descriptors_are_lmcache_bytes() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("cuda-sim/descriptors.json")).unwrap();
+    let mut handle = [0u8; 64];
+    let name = b"CWMSIMMH/cwmsim_kv_fixture";
+    handle[..name.len()].copy_from_slice(name);
+    for (kind, tag) in [(Kind::Cuda, "cuda"), (Kind::CudaRaw, "cuda_raw")] {
+        let ours = encode_descriptor_list(&descriptors(kind, handle, UUID0_STR));
+        assert_eq!(hex::encode(&ours), fixture[tag].as_str().unwrap(), "{tag}");
+    }
+}
+
+#[test]
+fn doctor_lists_the_devices() {
+    let sim = Sim::new(12080);
+    let out = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .arg("doctor")
+        .env("LD_LIBRARY_PATH", sim_dir())
+        .env("CWM_CUDA_SIM", sim.seg.name())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("CUDA driver: 12.8 (2 devices)"), "{text}");
+    assert!(
+        text.contains(&format!("GPU 0: cwm cuda-sim GPU 0 uuid {UUID0_STR}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("GPU 1: cwm cuda-sim GPU 1 uuid {UUID1_STR}")),
+        "{text}"
+    );
+    assert!(text.contains("cuMemcpyBatchAsync"), "{text}");
+    assert!(text.contains("ulimit -l"), "{text}");
+    assert!(text.contains("/dev/shm"), "{text}");
+}

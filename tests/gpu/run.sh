@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Real-GPU tests of cwm's CUDA path: builds cwm, installs torch (CUDA) and LMCache 0.5.6 in
+# tests/gpu/.venv, runs gpu_roundtrip.py and prints its table. Sized for under 10 minutes on a
+# fresh H100/H200-class machine. Needs CWM_GPU_TESTS=1 (and a GPU); CI does not run it.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+if [[ "${CWM_GPU_TESTS:-}" != "1" ]]; then
+    echo "tests/gpu: not run. Set CWM_GPU_TESTS=1 on a machine with an NVIDIA GPU and driver." >&2
+    exit 2
+fi
+command -v nvidia-smi >/dev/null || { echo "tests/gpu: nvidia-smi not found: install the NVIDIA driver" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+(cd "$REPO" && cargo build --profile ci --bin cwm)
+"$REPO/target/ci/cwm" doctor --l1-size-gb 16
+if [[ ! -x "$HERE/.venv/bin/python" ]]; then
+    python3 -m venv "$HERE/.venv"
+    "$HERE/.venv/bin/pip" install -q torch lmcache==0.5.6
+fi
+CWM_BIN="$REPO/target/ci/cwm" "$HERE/.venv/bin/python" "$HERE/gpu_roundtrip.py"
