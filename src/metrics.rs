@@ -260,7 +260,7 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
     );
-    let gpu = windows.cwm.gpu_status();
+    let gpu = cwm.gpu_status();
     metric(
         "l1_pinned_bytes",
         "gauge",
