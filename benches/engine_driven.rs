@@ -53,7 +53,7 @@ fn config(bytes: u64) -> L1Config {
 fn put(s: &Arc<L1Store>, n: u64, src: &[u8]) {
     match s.reserve(&key(n), src.len() as u64) {
         Reservation::Reserved(mut w) => {
-            w.as_mut_slice().copy_from_slice(src);
+            w.copy_from_slice(src);
             w.commit();
         }
         _ => panic!("no space"),
@@ -167,11 +167,11 @@ fn main() {
             &mut [
                 ("zero_copy", &mut || {
                     let r = shared.read(&k).unwrap();
-                    out.borrow_mut().copy_from_slice(r.as_slice());
+                    r.copy_to(&mut out.borrow_mut());
                 }),
                 ("staging", &mut || {
                     let r = private.read(&k).unwrap();
-                    unsafe { std::ptr::copy_nonoverlapping(r.as_slice().as_ptr(), stage, len) };
+                    unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), stage, len) };
                     drop(r);
                     out.borrow_mut()
                         .copy_from_slice(unsafe { std::slice::from_raw_parts(stage, len) });
@@ -185,15 +185,22 @@ fn main() {
         let (row, heads, bs) = (256usize, 8usize, 32usize);
         let cache = vec![3u8; 4 * len];
         let gather = |s: &Arc<L1Store>, n: u64| {
-            let Reservation::Reserved(mut w) = s.reserve(&key(n), len as u64) else {
+            let Reservation::Reserved(w) = s.reserve(&key(n), len as u64) else {
                 panic!("no space")
             };
-            let obj = w.as_mut_slice();
+            let obj = w.as_mut_ptr();
             for r in 0..len / row {
                 let (tok, head) = (r / heads, r % heads);
                 let (block, t) = (4 * (tok / bs), tok % bs);
                 let src = ((block * heads + head) * bs + t) * row;
-                obj[r * row..(r + 1) * row].copy_from_slice(&cache[src..src + row]);
+                // SAFETY: row `r` lies inside the reserved object of `len` bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        cache[src..src + row].as_ptr(),
+                        obj.add(r * row),
+                        row,
+                    )
+                }
             }
             w.commit()
         };

@@ -54,7 +54,7 @@ fn reserve_commit(c: &mut Criterion) {
             n += 1;
             match s.reserve(&key(n, 0), OBJECT) {
                 Reservation::Reserved(mut w) => {
-                    w.as_mut_slice().copy_from_slice(&src);
+                    w.copy_from_slice(&src);
                     w.commit()
                 }
                 _ => panic!("no space"),
@@ -64,7 +64,7 @@ fn reserve_commit(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let k = key(n, 0);
     g.bench_function("read_pin_unpin", |b| {
-        b.iter(|| black_box(s.read(&k).expect("present").as_slice().len()))
+        b.iter(|| black_box(s.read(&k).expect("present").len()))
     });
     g.finish();
 }

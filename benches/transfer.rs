@@ -67,7 +67,7 @@ fn transfer(c: &mut Criterion) {
         let Reservation::Reserved(mut object) = l1.reserve(&key, bytes) else {
             panic!("no space for one object")
         };
-        object.as_mut_slice().fill(1);
+        object.copy_from_slice(&vec![1; bytes as usize]);
         let obj = Object(object.as_mut_ptr());
         let layers = geometry.layers;
         let section = |l: u64| engine.section_offset(0, l, CHUNK);

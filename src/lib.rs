@@ -16,5 +16,7 @@ pub mod ops;
 pub mod prefault;
 pub mod serve;
 pub mod server;
+pub mod session;
+pub mod status;
 pub mod store;
 pub mod windows;

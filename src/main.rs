@@ -61,7 +61,7 @@ impl DataDirArgs {
         if let Some(p) = &self.l2_path {
             c.l2_path = p.clone();
         }
-        cwm::windows::export::open_offline(&c)
+        cwm::serve::open_offline(&c)
     }
 }
 

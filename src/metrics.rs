@@ -3,12 +3,13 @@
 
 use std::fmt::Write;
 
-use crate::windows::Windows;
+use crate::ops::Cwm;
+use crate::status::{self, Health, L2Stats};
 
 /// Render every series in the Prometheus text format, version 0.0.4.
-pub fn render(windows: &Windows) -> String {
+pub fn render(cwm: &Cwm, health: &Health) -> String {
     let mut out = String::with_capacity(8192);
-    let s = windows.cache_stats();
+    let s = status::cache_stats(cwm);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
         let _ = writeln!(out, "# HELP cwm_{name} {help}\n# TYPE cwm_{name} {kind}");
         for (labels, v) in samples {
@@ -19,7 +20,7 @@ pub fn render(windows: &Windows) -> String {
             }
         }
     };
-    let ops = windows.cwm.counters.snapshot();
+    let ops = cwm.counters.snapshot();
     let calls: Vec<(String, f64)> = ops
         .iter()
         .map(|(op, st)| (format!("op=\"{op}\""), st.calls as f64))
@@ -94,7 +95,7 @@ pub fn render(windows: &Windows) -> String {
         &[("", c(s.retrieve_misses))],
     );
     // Per-tier series: L1's value, and L2's (0 without a disk tier).
-    let l2 = |f: fn(&crate::windows::L2Stats) -> u64| s.l2.as_ref().map_or(0.0, |l| c(f(l)));
+    let l2 = |f: fn(&L2Stats) -> u64| s.l2.as_ref().map_or(0.0, |l| c(f(l)));
     for (name, kind, help, l1, l2) in [
         (
             "tier_objects",
@@ -316,7 +317,7 @@ pub fn render(windows: &Windows) -> String {
             &[("", c(l3.write_behind_queued_bytes))],
         );
     }
-    let h = windows.health();
+    let h = health;
     metric(
         "windows",
         "gauge",
@@ -335,7 +336,7 @@ pub fn render(windows: &Windows) -> String {
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
     );
-    let gpu = windows.cwm.gpu_status();
+    let gpu = cwm.gpu_status();
     metric(
         "l1_pinned_bytes",
         "gauge",

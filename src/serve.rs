@@ -72,16 +72,17 @@ impl Sidecar {
                 },
             )?);
         }
+        let l2_path = if config.l2_enabled() {
+            config.l2_path.display().to_string()
+        } else {
+            "off".into()
+        };
         tracing::info!(
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
             l1_pool = cwm.tiers.pool().map(|p| p.shm_name),
-            l2_path = %if config.l2_enabled() {
-                config.l2_path.display().to_string()
-            } else {
-                "off".into()
-            },
+            l2_path = %l2_path,
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {
@@ -125,7 +126,7 @@ impl Sidecar {
 }
 
 /// The operations over the tiers `tiers` describes (built by `Tiers::open`).
-pub(crate) fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
+fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
     let tiers = open_tiers(tiers)?;
     Ok(Cwm::new(
         Settings {
@@ -139,6 +140,21 @@ pub(crate) fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<A
         },
         tiers,
     ))
+}
+
+/// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
+/// The sidecar must not be running on the same directory: L2 has one writer.
+pub fn open_offline(config: &Config) -> anyhow::Result<Windows> {
+    config.validate()?;
+    anyhow::ensure!(
+        config.l2_enabled(),
+        "windows live in L2: --l2-size-gb must be above 0"
+    );
+    let mut tiers = config.tiers_config();
+    tiers.l1.capacity_bytes = 1 << 20;
+    tiers.l1_memory = L1Memory::Private;
+    let cwm = open_cwm(config, &tiers)?;
+    Ok(Windows::open(cwm, Some(&config.l2_path))?)
 }
 
 /// The tiers, with what to do about a failure in the user's terms.

@@ -119,7 +119,20 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 /// Register, prepare_store `[start, end)`, write each slot with `chunk_bytes`, commit.
 fn ed_store(c: &mut MpClient, pool: &Pool, id: u64, t: &[u32], start: u64, end: u64) -> Vec<u32> {
-    let k = key(MODEL, "", t, Some(0), 1, start, end, "store");
+    ed_store_salted(c, pool, id, "", t, start, end)
+}
+
+/// `ed_store` under `salt`.
+fn ed_store_salted(
+    c: &mut MpClient,
+    pool: &Pool,
+    id: u64,
+    salt: &str,
+    t: &[u32],
+    start: u64,
+    end: u64,
+) -> Vec<u32> {
+    let k = key(MODEL, salt, t, Some(0), 1, start, end, "store");
     let prepared = c.prepare_store(&k, id).unwrap().context;
     for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
         pool.write(slot, &chunk_bytes(start / CS + i as u64, slot.length));
@@ -852,13 +865,10 @@ fn engine_driven_sessions_freeze_and_thaw() {
             &c.register_engine_driven_context(&payload(7, 1, false))
                 .unwrap(),
         );
-        let k = key(MODEL, salt, &t, Some(0), 1, 0, 512, "store");
-        let prepared = c.prepare_store(&k, 7).unwrap().context;
-        assert_eq!(prepared.chunk_indices, vec![0, 1]);
-        for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
-            pool.write(slot, &chunk_bytes(i as u64, slot.length));
-        }
-        assert!(c.commit_store(&k, 7, b"").unwrap());
+        assert_eq!(
+            ed_store_salted(&mut c, &pool, 7, salt, &t, 0, 512),
+            vec![0, 1]
+        );
         let frozen = s
             .windows
             .freeze(&FreezeRequest {
@@ -925,13 +935,10 @@ fn frozen_and_exported_records_keep_the_dtype_and_the_bytes() {
     };
     let pool = Pool::open(&c.register_engine_driven_context(&fp32).unwrap());
     let (salt, t) = ("fp32-agent", tokens(33, 512));
-    let k = key(MODEL, salt, &t, Some(0), 1, 0, 512, "store");
-    let prepared = c.prepare_store(&k, 7).unwrap().context;
-    assert_eq!(prepared.chunk_indices, vec![0, 1]);
-    for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
-        pool.write(slot, &chunk_bytes(i as u64, slot.length));
-    }
-    assert!(c.commit_store(&k, 7, b"").unwrap());
+    assert_eq!(
+        ed_store_salted(&mut c, &pool, 7, salt, &t, 0, 512),
+        vec![0, 1]
+    );
     assert_eq!(s.cwm.tiers.stats().write_behind.written, 0);
     s.windows
         .freeze(&FreezeRequest {

@@ -317,7 +317,7 @@ fn redis_killed_mid_burst_then_back() {
     let st = status(&s);
     assert_eq!(st.link.state, "down", "{st:?}");
     assert_eq!(st.link.incidents, 1, "one incident: {st:?}");
-    let metrics = cwm::metrics::render(&s.windows);
+    let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
     assert!(metrics.contains("cwm_l3_up 0"), "{metrics}");
     redis.restart();
     // New stores reach the restarted Redis once the backoff lets write-behind retry.
@@ -343,7 +343,7 @@ fn redis_killed_mid_burst_then_back() {
     let st = status(&s);
     assert_eq!(st.link.state, "up", "{st:?}");
     assert_eq!(st.link.incidents, 1);
-    assert!(cwm::metrics::render(&s.windows).contains("cwm_l3_up 1"));
+    assert!(cwm::metrics::render(&s.windows.cwm, &s.windows.health()).contains("cwm_l3_up 1"));
     assert!(
         st.write_behind_dropped > 0,
         "writes while down were dropped and counted"

@@ -30,10 +30,10 @@ use connector_protocol::{
     PrepareStoreContext, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
     RegisterEngineDrivenContextResponse, ShmSlot,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use thiserror::Error;
 
-use super::registry::{Liveness, ReapPolicy};
+use super::registry::{Liveness, Member, ReapPolicy, Roster};
 use super::{Cwm, OpError, TransferError};
 use crate::store::tiered::Tiers;
 use crate::store::{ReadGuard, Reservation, WriteGuard};
@@ -62,6 +62,20 @@ pub struct EngineDrivenContext {
     pub itemsize: u8,
     pub object_bytes: u64,
     liveness: Mutex<Liveness>,
+}
+
+impl Member for EngineDrivenContext {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn serves(&self) -> Option<(Arc<str>, u32)> {
+        Some((self.model.clone(), self.world_size))
+    }
+
+    fn liveness(&self) -> &Mutex<Liveness> {
+        &self.liveness
+    }
 }
 
 impl EngineDrivenContext {
@@ -96,8 +110,7 @@ struct PendingRetrieve {
 /// Engine-driven registrations and the prepares waiting for their commit.
 #[derive(Default)]
 pub struct EngineDriven {
-    contexts: RwLock<HashMap<u64, Arc<EngineDrivenContext>>>,
-    models: Mutex<HashMap<(Arc<str>, u32), usize>>,
+    contexts: Roster<EngineDrivenContext>,
     stores: Mutex<HashMap<TransferKey, PendingStore>>,
     retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
 }
@@ -111,22 +124,20 @@ pub struct Released {
 
 impl EngineDriven {
     pub fn get(&self, id: u64) -> Option<Arc<EngineDrivenContext>> {
-        self.contexts.read().get(&id).cloned()
+        self.contexts.get(id)
     }
 
     pub fn len(&self) -> usize {
-        self.contexts.read().len()
+        self.contexts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.contexts.is_empty()
     }
 
     /// Whether some engine-driven worker serves `(model, world_size)` (lookups answer 0 else).
     pub fn serves(&self, model: &str, world_size: u32) -> bool {
-        self.models
-            .lock()
-            .contains_key(&(Arc::from(model), world_size))
+        self.contexts.serves(model, world_size)
     }
 
     /// Prepares waiting for a commit: (stores, retrieves).
@@ -135,39 +146,16 @@ impl EngineDriven {
     }
 
     pub fn touch(&self, id: u64, pinged: bool) {
-        if let Some(ctx) = self.get(id) {
-            ctx.liveness.lock().touch(pinged);
-        }
+        self.contexts.touch(id, pinged);
     }
 
     fn insert(&self, ctx: EngineDrivenContext) -> Arc<EngineDrivenContext> {
-        let mut contexts = self.contexts.write();
-        if let Some(existing) = contexts.get(&ctx.id) {
-            return existing.clone();
-        }
-        *self
-            .models
-            .lock()
-            .entry((ctx.model.clone(), ctx.world_size))
-            .or_default() += 1;
-        let ctx = Arc::new(ctx);
-        contexts.insert(ctx.id, ctx.clone());
-        ctx
+        self.contexts.insert(ctx)
     }
 
     /// Forget instance `id` and release every prepare it left pending.
     pub fn remove(&self, id: u64, tiers: &Tiers) -> Option<Released> {
-        let removed = self.contexts.write().remove(&id)?;
-        {
-            let mut models = self.models.lock();
-            let key = (removed.model.clone(), removed.world_size);
-            if let Some(n) = models.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    models.remove(&key);
-                }
-            }
-        }
+        self.contexts.remove(id)?;
         Some(self.release_where(tiers, |k, _| k.instance_id == id))
     }
 
@@ -213,15 +201,9 @@ impl EngineDriven {
     /// Release prepares past their deadline, and forget workers silent for too long.
     pub fn sweep(&self, now: Instant, policy: ReapPolicy, tiers: &Tiers) -> (Released, Vec<u64>) {
         let expired = self.release_where(tiers, |_, deadline| deadline <= now);
-        let stale: Vec<u64> = self
-            .contexts
-            .read()
-            .values()
-            .filter(|c| c.liveness.lock().stale(now, policy))
-            .map(|c| c.id)
-            .collect();
-        for id in &stale {
-            self.remove(*id, tiers);
+        let stale = self.contexts.reap(now, policy);
+        for &id in &stale {
+            self.release_where(tiers, |k, _| k.instance_id == id);
         }
         (expired, stale)
     }

@@ -26,12 +26,12 @@ pub use counters::OpCounters;
 pub use engine_driven::{EngineDriven, EngineDrivenError};
 pub use lookup::Sessions;
 pub use register::{GpuStatus, PIN_PIECE_ENV};
-pub use registry::{ReapPolicy, Registry};
+pub use registry::{ReapPolicy, Registry, Roster};
 pub use transfer::TransferError;
 
 use crate::engine_mem::cuda::PinnedHost;
+use crate::session::SessionIndex;
 use crate::store::tiered::Tiers;
-use crate::windows::session::SessionIndex;
 
 #[derive(Debug, Clone)]
 pub struct Settings {

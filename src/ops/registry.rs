@@ -22,9 +22,9 @@ pub struct Instance {
     liveness: Mutex<Liveness>,
 }
 
-/// When an instance was last heard from, and whether it ever pinged (which picks the reap
+/// When a worker was last heard from, and whether it ever pinged (which picks the reap
 /// window).
-pub(crate) struct Liveness {
+pub struct Liveness {
     last_seen: Instant,
     pinged: bool,
 }
@@ -81,76 +81,117 @@ pub struct ReapPolicy {
     pub never_pinged: Duration,
 }
 
-#[derive(Default)]
-pub struct Registry {
-    instances: RwLock<HashMap<u64, Arc<Instance>>>,
+/// A registered worker as the roster tracks it.
+pub trait Member {
+    fn id(&self) -> u64;
+    /// The `(model, world_size)` it can serve; `None` for a registration cwm cannot use.
+    fn serves(&self) -> Option<(Arc<str>, u32)>;
+    fn liveness(&self) -> &Mutex<Liveness>;
+}
+
+impl Member for Instance {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn serves(&self) -> Option<(Arc<str>, u32)> {
+        self.kv
+            .is_ok()
+            .then(|| (self.model.clone(), self.world_size))
+    }
+
+    fn liveness(&self) -> &Mutex<Liveness> {
+        &self.liveness
+    }
+}
+
+/// Registered workers of one kind by instance id: which `(model, world_size)` pairs some usable
+/// one serves (lookups answer 0 otherwise), and the reaping of those gone silent. The one
+/// mechanism behind `register_kv_cache` instances and engine-driven contexts.
+pub struct Roster<T> {
+    members: RwLock<HashMap<u64, Arc<T>>>,
     models: Mutex<HashMap<(Arc<str>, u32), usize>>,
 }
 
-impl Registry {
-    pub fn get(&self, id: u64) -> Option<Arc<Instance>> {
-        self.instances.read().get(&id).cloned()
+impl<T> Default for Roster<T> {
+    fn default() -> Self {
+        Roster {
+            members: RwLock::default(),
+            models: Mutex::default(),
+        }
+    }
+}
+
+/// `register_kv_cache` instances.
+pub type Registry = Roster<Instance>;
+
+impl<T: Member> Roster<T> {
+    pub fn get(&self, id: u64) -> Option<Arc<T>> {
+        self.members.read().get(&id).cloned()
     }
 
     pub fn contains(&self, id: u64) -> bool {
-        self.instances.read().contains_key(&id)
+        self.members.read().contains_key(&id)
     }
 
-    /// Add an instance; returns false (and keeps the existing one) if the id is taken.
-    pub fn insert(&self, instance: Instance) -> bool {
-        let mut instances = self.instances.write();
-        if instances.contains_key(&instance.id) {
-            return false;
+    /// Add a member; if its id is taken, the existing one stays and is returned.
+    pub fn insert(&self, member: T) -> Arc<T> {
+        let mut members = self.members.write();
+        if let Some(existing) = members.get(&member.id()) {
+            return existing.clone();
         }
-        if instance.kv.is_ok() {
-            *self
-                .models
-                .lock()
-                .entry((instance.model.clone(), instance.world_size))
-                .or_default() += 1;
+        if let Some(pair) = member.serves() {
+            *self.models.lock().entry(pair).or_default() += 1;
         }
-        instances.insert(instance.id, Arc::new(instance));
-        true
+        let member = Arc::new(member);
+        members.insert(member.id(), member.clone());
+        member
     }
 
-    pub fn remove(&self, id: u64) -> Option<Arc<Instance>> {
-        let removed = self.instances.write().remove(&id)?;
-        if removed.kv.is_ok() {
+    pub fn remove(&self, id: u64) -> Option<Arc<T>> {
+        let removed = self.members.write().remove(&id)?;
+        if let Some(pair) = removed.serves() {
             let mut models = self.models.lock();
-            let key = (removed.model.clone(), removed.world_size);
-            if let Some(n) = models.get_mut(&key) {
+            if let Some(n) = models.get_mut(&pair) {
                 *n -= 1;
                 if *n == 0 {
-                    models.remove(&key);
+                    models.remove(&pair);
                 }
             }
         }
         Some(removed)
     }
 
-    /// Whether some usable instance serves `(model, world_size)`.
+    /// Whether some usable member serves `(model, world_size)`.
     pub fn serves(&self, model: &str, world_size: u32) -> bool {
         self.models
             .lock()
             .contains_key(&(Arc::from(model), world_size))
     }
 
+    /// The member was heard from (`pinged`: by a heartbeat).
+    pub fn touch(&self, id: u64, pinged: bool) {
+        if let Some(m) = self.get(id) {
+            m.liveness().lock().touch(pinged);
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.instances.read().len()
+        self.members.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Unregister instances that went silent; returns their ids.
+    /// Remove members that went silent; returns their ids.
     pub fn reap(&self, now: Instant, policy: ReapPolicy) -> Vec<u64> {
         let stale: Vec<u64> = self
-            .instances
+            .members
             .read()
             .values()
-            .filter(|i| i.liveness.lock().stale(now, policy))
-            .map(|i| i.id)
+            .filter(|m| m.liveness().lock().stale(now, policy))
+            .map(|m| m.id())
             .collect();
         for id in &stale {
             self.remove(*id);

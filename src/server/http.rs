@@ -289,7 +289,7 @@ async fn status(State(w): State<Arc<Windows>>) -> Result<Json<serde_json::Value>
 }
 
 async fn metrics(State(w): State<Arc<Windows>>) -> Result<Response, Response> {
-    let text = blocking(w, crate::metrics::render).await?;
+    let text = blocking(w, |w| crate::metrics::render(&w.cwm, &w.health())).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

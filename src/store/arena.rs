@@ -166,8 +166,10 @@ impl std::fmt::Debug for Arena {
     }
 }
 
-// The arena is plain memory; who may touch which extent is decided by the store's locks.
+// SAFETY: the arena is plain memory owned by this value (unmapped on drop); it hands out raw
+// pointers only, and who may touch which extent is decided by the store's locks.
 unsafe impl Send for Arena {}
+// SAFETY: as above; `&Arena` gives no access but raw pointers.
 unsafe impl Sync for Arena {}
 
 /// Prefix of the pool names cwm picks itself: `cwm_l1_<pid>_<n>`.
@@ -313,6 +315,7 @@ impl Arena {
         }
         // Huge pages cut TLB misses on multi-MiB copies; advisory, so failure is fine (tmpfs
         // honours it only when /sys/kernel/mm/transparent_hugepage/shmem_enabled allows).
+        // SAFETY: `ptr`/`len` are exactly the mapping just created; madvise changes no bytes.
         unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         Ok(Arena {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),

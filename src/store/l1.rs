@@ -12,7 +12,9 @@
 //! The arena may be a shared-memory pool (`L1Store::new_shared`): then every object's extent
 //! offset (`WriteGuard::pool_offset`, `ReadGuard::pool_offset`) is where an engine that mapped
 //! the pool finds the object's bytes, and the same rules hold for the engine's copies as for
-//! cwm's own: it may write only under a `WriteGuard`, read only under a `ReadGuard`.
+//! cwm's own: it may write only under a `WriteGuard`, read only under a `ReadGuard`. Since an
+//! engine maps those pages read-write, no Rust reference ever covers an object's bytes: guards
+//! copy in and out through raw pointers (`copy_from_slice`, `copy_to`, `to_vec`, `as_ptr`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -260,19 +262,24 @@ impl L1Store {
             return Reservation::NoSpace;
         }
         let now = Instant::now();
+        // Evictions of one reservation walk the LRU once: what was skipped (locked or being
+        // read) stays unevictable while the lock is held, so the next victim is searched after
+        // the last one, not from the front again.
+        let mut after = 0;
         let extent = loop {
             if let Some(extent) = alloc.allocate(len) {
                 break extent;
             }
             let victim = index
                 .lru
-                .values()
-                .find(|k| index.entries.get(*k).is_some_and(|e| e.evictable(now)))
-                .cloned();
-            let Some(victim) = victim else {
+                .range(after..)
+                .find(|(_, k)| index.entries.get(*k).is_some_and(|e| e.evictable(now)))
+                .map(|(tick, k)| (*tick, k.clone()));
+            let Some((tick, victim)) = victim else {
                 self.counters.no_space.fetch_add(1, Relaxed);
                 return Reservation::NoSpace;
             };
+            after = tick + 1;
             if let Some(e) = index.remove(&victim, alloc) {
                 self.counters.evicted_objects.fetch_add(1, Relaxed);
                 self.counters.evicted_bytes.fetch_add(e.len, Relaxed);
@@ -437,8 +444,10 @@ pub struct WriteGuard {
     itemsize: u8,
 }
 
-// The reserved extent belongs to this guard alone until commit or drop.
+// SAFETY: the reserved extent belongs to this guard alone until commit or drop, and the
+// guard keeps the store (and so the arena) alive; it is only reached through raw pointers.
 unsafe impl Send for WriteGuard {}
+// SAFETY: as above; `&WriteGuard` exposes the extent only as a raw pointer.
 unsafe impl Sync for WriteGuard {}
 
 impl WriteGuard {
@@ -463,9 +472,12 @@ impl WriteGuard {
         self.key.as_ref().expect("uncommitted guard has its key")
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: the extent is reserved for this guard only and lies inside the arena.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len as usize) }
+    /// Copy `src` (exactly `len()` bytes) into the object.
+    pub fn copy_from_slice(&mut self, src: &[u8]) {
+        assert_eq!(src.len(), self.len as usize, "object is {} bytes", self.len);
+        // SAFETY: the extent is `len` bytes inside the arena, reserved for this guard alone;
+        // `src` is ordinary memory, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr, src.len()) }
     }
 
     /// Bytes per element of what the object holds (dtype size; 1 until told).
@@ -524,7 +536,10 @@ pub struct ReadGuard {
     itemsize: u8,
 }
 
+// SAFETY: the guard pins a committed, immutable object (`active_reads`) and keeps the store
+// alive; the object is only reached through raw pointers.
 unsafe impl Send for ReadGuard {}
+// SAFETY: as above; any number of readers may copy out of an immutable object at once.
 unsafe impl Sync for ReadGuard {}
 
 impl ReadGuard {
@@ -542,9 +557,19 @@ impl ReadGuard {
         self.ptr
     }
 
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: committed objects are immutable and pinned by `active_reads` while we live.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    /// Copy the object (exactly `len()` bytes) into `out`.
+    pub fn copy_to(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.len as usize, "object is {} bytes", self.len);
+        // SAFETY: the object is `len` bytes inside the arena, committed (so no cwm writer) and
+        // pinned by `active_reads` while we live; `out` is ordinary memory.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// The object's bytes, copied out.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len as usize];
+        self.copy_to(&mut out);
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -596,7 +621,7 @@ mod tests {
     fn put(s: &Arc<L1Store>, k: &ObjectKey, byte: u8) -> bool {
         match s.reserve(k, 4096) {
             Reservation::Reserved(mut w) => {
-                w.as_mut_slice().fill(byte);
+                w.copy_from_slice(&[byte; 4096]);
                 w.commit();
                 true
             }
@@ -613,9 +638,9 @@ mod tests {
         };
         assert!(!s.contains(&k) && s.read(&k).is_none());
         assert!(matches!(s.reserve(&k, 4096), Reservation::Present));
-        w.as_mut_slice().fill(7);
+        w.copy_from_slice(&[7; 4096]);
         w.commit();
-        assert_eq!(s.read(&k).unwrap().as_slice(), &[7u8; 4096][..]);
+        assert_eq!(s.read(&k).unwrap().to_vec(), [7u8; 4096]);
         assert!(matches!(s.reserve(&k, 4096), Reservation::Present));
     }
 
@@ -640,7 +665,7 @@ mod tests {
         let reading = s.read(&b).unwrap();
         assert!(put(&s, &d, 4));
         assert!(s.contains(&a) && s.contains(&b) && !s.contains(&c) && s.contains(&d));
-        assert_eq!(reading.as_slice()[0], 2);
+        assert_eq!(reading.to_vec()[0], 2);
         // Everything pinned now: no space, nothing corrupted.
         assert_eq!(s.lock_prefix(&[vec![d.clone()]], 1), 1);
         assert!(!put(&s, &c, 9));
@@ -707,7 +732,7 @@ mod tests {
         };
         let offset = w.pool_offset() as usize;
         assert_eq!(offset % 4096, 0);
-        w.as_mut_slice().fill(9);
+        w.copy_from_slice(&[9; 100]);
         assert_eq!(&view[offset..offset + 100], &[9u8; 100][..]);
         w.commit();
         let r = s.read(&key(2, "")).unwrap();
@@ -758,7 +783,7 @@ mod tests {
         assert!(put(&s, &key(1, "alice"), 1));
         assert!(!s.contains(&key(1, "bob")) && !s.contains(&key(1, "")));
         assert!(put(&s, &key(1, "bob"), 2));
-        assert_eq!(s.read(&key(1, "alice")).unwrap().as_slice()[0], 1);
+        assert_eq!(s.read(&key(1, "alice")).unwrap().to_vec()[0], 1);
     }
 
     #[test]

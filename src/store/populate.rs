@@ -110,7 +110,7 @@ mod tests {
             let Reservation::Reserved(mut w) = l1.reserve(&key(i), len) else {
                 panic!("no room for object {i}");
             };
-            w.as_mut_slice().copy_from_slice(&data);
+            w.copy_from_slice(&data);
             w.commit();
         }
         thread_minor_faults() - before

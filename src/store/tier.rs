@@ -8,6 +8,8 @@
 //! what no window pins, and `stats` feeds `/metrics`.
 
 use connector_protocol::ObjectKey;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::WriteGuard;
@@ -40,7 +42,8 @@ pub struct RecordInfo {
 
 /// A tier's occupancy and traffic, for `/metrics` and the status tools. Counters a tier has
 /// no notion of stay 0 (a tier without segments reports none).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename = "L2Stats")]
 pub struct TierStats {
     pub records: usize,
     pub segments: usize,

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::codec::CompressionPolicy;
@@ -96,7 +98,7 @@ struct WriteBehindCounters {
 }
 
 /// Write-behind's traffic so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WriteBehindStats {
     pub queued_bytes: u64,
     pub enqueued: u64,
@@ -107,7 +109,8 @@ pub struct WriteBehindStats {
 }
 
 /// L1's occupancy and traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename = "L1Stats")]
 pub struct L1Report {
     pub objects: usize,
     pub used_bytes: u64,
@@ -513,7 +516,7 @@ impl Tiers {
         match self.l1.read(key) {
             Some(object) => {
                 let record =
-                    record::encode(key, object.as_slice(), object.itemsize(), self.compression);
+                    record::encode(key, &object.to_vec(), object.itemsize(), self.compression);
                 for tier in &self.lower {
                     tier.put(key, &record)?;
                 }
@@ -749,7 +752,7 @@ impl WriteBehind {
                     };
                     Some(record::encode(
                         &job.key,
-                        object.as_slice(),
+                        &object.to_vec(),
                         object.itemsize(),
                         self.compression,
                     ))

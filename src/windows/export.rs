@@ -214,23 +214,6 @@ impl<W: Write> Write for Crc32Writer<W> {
     }
 }
 
-/// The window catalog and L2 of a data directory, opened without serving (for `cwm windows`).
-/// The sidecar must not be running on the same directory: L2 has one writer.
-pub fn open_offline(config: &crate::config::Config) -> anyhow::Result<Windows> {
-    use crate::store::tiered::L1Memory;
-
-    config.validate()?;
-    anyhow::ensure!(
-        config.l2_enabled(),
-        "windows live in L2: --l2-size-gb must be above 0"
-    );
-    let mut tiers = config.tiers_config();
-    tiers.l1.capacity_bytes = 1 << 20;
-    tiers.l1_memory = L1Memory::Private;
-    let cwm = crate::serve::open_cwm(config, &tiers)?;
-    Ok(Windows::open(cwm, Some(&config.l2_path))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

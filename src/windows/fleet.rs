@@ -154,7 +154,7 @@ impl Windows {
     fn record_of(&self, l3: &L3, key: &ObjectKey) -> Result<Vec<u8>, WindowError> {
         let t = &self.cwm.tiers;
         if let Some(g) = t.read(key) {
-            return Ok(l3.record(key, g.as_slice(), g.itemsize()));
+            return Ok(l3.record(key, &g.to_vec(), g.itemsize()));
         }
         t.export_record(key)
             .map_err(|_| WindowError::Vanished(Box::new(key.clone())))

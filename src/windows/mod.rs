@@ -20,7 +20,6 @@
 pub mod catalog;
 pub mod export;
 mod fleet;
-pub mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -36,7 +35,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ops::Cwm;
-use crate::store::l3::L3Stats;
+use crate::status;
+pub use crate::status::{CacheStats, Health, L1Stats, L2Stats, WriteBehindStats};
 use crate::store::tier::TierError;
 use crate::store::tiered::{DurableError, InstallError, Installed, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
@@ -359,76 +359,6 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct SessionList {
     pub sessions: Vec<SessionInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct L1Stats {
-    pub objects: usize,
-    pub used_bytes: u64,
-    pub capacity_bytes: u64,
-    pub committed_objects: u64,
-    pub committed_bytes: u64,
-    pub evicted_objects: u64,
-    pub evicted_bytes: u64,
-    pub no_space: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct L2Stats {
-    pub records: usize,
-    pub segments: usize,
-    pub used_bytes: u64,
-    pub capacity_bytes: u64,
-    pub pinned_records: usize,
-    pub read_records: u64,
-    pub read_bytes: u64,
-    pub written_records: u64,
-    pub written_raw_bytes: u64,
-    pub written_stored_bytes: u64,
-    pub corrupt_records: u64,
-    pub reclaimed_segments: u64,
-    pub reclaimed_records: u64,
-    pub write_errors: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct WriteBehindStats {
-    pub queued_bytes: u64,
-    pub enqueued: u64,
-    pub dropped: u64,
-    pub written: u64,
-    pub missed: u64,
-    pub failed: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct CacheStats {
-    pub lookup_chunks: u64,
-    pub lookup_hit_chunks: u64,
-    pub lookup_miss_chunks: u64,
-    pub hit_rate: f64,
-    pub stored_objects: u64,
-    pub stored_bytes: u64,
-    pub retrieved_objects: u64,
-    pub retrieved_bytes: u64,
-    pub retrieve_misses: u64,
-    pub l1: L1Stats,
-    pub l2: Option<L2Stats>,
-    pub write_behind: WriteBehindStats,
-    /// The Redis tier: its link (up/down, incidents), reads, writes, corrupt values.
-    pub l3: Option<L3Stats>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct Health {
-    pub status: String,
-    pub version: String,
-    pub uptime_secs: u64,
-    pub chunk_size: usize,
-    pub l2_enabled: bool,
-    pub windows: usize,
-    pub sessions: usize,
-    pub registered_instances: usize,
 }
 
 // ----- the operations -------------------------------------------------------------------------
@@ -971,65 +901,7 @@ impl Windows {
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        let c = &self.cwm.counters;
-        let t = self.cwm.tiers.stats();
-        let lookups = c.lookup_chunks.load(Relaxed);
-        let hits = c.lookup_hit_chunks.load(Relaxed);
-        let (l1, wb) = (&t.l1, &t.write_behind);
-        CacheStats {
-            lookup_chunks: lookups,
-            lookup_hit_chunks: hits,
-            lookup_miss_chunks: lookups.saturating_sub(hits),
-            hit_rate: if lookups > 0 {
-                hits as f64 / lookups as f64
-            } else {
-                0.0
-            },
-            stored_objects: c.stored_objects.load(Relaxed),
-            stored_bytes: c.stored_bytes.load(Relaxed),
-            retrieved_objects: c.retrieved_objects.load(Relaxed),
-            retrieved_bytes: c.retrieved_bytes.load(Relaxed),
-            retrieve_misses: c.retrieve_misses.load(Relaxed),
-            l1: L1Stats {
-                objects: l1.objects,
-                used_bytes: l1.used_bytes,
-                capacity_bytes: l1.capacity_bytes,
-                committed_objects: l1.committed_objects,
-                committed_bytes: l1.committed_bytes,
-                evicted_objects: l1.evicted_objects,
-                evicted_bytes: l1.evicted_bytes,
-                no_space: l1.no_space,
-            },
-            l2: t
-                .lower
-                .iter()
-                .find(|(name, _)| *name == "L2")
-                .map(|(_, s)| L2Stats {
-                    records: s.records,
-                    segments: s.segments,
-                    used_bytes: s.used_bytes,
-                    capacity_bytes: s.capacity_bytes,
-                    pinned_records: s.pinned_records,
-                    read_records: s.read_records,
-                    read_bytes: s.read_bytes,
-                    written_records: s.written_records,
-                    written_raw_bytes: s.written_raw_bytes,
-                    written_stored_bytes: s.written_stored_bytes,
-                    corrupt_records: s.corrupt_records,
-                    reclaimed_segments: s.reclaimed_segments,
-                    reclaimed_records: s.reclaimed_records,
-                    write_errors: s.write_errors,
-                }),
-            write_behind: WriteBehindStats {
-                queued_bytes: wb.queued_bytes,
-                enqueued: wb.enqueued,
-                dropped: wb.dropped,
-                written: wb.written,
-                missed: wb.missed,
-                failed: wb.failed,
-            },
-            l3: self.cwm.tiers.l3().map(|l3| l3.stats()),
-        }
+        status::cache_stats(&self.cwm)
     }
 
     pub fn health(&self) -> Health {

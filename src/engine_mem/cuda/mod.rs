@@ -120,7 +120,7 @@ impl EngineMemory for CudaKv {
         let mut runs = Vec::new();
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
-            let object = c.object.as_slice().as_ptr() as usize;
+            let object = c.object.as_ptr() as usize;
             self.runs(c.blocks, object, Some(c.skip_blocks), &mut runs);
         }
         if runs.is_empty() {

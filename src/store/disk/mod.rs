@@ -164,6 +164,14 @@ impl<S: Storage> DiskStore<S> {
         };
         let ids = storage.segments()?;
         let last = ids.last().copied();
+        // Each segment's checkpointed entries, grouped in one pass (not one pass per segment).
+        let mut checkpointed: HashMap<u32, Vec<(ObjectKey, Location)>> = HashMap::new();
+        for (key, loc) in checkpoint.entries {
+            checkpointed
+                .entry(loc.segment)
+                .or_default()
+                .push((key, loc));
+        }
         for &id in &ids {
             let file = Arc::new(storage.open(id)?);
             let file_len = file.len();
@@ -172,10 +180,10 @@ impl<S: Storage> DiskStore<S> {
             // Trust the checkpoint's entries for this segment if the file still covers them.
             if let Some(&scanned) = checkpoint.scanned.get(&id) {
                 if scanned <= file_len {
-                    for (key, loc) in checkpoint.entries.iter().filter(|(_, l)| l.segment == id) {
+                    for (key, loc) in checkpointed.remove(&id).unwrap_or_default() {
                         state.used_bytes += loc.record_len;
                         keys.insert(key.clone());
-                        state.index.insert(key.clone(), *loc);
+                        state.index.insert(key, loc);
                     }
                     at = scanned;
                 }
@@ -711,9 +719,12 @@ impl<S: Storage> Tier for DiskStore<S> {
     }
 
     fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError> {
+        // Decoded into private memory, then copied in: no reference may cover pool pages.
+        let mut raw = vec![0; object.len()];
         let itemsize = self
-            .read(key, object.as_mut_slice())
+            .read(key, &mut raw)
             .map_err(|e| TierError::new("L2", e))?;
+        object.copy_from_slice(&raw);
         object.set_itemsize(itemsize);
         Ok(())
     }

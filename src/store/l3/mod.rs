@@ -239,6 +239,12 @@ impl L3 {
         })
     }
 
+    fn decode(r: &Record) -> Result<Vec<u8>, crate::store::codec::CodecError> {
+        let mut raw = vec![0; r.header.raw_len as usize];
+        r.decode_into(&mut raw)?;
+        Ok(raw)
+    }
+
     /// Verify a value fetched for `key` and copy its object into L1.
     fn install(&self, l1: &Arc<L1Store>, key: &ObjectKey, value: &[u8]) -> bool {
         let r = match Record::parse(value, 0) {
@@ -249,8 +255,10 @@ impl L3 {
         match l1.reserve(key, r.header.raw_len) {
             Reservation::Present => true,
             Reservation::NoSpace => false,
-            Reservation::Reserved(mut w) => match r.decode_into(w.as_mut_slice()) {
-                Ok(()) => {
+            // Decoded into private memory, then copied in: no reference may cover pool pages.
+            Reservation::Reserved(mut w) => match Self::decode(&r) {
+                Ok(raw) => {
+                    w.copy_from_slice(&raw);
                     w.set_itemsize(r.header.itemsize);
                     w.commit();
                     self.counters.read_records.fetch_add(1, Relaxed);
