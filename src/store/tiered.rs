@@ -736,6 +736,9 @@ impl WriteBehind {
     }
 
     fn write_batch(&self, batch: &[Job]) {
+        // The whole batch runs under the clear fence: a `clear` waits for it, so no object
+        // write-behind is still reading (which L1's clear must leave in place) survives it.
+        let _fence = self.generation.fence.lock();
         let c = &self.counters;
         let cancelled = |job: &Job| job.generation != self.generation.current.load(Relaxed);
         let records: Vec<Option<Vec<u8>>> = background::pool().install(|| {
@@ -762,7 +765,6 @@ impl WriteBehind {
         for (job, record) in batch.iter().zip(records) {
             c.queued_bytes.fetch_sub(job.bytes, Relaxed);
             let Some(record) = record else { continue };
-            let _fence = self.generation.fence.lock();
             if cancelled(job) {
                 continue;
             }
