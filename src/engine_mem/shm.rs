@@ -158,6 +158,28 @@ impl ShmKv {
         );
     }
 
+    /// Run `copy(object_index, plane, layer, section)` for every (plane, layer) section of
+    /// `objects` (each its blocks and its base address) in parallel: one task per section.
+    /// Callers check each object's size against its blocks first.
+    fn for_each_section<'b>(
+        &self,
+        objects: impl Iterator<Item = (&'b [u32], *mut u8)>,
+        copy: impl Fn(usize, u64, u64, *mut u8) + Sync,
+    ) {
+        let sections: Vec<(usize, u64, u64, Section)> = objects
+            .enumerate()
+            .flat_map(|(i, (blocks, base))| {
+                let chunk_tokens = blocks.len() as u64 * self.layout.block_size;
+                // SAFETY: section offsets lie inside the object (callers checked its size).
+                plan::sections(&self.layout, chunk_tokens)
+                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
+            })
+            .collect();
+        sections
+            .par_iter()
+            .for_each(|&(i, p, l, s)| copy(i, p, l, s.0));
+    }
+
     /// The plan's runs of the (plane, layer) rows of the blocks `wanted(index, id)` selects:
     /// `f(engine_ptr, object_offset, len)`.
     ///
@@ -209,21 +231,11 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let chunk_tokens = |c: &Gather| c.blocks.len() as u64 * self.layout.block_size;
-        let sections: Vec<(usize, u64, u64, Section)> = chunks
-            .iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                let base = c.object.as_mut_ptr();
-                // SAFETY: section offsets lie inside the object (its size was checked above).
-                plan::sections(&self.layout, chunk_tokens(c))
-                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
-            })
-            .collect();
-        sections.par_iter().for_each(|&(i, p, l, dst)| {
-            // SAFETY: blocks were bound-checked above; `dst` is this task's own section of a
-            // reserved object, `section_bytes(blocks.len())` long.
-            unsafe { self.gather_section(p, l, chunks[i].blocks, dst.0) }
+        // SAFETY (per section): blocks were bound-checked above; `dst` is this task's own
+        // section of a reserved object, `section_bytes(blocks.len())` long.
+        let objects = chunks.iter().map(|c| (c.blocks, c.object.as_mut_ptr()));
+        self.for_each_section(objects, |i, p, l, dst| unsafe {
+            self.gather_section(p, l, chunks[i].blocks, dst)
         });
         Ok(Vec::new())
     }
@@ -232,22 +244,14 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        let chunk_tokens = |c: &Scatter| c.blocks.len() as u64 * self.layout.block_size;
-        let sections: Vec<(usize, u64, u64, Section)> = chunks
+        // SAFETY (per section): bound-checked blocks; `src` is a section of an object pinned
+        // by its `ReadGuard` for the duration of the copy.
+        let objects = chunks
             .iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                let base = c.object.as_ptr() as *mut u8;
-                // SAFETY: section offsets lie inside the object (its size was checked above).
-                plan::sections(&self.layout, chunk_tokens(c))
-                    .map(move |(p, l, off)| (i, p, l, Section(unsafe { base.add(off) })))
-            })
-            .collect();
-        sections.par_iter().for_each(|&(i, p, l, src)| {
+            .map(|c| (c.blocks, c.object.as_ptr() as *mut u8));
+        self.for_each_section(objects, |i, p, l, src| unsafe {
             let c = &chunks[i];
-            // SAFETY: bound-checked blocks; `src` is a section of an object pinned by its
-            // `ReadGuard` for the duration of the copy.
-            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src.0) }
+            self.scatter_section(p, l, c.blocks, c.skip_blocks, src)
         });
         Ok(Vec::new())
     }
