@@ -764,3 +764,131 @@ fn a_repeated_lookup_releases_what_the_first_still_holds() {
     c.free_lookup_locks(&k(None, "q")).unwrap();
     assert_eq!(locks(), 1, "freeing twice releases q's lock once");
 }
+
+/// The commands are transport-free: a front end that is not the MP protocol (`lm://`) builds
+/// them as plain values and runs them on the same `Cwm`, and what one transport stored the
+/// other finds, byte for byte.
+#[test]
+fn commands_built_without_msgpack_share_the_store_with_the_mp_protocol() {
+    use cwm::ops::{Command, QueryPrefetchStatus, Retrieve, Store, WaitPrefetchStatus};
+
+    let s = sidecar(small_config());
+    let mut c = client(&s);
+    let (src, dst) = (
+        TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32),
+        TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32),
+    );
+    src.fill(11);
+    dst.fill_byte(0xEE);
+    register(&mut c, 1, &src, 1);
+    register(&mut c, 2, &dst, 1);
+    let t = tokens(21, 512);
+
+    // Stored by a command value (no frames), found and retrieved over MP.
+    let stored = Store {
+        key: key(MODEL, "", &t, Some(0), 1, 0, 512, "direct"),
+        instance_id: 1,
+        block_ids: blocks(1, 32),
+        event: Vec::new(),
+    }
+    .run(&s.cwm)
+    .unwrap();
+    assert_eq!(stored, TransferResult::DONE);
+    assert_eq!(
+        lookup_hits(&mut c, &key(MODEL, "", &t, None, 1, 0, 512, "mp")),
+        2
+    );
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &t, Some(0), 1, 0, 512, "mp"),
+            2,
+            &blocks(33, 32),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    for j in 0..32 {
+        assert_eq!(src.block(1 + j), dst.block(33 + j), "block {j}");
+    }
+
+    // Stored over MP, looked up and retrieved by command values.
+    let t2 = tokens(22, 256);
+    assert!(
+        c.store(
+            &key(MODEL, "", &t2, Some(0), 1, 0, 256, "mp2"),
+            1,
+            &blocks(40, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    cwm::ops::Lookup {
+        key: key(MODEL, "", &t2, None, 1, 0, 256, "direct2"),
+        tp_size: 1,
+    }
+    .run(&s.cwm)
+    .unwrap();
+    let hits = WaitPrefetchStatus {
+        request_id: "direct2".into(),
+        timeout: std::time::Duration::from_secs(10),
+    }
+    .run(&s.cwm)
+    .unwrap();
+    assert_eq!(hits, Some(1));
+    let again = QueryPrefetchStatus {
+        request_id: "direct2".into(),
+    };
+    assert_eq!(again.run(&s.cwm).unwrap(), Some(0), "handed out once");
+    let retrieved = Retrieve {
+        key: key(MODEL, "", &t2, Some(0), 1, 0, 256, "direct2"),
+        instance_id: 2,
+        block_ids: blocks(1, 16),
+        event: Vec::new(),
+        skip_first_n_tokens: 0,
+    }
+    .run(&s.cwm)
+    .unwrap();
+    assert!(retrieved.ok);
+    for j in 0..16 {
+        assert_eq!(src.block(40 + j), dst.block(1 + j), "block {j}");
+    }
+
+    // A command's failure is a typed value too: a miss is an error, answered as FAILED on MP.
+    let miss = Retrieve {
+        key: key(MODEL, "", &tokens(23, 256), Some(0), 1, 0, 256, "none"),
+        instance_id: 2,
+        block_ids: blocks(1, 16),
+        event: Vec::new(),
+        skip_first_n_tokens: 0,
+    }
+    .run(&s.cwm);
+    assert!(miss.is_err());
+    assert_eq!(<Retrieve as Command>::failed(), TransferResult::FAILED);
+}
+
+/// Ops cwm does not serve are answered with no payload and counted under one name, so made-up
+/// op names cannot grow the per-op counters (a hostile client once could, one entry per name).
+#[test]
+fn unknown_ops_are_answered_and_counted_under_one_name() {
+    let s = sidecar(small_config());
+    let before = s.cwm.counters.snapshot().len();
+    for i in 0..1000 {
+        let name = format!("made_up_op_{i}");
+        let req = connector_protocol::Request {
+            uid: b"u",
+            op_frame: b"x",
+            op: Op::from_name(&name),
+            payloads: vec![],
+        };
+        assert_eq!(s.cwm.handle(&req), None);
+    }
+    let after = s.cwm.counters.snapshot();
+    assert!(
+        after.len() <= before + 1,
+        "{} op counters after 1000 made-up names",
+        after.len()
+    );
+    assert_eq!(s.cwm.counters.op(Op::StoreQ.static_name()).calls, 0);
+    assert_eq!(s.cwm.counters.op("<other>").calls, 1000);
+}

@@ -26,13 +26,14 @@ use std::time::Instant;
 
 use connector_protocol::ipc::dtype_itemsize;
 use connector_protocol::{
-    codec, IpcCacheServerKey, ObjectKey, PrepareRetrieveContext, PrepareRetrieveResponse,
+    codec, IpcCacheServerKey, ObjectKey, Op, PrepareRetrieveContext, PrepareRetrieveResponse,
     PrepareStoreContext, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
     RegisterEngineDrivenContextResponse, ShmSlot,
 };
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use super::command::{decode_key, Answer, Command};
 use super::registry::{Liveness, Member, ReapPolicy, Roster};
 use super::{Cwm, OpError, TransferError};
 use crate::store::tiered::Tiers;
@@ -209,8 +210,185 @@ impl EngineDriven {
     }
 }
 
+/// `register_kv_cache_engine_driven_context`: a worker that copies KV itself, through cwm's
+/// shared-memory pool. Answered with the pool's name and size (an empty name: no pool).
+pub struct RegisterContext {
+    pub payload: RegisterEngineDrivenContextPayload,
+}
+
+impl Command for RegisterContext {
+    const OP: Op = Op::RegisterKvCacheEngineDrivenContext;
+    type Answer = RegisterEngineDrivenContextResponse;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(RegisterContext {
+            payload: codec::decode("RegisterEngineDrivenContextPayload", f[0])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<Self::Answer, OpError> {
+        cwm.register_engine_driven_context(&self.payload)
+    }
+
+    /// An empty name puts the client in pickle mode, which then fails cleanly op by op.
+    fn failed() -> Self::Answer {
+        RegisterEngineDrivenContextResponse::default()
+    }
+}
+
+/// `unregister_kv_cache_engine_driven_context`: forget the worker, releasing its prepares.
+pub struct UnregisterContext {
+    pub instance_id: u64,
+}
+
+impl Command for UnregisterContext {
+    const OP: Op = Op::UnregisterKvCacheEngineDrivenContext;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(UnregisterContext {
+            instance_id: codec::decode_u64("instance_id", f[0])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        cwm.unregister_engine_driven_context(self.instance_id);
+        Ok(())
+    }
+
+    fn failed() {}
+}
+
+/// `prepare_store`: reserve L1 slots for the key's chunks not stored yet.
+pub struct PrepareStore {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+}
+
+/// `prepare_store`'s answer: the slots to copy into, or none at all (the client then copies
+/// into buffers of its own and its `commit_store` fails).
+pub enum PrepareStoreAnswer {
+    Slots(PrepareStoreResponse),
+    Unavailable,
+}
+
+impl Answer for PrepareStoreAnswer {
+    fn into_payload(self) -> Option<Vec<u8>> {
+        Some(match self {
+            PrepareStoreAnswer::Slots(r) => codec::encode(&r),
+            PrepareStoreAnswer::Unavailable => PrepareStoreResponse::encode_unavailable(),
+        })
+    }
+}
+
+impl Command for PrepareStore {
+    const OP: Op = Op::PrepareStore;
+    const TRANSFER: bool = true;
+    type Answer = PrepareStoreAnswer;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(PrepareStore {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<PrepareStoreAnswer, OpError> {
+        cwm.prepare_store(&self.key, self.instance_id)
+            .map(PrepareStoreAnswer::Slots)
+    }
+
+    fn failed() -> PrepareStoreAnswer {
+        PrepareStoreAnswer::Unavailable
+    }
+}
+
+/// `commit_store`: the engine wrote the prepared slots; publish them. `cpu_data` is the
+/// pickle-mode payload, which cwm refuses (only its size is kept, for the log).
+pub struct CommitStore {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+    pub inline_bytes: usize,
+}
+
+impl Command for CommitStore {
+    const OP: Op = Op::CommitStore;
+    const TRANSFER: bool = true;
+    type Answer = bool;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(CommitStore {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+            inline_bytes: codec::decode_bin("cpu_data", f[2])?.len(),
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<bool, OpError> {
+        cwm.commit_store(&self.key, self.instance_id, self.inline_bytes)
+    }
+
+    fn failed() -> bool {
+        false
+    }
+}
+
+/// `prepare_retrieve`: pin the key's cached chunks and hand out their slots.
+pub struct PrepareRetrieve {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+}
+
+impl Command for PrepareRetrieve {
+    const OP: Op = Op::PrepareRetrieve;
+    const TRANSFER: bool = true;
+    type Answer = PrepareRetrieveResponse;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(PrepareRetrieve {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<PrepareRetrieveResponse, OpError> {
+        cwm.prepare_retrieve(&self.key, self.instance_id)
+    }
+
+    fn failed() -> PrepareRetrieveResponse {
+        PrepareRetrieveResponse::default()
+    }
+}
+
+/// `commit_retrieve`: the engine copied the slots out; unpin them.
+pub struct CommitRetrieve {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+}
+
+impl Command for CommitRetrieve {
+    const OP: Op = Op::CommitRetrieve;
+    const TRANSFER: bool = true;
+    type Answer = bool;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(CommitRetrieve {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<bool, OpError> {
+        cwm.commit_retrieve(&self.key, self.instance_id)
+    }
+
+    fn failed() -> bool {
+        false
+    }
+}
+
 impl Cwm {
-    pub(super) fn register_engine_driven_context(
+    fn register_engine_driven_context(
         &self,
         payload: &RegisterEngineDrivenContextPayload,
     ) -> Result<RegisterEngineDrivenContextResponse, OpError> {
@@ -317,7 +495,7 @@ impl Cwm {
         })
     }
 
-    pub(super) fn unregister_engine_driven_context(&self, id: u64) {
+    fn unregister_engine_driven_context(&self, id: u64) {
         match self.engine_driven.remove(id, &self.tiers) {
             None => tracing::warn!(
                 instance_id = id,
@@ -368,7 +546,7 @@ impl Cwm {
         Instant::now() + self.settings.engine_driven_ttl
     }
 
-    pub(super) fn prepare_store(
+    fn prepare_store(
         &self,
         key: &IpcCacheServerKey,
         instance_id: u64,
@@ -409,18 +587,18 @@ impl Cwm {
     /// such reservation (never prepared, already committed, expired, or its instance gone) and
     /// for pickle payloads, which cwm does not take (the reservation, if any, is dropped: a
     /// client sending its data inline never writes the slots).
-    pub(super) fn commit_store(
+    fn commit_store(
         &self,
         key: &IpcCacheServerKey,
         instance_id: u64,
-        data: &[u8],
+        inline_bytes: usize,
     ) -> Result<bool, OpError> {
         let (ctx, tkey) = self.transfer_context(key, instance_id)?;
         let pending = self.engine_driven.stores.lock().remove(&tkey);
-        if !data.is_empty() {
+        if inline_bytes > 0 {
             tracing::warn!(
                 instance_id,
-                bytes = data.len(),
+                bytes = inline_bytes,
                 "commit_store with an inline (pickle) payload: cwm serves only the shared-memory \
                  mode; refused"
             );
@@ -443,7 +621,7 @@ impl Cwm {
         Ok(true)
     }
 
-    pub(super) fn prepare_retrieve(
+    fn prepare_retrieve(
         &self,
         key: &IpcCacheServerKey,
         instance_id: u64,
@@ -489,11 +667,7 @@ impl Cwm {
 
     /// The engine has copied the slots `prepare_retrieve` handed out: unpin them and release
     /// one lookup read lock per object. `false` when nothing was pending for this key.
-    pub(super) fn commit_retrieve(
-        &self,
-        key: &IpcCacheServerKey,
-        instance_id: u64,
-    ) -> Result<bool, OpError> {
+    fn commit_retrieve(&self, key: &IpcCacheServerKey, instance_id: u64) -> Result<bool, OpError> {
         let (_, tkey) = self.transfer_context(key, instance_id)?;
         let Some(pending) = self.engine_driven.retrieves.lock().remove(&tkey) else {
             return Ok(false);
@@ -509,12 +683,4 @@ impl Cwm {
         self.counters.record_retrieve(objects, bytes);
         Ok(true)
     }
-}
-
-/// Decode the register payload (one frame).
-pub(super) fn decode_payload(frame: &[u8]) -> Result<RegisterEngineDrivenContextPayload, OpError> {
-    Ok(codec::decode::<RegisterEngineDrivenContextPayload>(
-        "RegisterEngineDrivenContextPayload",
-        frame,
-    )?)
 }

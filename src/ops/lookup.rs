@@ -19,11 +19,137 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use connector_protocol::{codec, IpcCacheServerKey, ObjectKey};
+use connector_protocol::{codec, IpcCacheServerKey, ObjectKey, Op};
 use parking_lot::{Condvar, Mutex};
 
+use super::command::{decode_key, Command};
 use super::{Cwm, OpError};
 use crate::store::tiered::Tiers;
+
+/// `lookup`: how many leading chunks of the key's tokens are cached for every rank. Answered
+/// by `query_prefetch_status` / `wait_prefetch_status`; the hit chunks stay read-locked.
+pub struct Lookup {
+    pub key: IpcCacheServerKey,
+    /// The engine's tensor-parallel size (the key's `world_size` is what counts).
+    pub tp_size: u64,
+}
+
+impl Command for Lookup {
+    const OP: Op = Op::Lookup;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(Lookup {
+            key: decode_key(f[0])?,
+            tp_size: codec::decode_u64("tp_size", f[1])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        cwm.lookup(&self.key)
+    }
+
+    fn failed() {}
+}
+
+/// The hit count of a request's last lookup: no payload while its prefetch runs.
+pub struct QueryPrefetchStatus {
+    pub request_id: String,
+}
+
+impl Command for QueryPrefetchStatus {
+    const OP: Op = Op::QueryPrefetchStatus;
+    type Answer = Option<u64>;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(QueryPrefetchStatus {
+            request_id: codec::decode_str("request_id", f[0])?.to_string(),
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<Option<u64>, OpError> {
+        Ok(cwm.query_prefetch_status(&self.request_id))
+    }
+
+    fn failed() -> Option<u64> {
+        Some(0)
+    }
+}
+
+/// Like `query_prefetch_status`, waiting up to `timeout` for a running prefetch.
+pub struct WaitPrefetchStatus {
+    pub request_id: String,
+    pub timeout: Duration,
+}
+
+impl Command for WaitPrefetchStatus {
+    const OP: Op = Op::WaitPrefetchStatus;
+    const TRANSFER: bool = true;
+    type Answer = Option<u64>;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        let timeout = codec::decode_f64("timeout", f[1])?;
+        Ok(WaitPrefetchStatus {
+            request_id: codec::decode_str("request_id", f[0])?.to_string(),
+            timeout: Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO),
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<Option<u64>, OpError> {
+        Ok(cwm.wait_prefetch_status(&self.request_id, self.timeout))
+    }
+
+    fn failed() -> Option<u64> {
+        Some(0)
+    }
+}
+
+/// Release the lookup read locks of the key's chunk range that no retrieve released.
+pub struct FreeLookupLocks {
+    pub key: IpcCacheServerKey,
+}
+
+impl Command for FreeLookupLocks {
+    const OP: Op = Op::FreeLookupLocks;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        // The second frame (the worker count) is not needed: the lookup recorded its readers.
+        Ok(FreeLookupLocks {
+            key: decode_key(f[0])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        cwm.free_lookup_locks(&self.key);
+        Ok(())
+    }
+
+    fn failed() {}
+}
+
+/// The request finished: forget its session.
+pub struct EndSession {
+    pub request_id: String,
+}
+
+impl Command for EndSession {
+    const OP: Op = Op::EndSession;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(EndSession {
+            request_id: codec::decode_str("request_id", f[0])?.to_string(),
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        cwm.end_session(&self.request_id);
+        Ok(())
+    }
+
+    fn failed() {}
+}
 
 /// What a lookup found for one request.
 struct LookupRecord {
@@ -114,7 +240,7 @@ impl Sessions {
 }
 
 impl Cwm {
-    pub(super) fn lookup(self: &Arc<Self>, key: &IpcCacheServerKey) -> Result<(), OpError> {
+    fn lookup(self: &Arc<Self>, key: &IpcCacheServerKey) -> Result<(), OpError> {
         let Some((chunks, readers)) = self.lookup_plan(key) else {
             self.set_session(key, None, Status::Done(0));
             return Ok(());
@@ -226,7 +352,7 @@ impl Cwm {
 
     /// The hit count of the request's last lookup: `None` while its prefetch runs, then the
     /// count once; 0 when unknown or already handed out.
-    pub(super) fn query_prefetch_status(&self, request_id: &str) -> Option<u64> {
+    fn query_prefetch_status(&self, request_id: &str) -> Option<u64> {
         let mut sessions = self.sessions.by_request.lock();
         Self::take_status(&mut sessions, request_id)
     }
@@ -246,7 +372,7 @@ impl Cwm {
     }
 
     /// Like `query_prefetch_status`, but waits up to `timeout` for a running prefetch.
-    pub(super) fn wait_prefetch_status(&self, request_id: &str, timeout: Duration) -> Option<u64> {
+    fn wait_prefetch_status(&self, request_id: &str, timeout: Duration) -> Option<u64> {
         let deadline = Instant::now() + timeout.min(Duration::from_secs(300));
         let mut sessions = self.sessions.by_request.lock();
         loop {
@@ -264,7 +390,7 @@ impl Cwm {
         }
     }
 
-    pub(super) fn free_lookup_locks(&self, key: &IpcCacheServerKey) {
+    fn free_lookup_locks(&self, key: &IpcCacheServerKey) {
         let cs = self.settings.chunk_size as u64;
         if key.start >= key.end {
             return;
@@ -287,19 +413,12 @@ impl Cwm {
         );
     }
 
-    pub(super) fn end_session(&self, request_id: &str) {
+    fn end_session(&self, request_id: &str) {
         self.chains.end_request(request_id);
         let session = self.sessions.by_request.lock().remove(request_id);
         if let Some(record) = session.and_then(|s| s.lookup) {
             self.tiers
                 .touch(record.chunks[..record.hit].iter().flatten());
         }
-    }
-
-    pub(super) fn decode_key(frame: &[u8]) -> Result<IpcCacheServerKey, OpError> {
-        Ok(codec::decode::<IpcCacheServerKey>(
-            "IPCCacheServerKey",
-            frame,
-        )?)
     }
 }

@@ -1,9 +1,12 @@
-//! What each request does, independent of the transport. `Cwm::handle` takes a decoded
-//! request and returns the reply payload (`None` = no payload frame).
+//! What each request does, independent of the transport. Every op is a command (`command`):
+//! typed arguments parsed in the op's own file, run against `Cwm`. `Cwm::handle` takes a
+//! decoded MP request and returns the reply payload (`None` = no payload frame).
 //!
 //! Every request gets an answer: a handler error is logged and turned into the op's failure
 //! value (`(b"", false)` for store/retrieve, `0` for status queries, no payload otherwise).
 
+mod admin;
+pub mod command;
 mod counters;
 pub mod engine_driven;
 mod lookup;
@@ -16,18 +19,24 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use connector_protocol::{
-    codec, validate_cache_salt, validate_model_name, DecodeError, IpcCacheServerKey, KeyError,
-    ObjectKey, Op, PrepareRetrieveResponse, PrepareStoreResponse,
-    RegisterEngineDrivenContextResponse, Request, TokenHasher, TransferResult,
+    validate_cache_salt, validate_model_name, DecodeError, IpcCacheServerKey, KeyError, ObjectKey,
+    Request, TokenHasher,
 };
 use thiserror::Error;
 
+pub use admin::{Clear, GetChunkSize, GetExperimental, Noop, Ping, ReportBlockAllocation};
+pub use command::{failure_reply, is_transfer, Answer, Command};
 pub use counters::OpCounters;
-pub use engine_driven::{EngineDriven, EngineDrivenError};
-pub use lookup::Sessions;
-pub use register::{GpuStatus, PIN_PIECE_ENV};
+pub use engine_driven::{
+    CommitRetrieve, CommitStore, EngineDriven, EngineDrivenError, PrepareRetrieve, PrepareStore,
+    RegisterContext, UnregisterContext,
+};
+pub use lookup::{
+    EndSession, FreeLookupLocks, Lookup, QueryPrefetchStatus, Sessions, WaitPrefetchStatus,
+};
+pub use register::{GpuStatus, RegisterKvCache, UnregisterKvCache, PIN_PIECE_ENV};
 pub use registry::{ReapPolicy, Registry, Roster};
-pub use transfer::TransferError;
+pub use transfer::{Retrieve, Store, TransferError};
 
 use crate::engine_mem::cuda::PinnedHost;
 use crate::session::SessionIndex;
@@ -78,20 +87,6 @@ pub struct Cwm {
     pub gpu_l1: OnceLock<Result<Arc<PinnedHost>, String>>,
 }
 
-/// Ops that copy engine memory or may wait: run off the socket thread, in order per client.
-pub fn is_transfer(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Store
-            | Op::Retrieve
-            | Op::PrepareStore
-            | Op::CommitStore
-            | Op::PrepareRetrieve
-            | Op::CommitRetrieve
-            | Op::WaitPrefetchStatus
-    )
-}
-
 impl Cwm {
     pub fn new(settings: Settings, tiers: Tiers) -> Arc<Cwm> {
         Arc::new(Cwm {
@@ -109,158 +104,35 @@ impl Cwm {
 
     /// Answer one request. Never panics on bad input; always returns the reply payload.
     pub fn handle(self: &Arc<Self>, req: &Request<'_>) -> Option<Vec<u8>> {
+        // Counted under the op's static name: a client cannot grow the table with made-up ops.
+        let name = req.op.static_name();
         let started = Instant::now();
-        let result = self.dispatch(req);
-        self.counters.record_op(req.op.name(), started.elapsed());
+        let Some(route) = command::route(&req.op) else {
+            tracing::warn!(
+                op = %for_log(req.op.name()),
+                payloads = req.payloads.len(),
+                "operation not supported by cwm: answered with no payload"
+            );
+            self.counters.record_op(name, started.elapsed());
+            return None;
+        };
+        let result = req
+            .expect_arity()
+            .map_err(OpError::from)
+            .and_then(|frames| route.run(self, frames));
+        self.counters.record_op(name, started.elapsed());
         match result {
             Ok(payload) => payload,
             Err(e) => {
-                self.counters.record_error(req.op.name());
+                self.counters.record_error(name);
                 if matches!(e, OpError::Transfer(TransferError::Missing(_))) {
-                    tracing::debug!(op = req.op.name(), "{}", for_log(&e));
+                    tracing::debug!(op = name, "{}", for_log(&e));
                 } else {
-                    tracing::warn!(op = req.op.name(), "{}", for_log(&e));
+                    tracing::warn!(op = name, "{}", for_log(&e));
                 }
-                failure_reply(&req.op)
+                route.failed()
             }
         }
-    }
-
-    fn dispatch(self: &Arc<Self>, req: &Request<'_>) -> Result<Option<Vec<u8>>, OpError> {
-        use codec::*;
-        let p = |n: usize| -> Result<&[&[u8]], OpError> { Ok(req.expect(n)?) };
-        Ok(match &req.op {
-            Op::GetChunkSize => {
-                p(0)?;
-                Some(encode_u64(self.settings.chunk_size as u64))
-            }
-            Op::GetExperimental => {
-                p(0)?;
-                Some(encode_str_list(&[]))
-            }
-            Op::Noop => {
-                p(0)?;
-                Some(encode_str("OK"))
-            }
-            Op::Ping => {
-                if let Some(id) = decode_opt_u64("instance_id", p(1)?[0])? {
-                    if let Some(inst) = self.registry.get(id) {
-                        inst.touch(true);
-                    }
-                    self.engine_driven.touch(id, true);
-                }
-                Some(encode_bool(true))
-            }
-            Op::RegisterKvCache => {
-                self.register_kv_cache(p(7)?)?;
-                None
-            }
-            Op::UnregisterKvCache => {
-                let id = decode_u64("instance_id", p(1)?[0])?;
-                if self.registry.remove(id).is_none() {
-                    tracing::warn!(instance_id = id, "unregister_kv_cache: unknown instance");
-                } else {
-                    tracing::info!(instance_id = id, "unregistered");
-                }
-                None
-            }
-            Op::Store => {
-                let f = p(4)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                let blocks = decode_block_ids(f[2])?;
-                let event = decode_bin("event_ipc_handle", f[3])?;
-                let event = self.store(&key, id, &blocks, event)?;
-                Some(TransferResult { event, ok: true }.encode())
-            }
-            Op::Retrieve => {
-                let f = p(5)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                let blocks = decode_block_ids(f[2])?;
-                let event = decode_bin("event_ipc_handle", f[3])?;
-                let skip = decode_u64("skip_first_n_tokens", f[4])?;
-                let event = self.retrieve(&key, id, &blocks, event, skip)?;
-                Some(TransferResult { event, ok: true }.encode())
-            }
-            Op::Lookup => {
-                let f = p(2)?;
-                let key = Self::decode_key(f[0])?;
-                decode_u64("tp_size", f[1])?;
-                self.lookup(&key)?;
-                None
-            }
-            Op::QueryPrefetchStatus => self
-                .query_prefetch_status(decode_str("request_id", p(1)?[0])?)
-                .map(encode_u64),
-            Op::WaitPrefetchStatus => {
-                let f = p(2)?;
-                let timeout = decode_f64("timeout", f[1])?;
-                let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
-                self.wait_prefetch_status(decode_str("request_id", f[0])?, timeout)
-                    .map(encode_u64)
-            }
-            Op::FreeLookupLocks => {
-                let f = p(2)?;
-                self.free_lookup_locks(&Self::decode_key(f[0])?);
-                None
-            }
-            Op::EndSession => {
-                self.end_session(decode_str("request_id", p(1)?[0])?);
-                None
-            }
-            Op::ReportBlockAllocation => {
-                p(3)?;
-                None
-            }
-            Op::RegisterKvCacheEngineDrivenContext => {
-                let payload = engine_driven::decode_payload(p(1)?[0])?;
-                Some(encode(&self.register_engine_driven_context(&payload)?))
-            }
-            Op::UnregisterKvCacheEngineDrivenContext => {
-                self.unregister_engine_driven_context(decode_u64("instance_id", p(1)?[0])?);
-                None
-            }
-            Op::PrepareStore => {
-                let f = p(2)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                Some(encode(&self.prepare_store(&key, id)?))
-            }
-            Op::CommitStore => {
-                let f = p(3)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                let data = decode_bin("cpu_data", f[2])?;
-                Some(encode_bool(self.commit_store(&key, id, data)?))
-            }
-            Op::PrepareRetrieve => {
-                let f = p(2)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                Some(encode(&self.prepare_retrieve(&key, id)?))
-            }
-            Op::CommitRetrieve => {
-                let f = p(2)?;
-                let key = Self::decode_key(f[0])?;
-                let id = decode_u64("instance_id", f[1])?;
-                Some(encode_bool(self.commit_retrieve(&key, id)?))
-            }
-            Op::Clear => {
-                let force = decode_bool("force", p(1)?[0])?;
-                let cleared = self.tiers.clear(force);
-                tracing::info!(force, l1 = cleared.l1, lower = cleared.lower, "clear");
-                None
-            }
-            other => {
-                tracing::warn!(
-                    op = other.name(),
-                    payloads = req.payloads.len(),
-                    "operation not supported by cwm: answered with no payload"
-                );
-                None
-            }
-        })
     }
 
     /// The key names a model and tenant cwm may store under.
@@ -303,22 +175,5 @@ impl Cwm {
                 "released engine-driven prepares never committed"
             );
         }
-    }
-}
-
-/// What an op answers when it fails, so the client never waits forever.
-pub fn failure_reply(op: &Op) -> Option<Vec<u8>> {
-    match op {
-        Op::Store | Op::Retrieve => Some(TransferResult::FAILED.encode()),
-        Op::QueryPrefetchStatus | Op::WaitPrefetchStatus => Some(codec::encode_u64(0)),
-        Op::Ping | Op::CommitStore | Op::CommitRetrieve => Some(codec::encode_bool(false)),
-        // An empty name puts the client in pickle mode, which then fails cleanly op by op.
-        Op::RegisterKvCacheEngineDrivenContext => Some(codec::encode(
-            &RegisterEngineDrivenContextResponse::default(),
-        )),
-        Op::PrepareStore => Some(PrepareStoreResponse::encode_unavailable()),
-        Op::PrepareRetrieve => Some(codec::encode(&PrepareRetrieveResponse::default())),
-        Op::GetChunkSize => None,
-        _ => None,
     }
 }

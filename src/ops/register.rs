@@ -1,13 +1,15 @@
-//! `register_kv_cache`: open the engine's KV memory and remember the instance.
+//! `register_kv_cache`: open the engine's KV memory and remember the instance;
+//! `unregister_kv_cache`: forget it.
 //!
 //! Idempotent per instance id (workers re-register after a heartbeat recovery). What cannot be
 //! served is recorded with its reason instead of rejected, so later transfers fail cleanly.
 
 use crate::limits::for_log;
-use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints};
+use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints, Op};
 
 use std::sync::Arc;
 
+use super::command::Command;
 use super::registry::Instance;
 use super::{Cwm, OpError};
 use crate::engine_mem::cuda::{self, pinned, PinnedHost};
@@ -17,20 +19,78 @@ use crate::engine_mem::{self, EngineMemory};
 /// piece-boundary splitting of copies is exercised with a small L1.
 pub const PIN_PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
 
+/// `register_kv_cache`: a worker's KV cache memory, described by IPC descriptors.
+pub struct RegisterKvCache {
+    pub instance_id: u64,
+    /// One per layer (or one for a fused layout): shared memory or CUDA IPC handles.
+    pub descriptors: Vec<ipc::IpcDescriptor>,
+    pub model_name: String,
+    pub world_size: u64,
+    pub engine_type: String,
+    pub layout_hints: LayoutHints,
+    pub engine_groups: Vec<EngineGroupInfo>,
+}
+
+impl Command for RegisterKvCache {
+    const OP: Op = Op::RegisterKvCache;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(RegisterKvCache {
+            instance_id: codec::decode_u64("instance_id", f[0])?,
+            descriptors: ipc::decode_descriptor_list(f[1])?,
+            model_name: codec::decode_str("model_name", f[2])?.to_string(),
+            world_size: codec::decode_u64("world_size", f[3])?,
+            engine_type: codec::decode_str("engine_type", f[4])?.to_string(),
+            layout_hints: codec::decode("layout_hints", f[5])?,
+            engine_groups: codec::decode("engine_group_infos", f[6])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        cwm.register_kv_cache(self)
+    }
+
+    fn failed() {}
+}
+
+/// `unregister_kv_cache`: forget an instance (its memory is unmapped once no copy uses it).
+pub struct UnregisterKvCache {
+    pub instance_id: u64,
+}
+
+impl Command for UnregisterKvCache {
+    const OP: Op = Op::UnregisterKvCache;
+    type Answer = ();
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(UnregisterKvCache {
+            instance_id: codec::decode_u64("instance_id", f[0])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<(), OpError> {
+        let id = self.instance_id;
+        if cwm.registry.remove(id).is_none() {
+            tracing::warn!(instance_id = id, "unregister_kv_cache: unknown instance");
+        } else {
+            tracing::info!(instance_id = id, "unregistered");
+        }
+        Ok(())
+    }
+
+    fn failed() {}
+}
+
 impl Cwm {
-    pub(super) fn register_kv_cache(&self, f: &[&[u8]]) -> Result<(), OpError> {
-        let id = codec::decode_u64("instance_id", f[0])?;
+    fn register_kv_cache(&self, r: RegisterKvCache) -> Result<(), OpError> {
+        let id = r.instance_id;
         if let Some(existing) = self.registry.get(id) {
             existing.touch(false);
             tracing::debug!(instance_id = id, "re-register: already registered");
             return Ok(());
         }
-        let descriptors = ipc::decode_descriptor_list(f[1])?;
-        let model = codec::decode_str("model_name", f[2])?;
-        let world_size = codec::decode_u64("world_size", f[3])?;
-        let engine = codec::decode_str("engine_type", f[4])?;
-        let hints: LayoutHints = codec::decode("layout_hints", f[5])?;
-        let groups: Vec<EngineGroupInfo> = codec::decode("engine_group_infos", f[6])?;
+        let (model, world_size, engine) = (r.model_name.as_str(), r.world_size, &r.engine_type);
         connector_protocol::validate_model_name(model)?;
         let world_size = u32::try_from(world_size)
             .ok()
@@ -39,7 +99,11 @@ impl Cwm {
                 world_size: world_size.min(u32::MAX as u64) as u32,
                 worker_id: 0,
             })?;
-        let kv = self.open_kv(&descriptors, hints.kv_layout.as_deref(), &groups);
+        let kv = self.open_kv(
+            &r.descriptors,
+            r.layout_hints.kv_layout.as_deref(),
+            &r.engine_groups,
+        );
         match &kv {
             Ok(kv) => tracing::info!(
                 instance_id = id,

@@ -5,9 +5,12 @@
 //! copy. A store publishes each object only after it is written; a retrieve reads objects
 //! pinned for the duration of the copy and then releases the lookup's read locks.
 
-use connector_protocol::{kv_rank, IpcCacheServerKey, ObjectKey};
+use std::sync::Arc;
+
+use connector_protocol::{codec, kv_rank, IpcCacheServerKey, ObjectKey, Op, TransferResult};
 use thiserror::Error;
 
+use super::command::{decode_key, Command};
 use super::{Cwm, OpError};
 use crate::engine_mem::{EngineMemError, EngineMemory, Gather, Scatter};
 use crate::store::{ReadGuard, Reservation, WriteGuard};
@@ -46,6 +49,81 @@ pub enum TransferError {
         reg_model: String,
         reg_world_size: u32,
     },
+}
+
+/// `store`: copy the chunks of the key's token range from the engine's blocks into L1.
+pub struct Store {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+    /// Block ids per KV group, covering the range.
+    pub block_ids: Vec<Vec<u32>>,
+    /// The engine's event to wait for before copying (a CUDA IPC event handle; empty on CPU).
+    pub event: Vec<u8>,
+}
+
+impl Command for Store {
+    const OP: Op = Op::Store;
+    const TRANSFER: bool = true;
+    type Answer = TransferResult;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(Store {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+            block_ids: codec::decode_block_ids(f[2])?,
+            event: codec::decode_bin("event_ipc_handle", f[3])?.to_vec(),
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<TransferResult, OpError> {
+        let event = cwm.store(&self.key, self.instance_id, &self.block_ids, &self.event)?;
+        Ok(TransferResult { event, ok: true })
+    }
+
+    fn failed() -> TransferResult {
+        TransferResult::FAILED
+    }
+}
+
+/// `retrieve`: copy the key's cached chunks into the engine's blocks, skipping the first
+/// `skip_first_n_tokens` (blocks the engine already holds).
+pub struct Retrieve {
+    pub key: IpcCacheServerKey,
+    pub instance_id: u64,
+    pub block_ids: Vec<Vec<u32>>,
+    pub event: Vec<u8>,
+    pub skip_first_n_tokens: u64,
+}
+
+impl Command for Retrieve {
+    const OP: Op = Op::Retrieve;
+    const TRANSFER: bool = true;
+    type Answer = TransferResult;
+
+    fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
+        Ok(Retrieve {
+            key: decode_key(f[0])?,
+            instance_id: codec::decode_u64("instance_id", f[1])?,
+            block_ids: codec::decode_block_ids(f[2])?,
+            event: codec::decode_bin("event_ipc_handle", f[3])?.to_vec(),
+            skip_first_n_tokens: codec::decode_u64("skip_first_n_tokens", f[4])?,
+        })
+    }
+
+    fn run(self, cwm: &Arc<Cwm>) -> Result<TransferResult, OpError> {
+        let event = cwm.retrieve(
+            &self.key,
+            self.instance_id,
+            &self.block_ids,
+            &self.event,
+            self.skip_first_n_tokens,
+        )?;
+        Ok(TransferResult { event, ok: true })
+    }
+
+    fn failed() -> TransferResult {
+        TransferResult::FAILED
+    }
 }
 
 /// A validated request: the chunks of `[start, end)` with their keys and block-id slices.
@@ -139,7 +217,7 @@ impl Cwm {
         Ok(inst)
     }
 
-    pub(super) fn store(
+    fn store(
         &self,
         key: &IpcCacheServerKey,
         instance_id: u64,
@@ -202,7 +280,7 @@ impl Cwm {
         );
     }
 
-    pub(super) fn retrieve(
+    fn retrieve(
         &self,
         key: &IpcCacheServerKey,
         instance_id: u64,
