@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cwm::bench::data::{bf16, Rng};
+use cwm::sample::{bf16, Rng};
 use cwm::store::codec::{compress, decompress, Codec, CompressionPolicy};
 
 const SIZE: usize = 32 << 20;
@@ -43,7 +43,7 @@ fn to_bytes(values: impl Iterator<Item = u16>) -> Vec<u8> {
 }
 
 fn bf16_normal() -> Vec<u8> {
-    cwm::bench::data::bf16_normal(SIZE, 0x9e37_79b9_7f4a_7c15)
+    cwm::sample::bf16_normal(SIZE, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn fp16_normal() -> Vec<u8> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use connector_protocol::{ChunkHash, ObjectKey};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cwm::bench::data::Rng;
+use cwm::sample::Rng;
 use cwm::store::codec::CompressionPolicy;
 use cwm::store::disk::storage::FsStorage;
 use cwm::store::disk::{DiskConfig, DiskStore, FsyncPolicy};

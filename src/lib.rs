@@ -14,6 +14,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod ops;
 pub mod prefault;
+pub mod sample;
 pub mod serve;
 pub mod server;
 pub mod session;

@@ -170,7 +170,7 @@ impl BenchKv {
                     let r = mix(seed ^ (base + j as u64));
                     let sum: f32 = (0..4).map(|k| ((r >> (16 * k)) & 0xffff) as f32).sum();
                     let x = (sum / 65536.0 - 2.0) * 1.7;
-                    v.copy_from_slice(&super::data::bf16(x).to_le_bytes());
+                    v.copy_from_slice(&crate::sample::bf16(x).to_le_bytes());
                 }
             });
     }

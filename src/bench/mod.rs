@@ -7,7 +7,6 @@
 //! (time spent in the server vs in transport) and its store (checking the object layout).
 //! Timings are reported, never asserted.
 
-pub mod data;
 pub mod kv;
 pub mod memcpy;
 pub mod mp;

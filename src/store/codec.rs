@@ -488,7 +488,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::bench::data::{bf16_normal, Rng};
+    use crate::sample::{bf16_normal, Rng};
 
     const L1: CompressionPolicy = CompressionPolicy {
         enabled: true,

@@ -1,5 +1,6 @@
 //! Seeded synthetic data for the tests and benchmarks: one small generator and the 16-bit
-//! float encodings, so "KV-like" bytes mean the same wherever they are made.
+//! float encodings, so "KV-like" bytes mean the same wherever they are made. A leaf module
+//! (it uses nothing of cwm), so `store`'s tests and `bench` can both use it.
 
 /// xorshift64: seeded, dependency-free. The seed must not be 0.
 pub struct Rng(pub u64);
