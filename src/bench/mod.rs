@@ -173,7 +173,12 @@ impl Samples {
 
     /// Every sample of `parts` in one set.
     pub fn merged<'a>(parts: impl IntoIterator<Item = &'a Samples>) -> Samples {
-        Samples::new(parts.into_iter().flat_map(|s| s.0.iter().copied()).collect())
+        Samples::new(
+            parts
+                .into_iter()
+                .flat_map(|s| s.0.iter().copied())
+                .collect(),
+        )
     }
 
     pub fn mean(&self) -> Duration {
@@ -301,7 +306,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 fn serve_null(port: u16) -> anyhow::Result<()> {
-    let server = null_server::NullServer::bind("127.0.0.1", port, Config::default().chunk_size as u64)?;
+    let server =
+        null_server::NullServer::bind("127.0.0.1", port, Config::default().chunk_size as u64)?;
     // The line scripts wait for before they start their clients.
     println!("null server listening on {}", server.endpoint());
     server.run(&std::sync::atomic::AtomicBool::new(false))?;

@@ -292,7 +292,8 @@ impl<'a> Bench<'a> {
         let tokens = self.tokens(seed);
         let request_id = format!("cwm-bench-{seed}-again");
         let chunks = self.cfg.tokens / self.chunk_size;
-        let (_, _, hit) = scheduler_step(&mut self.client, &request_key(&tokens, &request_id, None))?;
+        let (_, _, hit) =
+            scheduler_step(&mut self.client, &request_key(&tokens, &request_id, None))?;
         ensure!(
             self.hit_chunks(hit) == chunks,
             "lookup of {request_id} found {hit}, expected all {chunks} chunks"

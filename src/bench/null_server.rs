@@ -150,7 +150,10 @@ mod tests {
 
     #[test]
     fn answers_a_scheduler_step_and_transfers_without_a_server_behind_it() {
-        let server = NullServer::bind("127.0.0.1", 0, 256).unwrap().spawn().unwrap();
+        let server = NullServer::bind("127.0.0.1", 0, 256)
+            .unwrap()
+            .spawn()
+            .unwrap();
         let mut client = MpClient::connect(&server.endpoint).unwrap();
         assert_eq!(client.get_chunk_size().unwrap(), 256);
         let key = IpcCacheServerKey {

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 
+use super::kv::KvGeometry;
 use super::mp::{self, Bench, MpConfig, SourceFill};
 use super::null_server::NullServer;
-use super::kv::KvGeometry;
 use super::{gbps, Samples};
 use crate::config::Config;
 use crate::serve::Sidecar;
@@ -185,9 +185,8 @@ pub fn run(
     let mut chunk_size = 0;
     for (i, &l2) in ORDER.iter().enumerate() {
         between_runs();
-        let (run, cs) = one_run(cfg, i, l2).with_context(|| {
-            format!("run {} (L2 {})", i + 1, if l2 { "on" } else { "off" })
-        })?;
+        let (run, cs) = one_run(cfg, i, l2)
+            .with_context(|| format!("run {} (L2 {})", i + 1, if l2 { "on" } else { "off" }))?;
         runs.push(run);
         chunk_size = cs;
     }
@@ -333,7 +332,9 @@ fn on_tmpfs(path: &Path) -> bool {
     // SAFETY: a NUL-terminated path and a buffer of the struct statfs fills.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     // SAFETY: statfs filled it when it returned 0.
-    rc == 0 && unsafe { st.assume_init() }.f_type as i64 == TMPFS_MAGIC
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86-64 glibc, narrower elsewhere
+    let is_tmpfs = rc == 0 && unsafe { st.assume_init() }.f_type as i64 == TMPFS_MAGIC;
+    is_tmpfs
 }
 
 /// The scheduler step of a request of the same size, timed against the null server.
@@ -629,6 +630,42 @@ mod tests {
         }
         assert_eq!(r.lookup_floor.len(), 20);
         assert_eq!(r.pooled(true, |r| &r.store).len(), 2 * 9);
-        assert!(r.checks[1].starts_with("working set beyond L1"), "{:?}", r.checks);
+        assert!(
+            r.checks[1].starts_with("working set beyond L1"),
+            "{:?}",
+            r.checks
+        );
+
+        // The table shows every phase of both settings, the floor, every run's tiers, the
+        // goals and the checks.
+        let mut baseline = crate::bench::memcpy::Baseline::new(1 << 20);
+        baseline.measure();
+        let table = RealisticReport {
+            machine: crate::bench::Machine::detect(),
+            unix_time: 0,
+            server: "test".into(),
+            l1_size_gb: cfg.l1_size_gb,
+            memcpy: baseline.results(),
+            realistic: r,
+        }
+        .table();
+        for row in [
+            "L2 off  store",
+            "L2 on   store",
+            "lookup+query",
+            "retrieve",
+            "floor   lookup+query",
+            "run 1 L2 off",
+            "run 2 L2 on ",
+            "run 4 L2 off",
+            "write amplification",
+            "goals     first store",
+            "L2 on vs off, sustained p50",
+            "vs the null server's",
+            "checked   working set beyond L1",
+        ] {
+            assert!(table.contains(row), "no {row:?} in\n{table}");
+        }
+        assert_eq!(table.matches("write amplification").count(), 2, "{table}");
     }
 }
