@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Requests per run of `--realistic` (store, lookup, retrieve each).
     #[arg(long, default_value_t = 16)]
     pub requests: usize,
+    /// Pause between the requests of `--realistic` in ms, outside the timings [default: back
+    /// to back, the worst case for the disk tier].
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
     /// Serve the MP protocol on 127.0.0.1:PORT with instant, empty answers (every lookup a
     /// miss, every transfer acknowledged without a copy) until killed: the floor a client
     /// measures against (`benches/vs_lmcache.sh` runs LMCache's bench against it).
@@ -328,6 +332,7 @@ fn run_realistic(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
     let cfg = realistic::RealisticConfig {
         mp: args.mp_config(),
         requests: args.requests,
+        interval: Duration::from_millis(args.interval_ms),
         l1_size_gb,
         l2_root: l2_root.clone(),
         floor_lookups: args.lookups,

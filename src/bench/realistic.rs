@@ -4,8 +4,9 @@
 //! and new engine segments, with no untimed warm-up, so the first request timed is the
 //! server's first, as after a restart. It then takes `requests` requests back to back, each
 //! stored, looked up as the scheduler does and retrieved, with a working set larger than L1,
-//! so eviction runs in steady state. Back to back is the worst case for the disk tier's
-//! write-behind, which competes with the foreground for the cores.
+//! so eviction runs in steady state. Back to back (the default) is the worst case for the disk
+//! tier's write-behind, which competes with the foreground for the cores and drops what it
+//! cannot keep up with; `interval` paces the requests as a real engine's arrivals would.
 //!
 //! Four runs, the disk tier off, on, on, off (ABBA), so drift of a shared machine falls on
 //! both settings alike. After each run's timings, the bench waits for write-behind to drain
@@ -38,8 +39,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 pub struct RealisticConfig {
     pub mp: MpConfig,
-    /// Requests per run, back to back.
+    /// Requests per run.
     pub requests: usize,
+    /// Pause after each request, outside the timings (zero: back to back).
+    pub interval: Duration,
     pub l1_size_gb: f64,
     /// Parent of each L2-on run's fresh L2 directory (`run-N`, removed after the run).
     pub l2_root: PathBuf,
@@ -132,6 +135,8 @@ pub struct RealisticResults {
     pub request_bytes: u64,
     pub geometry: KvGeometry,
     pub requests: usize,
+    #[serde(rename = "interval_us", serialize_with = "micros")]
+    pub interval: Duration,
     pub runs: Vec<Run>,
     /// The same scheduler step against the null server.
     pub lookup_floor: Samples,
@@ -221,6 +226,7 @@ pub fn run(
         request_bytes: chunks * object_bytes,
         geometry,
         requests: cfg.requests,
+        interval: cfg.interval,
         runs,
         lookup_floor,
         checks,
@@ -283,6 +289,7 @@ fn drive(
     let result = (|| {
         for i in 0..cfg.requests {
             rounds.push(bench.round((index * 1_000_000 + i + 1) as u64)?);
+            std::thread::sleep(cfg.interval);
         }
         if let Some((layer, block, byte)) = dst.first_difference(&src, bench.block_ids()) {
             bail!("retrieved bytes differ from the stored ones: layer {layer}, block {block}, byte {byte}");
@@ -412,10 +419,15 @@ impl RealisticReport {
             .collect();
         let _ = writeln!(
             w,
-            "  runs      {} fresh sidecars, L2 {}; each {} requests back to back (store, lookup, retrieve) = {:.2} GiB through L1 of {:.2} GiB ({:.1} requests)",
+            "  runs      {} fresh sidecars, L2 {}; each {} requests {} (store, lookup, retrieve) = {:.2} GiB through L1 of {:.2} GiB ({:.1} requests)",
             r.runs.len(),
             order.join(", "),
             r.requests,
+            if r.interval.is_zero() {
+                "back to back".to_string()
+            } else {
+                format!("{:.0} ms apart", ms(r.interval))
+            },
             gib(r.requests as u64 * r.request_bytes),
             self.l1_size_gb,
             self.l1_size_gb * (1u64 << 30) as f64 / r.request_bytes.max(1) as f64,
@@ -592,6 +604,7 @@ mod tests {
         };
         let cfg = RealisticConfig {
             requests: 10,
+            interval: Duration::ZERO,
             l1_size_gb: 8.0 / 1024.0,
             l2_root: dir.path().to_path_buf(),
             floor_lookups: 20,
