@@ -6,10 +6,17 @@
 //! `MpClient`, as vLLM's connector would; the in-process server additionally lends its counters
 //! (time spent in the server vs in transport) and its store (checking the object layout).
 //! Timings are reported, never asserted.
+//!
+//! Shapes: the steady state (the default, `mp`: an untimed first round, then rounds within
+//! L1), `--realistic` (`realistic`: fresh servers, no warm-up, beyond L1, disk tier off and
+//! on), `--window` (`window`: freeze and thaw), and `--null-server` (`null_server`: a server
+//! that answers instantly, the floor a client measures against).
 
 pub mod kv;
 pub mod memcpy;
 pub mod mp;
+pub mod null_server;
+pub mod realistic;
 mod report;
 pub mod window;
 
@@ -42,6 +49,24 @@ pub struct BenchArgs {
     /// Timed store/lookup/retrieve rounds (after one untimed warm-up and check round).
     #[arg(long, default_value_t = 10)]
     pub iterations: usize,
+    /// Measure what users see instead of the steady state: four fresh in-process servers
+    /// (disk tier off, on, on, off), no warm-up, `--requests` requests each back to back
+    /// through an L1 smaller than them; prints first-request, p50 and p99 of store, lookup
+    /// and retrieve, evictions, L2 write amplification, and the lookup floor of a null server.
+    #[arg(long, conflicts_with_all = ["window", "url"])]
+    pub realistic: bool,
+    /// Requests per run of `--realistic` (store, lookup, retrieve each).
+    #[arg(long, default_value_t = 16)]
+    pub requests: usize,
+    /// Pause between the requests of `--realistic` in ms, outside the timings [default: back
+    /// to back, the worst case for the disk tier].
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
+    /// Serve the MP protocol on 127.0.0.1:PORT with instant, empty answers (every lookup a
+    /// miss, every transfer acknowledged without a copy) until killed: the floor a client
+    /// measures against (`benches/vs_lmcache.sh` runs LMCache's bench against it).
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["window", "realistic", "url"])]
+    pub null_server: Option<u16>,
     /// Lookup + query_prefetch_status round trips for the latency figures.
     #[arg(long, default_value_t = 1000)]
     pub lookups: usize,
@@ -59,11 +84,13 @@ pub struct BenchArgs {
     /// Threads of the copy pool (rayon) [default: one per core].
     #[arg(long)]
     pub copy_threads: Option<usize>,
-    /// L1 size of the in-process server in GiB [default: twice the request].
+    /// L1 size of the in-process server in GiB [default: twice the request; with
+    /// `--realistic`, four requests].
     #[arg(long)]
     pub l1_size_gb: Option<f64>,
     /// Give the in-process server an L2 disk tier in this directory (write-behind from every
-    /// store) [default: memory only].
+    /// store) [default: memory only]. With `--realistic`: where the L2-on runs put theirs
+    /// [default: a directory under the system's temp dir]; removed after each run.
     #[arg(long)]
     pub l2_path: Option<std::path::PathBuf>,
     /// memcpy baseline copies before the rounds (one more follows every round).
@@ -97,6 +124,14 @@ impl BenchArgs {
     /// Bytes one request moves: every layer's K and V of every token.
     pub fn request_bytes(&self) -> u64 {
         self.tokens * self.layers * self.kv_heads * 2 * self.head_dim * kv::ITEMSIZE
+    }
+
+    /// `--l1-size-gb`, else `requests` requests' worth rounded up to a quarter GiB.
+    fn l1_size_gb_or(&self, requests: f64) -> f64 {
+        self.l1_size_gb.unwrap_or_else(|| {
+            let gib = requests * self.request_bytes() as f64 / (1u64 << 30) as f64;
+            (gib * 4.0).ceil() / 4.0
+        })
     }
 }
 
@@ -139,6 +174,16 @@ impl Samples {
         self.quantile(0.5)
     }
 
+    /// Every sample of `parts` in one set.
+    pub fn merged<'a>(parts: impl IntoIterator<Item = &'a Samples>) -> Samples {
+        Samples::new(
+            parts
+                .into_iter()
+                .flat_map(|s| s.0.iter().copied())
+                .collect(),
+        )
+    }
+
     pub fn mean(&self) -> Duration {
         if self.0.is_empty() {
             return Duration::ZERO;
@@ -179,8 +224,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .context("configure the copy pool")?;
     }
     let machine = Machine::detect();
+    if let Some(port) = args.null_server {
+        return serve_null(port);
+    }
     if args.window {
         return run_window(args, machine);
+    }
+    if args.realistic {
+        return run_realistic(args, machine);
     }
     // The yardstick first, while nothing else holds memory or cores, then between rounds.
     let mut baseline = memcpy::Baseline::new(args.request_bytes() as usize);
@@ -193,10 +244,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let sidecar = match &args.url {
         Some(_) => None,
         None => {
-            let l1_size_gb = args.l1_size_gb.unwrap_or_else(|| {
-                let gib = 2.0 * args.request_bytes() as f64 / (1u64 << 30) as f64;
-                (gib * 4.0).ceil() / 4.0 + 0.25
-            });
+            let l1_size_gb = args
+                .l1_size_gb
+                .unwrap_or_else(|| args.l1_size_gb_or(2.0) + 0.25);
             Some(
                 Sidecar::start(&Config {
                     host: "127.0.0.1".into(),
@@ -249,6 +299,67 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_secs()),
         memcpy: baseline.results(),
         mp: results?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn serve_null(port: u16) -> anyhow::Result<()> {
+    let server =
+        null_server::NullServer::bind("127.0.0.1", port, Config::default().chunk_size as u64)?;
+    // The line scripts wait for before they start their clients.
+    println!("null server listening on {}", server.endpoint());
+    server.run(&std::sync::atomic::AtomicBool::new(false))?;
+    Ok(())
+}
+
+fn run_realistic(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
+    let defaults = Config::default();
+    let (l2_root, temporary) = match &args.l2_path {
+        Some(p) => (p.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("cwm-bench-realistic-{}", std::process::id())),
+            true,
+        ),
+    };
+    let l1_size_gb = args.l1_size_gb_or(4.0);
+    let lanes = args.lanes.unwrap_or(defaults.transfer_lanes);
+    let cfg = realistic::RealisticConfig {
+        mp: args.mp_config(),
+        requests: args.requests,
+        interval: Duration::from_millis(args.interval_ms),
+        l1_size_gb,
+        l2_root: l2_root.clone(),
+        floor_lookups: args.lookups,
+        base: Config {
+            transfer_lanes: lanes,
+            ..defaults.clone()
+        },
+    };
+    let mut baseline = memcpy::Baseline::new(args.request_bytes() as usize);
+    let result = realistic::run(&cfg, &mut || baseline.measure());
+    if temporary {
+        let _ = std::fs::remove_dir_all(&l2_root);
+    }
+    let report = realistic::RealisticReport {
+        machine,
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        server: format!(
+            "in-process cwm, `cwm serve` defaults ({lanes} transfer lanes, {} copy threads, L1 populate {:?}, L2 zstd {} in {}) but L1 {l1_size_gb} GiB",
+            rayon::current_num_threads(),
+            defaults.l1_populate,
+            defaults.l2_compression_level,
+            l2_root.display()
+        ),
+        l1_size_gb,
+        memcpy: baseline.results(),
+        realistic: result?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -77,16 +77,29 @@ pub struct MpResults {
 }
 
 /// The timings of one store / lookup / retrieve round.
-struct Round {
-    store: Duration,
-    retrieve: Duration,
-    hit: u64,
+pub(super) struct Round {
+    pub store: Duration,
+    /// The first scheduler step after the store (`lookup` + `query_prefetch_status`).
+    pub lookup: Duration,
+    pub retrieve: Duration,
+    pub hit: u64,
 }
 
-struct Bench<'a> {
-    client: MpClient,
+/// What the source engine cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SourceFill {
+    /// Random bytes: cheap to make, incompressible (L2 stores them raw).
+    Random,
+    /// bf16 values of a normal distribution: compresses like a real cache.
+    KvLike,
+}
+
+/// A client with a source and a destination engine cache registered, each holding one request:
+/// what every shape of the protocol bench drives.
+pub(super) struct Bench<'a> {
+    pub client: MpClient,
     cfg: &'a MpConfig,
-    chunk_size: u64,
+    pub chunk_size: u64,
     src_id: u64,
     dst_id: u64,
     blocks: Vec<Vec<u32>>,
@@ -101,51 +114,12 @@ pub fn run(
     local: Option<&Cwm>,
     between_rounds: &mut dyn FnMut(),
 ) -> anyhow::Result<MpResults> {
-    let mut client =
-        MpClient::connect(endpoint).with_context(|| format!("connect to {endpoint}"))?;
-    client.timeout = Duration::from_secs(120);
-    let chunk_size = client
-        .get_chunk_size()
-        .with_context(|| format!("get_chunk_size from {endpoint}"))?;
-    ensure!(
-        chunk_size > 0 && cfg.tokens > 0 && cfg.tokens % chunk_size == 0,
-        "--tokens {} must be a positive multiple of the server's chunk size {chunk_size}",
-        cfg.tokens
-    );
-    ensure!(
-        cfg.block_size > 0 && chunk_size % cfg.block_size == 0,
-        "--block-size {} must divide the chunk size {chunk_size}",
-        cfg.block_size
-    );
-    let request_blocks = cfg.tokens / cfg.block_size;
+    let (mut bench, src, dst) = Bench::open(cfg, endpoint, SourceFill::Random)?;
+    let block_ids = bench.blocks[0].clone();
     let geometry = cfg.geometry();
-    let mut src = BenchKv::create("src", geometry).context("create the source KV cache")?;
-    let mut dst = BenchKv::create("dst", geometry).context("create the destination KV cache")?;
-    src.fill_pattern(0xc0ffee);
-    dst.fill_byte(0);
-
-    // Ids unlikely to collide with real engines on a shared external server.
-    let src_id = (std::process::id() as u64) << 16;
-    let dst_id = src_id + 1;
-    let hint = Some(cfg.shape.hint());
-    for (id, kv) in [(src_id, &src), (dst_id, &dst)] {
-        client
-            .register_kv_cache(id, &kv.descriptors(), MODEL, 1, hint, &kv.groups())
-            .with_context(|| format!("register_kv_cache({id})"))?;
-    }
-    let block_ids: Vec<u32> = (1..=request_blocks as u32).collect();
-    let mut bench = Bench {
-        client,
-        cfg,
-        chunk_size,
-        src_id,
-        dst_id,
-        blocks: vec![block_ids.clone()],
-    };
     let result = bench.measure(&src, &dst, &block_ids, geometry, local, between_rounds);
-    for id in [src_id, dst_id] {
-        let _ = bench.client.unregister_kv_cache(id);
-    }
+    let chunk_size = bench.chunk_size;
+    bench.close();
     let _ = bench.client.clear(true);
     let (mut samples, mut checks, server) = result?;
     let chunks = cfg.tokens / chunk_size;
@@ -185,48 +159,75 @@ struct Collected {
     hit: u64,
 }
 
-impl Bench<'_> {
+impl<'a> Bench<'a> {
+    /// Connect to `endpoint`, create the two engine caches (the source filled as `fill` says,
+    /// the destination zeroed) and register them.
+    pub fn open(
+        cfg: &'a MpConfig,
+        endpoint: &str,
+        fill: SourceFill,
+    ) -> anyhow::Result<(Bench<'a>, BenchKv, BenchKv)> {
+        let mut client =
+            MpClient::connect(endpoint).with_context(|| format!("connect to {endpoint}"))?;
+        client.timeout = Duration::from_secs(120);
+        let chunk_size = client
+            .get_chunk_size()
+            .with_context(|| format!("get_chunk_size from {endpoint}"))?;
+        ensure!(
+            chunk_size > 0 && cfg.tokens > 0 && cfg.tokens % chunk_size == 0,
+            "--tokens {} must be a positive multiple of the server's chunk size {chunk_size}",
+            cfg.tokens
+        );
+        ensure!(
+            cfg.block_size > 0 && chunk_size % cfg.block_size == 0,
+            "--block-size {} must divide the chunk size {chunk_size}",
+            cfg.block_size
+        );
+        let geometry = cfg.geometry();
+        let mut src = BenchKv::create("src", geometry).context("create the source KV cache")?;
+        let mut dst =
+            BenchKv::create("dst", geometry).context("create the destination KV cache")?;
+        match fill {
+            SourceFill::Random => src.fill_pattern(0xc0ffee),
+            SourceFill::KvLike => src.fill_bf16_normal(0xc0ffee),
+        }
+        dst.fill_byte(0);
+
+        // Ids unlikely to collide with real engines on a shared external server.
+        let src_id = (std::process::id() as u64) << 16;
+        let dst_id = src_id + 1;
+        let hint = Some(cfg.shape.hint());
+        for (id, kv) in [(src_id, &src), (dst_id, &dst)] {
+            client
+                .register_kv_cache(id, &kv.descriptors(), MODEL, 1, hint, &kv.groups())
+                .with_context(|| format!("register_kv_cache({id})"))?;
+        }
+        let block_ids: Vec<u32> = (1..=(cfg.tokens / cfg.block_size) as u32).collect();
+        let bench = Bench {
+            client,
+            cfg,
+            chunk_size,
+            src_id,
+            dst_id,
+            blocks: vec![block_ids],
+        };
+        Ok((bench, src, dst))
+    }
+
+    /// Unregister both caches.
+    pub fn close(&mut self) {
+        for id in [self.src_id, self.dst_id] {
+            let _ = self.client.unregister_kv_cache(id);
+        }
+    }
+
+    /// The engine blocks a request occupies (the same in both caches).
+    pub fn block_ids(&self) -> &[u32] {
+        &self.blocks[0]
+    }
+
     fn tokens(&self, seed: u64) -> Vec<u32> {
-        let base = (seed as u32).wrapping_mul(0x9e37_79b9);
-        (0..self.cfg.tokens as u32)
-            .map(|t| base.wrapping_add(t))
-            .collect()
-    }
-
-    fn key(&self, tokens: &[u32], request_id: &str, worker_id: Option<u32>) -> IpcCacheServerKey {
-        IpcCacheServerKey {
-            model_name: MODEL.into(),
-            world_size: 1,
-            worker_id,
-            token_ids: tokens.to_vec(),
-            start: 0,
-            end: tokens.len() as u64,
-            request_id: request_id.into(),
-            cache_salt: String::new(),
-            request_configs: None,
-            num_kv_readers: 1,
-        }
-    }
-
-    /// Lookup as the scheduler does: `lookup`, then `query_prefetch_status` until it answers
-    /// (cwm answers the first query; LMCache answers nil while its lookup is still running).
-    /// Returns (lookup time, time of all queries, hit).
-    fn lookup(&mut self, key: &IpcCacheServerKey) -> anyhow::Result<(Duration, Duration, u64)> {
-        let t = Instant::now();
-        self.client.lookup(key)?;
-        let lookup = t.elapsed();
-        let t = Instant::now();
-        loop {
-            if let Some(hit) = self.client.poll_prefetch_status(&key.request_id)? {
-                return Ok((lookup, t.elapsed(), hit));
-            }
-            ensure!(
-                t.elapsed() < self.client.timeout,
-                "lookup of {} still running after {:?}",
-                key.request_id,
-                self.client.timeout
-            );
-        }
+        request_tokens(self.cfg.tokens, seed)
     }
 
     /// How many chunks a `query_prefetch_status` answer means (cwm answers chunks; accept
@@ -240,11 +241,11 @@ impl Bench<'_> {
     }
 
     /// Store, look up and retrieve a fresh request made from `seed`.
-    fn round(&mut self, seed: u64) -> anyhow::Result<Round> {
+    pub fn round(&mut self, seed: u64) -> anyhow::Result<Round> {
         let tokens = self.tokens(seed);
         let request_id = format!("cwm-bench-{seed}");
-        let transfer_key = self.key(&tokens, &request_id, Some(0));
-        let lookup_key = self.key(&tokens, &request_id, None);
+        let transfer_key = request_key(&tokens, &request_id, Some(0));
+        let lookup_key = request_key(&tokens, &request_id, None);
         let chunks = self.cfg.tokens / self.chunk_size;
 
         let t = Instant::now();
@@ -256,8 +257,10 @@ impl Bench<'_> {
 
         // LMCache's server commits a store after answering it: look up until it is visible.
         let deadline = Instant::now() + self.client.timeout;
+        let mut first_step = None;
         let hit = loop {
-            let (_, _, hit) = self.lookup(&lookup_key)?;
+            let (lookup, query, hit) = scheduler_step(&mut self.client, &lookup_key)?;
+            first_step.get_or_insert(lookup + query);
             if self.hit_chunks(hit) == chunks {
                 break hit;
             }
@@ -278,6 +281,7 @@ impl Bench<'_> {
         self.client.end_session(&request_id)?;
         Ok(Round {
             store,
+            lookup: first_step.unwrap_or_default(),
             retrieve,
             hit: self.hit_chunks(hit),
         })
@@ -288,12 +292,13 @@ impl Bench<'_> {
         let tokens = self.tokens(seed);
         let request_id = format!("cwm-bench-{seed}-again");
         let chunks = self.cfg.tokens / self.chunk_size;
-        let (_, _, hit) = self.lookup(&self.key(&tokens, &request_id, None))?;
+        let (_, _, hit) =
+            scheduler_step(&mut self.client, &request_key(&tokens, &request_id, None))?;
         ensure!(
             self.hit_chunks(hit) == chunks,
             "lookup of {request_id} found {hit}, expected all {chunks} chunks"
         );
-        let key = self.key(&tokens, &request_id, Some(0));
+        let key = request_key(&tokens, &request_id, Some(0));
         let retrieved = self.client.retrieve(&key, instance, &self.blocks, 0)?;
         ensure!(
             retrieved.ok,
@@ -385,8 +390,8 @@ impl Bench<'_> {
         let chunks = self.cfg.tokens / self.chunk_size;
         let (mut lookups, mut queries, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
         for j in 0..self.cfg.lookups {
-            let key = self.key(&tokens, &format!("cwm-bench-lookup-{j}"), None);
-            let (lookup, query, hit) = self.lookup(&key)?;
+            let key = request_key(&tokens, &format!("cwm-bench-lookup-{j}"), None);
+            let (lookup, query, hit) = scheduler_step(&mut self.client, &key)?;
             ensure!(
                 self.hit_chunks(hit) == chunks,
                 "lookup {j} found {hit}, expected all {chunks} chunks"
@@ -403,6 +408,57 @@ impl Bench<'_> {
         out.query = queries;
         out.lookup_query = pairs;
         Ok((out, checks, server))
+    }
+}
+
+/// The token ids of the request made from `seed`: `n` ids, distinct per seed.
+pub(super) fn request_tokens(n: u64, seed: u64) -> Vec<u32> {
+    let base = (seed as u32).wrapping_mul(0x9e37_79b9);
+    (0..n as u32).map(|t| base.wrapping_add(t)).collect()
+}
+
+/// The key of a whole request under the bench's model: a lookup key without `worker_id`, a
+/// transfer key with it.
+pub(super) fn request_key(
+    tokens: &[u32],
+    request_id: &str,
+    worker_id: Option<u32>,
+) -> IpcCacheServerKey {
+    IpcCacheServerKey {
+        model_name: MODEL.into(),
+        world_size: 1,
+        worker_id,
+        token_ids: tokens.to_vec(),
+        start: 0,
+        end: tokens.len() as u64,
+        request_id: request_id.into(),
+        cache_salt: String::new(),
+        request_configs: None,
+        num_kv_readers: 1,
+    }
+}
+
+/// One scheduler step as vLLM's scheduler takes it: `lookup`, then `query_prefetch_status`
+/// until it answers (cwm answers the first query; LMCache answers nil while its lookup is
+/// still running). Returns (lookup time, time of all queries, hit).
+pub(super) fn scheduler_step(
+    client: &mut MpClient,
+    key: &IpcCacheServerKey,
+) -> anyhow::Result<(Duration, Duration, u64)> {
+    let t = Instant::now();
+    client.lookup(key)?;
+    let lookup = t.elapsed();
+    let t = Instant::now();
+    loop {
+        if let Some(hit) = client.poll_prefetch_status(&key.request_id)? {
+            return Ok((lookup, t.elapsed(), hit));
+        }
+        ensure!(
+            t.elapsed() < client.timeout,
+            "lookup of {} still running after {:?}",
+            key.request_id,
+            client.timeout
+        );
     }
 }
 
