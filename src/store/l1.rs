@@ -130,8 +130,6 @@ pub struct L1Store {
     arena: Arena,
     inner: Mutex<(Index, ExtentAllocator)>,
     lock_ttl: Duration,
-    /// The highest extent end ever handed out: how far into the arena stores have reached.
-    high_water: AtomicU64,
     pub counters: L1Counters,
 }
 
@@ -175,7 +173,6 @@ impl L1Store {
             arena,
             inner: Mutex::new((Index::default(), alloc)),
             lock_ttl: config.lock_ttl,
-            high_water: AtomicU64::new(0),
             counters: L1Counters::default(),
         })
     }
@@ -195,11 +192,6 @@ impl L1Store {
             shm_name: name.to_string(),
             size: self.arena.len(),
         })
-    }
-
-    /// The highest arena offset any reservation has reached so far.
-    pub fn high_water(&self) -> u64 {
-        self.high_water.load(Relaxed)
     }
 
     /// Commit the arena's pages in `[from, to)` ahead of use (see `Arena::populate`).
@@ -286,8 +278,6 @@ impl L1Store {
             }
         };
         index.used_bytes += extent.len;
-        self.high_water
-            .fetch_max(extent.offset + extent.len, Relaxed);
         index.entries.insert(
             key.clone(),
             Entry {
