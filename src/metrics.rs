@@ -238,8 +238,26 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
     metric(
         "write_behind_failed_total",
         "counter",
-        "Write-behind L2 writes that failed",
+        "Write-behind writes that failed for good (not for lack of space: those are held)",
         &[("", c(wb.failed))],
+    );
+    metric(
+        "write_behind_stalls_total",
+        "counter",
+        "Times a tier behind L1 ran out of space (write-behind then holds its writes and retries)",
+        &[("", c(wb.stalls))],
+    );
+    metric(
+        "write_behind_held",
+        "gauge",
+        "Objects whose write waits for a tier behind L1 to have space again",
+        &[("", c(wb.held))],
+    );
+    metric(
+        "write_behind_retried_total",
+        "counter",
+        "Objects written after waiting for space",
+        &[("", c(wb.retried))],
     );
     if let Some(l3) = &s.l3 {
         let link = &l3.link;

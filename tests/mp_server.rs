@@ -892,3 +892,108 @@ fn unknown_ops_are_answered_and_counted_under_one_name() {
     assert_eq!(s.cwm.counters.op(Op::StoreQ.static_name()).calls, 0);
     assert_eq!(s.cwm.counters.op("<other>").calls, 1000);
 }
+
+/// Issue 12: a client that sends requests and never reads the replies. Its replies queue in
+/// cwm only up to the ROUTER's send high-water mark (`limits::MP_SEND_HWM`); past it every
+/// reply to that client is dropped and counted (`cwm_refused_total{limit="mp_reply_queue"}`),
+/// so the queue stops growing however much it sends. The server stays up for everyone else,
+/// and every reply is either delivered or counted as dropped, none lost silently.
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_grow_the_reply_queue() {
+    use cwm::limits::Limit;
+    let s = sidecar(small_config());
+    // Small buffers on the client's side; the kernel's loopback buffers still hold ~10^5 of
+    // these small replies before anything backs up into cwm.
+    let ctx = zmq::Context::new();
+    let hog = ctx.socket(zmq::DEALER).unwrap();
+    hog.set_linger(0).unwrap();
+    hog.set_rcvhwm(10).unwrap();
+    hog.set_rcvbuf(4096).unwrap();
+    hog.connect(&s.mp_endpoint).unwrap();
+    let op = Op::GetChunkSize.to_frame();
+    let mut sent = 0u64;
+    let mut send = |n: u64| {
+        for _ in 0..n {
+            hog.send_multipart([codec::encode_u64(sent), op.clone()], 0)
+                .unwrap();
+            sent += 1;
+        }
+        sent
+    };
+    // Returns once cwm handled `total` requests of this test and sent (or dropped) their
+    // replies: it handles a fresh client's request only after that.
+    let handled = |total: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while s.cwm.counters.op("get_chunk_size").calls < total {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cwm handled {} of {total} requests",
+                s.cwm.counters.op("get_chunk_size").calls
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut fresh = client(&s);
+        assert!(fresh.ping(None).unwrap(), "a fresh client is answered");
+    };
+    let dropped_before = Limit::MpReplyQueue.count();
+    let dropped = || Limit::MpReplyQueue.count() - dropped_before;
+
+    // Until replies are dropped: past every buffer on the way and the high-water mark.
+    let mut first = 0;
+    while dropped() == 0 {
+        assert!(
+            first < 2_000_000,
+            "no reply of {first} to a client that never reads was dropped: the queue grows \
+             without bound"
+        );
+        first = send(20_000);
+        handled(first);
+    }
+    let after_first = dropped();
+    assert!(
+        first - after_first >= cwm::limits::MP_SEND_HWM as u64,
+        "cwm dropped replies before {} were queued: {} of {first} dropped",
+        cwm::limits::MP_SEND_HWM as u64,
+        after_first
+    );
+
+    // The queue is full now: each further reply is dropped, none is queued.
+    let total = send(5_000);
+    handled(total);
+    assert_eq!(
+        dropped() - after_first,
+        total - first,
+        "replies were queued past the high-water mark"
+    );
+    let metrics = cwm::metrics::render(&s.cwm, &s.windows.health());
+    let exported: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cwm_refused_total{limit=\"mp_reply_queue\"} "))
+        .expect("the drops are exported")
+        .parse()
+        .unwrap();
+    assert!(exported as u64 >= dropped(), "{exported} exported");
+
+    // Reading now gets exactly the replies that were not dropped, in order.
+    let (mut received, mut last) = (0u64, None);
+    while hog.poll(zmq::POLLIN, 2000).unwrap() > 0 {
+        let reply = hog.recv_multipart(0).unwrap();
+        let uid = codec::decode_u64("uid", &reply[0]).unwrap();
+        assert!(last < Some(uid), "reply {uid} after {last:?}");
+        last = Some(uid);
+        received += 1;
+    }
+    assert_eq!(
+        received + dropped(),
+        total,
+        "every reply is delivered or counted as dropped"
+    );
+    eprintln!(
+        "{total} requests, {} replies dropped ({after_first} before the last {} requests), \
+         {received} delivered",
+        dropped(),
+        total - first
+    );
+    let mut c = client(&s);
+    assert_eq!(c.get_chunk_size().unwrap(), 256);
+}

@@ -29,6 +29,25 @@ impl TierError {
             source: Box::new(source),
         }
     }
+
+    /// Whether the tier failed for lack of room on its device (`ENOSPC`, `EDQUOT` anywhere in
+    /// the cause chain): the same write may succeed once space returns, so write-behind holds
+    /// it and retries rather than giving it up.
+    pub fn out_of_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(e) = cause {
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            }) {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
 }
 
 /// What a tier knows of one stored record without reading it.
@@ -80,7 +99,9 @@ pub trait Tier: Send + Sync {
     /// The stored record of `key`, verbatim (verified).
     fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError>;
 
-    /// Keep `record`, the encoding of `key`'s object (a no-op if the key is held).
+    /// Keep `record`, the encoding of `key`'s object (a no-op if the key is held). A put that
+    /// fails for lack of space (`TierError::out_of_space`) may be repeated later: write-behind
+    /// retries it.
     fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError>;
 
     /// Protect `key` from eviction and `clear` (reference counted); false if not held.

@@ -9,7 +9,7 @@
 //! to every tier; hits behind L1 are promoted into L1 before anyone may read
 //! them; lookups only ever ask tiers what they hold in memory.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
@@ -95,6 +95,12 @@ struct WriteBehindCounters {
     /// Evicted from L1 before it could be written.
     missed: AtomicU64,
     failed: AtomicU64,
+    /// Times a tier behind L1 ran out of space (one per incident, however many writes wait).
+    stalls: AtomicU64,
+    /// Objects waiting for a tier to have space again (now).
+    held: AtomicU64,
+    /// Objects written after waiting for space.
+    retried: AtomicU64,
 }
 
 /// Write-behind's traffic so far.
@@ -105,7 +111,15 @@ pub struct WriteBehindStats {
     pub dropped: u64,
     pub written: u64,
     pub missed: u64,
+    /// Writes that failed for good (not for lack of space: those are held and retried).
     pub failed: u64,
+    /// Times a tier behind L1 ran out of space: write-behind then holds its writes (the keys;
+    /// the objects stay in L1) and retries with backoff until space returns.
+    pub stalls: u64,
+    /// Objects held for a retry now, while a tier is out of space.
+    pub held: u64,
+    /// Objects written after being held.
+    pub retried: u64,
 }
 
 /// L1's occupancy and traffic.
@@ -157,6 +171,12 @@ struct Job {
     bytes: u64,
     /// The clear generation it was queued in: a `clear` since cancels it.
     generation: u64,
+    /// The tiers behind L1 (bit i: `lower[i]`) still to write it to.
+    pending: u32,
+    /// Whether it waited for space already.
+    held: bool,
+    /// Whether some tier refused it for good.
+    failed: bool,
 }
 
 /// What `clear` shares with write-behind: the generation stamped on every queued job (a job
@@ -239,6 +259,7 @@ impl Tiers {
         compression: CompressionPolicy,
         queue_limit: u64,
     ) -> Tiers {
+        assert!(lower.len() <= 32, "a job's pending tiers are bits of a u32");
         let counters: Arc<WriteBehindCounters> = Arc::default();
         let generation: Arc<Generation> = Arc::default();
         let (queue, worker) = if lower.is_empty() {
@@ -618,6 +639,9 @@ impl Tiers {
                 written: wb.written.load(Relaxed),
                 missed: wb.missed.load(Relaxed),
                 failed: wb.failed.load(Relaxed),
+                stalls: wb.stalls.load(Relaxed),
+                held: wb.held.load(Relaxed),
+                retried: wb.retried.load(Relaxed),
             },
         }
     }
@@ -664,6 +688,9 @@ impl Tiers {
                     key,
                     bytes: object_bytes,
                     generation,
+                    pending: u32::MAX,
+                    held: false,
+                    failed: false,
                 })
                 .is_err()
             {
@@ -700,9 +727,22 @@ fn open_disk(config: &L2Config) -> Result<DiskStore<FsStorage>, OpenError> {
 }
 
 const BATCH: usize = 8;
+/// How long the worker waits for work before it runs the tiers' housekeeping anyway.
+const IDLE: Duration = Duration::from_millis(200);
+/// The first wait before retrying a tier that ran out of space; each failed retry doubles it,
+/// up to `LAST_RETRY`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(5);
 
-/// The write-behind worker: drains the queue in batches, encodes each object once (on rayon)
-/// and hands the record to every tier behind L1.
+/// The write-behind worker: drains the queue in batches, encodes each object once (on the
+/// background pool) and hands the record to every tier behind L1.
+///
+/// A tier that refuses a write for lack of space (`TierError::out_of_space`) starts a stall:
+/// the write is held (its key only: the object stays in L1 and is read again for the retry),
+/// everything queued behind it waits too, and one write is retried with backoff until the tier
+/// takes it; then the held writes go out in order. Held writes still count in the queue's byte
+/// limit, so a long stall drops new work (counted) rather than growing memory; a held write
+/// whose object L1 evicted, or that a clear cancelled, is forgotten (evictions count as missed).
 struct WriteBehind {
     l1: Arc<L1Store>,
     lower: Vec<Arc<dyn Tier>>,
@@ -711,31 +751,175 @@ struct WriteBehind {
     compression: CompressionPolicy,
 }
 
+/// A tier behind L1 is out of space: since when, and when to try again.
+struct Stall {
+    since: Instant,
+    wait: Duration,
+    next_try: Instant,
+}
+
+impl Stall {
+    fn new() -> Stall {
+        let now = Instant::now();
+        Stall {
+            since: now,
+            wait: FIRST_RETRY,
+            next_try: now + FIRST_RETRY,
+        }
+    }
+
+    fn back_off(&mut self) {
+        self.wait = (self.wait * 2).min(LAST_RETRY);
+        self.next_try = Instant::now() + self.wait;
+    }
+}
+
+/// What one `write_batch` did.
+#[derive(Default)]
+struct BatchOutcome {
+    /// Jobs some tier refused for lack of space, still pending for those tiers, in order.
+    held: Vec<Job>,
+    /// The first out-of-space error, for the stall's one log line.
+    out_of_space: Option<TierError>,
+    /// Jobs every tier took.
+    written: usize,
+}
+
 impl WriteBehind {
     fn run(self, rx: mpsc::Receiver<Job>) {
+        // Received and not yet written, oldest first (each still counted in `queued_bytes`).
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut stall: Option<Stall> = None;
         loop {
-            let first = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(job) => Some(job),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            let idle = match &stall {
+                Some(s) => s
+                    .next_try
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE),
+                None if !waiting.is_empty() => Duration::ZERO,
+                None => IDLE,
             };
-            let mut batch: Vec<Job> = first.into_iter().collect();
-            while batch.len() < BATCH {
+            match rx.recv_timeout(idle) {
+                Ok(job) => waiting.push_back(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            // A batch's worth; while stalled, everything queued (keys only, bounded by bytes).
+            while stall.is_some() || waiting.len() < BATCH {
                 match rx.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) => waiting.push_back(job),
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                self.write_batch(&batch);
-            }
+            self.step(&mut waiting, &mut stall);
+            let held = if stall.is_some() { waiting.len() } else { 0 };
+            self.counters.held.store(held as u64, Relaxed);
             for tier in &self.lower {
                 tier.maintain();
             }
         }
+        self.finish(waiting);
     }
 
-    fn write_batch(&self, batch: &[Job]) {
+    /// Write the oldest waiting jobs: a batch; while stalled, once the wait is over, one job as
+    /// a probe, after forgetting the jobs whose objects are gone.
+    fn step(&self, waiting: &mut VecDeque<Job>, stall: &mut Option<Stall>) {
+        let n = match stall {
+            None => BATCH,
+            Some(s) if Instant::now() >= s.next_try => {
+                self.forget_gone(waiting);
+                1
+            }
+            Some(_) => return,
+        };
+        let batch: Vec<Job> = waiting.drain(..n.min(waiting.len())).collect();
+        let outcome = if batch.is_empty() {
+            BatchOutcome::default()
+        } else {
+            self.write_batch(batch)
+        };
+        if let Some(e) = outcome.out_of_space {
+            for job in outcome.held.into_iter().rev() {
+                waiting.push_front(job);
+            }
+            match stall {
+                Some(s) => s.back_off(),
+                None => {
+                    self.counters.stalls.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        waiting = waiting.len(),
+                        "write-behind: {e}; holding writes for the tiers behind L1 and \
+                         retrying every {FIRST_RETRY:?} to {LAST_RETRY:?} until there is space \
+                         (the objects stay in L1; what L1 evicts meanwhile is not written)"
+                    );
+                    *stall = Some(Stall::new());
+                }
+            }
+        } else if let Some(s) = stall {
+            // A probe that found its object gone taught nothing: the next one goes at once.
+            if outcome.written > 0 || waiting.is_empty() {
+                tracing::info!(
+                    stalled_ms = s.since.elapsed().as_millis() as u64,
+                    waiting = waiting.len(),
+                    "write-behind: the tiers behind L1 take writes again; writing the held ones"
+                );
+                *stall = None;
+            }
+        }
+    }
+
+    /// Drop waiting jobs a clear cancelled or whose object L1 evicted (counted as missed),
+    /// releasing their queue bytes.
+    fn forget_gone(&self, waiting: &mut VecDeque<Job>) {
+        let c = &self.counters;
+        let generation = self.generation.current.load(Relaxed);
+        waiting.retain(|job| {
+            let cancelled = job.generation != generation;
+            let keep = !cancelled && self.l1.contains(&job.key);
+            if !keep {
+                c.queued_bytes.fetch_sub(job.bytes, Relaxed);
+                if !cancelled {
+                    c.missed.fetch_add(1, Relaxed);
+                }
+            }
+            keep
+        });
+    }
+
+    /// At shutdown: write what still waits. If a tier is out of space, what it refused and
+    /// everything behind it is given up (counted as failed, one log line): those objects were
+    /// in L1 only.
+    fn finish(&self, mut waiting: VecDeque<Job>) {
+        let c = &self.counters;
+        while !waiting.is_empty() {
+            let batch = waiting.drain(..BATCH.min(waiting.len())).collect();
+            let outcome = self.write_batch(batch);
+            if let Some(e) = outcome.out_of_space {
+                let lost: Vec<Job> = outcome.held.into_iter().chain(waiting.drain(..)).collect();
+                for job in &lost {
+                    c.queued_bytes.fetch_sub(job.bytes, Relaxed);
+                }
+                c.failed.fetch_add(lost.len() as u64, Relaxed);
+                tracing::error!(
+                    objects = lost.len(),
+                    "write-behind stopped with objects not written to the tiers behind L1: {e}"
+                );
+                break;
+            }
+        }
+        c.held.store(0, Relaxed);
+    }
+
+    /// The tiers of `pending` (a job's), with their bits.
+    fn pending(&self, pending: u32) -> impl Iterator<Item = (u32, &Arc<dyn Tier>)> {
+        self.lower
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (1u32 << i, t))
+            .filter(move |(bit, _)| pending & bit != 0)
+    }
+
+    fn write_batch(&self, batch: Vec<Job>) -> BatchOutcome {
         // The whole batch runs under the clear fence: a `clear` waits for it, so no object
         // write-behind is still reading (which L1's clear must leave in place) survives it.
         let _fence = self.generation.fence.lock();
@@ -746,7 +930,8 @@ impl WriteBehind {
                 .par_iter()
                 .map(|job| {
                     let keys = std::slice::from_ref(&job.key);
-                    if cancelled(job) || self.lower.iter().all(|t| t.contains(keys)[0]) {
+                    if cancelled(job) || self.pending(job.pending).all(|(_, t)| t.contains(keys)[0])
+                    {
                         return None;
                     }
                     let Some(object) = self.l1.read(&job.key) else {
@@ -762,24 +947,46 @@ impl WriteBehind {
                 })
                 .collect()
         });
-        for (job, record) in batch.iter().zip(records) {
-            c.queued_bytes.fetch_sub(job.bytes, Relaxed);
-            let Some(record) = record else { continue };
-            if cancelled(job) {
+        let mut outcome = BatchOutcome::default();
+        for (mut job, record) in batch.into_iter().zip(records) {
+            let Some(record) = record.filter(|_| !cancelled(&job)) else {
+                c.queued_bytes.fetch_sub(job.bytes, Relaxed);
                 continue;
-            }
-            let mut ok = true;
-            for tier in &self.lower {
-                if let Err(e) = tier.put(&job.key, &record) {
-                    ok = false;
-                    tracing::error!(key = ?job.key, "{} write failed: {e}", tier.name());
+            };
+            let mut taken = 0;
+            for (bit, tier) in self.pending(job.pending) {
+                match tier.put(&job.key, &record) {
+                    Ok(()) => taken |= bit,
+                    Err(e) if e.out_of_space() => {
+                        outcome.out_of_space.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        taken |= bit;
+                        job.failed = true;
+                        tracing::error!(key = ?job.key, "{} write failed: {e}", tier.name());
+                    }
                 }
             }
-            if ok {
-                c.written.fetch_add(1, Relaxed);
-            } else {
+            job.pending &= !taken;
+            if self.pending(job.pending).next().is_some() {
+                job.held = true;
+                outcome.held.push(job);
+                continue;
+            }
+            c.queued_bytes.fetch_sub(job.bytes, Relaxed);
+            if job.failed {
                 c.failed.fetch_add(1, Relaxed);
+            } else {
+                c.written.fetch_add(1, Relaxed);
+                outcome.written += 1;
+                if job.held {
+                    c.retried.fetch_add(1, Relaxed);
+                }
             }
         }
+        outcome
     }
 }
+
+#[cfg(test)]
+mod tests;

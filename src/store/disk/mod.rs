@@ -492,13 +492,7 @@ impl<S: Storage> DiskStore<S> {
     /// record's itemsize. A record that fails verification is dropped from the index.
     pub fn read(&self, key: &ObjectKey, out: &mut [u8]) -> Result<u8, DiskError> {
         let mut itemsize = 0;
-        self.read_with(key, |loc, record, _| {
-            if loc.raw_len != out.len() as u64 {
-                return Err(DiskError::Length {
-                    want: out.len() as u64,
-                    found: loc.raw_len,
-                });
-            }
+        self.read_with(key, Some(out.len() as u64), |record, _| {
             itemsize = record.header.itemsize;
             Ok(record.decode_into(out)?)
         })?;
@@ -508,7 +502,7 @@ impl<S: Storage> DiskStore<S> {
     /// The record of `key` as stored, verified.
     pub fn read_record(&self, key: &ObjectKey) -> Result<Vec<u8>, DiskError> {
         let mut verbatim = Vec::new();
-        self.read_with(key, |_, _, bytes| {
+        self.read_with(key, None, |_, bytes| {
             verbatim = bytes.to_vec();
             Ok(())
         })?;
@@ -516,17 +510,25 @@ impl<S: Storage> DiskStore<S> {
     }
 
     /// Read and verify the record of `key`, then hand it to `use_record`. A record failing
-    /// any check (but a length mismatch, which is the caller's) is dropped from the index.
+    /// any check is dropped from the index. A `raw_len` other than the record's is the caller's
+    /// error: refused from the index, before any read, and the record kept.
     fn read_with(
         &self,
         key: &ObjectKey,
-        use_record: impl FnOnce(Location, &Record<'_>, &[u8]) -> Result<(), DiskError>,
+        raw_len: Option<u64>,
+        use_record: impl FnOnce(&Record<'_>, &[u8]) -> Result<(), DiskError>,
     ) -> Result<(), DiskError> {
         let (loc, file) = {
             let mut st = self.state.lock();
             let Some(loc) = st.index.get(key).copied() else {
                 return Err(DiskError::Io(io::Error::from(io::ErrorKind::NotFound)));
             };
+            if let Some(want) = raw_len.filter(|&want| want != loc.raw_len) {
+                return Err(DiskError::Length {
+                    want,
+                    found: loc.raw_len,
+                });
+            }
             st.tick += 1;
             let tick = st.tick;
             let seg = st
@@ -545,14 +547,13 @@ impl<S: Storage> DiskStore<S> {
                     found: Box::new(record.header.key),
                 });
             }
-            use_record(loc, &record, &bytes)
+            use_record(&record, &bytes)
         })();
         match &result {
             Ok(()) => {
                 self.counters.read_records.fetch_add(1, Relaxed);
                 self.counters.read_bytes.fetch_add(loc.raw_len, Relaxed);
             }
-            Err(DiskError::Length { .. }) => {}
             Err(e) => {
                 tracing::error!(
                     ?key,

@@ -1,7 +1,7 @@
 //! Where segment bytes live. `Storage` is a directory of append-only segment files plus an
 //! atomically replaced checkpoint; `FsStorage` is the real one (reads through `memmap2`),
 //! `MemStorage` keeps written and synced bytes apart so tests can simulate a crash that loses
-//! everything not yet synced, or tears the last write.
+//! everything not yet synced, or tears the last write, and can play a full disk.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -238,6 +239,14 @@ impl SegmentFile for FsSegment {
 pub struct MemStorage {
     segments: Mutex<BTreeMap<u32, Arc<MemSegmentData>>>,
     checkpoint: Mutex<Option<Vec<u8>>>,
+    disk: Arc<Disk>,
+}
+
+/// The device under every segment: full or not, and how many appends it refused.
+#[derive(Default)]
+struct Disk {
+    full: AtomicBool,
+    refused: AtomicU64,
 }
 
 #[derive(Default)]
@@ -247,7 +256,10 @@ pub struct MemSegmentData {
 }
 
 #[derive(Clone)]
-pub struct MemSegment(Arc<MemSegmentData>);
+pub struct MemSegment {
+    data: Arc<MemSegmentData>,
+    disk: Arc<Disk>,
+}
 
 impl MemStorage {
     /// Simulate a crash: every segment loses its unsynced bytes except the first
@@ -267,6 +279,23 @@ impl MemStorage {
         let segs = self.segments.lock();
         let mut b = segs[&id].bytes.lock();
         b[offset as usize] ^= 0x10;
+    }
+
+    /// Play a full disk: while set, every append fails with `ENOSPC` and leaves nothing.
+    pub fn set_full(&self, full: bool) {
+        self.disk.full.store(full, Relaxed);
+    }
+
+    /// Appends refused because the disk was full.
+    pub fn refused_appends(&self) -> u64 {
+        self.disk.refused.load(Relaxed)
+    }
+
+    fn segment(&self, data: Arc<MemSegmentData>) -> MemSegment {
+        MemSegment {
+            data,
+            disk: self.disk.clone(),
+        }
     }
 
     pub fn segment_len(&self, id: u32) -> u64 {
@@ -289,7 +318,7 @@ impl Storage for Arc<MemStorage> {
             .lock()
             .get(&id)
             .cloned()
-            .map(MemSegment)
+            .map(|d| self.segment(d))
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
 
@@ -300,7 +329,7 @@ impl Storage for Arc<MemStorage> {
         }
         let d = Arc::new(MemSegmentData::default());
         segs.insert(id, d.clone());
-        Ok(MemSegment(d))
+        Ok(self.segment(d))
     }
 
     fn remove(&self, id: u32) -> io::Result<()> {
@@ -323,11 +352,15 @@ impl Storage for Arc<MemStorage> {
 
 impl SegmentFile for MemSegment {
     fn len(&self) -> u64 {
-        self.0.bytes.lock().len() as u64
+        self.data.bytes.lock().len() as u64
     }
 
     fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
-        let mut b = self.0.bytes.lock();
+        if self.disk.full.load(Relaxed) {
+            self.disk.refused.fetch_add(1, Relaxed);
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let mut b = self.data.bytes.lock();
         let start = b.len() as u64;
         for p in parts {
             b.extend_from_slice(p);
@@ -336,19 +369,19 @@ impl SegmentFile for MemSegment {
     }
 
     fn sync(&self) -> io::Result<()> {
-        *self.0.synced.lock() = self.0.bytes.lock().len() as u64;
+        *self.data.synced.lock() = self.data.bytes.lock().len() as u64;
         Ok(())
     }
 
     fn truncate(&self, len: u64) -> io::Result<()> {
-        self.0.bytes.lock().truncate(len as usize);
-        let mut s = self.0.synced.lock();
+        self.data.bytes.lock().truncate(len as usize);
+        let mut s = self.data.synced.lock();
         *s = (*s).min(len);
         Ok(())
     }
 
     fn read(&self, offset: u64, len: u64) -> io::Result<SegmentBytes> {
-        let b = self.0.bytes.lock();
+        let b = self.data.bytes.lock();
         let end = offset.saturating_add(len).min(b.len() as u64);
         Ok(SegmentBytes::Owned(if offset < end {
             b[offset as usize..end as usize].to_vec()

@@ -136,6 +136,16 @@ fn corrupted_record_is_dropped_and_counted() {
     d.write(&key(2), &payload(2, 10_000), 2).unwrap();
     let len = mem.segment_len(0);
     mem.flip(0, len - 10); // inside record 2's payload
+                           // A wrong length is the caller's error, refused from the index before any read (found by
+                           // the disk_record fuzz target, seed raw_bad_payload_crc: the check had moved behind the
+                           // read and verification, so this dropped the key as corrupt instead).
+    let mut wrong = vec![0; 9_999];
+    assert!(matches!(
+        d.read(&key(2), &mut wrong),
+        Err(DiskError::Length { .. })
+    ));
+    assert!(d.contains(&key(2)) && wrong.iter().all(|&b| b == 0));
+    assert_eq!(d.counters.corrupt_records.load(Relaxed), 0);
     assert!(read(&d, 2, 10_000).is_none());
     assert!(!d.contains(&key(2)), "dropped from the index");
     assert_eq!(d.counters.corrupt_records.load(Relaxed), 1);
