@@ -230,6 +230,9 @@ impl Link {
                     for s in &self.slots[slots] {
                         s.lock().take();
                     }
+                } else if matches!(&e, LinkError::Redis(_)) {
+                    // The server answered (e.g. OOM when full): the link itself is up.
+                    self.recovered();
                 }
                 Err(self.failed(e))
             }

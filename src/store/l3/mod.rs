@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use self::config::{L3Config, WritePolicy};
 use self::keys::KeyLayout;
 use self::link::{Link, LinkError, LinkStatus};
-use super::codec::CompressionPolicy;
+use super::codec::{Codec, CompressionPolicy};
 use super::record::{self, Record};
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, Reservation, WriteGuard};
@@ -265,21 +265,34 @@ impl L3 {
         match l1.reserve(key, r.header.raw_len) {
             Reservation::Present => true,
             Reservation::NoSpace => false,
-            // Decoded into private memory, then copied in: no reference may cover pool pages.
+            // A raw payload (verified by `parse`) goes straight in; a compressed one is decoded
+            // into private memory first: no reference may cover pool pages.
+            Reservation::Reserved(mut w) if r.header.codec == Codec::Raw => {
+                if r.payload.len() as u64 != r.header.raw_len {
+                    return self.corrupt(key, "raw payload length differs from the raw length");
+                }
+                w.copy_from_slice(r.payload);
+                self.installed(w, &r);
+                true
+            }
             Reservation::Reserved(mut w) => match Self::decode(&r) {
                 Ok(raw) => {
                     w.copy_from_slice(&raw);
-                    w.set_itemsize(r.header.itemsize);
-                    w.commit();
-                    self.counters.read_records.fetch_add(1, Relaxed);
-                    self.counters
-                        .read_bytes
-                        .fetch_add(r.header.raw_len, Relaxed);
+                    self.installed(w, &r);
                     true
                 }
                 Err(e) => self.corrupt(key, &e.to_string()),
             },
         }
+    }
+
+    fn installed(&self, mut w: WriteGuard, r: &Record) {
+        w.set_itemsize(r.header.itemsize);
+        w.commit();
+        self.counters.read_records.fetch_add(1, Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(r.header.raw_len, Relaxed);
     }
 
     fn corrupt(&self, key: &ObjectKey, why: &str) -> bool {
