@@ -164,13 +164,26 @@ impl Serve {
 
     /// Stop it and return what it logged.
     fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let mut log = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut log);
         }
         log
+    }
+}
+
+impl Serve {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A failed test must not leave `cwm serve` running (it holds the test's stdout open).
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -277,6 +290,37 @@ fn corrupted_or_misplaced_values_are_misses() {
     assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
 }
 
+/// A client of `s` with two engine caches registered: 1 to store from, 2 to retrieve into.
+fn two_caches(s: &Sidecar) -> (MpClient, TestKv, TestKv) {
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let mut c = client(s);
+    register(&mut c, 1, &kv);
+    register(&mut c, 2, &back);
+    (c, kv, back)
+}
+
+/// Request `i` of `requests`, stored from `kv` filled with `i`, hits both its chunks and
+/// retrieves into `back` byte-exact.
+fn assert_served_from_l1(
+    c: &mut MpClient,
+    kv: &TestKv,
+    back: &TestKv,
+    salt: &str,
+    requests: &[Vec<u32>],
+) {
+    for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(lookup(c, salt, t, &rid), 2, "request {i}");
+        kv.fill(i as u64);
+        back.fill_byte(0);
+        assert!(retrieve(c, 2, salt, t, 2, &rid));
+        for j in 0..32 {
+            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
+        }
+    }
+}
+
 /// Redis killed during a burst of stores and lookups: every request is answered, nothing
 /// wrong is served, the state shows in /status and /metrics, and L3 recovers after a restart.
 #[test]
@@ -286,11 +330,7 @@ fn redis_killed_mid_burst_then_back() {
         l3_timeout_ms: 300,
         ..l3_config(&redis.url())
     });
-    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let mut c = client(&s);
-    register(&mut c, 1, &kv);
-    register(&mut c, 2, &back);
+    let (mut c, kv, back) = two_caches(&s);
     let requests: Vec<Vec<u32>> = (0..30).map(|i| tokens(500 + i, 512)).collect();
     for (i, t) in requests.iter().enumerate() {
         if i == 10 {
@@ -304,16 +344,7 @@ fn redis_killed_mid_burst_then_back() {
         assert_eq!(lookup(&mut c, "burst", &miss, &format!("m{i}")), 0);
     }
     // Everything stored is still served from L1, byte-exact.
-    for (i, t) in requests.iter().enumerate() {
-        let rid = format!("r{i}");
-        assert_eq!(lookup(&mut c, "burst", t, &rid), 2, "request {i}");
-        kv.fill(i as u64);
-        back.fill_byte(0);
-        assert!(retrieve(&mut c, 2, "burst", t, 2, &rid));
-        for j in 0..32 {
-            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
-        }
-    }
+    assert_served_from_l1(&mut c, &kv, &back, "burst", &requests);
     let status = |s: &Sidecar| {
         let stats = s.windows.cache_stats();
         stats.l3.unwrap()
@@ -657,7 +688,10 @@ fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
             .collect();
         assert_eq!(per_node.iter().sum::<u64>(), 16, "{per_node:?}");
         let nodes = per_node.iter().filter(|&&n| n > 0).count() as u64;
-        assert!(nodes >= 2, "16 chunks spread over the masters: {per_node:?}");
+        assert!(
+            nodes >= 2,
+            "16 chunks spread over the masters: {per_node:?}"
+        );
         assert_eq!(
             l3.stats().round_trips - trips,
             nodes,
@@ -681,11 +715,7 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
         l3_timeout_ms: 300,
         ..l3_config(&redis.url())
     });
-    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let mut c = client(&s);
-    register(&mut c, 1, &kv);
-    register(&mut c, 2, &back);
+    let (mut c, kv, back) = two_caches(&s);
     let stored = tokens(91, 512);
     kv.fill(91);
     assert!(store(&mut c, 1, "slow", &stored, 1));
@@ -698,7 +728,10 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
         let t0 = Instant::now();
         kv.fill(100 + u64::from(i));
         assert!(store(&mut c, 1, "slow", &tokens(100 + i, 512), 1));
-        assert_eq!(lookup(&mut c, "slow", &tokens(200 + i, 512), &format!("m{i}")), 0);
+        assert_eq!(
+            lookup(&mut c, "slow", &tokens(200 + i, 512), &format!("m{i}")),
+            0
+        );
         assert!(
             t0.elapsed() < within,
             "a store and a missing lookup took {:?} while Redis was paused",
@@ -734,7 +767,10 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 0;
     while s.windows.cache_stats().l3.unwrap().link.state != "up" {
-        assert!(Instant::now() < deadline, "L3 never came back after the pause");
+        assert!(
+            Instant::now() < deadline,
+            "L3 never came back after the pause"
+        );
         i += 1;
         lookup(&mut c, "slow", &tokens(300 + i, 512), &format!("after{i}"));
         std::thread::sleep(Duration::from_millis(200));
@@ -758,38 +794,40 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
         .unwrap();
     // Room for a few records (about 4 KiB each here), not for 20 requests of two chunks.
     let limit = (used + (48 << 10)).to_string();
-    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", &limit]).trim(), "OK");
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory", &limit]).trim(),
+        "OK"
+    );
     let s = sidecar(l3_config(&redis.url()));
-    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let mut c = client(&s);
-    register(&mut c, 1, &kv);
-    register(&mut c, 2, &back);
+    let (mut c, kv, back) = two_caches(&s);
     let requests: Vec<Vec<u32>> = (0..20).map(|i| tokens(700 + i, 512)).collect();
     let l3 = s.cwm.tiers.l3().unwrap();
     for (i, t) in requests.iter().enumerate() {
         kv.fill(i as u64);
         let t0 = Instant::now();
         assert!(store(&mut c, 1, "full", t, 1), "store {i}");
-        assert!(t0.elapsed() < Duration::from_secs(2), "store {i} took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "store {i} took {:?}",
+            t0.elapsed()
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while l3.stats().write_errors == 0 || l3.stats().write_behind_queued_bytes > 0 {
-        assert!(Instant::now() < deadline, "no write was refused: {:?}", l3.stats());
+        assert!(
+            Instant::now() < deadline,
+            "no write was refused: {:?}",
+            l3.stats()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    for (i, t) in requests.iter().enumerate() {
-        let rid = format!("r{i}");
-        assert_eq!(lookup(&mut c, "full", t, &rid), 2, "request {i}");
-        kv.fill(i as u64);
-        back.fill_byte(0);
-        assert!(retrieve(&mut c, 2, "full", t, 2, &rid));
-        for j in 0..32 {
-            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
-        }
-    }
+    assert_served_from_l1(&mut c, &kv, &back, "full", &requests);
     let st = s.windows.cache_stats().l3.unwrap();
-    assert_eq!((st.link.state.as_str(), st.link.full), ("up", true), "{st:?}");
+    assert_eq!(
+        (st.link.state.as_str(), st.link.full),
+        ("up", true),
+        "{st:?}"
+    );
     assert!(st.write_errors >= 1 && st.link_errors == 0, "{st:?}");
     let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
     assert!(metrics.contains("cwm_l3_full 1"), "{metrics}");
@@ -804,30 +842,6 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
     while s.windows.cache_stats().l3.unwrap().link.full {
         assert!(Instant::now() < deadline, "still shown full");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Call an MCP tool: its structured result, or the error text of a failed call.
-fn mcp_call(
-    rt: &tokio::runtime::Runtime,
-    client: &rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>,
-    tool: &str,
-    args: serde_json::Value,
-) -> Result<serde_json::Value, String> {
-    let args = args.as_object().cloned().unwrap_or_default();
-    let r = rt
-        .block_on(client.call_tool(
-            rmcp::model::CallToolRequestParams::new(tool.to_string()).with_arguments(args),
-        ))
-        .expect("the tool call gets an answer");
-    let text: String = r
-        .content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect();
-    match r.is_error {
-        Some(true) => Err(text),
-        _ => Ok(r.structured_content.unwrap_or_default()),
     }
 }
 
@@ -852,9 +866,13 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     register(&mut cb, 2, &dst);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ma = rt.block_on(cwm::mcp::connect(&a.mcp_url, None)).expect("MCP on A");
-    let mb = rt.block_on(cwm::mcp::connect(&b.mcp_url, None)).expect("MCP on B");
-    let r = mcp_call(
+    let ma = rt
+        .block_on(cwm::mcp::connect(&a.mcp_url, None))
+        .expect("MCP on A");
+    let mb = rt
+        .block_on(cwm::mcp::connect(&b.mcp_url, None))
+        .expect("MCP on B");
+    let r = common::mcp::call(
         &rt,
         &ma,
         "window_freeze",
@@ -862,15 +880,20 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     )
     .unwrap();
     assert_eq!(r["window"]["chunks"], 4, "{r}");
-    assert_eq!(chunk_keys(&redis).len(), 4, "the window's chunks are in Redis");
-    let list = mcp_call(&rt, &mb, "window_list", json!({})).unwrap();
+    assert_eq!(
+        chunk_keys(&redis).len(),
+        4,
+        "the window's chunks are in Redis"
+    );
+    let list = common::mcp::call(&rt, &mb, "window_list", json!({})).unwrap();
     assert_eq!(list["total"], 1, "{list}");
     assert_eq!(list["windows"][0]["name"], "review");
-    let st = mcp_call(&rt, &mb, "window_status", json!({"window_name": "review"})).unwrap();
+    let st =
+        common::mcp::call(&rt, &mb, "window_status", json!({"window_name": "review"})).unwrap();
     assert_eq!(st["window"]["chunks_in_l2"], 0, "{st}");
     assert_eq!(st["window"]["chunks_in_l3"], 4, "{st}");
     assert_eq!(lookup(&mut cb, "chat-2", &t, "before"), 0);
-    let r = mcp_call(
+    let r = common::mcp::call(
         &rt,
         &mb,
         "window_thaw",
@@ -884,7 +907,7 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     for j in 0..64 {
         assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
     }
-    let e = mcp_call(
+    let e = common::mcp::call(
         &rt,
         &mb,
         "window_freeze",
@@ -892,8 +915,8 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     )
     .expect_err("the name is taken fleet-wide");
     assert!(e.contains("taken"), "{e}");
-    mcp_call(&rt, &mb, "window_delete", json!({"window_name": "review"})).unwrap();
-    let list = mcp_call(&rt, &ma, "window_list", json!({})).unwrap();
+    common::mcp::call(&rt, &mb, "window_delete", json!({"window_name": "review"})).unwrap();
+    let list = common::mcp::call(&rt, &ma, "window_list", json!({})).unwrap();
     assert_eq!(list["total"], 0, "deleted on B, gone on A: {list}");
     rt.block_on(async {
         let _ = ma.cancel().await;

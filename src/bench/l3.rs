@@ -231,9 +231,7 @@ fn remove(l3: &L3, keys: &[ObjectKey]) -> anyhow::Result<()> {
             c
         })
         .collect();
-    l3.link()
-        .batch(cmds)
-        .context("delete the bench's keys")?;
+    l3.link().batch(cmds).context("delete the bench's keys")?;
     Ok(())
 }
 
@@ -309,7 +307,14 @@ impl L3Report {
         let _ = writeln!(
             s,
             "{:>9} {:>7} {:>10} {:>10} {:>12} {:>12} {:>7} {:>7}",
-            "value", "values", "put GB/s", "get GB/s", "raw SET GB/s", "raw GET GB/s", "put %", "get %"
+            "value",
+            "values",
+            "put GB/s",
+            "get GB/s",
+            "raw SET GB/s",
+            "raw GET GB/s",
+            "put %",
+            "get %"
         );
         for v in &self.values {
             let pct = |ours: f64, raw: Option<f64>| {

@@ -75,7 +75,10 @@ impl SlotMap {
 
     /// The master owning `slot`, if the map covers it.
     fn master_of(&self, slot: u16) -> Option<usize> {
-        let i = self.ranges.partition_point(|r| r.0 <= slot).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.0 <= slot)
+            .checked_sub(1)?;
         let (first, last, master) = self.ranges[i];
         (first..=last).contains(&slot).then_some(master)
     }
@@ -191,10 +194,7 @@ async fn cluster_batch(
                 )
                 .await?;
             let m = Arc::new(SlotMap::parse(&reply).ok_or_else(|| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "unexpected CLUSTER SLOTS reply",
-                ))
+                redis::RedisError::from((redis::ErrorKind::Parse, "unexpected CLUSTER SLOTS reply"))
             })?);
             *batches.slots.lock() = Some(m.clone());
             m
@@ -275,7 +275,12 @@ mod tests {
 
     #[test]
     fn slot_map_finds_the_owner() {
-        let node = |p| Value::Array(vec![Value::BulkString(b"127.0.0.1".to_vec()), Value::Int(p)]);
+        let node = |p| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(p),
+            ])
+        };
         let reply = Value::Array(vec![
             Value::Array(vec![Value::Int(5461), Value::Int(10922), node(7001)]),
             Value::Array(vec![Value::Int(0), Value::Int(5460), node(7000)]),

@@ -187,7 +187,10 @@ impl L3 {
         let found = self.link.batch(cmds).and_then(|replies| {
             replies
                 .iter()
-                .map(|v| redis::from_redis_value_ref::<bool>(v).map_err(|e| LinkError::from(redis::RedisError::from(e))))
+                .map(|v| {
+                    redis::from_redis_value_ref::<bool>(v)
+                        .map_err(|e| LinkError::from(redis::RedisError::from(e)))
+                })
                 .collect::<Result<Vec<bool>, LinkError>>()
         });
         self.counters
@@ -245,7 +248,10 @@ impl L3 {
         self.link
             .spread(cmds)?
             .into_iter()
-            .map(|v| redis::from_redis_value::<Option<Vec<u8>>>(v).map_err(|e| LinkError::from(redis::RedisError::from(e))))
+            .map(|v| {
+                redis::from_redis_value::<Option<Vec<u8>>>(v)
+                    .map_err(|e| LinkError::from(redis::RedisError::from(e)))
+            })
             .collect()
     }
 
