@@ -325,6 +325,11 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
                 "Objects L3 write-behind gave up (queue full or link down)",
                 l3.write_behind_dropped,
             ),
+            (
+                "l3_round_trips_total",
+                "Pipelines sent to L3 nodes (a lookup's existence checks cost one per node)",
+                l3.round_trips,
+            ),
         ] {
             metric(name, "counter", help, &[("", c(v))]);
         }

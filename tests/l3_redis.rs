@@ -111,6 +111,8 @@ fn hits_byte_exact_on(b: &Sidecar, salt: &str, t: &[u32], chunks: u64, src: &Tes
 struct Serve {
     child: Child,
     endpoint: String,
+    /// Its MCP endpoint (streamable HTTP).
+    mcp_url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -118,6 +120,7 @@ impl Serve {
     fn start(extra: &[&str], env: &[(&str, &str)]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let port = free_redis_port(false);
+        let http = free_redis_port(false);
         let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
@@ -126,7 +129,7 @@ impl Serve {
                 "--l2-size-gb",
                 "1",
                 "--http-port",
-                "0",
+                &http.to_string(),
             ])
             .args(["--no-engine-driven"])
             .arg("--l2-path")
@@ -141,6 +144,7 @@ impl Serve {
         Serve {
             child,
             endpoint,
+            mcp_url: format!("http://127.0.0.1:{http}/mcp"),
             _dir: dir,
         }
     }
@@ -160,13 +164,26 @@ impl Serve {
 
     /// Stop it and return what it logged.
     fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let mut log = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut log);
         }
         log
+    }
+}
+
+impl Serve {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A failed test must not leave `cwm serve` running (it holds the test's stdout open).
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -273,6 +290,37 @@ fn corrupted_or_misplaced_values_are_misses() {
     assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
 }
 
+/// A client of `s` with two engine caches registered: 1 to store from, 2 to retrieve into.
+fn two_caches(s: &Sidecar) -> (MpClient, TestKv, TestKv) {
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let mut c = client(s);
+    register(&mut c, 1, &kv);
+    register(&mut c, 2, &back);
+    (c, kv, back)
+}
+
+/// Request `i` of `requests`, stored from `kv` filled with `i`, hits both its chunks and
+/// retrieves into `back` byte-exact.
+fn assert_served_from_l1(
+    c: &mut MpClient,
+    kv: &TestKv,
+    back: &TestKv,
+    salt: &str,
+    requests: &[Vec<u32>],
+) {
+    for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(lookup(c, salt, t, &rid), 2, "request {i}");
+        kv.fill(i as u64);
+        back.fill_byte(0);
+        assert!(retrieve(c, 2, salt, t, 2, &rid));
+        for j in 0..32 {
+            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
+        }
+    }
+}
+
 /// Redis killed during a burst of stores and lookups: every request is answered, nothing
 /// wrong is served, the state shows in /status and /metrics, and L3 recovers after a restart.
 #[test]
@@ -282,11 +330,7 @@ fn redis_killed_mid_burst_then_back() {
         l3_timeout_ms: 300,
         ..l3_config(&redis.url())
     });
-    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    let mut c = client(&s);
-    register(&mut c, 1, &kv);
-    register(&mut c, 2, &back);
+    let (mut c, kv, back) = two_caches(&s);
     let requests: Vec<Vec<u32>> = (0..30).map(|i| tokens(500 + i, 512)).collect();
     for (i, t) in requests.iter().enumerate() {
         if i == 10 {
@@ -300,16 +344,7 @@ fn redis_killed_mid_burst_then_back() {
         assert_eq!(lookup(&mut c, "burst", &miss, &format!("m{i}")), 0);
     }
     // Everything stored is still served from L1, byte-exact.
-    for (i, t) in requests.iter().enumerate() {
-        let rid = format!("r{i}");
-        assert_eq!(lookup(&mut c, "burst", t, &rid), 2, "request {i}");
-        kv.fill(i as u64);
-        back.fill_byte(0);
-        assert!(retrieve(&mut c, 2, "burst", t, 2, &rid));
-        for j in 0..32 {
-            assert_eq!(kv.block(1 + j), back.block(1 + j), "request {i} block {j}");
-        }
-    }
+    assert_served_from_l1(&mut c, &kv, &back, "burst", &requests);
     let status = |s: &Sidecar| {
         let stats = s.windows.cache_stats();
         stats.l3.unwrap()
@@ -581,4 +616,312 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
         let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
         assert!(ttl > 0, "released data gets the cache TTL: {ttl}");
     }
+}
+
+/// `calls` of `INFO commandstats` for `command` (lowercase), 0 when never called.
+fn command_calls(r: &RedisServer, command: &str) -> u64 {
+    let info = r.cli(&["INFO", "commandstats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A 4096-token prefix that misses L1 and L2 costs one round trip to Redis for its 16
+/// existence checks (they are counted by Redis, so they were sent), not one per chunk.
+#[test]
+fn a_lookup_missing_l1_and_l2_costs_one_round_trip() {
+    let redis = RedisServer::start();
+    let s = sidecar(l3_config(&redis.url()));
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let mut c = client(&s);
+    register(&mut c, 1, &kv);
+    let l3 = s.cwm.tiers.l3().unwrap();
+    let (trips, exists) = (l3.stats().round_trips, command_calls(&redis, "exists"));
+    assert_eq!(lookup(&mut c, "rt", &tokens(71, 4096), "q"), 0);
+    assert_eq!(
+        command_calls(&redis, "exists") - exists,
+        16,
+        "one existence check per chunk reached Redis"
+    );
+    assert_eq!(
+        l3.stats().round_trips - trips,
+        1,
+        "16 checks, one pipeline: {:?}",
+        l3.stats()
+    );
+    let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
+    assert!(metrics.contains("cwm_l3_round_trips_total 1"), "{metrics}");
+}
+
+/// On a 3-master cluster the same lookup costs one round trip per master that owns some of
+/// the prefix's keys: at most 3 for 16 chunks, and each master got its share in one pipeline.
+#[test]
+fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
+    let cluster = RedisCluster::start();
+    let s = sidecar(Config {
+        l3_cluster: Some(cluster.seeds()),
+        l3_timeout_ms: 2000,
+        ..small_config()
+    });
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    let mut c = client(&s);
+    register(&mut c, 1, &kv);
+    let l3 = s.cwm.tiers.l3().unwrap();
+    let exists = |cluster: &RedisCluster| -> Vec<u64> {
+        cluster
+            .nodes
+            .iter()
+            .map(|n| command_calls(n, "exists"))
+            .collect()
+    };
+    // The first lookup also reads the slot map; the second shows the steady state.
+    for round in 0..2 {
+        let before = exists(&cluster);
+        let trips = l3.stats().round_trips;
+        let t = tokens(81 + round, 4096);
+        assert_eq!(lookup(&mut c, "rt", &t, &format!("q{round}")), 0);
+        let per_node: Vec<u64> = exists(&cluster)
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect();
+        assert_eq!(per_node.iter().sum::<u64>(), 16, "{per_node:?}");
+        let nodes = per_node.iter().filter(|&&n| n > 0).count() as u64;
+        assert!(
+            nodes >= 2,
+            "16 chunks spread over the masters: {per_node:?}"
+        );
+        assert_eq!(
+            l3.stats().round_trips - trips,
+            nodes,
+            "one pipeline per node that holds keys ({per_node:?})"
+        );
+    }
+    assert_eq!(
+        l3.link().batches().topology_reads.load(Relaxed),
+        1,
+        "the slot map was read once"
+    );
+}
+
+/// A Redis that stops answering (CLIENT PAUSE): stores, hits and misses are all answered
+/// within the L3 deadline plus a generous margin, L1 serves byte-exact, the link shows down in
+/// /status and /metrics with the failures counted, and it comes back after the pause.
+#[test]
+fn a_slow_redis_delays_nothing_past_the_deadline() {
+    let redis = RedisServer::start();
+    let s = sidecar(Config {
+        l3_timeout_ms: 300,
+        ..l3_config(&redis.url())
+    });
+    let (mut c, kv, back) = two_caches(&s);
+    let stored = tokens(91, 512);
+    kv.fill(91);
+    assert!(store(&mut c, 1, "slow", &stored, 1));
+    wait_keys(&redis, 2);
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "6000", "ALL"]).trim(), "OK");
+    let paused = Instant::now();
+    // Generous: the deadline is 300 ms; nothing may wait for the 6 s pause.
+    let within = Duration::from_millis(2500);
+    for i in 0..4u32 {
+        let t0 = Instant::now();
+        kv.fill(100 + u64::from(i));
+        assert!(store(&mut c, 1, "slow", &tokens(100 + i, 512), 1));
+        assert_eq!(
+            lookup(&mut c, "slow", &tokens(200 + i, 512), &format!("m{i}")),
+            0
+        );
+        assert!(
+            t0.elapsed() < within,
+            "a store and a missing lookup took {:?} while Redis was paused",
+            t0.elapsed()
+        );
+    }
+    let t0 = Instant::now();
+    kv.fill(91);
+    back.fill_byte(0);
+    assert_eq!(lookup(&mut c, "slow", &stored, "hit"), 2);
+    assert!(retrieve(&mut c, 2, "slow", &stored, 2, "hit"));
+    assert!(t0.elapsed() < within, "a hit took {:?}", t0.elapsed());
+    for j in 0..32 {
+        assert_eq!(kv.block(1 + j), back.block(1 + j), "block {j}");
+    }
+    assert!(
+        paused.elapsed() < Duration::from_secs(6),
+        "the checks ran while Redis was paused"
+    );
+    let st = s.windows.cache_stats().l3.unwrap();
+    assert_eq!(st.link.state, "down", "{st:?}");
+    assert!(st.link_errors >= 1, "{st:?}");
+    assert!(
+        st.link
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out") || e.contains("deadline")),
+        "{st:?}"
+    );
+    let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
+    assert!(metrics.contains("cwm_l3_up 0"), "{metrics}");
+    // After the pause: the link comes back by itself on the next lookups.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while s.windows.cache_stats().l3.unwrap().link.state != "up" {
+        assert!(
+            Instant::now() < deadline,
+            "L3 never came back after the pause"
+        );
+        i += 1;
+        lookup(&mut c, "slow", &tokens(300 + i, 512), &format!("after{i}"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.windows.cache_stats().l3.unwrap().link.incidents, 1);
+}
+
+/// A full Redis (maxmemory, noeviction: writes get OOM errors): every store is answered and
+/// served from L1 byte-exact, the refused writes are counted, /status and /metrics say Redis is
+/// full while the link stays up, and writes resume once Redis has room.
+#[test]
+fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
+    let redis = RedisServer::with_args(&["--maxmemory-policy", "noeviction"]);
+    let used: u64 = redis
+        .cli(&["INFO", "memory"])
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Room for a few records (about 4 KiB each here), not for 20 requests of two chunks.
+    let limit = (used + (48 << 10)).to_string();
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory", &limit]).trim(),
+        "OK"
+    );
+    let s = sidecar(l3_config(&redis.url()));
+    let (mut c, kv, back) = two_caches(&s);
+    let requests: Vec<Vec<u32>> = (0..20).map(|i| tokens(700 + i, 512)).collect();
+    let l3 = s.cwm.tiers.l3().unwrap();
+    for (i, t) in requests.iter().enumerate() {
+        kv.fill(i as u64);
+        let t0 = Instant::now();
+        assert!(store(&mut c, 1, "full", t, 1), "store {i}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "store {i} took {:?}",
+            t0.elapsed()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while l3.stats().write_errors == 0 || l3.stats().write_behind_queued_bytes > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no write was refused: {:?}",
+            l3.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_served_from_l1(&mut c, &kv, &back, "full", &requests);
+    let st = s.windows.cache_stats().l3.unwrap();
+    assert_eq!(
+        (st.link.state.as_str(), st.link.full),
+        ("up", true),
+        "{st:?}"
+    );
+    assert!(st.write_errors >= 1 && st.link_errors == 0, "{st:?}");
+    let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
+    assert!(metrics.contains("cwm_l3_full 1"), "{metrics}");
+    assert!(metrics.contains("cwm_l3_up 1"), "{metrics}");
+    // Room again: the next write goes through and Redis is no longer shown full.
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).trim(), "OK");
+    let before = chunk_keys(&redis).len();
+    kv.fill(999);
+    assert!(store(&mut c, 1, "full", &tokens(999, 512), 1));
+    wait_keys(&redis, before + 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.windows.cache_stats().l3.unwrap().link.full {
+        assert!(Instant::now() < deadline, "still shown full");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The story over MCP: two `cwm serve` processes share one Redis; a window frozen on A
+/// through A's MCP endpoint is listed, inspected and thawed on B through B's (B's L1 and L2
+/// never saw the chunks), hits byte-exact under the new session, and a delete on B is seen by A.
+#[test]
+fn windows_frozen_on_a_thaw_on_b_over_mcp() {
+    use serde_json::json;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let flags = ["--l3-url", url.as_str(), "--l3-write", "frozen"];
+    let a = Serve::start(&flags, &[]);
+    let b = Serve::start(&flags, &[]);
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(23);
+    let t = tokens(111, 1024);
+    let mut ca = a.client();
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "chat-1", &t, 1));
+    let mut cb = b.client();
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cb, 2, &dst);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ma = rt
+        .block_on(cwm::mcp::connect(&a.mcp_url, None))
+        .expect("MCP on A");
+    let mb = rt
+        .block_on(cwm::mcp::connect(&b.mcp_url, None))
+        .expect("MCP on B");
+    let r = common::mcp::call(
+        &rt,
+        &ma,
+        "window_freeze",
+        json!({"session_id": "chat-1", "window_name": "review"}),
+    )
+    .unwrap();
+    assert_eq!(r["window"]["chunks"], 4, "{r}");
+    assert_eq!(
+        chunk_keys(&redis).len(),
+        4,
+        "the window's chunks are in Redis"
+    );
+    let list = common::mcp::call(&rt, &mb, "window_list", json!({})).unwrap();
+    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(list["windows"][0]["name"], "review");
+    let st =
+        common::mcp::call(&rt, &mb, "window_status", json!({"window_name": "review"})).unwrap();
+    assert_eq!(st["window"]["chunks_in_l2"], 0, "{st}");
+    assert_eq!(st["window"]["chunks_in_l3"], 4, "{st}");
+    assert_eq!(lookup(&mut cb, "chat-2", &t, "before"), 0);
+    let r = common::mcp::call(
+        &rt,
+        &mb,
+        "window_thaw",
+        json!({"window_name": "review", "new_session_id": "chat-2"}),
+    )
+    .unwrap();
+    assert_eq!(r["tokens_ready"], 1024, "{r}");
+    assert_eq!(r["tiers"]["l3"], 4, "{r}");
+    assert_eq!(lookup(&mut cb, "chat-2", &t, "q"), 4);
+    assert!(retrieve(&mut cb, 2, "chat-2", &t, 4, "q"));
+    for j in 0..64 {
+        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    let e = common::mcp::call(
+        &rt,
+        &mb,
+        "window_freeze",
+        json!({"session_id": "chat-2", "window_name": "review"}),
+    )
+    .expect_err("the name is taken fleet-wide");
+    assert!(e.contains("taken"), "{e}");
+    common::mcp::call(&rt, &mb, "window_delete", json!({"window_name": "review"})).unwrap();
+    let list = common::mcp::call(&rt, &ma, "window_list", json!({})).unwrap();
+    assert_eq!(list["total"], 0, "deleted on B, gone on A: {list}");
+    rt.block_on(async {
+        let _ = ma.cancel().await;
+        let _ = mb.cancel().await;
+    });
+    a.stop();
+    b.stop();
 }

@@ -7,6 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use common::mcp::call;
 use common::*;
 use cwm::client::MpClient;
 use cwm::serve::Sidecar;
@@ -91,31 +92,6 @@ impl<H: rmcp::ClientHandler> McpSession<H> {
                 let _ = child.kill().await;
             }
         });
-    }
-}
-
-/// Call a tool: its structured result, or the error text of a failed call.
-fn call(
-    rt: &tokio::runtime::Runtime,
-    client: &Mcp,
-    tool: &str,
-    args: Value,
-) -> Result<Value, String> {
-    let args = args.as_object().cloned().unwrap_or_default();
-    let r = rt
-        .block_on(
-            client.call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args)),
-        )
-        .expect("the tool call gets an answer");
-    let text: String = r
-        .content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect();
-    if r.is_error == Some(true) {
-        Err(text)
-    } else {
-        Ok(r.structured_content.unwrap_or(Value::Null))
     }
 }
 

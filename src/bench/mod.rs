@@ -13,6 +13,7 @@
 //! that answers instantly, the floor a client measures against).
 
 pub mod kv;
+pub mod l3;
 pub mod memcpy;
 pub mod mp;
 pub mod null_server;
@@ -101,6 +102,23 @@ pub struct BenchArgs {
     /// fresh directory under the system's temp dir, removed afterwards).
     #[arg(long)]
     pub window: bool,
+    /// Measure L3 instead: put and get of `--l3-value-mib` values through cwm's Redis path
+    /// against this Redis (`--iterations` rounds of `--l3-round-mib`), next to `redis-benchmark`
+    /// SET/GET of the same sizes, and the round trips of a 4096-token lookup.
+    #[arg(long, value_name = "URL")]
+    pub l3: Option<String>,
+    /// Value sizes of the L3 bench, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    pub l3_value_mib: Vec<u64>,
+    /// Bytes put and got per L3 round, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub l3_round_mib: u64,
+    /// Connections to Redis (and redis-benchmark clients) [default: cwm serve's].
+    #[arg(long)]
+    pub l3_connections: Option<usize>,
+    /// Skip the redis-benchmark comparison.
+    #[arg(long)]
+    pub l3_no_redis_benchmark: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -222,6 +240,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .num_threads(n)
             .build_global()
             .context("configure the copy pool")?;
+    }
+    if let Some(url) = &args.l3 {
+        return run_l3(args, url);
     }
     let machine = Machine::detect();
     if let Some(port) = args.null_server {
@@ -361,6 +382,25 @@ fn run_realistic(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
         memcpy: baseline.results(),
         realistic: result?,
     };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn run_l3(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
+    let defaults = Config::default();
+    let report = l3::run(&l3::L3BenchConfig {
+        url: url.to_string(),
+        value_mib: args.l3_value_mib.clone(),
+        round_bytes: args.l3_round_mib << 20,
+        rounds: args.iterations.max(1),
+        connections: args.l3_connections.unwrap_or(defaults.l3_connections),
+        timeout: Duration::from_millis(defaults.l3_timeout_ms),
+        redis_benchmark: !args.l3_no_redis_benchmark,
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

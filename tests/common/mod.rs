@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod mcp;
 pub mod redis;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -57,16 +57,16 @@ impl L3 {
     /// Give `keys` the cache TTL again (their window is gone): `volatile-lru` may evict them.
     pub fn release(&self, keys: &[ObjectKey]) -> Result<(), LinkError> {
         let ttl = self.ttl_secs();
-        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.keys().chunk(k)).collect();
-        self.link()
-            .run(move |conn| async move {
-                let replies = futures_util::future::join_all(names.into_iter().map(|n| {
-                    let mut c = conn.clone();
-                    async move { c.query::<()>(redis::cmd("EXPIRE").arg(n).arg(ttl)).await }
-                }))
-                .await;
-                replies.into_iter().collect::<redis::RedisResult<Vec<()>>>()
+        let cmds = keys
+            .iter()
+            .map(|k| {
+                let mut c = redis::cmd("EXPIRE");
+                c.arg(self.keys().chunk(k)).arg(ttl);
+                c
             })
+            .collect();
+        self.link()
+            .batch(cmds)
             .map(|_| ())
             .inspect_err(|e| self.link_error(e))
     }

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -19,6 +20,7 @@ use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, 
 use serde::Serialize;
 use thiserror::Error;
 
+use super::batch::Batches;
 use super::config::{Endpoints, L3Config};
 
 #[derive(Debug, Error)]
@@ -98,6 +100,7 @@ pub struct Link {
     timeout: Duration,
     health: Health,
     endpoints: Vec<String>,
+    batches: Arc<Batches>,
 }
 
 impl Link {
@@ -163,6 +166,7 @@ impl Link {
             timeout: t,
             health: Health::default(),
             endpoints: config.endpoints_redacted(),
+            batches: Arc::default(),
         })
     }
 
@@ -173,10 +177,31 @@ impl Link {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
     {
-        let slot = &self.slots[self.next.fetch_add(1, Relaxed) % self.slots.len()];
+        let i = self.next.fetch_add(1, Relaxed) % self.slots.len();
+        let conn = self.conn(i)?;
+        self.finish(self.block(op(conn)), i..i + 1)
+    }
+
+    /// Run `op` with every connection (`connections` of them, each to every node), within the
+    /// deadline: for work that wants several commands in flight on separate sockets.
+    pub fn run_all<T, F, Fut>(&self, op: F) -> Result<T, LinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Vec<Conn>) -> Fut,
+        Fut: Future<Output = RedisResult<T>> + Send + 'static,
+    {
+        let conns = (0..self.slots.len())
+            .map(|i| self.conn(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.finish(self.block(op(conns)), 0..self.slots.len())
+    }
+
+    /// The connection of slot `i`, connecting it if needed (not while the link is down).
+    fn conn(&self, i: usize) -> Result<Conn, LinkError> {
+        let slot = &self.slots[i];
         let existing = slot.lock().clone();
-        let conn = match existing {
-            Some(c) => c,
+        match existing {
+            Some(c) => Ok(c),
             None => {
                 self.may_connect()?;
                 let c = match self.block(self.connect()) {
@@ -184,21 +209,39 @@ impl Link {
                     Err(e) => return Err(self.failed(e)),
                 };
                 *slot.lock() = Some(c.clone());
-                c
+                Ok(c)
             }
-        };
-        match self.block(op(conn)) {
+        }
+    }
+
+    /// Note the outcome of an operation that used the connections of `slots`.
+    fn finish<T>(
+        &self,
+        result: Result<T, LinkError>,
+        slots: std::ops::Range<usize>,
+    ) -> Result<T, LinkError> {
+        match result {
             Ok(v) => {
                 self.recovered();
                 Ok(v)
             }
             Err(e) => {
                 if broken(&e) {
-                    slot.lock().take();
+                    for s in &self.slots[slots] {
+                        s.lock().take();
+                    }
+                } else if matches!(&e, LinkError::Redis(_)) {
+                    // The server answered (e.g. OOM when full): the link itself is up.
+                    self.recovered();
                 }
                 Err(self.failed(e))
             }
         }
+    }
+
+    /// The slot map and round-trip count of `batch`.
+    pub fn batches(&self) -> &Arc<Batches> {
+        &self.batches
     }
 
     /// Whether an operation would be attempted now (false while down and backing off).
@@ -354,7 +397,7 @@ fn broken(e: &LinkError) -> bool {
 }
 
 /// Errors of the link itself (as opposed to a server's answer to one command).
-fn broken_redis(e: &RedisError) -> bool {
+pub(super) fn broken_redis(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()

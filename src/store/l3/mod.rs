@@ -10,10 +10,11 @@
 //! batches of concurrent SETs with a TTL (cache data); frozen windows are pushed without one.
 //! It does not fit the trait's read contract (`contains` and `info` answer from memory, and
 //! Redis is remote): it answers "not held" there, and the facade reads it through the batched
-//! calls below, from prefetch jobs only. Read path: `promote` checks existence of a whole lookup's missing
-//! chunks at once (concurrent commands on multiplexed connections: one round trip per node),
-//! then fetches the leading present ones and installs them in L1.
+//! calls below, from prefetch jobs only. Read path: `existing` checks existence of a whole
+//! lookup's missing chunks at once (one pipeline per node: `batch`), then `promote` fetches the
+//! leading present ones (spread over the connections) and installs them in L1.
 
+pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod keys;
@@ -27,7 +28,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 use connector_protocol::ObjectKey;
-use futures_util::future::join_all;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use self::config::{L3Config, WritePolicy};
 use self::keys::KeyLayout;
 use self::link::{Link, LinkError, LinkStatus};
-use super::codec::CompressionPolicy;
+use super::codec::{Codec, CompressionPolicy};
 use super::record::{self, Record};
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, Reservation, WriteGuard};
@@ -73,6 +73,8 @@ pub struct L3Stats {
     pub link_errors: u64,
     pub write_behind_queued_bytes: u64,
     pub write_behind_dropped: u64,
+    /// Pipelines (and single commands) sent by batches: a lookup costs one per node.
+    pub round_trips: u64,
 }
 
 pub struct L3 {
@@ -88,7 +90,8 @@ pub struct L3 {
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
-const BATCH: usize = 16;
+/// Records per write-behind batch.
+pub const BATCH: usize = 16;
 
 /// A record waiting for Redis, under its key.
 type Queued = (ObjectKey, Vec<u8>);
@@ -173,16 +176,22 @@ impl L3 {
         if keys.is_empty() {
             return HashSet::new();
         }
-        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.chunk(k)).collect();
-        let found = self.link.run(move |conn| async move {
-            let replies = join_all(names.into_iter().map(|n| {
-                let mut c = conn.clone();
-                async move { c.query::<bool>(redis::cmd("EXISTS").arg(n)).await }
-            }))
-            .await;
+        let cmds = keys
+            .iter()
+            .map(|k| {
+                let mut c = redis::cmd("EXISTS");
+                c.arg(self.keys.chunk(k));
+                c
+            })
+            .collect();
+        let found = self.link.batch(cmds).and_then(|replies| {
             replies
-                .into_iter()
-                .collect::<redis::RedisResult<Vec<bool>>>()
+                .iter()
+                .map(|v| {
+                    redis::from_redis_value_ref::<bool>(v)
+                        .map_err(|e| LinkError::from(redis::RedisError::from(e)))
+                })
+                .collect::<Result<Vec<bool>, LinkError>>()
         });
         self.counters
             .exists_checked
@@ -228,15 +237,22 @@ impl L3 {
 
     /// The raw values of `keys` (None where absent), in one concurrent batch.
     fn fetch(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
-        let names: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.chunk(k)).collect();
-        self.link.run(move |conn| async move {
-            let replies = join_all(names.into_iter().map(|n| {
-                let mut c = conn.clone();
-                async move { c.query::<Option<Vec<u8>>>(redis::cmd("GET").arg(n)).await }
-            }))
-            .await;
-            replies.into_iter().collect()
-        })
+        let cmds = keys
+            .iter()
+            .map(|k| {
+                let mut c = redis::cmd("GET");
+                c.arg(self.keys.chunk(k));
+                c
+            })
+            .collect();
+        self.link
+            .spread(cmds)?
+            .into_iter()
+            .map(|v| {
+                redis::from_redis_value::<Option<Vec<u8>>>(v)
+                    .map_err(|e| LinkError::from(redis::RedisError::from(e)))
+            })
+            .collect()
     }
 
     fn decode(r: &Record) -> Result<Vec<u8>, crate::store::codec::CodecError> {
@@ -255,21 +271,34 @@ impl L3 {
         match l1.reserve(key, r.header.raw_len) {
             Reservation::Present => true,
             Reservation::NoSpace => false,
-            // Decoded into private memory, then copied in: no reference may cover pool pages.
+            // A raw payload (verified by `parse`) goes straight in; a compressed one is decoded
+            // into private memory first: no reference may cover pool pages.
+            Reservation::Reserved(mut w) if r.header.codec == Codec::Raw => {
+                if r.payload.len() as u64 != r.header.raw_len {
+                    return self.corrupt(key, "raw payload length differs from the raw length");
+                }
+                w.copy_from_slice(r.payload);
+                self.installed(w, &r);
+                true
+            }
             Reservation::Reserved(mut w) => match Self::decode(&r) {
                 Ok(raw) => {
                     w.copy_from_slice(&raw);
-                    w.set_itemsize(r.header.itemsize);
-                    w.commit();
-                    self.counters.read_records.fetch_add(1, Relaxed);
-                    self.counters
-                        .read_bytes
-                        .fetch_add(r.header.raw_len, Relaxed);
+                    self.installed(w, &r);
                     true
                 }
                 Err(e) => self.corrupt(key, &e.to_string()),
             },
         }
+    }
+
+    fn installed(&self, mut w: WriteGuard, r: &Record) {
+        w.set_itemsize(r.header.itemsize);
+        w.commit();
+        self.counters.read_records.fetch_add(1, Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(r.header.raw_len, Relaxed);
     }
 
     fn corrupt(&self, key: &ObjectKey, why: &str) -> bool {
@@ -304,15 +333,7 @@ impl L3 {
                 c
             })
             .collect();
-        let result = self.link.run(move |conn| async move {
-            let replies = join_all(cmds.into_iter().map(|cmd| {
-                let mut c = conn.clone();
-                async move { c.query::<redis::Value>(&cmd).await }
-            }))
-            .await;
-            replies.into_iter().collect::<redis::RedisResult<Vec<_>>>()
-        });
-        match result {
+        match self.link.spread(cmds) {
             Ok(_) => {
                 self.link.note_write_ok();
                 self.counters.written_records.fetch_add(n as u64, Relaxed);
@@ -377,6 +398,7 @@ impl L3 {
             link_errors: c.link_errors.load(Relaxed),
             write_behind_queued_bytes: self.queue_bytes.load(Relaxed),
             write_behind_dropped: self.dropped.load(Relaxed),
+            round_trips: self.link.batches().round_trips.load(Relaxed),
         }
     }
 
