@@ -618,6 +618,80 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     }
 }
 
+/// The same fleet-wide window through a 3-master Redis Cluster: the manifest and the catalog
+/// live in the cluster (their keys hash to any master), so B lists, thaws byte-exact and
+/// deletes what A froze.
+#[test]
+fn windows_frozen_on_one_sidecar_thaw_on_another_through_a_cluster() {
+    use cwm::windows::{DeleteRequest, FreezeRequest, ListRequest, ThawRequest};
+    let cluster = RedisCluster::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_l3 = |dir: &std::path::Path| Config {
+        l3_cluster: Some(cluster.seeds()),
+        l3_timeout_ms: 2000,
+        l3_write: "frozen".into(),
+        ..disk_config(dir)
+    };
+    let a = sidecar(with_l3(da.path()));
+    let b = sidecar(with_l3(db.path()));
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(19);
+    let t = tokens(63, 1024);
+    let mut ca = client(&a);
+    register(&mut ca, 1, &kv);
+    assert!(store(&mut ca, 1, "chat-1", &t, 1));
+    assert_eq!(cluster.sizes().iter().sum::<u64>(), 0, "nothing cached yet");
+    let frozen = a
+        .windows
+        .freeze(&FreezeRequest {
+            session_id: "chat-1".into(),
+            window_name: "review".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(frozen.window.chunks, 4);
+    assert!(
+        cluster.sizes().iter().sum::<u64>() >= 4,
+        "chunks and manifest in the cluster: {:?}",
+        cluster.sizes()
+    );
+    let names = |s: &Sidecar| -> Vec<String> {
+        s.windows
+            .list(&ListRequest::default())
+            .unwrap()
+            .windows
+            .into_iter()
+            .map(|w| w.name)
+            .collect()
+    };
+    assert_eq!(names(&b), ["review"]);
+    let mut cb = client(&b);
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register(&mut cb, 2, &dst);
+    let thawed = b
+        .windows
+        .thaw(
+            &ThawRequest {
+                window_name: "review".into(),
+                new_session_id: Some("chat-2".into()),
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+    assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
+    assert_eq!(lookup(&mut cb, "chat-2", &t, "q"), 4);
+    assert!(retrieve(&mut cb, 2, "chat-2", &t, 4, "q"));
+    for j in 0..64 {
+        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+    b.windows
+        .delete(&DeleteRequest {
+            window_name: "review".into(),
+        })
+        .unwrap();
+    assert!(names(&a).is_empty(), "a delete on B is seen on A");
+}
+
 /// `calls` of `INFO commandstats` for `command` (lowercase), 0 when never called.
 fn command_calls(r: &RedisServer, command: &str) -> u64 {
     let info = r.cli(&["INFO", "commandstats"]);
