@@ -30,17 +30,8 @@ impl NullServer {
         let ctx = zmq::Context::new();
         let router = ctx.socket(zmq::ROUTER)?;
         router.set_linger(0)?;
-        let port = if port == 0 {
-            "*".to_string()
-        } else {
-            port.to_string()
-        };
-        router
-            .bind(&format!("tcp://{host}:{port}"))
-            .with_context(|| format!("bind the null server on tcp://{host}:{port}"))?;
-        let endpoint = router
-            .get_last_endpoint()?
-            .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+        let endpoint =
+            crate::server::mp::bind_tcp(&router, host, port).context("bind the null server")?;
         Ok(NullServer {
             _ctx: ctx,
             router,

@@ -40,22 +40,7 @@ impl MpServer {
         router.set_sndhwm(crate::limits::MP_SEND_HWM)?;
         router.set_rcvhwm(0)?;
         router.set_linger(0)?;
-        let host = if host == "localhost" {
-            "127.0.0.1"
-        } else {
-            host
-        };
-        let port = if port == 0 {
-            "*".to_string()
-        } else {
-            port.to_string()
-        };
-        router
-            .bind(&format!("tcp://{host}:{port}"))
-            .map_err(|e| anyhow::anyhow!("cannot bind tcp://{host}:{port}: {e}"))?;
-        let endpoint = router
-            .get_last_endpoint()?
-            .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+        let endpoint = bind_tcp(&router, host, port)?;
         if !endpoint_is_loopback(&endpoint) {
             tracing::warn!(
                 %endpoint,
@@ -200,6 +185,27 @@ fn reply_frames(routing_id: &[u8], reply: &Reply) -> Vec<Vec<u8>> {
     frames.push(routing_id.to_vec());
     frames.extend(reply.frames().into_iter().map(<[u8]>::to_vec));
     frames
+}
+
+/// Bind `socket` on `tcp://host:port` (`localhost` as 127.0.0.1; port 0 picks a free one) and
+/// return the bound endpoint, e.g. `tcp://127.0.0.1:5555`.
+pub fn bind_tcp(socket: &zmq::Socket, host: &str, port: u16) -> anyhow::Result<String> {
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    let port = if port == 0 {
+        "*".to_string()
+    } else {
+        port.to_string()
+    };
+    socket
+        .bind(&format!("tcp://{host}:{port}"))
+        .map_err(|e| anyhow::anyhow!("cannot bind tcp://{host}:{port}: {e}"))?;
+    socket
+        .get_last_endpoint()?
+        .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))
 }
 
 /// Whether a bound `tcp://ip:port` endpoint listens on loopback only.
