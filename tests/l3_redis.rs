@@ -508,12 +508,62 @@ fn two_sidecars_share_chunks_through_a_cluster() {
     hits_byte_exact_on(&b, "c", &t, 12, &kv);
 }
 
+/// Freeze `session` on `s` as window `name`.
+fn freeze(s: &Sidecar, session: &str, name: &str) -> cwm::windows::FreezeReport {
+    s.windows
+        .freeze(&cwm::windows::FreezeRequest {
+            session_id: session.into(),
+            window_name: name.into(),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
+/// Thaw window `name` on `s` under `new_session`.
+fn thaw(s: &Sidecar, name: &str, new_session: &str) -> cwm::windows::ThawReport {
+    s.windows
+        .thaw(
+            &cwm::windows::ThawRequest {
+                window_name: name.into(),
+                new_session_id: Some(new_session.into()),
+            },
+            &|_, _| {},
+        )
+        .unwrap()
+}
+
+fn window_names(s: &Sidecar) -> Vec<String> {
+    s.windows
+        .list(&cwm::windows::ListRequest::default())
+        .unwrap()
+        .windows
+        .into_iter()
+        .map(|w| w.name)
+        .collect()
+}
+
+/// The thawed 1024-token window hits 4 chunks under `session` and retrieves into `dst`
+/// (instance 2) exactly what `src` stored from block 1.
+fn thawed_window_retrieves_byte_exact(
+    c: &mut MpClient,
+    session: &str,
+    t: &[u32],
+    src: &TestKv,
+    dst: &TestKv,
+) {
+    assert_eq!(lookup(c, session, t, "q"), 4);
+    assert!(retrieve(c, 2, session, t, 4, "q"));
+    for j in 0..64 {
+        assert_eq!(src.block(1 + j), dst.block(1 + j), "block {j}");
+    }
+}
+
 /// Windows fleet-wide: frozen on A (chunks and manifest pushed to Redis, no TTL), listed,
 /// inspected and thawed on B (whose L1 and L2 never saw the chunks), name taken fleet-wide,
 /// and a delete on B seen by A.
 #[test]
 fn windows_frozen_on_one_sidecar_thaw_on_another() {
-    use cwm::windows::{DeleteRequest, FreezeRequest, ListRequest, StatusRequest, ThawRequest};
+    use cwm::windows::{DeleteRequest, FreezeRequest, StatusRequest};
     let redis = RedisServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let with_l3 = |dir: &std::path::Path| Config {
@@ -533,15 +583,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
         chunk_keys(&redis).is_empty(),
         "l3_write frozen: nothing cached in Redis"
     );
-    let frozen = a
-        .windows
-        .freeze(&FreezeRequest {
-            session_id: "chat-1".into(),
-            window_name: "review".into(),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(frozen.window.chunks, 4);
+    assert_eq!(freeze(&a, "chat-1", "review").window.chunks, 4);
     let keys = chunk_keys(&redis);
     assert_eq!(keys.len(), 4, "the window's chunks are in Redis");
     for k in &keys {
@@ -552,14 +594,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
         );
     }
     // B: listed, status from Redis, thaw byte-exact under a new session.
-    let list = b.windows.list(&ListRequest::default()).unwrap();
-    assert_eq!(
-        list.windows
-            .iter()
-            .map(|w| w.name.as_str())
-            .collect::<Vec<_>>(),
-        ["review"]
-    );
+    assert_eq!(window_names(&b), ["review"]);
     let status = b
         .windows
         .status(&StatusRequest {
@@ -574,22 +609,9 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     register(&mut cb, 2, &dst);
     assert_eq!(lookup(&mut cb, "chat-2", &t, "before"), 0);
-    let thawed = b
-        .windows
-        .thaw(
-            &ThawRequest {
-                window_name: "review".into(),
-                new_session_id: Some("chat-2".into()),
-            },
-            &|_, _| {},
-        )
-        .unwrap();
+    let thawed = thaw(&b, "review", "chat-2");
     assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
-    assert_eq!(lookup(&mut cb, "chat-2", &t, "q"), 4);
-    assert!(retrieve(&mut cb, 2, "chat-2", &t, 4, "q"));
-    for j in 0..64 {
-        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
-    }
+    thawed_window_retrieves_byte_exact(&mut cb, "chat-2", &t, &kv, &dst);
     // The name is taken fleet-wide.
     assert!(b
         .windows
@@ -605,12 +627,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
             window_name: "review".into(),
         })
         .unwrap();
-    assert!(a
-        .windows
-        .list(&ListRequest::default())
-        .unwrap()
-        .windows
-        .is_empty());
+    assert!(window_names(&a).is_empty());
     assert!(a.windows.get("review").is_none());
     for k in &chunk_keys(&redis) {
         let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
@@ -623,7 +640,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
 /// deletes what A froze.
 #[test]
 fn windows_frozen_on_one_sidecar_thaw_on_another_through_a_cluster() {
-    use cwm::windows::{DeleteRequest, FreezeRequest, ListRequest, ThawRequest};
+    use cwm::windows::DeleteRequest;
     let cluster = RedisCluster::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let with_l3 = |dir: &std::path::Path| Config {
@@ -641,55 +658,25 @@ fn windows_frozen_on_one_sidecar_thaw_on_another_through_a_cluster() {
     register(&mut ca, 1, &kv);
     assert!(store(&mut ca, 1, "chat-1", &t, 1));
     assert_eq!(cluster.sizes().iter().sum::<u64>(), 0, "nothing cached yet");
-    let frozen = a
-        .windows
-        .freeze(&FreezeRequest {
-            session_id: "chat-1".into(),
-            window_name: "review".into(),
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(frozen.window.chunks, 4);
+    assert_eq!(freeze(&a, "chat-1", "review").window.chunks, 4);
     assert!(
         cluster.sizes().iter().sum::<u64>() >= 4,
         "chunks and manifest in the cluster: {:?}",
         cluster.sizes()
     );
-    let names = |s: &Sidecar| -> Vec<String> {
-        s.windows
-            .list(&ListRequest::default())
-            .unwrap()
-            .windows
-            .into_iter()
-            .map(|w| w.name)
-            .collect()
-    };
-    assert_eq!(names(&b), ["review"]);
+    assert_eq!(window_names(&b), ["review"]);
     let mut cb = client(&b);
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     register(&mut cb, 2, &dst);
-    let thawed = b
-        .windows
-        .thaw(
-            &ThawRequest {
-                window_name: "review".into(),
-                new_session_id: Some("chat-2".into()),
-            },
-            &|_, _| {},
-        )
-        .unwrap();
+    let thawed = thaw(&b, "review", "chat-2");
     assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
-    assert_eq!(lookup(&mut cb, "chat-2", &t, "q"), 4);
-    assert!(retrieve(&mut cb, 2, "chat-2", &t, 4, "q"));
-    for j in 0..64 {
-        assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
-    }
+    thawed_window_retrieves_byte_exact(&mut cb, "chat-2", &t, &kv, &dst);
     b.windows
         .delete(&DeleteRequest {
             window_name: "review".into(),
         })
         .unwrap();
-    assert!(names(&a).is_empty(), "a delete on B is seen on A");
+    assert!(window_names(&a).is_empty(), "a delete on B is seen on A");
 }
 
 /// `calls` of `INFO commandstats` for `command` (lowercase), 0 when never called.
