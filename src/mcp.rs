@@ -7,7 +7,8 @@
 //! running sidecar's streamable HTTP endpoint.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -16,19 +17,18 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::{Json, Parameters};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, ClientConfig, ClientRequest, Implementation,
-    ListToolsResult, NumberOrString, PaginatedRequestParams, ProgressNotificationParam,
-    ProgressToken, Request, RequestMetaObject, ServerCapabilities, ServerConfig, ServerResult,
+    JsonRpcMessage, JsonRpcNotification, ListToolsResult, NumberOrString, PaginatedRequestParams,
+    ProgressNotificationParam, ProgressToken, Request, RequestMetaObject, ServerCapabilities,
+    ServerConfig, ServerNotification, ServerResult,
 };
 use rmcp::service::{
-    NotificationContext, Peer, PeerRequestOptions, RequestContext, RunningService, ServiceError,
+    Peer, PeerRequestOptions, RequestContext, RunningService, RxJsonRpcMessage, ServiceError,
+    TxJsonRpcMessage,
 };
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
 use rmcp::{schemars, ServiceExt};
-use rmcp::{
-    tool, tool_handler, tool_router, ClientHandler, ErrorData, RoleClient, RoleServer,
-    ServerHandler,
-};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleClient, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -104,7 +104,14 @@ impl WindowTools {
             };
             windows.thaw(&req, &progress)
         });
+        // Loading threads send as they finish, so counts can arrive out of order; MCP wants
+        // progress to increase with every notification: a stale count is not sent.
+        let mut sent = 0;
         while let Some((done, total)) = rx.recv().await {
+            if done <= sent {
+                continue;
+            }
+            sent = done;
             if let Some(token) = &token {
                 let _ = context
                     .peer
@@ -201,69 +208,131 @@ impl ServerHandler for WindowTools {
 /// Forwards tool listing and calls to a sidecar's `/mcp`, and the sidecar's progress
 /// notifications back to the client that asked for them.
 struct Forwarder {
-    upstream: RunningService<RoleClient, ProgressRelay>,
+    upstream: RunningService<RoleClient, ClientConfig>,
+    routes: ProgressRoutes,
 }
 
-/// Where a relayed notification goes: the stdio client and the progress token it gave, and
-/// the progress last sent there.
+/// Where a relayed notification goes: the stdio client and the progress token it gave.
 struct Downstream {
     peer: Peer<RoleServer>,
     token: ProgressToken,
-    last: tokio::sync::Mutex<Option<f64>>,
 }
 
-/// The upstream client's handler: relays progress notifications of forwarded calls.
-#[derive(Clone, Default)]
-struct ProgressRelay {
-    /// Upstream progress token -> where its notifications go.
+type Relayed = (Arc<Downstream>, ProgressNotificationParam);
+
+/// The forwarded calls that asked for progress (upstream progress token -> where its
+/// notifications go), and their notifications on the way down: one task sends them in the
+/// order they were received, each written before the next.
+#[derive(Clone)]
+struct ProgressRoutes {
     routes: Arc<Mutex<HashMap<ProgressToken, Arc<Downstream>>>>,
     next: Arc<AtomicI64>,
+    queue: tokio::sync::mpsc::UnboundedSender<Relayed>,
+    queued: Arc<AtomicU64>,
+    relayed: tokio::sync::watch::Receiver<u64>,
 }
 
-impl ProgressRelay {
+impl ProgressRoutes {
+    /// No routes yet, and the task that sends relayed notifications.
+    fn start() -> ProgressRoutes {
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Relayed>();
+        let (count, relayed) = tokio::sync::watch::channel(0);
+        tokio::spawn(async move {
+            while let Some((down, params)) = rx.recv().await {
+                let _ = down.peer.notify_progress(params).await;
+                count.send_modify(|n| *n += 1);
+            }
+        });
+        ProgressRoutes {
+            routes: Default::default(),
+            next: Default::default(),
+            queue,
+            queued: Default::default(),
+            relayed,
+        }
+    }
+
     /// A fresh upstream token that relays to `token` of `peer`.
     fn route(&self, peer: Peer<RoleServer>, token: ProgressToken) -> ProgressToken {
         let up = ProgressToken(NumberOrString::Number(
             self.next.fetch_add(1, Ordering::Relaxed),
         ));
-        let down = Downstream {
-            peer,
-            token,
-            last: tokio::sync::Mutex::new(None),
-        };
-        self.routes.lock().insert(up.clone(), Arc::new(down));
+        self.routes
+            .lock()
+            .insert(up.clone(), Arc::new(Downstream { peer, token }));
         up
     }
 
-    /// Stop relaying `up`, a moment later: notifications may trail their call's reply.
-    fn unroute(&self, up: ProgressToken) {
-        let routes = self.routes.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            routes.lock().remove(&up);
-        });
+    fn unroute(&self, up: &ProgressToken) {
+        self.routes.lock().remove(up);
+    }
+
+    /// Queue `message` for its client when it is progress of a routed call; false otherwise.
+    fn relay(&self, message: &RxJsonRpcMessage<RoleClient>) -> bool {
+        let JsonRpcMessage::Notification(JsonRpcNotification {
+            notification: ServerNotification::ProgressNotification(progress),
+            ..
+        }) = message
+        else {
+            return false;
+        };
+        let Some(down) = self
+            .routes
+            .lock()
+            .get(&progress.params.progress_token)
+            .cloned()
+        else {
+            return false;
+        };
+        let mut params = progress.params.clone();
+        params.progress_token = down.token.clone();
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let _ = self.queue.send((down, params));
+        true
+    }
+
+    /// Once every notification queued so far has been written to its client.
+    async fn flushed(&self) {
+        let queued = self.queued.load(Ordering::SeqCst);
+        let _ = self.relayed.clone().wait_for(|n| *n >= queued).await;
     }
 }
 
-impl ClientHandler for ProgressRelay {
-    /// rmcp handles notifications concurrently, so they can arrive here out of order; MCP
-    /// wants progress to increase with every notification, so a stale one is dropped and each
-    /// is sent while holding its route's lock.
-    async fn on_progress(
-        &self,
-        mut params: ProgressNotificationParam,
-        _context: NotificationContext<RoleClient>,
-    ) {
-        let Some(down) = self.routes.lock().get(&params.progress_token).cloned() else {
-            return;
-        };
-        let mut last = down.last.lock().await;
-        if last.is_some_and(|l| params.progress <= l) {
-            return;
+/// The upstream transport of `cwm mcp`: hands each progress notification of a forwarded call
+/// to the relay as it is received, so a call's reply, received after them, can wait for them
+/// to be written (`ProgressRoutes::flushed`).
+///
+/// Relaying from a `ClientHandler` instead loses progress: rmcp runs each notification's
+/// handler on a task of its own, which the call's reply can overtake, and MCP clients drop
+/// progress that arrives after the reply (the Python SDK did: a thaw's 2/2 never shown).
+/// Nothing here awaits after taking a message: rmcp drops a pending `receive` whenever
+/// something else wakes its loop.
+struct RelayProgress<T> {
+    inner: T,
+    routes: ProgressRoutes,
+}
+
+impl<T: Transport<RoleClient>> Transport<RoleClient> for RelayProgress<T> {
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleClient>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleClient>> {
+        loop {
+            let message = self.inner.receive().await?;
+            if !self.routes.relay(&message) {
+                return Some(message);
+            }
         }
-        *last = Some(params.progress);
-        params.progress_token = down.token.clone();
-        let _ = down.peer.notify_progress(params).await;
+    }
+
+    fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
     }
 }
 
@@ -292,8 +361,7 @@ impl ServerHandler for Forwarder {
         let Some(token) = context.meta.get_progress_token() else {
             return self.upstream.call_tool_once(request).await.map_err(failed);
         };
-        let relay = self.upstream.service();
-        let up = relay.route(context.peer.clone(), token);
+        let up = self.routes.route(context.peer.clone(), token);
         let mut options = PeerRequestOptions::no_options();
         options.meta = Some(RequestMetaObject::with_progress_token(up.clone()));
         let reply = async {
@@ -307,7 +375,9 @@ impl ServerHandler for Forwarder {
                 .await
         }
         .await;
-        relay.unroute(up);
+        // The call's progress was received before its reply: let it reach the client first.
+        self.routes.unroute(&up);
+        self.routes.flushed().await;
         match reply.map_err(failed)? {
             ServerResult::CallToolResult(r) => Ok(r.into()),
             other => Err(ErrorData::internal_error(
@@ -339,12 +409,16 @@ pub async fn connect(
 
 /// `cwm mcp`: serve MCP on stdin/stdout, forwarding to the sidecar at `url`.
 pub async fn forward_stdio(url: &str, token: Option<&str>) -> anyhow::Result<()> {
-    let transport = StreamableHttpClientTransport::from_config(upstream_config(url, token));
-    let upstream = ProgressRelay::default()
+    let routes = ProgressRoutes::start();
+    let transport = RelayProgress {
+        inner: StreamableHttpClientTransport::from_config(upstream_config(url, token)),
+        routes: routes.clone(),
+    };
+    let upstream = ClientConfig::default()
         .serve(transport)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the cwm sidecar at {url}: {e}"))?;
-    let service = Forwarder { upstream }
+    let service = Forwarder { upstream, routes }
         .serve(rmcp::transport::stdio())
         .await?;
     service.waiting().await?;

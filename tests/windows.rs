@@ -407,6 +407,32 @@ fn windows_need_the_disk_tier() {
     assert_eq!(call(&rt, &m, "window_list", json!({})).unwrap()["total"], 0);
 }
 
+/// A sidecar with the disk tier in a fresh directory, a two-turn conversation (1024 tokens,
+/// 4 chunks) stored under `salt` and frozen as window `name`, and L1 emptied.
+fn frozen_window(
+    rt: &tokio::runtime::Runtime,
+    salt: &str,
+    name: &str,
+) -> (tempfile::TempDir, Sidecar) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = kv();
+    src.fill(3);
+    let s = sidecar(disk_config(dir.path()));
+    let mut c = client(&s);
+    register(&mut c, 1, &src);
+    store_conversation(&mut c, salt, &tokens(5, 1100));
+    let m = mcp(rt, &s);
+    call(
+        rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": salt, "window_name": name}),
+    )
+    .unwrap();
+    s.cwm.tiers.evict_l1(true);
+    (dir, s)
+}
+
 #[test]
 fn thaw_sends_progress_notifications() {
     use rmcp::model::{ClientRequest, ProgressNotificationParam, Request};
@@ -428,23 +454,7 @@ fn thaw_sends_progress_notifications() {
     }
 
     let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let src = kv();
-    src.fill(3);
-    let s = sidecar(disk_config(dir.path()));
-    let mut c = client(&s);
-    register(&mut c, 1, &src);
-    let t = tokens(5, 1100);
-    store_conversation(&mut c, "P", &t);
-    let m = mcp(&rt, &s);
-    call(
-        &rt,
-        &m,
-        "window_freeze",
-        json!({"session_id": "P", "window_name": "p"}),
-    )
-    .unwrap();
-    s.cwm.tiers.evict_l1(true);
+    let (_dir, s) = frozen_window(&rt, "P", "p");
 
     for transport in [Transport::Http, Transport::Stdio] {
         s.cwm.tiers.evict_l1(true);
@@ -488,6 +498,78 @@ fn thaw_sends_progress_notifications() {
             "{transport:?}: {seen:?}"
         );
         session.close(&rt);
+    }
+}
+
+/// What an MCP client reads from `cwm mcp` on the wire: every progress notification of a call
+/// comes before the call's reply (clients drop progress that trails it), and counts only go up.
+/// A relay racing the reply, or reordering, failed this on a loaded machine (one run in four).
+#[test]
+fn stdio_forwarder_sends_all_progress_before_the_reply() {
+    use std::io::BufRead;
+    let rt = runtime();
+    let (_dir, s) = frozen_window(&rt, "Q", "q");
+
+    /// Killed and reaped however the test ends.
+    struct Forwarder(std::process::Child);
+    impl Drop for Forwarder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut forwarder = Forwarder(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+            .args(["mcp", "--url", &format!("http://{}/mcp", s.http_addr)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cwm mcp starts"),
+    );
+    let mut stdin = forwarder.0.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(forwarder.0.stdout.take().unwrap()).lines();
+    let mut send = |v: Value| writeln!(stdin, "{v}").unwrap();
+    let mut next = || -> Value {
+        let line = lines.next().expect("cwm mcp answers").unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "wire-test", "version": "0"}}}),
+    );
+    assert_eq!(next()["id"], 0);
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    for id in 1..=100 {
+        s.cwm.tiers.evict_l1(true);
+        send(
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "window_thaw", "arguments": {"window_name": "q"},
+            "_meta": {"progressToken": format!("t{id}")}}}),
+        );
+        let mut seen = vec![];
+        let reply = loop {
+            let msg = next();
+            if msg["id"] == id {
+                break msg;
+            }
+            assert_eq!(msg["method"], "notifications/progress", "{msg}");
+            assert_eq!(msg["params"]["progressToken"], format!("t{id}"), "{msg}");
+            seen.push(msg["params"]["progress"].as_f64().unwrap());
+        };
+        assert!(
+            reply["result"]["structuredContent"]["tokens_ready"] == 1024,
+            "{reply}"
+        );
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "thaw {id}: not increasing: {seen:?}"
+        );
+        assert_eq!(
+            seen.last(),
+            Some(&4.0),
+            "thaw {id}: progress before the reply: {seen:?}"
+        );
     }
 }
 
