@@ -1,10 +1,12 @@
 //! Background work: threads that must never take a core from a store or a retrieve.
 //!
-//! L2 compression and write-behind, checkpoints, and committing memory ahead of use run here,
-//! at the lowest CPU priority (nice 19 per thread), on a small pool of bounded size. The
-//! foreground (request threads and the global rayon pool that runs store/retrieve copies and
-//! prefetch) keeps its normal priority, so under load the scheduler gives background threads
-//! only what the foreground leaves idle.
+//! L2 compression, write-behind and checkpoints run here, at the lowest CPU priority (nice 19
+//! per thread), on a small pool of bounded size. The foreground (request threads and the
+//! global rayon pool that runs store/retrieve copies and prefetch) keeps its normal priority,
+//! so under load the scheduler gives background threads only what the foreground leaves idle.
+//! Not here: committing L1 and engine memory ahead of use (`store::populate`,
+//! `engine_mem::warm`), which the foreground waits for, so at nice 19 it would be a priority
+//! inversion.
 
 use std::sync::OnceLock;
 use std::thread::JoinHandle;

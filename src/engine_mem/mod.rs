@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod layout;
 pub(crate) mod plan;
 pub mod shm;
+pub mod warm;
 
 use std::fmt;
 
@@ -117,7 +118,8 @@ pub trait EngineMemory: Send + Sync {
 
     /// Work that maps the engine's memory into cwm ahead of the first transfer (so copies take
     /// no page faults), to run off the request thread; `None` when there is nothing to do. It
-    /// keeps the memory mapped while it runs and never changes a byte.
+    /// keeps the memory mapped while it runs and never changes a byte. Transfers wait for it
+    /// from the moment it is handed out until it has run (or been dropped): see `warm`.
     fn warm_up(&self) -> Option<WarmUp> {
         None
     }
@@ -304,5 +306,26 @@ mod warm_up_tests {
             warm_faults < cold_faults / 10,
             "{warm_faults} faults after warm-up, {cold_faults} before"
         );
+    }
+
+    #[test]
+    fn a_transfer_during_the_warm_up_waits_for_it_and_takes_no_faults() {
+        let pages = 2 * NB * BS * NH * HS * 2 * LAYERS / 4096;
+        let (_seg, kv) = engine("gate");
+        let warm_up = kv.warm_up().expect("shm memory has a warm-up");
+        std::thread::scope(|s| {
+            let transfer = s.spawn(|| faults_gathering(&*kv));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !transfer.is_finished(),
+                "the transfer did not wait for the warm-up"
+            );
+            warm_up().unwrap();
+            let faults = transfer.join().unwrap();
+            assert!(faults < pages / 100, "{faults} faults, {pages} pages");
+        });
+        // A warm-up dropped without running lets transfers through.
+        drop(kv.warm_up());
+        faults_gathering(&*kv);
     }
 }

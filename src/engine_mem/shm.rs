@@ -29,6 +29,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use rayon::prelude::*;
 
 use super::checksum::{self, Checksums};
+use super::warm::WarmGate;
 use super::{plan, Device, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
 
 /// An engine's KV cache in shared-memory segments: the mappings plus the layout.
@@ -37,6 +38,7 @@ pub struct ShmKv {
     /// Base pointer of each layer's storage (segment start; add `layout.layer_offsets[l]`).
     layer_base: Vec<*mut u8>,
     _segments: Vec<Arc<ShmSegment>>,
+    warm: Arc<WarmGate>,
 }
 
 // SAFETY: the pointers target shared mappings owned by `_segments`, which live as long as
@@ -100,6 +102,7 @@ impl ShmKv {
             layout,
             layer_base,
             _segments: unique,
+            warm: Default::default(),
         })
     }
 
@@ -217,13 +220,30 @@ impl EngineMemory for ShmKv {
     }
 
     fn warm_up(&self) -> Option<super::WarmUp> {
+        const PIECE: u64 = 64 << 20;
         let segments = self._segments.clone();
+        let warming = self.warm.begin();
         Some(Box::new(move || {
-            segments.iter().try_fold(0, |n, s| {
-                // SAFETY: the Arc keeps the mapping alive; populate changes no byte.
-                unsafe { crate::prefault::populate(s.as_mut_ptr(), s.len() as usize)? };
-                Ok(n + s.len())
-            })
+            let _warming = warming;
+            // In pieces on the copy pool: a first transfer may be waiting for it.
+            let pieces: Vec<(usize, u64)> = segments
+                .iter()
+                .enumerate()
+                .flat_map(|(i, s)| (0..s.len()).step_by(PIECE as usize).map(move |o| (i, o)))
+                .collect();
+            pieces
+                .par_iter()
+                .map(|&(i, offset)| {
+                    let s = &segments[i];
+                    let len = PIECE.min(s.len() - offset);
+                    // SAFETY: the Arc keeps the mapping alive and the piece lies inside it;
+                    // populate changes no byte.
+                    unsafe {
+                        crate::prefault::populate(s.as_mut_ptr().add(offset as usize), len as usize)
+                    }
+                    .map(|()| len)
+                })
+                .sum()
         }))
     }
 
@@ -231,6 +251,7 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
+        self.warm.wait();
         // SAFETY (per section): blocks were bound-checked above; `dst` is this task's own
         // section of a reserved object, `section_bytes(blocks.len())` long.
         let objects = chunks.iter().map(|c| (c.blocks, c.object.as_mut_ptr()));
@@ -244,6 +265,7 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
+        self.warm.wait();
         // SAFETY (per section): bound-checked blocks; `src` is a section of an object pinned
         // by its `ReadGuard` for the duration of the copy.
         let objects = chunks

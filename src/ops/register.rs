@@ -128,23 +128,30 @@ impl Cwm {
             ),
         }
         if let Some(warm_up) = kv.as_ref().ok().and_then(|kv| kv.warm_up()) {
-            // Mapping a multi-GiB engine cache page by page takes tens of milliseconds per GiB:
-            // done in the background, so neither this reply nor the first store waits for it.
-            crate::background::spawn("cwm-engine-warm-up", move || {
-                let t = std::time::Instant::now();
-                match warm_up() {
-                    Ok(bytes) => tracing::info!(
-                        instance_id = id,
-                        bytes,
-                        ms = t.elapsed().as_secs_f64() * 1e3,
-                        "engine memory mapped ahead of the first transfer"
-                    ),
-                    Err(e) => tracing::warn!(
-                        instance_id = id,
-                        "could not map engine memory ahead of use: {e}"
-                    ),
-                }
-            });
+            // Mapping an engine cache takes tens of milliseconds per GiB: off this thread, so
+            // the reply does not wait for it, at normal priority and on the copy pool, since a
+            // transfer that arrives meanwhile waits for it (`engine_mem::warm`).
+            let spawned = std::thread::Builder::new()
+                .name("cwm-engine-warm-up".into())
+                .spawn(move || {
+                    let t = std::time::Instant::now();
+                    match warm_up() {
+                        Ok(bytes) => tracing::info!(
+                            instance_id = id,
+                            bytes,
+                            ms = t.elapsed().as_secs_f64() * 1e3,
+                            "engine memory mapped ahead of the first transfer"
+                        ),
+                        Err(e) => tracing::warn!(
+                            instance_id = id,
+                            "could not map engine memory ahead of use: {e}"
+                        ),
+                    }
+                });
+            // A warm-up that cannot start is dropped, which lets transfers go ahead unwarmed.
+            if let Err(e) = spawned {
+                tracing::warn!(instance_id = id, "could not start the engine warm-up: {e}");
+            }
         }
         self.registry
             .insert(Instance::new(id, model, world_size, kv));

@@ -2,11 +2,16 @@
 //!
 //! `Eager` (the default) commits the bottom `lead` of the arena (a quarter, at least 1 GiB) at
 //! start, before the sidecar serves, at normal priority, so the first requests of a fresh
-//! process find committed memory (the allocator hands out low offsets first); a
-//! background-priority thread then commits the rest, bottom up, until the whole budget is
-//! committed. Measured (`cwm bench --realistic`): committing only a lead beyond the stores'
-//! high-water mark, in the background alone, lost the race to a burst of stores, which then
-//! faulted every page of the third and fourth 512 MiB requests (150-430 ms instead of 45).
+//! process find committed memory (the allocator hands out low offsets first); a thread then
+//! commits the rest, bottom up, until the whole budget is committed. Measured (`cwm bench
+//! --realistic`): committing only a lead beyond the stores' high-water mark, in the background
+//! alone, lost the race to a burst of stores, which then faulted every page of the third and
+//! fourth 512 MiB requests (150-430 ms instead of 45).
+//!
+//! That thread runs at normal priority, unlike the rest of `crate::background`: at nice 19 it
+//! was starved by the copies while stores waited on the pages it was committing (a priority
+//! inversion: the fourth 512 MiB store of a fresh 2 GiB L1 took 250-1050 ms instead of 45,
+//! 2026-12-02). It is start-up work, once per process, at most one core for ~0.3 s per GiB.
 //! `Lazy` leaves pages to be committed by the first store that touches them (the kernel's
 //! default).
 
@@ -18,7 +23,6 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use super::L1Store;
-use crate::background;
 
 /// When L1's pages are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -65,21 +69,24 @@ pub fn start(l1: &Arc<L1Store>) -> JoinHandle<()> {
         );
     }
     let weak = Arc::downgrade(l1);
-    background::spawn("cwm-l1-populate", move || {
-        let Some(mut done) = first else { return };
-        loop {
-            let Some(l1) = weak.upgrade() else { return };
-            let capacity = l1.capacity_bytes();
-            if done >= capacity {
-                tracing::debug!(bytes = done, "L1 fully committed");
-                return;
+    std::thread::Builder::new()
+        .name("cwm-l1-populate".into())
+        .spawn(move || {
+            let Some(mut done) = first else { return };
+            loop {
+                let Some(l1) = weak.upgrade() else { return };
+                let capacity = l1.capacity_bytes();
+                if done >= capacity {
+                    tracing::debug!(bytes = done, "L1 fully committed");
+                    return;
+                }
+                match commit(&l1, done, (done + STEP).min(capacity)) {
+                    Some(end) => done = end,
+                    None => return,
+                }
             }
-            match commit(&l1, done, (done + STEP).min(capacity)) {
-                Some(end) => done = end,
-                None => return,
-            }
-        }
-    })
+        })
+        .expect("spawn the L1 populator")
 }
 
 /// Commit `[from, to)` and count it: `Some(to)`, or `None` (logged) when that failed.
