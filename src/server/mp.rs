@@ -6,11 +6,16 @@
 //! guarantees. Lanes send replies back over an inproc PUSH/PULL pair that the socket thread
 //! polls next to the ROUTER. Frames that cannot be decoded are logged and, whenever a uid and
 //! op frame exist to echo, still answered.
+//!
+//! `CWM_LOG=info,cwm::trace=debug` logs every op as it is answered: its name, uid, the time it
+//! waited for its lane and the time its handler ran, so a request can be followed through the
+//! server (how BENCHMARKS.md traces a warm vLLM request).
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use connector_protocol::frame::{decode_incoming, Incoming};
 use connector_protocol::Reply;
@@ -71,7 +76,7 @@ impl MpServer {
         let mut lane_tx = Vec::new();
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
         for i in 0..lanes.max(1) {
-            let (tx, rx) = mpsc::channel::<Message>();
+            let (tx, rx) = mpsc::channel::<(Message, Instant)>();
             let push = self.ctx.socket(zmq::PUSH)?;
             push.set_sndhwm(0)?;
             push.connect(REPLIES)?;
@@ -93,7 +98,7 @@ impl MpServer {
                 (items_buf[0].is_readable(), items_buf[1].is_readable());
             if router_ready {
                 while let Ok(msg) = self.router.recv_multipart(zmq::DONTWAIT) {
-                    self.on_message(&cwm, msg, &lane_tx);
+                    self.on_message(&cwm, msg, Instant::now(), &lane_tx);
                 }
             }
             if replies_ready {
@@ -117,18 +122,25 @@ impl MpServer {
         Ok(())
     }
 
-    fn on_message(&self, cwm: &Arc<Cwm>, msg: Message, lanes: &[mpsc::Sender<Message>]) {
+    fn on_message(
+        &self,
+        cwm: &Arc<Cwm>,
+        msg: Message,
+        received: Instant,
+        lanes: &[mpsc::Sender<(Message, Instant)>],
+    ) {
         let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
         match decode_incoming(&frames) {
             Ok(Incoming::Request(req)) if is_transfer(&req.op) => {
                 let lane = lane_of(&msg[0], lanes.len());
-                if lanes[lane].send(msg).is_err() {
+                if lanes[lane].send((msg, received)).is_err() {
                     tracing::error!("transfer lane {lane} is gone");
                 }
             }
             Ok(Incoming::Request(req)) => {
                 let reply = handle_guarded(cwm, &req);
                 self.send(reply_frames(&msg[0], &Reply::to(&req, reply)));
+                trace(&req, Duration::ZERO, received.elapsed());
             }
             Ok(Incoming::Control { .. }) => {
                 tracing::debug!("stream control message ignored (cwm offers no streams)");
@@ -221,8 +233,9 @@ fn lane_of(routing_id: &[u8], lanes: usize) -> usize {
     (h.finish() % lanes as u64) as usize
 }
 
-fn lane(cwm: Arc<Cwm>, rx: mpsc::Receiver<Message>, push: zmq::Socket) {
-    for msg in rx {
+fn lane(cwm: Arc<Cwm>, rx: mpsc::Receiver<(Message, Instant)>, push: zmq::Socket) {
+    for (msg, received) in rx {
+        let started = Instant::now();
         let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
         let Ok(Incoming::Request(req)) = decode_incoming(&frames) else {
             continue;
@@ -231,5 +244,20 @@ fn lane(cwm: Arc<Cwm>, rx: mpsc::Receiver<Message>, push: zmq::Socket) {
         if let Err(e) = push.send_multipart(reply_frames(&msg[0], &Reply::to(&req, reply)), 0) {
             tracing::error!("cannot hand reply to the socket thread: {e}");
         }
+        trace(&req, started - received, started.elapsed());
     }
+}
+
+/// One answered op for `cwm::trace` (see the module doc): `queued` waiting for a lane, `run`
+/// decoding, handling and handing over the reply.
+fn trace(req: &connector_protocol::Request<'_>, queued: Duration, run: Duration) {
+    tracing::debug!(
+        target: "cwm::trace",
+        op = req.op.name(),
+        // A msgpack int, the client's request counter: as hex, at most 9 bytes.
+        uid = %req.uid.iter().take(9).map(|b| format!("{b:02x}")).collect::<String>(),
+        queued_us = queued.as_micros() as u64,
+        run_us = run.as_micros() as u64,
+        "op answered"
+    );
 }
