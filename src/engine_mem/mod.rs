@@ -118,8 +118,9 @@ pub trait EngineMemory: Send + Sync {
 
     /// Work that maps the engine's memory into cwm ahead of the first transfer (so copies take
     /// no page faults), to run off the request thread; `None` when there is nothing to do. It
-    /// keeps the memory mapped while it runs and never changes a byte. Transfers wait for it
-    /// from the moment it is handed out until it has run (or been dropped): see `warm`.
+    /// keeps the memory mapped while it runs and never changes a byte. Copies that write
+    /// engine memory wait for it from the moment it is handed out until it has run (or been
+    /// dropped): see `warm`.
     fn warm_up(&self) -> Option<WarmUp> {
         None
     }
@@ -253,15 +254,18 @@ mod warm_up_tests {
         (seg, open(&d, None).unwrap())
     }
 
-    /// Minor faults gathering every block (on one thread, so its fault count sees them all).
-    fn faults_gathering(kv: &dyn EngineMemory) -> u64 {
+    /// Minor faults copying every block out of (`store`) or into the engine, on one thread, so
+    /// its fault count sees them all.
+    fn faults_copying(kv: &dyn EngineMemory, store: bool) -> u64 {
         let blocks: Vec<u32> = (0..NB as u32).collect();
         let len = kv.layout().object_bytes(NB * BS);
-        let l1 = L1Store::new(&L1Config {
-            capacity_bytes: len,
-            lock_ttl: Duration::from_secs(60),
-        })
-        .unwrap();
+        let l1 = Arc::new(
+            L1Store::new(&L1Config {
+                capacity_bytes: len,
+                lock_ttl: Duration::from_secs(60),
+            })
+            .unwrap(),
+        );
         l1.populate(0, l1.capacity_bytes()).unwrap();
         let key = ObjectKey {
             model: "m".into(),
@@ -277,15 +281,33 @@ mod warm_up_tests {
             .num_threads(1)
             .build()
             .unwrap();
+        if store {
+            return one.install(|| {
+                let before = thread_minor_faults();
+                let chunk = Gather {
+                    blocks: &blocks,
+                    object: &object,
+                };
+                kv.gather(&[chunk], &[]).unwrap();
+                thread_minor_faults() - before
+            });
+        }
+        object.commit();
+        let read = l1.read(&key).expect("just committed");
         one.install(|| {
             let before = thread_minor_faults();
-            let chunk = Gather {
+            let chunk = Scatter {
                 blocks: &blocks,
-                object: &object,
+                skip_blocks: 0,
+                object: &read,
             };
-            kv.gather(&[chunk], &[]).unwrap();
+            kv.scatter(&[chunk], &[]).unwrap();
             thread_minor_faults() - before
         })
+    }
+
+    fn faults_gathering(kv: &dyn EngineMemory) -> u64 {
+        faults_copying(kv, true)
     }
 
     #[test]
@@ -309,23 +331,38 @@ mod warm_up_tests {
     }
 
     #[test]
-    fn a_transfer_during_the_warm_up_waits_for_it_and_takes_no_faults() {
+    fn a_retrieve_during_the_warm_up_waits_for_it_and_a_store_does_not() {
         let pages = 2 * NB * BS * NH * HS * 2 * LAYERS / 4096;
         let (_seg, kv) = engine("gate");
-        let warm_up = kv.warm_up().expect("shm memory has a warm-up");
+        let mut warm_up = Some(kv.warm_up().expect("shm memory has a warm-up"));
+        // A store reads: it goes ahead of the warm-up.
+        let store_went_ahead = std::thread::scope(|s| {
+            let store = s.spawn(|| faults_copying(&*kv, true));
+            let t = std::time::Instant::now();
+            while !store.is_finished() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let went_ahead = store.is_finished();
+            if !went_ahead {
+                warm_up.take().unwrap()().unwrap(); // release it, then fail below
+            }
+            went_ahead
+        });
+        assert!(store_went_ahead, "a store waited for the warm-up");
+        let warm_up = warm_up.unwrap();
         std::thread::scope(|s| {
-            let transfer = s.spawn(|| faults_gathering(&*kv));
+            let retrieve = s.spawn(|| faults_copying(&*kv, false));
             std::thread::sleep(Duration::from_millis(100));
             assert!(
-                !transfer.is_finished(),
-                "the transfer did not wait for the warm-up"
+                !retrieve.is_finished(),
+                "the retrieve did not wait for the warm-up"
             );
             warm_up().unwrap();
-            let faults = transfer.join().unwrap();
+            let faults = retrieve.join().unwrap();
             assert!(faults < pages / 100, "{faults} faults, {pages} pages");
         });
-        // A warm-up dropped without running lets transfers through.
+        // A warm-up dropped without running lets retrieves through.
         drop(kv.warm_up());
-        faults_gathering(&*kv);
+        faults_copying(&*kv, false);
     }
 }

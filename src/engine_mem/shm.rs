@@ -220,30 +220,16 @@ impl EngineMemory for ShmKv {
     }
 
     fn warm_up(&self) -> Option<super::WarmUp> {
-        const PIECE: u64 = 64 << 20;
         let segments = self._segments.clone();
         let warming = self.warm.begin();
+        // On the caller's thread, not the copy pool, which a first store may be using.
         Some(Box::new(move || {
             let _warming = warming;
-            // In pieces on the copy pool: a first transfer may be waiting for it.
-            let pieces: Vec<(usize, u64)> = segments
-                .iter()
-                .enumerate()
-                .flat_map(|(i, s)| (0..s.len()).step_by(PIECE as usize).map(move |o| (i, o)))
-                .collect();
-            pieces
-                .par_iter()
-                .map(|&(i, offset)| {
-                    let s = &segments[i];
-                    let len = PIECE.min(s.len() - offset);
-                    // SAFETY: the Arc keeps the mapping alive and the piece lies inside it;
-                    // populate changes no byte.
-                    unsafe {
-                        crate::prefault::populate(s.as_mut_ptr().add(offset as usize), len as usize)
-                    }
-                    .map(|()| len)
-                })
-                .sum()
+            segments.iter().try_fold(0, |n, s| {
+                // SAFETY: the Arc keeps the mapping alive; populate changes no byte.
+                unsafe { crate::prefault::populate(s.as_mut_ptr(), s.len() as usize)? };
+                Ok(n + s.len())
+            })
         }))
     }
 
@@ -251,7 +237,6 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
-        self.warm.wait();
         // SAFETY (per section): blocks were bound-checked above; `dst` is this task's own
         // section of a reserved object, `section_bytes(blocks.len())` long.
         let objects = chunks.iter().map(|c| (c.blocks, c.object.as_mut_ptr()));
@@ -265,6 +250,7 @@ impl EngineMemory for ShmKv {
         for c in chunks {
             self.check_copy(c.blocks, c.object.len())?;
         }
+        // Writes fault page by page: let a running warm-up map them first (`warm`).
         self.warm.wait();
         // SAFETY (per section): bound-checked blocks; `src` is a section of an object pinned
         // by its `ReadGuard` for the duration of the copy.

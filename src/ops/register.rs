@@ -129,8 +129,8 @@ impl Cwm {
         }
         if let Some(warm_up) = kv.as_ref().ok().and_then(|kv| kv.warm_up()) {
             // Mapping an engine cache takes tens of milliseconds per GiB: off this thread, so
-            // the reply does not wait for it, at normal priority and on the copy pool, since a
-            // transfer that arrives meanwhile waits for it (`engine_mem::warm`).
+            // the reply does not wait for it, and at normal priority, since a retrieve that
+            // arrives meanwhile waits for it (`engine_mem::warm`).
             let spawned = std::thread::Builder::new()
                 .name("cwm-engine-warm-up".into())
                 .spawn(move || {
