@@ -12,6 +12,7 @@
 //! was starved by the copies while stores waited on the pages it was committing (a priority
 //! inversion: the fourth 512 MiB store of a fresh 2 GiB L1 took 250-1050 ms instead of 45,
 //! 2026-12-02). It is start-up work, once per process, at most one core for ~0.3 s per GiB.
+//!
 //! `Lazy` leaves pages to be committed by the first store that touches them (the kernel's
 //! default).
 
