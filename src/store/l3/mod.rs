@@ -176,23 +176,18 @@ impl L3 {
         if keys.is_empty() {
             return HashSet::new();
         }
-        let cmds = keys
-            .iter()
-            .map(|k| {
-                let mut c = redis::cmd("EXISTS");
-                c.arg(self.keys.chunk(k));
-                c
-            })
-            .collect();
-        let found = self.link.batch(cmds).and_then(|replies| {
-            replies
-                .iter()
-                .map(|v| {
-                    redis::from_redis_value_ref::<bool>(v)
-                        .map_err(|e| LinkError::from(redis::RedisError::from(e)))
-                })
-                .collect::<Result<Vec<bool>, LinkError>>()
-        });
+        let found = self
+            .link
+            .batch(self.per_chunk("EXISTS", keys))
+            .and_then(|replies| {
+                replies
+                    .iter()
+                    .map(|v| {
+                        redis::from_redis_value_ref::<bool>(v)
+                            .map_err(|e| LinkError::from(redis::RedisError::from(e)))
+                    })
+                    .collect::<Result<Vec<bool>, LinkError>>()
+            });
         self.counters
             .exists_checked
             .fetch_add(keys.len() as u64, Relaxed);
@@ -235,18 +230,21 @@ impl L3 {
             .collect()
     }
 
-    /// The raw values of `keys` (None where absent), in one concurrent batch.
-    fn fetch(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
-        let cmds = keys
-            .iter()
+    /// `command` once per key, on the key's chunk record.
+    fn per_chunk(&self, command: &str, keys: &[ObjectKey]) -> Vec<redis::Cmd> {
+        keys.iter()
             .map(|k| {
-                let mut c = redis::cmd("GET");
+                let mut c = redis::cmd(command);
                 c.arg(self.keys.chunk(k));
                 c
             })
-            .collect();
+            .collect()
+    }
+
+    /// The raw values of `keys` (None where absent), in one concurrent batch.
+    fn fetch(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
         self.link
-            .spread(cmds)?
+            .spread(self.per_chunk("GET", keys))?
             .into_iter()
             .map(|v| {
                 redis::from_redis_value::<Option<Vec<u8>>>(v)
