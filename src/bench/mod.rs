@@ -12,6 +12,8 @@
 //! on), `--window` (`window`: freeze and thaw), and `--null-server` (`null_server`: a server
 //! that answers instantly, the floor a client measures against).
 
+pub mod chart;
+pub mod disk;
 pub mod kv;
 pub mod l3;
 pub mod memcpy;
@@ -19,6 +21,7 @@ pub mod mp;
 pub mod null_server;
 pub mod realistic;
 mod report;
+pub mod tiers;
 pub mod window;
 
 use std::time::Duration;
@@ -122,6 +125,16 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    #[command(subcommand)]
+    pub part: Option<BenchPart>,
+}
+
+/// Benches run as a subcommand of `cwm bench`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchPart {
+    /// Every configured tier in one sitting (L1 through the protocol, L2, L3, a window, GPU),
+    /// each next to the machine's own limit, with a chart.
+    Tiers(Box<tiers::TiersArgs>),
 }
 
 impl BenchArgs {
@@ -225,6 +238,28 @@ impl serde::Serialize for Samples {
     }
 }
 
+/// The directory a bench writes under: `given`, else a fresh one under the system's temp dir
+/// (`true`: the caller removes it afterwards).
+pub(crate) fn scratch_dir(
+    given: &Option<std::path::PathBuf>,
+    bench: &str,
+) -> (std::path::PathBuf, bool) {
+    match given {
+        Some(p) => (p.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("cwm-bench-{bench}-{}", std::process::id())),
+            true,
+        ),
+    }
+}
+
+/// Seconds since the Unix epoch, for a report's timestamp.
+pub(crate) fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Decimal GB/s.
 pub fn gbps(bytes: u64, d: Duration) -> f64 {
     if d.is_zero() {
@@ -235,6 +270,9 @@ pub fn gbps(bytes: u64, d: Duration) -> f64 {
 
 /// Run the whole bench and print its report.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchPart::Tiers(t)) = &args.part {
+        return tiers::run(t);
+    }
     if let Some(n) = args.copy_threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -315,9 +353,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 }
             ),
         },
-        unix_time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        unix_time: unix_time(),
         memcpy: baseline.results(),
         mp: results?,
     };
@@ -340,13 +376,7 @@ fn serve_null(port: u16) -> anyhow::Result<()> {
 
 fn run_realistic(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
     let defaults = Config::default();
-    let (l2_root, temporary) = match &args.l2_path {
-        Some(p) => (p.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("cwm-bench-realistic-{}", std::process::id())),
-            true,
-        ),
-    };
+    let (l2_root, temporary) = scratch_dir(&args.l2_path, "realistic");
     let l1_size_gb = args.l1_size_gb_or(4.0);
     let lanes = args.lanes.unwrap_or(defaults.transfer_lanes);
     let cfg = realistic::RealisticConfig {
@@ -368,9 +398,7 @@ fn run_realistic(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
     }
     let report = realistic::RealisticReport {
         machine,
-        unix_time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        unix_time: unix_time(),
         server: format!(
             "in-process cwm, `cwm serve` defaults ({lanes} transfer lanes, {} copy threads, L1 populate {:?}, L2 zstd {} in {}) but L1 {l1_size_gb} GiB",
             rayon::current_num_threads(),
@@ -411,13 +439,7 @@ fn run_l3(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
 
 fn run_window(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
     ensure!(args.url.is_none(), "--window runs an in-process cwm only");
-    let (l2_path, temporary) = match &args.l2_path {
-        Some(p) => (p.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("cwm-bench-window-{}", std::process::id())),
-            true,
-        ),
-    };
+    let (l2_path, temporary) = scratch_dir(&args.l2_path, "window");
     let geometry = args.mp_config().geometry();
     let mut baseline = memcpy::Baseline::new(geometry.object_bytes(256) as usize);
     baseline.measure();
@@ -438,9 +460,7 @@ fn run_window(args: &BenchArgs, machine: Machine) -> anyhow::Result<()> {
     }
     let report = window::WindowReport {
         machine,
-        unix_time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        unix_time: unix_time(),
         memcpy: baseline.results(),
         window: result?,
     };

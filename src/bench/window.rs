@@ -249,20 +249,9 @@ fn drop_page_cache(dir: &Path) -> anyhow::Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             drop_page_cache(&path)?;
-            continue;
+        } else {
+            super::disk::drop_cached(&path)?;
         }
-        let f = std::fs::File::open(&path)?;
-        f.sync_all()?;
-        // SAFETY: a plain syscall on a file descriptor we own.
-        let rc = unsafe {
-            libc::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                0,
-                0,
-                libc::POSIX_FADV_DONTNEED,
-            )
-        };
-        ensure!(rc == 0, "posix_fadvise({}) failed: {rc}", path.display());
     }
     Ok(())
 }
