@@ -174,6 +174,8 @@ unsafe impl Sync for Arena {}
 
 /// Prefix of the pool names cwm picks itself: `cwm_l1_<pid>_<n>`.
 pub const POOL_PREFIX: &str = "cwm_l1_";
+/// The `<n>` of the next pool (and private build name) this process picks.
+static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
 /// The directory where Linux keeps POSIX shared-memory objects.
 const SHM_DIR: &str = "/dev/shm";
 /// Backing grows in steps of at least this much, so `fallocate` is not called per object.
@@ -211,9 +213,8 @@ impl Arena {
     /// /dev/shm (that is where `shm_open` looks); this is for benchmarks comparing tmpfs mounts
     /// (e.g. one with `huge=always`) and for tests.
     pub fn shared_in(dir: &Path, name: Option<&str>, len: u64) -> io::Result<Arena> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let len = Self::round_len(len);
-        let name = match name {
+        match name {
             Some(n) => {
                 let bare = n.strip_prefix('/').unwrap_or(n);
                 if bare.is_empty() || bare.len() > 255 || bare.contains(['/', '\0']) {
@@ -222,17 +223,31 @@ impl Arena {
                         format!("shm name {n:?}: expected a non-empty name without '/' or NUL"),
                     ));
                 }
-                bare.to_string()
+                Self::publish(dir, bare.to_string(), len)
             }
             None => {
                 remove_stale_pools(dir);
-                format!(
-                    "{POOL_PREFIX}{}_{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                )
+                // Processes in other PID namespaces that share /dev/shm (containers with
+                // `--ipc host`: every cwm there is pid 1) pick the same `<pid>`: a name held
+                // by a live pool is skipped for the next `<n>`.
+                let mut tries = 0;
+                loop {
+                    let name = format!(
+                        "{POOL_PREFIX}{}_{}",
+                        std::process::id(),
+                        NEXT_POOL.fetch_add(1, Ordering::Relaxed)
+                    );
+                    match Self::publish(dir, name, len) {
+                        Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 64 => tries += 1,
+                        other => return other,
+                    }
+                }
             }
-        };
+        }
+    }
+
+    /// Build the pool `name` in `dir` and map it (see `shared`).
+    fn publish(dir: &Path, name: String, len: usize) -> io::Result<Arena> {
         let path = dir.join(&name);
         // Build the object under a private name, lock it, size it, and only then give it its
         // public name (a hard link fails if the name exists, never replacing a live pool): a
@@ -240,14 +255,19 @@ impl Arena {
         let tmp = dir.join(format!(
             ".{POOL_PREFIX}tmp_{}_{}",
             std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            NEXT_POOL.fetch_add(1, Ordering::Relaxed)
         ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(&tmp)
+            // Another PID namespace's cwm building under the same private name.
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => io::Error::new(io::ErrorKind::AddrInUse, e),
+                _ => e,
+            })?;
         let published = (|| {
             lock_exclusive(&file)?;
             file.set_len(len as u64)?;
@@ -699,6 +719,36 @@ mod tests {
             left, want,
             "an unlocked pool is stale; one being built by a live process is not"
         );
+    }
+
+    #[test]
+    fn a_default_name_held_by_a_live_pool_is_skipped() {
+        // What a cwm in another container (also pid 1, same /dev/shm) looks like from here:
+        // the next default names exist, locked.
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let next = NEXT_POOL.load(Ordering::Relaxed);
+        let mut holders = Vec::new();
+        for n in next..next + 4 {
+            for name in [
+                format!("{POOL_PREFIX}{me}_{n}"),
+                format!(".{POOL_PREFIX}tmp_{me}_{n}"),
+            ] {
+                let path = dir.path().join(name);
+                std::fs::write(&path, b"x").unwrap();
+                let f = File::open(&path).unwrap();
+                lock_exclusive(&f).unwrap();
+                holders.push(f);
+            }
+        }
+        let arena = Arena::shared_in(dir.path(), None, ALIGN).unwrap();
+        let name = arena.shm_name().unwrap().to_string();
+        assert!(name.starts_with(&format!("{POOL_PREFIX}{me}_")), "{name}");
+        for held in &holders {
+            assert_eq!(held.metadata().unwrap().len(), 1, "a live pool was replaced");
+        }
+        assert!(dir.path().join(&name).exists());
+        drop(holders);
     }
 
     #[test]
