@@ -745,7 +745,11 @@ mod tests {
         let name = arena.shm_name().unwrap().to_string();
         assert!(name.starts_with(&format!("{POOL_PREFIX}{me}_")), "{name}");
         for held in &holders {
-            assert_eq!(held.metadata().unwrap().len(), 1, "a live pool was replaced");
+            assert_eq!(
+                held.metadata().unwrap().len(),
+                1,
+                "a live pool was replaced"
+            );
         }
         assert!(dir.path().join(&name).exists());
         drop(holders);
