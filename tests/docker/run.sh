@@ -6,7 +6,8 @@
 #   2. base images made locally, as no registry is reachable: a Debian bookworm minbase
 #      (debootstrap) for the runtime, and Debian's redis-server on it for Redis;
 #   3. the image from docker/Dockerfile, taking the cwm binary the rest of CI tested
-#      (`--target prebuilt`; compiling again inside docker would add ~10 min on 2 cores);
+#      (a context with prebuilt/cwm; compiling again inside docker would add ~10 min on 2
+#      cores);
 #   4. cwm + Redis from docker/compose.yaml, and from the host, with LMCache's real client
 #      (tests/docker/container_story.py, as the container's uid): ping, /healthcheck, store and
 #      retrieve byte for byte, a second cwm container hitting the first one's chunks through
@@ -120,10 +121,11 @@ log "base images ready in $((SECONDS - t0)) s"
 # 3. The image.
 ctx="$WORK/context"
 rm -rf "$ctx" && mkdir -p "$ctx"
+mkdir -p "$ctx/prebuilt"
 cp "$REPO/docker/Dockerfile" "$ctx/Dockerfile"
-cp "$CWM_BIN" "$ctx/cwm"
+cp "$CWM_BIN" "$ctx/prebuilt/cwm"
 t0=$SECONDS
-docker build -q -f "$ctx/Dockerfile" --target prebuilt \
+docker build -q -f "$ctx/Dockerfile" --build-arg RUST_IMAGE=cwm-ci/bookworm \
     --build-arg RUNTIME_IMAGE=cwm-ci/bookworm -t cwm-ci/cwm "$ctx" >/dev/null || { log "FAILED: docker build"; exit 1; }
 size=$(docker image inspect --format '{{.Size}}' cwm-ci/cwm)
 log "image cwm-ci/cwm built in $((SECONDS - t0)) s: $((size / 1000000)) MB (the runtime base is $(( $(docker image inspect --format '{{.Size}}' cwm-ci/bookworm) / 1000000 )) MB)"
