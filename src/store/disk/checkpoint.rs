@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use connector_protocol::ObjectKey;
 
 use super::{DiskError, Location};
+use crate::store::le::{self, LeReader, PutLe};
 use crate::store::record;
 
 pub const MAGIC: &[u8; 4] = b"CWMI";
@@ -25,24 +26,23 @@ pub struct Checkpoint {
 pub fn encode(index: &HashMap<ObjectKey, Location>, scanned: &HashMap<u32, u64>) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + index.len() * 120);
     b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
-    b.extend_from_slice(&(scanned.len() as u32).to_le_bytes());
-    for (id, len) in scanned {
-        b.extend_from_slice(&id.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
+    b.put_u16(VERSION);
+    b.put_u32(scanned.len() as u32);
+    for (&id, &len) in scanned {
+        b.put_u32(id);
+        b.put_u64(len);
     }
-    b.extend_from_slice(&(index.len() as u64).to_le_bytes());
+    b.put_u64(index.len() as u64);
     for (key, loc) in index {
-        b.extend_from_slice(&loc.segment.to_le_bytes());
-        b.extend_from_slice(&loc.offset.to_le_bytes());
-        b.extend_from_slice(&loc.record_len.to_le_bytes());
-        b.extend_from_slice(&loc.raw_len.to_le_bytes());
+        b.put_u32(loc.segment);
+        b.put_u64(loc.offset);
+        b.put_u64(loc.record_len);
+        b.put_u64(loc.raw_len);
         let k = record::encode_key_bytes(key);
-        b.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        b.put_u16(k.len() as u16);
         b.extend_from_slice(&k);
     }
-    let crc = crc32fast::hash(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
+    le::seal(&mut b);
     b
 }
 
@@ -51,34 +51,26 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, DiskError> {
     if b.len() < 4 + 2 + 4 + 8 + 4 || &b[..4] != MAGIC {
         return Err(bad("bad magic or too short"));
     }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-        return Err(bad("checksum mismatch"));
-    }
-    if u16::from_le_bytes(body[4..6].try_into().unwrap()) != VERSION {
+    let body = le::unseal(b).ok_or(bad("checksum mismatch"))?;
+    let mut r = LeReader::new(&body[4..]);
+    if r.u16() != Some(VERSION) {
         return Err(bad("unknown version"));
     }
-    let mut at = 6;
-    let mut take = |n: usize| -> Result<&[u8], DiskError> {
-        let s = body.get(at..at + n).ok_or(bad("truncated"))?;
-        at += n;
-        Ok(s)
-    };
-    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap());
-    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap());
+    let truncated = || bad("truncated");
     let mut c = Checkpoint::default();
-    for _ in 0..u32_of(take(4)?) {
-        let id = u32_of(take(4)?);
-        c.scanned.insert(id, u64_of(take(8)?));
+    for _ in 0..r.u32().ok_or_else(truncated)? {
+        let id = r.u32().ok_or_else(truncated)?;
+        c.scanned.insert(id, r.u64().ok_or_else(truncated)?);
     }
-    let n = u64_of(take(8)?);
+    let n = r.u64().ok_or_else(truncated)?;
     for _ in 0..n {
-        let segment = u32_of(take(4)?);
-        let offset = u64_of(take(8)?);
-        let record_len = u64_of(take(8)?);
-        let raw_len = u64_of(take(8)?);
-        let klen = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
-        let key = record::decode_key_bytes(take(klen)?).ok_or(bad("bad key"))?;
+        let (Some(segment), Some(offset), Some(record_len), Some(raw_len), Some(klen)) =
+            (r.u32(), r.u64(), r.u64(), r.u64(), r.u16())
+        else {
+            return Err(truncated());
+        };
+        let key_bytes = r.bytes(klen as usize).ok_or_else(truncated)?;
+        let key = record::decode_key_bytes(key_bytes).ok_or(bad("bad key"))?;
         c.entries.push((
             key,
             Location {
