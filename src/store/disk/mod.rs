@@ -107,7 +107,6 @@ pub struct DiskCounters {
     pub reclaimed_segments: AtomicU64,
     pub reclaimed_records: AtomicU64,
     pub write_errors: AtomicU64,
-    pub truncated_tail_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,9 +220,6 @@ impl<S: Storage> DiskStore<S> {
                                 dropped = file_len - at,
                                 "L2: truncating torn tail ({why})"
                             );
-                            counters
-                                .truncated_tail_bytes
-                                .fetch_add(file_len - at, Relaxed);
                             file.truncate(at)?;
                         } else {
                             tracing::error!(segment = id, offset = at, "L2: unreadable record in a sealed segment, ignoring the rest of it ({why})");
