@@ -92,12 +92,15 @@ fn staging(len: usize) -> (Arena, *mut u8) {
     };
     arena.ensure_backed(extent).unwrap();
     let p = arena.ptr(extent);
+    // SAFETY: the arena is at least `len` bytes, backed just above, and the caller keeps it.
     unsafe { std::ptr::write_bytes(p, 1, len) };
     (arena, p)
 }
 
 fn minor_faults() -> i64 {
+    // SAFETY: rusage is a C struct of integers and timevals: all-zero is a valid value.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a live rusage the call fills.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     u.ru_minflt
 }
@@ -149,7 +152,10 @@ fn main() {
             &mut [
                 ("zero_copy", &mut || put(s, next(), &engine)),
                 ("staging", &mut || {
+                    // SAFETY: `stage` is the `len`-byte slot `staging` made, alive for the
+                    // loop; `engine` is a separate `len`-byte buffer.
                     unsafe { std::ptr::copy_nonoverlapping(engine.as_ptr(), stage, len) };
+                    // SAFETY: the same slot, just written, not written again while borrowed.
                     let staged = unsafe { std::slice::from_raw_parts(stage, len) };
                     put(p, next(), staged)
                 }),
@@ -171,10 +177,13 @@ fn main() {
                 }),
                 ("staging", &mut || {
                     let r = private.read(&k).unwrap();
+                    // SAFETY: `r` pins a `len`-byte object; `stage` is the separate `len`-byte
+                    // staging slot.
                     unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), stage, len) };
                     drop(r);
-                    out.borrow_mut()
-                        .copy_from_slice(unsafe { std::slice::from_raw_parts(stage, len) });
+                    // SAFETY: the staging slot, just written, alive for the loop.
+                    let staged = unsafe { std::slice::from_raw_parts(stage, len) };
+                    out.borrow_mut().copy_from_slice(staged);
                 }),
             ],
         );
@@ -225,6 +234,7 @@ fn main() {
                 len: src.len() as u64,
             };
             arena.ensure_backed(e).unwrap();
+            // SAFETY: extent `e` is `src.len()` bytes inside the arena, backed just above.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), arena.ptr(e), src.len()) };
         }
     };

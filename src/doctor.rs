@@ -103,6 +103,7 @@ fn memlock() -> String {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: `r` is a live rlimit the call fills.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
         return "unknown".into();
     }
@@ -119,7 +120,9 @@ fn memlock() -> String {
 /// Size and free bytes of /dev/shm.
 fn shm_size() -> Option<(u64, u64)> {
     let path = std::ffi::CString::new("/dev/shm").ok()?;
+    // SAFETY: statvfs is a C struct of integers: all-zero is a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path that outlives the call, and a live struct to fill.
     if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
         return None;
     }

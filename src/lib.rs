@@ -20,4 +20,6 @@ pub mod server;
 pub mod session;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod windows;

@@ -42,8 +42,9 @@ pub unsafe fn populate(ptr: *mut u8, len: usize) -> io::Result<()> {
 
 /// Minor page faults the calling thread has taken so far.
 pub fn thread_minor_faults() -> u64 {
-    // SAFETY: a zeroed out-struct for getrusage.
+    // SAFETY: rusage is a C struct of integers and timevals: all-zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live rusage the call fills; RUSAGE_THREAD reads only this thread.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
     ru.ru_minflt as u64
 }
@@ -66,12 +67,14 @@ mod tests {
         };
         assert_ne!(p, libc::MAP_FAILED);
         // No huge pages: count 4 KiB faults.
+        // SAFETY: `[p, p + len)` is the mapping just created; the advice changes no contents.
         unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
         p.cast()
     }
 
     fn faults_writing(p: *mut u8, len: usize) -> u64 {
         let before = thread_minor_faults();
+        // SAFETY: callers pass a private mapping of `len` bytes from `fresh_pages`.
         unsafe { std::ptr::write_bytes(p, 7, len) };
         thread_minor_faults() - before
     }
@@ -84,14 +87,18 @@ mod tests {
         let cold = fresh_pages(len);
         assert!(faults_writing(cold, len) >= pages / 2);
         let warm = fresh_pages(len);
+        // SAFETY: byte 5 of the `len`-byte private mapping just made.
         unsafe { *warm.add(5) = 42 };
+        // SAFETY: `[warm + 1, warm + len)` is inside that mapping, readable and writable.
         unsafe { populate(warm.add(1), len - 1) }.unwrap();
+        // SAFETY: as above, byte 5 of the live mapping.
         assert_eq!(unsafe { *warm.add(5) }, 42, "populate changed a byte");
         let faults = faults_writing(warm, len);
         assert!(
             faults < pages / 100,
             "{faults} faults after populate ({pages} pages)"
         );
+        // SAFETY: both mappings came from `fresh_pages(len)` and are not used after this.
         unsafe {
             libc::munmap(cold.cast(), len);
             libc::munmap(warm.cast(), len);

@@ -96,10 +96,6 @@ impl Sidecar {
         })
     }
 
-    pub fn is_running(&self) -> bool {
-        !self.shutdown.load(Ordering::Relaxed)
-    }
-
     /// A handle that stops the sidecar when set (e.g. from a signal handler).
     pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
         self.shutdown.clone()

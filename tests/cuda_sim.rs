@@ -82,6 +82,7 @@ fn now_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `t` is a live timespec the call fills.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
@@ -119,6 +120,8 @@ impl Sim {
     fn new(driver_version: u64) -> Sim {
         let seg = ShmSegment::create(&uniq("state"), off::SIZE).unwrap();
         let sim = Sim { seg };
+        // SAFETY: the magic and both UUIDs land at their offsets inside the SIZE-byte state
+        // segment, created just above; the stand-in library has not opened it yet.
         unsafe {
             std::ptr::copy_nonoverlapping(b"CWMCUSIM".as_ptr(), sim.seg.as_mut_ptr(), 8);
             std::ptr::copy_nonoverlapping(UUID0.as_ptr(), sim.seg.as_mut_ptr().add(off::UUIDS), 16);
@@ -134,6 +137,9 @@ impl Sim {
     }
 
     fn word(&self, at: usize) -> &AtomicU64 {
+        // SAFETY: callers pass the `off` constants: 8-aligned offsets inside the segment
+        // (page-aligned), which lives as long as `&self`; the stand-in only touches these
+        // words atomically.
         unsafe { &*(self.seg.as_mut_ptr().add(at) as *const AtomicU64) }
     }
 
@@ -147,6 +153,8 @@ impl Sim {
 
     /// Make the next `count` calls of `func` fail with CUDA error `code`.
     fn inject(&self, func: &str, code: u64, count: u64) {
+        // SAFETY: the 64-byte name field at INJECT_FN lies inside the segment; test names are
+        // shorter than 64 bytes, so the copy stays in it and leaves a NUL.
         unsafe {
             let p = self.seg.as_mut_ptr().add(off::INJECT_FN);
             std::ptr::write_bytes(p, 0, 64);
@@ -175,6 +183,8 @@ impl Sim {
     }
 
     fn assert_clean(&self) {
+        // SAFETY: the stand-in writes a NUL-terminated message into the zeroed VIOLATION field,
+        // which lies inside the live segment.
         let msg = unsafe {
             std::ffi::CStr::from_ptr(self.seg.as_mut_ptr().add(off::VIOLATION) as *const _)
         };
@@ -327,6 +337,8 @@ impl GpuKv {
 
     fn fill(&self, seed: u64) {
         let n = (LAYERS * LAYER_BYTES) as usize;
+        // SAFETY: the segment is LAYERS * LAYER_BYTES long and lives as long as `self`; no copy
+        // runs while a test fills it.
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.seg.as_mut_ptr(), n) };
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         for b in bytes {
@@ -339,6 +351,8 @@ impl GpuKv {
 
     fn block(&self, layer: u64, block: u64) -> Vec<u8> {
         let at = (layer * LAYER_BYTES + block * BLOCK_BYTES) as usize;
+        // SAFETY: block `block` of layer `layer` lies inside the segment, read after the copies
+        // that wrote it completed.
         unsafe { std::slice::from_raw_parts(self.seg.as_mut_ptr().add(at), BLOCK_BYTES as usize) }
             .to_vec()
     }

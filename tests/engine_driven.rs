@@ -67,6 +67,8 @@ impl Pool {
     fn write(&self, slot: &ShmSlot, bytes: &[u8]) {
         assert_eq!(bytes.len() as u64, slot.length);
         assert!(slot.offset + slot.length <= self.map.len() as u64);
+        // SAFETY: the slot lies inside the mapping (asserted above) and is the engine's own
+        // (the sidecar handed it out for this store and does not touch it until committed).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -78,6 +80,8 @@ impl Pool {
 
     fn read(&self, slot: &ShmSlot) -> Vec<u8> {
         assert!(slot.offset + slot.length <= self.map.len() as u64);
+        // SAFETY: the slot lies inside the mapping (asserted above) and is held for this read
+        // by the sidecar (a retrieve slot), so nothing writes it meanwhile.
         unsafe {
             std::slice::from_raw_parts(
                 self.map.as_ptr().add(slot.offset as usize),

@@ -5,6 +5,8 @@
 //! I/O and knows nothing of tokio, ZMQ sockets or storage: every function is pure, so decoders
 //! can be property-tested and fuzzed. The spec lives in `shared/protocol/lmcache-mp.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 mod de;
 pub mod error;

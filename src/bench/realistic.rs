@@ -338,8 +338,8 @@ fn on_tmpfs(path: &Path) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: a NUL-terminated path and a buffer of the struct statfs fills.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    // SAFETY: statfs filled it when it returned 0.
     #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86-64 glibc, narrower elsewhere
+    // SAFETY: read only when statfs returned 0, i.e. filled it (and it was zeroed before).
     let is_tmpfs = rc == 0 && unsafe { st.assume_init() }.f_type as i64 == TMPFS_MAGIC;
     is_tmpfs
 }

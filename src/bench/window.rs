@@ -45,16 +45,6 @@ pub struct WindowResults {
     pub checks: Vec<String>,
 }
 
-impl WindowResults {
-    pub fn cold_gbps(&self) -> f64 {
-        gbps(self.raw_bytes, self.thaw_cold.median())
-    }
-
-    pub fn warm_gbps(&self) -> f64 {
-        gbps(self.raw_bytes, self.thaw_warm.median())
-    }
-}
-
 pub struct WindowConfig {
     pub geometry: KvGeometry,
     pub tokens: u64,

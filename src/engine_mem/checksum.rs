@@ -173,6 +173,8 @@ mod tests {
         let name = format!("/cwm_ck_{}_{tag}", std::process::id());
         let seg = ShmSegment::create(&name, n).unwrap();
         // Byte i = (7i + 3) mod 251: the fill the expected digests below were computed from.
+        // SAFETY: the segment was just created, `n` bytes, mapped while `seg` lives, and no
+        // one else has opened it yet.
         let bytes = unsafe { std::slice::from_raw_parts_mut(seg.as_mut_ptr(), n as usize) };
         for (i, b) in bytes.iter_mut().enumerate() {
             *b = ((i * 7 + 3) % 251) as u8;

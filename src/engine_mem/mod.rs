@@ -237,6 +237,7 @@ mod warm_up_tests {
         let name = format!("/cwm_warm_{}_{tag}", std::process::id());
         let seg = ShmSegment::create(&name, layer * LAYERS * 2).unwrap();
         // The engine wrote its cache: the pages exist, but not yet in the mapping cwm opens.
+        // SAFETY: the whole of the segment just created, mapped while `seg` lives.
         unsafe { std::ptr::write_bytes(seg.as_mut_ptr(), 3, seg.len() as usize) };
         let d: Vec<IpcDescriptor> = (0..LAYERS)
             .map(|l| IpcDescriptor::CpuShm {

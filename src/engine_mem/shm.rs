@@ -123,17 +123,14 @@ impl ShmKv {
     /// `blocks` must have passed `check_blocks`, `section` must be valid for writes of
     /// `section_bytes(blocks.len())` bytes and not overlap engine memory.
     pub unsafe fn gather_section(&self, plane: u64, layer: u64, blocks: &[u32], section: *mut u8) {
-        self.for_each_run(
-            plane,
-            layer,
-            blocks,
-            |_, _| true,
+        let copy = |engine: *mut u8, object: usize, len: usize| {
             // SAFETY: `for_each_run` yields in-bounds engine runs and object offsets inside
-            // the section (the caller's contract).
-            |engine, object, len| unsafe {
-                std::ptr::copy_nonoverlapping(engine, section.add(object), len)
-            },
-        );
+            // the section (the caller's contract), and the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(engine, section.add(object), len) }
+        };
+        // SAFETY: the caller checked `blocks` and the indices (this function's contract),
+        // which is what `for_each_run` requires.
+        unsafe { self.for_each_run(plane, layer, blocks, |_, _| true, copy) };
     }
 
     /// Copy `section` into the `(plane, layer)` rows of `blocks`, leaving the first
@@ -149,16 +146,14 @@ impl ShmKv {
         skip_blocks: usize,
         section: *const u8,
     ) {
-        self.for_each_run(
-            plane,
-            layer,
-            blocks,
-            |j, b| j >= skip_blocks && b != 0,
-            // SAFETY: as in `gather_section`.
-            |engine, object, len| unsafe {
-                std::ptr::copy_nonoverlapping(section.add(object), engine, len)
-            },
-        );
+        let copy = |engine: *mut u8, object: usize, len: usize| {
+            // SAFETY: as in `gather_section`, reading the section and writing the engine.
+            unsafe { std::ptr::copy_nonoverlapping(section.add(object), engine, len) }
+        };
+        let wanted = |j: usize, b: u32| j >= skip_blocks && b != 0;
+        // SAFETY: as in `gather_section`: the caller's checked blocks meet `for_each_run`'s
+        // contract.
+        unsafe { self.for_each_run(plane, layer, blocks, wanted, copy) };
     }
 
     /// Run `copy(object_index, plane, layer, section)` for every (plane, layer) section of
@@ -240,8 +235,9 @@ impl EngineMemory for ShmKv {
         // SAFETY (per section): blocks were bound-checked above; `dst` is this task's own
         // section of a reserved object, `section_bytes(blocks.len())` long.
         let objects = chunks.iter().map(|c| (c.blocks, c.object.as_mut_ptr()));
-        self.for_each_section(objects, |i, p, l, dst| unsafe {
-            self.gather_section(p, l, chunks[i].blocks, dst)
+        self.for_each_section(objects, |i, p, l, dst| {
+            // SAFETY: see above: checked blocks, and `dst` is this task's own section.
+            unsafe { self.gather_section(p, l, chunks[i].blocks, dst) }
         });
         Ok(Vec::new())
     }
@@ -257,9 +253,10 @@ impl EngineMemory for ShmKv {
         let objects = chunks
             .iter()
             .map(|c| (c.blocks, c.object.as_ptr() as *mut u8));
-        self.for_each_section(objects, |i, p, l, src| unsafe {
+        self.for_each_section(objects, |i, p, l, src| {
             let c = &chunks[i];
-            self.scatter_section(p, l, c.blocks, c.skip_blocks, src)
+            // SAFETY: see above: checked blocks, and `src` a section of a pinned object.
+            unsafe { self.scatter_section(p, l, c.blocks, c.skip_blocks, src) }
         });
         Ok(Vec::new())
     }
@@ -406,6 +403,7 @@ fn open_engine_object(path: &Path) -> io::Result<File> {
     if !file.metadata()?.file_type().is_file() {
         return Err(refuse("not a regular file"));
     }
+    // SAFETY: statfs is a C struct of integers: all-zero is a valid value.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a descriptor we own and a zeroed out-struct.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
@@ -426,6 +424,7 @@ fn open_engine_object(path: &Path) -> io::Result<File> {
             "it is the L1 pool of a running cwm, not an engine's KV cache",
         ));
     }
+    // SAFETY: releases the shared lock just taken on a descriptor we own.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     Ok(file)
 }
@@ -448,6 +447,7 @@ mod tests {
         let name = format!("cwm_test_fifo_{}", std::process::id());
         let path = std::path::Path::new("/dev/shm").join(&name);
         let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = ShmSegment::open(&name, 1).err().map(|e| e.to_string());
         let _ = std::fs::remove_file(&path);
@@ -467,6 +467,7 @@ mod tests {
             "create is exclusive"
         );
         let opened = ShmSegment::open(&name, 8192).unwrap();
+        // SAFETY: offset 5000 is inside both 8192-byte mappings of the same object, both live.
         unsafe {
             *created.as_mut_ptr().add(5000) = 42;
             assert_eq!(

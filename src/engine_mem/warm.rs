@@ -56,35 +56,43 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::test_support::within;
+
+    /// Far beyond what these take; reached only by a gate that never opens.
+    const LIMIT: Duration = Duration::from_secs(60);
 
     #[test]
     fn waits_for_a_running_warm_up_and_only_then() {
-        let gate = Arc::new(WarmGate::default());
-        gate.wait(); // none running: returns at once
-        let warming = gate.begin();
-        let finished = Arc::new(AtomicBool::new(false));
-        let waiter = {
-            let (gate, finished) = (gate.clone(), finished.clone());
-            std::thread::spawn(move || {
-                gate.wait();
-                finished.load(Ordering::SeqCst)
-            })
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            !waiter.is_finished(),
-            "a transfer went ahead of the warm-up"
-        );
-        finished.store(true, Ordering::SeqCst);
-        drop(warming);
-        assert!(waiter.join().unwrap(), "released before the warm-up ended");
-        gate.wait();
+        within(LIMIT, "the warm gate", || {
+            let gate = Arc::new(WarmGate::default());
+            gate.wait(); // none running: returns at once
+            let warming = gate.begin();
+            let finished = Arc::new(AtomicBool::new(false));
+            let waiter = {
+                let (gate, finished) = (gate.clone(), finished.clone());
+                std::thread::spawn(move || {
+                    gate.wait();
+                    finished.load(Ordering::SeqCst)
+                })
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !waiter.is_finished(),
+                "a transfer went ahead of the warm-up"
+            );
+            finished.store(true, Ordering::SeqCst);
+            drop(warming);
+            assert!(waiter.join().unwrap(), "released before the warm-up ended");
+            gate.wait();
+        });
     }
 
     #[test]
     fn a_warm_up_that_never_runs_opens_the_gate() {
-        let gate = Arc::new(WarmGate::default());
-        drop(gate.begin());
-        gate.wait();
+        within(LIMIT, "the warm gate", || {
+            let gate = Arc::new(WarmGate::default());
+            drop(gate.begin());
+            gate.wait();
+        });
     }
 }

@@ -657,7 +657,10 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
+        // SAFETY: the test owns the file; the only other mapping is the arena's, and the
+        // test reads through one after writing through the other, never concurrently.
         let map = unsafe { memmap2::MmapMut::map_mut(&other).unwrap() };
+        // SAFETY: byte 5 of an extent the arena backed just above.
         unsafe { *arena.ptr(extent).add(5) = 42 };
         assert_eq!(map[ALIGN as usize + 5], 42);
         assert_eq!(
@@ -780,6 +783,7 @@ mod tests {
             offset: ALIGN,
             len: ALIGN,
         });
+        // SAFETY: `p` is an extent of ALIGN bytes inside the live arena, used by nothing else.
         unsafe {
             std::ptr::write_bytes(p, 0xAB, ALIGN as usize);
             assert_eq!(*p.add(17), 0xAB);

@@ -119,8 +119,9 @@ pub struct L1Counters {
     pub populated_bytes: AtomicU64,
 }
 
+/// What L1 holds now (the traffic counters are `L1Counters`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct L1Stats {
+pub struct L1Occupancy {
     pub objects: usize,
     pub used_bytes: u64,
     pub capacity_bytes: u64,
@@ -398,9 +399,9 @@ impl L1Store {
         victims.len()
     }
 
-    pub fn stats(&self) -> L1Stats {
+    pub fn stats(&self) -> L1Occupancy {
         let guard = self.inner.lock();
-        L1Stats {
+        L1Occupancy {
             objects: guard
                 .0
                 .entries
@@ -715,6 +716,8 @@ mod tests {
             })
         );
         let file = std::fs::File::open(format!("/dev/shm/{name}")).unwrap();
+        // SAFETY: a read-only view of the test's own pool; the test reads it only after the
+        // writes it checks have been committed.
         let view = unsafe { memmap2::Mmap::map(&file).unwrap() };
         assert!(put(&s, &key(1, ""), 1));
         let Reservation::Reserved(mut w) = s.reserve(&key(2, ""), 100) else {
@@ -787,7 +790,7 @@ mod tests {
         assert_eq!(s.clear(true), 1);
         assert_eq!(
             s.stats(),
-            L1Stats {
+            L1Occupancy {
                 objects: 0,
                 used_bytes: 0,
                 capacity_bytes: 4 * 4096

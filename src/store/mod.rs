@@ -7,6 +7,7 @@ pub mod codec;
 pub mod disk;
 pub mod l1;
 pub mod l3;
+pub mod le;
 pub mod populate;
 pub mod record;
 pub mod tier;

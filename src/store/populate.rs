@@ -113,8 +113,13 @@ mod tests {
     use crate::prefault::thread_minor_faults;
     use crate::store::arena::Arena;
     use crate::store::{L1Config, Reservation};
+    use crate::test_support::within;
     use connector_protocol::ObjectKey;
     use std::time::Duration;
+
+    /// Far beyond what population takes on a busy machine; reached only by a populator that
+    /// never stops.
+    const LIMIT: Duration = Duration::from_secs(300);
 
     fn key(i: u64) -> ObjectKey {
         ObjectKey {
@@ -154,47 +159,53 @@ mod tests {
 
     #[test]
     fn stores_after_population_take_no_page_faults() {
-        let (n, len) = (16u64, 4u64 << 20);
-        let pages = n * len / 4096;
-        // Lazy: every page of every fresh object faults once (the count this work removes).
-        let lazy = shared_l1("lazy", 128 << 20);
-        let lazy_faults = faults_storing(&lazy, n, len);
-        assert!(
-            lazy_faults >= pages / 2,
-            "{lazy_faults} faults for {pages} pages"
-        );
-        // Eager: the populator commits ahead; once it is done, stores take (almost) none.
-        let eager = shared_l1("eager", 128 << 20);
-        let populator = start(&eager);
-        populator.join().unwrap();
-        assert_eq!(eager.counters.populated_bytes.load(Relaxed), 128 << 20);
-        let eager_faults = faults_storing(&eager, n, len);
-        assert!(
-            eager_faults < pages / 100,
-            "{eager_faults} faults for {pages} pages"
-        );
+        within(LIMIT, "population", || {
+            let (n, len) = (16u64, 4u64 << 20);
+            let pages = n * len / 4096;
+            // Lazy: every page of every fresh object faults once (the count this work removes).
+            let lazy = shared_l1("lazy", 128 << 20);
+            let lazy_faults = faults_storing(&lazy, n, len);
+            assert!(
+                lazy_faults >= pages / 2,
+                "{lazy_faults} faults for {pages} pages"
+            );
+            // Eager: the populator commits ahead; once it is done, stores take (almost) none.
+            let eager = shared_l1("eager", 128 << 20);
+            let populator = start(&eager);
+            populator.join().unwrap();
+            assert_eq!(eager.counters.populated_bytes.load(Relaxed), 128 << 20);
+            let eager_faults = faults_storing(&eager, n, len);
+            assert!(
+                eager_faults < pages / 100,
+                "{eager_faults} faults for {pages} pages"
+            );
+        });
     }
 
     #[test]
     fn the_lead_is_committed_before_start_returns_and_the_rest_follows() {
-        assert_eq!(lead(8 << 30), 2 << 30);
-        assert_eq!(lead(2 << 30), 1 << 30);
-        assert_eq!(lead(256 << 20), 256 << 20);
-        let l1 = shared_l1("lead", 2 << 30);
-        let populator = start(&l1);
-        // No waiting: what the first stores of a fresh sidecar use is already committed.
-        assert!(l1.counters.populated_bytes.load(Relaxed) >= 1 << 30);
-        let faults = faults_storing(&l1, 16, 4 << 20);
-        assert!(faults < 16 * 1024 / 100, "{faults} faults for 16384 pages");
-        populator.join().unwrap();
-        assert_eq!(l1.counters.populated_bytes.load(Relaxed), 2 << 30);
+        within(LIMIT, "population", || {
+            assert_eq!(lead(8 << 30), 2 << 30);
+            assert_eq!(lead(2 << 30), 1 << 30);
+            assert_eq!(lead(256 << 20), 256 << 20);
+            let l1 = shared_l1("lead", 2 << 30);
+            let populator = start(&l1);
+            // No waiting: what the first stores of a fresh sidecar use is already committed.
+            assert!(l1.counters.populated_bytes.load(Relaxed) >= 1 << 30);
+            let faults = faults_storing(&l1, 16, 4 << 20);
+            assert!(faults < 16 * 1024 / 100, "{faults} faults for 16384 pages");
+            populator.join().unwrap();
+            assert_eq!(l1.counters.populated_bytes.load(Relaxed), 2 << 30);
+        });
     }
 
     #[test]
     fn population_stops_when_l1_goes() {
-        let l1 = shared_l1("stop", 4 << 30);
-        let populator = start(&l1);
-        drop(l1);
-        populator.join().unwrap();
+        within(LIMIT, "population", || {
+            let l1 = shared_l1("stop", 4 << 30);
+            let populator = start(&l1);
+            drop(l1);
+            populator.join().unwrap();
+        });
     }
 }

@@ -28,6 +28,7 @@ use connector_protocol::{ChunkHash, ObjectKey};
 use thiserror::Error;
 
 use crate::store::codec::{self, Codec, CodecError, CompressionPolicy};
+use crate::store::le::{self, LeReader, PutLe};
 
 pub const MAGIC: [u8; 4] = *b"CWMR";
 pub const VERSION: u16 = 1;
@@ -83,28 +84,27 @@ pub fn encode_key_bytes(key: &ObjectKey) -> Vec<u8> {
 }
 
 fn encode_key(key: &ObjectKey, out: &mut Vec<u8>) {
-    out.extend_from_slice(&key.kv_rank.to_le_bytes());
-    out.extend_from_slice(&key.object_group.to_le_bytes());
+    out.put_u32(key.kv_rank);
+    out.put_u32(key.object_group);
     out.extend_from_slice(&key.chunk_hash.0);
     for s in [&*key.model, &*key.cache_salt] {
-        out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        out.put_u16(s.len() as u16);
         out.extend_from_slice(s.as_bytes());
     }
 }
 
 /// Inverse of `encode_key_bytes`.
 pub fn decode_key_bytes(b: &[u8]) -> Option<ObjectKey> {
-    let kv_rank = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
-    let object_group = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
-    let chunk_hash = ChunkHash(b.get(8..40)?.try_into().ok()?);
-    let mut at = 40;
+    let mut r = LeReader::new(b);
+    let kv_rank = r.u32()?;
+    let object_group = r.u32()?;
+    let chunk_hash = ChunkHash(r.array()?);
     let mut strings = [Arc::<str>::from(""), Arc::<str>::from("")];
     for s in &mut strings {
-        let n = u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize;
-        *s = std::str::from_utf8(b.get(at + 2..at + 2 + n)?).ok()?.into();
-        at += 2 + n;
+        let n = r.u16()? as usize;
+        *s = std::str::from_utf8(r.bytes(n)?).ok()?.into();
     }
-    (at == b.len()).then(|| {
+    r.is_empty().then(|| {
         let [model, cache_salt] = strings;
         ObjectKey {
             model,
@@ -133,18 +133,48 @@ pub fn encode_header(
     );
     let mut h = Vec::with_capacity(FIXED + key_bytes.len() + 4);
     h.extend_from_slice(&MAGIC);
-    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.put_u16(VERSION);
     h.push(codec.code());
     h.push(itemsize);
-    h.extend_from_slice(&(key_bytes.len() as u16).to_le_bytes());
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(&raw_len.to_le_bytes());
-    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h.put_u16(key_bytes.len() as u16);
+    h.put_u16(0);
+    h.put_u64(raw_len);
+    h.put_u64(payload.len() as u64);
+    h.put_u32(crc32fast::hash(payload));
     h.extend_from_slice(&key_bytes);
-    let crc = crc32fast::hash(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
+    le::seal(&mut h);
     h
+}
+
+/// The fixed part of a header (bytes `[0, FIXED)`) as read, before any check.
+struct Fixed {
+    magic: [u8; 4],
+    version: u16,
+    codec: u8,
+    itemsize: u8,
+    key_len: u16,
+    raw_len: u64,
+    stored_len: u64,
+    payload_crc: u32,
+}
+
+impl Fixed {
+    fn read(b: &[u8]) -> Option<Fixed> {
+        let mut r = LeReader::new(b);
+        Some(Fixed {
+            magic: r.array()?,
+            version: r.u16()?,
+            codec: r.u8()?,
+            itemsize: r.u8()?,
+            key_len: r.u16()?,
+            raw_len: {
+                r.u16()?; // reserved
+                r.u64()?
+            },
+            stored_len: r.u64()?,
+            payload_crc: r.u32()?,
+        })
+    }
 }
 
 /// Decode and verify the header at the start of `b` (the bytes from `offset` on; `b` may
@@ -155,19 +185,26 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
         have: b.len() as u64,
         need: need as u64,
     };
-    if b.len() < FIXED {
+    let Some(Fixed {
+        magic,
+        version,
+        codec,
+        itemsize,
+        key_len,
+        raw_len,
+        stored_len,
+        payload_crc,
+    }) = Fixed::read(b)
+    else {
         return Err(short(FIXED));
-    }
-    let magic: [u8; 4] = b[0..4].try_into().unwrap();
+    };
     if magic != MAGIC {
         return Err(RecordError::Magic {
             offset,
             found: magic,
         });
     }
-    let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap());
-    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-    let key_len = u16_at(8) as usize;
+    let key_len = key_len as usize;
     if key_len > MAX_KEY {
         return Err(RecordError::Malformed {
             offset,
@@ -175,14 +212,12 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
         });
     }
     let header_len = FIXED + key_len + 4;
-    if b.len() < header_len {
+    let Some(header) = b.get(..header_len) else {
         return Err(short(header_len));
-    }
-    let crc = u32::from_le_bytes(b[FIXED + key_len..header_len].try_into().unwrap());
-    if crc32fast::hash(&b[..FIXED + key_len]) != crc {
+    };
+    let Some(covered) = le::unseal(header) else {
         return Err(RecordError::HeaderCrc { offset });
-    }
-    let version = u16_at(4);
+    };
     if version != VERSION {
         return Err(RecordError::Version {
             offset,
@@ -190,18 +225,17 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
         });
     }
     let malformed = |what| RecordError::Malformed { offset, what };
-    let codec = Codec::from_code(b[6]).ok_or(malformed("unknown codec"))?;
-    let key = decode_key_bytes(&b[FIXED..FIXED + key_len]).ok_or(malformed("bad key"))?;
-    let (raw_len, stored_len) = (u64_at(12), u64_at(20));
+    let codec = Codec::from_code(codec).ok_or(malformed("unknown codec"))?;
+    let key = decode_key_bytes(&covered[FIXED..]).ok_or(malformed("bad key"))?;
     if raw_len > MAX_PAYLOAD || stored_len > MAX_PAYLOAD {
         return Err(malformed("length beyond MAX_PAYLOAD"));
     }
     Ok(RecordHeader {
         codec,
-        itemsize: b[7],
+        itemsize,
         raw_len,
         stored_len,
-        payload_crc: u32::from_le_bytes(b[28..32].try_into().unwrap()),
+        payload_crc,
         key,
         header_len: header_len as u64,
     })

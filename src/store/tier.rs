@@ -62,6 +62,8 @@ pub struct RecordInfo {
 /// A tier's occupancy and traffic, for `/metrics` and the status tools. Counters a tier has
 /// no notion of stay 0 (a tier without segments reports none).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+// The name in the JSON schema of `/status` and the MCP `cache_stats` output (field names are
+// what clients read; the definition name is kept so published schemas stay the same).
 #[serde(rename = "L2Stats")]
 pub struct TierStats {
     pub records: usize,

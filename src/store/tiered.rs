@@ -26,7 +26,7 @@ use thiserror::Error;
 use super::codec::CompressionPolicy;
 use super::disk::storage::FsStorage;
 use super::disk::{DiskConfig, DiskError, DiskStore};
-use super::l1::{L1Config, L1Counters, L1Stats, PoolInfo};
+use super::l1::{L1Config, L1Counters, L1Occupancy, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::L3;
 use super::populate::{self, L1Populate};
@@ -124,6 +124,7 @@ pub struct WriteBehindStats {
 
 /// L1's occupancy and traffic.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+// Its name in the JSON schemas of `/status` and `cache_stats`, kept stable.
 #[serde(rename = "L1Stats")]
 pub struct L1Report {
     pub objects: usize,
@@ -341,7 +342,7 @@ impl Tiers {
         self.l1.lock_count(key)
     }
 
-    pub fn l1_stats(&self) -> L1Stats {
+    pub fn l1_stats(&self) -> L1Occupancy {
         self.l1.stats()
     }
 

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use super::catalog::{unix_now, Window};
 use super::{validate_name, WindowError, WindowSummary, Windows};
+use crate::store::le::{self, CrcWriter, LeReader};
 use crate::store::record::Record;
 
 pub const MAGIC: &[u8; 4] = b"CWMX";
@@ -32,14 +33,14 @@ impl Windows {
     /// Write window `name` to `path` (replaced atomically). Returns the file's size.
     pub fn export(&self, name: &str, path: &Path) -> Result<u64, WindowError> {
         validate_name(name)?;
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         let w = catalog
             .get(name)
             .ok_or_else(|| WindowError::Unknown(name.to_string()))?;
         let manifest = serde_json::to_vec_pretty(&w).map_err(|e| bad(e.to_string()))?;
         let keys = w.data_keys();
         let tmp = path.with_extension("cwmx.tmp");
-        let mut out = Crc32Writer::new(BufWriter::new(File::create(&tmp)?));
+        let mut out = CrcWriter::new(BufWriter::new(File::create(&tmp)?));
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         out.write_all(&0u16.to_le_bytes())?;
@@ -47,19 +48,16 @@ impl Windows {
         out.write_all(&manifest)?;
         out.write_all(&(keys.len() as u32).to_le_bytes())?;
         for key in &keys {
-            if l2.record_info(key).is_none() {
+            if tiers.record_info(key).is_none() {
                 return Err(bad(format!(
                     "window {name:?}: record {key:?} is missing from L2"
                 )));
             }
-            let record = l2.export_record(key)?;
+            let record = tiers.export_record(key)?;
             out.write_all(&(record.len() as u64).to_le_bytes())?;
             out.write_all(&record)?;
         }
-        let crc = out.crc.clone().finalize();
-        let mut inner = out.inner;
-        inner.write_all(&crc.to_le_bytes())?;
-        let file = inner.into_inner().map_err(|e| e.into_error())?;
+        let file = out.finish()?.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let size = file.metadata()?.len();
         fs::rename(&tmp, path)?;
@@ -72,7 +70,7 @@ impl Windows {
         let (mut w, records) = parse(&file.bytes)?;
         w.name = file.name.clone();
         let path = &file.path;
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         if catalog.contains(&w.name) {
             return Err(WindowError::Taken(w.name));
@@ -80,20 +78,20 @@ impl Windows {
         let mut pinned = Vec::with_capacity(records.len());
         let result = (|| {
             for (key, record) in &records {
-                l2.import_record(key, record)?;
-                if !l2.pin(key) {
+                tiers.import_record(key, record)?;
+                if !tiers.pin(key) {
                     return Err(WindowError::Vanished(Box::new(key.clone())));
                 }
                 pinned.push(key.clone());
             }
-            l2.sync()?;
+            tiers.sync()?;
             w.created_at = unix_now();
             w.last_thawed_at = None;
             catalog.insert(w.clone())?;
             Ok(())
         })();
         if let Err(e) = result {
-            pinned.iter().for_each(|k| l2.unpin(k));
+            pinned.iter().for_each(|k| tiers.unpin(k));
             return Err(e);
         }
         self.pins.lock().insert(w.name.clone(), pinned);
@@ -138,31 +136,25 @@ fn parse(b: &[u8]) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &[u8])
     if b.len() < 16 || &b[..4] != MAGIC {
         return Err(bad("not a cwm window file (bad magic)"));
     }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err(bad("window file checksum mismatch: the file is damaged"));
-    }
-    let version = u16::from_le_bytes(body[4..6].try_into().expect("2 bytes"));
+    let body =
+        le::unseal(b).ok_or_else(|| bad("window file checksum mismatch: the file is damaged"))?;
+    let truncated = || bad("window file truncated");
+    let mut r = LeReader::new(&body[4..]);
+    let version = r.u16().ok_or_else(truncated)?;
     if version != VERSION {
         return Err(bad(format!(
             "window file version {version}, this build reads {VERSION}"
         )));
     }
-    let mut at = 8usize;
-    let mut take = |n: usize| -> Result<&[u8], WindowError> {
-        let s = body
-            .get(at..at.checked_add(n).ok_or_else(|| bad("truncated"))?)
-            .ok_or_else(|| bad("window file truncated"))?;
-        at += n;
-        Ok(s)
-    };
-    let mlen = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    r.u16().ok_or_else(truncated)?; // reserved
+    let mlen = r.u32().ok_or_else(truncated)? as usize;
+    let manifest = r.bytes(mlen).ok_or_else(truncated)?;
     let w: Window =
-        serde_json::from_slice(take(mlen)?).map_err(|e| bad(format!("window manifest: {e}")))?;
+        serde_json::from_slice(manifest).map_err(|e| bad(format!("window manifest: {e}")))?;
     w.check()
         .map_err(|e| bad(format!("window manifest: {e}")))?;
     let keys = w.data_keys();
-    let n = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    let n = r.u32().ok_or_else(truncated)? as usize;
     if n != keys.len() {
         return Err(bad(format!(
             "{n} records for a window of {} chunk objects",
@@ -171,47 +163,23 @@ fn parse(b: &[u8]) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &[u8])
     }
     let mut records = Vec::with_capacity(n);
     for want in &keys {
-        let len = u64::from_le_bytes(take(8)?.try_into().expect("8")) as usize;
-        let rec = take(len)?;
-        let r = Record::parse(rec, 0).map_err(|e| bad(e.to_string()))?;
-        if r.header.key != *want {
+        let len = r.u64().ok_or_else(truncated)?;
+        let rec = usize::try_from(len)
+            .ok()
+            .and_then(|len| r.bytes(len))
+            .ok_or_else(truncated)?;
+        let record = Record::parse(rec, 0).map_err(|e| bad(e.to_string()))?;
+        if record.header.key != *want {
             return Err(bad(format!(
                 "record for {want:?} does not match the manifest"
             )));
         }
-        records.push((r.header.key, rec));
+        records.push((record.header.key, rec));
     }
-    if at != body.len() {
+    if !r.is_empty() {
         return Err(bad("trailing bytes after the last record"));
     }
     Ok((w, records))
-}
-
-/// A writer that keeps a running crc32 of what passes through.
-struct Crc32Writer<W: Write> {
-    inner: W,
-    crc: crc32fast::Hasher,
-}
-
-impl<W: Write> Crc32Writer<W> {
-    fn new(inner: W) -> Self {
-        Crc32Writer {
-            inner,
-            crc: crc32fast::Hasher::new(),
-        }
-    }
-}
-
-impl<W: Write> Write for Crc32Writer<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

@@ -449,7 +449,7 @@ impl Windows {
         let description = req.description.clone().unwrap_or_default();
         let tags = req.tags.clone().unwrap_or_default();
         validate_meta(&description, &tags)?;
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
         if catalog.contains(&req.window_name) {
@@ -496,27 +496,27 @@ impl Windows {
         // Durable first (in parallel: compression dominates), then pinned.
         let written = AtomicUsize::new(0);
         keys.par_iter().try_for_each(|k| {
-            if l2.make_durable(k)? {
+            if tiers.make_durable(k)? {
                 written.fetch_add(1, Relaxed);
             }
             Ok::<(), WindowError>(())
         })?;
         let mut pinned: Vec<&ObjectKey> = Vec::with_capacity(keys.len());
-        let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| l2.unpin(k));
+        let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| tiers.unpin(k));
         for k in &keys {
             // A record reclaimed since it was written is written again, once.
-            let ok = l2.pin(k) || (l2.make_durable(k).is_ok() && l2.pin(k));
+            let ok = tiers.pin(k) || (tiers.make_durable(k).is_ok() && tiers.pin(k));
             if !ok {
                 unpin_all(&pinned);
                 return Err(WindowError::Vanished(Box::new(k.clone())));
             }
             pinned.push(k);
         }
-        if let Err(e) = l2.sync() {
+        if let Err(e) = tiers.sync() {
             unpin_all(&pinned);
             return Err(e.into());
         }
-        let infos: Vec<_> = keys.iter().filter_map(|k| l2.record_info(k)).collect();
+        let infos: Vec<_> = keys.iter().filter_map(|k| tiers.record_info(k)).collect();
         w.raw_bytes = infos.iter().map(|i| i.raw_len).sum();
         w.stored_bytes = infos.iter().map(|i| i.record_len).sum();
         w.fleet = self.l3().is_some();
@@ -559,7 +559,7 @@ impl Windows {
         if let Some(s) = &req.new_session_id {
             validate_session(s)?;
         }
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         self.sync();
         let mut w = catalog
             .get(&req.window_name)
@@ -593,7 +593,7 @@ impl Windows {
                 let ok = data
                     .iter()
                     .zip(&dest)
-                    .all(|(src, dst)| match l2.install(src, dst) {
+                    .all(|(src, dst)| match tiers.install(src, dst) {
                         Ok(Installed::Resident) => {
                             resident.fetch_add(1, Relaxed);
                             true
@@ -680,7 +680,7 @@ impl Windows {
         if let Some(s) = &req.new_session_id {
             validate_session(s)?;
         }
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
         let src = catalog
@@ -697,9 +697,9 @@ impl Windows {
         w.cloned_from = Some(src.name.clone());
         w.fleet = self.l3().is_some();
         self.publish(&w, false)?;
-        let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| l2.pin(k)).collect();
+        let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| tiers.pin(k)).collect();
         if let Err(e) = catalog.insert(w.clone()) {
-            pinned.iter().for_each(|k| l2.unpin(k));
+            pinned.iter().for_each(|k| tiers.unpin(k));
             return Err(e.into());
         }
         self.pins.lock().insert(w.name.clone(), pinned);
@@ -708,7 +708,7 @@ impl Windows {
 
     pub fn delete(&self, req: &DeleteRequest) -> Result<DeleteReport, WindowError> {
         validate_name(&req.window_name)?;
-        let (l2, catalog) = self.disk()?;
+        let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
         if !catalog.contains(&req.window_name) {
@@ -720,7 +720,7 @@ impl Windows {
         let others: HashSet<ObjectKey> = catalog.all().iter().flat_map(|o| o.data_keys()).collect();
         let keys = w.data_keys();
         for k in self.pins.lock().remove(&w.name).unwrap_or_default() {
-            l2.unpin(&k);
+            tiers.unpin(&k);
         }
         let released: Vec<ObjectKey> = keys
             .iter()

@@ -194,6 +194,8 @@ impl TestKv {
     pub fn head(&self, plane: u64, layer: u64, block: u64, token: u64, head: u64) -> Vec<u8> {
         let off = self.offset(plane, layer, block, token, head) as usize;
         let n = (self.content * 2) as usize;
+        // SAFETY: `offset` addresses a head inside the segment, `content * 2` bytes long, and
+        // the segment lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.seg.as_mut_ptr().add(off), n).to_vec() }
     }
 
@@ -225,6 +227,7 @@ impl TestKv {
                                 let v = (seed.wrapping_mul(31)
                                     ^ (p * 7 + l * 131 + b * 1009 + t * 17 + h * 3 + i as u64 * 5))
                                     as u8;
+                                // SAFETY: byte `i` of a head inside the live segment.
                                 unsafe { *self.seg.as_mut_ptr().add(off + i) = v };
                             }
                         }
@@ -235,6 +238,7 @@ impl TestKv {
     }
 
     pub fn fill_byte(&self, v: u8) {
+        // SAFETY: the whole segment, `bytes()` long, alive as long as `self`.
         unsafe { std::ptr::write_bytes(self.seg.as_mut_ptr(), v, self.bytes() as usize) }
     }
 }

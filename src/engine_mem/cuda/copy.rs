@@ -51,6 +51,11 @@ pub(super) fn enqueue(
         return enqueue_batch(stream, dir, runs);
     }
     for r in runs {
+        // SAFETY: runs come from `CudaKv::runs` via `CudaEngine::transfer`: each device range
+        // lies inside a registered layer (bounds checked at registration and by `check_copy`),
+        // each host range inside the object slice the caller borrows for the whole transfer,
+        // and `transfer` synchronizes the stream before it returns, so neither side is freed
+        // or reused while the copy engine runs. `stream` is locked and its context bound.
         let res = unsafe {
             match dir {
                 Direction::ToHost => {
@@ -75,10 +80,15 @@ fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<
     };
     let mut sizes: Vec<usize> = runs.iter().map(|r| r.len).collect();
     // One attribute for all: the source is read in stream order (after the engine's event).
+    // SAFETY: CUmemcpyAttributes is a plain C struct (enums with a 0 variant, integers and a
+    // CUmemLocation of the same kind): all-zero is a valid value.
     let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
     attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
     let mut attr_idx = 0usize;
     let mut fail = usize::MAX;
+    // SAFETY: the three arrays hold `runs.len()` entries each and outlive the call (the driver
+    // copies the descriptors before returning); `attr`, `attr_idx` and `fail` are live locals
+    // and 1 is the attribute count. Every range is sound for the reasons given in `enqueue`.
     let r = unsafe {
         sys::cuMemcpyBatchAsync(
             dsts.as_mut_ptr(),
@@ -205,6 +215,8 @@ mod plan_tests {
         let name = format!("/cwm_plan_{}_{tag}", std::process::id());
         let seg = ShmSegment::create(&name, 2 * t.4 * 2).unwrap();
         let n = seg.len() as usize;
+        // SAFETY: the segment was just created by this test, `n` bytes long, mapped until
+        // `seg` drops, and nothing else maps it yet.
         let bytes = unsafe { std::slice::from_raw_parts_mut(seg.as_mut_ptr(), n) };
         for (i, b) in bytes.iter_mut().enumerate() {
             *b = (i * 31 % 253) as u8;
@@ -263,6 +275,9 @@ mod plan_tests {
                 piece,
                 r.host,
                 r.len,
+                // SAFETY: the plan's runs lie inside the segment (engine side, a live mapping)
+                // and the object (`n` bytes, alive for the call); they are different
+                // allocations, so the ranges do not overlap.
                 &mut |off, host, len| unsafe {
                     let dev = (r.dev as usize + off) as *mut u8;
                     match skip {
@@ -286,6 +301,8 @@ mod plan_tests {
             // Store: the shm gather and the GPU plan fill an object identically.
             let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
             for (plane, layer, off) in plan::sections(l, chunk) {
+                // SAFETY: `want` is `object_bytes(chunk)` long and each section, from `off`,
+                // fits inside it (the plan's sections tile the object).
                 unsafe { kv.gather_section(plane, layer, &blocks, want.as_mut_ptr().add(off)) };
             }
             // Pieces of 100 bytes: runs cross piece boundaries.
@@ -294,10 +311,13 @@ mod plan_tests {
             // Retrieve with a skip and a null block: both write the same engine bytes.
             let mut obj: Vec<u8> = (0..n).map(|i| (i % 249) as u8 ^ 0x5a).collect();
             for (plane, layer, off) in plan::sections(l, chunk) {
+                // SAFETY: as for the gather: `obj` is one whole object, each section inside it.
                 unsafe { kv.scatter_section(plane, layer, &blocks, 2, obj.as_ptr().add(off)) };
             }
             run_plan(&kv_b, &seg_b, &blocks, Some(2), obj.as_mut_ptr(), 64);
             let bytes = |s: &ShmSegment| {
+                // SAFETY: the segment is mapped for `len()` bytes while `s` lives, and no copy
+                // writes it any more.
                 unsafe { std::slice::from_raw_parts(s.as_mut_ptr(), s.len() as usize) }.to_vec()
             };
             assert_eq!(bytes(&seg_a), bytes(&seg_b), "{}: scatter", t.0);

@@ -26,13 +26,19 @@ pub struct Device {
     ctx: sys::CUcontext,
 }
 
-// The primary context is a process-wide driver object; binding it is thread-safe.
+// SAFETY: `ctx` is a primary context retained in `open_device` and never released (the
+// `Driver` lives in a static), so the handle stays valid on every thread; the driver API is
+// thread-safe and `Device` only ever passes the handle to `cuCtxSetCurrent`.
 unsafe impl Send for Device {}
+// SAFETY: as for Send: `&Device` exposes only `bind`, a thread-safe driver call on a handle
+// that outlives the process's use of it.
 unsafe impl Sync for Device {}
 
 impl Device {
     /// Make this device's primary context current on the calling thread.
     pub fn bind(&self) -> Result<(), String> {
+        // SAFETY: a `Device` exists only once the library is loaded (`driver()`), and `ctx` is
+        // a retained primary context that is never released.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
 }
@@ -74,6 +80,7 @@ pub fn driver() -> Result<&'static Driver, String> {
 
 fn load() -> Result<Driver, String> {
     // cudarc panics on a missing library, so look first.
+    // SAFETY: only tries to load libcuda (dlopen); calls nothing in it.
     if !unsafe { sys::is_culib_present() } {
         return Err(
             "no CUDA driver: libcuda.so was not found (install the NVIDIA driver, or \
@@ -82,9 +89,13 @@ fn load() -> Result<Driver, String> {
                 .to_string(),
         );
     }
+    // SAFETY: libcuda is present (checked above, so cudarc's loader does not panic) and
+    // `cuInit` is the first call. The same holds for every driver call below and in
+    // `open_device`, whose out-pointers are live locals of the types the calls write.
     check(unsafe { sys::cuInit(0) }, "cuInit")?;
     let mut version = 0;
     check(
+        // SAFETY: see above; `version` is a live i32.
         unsafe { sys::cuDriverGetVersion(&mut version) },
         "cuDriverGetVersion",
     )?;
@@ -97,6 +108,7 @@ fn load() -> Result<Driver, String> {
     }
     let mut count = 0;
     check(
+        // SAFETY: the driver is initialized; `count` is a live i32.
         unsafe { sys::cuDeviceGetCount(&mut count) },
         "cuDeviceGetCount",
     )?;
@@ -107,32 +119,40 @@ fn load() -> Result<Driver, String> {
 fn open_device(ordinal: i32) -> Result<Device, String> {
     let mut dev = 0;
     check(
+        // SAFETY: called from `load` after `cuInit`, with `ordinal` below the device count.
         unsafe { sys::cuDeviceGet(&mut dev, ordinal) },
         "cuDeviceGet",
     )?;
     let mut uuid = sys::CUuuid { bytes: [0; 16] };
     check(
+        // SAFETY: `dev` came from `cuDeviceGet`; `uuid` is a live CUuuid.
         unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, dev) },
         "cuDeviceGetUuid_v2",
     )?;
     let mut name = [0 as std::ffi::c_char; 256];
     check(
+        // SAFETY: the driver writes at most `name.len()` bytes, NUL included, into `name`.
         unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev) },
         "cuDeviceGetName",
     )?;
     let mut total = 0usize;
     check(
+        // SAFETY: `dev` came from `cuDeviceGet`; `total` is a live usize.
         unsafe { sys::cuDeviceTotalMem_v2(&mut total, dev) },
         "cuDeviceTotalMem_v2",
     )?;
     let mut ctx = std::ptr::null_mut();
     check(
+        // SAFETY: `dev` came from `cuDeviceGet`; the retained context is kept for the life
+        // of the process (never released), which `Device`'s Send/Sync rely on.
         unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
         "cuDevicePrimaryCtxRetain",
     )?;
     Ok(Device {
         ordinal,
         uuid: uuid_str(&uuid.bytes.map(|b| b as u8)),
+        // SAFETY: `cuDeviceGetName` succeeded, so `name` holds a NUL-terminated string within
+        // its 256 bytes.
         name: unsafe { CStr::from_ptr(name.as_ptr()) }
             .to_string_lossy()
             .into_owned(),
@@ -165,8 +185,12 @@ pub fn check(r: CUresult, what: &str) -> Result<(), String> {
         return Ok(());
     }
     let mut s: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: `check` is only called on a result of a driver call, so the library is loaded;
+    // on success `s` points at a static NUL-terminated string owned by the driver, checked
+    // for null before it is read.
     let text =
         if unsafe { sys::cuGetErrorString(r, &mut s) } == CUresult::CUDA_SUCCESS && !s.is_null() {
+            // SAFETY: as above: a non-null static C string from the driver.
             unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
         } else {
             String::new()

@@ -25,6 +25,8 @@ pub struct Imported(sys::CUevent);
 
 impl Drop for Imported {
     fn drop(&mut self) {
+        // SAFETY: the event was opened by `cuIpcOpenEventHandle` and is destroyed once, here;
+        // the driver defers the destruction until the stream's wait on it has completed.
         unsafe { sys::cuEventDestroy_v2(self.0) };
     }
 }
@@ -42,11 +44,15 @@ pub(super) fn wait_engine(
             };
             let mut ev = std::ptr::null_mut();
             check(
+                // SAFETY: the caller bound the device's context; `h` is a by-value 64-byte
+                // handle (an invalid one is an error, not UB) and `ev` a live out-pointer.
                 unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) },
                 "cuIpcOpenEventHandle",
             )?;
             let ev = Imported(ev);
             check(
+                // SAFETY: `stream` is the engine's live stream (its lock is held by the caller)
+                // and `ev` the event just opened, kept alive by `Imported` until after the sync.
                 unsafe { sys::cuStreamWaitEvent(stream, ev.0, 0) },
                 "cuStreamWaitEvent",
             )?;
@@ -67,6 +73,8 @@ struct Exported {
     event: sys::CUevent,
 }
 
+// SAFETY: a CUevent is a driver handle usable from any thread that binds its context, and
+// `record_exported` binds `device` before destroying an old one.
 unsafe impl Send for Exported {}
 
 static EXPORTED: Mutex<VecDeque<Exported>> = Mutex::new(VecDeque::new());
@@ -78,18 +86,23 @@ pub(super) fn record_exported(
 ) -> Result<Vec<u8>, String> {
     let mut ev = std::ptr::null_mut();
     check(
+        // SAFETY: the caller bound `device`'s context; `ev` is a live out-pointer.
         unsafe { sys::cuEventCreate(&mut ev, CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING) },
         "cuEventCreate",
     )?;
     let exported = Exported { device, event: ev };
     let mut h = sys::CUipcEventHandle { reserved: [0; 64] };
+    // SAFETY: `ev` was just created in the bound context and `stream` is the caller's locked,
+    // live stream.
     let r = check(unsafe { sys::cuEventRecord(ev, stream) }, "cuEventRecord").and_then(|_| {
         check(
+            // SAFETY: `ev` is a live interprocess event; `h` is a live 64-byte out-handle.
             unsafe { sys::cuIpcGetEventHandle(&mut h, ev) },
             "cuIpcGetEventHandle",
         )
     });
     if let Err(e) = r {
+        // SAFETY: `ev` was created above and never handed out (no handle was exported).
         unsafe { sys::cuEventDestroy_v2(ev) };
         return Err(e);
     }
@@ -99,6 +112,8 @@ pub(super) fn record_exported(
         let old = kept.pop_front().expect("non-empty");
         // Long complete: every copy is synchronized before its reply.
         if old.device.bind().is_ok() {
+            // SAFETY: `old` was popped from the queue, so this is its only destruction, with
+            // its device's context bound; an engine still opening its handle gets an error.
             unsafe { sys::cuEventDestroy_v2(old.event) };
         }
     }

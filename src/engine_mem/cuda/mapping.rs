@@ -56,19 +56,25 @@ impl MappingRef {
         };
         // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
         check(
+            // SAFETY: the device's context is bound; `h` is a by-value handle (an unknown one
+            // is an error) and `ptr` a live out-pointer.
             unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, h, 1) },
             "cuIpcOpenMemHandle_v2",
         )?;
         let (mut base, mut size) = (0, 0usize);
         if let Err(e) = check(
+            // SAFETY: `ptr` is the device address just opened; `base` and `size` are live
+            // out-pointers.
             unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) },
             "cuMemGetAddressRange_v2",
         ) {
+            // SAFETY: `ptr` was opened above and is not yet shared (not in OPEN): closed once.
             unsafe { sys::cuIpcCloseMemHandle(ptr) };
             return Err(e);
         }
         // The handle names the allocation's start; anything else is not an IPC handle we know.
         if base != ptr {
+            // SAFETY: as above: opened here, not yet shared, closed once.
             unsafe { sys::cuIpcCloseMemHandle(ptr) };
             return Err(format!(
                 "cuIpcOpenMemHandle returned {ptr:#x}, inside an allocation starting at {base:#x}"
@@ -103,6 +109,9 @@ impl Drop for MappingRef {
             open.remove(&self.key);
             let r = self.device.bind().and_then(|_| {
                 check(
+                    // SAFETY: the last reference is gone (refs reached 0 and the entry left
+                    // OPEN under its lock), so no holder copies through `base` any more; the
+                    // context is bound.
                     unsafe { sys::cuIpcCloseMemHandle(self.base) },
                     "cuIpcCloseMemHandle",
                 )

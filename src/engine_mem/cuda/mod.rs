@@ -148,6 +148,8 @@ pub struct CudaEngine {
 }
 
 struct Stream(sys::CUstream);
+// SAFETY: a CUstream is a driver handle usable from any thread that binds its context; every
+// use binds the device first, and the Mutex around it keeps one thread using it at a time.
 unsafe impl Send for Stream {}
 
 impl CudaEngine {
@@ -185,6 +187,8 @@ impl CudaEngine {
             .and_then(|_| events::record_exported(self.device, stream.0));
         // Whatever happened, nothing may still be copying when the caller frees or commits.
         let synced = check(
+            // SAFETY: the stream is live (destroyed only in Drop) and locked by this thread,
+            // with its device's context bound above.
             unsafe { sys::cuStreamSynchronize(stream.0) },
             "cuStreamSynchronize",
         );
@@ -198,6 +202,8 @@ impl CudaEngine {
 impl Drop for CudaEngine {
     fn drop(&mut self) {
         if self.device.bind().is_ok() {
+            // SAFETY: `&mut self`: no transfer is running on the stream (each synchronizes
+            // before it returns), and it is destroyed once, here.
             unsafe { sys::cuStreamDestroy_v2(self.stream.get_mut().0) };
         }
     }
@@ -271,6 +277,7 @@ fn open<'a>(
     let mut stream = std::ptr::null_mut();
     // CU_STREAM_NON_BLOCKING: never ordered behind the legacy default stream.
     check(
+        // SAFETY: the device's context is bound just above; `stream` is a live out-pointer.
         unsafe { sys::cuStreamCreate(&mut stream, 1) },
         "cuStreamCreate",
     )
@@ -303,10 +310,14 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Str
     };
     let mut e = std::ptr::null_mut();
     check(
+        // SAFETY: the context is bound; `h` is a by-value handle (an unknown one is an error)
+        // and `e` a live out-pointer.
         unsafe { sys::cuIpcOpenEventHandle(&mut e, h) },
         "cuIpcOpenEventHandle",
     )?;
+    // SAFETY: `e` was opened just above and is destroyed only after this returns.
     let r = check(unsafe { sys::cuEventSynchronize(e) }, "cuEventSynchronize");
+    // SAFETY: `e` is ours alone (opened here, never shared) and destroyed once.
     unsafe { sys::cuEventDestroy_v2(e) };
     r
 }

@@ -18,8 +18,12 @@ pub struct PinnedHost {
     piece: usize,
 }
 
-// Plain addresses of memory the L1 store owns.
+// SAFETY: PinnedHost holds plain addresses (usize) of memory the L1 store owns and a
+// `&'static Device`; nothing in it is tied to the thread that registered it (driver
+// registrations are process-wide).
 unsafe impl Send for PinnedHost {}
+// SAFETY: `&PinnedHost` only reads those addresses (`split`, `len`); unregistering needs the
+// owned value (Drop).
 unsafe impl Sync for PinnedHost {}
 
 impl PinnedHost {
@@ -38,6 +42,9 @@ impl PinnedHost {
         while done < len {
             let n = piece.min(len - done);
             let r = check(
+                // SAFETY: the context is bound; the driver only pins and maps the pages of
+                // `[base + done, +n)`, inside the caller's range, and fails (no UB) on memory
+                // that is not mapped. Nothing is read or written through the pointer here.
                 unsafe {
                     sys::cuMemHostRegister_v2(
                         (base + done) as *mut std::ffi::c_void,
@@ -107,6 +114,8 @@ pub(super) fn split_at(
 fn unregister(base: usize, len: usize, piece: usize) {
     let mut done = 0;
     while done < len {
+        // SAFETY: `base + done` is the start of a piece `register` registered (pieces are
+        // `piece` bytes from `base`), each unregistered once; the caller bound the context.
         unsafe { sys::cuMemHostUnregister((base + done) as *mut std::ffi::c_void) };
         done += piece.min(len - done);
     }

@@ -8,6 +8,7 @@
 //! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
 //! copied forward into the active segment before their old segment is deleted.
 
+pub mod checkpoint;
 pub mod dir_lock;
 pub mod storage;
 
@@ -21,6 +22,7 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use self::checkpoint::Checkpoint;
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
 use crate::store::record::{self, decode_header, Record, RecordError};
@@ -66,12 +68,13 @@ pub enum DiskError {
     Checkpoint(&'static str),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Location {
-    segment: u32,
-    offset: u64,
-    record_len: u64,
-    raw_len: u64,
+/// Where a record lives: what the index holds per key, and the checkpoint persists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub segment: u32,
+    pub offset: u64,
+    pub record_len: u64,
+    pub raw_len: u64,
 }
 
 struct SegmentState<F> {
@@ -104,7 +107,6 @@ pub struct DiskCounters {
     pub reclaimed_segments: AtomicU64,
     pub reclaimed_records: AtomicU64,
     pub write_errors: AtomicU64,
-    pub truncated_tail_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,9 +132,6 @@ pub struct DiskStore<S: Storage> {
 /// How often `maintain` persists the index.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
-const CKPT_MAGIC: &[u8; 4] = b"CWMI";
-const CKPT_VERSION: u16 = 1;
-
 impl<S: Storage> DiskStore<S> {
     /// Open the store: load the checkpoint, scan every segment forward from where the
     /// checkpoint left it, truncate a torn tail.
@@ -151,7 +150,7 @@ impl<S: Storage> DiskStore<S> {
         };
         let counters = DiskCounters::default();
         let checkpoint = match storage.read_checkpoint()? {
-            Some(bytes) => match decode_checkpoint(&bytes) {
+            Some(bytes) => match checkpoint::decode(&bytes) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(
@@ -221,9 +220,6 @@ impl<S: Storage> DiskStore<S> {
                                 dropped = file_len - at,
                                 "L2: truncating torn tail ({why})"
                             );
-                            counters
-                                .truncated_tail_bytes
-                                .fetch_add(file_len - at, Relaxed);
                             file.truncate(at)?;
                         } else {
                             tracing::error!(segment = id, offset = at, "L2: unreadable record in a sealed segment, ignoring the rest of it ({why})");
@@ -631,7 +627,7 @@ impl<S: Storage> DiskStore<S> {
                 .iter()
                 .map(|(id, s)| (*id, s.file.len()))
                 .collect();
-            encode_checkpoint(&st.index, &scanned)
+            checkpoint::encode(&st.index, &scanned)
         };
         self.storage.write_checkpoint(&bytes)?;
         Ok(())
@@ -795,85 +791,6 @@ impl<S: Storage> Tier for DiskStore<S> {
     fn close(&self) -> Result<(), TierError> {
         self.checkpoint().map_err(|e| TierError::new("L2", e))
     }
-}
-
-#[derive(Default)]
-struct Checkpoint {
-    scanned: HashMap<u32, u64>,
-    entries: Vec<(ObjectKey, Location)>,
-}
-
-/// Checkpoint format v1: magic "CWMI", version u16, segment count u32, (id u32, scanned u64)*,
-/// entry count u64, (segment u32, offset u64, record_len u64, raw_len u64, key len u16, key)*,
-/// crc32 of everything before it. Keys use the record key encoding.
-fn encode_checkpoint(index: &HashMap<ObjectKey, Location>, scanned: &HashMap<u32, u64>) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + index.len() * 120);
-    b.extend_from_slice(CKPT_MAGIC);
-    b.extend_from_slice(&CKPT_VERSION.to_le_bytes());
-    b.extend_from_slice(&(scanned.len() as u32).to_le_bytes());
-    for (id, len) in scanned {
-        b.extend_from_slice(&id.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-    }
-    b.extend_from_slice(&(index.len() as u64).to_le_bytes());
-    for (key, loc) in index {
-        b.extend_from_slice(&loc.segment.to_le_bytes());
-        b.extend_from_slice(&loc.offset.to_le_bytes());
-        b.extend_from_slice(&loc.record_len.to_le_bytes());
-        b.extend_from_slice(&loc.raw_len.to_le_bytes());
-        let k = record::encode_key_bytes(key);
-        b.extend_from_slice(&(k.len() as u16).to_le_bytes());
-        b.extend_from_slice(&k);
-    }
-    let crc = crc32fast::hash(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
-    b
-}
-
-fn decode_checkpoint(b: &[u8]) -> Result<Checkpoint, DiskError> {
-    let bad = DiskError::Checkpoint;
-    if b.len() < 4 + 2 + 4 + 8 + 4 || &b[..4] != CKPT_MAGIC {
-        return Err(bad("bad magic or too short"));
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-        return Err(bad("checksum mismatch"));
-    }
-    if u16::from_le_bytes(body[4..6].try_into().unwrap()) != CKPT_VERSION {
-        return Err(bad("unknown version"));
-    }
-    let mut at = 6;
-    let mut take = |n: usize| -> Result<&[u8], DiskError> {
-        let s = body.get(at..at + n).ok_or(bad("truncated"))?;
-        at += n;
-        Ok(s)
-    };
-    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap());
-    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap());
-    let mut c = Checkpoint::default();
-    for _ in 0..u32_of(take(4)?) {
-        let id = u32_of(take(4)?);
-        c.scanned.insert(id, u64_of(take(8)?));
-    }
-    let n = u64_of(take(8)?);
-    for _ in 0..n {
-        let segment = u32_of(take(4)?);
-        let offset = u64_of(take(8)?);
-        let record_len = u64_of(take(8)?);
-        let raw_len = u64_of(take(8)?);
-        let klen = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
-        let key = record::decode_key_bytes(take(klen)?).ok_or(bad("bad key"))?;
-        c.entries.push((
-            key,
-            Location {
-                segment,
-                offset,
-                record_len,
-                raw_len,
-            },
-        ));
-    }
-    Ok(c)
 }
 
 #[cfg(test)]

@@ -33,17 +33,6 @@ impl L3 {
             .inspect_err(|e| self.link_error(e))
     }
 
-    /// Replace manifest `name` (e.g. its thaw time).
-    pub fn update_manifest(&self, name: &str, manifest: Vec<u8>) -> Result<(), LinkError> {
-        let (key, name) = (self.keys().windows(), name.to_string());
-        self.link()
-            .run(move |mut c| async move {
-                c.query::<()>(redis::cmd("HSET").arg(key).arg(name).arg(manifest))
-                    .await
-            })
-            .inspect_err(|e| self.link_error(e))
-    }
-
     /// Delete manifest `name`; false if there was none.
     pub fn remove_manifest(&self, name: &str) -> Result<bool, LinkError> {
         let (key, name) = (self.keys().windows(), name.to_string());
