@@ -89,6 +89,9 @@ pub struct Config {
     pub l3_write_queue_mb: u64,
     /// PEM file of the CA that signed the Redis servers' TLS certificates.
     pub l3_tls_ca: Option<PathBuf>,
+    /// GiB of L1 each cache_salt may occupy unless `PUT /quota/{salt}` gave it its own limit;
+    /// 0: no limit.
+    pub l1_quota_gb_per_salt: f64,
 }
 
 /// The platform's state directory for cwm's data: systemd's `$STATE_DIRECTORY` when run as a
@@ -151,6 +154,7 @@ impl Default for Config {
             l3_timeout_ms: 5000,
             l3_connections: 4,
             l3_ttl_secs: 86400,
+            l1_quota_gb_per_salt: 0.0,
             l3_write_queue_mb: 1024,
             l3_tls_ca: None,
         }
@@ -287,6 +291,13 @@ impl Config {
         if !(1..=64).contains(&self.l3_connections) {
             return invalid("l3_connections", &self.l3_connections, "1..=64");
         }
+        if !(self.l1_quota_gb_per_salt.is_finite() && self.l1_quota_gb_per_salt >= 0.0) {
+            return invalid(
+                "l1_quota_gb_per_salt",
+                &self.l1_quota_gb_per_salt,
+                "a number of GiB >= 0 (0: no limit)",
+            );
+        }
         if self.l3_ttl_secs == 0 {
             return invalid("l3_ttl_secs", &self.l3_ttl_secs, "at least 1 second");
         }
@@ -377,6 +388,8 @@ impl Config {
                 L1Memory::Private
             },
             l1_populate: self.l1_populate,
+            l1_quota_per_salt: crate::store::quota::gb_to_bytes(self.l1_quota_gb_per_salt)
+                .filter(|&b| b > 0),
             l2: self.l2_enabled().then(|| L2Config {
                 path: self.l2_path.clone(),
                 disk: self.l2_disk_config(),

@@ -213,6 +213,10 @@ struct ServeArgs {
     /// PEM file of the CA that signed the Redis servers' certificates (rediss://).
     #[arg(long, env = "CWM_L3_TLS_CA")]
     l3_tls_ca: Option<PathBuf>,
+    /// GiB of L1 each cache_salt may occupy unless given its own quota over HTTP
+    /// (`PUT /quota/{salt}`); 0: no limit [default: 0].
+    #[arg(long, env = "CWM_L1_QUOTA_GB_PER_SALT")]
+    l1_quota_gb_per_salt: Option<f64>,
 }
 
 impl ServeArgs {
@@ -253,7 +257,8 @@ impl ServeArgs {
             l3_timeout_ms,
             l3_connections,
             l3_ttl_secs,
-            l3_write_queue_mb
+            l3_write_queue_mb,
+            l1_quota_gb_per_salt
         );
         for (field, value) in [
             (&mut c.l3_url, self.l3_url),

@@ -7,6 +7,19 @@ use crate::ops::Cwm;
 use crate::status::{self, Health, L2Stats};
 
 /// Render every series in the Prometheus text format, version 0.0.4.
+/// Salts `cwm_l1_salt_bytes` names one by one; the rest are summed as `_other`.
+const TOP_SALTS: usize = 20;
+
+/// A salt as a Prometheus label value (escaped; the empty salt is `_default`).
+fn label_value(salt: &str) -> String {
+    if salt.is_empty() {
+        return crate::store::quota::DEFAULT_SALT_NAME.into();
+    }
+    salt.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub fn render(cwm: &Cwm, health: &Health) -> String {
     let mut out = String::with_capacity(8192);
     let s = status::cache_stats(cwm);
@@ -165,6 +178,35 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "counter",
         "L1 reservations that found no evictable space",
         &[("", c(s.l1.no_space))],
+    );
+    metric(
+        "l1_quota_evicted_objects_total",
+        "counter",
+        "L1 objects evicted to keep their cache_salt within its quota",
+        &[("", c(s.l1.quota_evicted_objects))],
+    );
+    metric(
+        "l1_quota_refused_total",
+        "counter",
+        "L1 reservations refused: the cache_salt was at its quota with nothing of its own evictable",
+        &[("", c(s.l1.quota_refused))],
+    );
+    let usage = cwm.tiers.salt_usage();
+    let mut per_salt: Vec<(String, f64)> = usage
+        .iter()
+        .take(TOP_SALTS)
+        .map(|(salt, b)| (format!("cache_salt=\"{}\"", label_value(salt)), c(*b)))
+        .collect();
+    if usage.len() > TOP_SALTS {
+        let other: u64 = usage.iter().skip(TOP_SALTS).map(|(_, b)| b).sum();
+        per_salt.push(("cache_salt=\"_other\"".into(), c(other)));
+    }
+    let per_salt: Vec<(&str, f64)> = per_salt.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "l1_salt_bytes",
+        "gauge",
+        "L1 bytes per cache_salt (the largest; the rest summed as _other; _default: no salt)",
+        &per_salt,
     );
     if let Some(l2) = &s.l2 {
         metric(

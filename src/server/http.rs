@@ -143,6 +143,7 @@ fn router(windows: Arc<Windows>, stop: CancellationToken, access: Access) -> Rou
         .route("/metrics", get(metrics))
         .route("/cache/clear", post(cache_clear))
         .route("/cache/checksums", post(cache_checksums))
+        .merge(super::quota::routes())
         .nest("/mcp", mcp)
         .with_state(windows)
         .layer(middleware::from_fn_with_state(Arc::new(access), guard))

@@ -25,6 +25,7 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 
 use super::arena::{Arena, Extent, ExtentAllocator};
+use super::quota::Quotas;
 
 #[derive(Debug, Clone)]
 pub struct L1Config {
@@ -79,6 +80,8 @@ struct Index {
     lru: BTreeMap<u64, ObjectKey>,
     next_tick: u64,
     used_bytes: u64,
+    /// Bytes each salt's objects occupy (allocation units), for its quota.
+    salt_bytes: HashMap<Arc<str>, u64>,
 }
 
 impl Index {
@@ -100,8 +103,28 @@ impl Index {
             self.lru.remove(&e.lru_tick);
         }
         self.used_bytes -= e.extent.len;
+        if let Some(b) = self.salt_bytes.get_mut(&key.cache_salt) {
+            *b -= e.extent.len;
+            if *b == 0 {
+                self.salt_bytes.remove(&key.cache_salt);
+            }
+        }
         alloc.free(e.extent);
         Some(e)
+    }
+
+    fn salt_used(&self, salt: &str) -> u64 {
+        self.salt_bytes.get(salt).copied().unwrap_or(0)
+    }
+
+    /// The least recently used evictable object of `salt`.
+    fn salt_victim(&self, salt: &str, now: Instant) -> Option<ObjectKey> {
+        self.lru
+            .values()
+            .find(|k| {
+                &*k.cache_salt == salt && self.entries.get(*k).is_some_and(|e| e.evictable(now))
+            })
+            .cloned()
     }
 }
 
@@ -117,6 +140,10 @@ pub struct L1Counters {
     pub pool_backing_failures: AtomicU64,
     /// Bytes `[0, n)` of the arena committed ahead of use (`store::populate`).
     pub populated_bytes: AtomicU64,
+    /// Objects evicted to keep their salt within its quota (also in `evicted_*`).
+    pub quota_evicted_objects: AtomicU64,
+    /// Reservations refused: the salt was at its quota with nothing of its own evictable.
+    pub quota_refused: AtomicU64,
 }
 
 /// What L1 holds now (the traffic counters are `L1Counters`).
@@ -132,6 +159,8 @@ pub struct L1Store {
     inner: Mutex<(Index, ExtentAllocator)>,
     lock_ttl: Duration,
     pub counters: L1Counters,
+    /// Per-salt byte budgets, enforced in `reserve` (`store::quota`).
+    pub quotas: Quotas,
 }
 
 /// Outcome of `reserve`.
@@ -175,6 +204,7 @@ impl L1Store {
             inner: Mutex::new((Index::default(), alloc)),
             lock_ttl: config.lock_ttl,
             counters: L1Counters::default(),
+            quotas: Quotas::default(),
         })
     }
 
@@ -255,6 +285,21 @@ impl L1Store {
             return Reservation::NoSpace;
         }
         let now = Instant::now();
+        if let Some(limit) = self.quotas.l1_limit(&key.cache_salt) {
+            // Over its quota, a salt makes room among its own objects only.
+            let need = ExtentAllocator::rounded(len);
+            while index.salt_used(&key.cache_salt) + need > limit {
+                let Some(victim) = index.salt_victim(&key.cache_salt, now) else {
+                    self.counters.quota_refused.fetch_add(1, Relaxed);
+                    return Reservation::NoSpace;
+                };
+                if let Some(e) = index.remove(&victim, alloc) {
+                    self.counters.evicted_objects.fetch_add(1, Relaxed);
+                    self.counters.evicted_bytes.fetch_add(e.len, Relaxed);
+                    self.counters.quota_evicted_objects.fetch_add(1, Relaxed);
+                }
+            }
+        }
         // Evictions of one reservation walk the LRU once: what was skipped (locked or being
         // read) stays unevictable while the lock is held, so the next victim is searched after
         // the last one, not from the front again.
@@ -279,6 +324,7 @@ impl L1Store {
             }
         };
         index.used_bytes += extent.len;
+        *index.salt_bytes.entry(key.cache_salt.clone()).or_insert(0) += extent.len;
         index.entries.insert(
             key.clone(),
             Entry {
@@ -411,6 +457,20 @@ impl L1Store {
             used_bytes: guard.0.used_bytes,
             capacity_bytes: self.arena.len(),
         }
+    }
+
+    /// Bytes each salt's objects occupy, largest first.
+    pub fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        let mut v: Vec<(Arc<str>, u64)> = self
+            .inner
+            .lock()
+            .0
+            .salt_bytes
+            .iter()
+            .map(|(s, &b)| (s.clone(), b))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
     }
 
     /// Read-lock count of `key` (expired locks count as 0). For tests and status.
@@ -633,6 +693,52 @@ mod tests {
         w.commit();
         assert_eq!(s.read(&k).unwrap().to_vec(), [7u8; 4096]);
         assert!(matches!(s.reserve(&k, 4096), Reservation::Present));
+    }
+
+    #[test]
+    fn a_tenant_over_its_quota_evicts_only_its_own_chunks() {
+        let s = store(16, Duration::from_secs(60));
+        let unit = ExtentAllocator::rounded(4096);
+        s.quotas.set("alice", 2 * unit);
+        // bob fills part of L1 first, then alice stores four chunks within a 2-chunk quota.
+        for n in 0..4 {
+            assert!(put(&s, &key(100 + n, "bob"), n));
+        }
+        for n in 0..4 {
+            assert!(put(&s, &key(n, "alice"), n), "alice's chunk {n} refused");
+        }
+        for n in 0..4 {
+            assert!(
+                s.contains(&key(100 + n, "bob")),
+                "bob's chunk {n} was evicted"
+            );
+        }
+        assert!(!s.contains(&key(0, "alice")) && !s.contains(&key(1, "alice")));
+        assert!(s.contains(&key(2, "alice")) && s.contains(&key(3, "alice")));
+        assert_eq!(s.counters.quota_evicted_objects.load(Relaxed), 2);
+        let usage: HashMap<String, u64> = s
+            .salt_usage()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(usage["alice"], 2 * unit);
+        assert_eq!(usage["bob"], 4 * unit);
+
+        // With its own chunks locked, a tenant at its quota is refused, and still evicts no one.
+        assert_eq!(
+            s.lock_prefix(&[vec![key(2, "alice")], vec![key(3, "alice")]], 1),
+            2
+        );
+        assert!(!put(&s, &key(9, "alice"), 9));
+        assert_eq!(s.counters.quota_refused.load(Relaxed), 1);
+        assert_eq!(s.stats().objects, 6);
+
+        // A raised quota takes effect at the next store; removing it lifts the bound.
+        s.quotas.set("alice", 3 * unit);
+        assert!(put(&s, &key(9, "alice"), 9));
+        assert!(s.quotas.remove("alice"));
+        assert!(put(&s, &key(10, "alice"), 10));
+        assert_eq!(s.stats().objects, 8);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod l1;
 pub mod l3;
 pub mod le;
 pub mod populate;
+pub mod quota;
 pub mod record;
 pub mod tier;
 pub mod tiered;

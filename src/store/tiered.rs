@@ -30,6 +30,7 @@ use super::l1::{L1Config, L1Counters, L1Occupancy, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::L3;
 use super::populate::{self, L1Populate};
+use super::quota::Quotas;
 use super::record;
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
@@ -58,6 +59,8 @@ pub struct TiersConfig {
     pub l1_memory: L1Memory,
     /// Whether L1's pages are committed ahead of use (`populate`).
     pub l1_populate: L1Populate,
+    /// L1 bytes each salt may occupy unless it has a quota of its own (`store::quota`).
+    pub l1_quota_per_salt: Option<u64>,
     pub l2: Option<L2Config>,
     /// Redis (or a Redis Cluster) behind L2, shared by a fleet of sidecars.
     pub l3: Option<L3Config>,
@@ -135,6 +138,11 @@ pub struct L1Report {
     pub evicted_objects: u64,
     pub evicted_bytes: u64,
     pub no_space: u64,
+    /// Objects evicted to keep a salt within its quota, and reservations refused at one.
+    #[serde(default)]
+    pub quota_evicted_objects: u64,
+    #[serde(default)]
+    pub quota_refused: u64,
 }
 
 /// Every tier's figures at one moment.
@@ -229,6 +237,7 @@ impl Tiers {
                         source,
                     })?,
             };
+        l1.quotas.set_default(config.l1_quota_per_salt);
         if config.l1_populate == L1Populate::Eager {
             // Detached: it ends when L1 is dropped or fully committed.
             populate::start(&l1);
@@ -340,6 +349,16 @@ impl Tiers {
     /// Read-lock count of `key` in L1 (expired locks count as 0).
     pub fn lock_count(&self, key: &ObjectKey) -> u32 {
         self.l1.lock_count(key)
+    }
+
+    /// Per-salt byte budgets of L1 (the admin surface sets them; L1 enforces them).
+    pub fn quotas(&self) -> &Quotas {
+        &self.l1.quotas
+    }
+
+    /// Bytes of L1 each salt occupies, largest first.
+    pub fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        self.l1.salt_usage()
     }
 
     pub fn l1_stats(&self) -> L1Occupancy {
@@ -631,6 +650,8 @@ impl Tiers {
                 evicted_objects: c.evicted_objects.load(Relaxed),
                 evicted_bytes: c.evicted_bytes.load(Relaxed),
                 no_space: c.no_space.load(Relaxed),
+                quota_evicted_objects: c.quota_evicted_objects.load(Relaxed),
+                quota_refused: c.quota_refused.load(Relaxed),
             },
             lower: self.lower.iter().map(|t| (t.name(), t.stats())).collect(),
             write_behind: WriteBehindStats {
