@@ -33,9 +33,9 @@ pub use layout::{BlockShape, KvLayout, LayoutError};
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
     #[error("CUDA unavailable: {0}")]
-    CudaUnavailable(String),
+    CudaUnavailable(cuda::CudaError),
     #[error("CUDA: {0}")]
-    Cuda(String),
+    Cuda(cuda::CudaError),
     #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]

@@ -6,6 +6,7 @@
 use cudarc::driver::sys;
 
 use super::driver::check;
+use super::error::CudaError;
 
 /// One contiguous copy between engine (device) memory and a host address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +44,7 @@ pub(super) fn enqueue(
     dir: Direction,
     runs: &[Run],
     batch: bool,
-) -> Result<(), String> {
+) -> Result<(), CudaError> {
     if runs.is_empty() {
         return Ok(());
     }
@@ -71,7 +72,7 @@ pub(super) fn enqueue(
     Ok(())
 }
 
-fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), String> {
+fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), CudaError> {
     let host = runs.iter().map(|r| r.host as sys::CUdeviceptr);
     let dev = runs.iter().map(|r| r.dev);
     let (mut dsts, mut srcs): (Vec<sys::CUdeviceptr>, Vec<sys::CUdeviceptr>) = match dir {
@@ -102,7 +103,10 @@ fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<
             stream,
         )
     };
-    check(r, "cuMemcpyBatchAsync").map_err(|e| format!("{e} (copy {fail})"))
+    check(r, "cuMemcpyBatchAsync").map_err(|e| CudaError::BatchCopy {
+        index: fail,
+        source: Box::new(e),
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 use super::driver::{check, Device};
+use super::error::CudaError;
 
 const CU_EVENT_DISABLE_TIMING: u32 = 2;
 const CU_EVENT_INTERPROCESS: u32 = 4;
@@ -35,7 +36,7 @@ impl Drop for Imported {
 pub(super) fn wait_engine(
     stream: sys::CUstream,
     handle: &[u8],
-) -> Result<Option<Imported>, String> {
+) -> Result<Option<Imported>, CudaError> {
     match handle.len() {
         0 => Ok(None),
         64 => {
@@ -58,13 +59,8 @@ pub(super) fn wait_engine(
             )?;
             Ok(Some(ev))
         }
-        SEMAPHORE_HANDLE => Err("the engine sent an isolated_ipc timeline-semaphore event \
-             (81 bytes), which cwm does not support yet: use the default CUDA IPC mode \
-             (lmcache.mp.isolated_ipc off)"
-            .to_string()),
-        n => Err(format!(
-            "event_ipc_handle of {n} bytes: expected 64 (cudaIpcEventHandle_t) or empty"
-        )),
+        SEMAPHORE_HANDLE => Err(CudaError::SemaphoreEvent),
+        n => Err(CudaError::EventHandleLength(n)),
     }
 }
 
@@ -83,7 +79,7 @@ static EXPORTED: Mutex<VecDeque<Exported>> = Mutex::new(VecDeque::new());
 pub(super) fn record_exported(
     device: &'static Device,
     stream: sys::CUstream,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CudaError> {
     let mut ev = std::ptr::null_mut();
     check(
         // SAFETY: the caller bound `device`'s context; `ev` is a live out-pointer.
