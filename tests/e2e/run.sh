@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
 # with a real vLLM CPU engine (two or three engine processes) against `cwm serve`; then
-# lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes.
+# lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes; then
+# lm_remote.py: LMCache's `lm://` remote connector against `cwm serve --lm-port`.
 #
 #   tests/e2e/run.sh [pytest args...]
 #
@@ -72,6 +73,18 @@ if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
     rc=$?
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
     summary+=("lmcache bench server: $word in $((SECONDS - t0)) s")
+fi
+
+# LMCache's own lm:// remote connector (LMCacheConnectorV1's remote_url, with a real
+# LocalCPUBackend) against `cwm serve --lm-port`.
+if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
+    echo "==== e2e: LMCache's lm:// remote connector against cwm --lm-port ===="
+    t0=$SECONDS
+    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" \
+        "$HERE/lm_remote.py")
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+    summary+=("lm:// remote connector: $word in $((SECONDS - t0)) s")
 fi
 
 # Smoke run of benches/vs_lmcache.sh: one short ABBA round, ratios printed, never asserted
