@@ -10,6 +10,7 @@ import asyncio
 import socket
 import threading
 import time
+import traceback
 
 import pytest
 import torch
@@ -30,17 +31,15 @@ TIMEOUT = 30
 class Connector:
     """LMCache's remote connector for `lm://127.0.0.1:port`, with its own LocalCPUBackend."""
 
-    _backend = None
-
     def __init__(self, port: int):
         url = f"lm://127.0.0.1:{port}"
-        cfg = LMCacheEngineConfig.from_defaults(chunk_size=16, local_cpu=True, max_local_cpu_size=0.2,
+        cfg = LMCacheEngineConfig.from_defaults(chunk_size=16, local_cpu=True, max_local_cpu_size=0.05,
                                                 remote_url=url, remote_serde="naive")
         md = LMCacheMetadata(model_name=MODEL, world_size=1, local_world_size=1, worker_id=0,
                              local_worker_id=0, kv_dtype=torch.bfloat16, kv_shape=(2, 2, 16, 2, 8))
-        if Connector._backend is None:              # one pinned pool for the whole module
-            Connector._backend = LocalCPUBackend(cfg, md)
-        self.backend = Connector._backend
+        # Its own backend, as each vLLM worker has: LocalCPUBackend's allocator is not meant to
+        # be shared by threads (a shared one handed two clients the same buffer here).
+        self.backend = LocalCPUBackend(cfg, md)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.conn = CreateConnector(url, self.loop, self.backend, cfg, md)
@@ -166,14 +165,14 @@ def test_clients_at_once(cwm):
                 check_get(c, key, o)
             c.close()
         except Exception as e:          # noqa: BLE001 - reported below
-            errors.append(f"client {n}: {e!r}")
+            errors.append(f"client {n}: {e!r} {traceback.format_exc()}")
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert not errors, errors
+    assert not errors, "\n".join(errors)
 
 
 def test_malformed_and_truncated_frames_drop_only_their_client(cwm):
