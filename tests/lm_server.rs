@@ -361,3 +361,39 @@ fn the_lm_port_is_off_unless_configured_and_reads_from_the_config_file() {
     assert_eq!(c.lm_port, Some(65432));
     assert_eq!(Config::default().lm_port, None);
 }
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_served_again_once_one_leaves() {
+    let s = lm_sidecar(small_config());
+    let mut open: Vec<Lm> = (0..cwm::limits::LM_MAX_CONNECTIONS)
+        .map(|_| Lm::connect(&s))
+        .collect();
+    // Every one of them is served (answered in order, so all are accepted by now).
+    for c in &mut open {
+        assert_eq!(c.ask(Command::Health, "m@1@0@ff@half"), ServerHeader::OK);
+    }
+    let before = Limit::LmConnections.count();
+    let mut extra = Lm::connect(&s);
+    assert!(
+        extra.closed_by_server(),
+        "a connection beyond the cap was kept"
+    );
+    assert!(Limit::LmConnections.count() > before);
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = Lm::connect(&s);
+        let h = ClientHeader::placeholder(Command::Health, Key::parse("m@1@0@ff@half").unwrap());
+        c.send(&h.encode());
+        let mut b = [0u8; SERVER_HEADER_LEN];
+        if c.0.read_exact(&mut b).is_ok() {
+            assert_eq!(ServerHeader::decode(&b).unwrap(), ServerHeader::OK);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection served after one left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
