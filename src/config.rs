@@ -65,6 +65,9 @@ pub struct Config {
     pub l2_fsync_interval_ms: u64,
     /// Bytes of L1 objects that may wait for L2 before write-behind drops work, in MiB.
     pub l2_write_queue_mb: u64,
+    /// Port of LMCache's classic remote-server protocol (`remote_url: "lm://host:port"`) on
+    /// `host`; off unless set; 0 picks one.
+    pub lm_port: Option<u16>,
     /// Port of the HTTP server (MCP at /mcp, /metrics, /status, ...) on `host`; 0 picks one.
     pub http_port: u16,
     /// Bearer token every HTTP route but /healthcheck requires (MCP included). Required when
@@ -145,6 +148,7 @@ impl Default for Config {
             l2_fsync: "interval".into(),
             l2_fsync_interval_ms: 1000,
             l2_write_queue_mb: 1024,
+            lm_port: None,
             http_port: 8080,
             http_token: None,
             l3_url: None,

@@ -18,6 +18,12 @@ pub const MP_SEND_HWM: i32 = 10_000;
 /// Uid and op frames longer than this are not echoed back in a failure reply (a real
 /// client's are msgpack ints of at most 9 bytes).
 pub const MAX_ECHOED_FRAME: usize = 64;
+/// Open `lm://` connections (a thread each; LMCache opens one per vLLM worker). Further
+/// connections are closed at once.
+pub const LM_MAX_CONNECTIONS: usize = 256;
+/// Seconds an `lm://` client may leave a request half sent (a header or a payload) or a reply
+/// unread before it is dropped. Between requests it may stay idle for ever.
+pub const LM_STALL_SECS: u64 = 60;
 /// Characters of an untrusted string (op names, salts, model names, decode errors quoting
 /// them) that reach the log.
 pub const LOG_CHARS: usize = 256;
@@ -39,9 +45,15 @@ pub enum Limit {
     MpReplyQueue,
     /// An undecodable MP message whose uid or op frame was too long to echo.
     MpEcho,
+    /// An `lm://` connection beyond `LM_MAX_CONNECTIONS`.
+    LmConnections,
+    /// An `lm://` client dropped for a malformed, truncated or stalled request.
+    LmFrame,
+    /// An `lm://` PUT larger than L1 (its payload is read and dropped).
+    LmObjectSize,
 }
 
-const ALL: [Limit; 7] = [
+const ALL: [Limit; 10] = [
     Limit::HttpHost,
     Limit::HttpOrigin,
     Limit::HttpToken,
@@ -49,6 +61,9 @@ const ALL: [Limit; 7] = [
     Limit::McpSessions,
     Limit::MpReplyQueue,
     Limit::MpEcho,
+    Limit::LmConnections,
+    Limit::LmFrame,
+    Limit::LmObjectSize,
 ];
 
 static REFUSED: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
@@ -63,6 +78,9 @@ impl Limit {
             Limit::McpSessions => "mcp_sessions",
             Limit::MpReplyQueue => "mp_reply_queue",
             Limit::MpEcho => "mp_echo",
+            Limit::LmConnections => "lm_connections",
+            Limit::LmFrame => "lm_frame",
+            Limit::LmObjectSize => "lm_object_size",
         }
     }
 

@@ -178,6 +178,10 @@ struct ServeArgs {
     /// MiB of stored objects that may wait for L2 before write-behind drops work [default: 1024].
     #[arg(long, env = "CWM_L2_WRITE_QUEUE_MB")]
     l2_write_queue_mb: Option<u64>,
+    /// Port of LMCache's classic remote-server protocol (LMCacheConnectorV1's
+    /// `remote_url: "lm://host:port"`) on --host [default: off].
+    #[arg(long, env = "CWM_LM_PORT")]
+    lm_port: Option<u16>,
     /// Port of the HTTP server: MCP at /mcp, /metrics, /status; 0 picks a free one [default: 8080].
     #[arg(long, env = "CWM_HTTP_PORT")]
     http_port: Option<u16>,
@@ -276,6 +280,9 @@ impl ServeArgs {
         }
         if self.http_token.is_some() {
             c.http_token = self.http_token;
+        }
+        if self.lm_port.is_some() {
+            c.lm_port = self.lm_port;
         }
         if self.no_engine_driven {
             c.engine_driven = false;

@@ -47,11 +47,11 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         .map(|(op, st)| (format!("op=\"{op}\""), st.total_micros as f64 / 1e6))
         .collect();
     for (name, help, v) in [
-        ("ops_total", "MP requests handled, per operation", calls),
-        ("op_errors_total", "MP requests that failed, per operation", errors),
+        ("ops_total", "Requests handled, per operation (MP ops; lm_* on the lm:// port)", calls),
+        ("op_errors_total", "Requests that failed, per operation (MP ops; lm_* on the lm:// port)", errors),
         (
             "op_seconds_total",
-            "Time spent handling MP requests, per operation (divide by cwm_ops_total for the mean latency)",
+            "Time spent handling requests, per operation (divide by cwm_ops_total for the mean latency)",
             secs,
         ),
     ] {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::ops::{Cwm, ReapPolicy, Settings};
 use crate::server::http::HttpServer;
+use crate::server::lm::LmServer;
 use crate::server::mp::MpServer;
 use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
@@ -19,6 +20,8 @@ pub struct Sidecar {
     pub windows: Arc<Windows>,
     /// Where the HTTP server (MCP, metrics, admin) listens.
     pub http_addr: std::net::SocketAddr,
+    /// Where LMCache's classic remote protocol (`lm://`) listens, when `--lm-port` is set.
+    pub lm_addr: Option<std::net::SocketAddr>,
     http: Option<HttpServer>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -57,6 +60,10 @@ impl Sidecar {
                     })?,
             );
         }
+        let lm_addr = match config.lm_port {
+            Some(port) => Some(start_lm(&config.host, port, &cwm, &shutdown, &mut threads)?),
+            None => None,
+        };
         {
             let (cwm, shutdown) = (cwm.clone(), shutdown.clone());
             threads.push(std::thread::Builder::new().name("cwm-sweep".into()).spawn(
@@ -90,6 +97,7 @@ impl Sidecar {
             mp_endpoint,
             windows,
             http_addr,
+            lm_addr,
             http: Some(http),
             shutdown,
             threads,
@@ -119,6 +127,31 @@ impl Sidecar {
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
         self.cwm.tiers.unlink_pool();
     }
+}
+
+/// Bind the `lm://` port and serve it on its own thread (`server::lm`).
+fn start_lm(
+    host: &str,
+    port: u16,
+    cwm: &Arc<Cwm>,
+    shutdown: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let lm = LmServer::bind(host, port)?;
+    let addr = lm.addr();
+    let (cwm, shutdown) = (cwm.clone(), shutdown.clone());
+    threads.push(
+        std::thread::Builder::new()
+            .name("cwm-lm".into())
+            .spawn(move || {
+                if let Err(e) = lm.run(cwm, shutdown.clone()) {
+                    tracing::error!("lm:// server stopped: {e}");
+                    shutdown.store(true, Ordering::Relaxed);
+                }
+            })?,
+    );
+    tracing::info!(%addr, "cwm serving LMCache's remote protocol: remote_url lm://{addr}");
+    Ok(addr)
 }
 
 /// The operations over the tiers `tiers` describes (built by `Tiers::open`).

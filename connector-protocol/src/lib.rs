@@ -14,6 +14,7 @@ pub mod frame;
 pub mod hash;
 pub mod ipc;
 pub mod key;
+pub mod lm;
 pub mod op;
 mod reader;
 pub mod types;

@@ -12,6 +12,7 @@ pub mod engine_driven;
 mod lookup;
 mod register;
 pub mod registry;
+pub mod remote;
 mod transfer;
 
 use crate::limits::for_log;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
 # with a real vLLM CPU engine (two or three engine processes) against `cwm serve`; then
-# lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes.
+# lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes; then
+# lm_remote.py: LMCache's `lm://` remote connector against `cwm serve --lm-port`.
 #
 #   tests/e2e/run.sh [pytest args...]
 #
@@ -71,15 +72,22 @@ for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do
     summary+=("mode $mode (ISA $isa): $word in $((SECONDS - t0)) s")
 done
 
-# LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
-if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
-    echo "==== e2e: lmcache bench server against cwm ===="
-    t0=$SECONDS
-    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" \
-        "$HERE/lmcache_bench.py")
+# One pytest file of this directory against cwm, as a line of the summary: pytest_step LABEL FILE.
+pytest_step() {
+    echo "==== e2e: $1 ===="
+    local t0=$SECONDS rc word
+    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" "$HERE/$2")
     rc=$?
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
-    summary+=("lmcache bench server: $word in $((SECONDS - t0)) s")
+    summary+=("$1: $word in $((SECONDS - t0)) s")
+}
+
+if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
+    # LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
+    pytest_step "lmcache bench server" lmcache_bench.py
+    # LMCache's own lm:// remote connector (LMCacheConnectorV1's remote_url, with a real
+    # LocalCPUBackend) against `cwm serve --lm-port`.
+    pytest_step "lm:// remote connector" lm_remote.py
 fi
 
 # Smoke run of benches/vs_lmcache.sh: one short ABBA round, ratios printed, never asserted
