@@ -312,7 +312,11 @@ fn a_malformed_or_truncated_request_drops_only_its_client() {
         "a truncated PUT stores nothing"
     );
     assert_eq!(good.get("m@1@0@aa@half").unwrap().1, b"kept");
-    assert!(s.is_running());
+    assert_eq!(
+        Lm::connect(&s).ask(Command::Health, "m@1@0@aa@half"),
+        ServerHeader::OK,
+        "a new client is served after the hostile ones"
+    );
 }
 
 #[test]
