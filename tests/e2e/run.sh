@@ -45,13 +45,18 @@ summary=()
 failed=0
 first=1
 
+# One pytest file of this directory, as a line of the summary: pytest_step LABEL FILE.
+pytest_step() {
+    echo "==== e2e: $1 ===="
+    local t0=$SECONDS rc word
+    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" "$HERE/$2")
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+    summary+=("$1: $word in $((SECONDS - t0)) s")
+}
+
 # The story table (story.py), without vLLM: every bit-for-bit pair has equal KV histories.
-echo "==== e2e: the story table (bit-exact pairs vs KV histories) ===="
-(cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" \
-    "$HERE/test_story.py")
-rc=$?
-if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
-summary+=("story table: $word")
+pytest_step "the story table (bit-exact pairs vs KV histories)" test_story.py
 # Each entry is MODE or MODE@ISA. By default the second mode runs on the code paths of an
 # AVX2-only CPU (a no-op on one), so every run checks both ISA families vLLM-CPU has kernels for.
 for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do
@@ -71,16 +76,6 @@ for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
     summary+=("mode $mode (ISA $isa): $word in $((SECONDS - t0)) s")
 done
-
-# One pytest file of this directory against cwm, as a line of the summary: pytest_step LABEL FILE.
-pytest_step() {
-    echo "==== e2e: $1 ===="
-    local t0=$SECONDS rc word
-    (cd "$HERE" && "$HERE/.venv/bin/python" -m pytest -c "$HERE/pytest.ini" --rootdir "$HERE" "$HERE/$2")
-    rc=$?
-    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
-    summary+=("$1: $word in $((SECONDS - t0)) s")
-}
 
 if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
     # LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
