@@ -33,9 +33,9 @@ pub use layout::{BlockShape, KvLayout, LayoutError};
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
     #[error("CUDA unavailable: {0}")]
-    CudaUnavailable(cuda::CudaError),
+    CudaUnavailable(String),
     #[error("CUDA: {0}")]
-    Cuda(cuda::CudaError),
+    Cuda(String),
     #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]

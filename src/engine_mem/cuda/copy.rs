@@ -6,7 +6,6 @@
 use cudarc::driver::sys;
 
 use super::driver::check;
-use super::error::CudaError;
 
 /// One contiguous copy between engine (device) memory and a host address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +43,7 @@ pub(super) fn enqueue(
     dir: Direction,
     runs: &[Run],
     batch: bool,
-) -> Result<(), CudaError> {
+) -> Result<(), String> {
     if runs.is_empty() {
         return Ok(());
     }
@@ -72,7 +71,7 @@ pub(super) fn enqueue(
     Ok(())
 }
 
-fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), CudaError> {
+fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), String> {
     let host = runs.iter().map(|r| r.host as sys::CUdeviceptr);
     let dev = runs.iter().map(|r| r.dev);
     let (mut dsts, mut srcs): (Vec<sys::CUdeviceptr>, Vec<sys::CUdeviceptr>) = match dir {
@@ -103,10 +102,7 @@ fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<
             stream,
         )
     };
-    check(r, "cuMemcpyBatchAsync").map_err(|e| CudaError::BatchCopy {
-        index: fail,
-        source: Box::new(e),
-    })
+    check(r, "cuMemcpyBatchAsync").map_err(|e| format!("{e} (copy {fail})"))
 }
 
 #[cfg(test)]

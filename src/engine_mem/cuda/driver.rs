@@ -11,8 +11,6 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys::{self, CUresult};
 
-use super::error::CudaError;
-
 /// Oldest driver cwm accepts (the `_v2` entry points and `cuMemHostRegister` flags it uses).
 pub const MIN_DRIVER: i32 = 12000;
 /// First driver with `cuMemcpyBatchAsync`.
@@ -38,7 +36,7 @@ unsafe impl Sync for Device {}
 
 impl Device {
     /// Make this device's primary context current on the calling thread.
-    pub fn bind(&self) -> Result<(), CudaError> {
+    pub fn bind(&self) -> Result<(), String> {
         // SAFETY: a `Device` exists only once the library is loaded (`driver()`), and `ctx` is
         // a retained primary context that is never released.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
@@ -58,32 +56,38 @@ impl Driver {
     }
 
     /// The local device with this UUID (as LMCache writes it, `GPU-` prefix tolerated).
-    pub fn device_by_uuid(&self, uuid: &str) -> Result<&Device, CudaError> {
+    pub fn device_by_uuid(&self, uuid: &str) -> Result<&Device, String> {
         let want = uuid
             .strip_prefix("GPU-")
             .unwrap_or(uuid)
             .to_ascii_lowercase();
-        self.devices
-            .iter()
-            .find(|d| d.uuid == want)
-            .ok_or_else(|| CudaError::UnknownDevice {
-                uuid: uuid.to_string(),
-                seen: self.devices.iter().map(|d| d.uuid.clone()).collect(),
-            })
+        self.devices.iter().find(|d| d.uuid == want).ok_or_else(|| {
+            let seen: Vec<&str> = self.devices.iter().map(|d| d.uuid.as_str()).collect();
+            format!(
+                "device UUID {uuid:?} not found among this host's GPUs {seen:?}: cwm must run on \
+                 the engine's host and see its GPU (check CUDA_VISIBLE_DEVICES and the \
+                 container's --gpus)"
+            )
+        })
     }
 }
 
 /// The driver, loaded on first call; the same error every time if it cannot be.
-pub fn driver() -> Result<&'static Driver, CudaError> {
-    static DRIVER: OnceLock<Result<Driver, CudaError>> = OnceLock::new();
+pub fn driver() -> Result<&'static Driver, String> {
+    static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
     DRIVER.get_or_init(load).as_ref().map_err(Clone::clone)
 }
 
-fn load() -> Result<Driver, CudaError> {
+fn load() -> Result<Driver, String> {
     // cudarc panics on a missing library, so look first.
     // SAFETY: only tries to load libcuda (dlopen); calls nothing in it.
     if !unsafe { sys::is_culib_present() } {
-        return Err(CudaError::NoDriver);
+        return Err(
+            "no CUDA driver: libcuda.so was not found (install the NVIDIA driver, or \
+                    run cwm where the engine's GPUs are visible; in a container use the NVIDIA \
+                    container toolkit)"
+                .to_string(),
+        );
     }
     // SAFETY: libcuda is present (checked above, so cudarc's loader does not panic) and
     // `cuInit` is the first call. The same holds for every driver call below and in
@@ -96,10 +100,11 @@ fn load() -> Result<Driver, CudaError> {
         "cuDriverGetVersion",
     )?;
     if version < MIN_DRIVER {
-        return Err(CudaError::DriverTooOld {
-            found: version,
-            need: MIN_DRIVER,
-        });
+        return Err(format!(
+            "CUDA driver {} is too old: cwm needs {} or newer (upgrade the NVIDIA driver)",
+            version_str(version),
+            version_str(MIN_DRIVER)
+        ));
     }
     let mut count = 0;
     check(
@@ -111,7 +116,7 @@ fn load() -> Result<Driver, CudaError> {
     Ok(Driver { version, devices })
 }
 
-fn open_device(ordinal: i32) -> Result<Device, CudaError> {
+fn open_device(ordinal: i32) -> Result<Device, String> {
     let mut dev = 0;
     check(
         // SAFETY: called from `load` after `cuInit`, with `ordinal` below the device count.
@@ -175,7 +180,7 @@ pub fn uuid_str(b: &[u8; 16]) -> String {
 }
 
 /// `Ok` on `CUDA_SUCCESS`, else an error naming the call and the driver's reason.
-pub fn check(r: CUresult, what: &'static str) -> Result<(), CudaError> {
+pub fn check(r: CUresult, what: &str) -> Result<(), String> {
     if r == CUresult::CUDA_SUCCESS {
         return Ok(());
     }
@@ -190,11 +195,7 @@ pub fn check(r: CUresult, what: &'static str) -> Result<(), CudaError> {
         } else {
             String::new()
         };
-    Err(CudaError::Call {
-        call: what,
-        code: r,
-        text,
-    })
+    Err(format!("{what} failed: {r:?} ({}) {text}", r as i32))
 }
 
 #[cfg(test)]

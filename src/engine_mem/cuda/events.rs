@@ -12,7 +12,6 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 use super::driver::{check, Device};
-use super::error::CudaError;
 
 const CU_EVENT_DISABLE_TIMING: u32 = 2;
 const CU_EVENT_INTERPROCESS: u32 = 4;
@@ -36,7 +35,7 @@ impl Drop for Imported {
 pub(super) fn wait_engine(
     stream: sys::CUstream,
     handle: &[u8],
-) -> Result<Option<Imported>, CudaError> {
+) -> Result<Option<Imported>, String> {
     match handle.len() {
         0 => Ok(None),
         64 => {
@@ -59,8 +58,13 @@ pub(super) fn wait_engine(
             )?;
             Ok(Some(ev))
         }
-        SEMAPHORE_HANDLE => Err(CudaError::SemaphoreEvent),
-        n => Err(CudaError::EventHandleLength(n)),
+        SEMAPHORE_HANDLE => Err("the engine sent an isolated_ipc timeline-semaphore event \
+             (81 bytes), which cwm does not support yet: use the default CUDA IPC mode \
+             (lmcache.mp.isolated_ipc off)"
+            .to_string()),
+        n => Err(format!(
+            "event_ipc_handle of {n} bytes: expected 64 (cudaIpcEventHandle_t) or empty"
+        )),
     }
 }
 
@@ -79,7 +83,7 @@ static EXPORTED: Mutex<VecDeque<Exported>> = Mutex::new(VecDeque::new());
 pub(super) fn record_exported(
     device: &'static Device,
     stream: sys::CUstream,
-) -> Result<Vec<u8>, CudaError> {
+) -> Result<Vec<u8>, String> {
     let mut ev = std::ptr::null_mut();
     check(
         // SAFETY: the caller bound `device`'s context; `ev` is a live out-pointer.

@@ -8,7 +8,6 @@
 
 pub mod copy;
 pub mod driver;
-pub mod error;
 pub mod events;
 pub mod mapping;
 pub mod pinned;
@@ -21,7 +20,6 @@ use parking_lot::Mutex;
 
 pub use copy::{Direction, Run};
 use driver::{check, Device};
-pub use error::CudaError;
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
 
@@ -132,7 +130,11 @@ impl EngineMemory for CudaKv {
     }
 
     fn checksums(&self, _: &[u32], _: usize, _: bool) -> Result<Checksums, EngineMemError> {
-        Err(EngineMemError::Cuda(CudaError::NoChecksums))
+        Err(EngineMemError::Cuda(
+            "checksums of GPU memory are not supported (cwm does not read engine memory on the \
+             CPU)"
+                .to_string(),
+        ))
     }
 }
 
@@ -212,7 +214,7 @@ fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
 ) -> Result<Opened<'a>, EngineMemError> {
-    let cuda = EngineMemError::Cuda;
+    let cuda = |e: String| EngineMemError::Cuda(e);
     let drv = driver::driver().map_err(EngineMemError::CudaUnavailable)?;
     let mut device: Option<&'static Device> = None;
     let mut mappings: Vec<MappingRef> = Vec::new();
@@ -238,11 +240,11 @@ fn open<'a>(
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
         match device {
             Some(first) if first.ordinal != dev.ordinal => {
-                return Err(cuda(CudaError::MixedDevices {
-                    layer,
-                    device: dev.ordinal,
-                    first: first.ordinal,
-                }))
+                return Err(cuda(format!(
+                    "layer {layer} is on GPU {} but layer 0 on GPU {}: one instance must \
+                     register one device",
+                    dev.ordinal, first.ordinal
+                )))
             }
             _ => device = Some(dev),
         }
@@ -258,18 +260,16 @@ fn open<'a>(
         };
         let mr = &mappings[idx];
         if offset.checked_add(limit).is_none_or(|end| end > mr.size) {
-            return Err(cuda(CudaError::OutsideAllocation {
-                layer,
-                offset,
-                limit,
-                size: mr.size,
-            }));
+            return Err(cuda(format!(
+                "layer {layer}: bytes [{offset}, +{limit}) lie outside its {}-byte allocation",
+                mr.size
+            )));
         }
         layer_base.push((mr.base + offset) as usize);
         layer_limit.push(limit);
         metadata.push(m);
     }
-    let device = device.ok_or(cuda(CudaError::NoLayers))?;
+    let device = device.ok_or_else(|| cuda("no layers registered".to_string()))?;
     if let Some(d) = descriptors.first() {
         sync_registration_event(device, d).map_err(cuda)?;
     }
@@ -297,7 +297,7 @@ fn open<'a>(
 }
 
 /// A `cuda` handle's producer event (torch's `event_sync_required`): waited on once, now.
-fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), CudaError> {
+fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), String> {
     let IpcDescriptor::Cuda { handle, .. } = d else {
         return Ok(());
     };
@@ -323,15 +323,12 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Cud
 }
 
 /// Pin `[base, base + len)` (the L1 arena) with the first device's context. `piece` is the
-/// registration size (`pinned::MAX_PIECE` in production). The error is the CudaError's text
-/// until the pinning code in `ops::register` moves here (issue 21) and keeps it typed.
+/// registration size (`pinned::MAX_PIECE` in production).
 pub fn pin_host(base: *mut u8, len: u64, piece: u64) -> Result<PinnedHost, String> {
-    let pin = || {
-        let dev = driver::driver()?
-            .devices
-            .first()
-            .ok_or(CudaError::NoDevice)?;
-        PinnedHost::register(dev, base, len, piece)
-    };
-    pin().map_err(|e: CudaError| e.to_string())
+    let drv = driver::driver()?;
+    let dev = drv
+        .devices
+        .first()
+        .ok_or_else(|| "no CUDA device to pin L1 with".to_string())?;
+    PinnedHost::register(dev, base, len, piece)
 }

@@ -6,7 +6,6 @@
 use cudarc::driver::sys;
 
 use super::driver::{check, Device};
-use super::error::CudaError;
 
 /// Largest single registration.
 pub const MAX_PIECE: u64 = 64 << 30;
@@ -35,7 +34,7 @@ impl PinnedHost {
         base: *mut u8,
         len: u64,
         piece: u64,
-    ) -> Result<PinnedHost, CudaError> {
+    ) -> Result<PinnedHost, String> {
         let piece = piece.clamp(4096, MAX_PIECE) as usize;
         let (base, len) = (base as usize, len as usize);
         device.bind()?;
@@ -57,12 +56,10 @@ impl PinnedHost {
             );
             if let Err(e) = r {
                 unregister(base, done, piece);
-                return Err(CudaError::Pin {
-                    len,
-                    done,
-                    piece: n,
-                    source: Box::new(e),
-                });
+                return Err(format!(
+                    "pinning L1 ({len} bytes) failed at byte {done} of a {n}-byte piece: {e} \
+                     (check `ulimit -l` and the container's memlock limit)"
+                ));
             }
             done += n;
         }
