@@ -36,6 +36,10 @@ pub enum EngineMemError {
     CudaUnavailable(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// The GPU did not complete cwm's copies in time: they may still land, so the caller must
+    /// never reuse the L1 objects of this transfer (it leaks them).
+    #[error("CUDA: {0}")]
+    CopiesRunning(String),
     #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]
