@@ -463,7 +463,8 @@ fn store_ok(
 
 /// Store 2 chunks (32 blocks) from `src`, retrieve them into other blocks of `dst`, skipping
 /// the first `skip` tokens, and compare every block of every layer.
-fn round_trip(kind: Kind, driver_version: u64) {
+fn round_trip(driver_version: u64) {
+    let kind = Kind::Cuda;
     let (sim, server, mut c) = gpu_server(driver_version, &[]);
     let (src, dst) = (GpuKv::new(), GpuKv::new());
     src.fill(1);
@@ -548,12 +549,33 @@ fn round_trip(kind: Kind, driver_version: u64) {
 
 #[test]
 fn cuda_descriptors_round_trip_with_batched_copies() {
-    round_trip(Kind::Cuda, 12080);
+    round_trip(12080);
 }
 
 #[test]
-fn cuda_raw_descriptors_round_trip_with_per_run_copies() {
-    round_trip(Kind::CudaRaw, 12040);
+fn cuda_descriptors_round_trip_with_per_run_copies_before_12_8() {
+    round_trip(12040);
+}
+
+/// `cuda_raw` comes only from LMCache's isolated_ipc mode, whose events cwm cannot wait on:
+/// refused at registration with the reason, nothing opened.
+#[test]
+fn cuda_raw_is_refused_at_registration_with_the_reason() {
+    let (sim, server, mut c) = gpu_server(12080, &[]);
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    server.wait_log("cuda_raw (LMCache's isolated_ipc mode)");
+    let stored = c
+        .store_after(
+            &key(&tokens(61, 256), 256, "s", Some(0)),
+            1,
+            &[(1..=16).collect()],
+            &[],
+        )
+        .unwrap();
+    assert!(!stored.ok);
+    assert_eq!(sim.get(off::OPENS), 0, "nothing opened");
+    sim.assert_clean();
 }
 
 #[test]
@@ -561,7 +583,7 @@ fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
     let (sim, _server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
     let kv = GpuKv::new();
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
-    register(&mut c, 2, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    register(&mut c, 2, &kv.descriptors(Kind::Cuda, UUID0_STR));
     assert_eq!(sim.get(off::OPENS), 1, "both instances share one mapping");
     c.unregister_kv_cache(1).unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -637,8 +659,8 @@ fn gpu_registrations_fail_with_the_cause_named() {
     server.wait_log("not found among this host's GPUs");
 
     // Layers on two devices.
-    let mut mixed = kv.descriptors(Kind::CudaRaw, UUID0_STR);
-    mixed[1] = descriptors(Kind::CudaRaw, kv.handle(), UUID1_STR).remove(1);
+    let mut mixed = kv.descriptors(Kind::Cuda, UUID0_STR);
+    mixed[1] = descriptors(Kind::Cuda, kv.handle(), UUID1_STR).remove(1);
     register(&mut c, 2, &mixed);
     assert!(!store(&mut c, 2, &[]));
     server.wait_log("one instance must register one device");
@@ -749,7 +771,7 @@ fn a_driver_without_devices_is_named() {
     let server = Server::start(Some(&sim), &[]);
     let mut c = server.client();
     let kv = GpuKv::new();
-    register(&mut c, 1, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
     server.wait_log("not found among this host's GPUs []");
     sim.assert_clean();
 }

@@ -261,7 +261,7 @@ mod plan_tests {
     /// (name, hint, shape, stride, elements per layer).
     type TestLayout = (&'static str, Option<&'static str>, Vec<u64>, Vec<u64>, u64);
 
-    /// NHD, HND, two-major, and NHD with padded blocks (strides that are not the packed ones).
+    /// NHD, HND, two-major, FlashInfer (K/V second), and NHD with padded blocks (strides that are not the packed ones).
     fn layouts() -> Vec<TestLayout> {
         let nhd = vec![BS * NH * C, NH * C, C, 1];
         vec![
@@ -284,6 +284,13 @@ mod plan_tests {
                 None,
                 vec![2, NB, BS, NH, C],
                 vec![NB * BS * NH * C, BS * NH * C, NH * C, C, 1],
+                2 * NB * BS * NH * C,
+            ),
+            (
+                "flashinfer",
+                None,
+                vec![NB, 2, BS, NH, C],
+                vec![2 * BS * NH * C, BS * NH * C, NH * C, C, 1],
                 2 * NB * BS * NH * C,
             ),
             (

@@ -1,4 +1,5 @@
-//! Engine KV memory on a GPU (`cuda` and `cuda_raw` descriptors): the allocations opened over
+//! Engine KV memory on a GPU (`cuda` descriptors; `cuda_raw` is refused by `engine_mem::open`,
+//! see `CUDA_RAW_REFUSED`): the allocations opened over
 //! CUDA IPC, one stream per registered instance, and transfers between those blocks and L1
 //! through the copy engines, ordered by the engine's events (spec §2.3, §3.5).
 //!
@@ -45,7 +46,7 @@ struct Opened<'a> {
     metadata: Vec<&'a TensorMetadata>,
 }
 
-/// An engine's KV cache in GPU memory: the backend behind `cuda` / `cuda_raw` descriptors.
+/// An engine's KV cache in GPU memory: the backend behind `cuda` descriptors.
 pub struct CudaKv {
     layout: KvLayout,
     /// Device address of each layer's storage (add `layout.layer_offsets[l]`).
@@ -285,7 +286,7 @@ impl Drop for CudaEngine {
     }
 }
 
-/// Open `cuda` / `cuda_raw` descriptors (all on one device): one mapping per allocation.
+/// Open `cuda` descriptors (all on one device): one mapping per allocation.
 fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
@@ -305,12 +306,6 @@ fn open<'a>(
                 handle.storage_size,
                 metadata,
             ),
-            IpcDescriptor::CudaRaw {
-                ipc_handle,
-                alloc_offset,
-                nbytes,
-                metadata,
-            } => (ipc_handle, *alloc_offset, *nbytes, metadata),
             other => return Err(EngineMemError::UnsupportedKind(other.kind().to_string())),
         };
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
@@ -392,9 +387,7 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Str
 pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, String> {
     let drv = driver::driver()?;
     let uuid = match descriptors.first() {
-        Some(IpcDescriptor::Cuda { metadata, .. } | IpcDescriptor::CudaRaw { metadata, .. }) => {
-            &metadata.device_uuid
-        }
+        Some(IpcDescriptor::Cuda { metadata, .. }) => &metadata.device_uuid,
         _ => return Err("no GPU descriptors".to_string()),
     };
     drv.device_by_uuid(uuid)
