@@ -99,9 +99,6 @@ mod tests {
             CUresult::CUDA_ERROR_NOT_READY
         });
         assert!(matches!(r, Err(WaitError::Expired(m)) if m.contains("not complete")));
-        let r = poll("q", Duration::from_secs(5), || {
-            CUresult::CUDA_ERROR_INVALID_VALUE
-        });
-        assert!(matches!(r, Err(WaitError::Failed(_))));
+        // (A driver error is described by the driver itself: cuda_sim covers that path.)
     }
 }
