@@ -4,7 +4,14 @@
 
 use std::fmt::Write;
 
+use crate::engine_mem::cuda::copy::{self, Batching};
 use crate::engine_mem::cuda::driver::{self, version_str};
+use crate::engine_mem::cuda::wait;
+
+/// An environment variable's value, or `default` when unset.
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
 
 /// The report, one finding per line, each followed by what cwm does about it.
 pub fn report(l1_bytes: u64) -> String {
@@ -21,24 +28,39 @@ pub fn report(l1_bytes: u64) -> String {
                 if d.devices.len() == 1 { "" } else { "s" }
             );
             for dev in &d.devices {
-                let _ = writeln!(
+                let _ =
+                    writeln!(
                     out,
-                    "  GPU {}: {} uuid {} memory {:.1} GiB",
+                    "  GPU {}: {} uuid {} memory {:.1} GiB, host pointers for registered memory \
+                     (attribute 91): {}",
                     dev.ordinal,
                     dev.name,
                     dev.uuid,
-                    gib(dev.total_mem)
+                    gib(dev.total_mem),
+                    if dev.host_pointer_for_registered_mem { "yes" } else { "no" }
                 );
+                let copies = match copy::batching(d, dev) {
+                    Batching::Batch(n) => {
+                        format!("cuMemcpyBatchAsync, at most {n} copies per call")
+                    }
+                    Batching::PerRun(why) => format!("cuMemcpyAsync per contiguous run ({why})"),
+                };
+                let _ = writeln!(out, "    -> copies use {copies}");
             }
             let _ = writeln!(
                 out,
-                "  -> GPU engines (cuda, cuda_raw descriptors) on these devices are served; \
-                 copies use {}",
-                if d.has_batch_copy() {
-                    "one cuMemcpyBatchAsync per transfer (driver 12.8+)"
-                } else {
-                    "cuMemcpyAsync per contiguous run (driver older than 12.8)"
-                }
+                "  -> GPU engines (cuda descriptors) on these devices are served; a GPU's context \
+                 is retained (BLOCKING_SYNC) when the first engine on it registers; switches: \
+                 {}={} (auto | per-run), {}={} (default {}), {}={} (seconds a transfer waits \
+                 for the engine's event and for its copies, default {})",
+                copy::COPY_ENV,
+                env_or(copy::COPY_ENV, "auto"),
+                copy::MAX_BATCH_ENV,
+                env_or(copy::MAX_BATCH_ENV, &copy::MAX_BATCH.to_string()),
+                copy::MAX_BATCH,
+                wait::WAIT_ENV,
+                wait::budget().as_secs_f64(),
+                wait::DEFAULT_WAIT.as_secs()
             );
         }
         Err(e) => {

@@ -112,9 +112,16 @@ mod off {
     pub const INJECT_COUNT: usize = 216;
     pub const INJECT_FN: usize = 224;
     pub const VIOLATION: usize = 288;
-    pub const EXPORTED_DONE: usize = 544;
-    pub const SIZE: u64 = 544 + 8 * 1024;
+    pub const MAX_BATCH: usize = 8736;
+    pub const BLOCKING_WAITS: usize = 8744;
+    pub const CTX_RETAINS: usize = 8752;
+    pub const CTX_FLAGS: usize = 8784;
+    pub const BATCH_MAX_SEEN: usize = 8816;
+    pub const SIZE: u64 = 8824;
 }
+
+/// cwm's documented cap on copies per `cuMemcpyBatchAsync` call; the stand-in refuses more.
+const CWM_MAX_BATCH: u64 = 1024;
 
 impl Sim {
     fn new(driver_version: u64) -> Sim {
@@ -133,6 +140,7 @@ impl Sim {
         }
         sim.set(off::DRIVER_VERSION, driver_version);
         sim.set(off::NUM_DEVICES, 2);
+        sim.set(off::MAX_BATCH, CWM_MAX_BATCH);
         sim
     }
 
@@ -174,12 +182,23 @@ impl Sim {
         h
     }
 
-    /// Whether the exported event behind a handle cwm replied with has completed.
-    fn exported_done(&self, handle: &[u8]) -> bool {
-        assert_eq!(handle.len(), 64, "a CUDA event handle");
-        assert_eq!(&handle[..8], b"CWMSIMXE", "an event the stand-in exported");
-        let slot = u64::from_ne_bytes(handle[8..16].try_into().unwrap()) as usize;
-        self.get(off::EXPORTED_DONE + 8 * slot) == 1
+    /// An engine event that never fires: the engine died or stalls after sending it.
+    fn dead_engine_event(&self) -> Vec<u8> {
+        self.set(off::ENGINE_BUSY_UNTIL, u64::MAX);
+        let mut h = vec![0u8; 64];
+        h[..8].copy_from_slice(b"CWMSIMEV");
+        h[8..16].copy_from_slice(&u64::MAX.to_ne_bytes());
+        h
+    }
+
+    /// The reply's event: cwm synchronized before replying, so it is empty (LMCache's client
+    /// then imports nothing, and no exported event can be destroyed before it is imported).
+    fn assert_no_event(&self, handle: &[u8]) {
+        assert!(
+            handle.is_empty(),
+            "cwm replied with a {}-byte event handle although its copies completed",
+            handle.len()
+        );
     }
 
     fn assert_clean(&self) {
@@ -219,6 +238,10 @@ struct Server {
 
 impl Server {
     fn start(sim: Option<&Sim>, extra: &[&str]) -> Server {
+        Server::start_env(sim, extra, &[])
+    }
+
+    fn start_env(sim: Option<&Sim>, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("cwm.log");
         let port = free_port();
@@ -238,6 +261,7 @@ impl Server {
             .args(extra)
             .env("CWM_LOG", "info")
             .env(cwm::ops::PIN_PIECE_ENV, PIECE.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         match sim {
@@ -429,9 +453,32 @@ fn gpu_server(driver_version: u64, extra: &[&str]) -> (Sim, Server, MpClient) {
     (sim, server, c)
 }
 
+/// Store the 512 tokens `toks` from `blocks` of instance 1, after an engine event that fires in
+/// `delay_ms`; the store succeeds and its reply carries no event.
+fn store_ok(
+    sim: &Sim,
+    server: &Server,
+    c: &mut MpClient,
+    toks: &[u32],
+    blocks: &[u32],
+    delay_ms: u64,
+) {
+    let stored = c
+        .store_after(
+            &key(toks, 512, "s", Some(0)),
+            1,
+            &[blocks.to_vec()],
+            &sim.engine_event(Duration::from_millis(delay_ms)),
+        )
+        .unwrap();
+    assert!(stored.ok, "store failed: {}", server.log());
+    sim.assert_no_event(&stored.event);
+}
+
 /// Store 2 chunks (32 blocks) from `src`, retrieve them into other blocks of `dst`, skipping
 /// the first `skip` tokens, and compare every block of every layer.
-fn round_trip(kind: Kind, driver_version: u64) {
+fn round_trip(driver_version: u64) {
+    let kind = Kind::Cuda;
     let (sim, server, mut c) = gpu_server(driver_version, &[]);
     let (src, dst) = (GpuKv::new(), GpuKv::new());
     src.fill(1);
@@ -445,19 +492,7 @@ fn round_trip(kind: Kind, driver_version: u64) {
     let src_blocks: Vec<u32> = (1..=32).collect();
     let dst_blocks: Vec<u32> = (8..40).rev().collect();
 
-    let stored = c
-        .store_after(
-            &key(&toks, 512, "s", Some(0)),
-            1,
-            std::slice::from_ref(&src_blocks),
-            &sim.engine_event(Duration::from_millis(150)),
-        )
-        .unwrap();
-    assert!(stored.ok, "store failed: {}", server.log());
-    assert!(
-        sim.exported_done(&stored.event),
-        "the reply's event covers the copy"
-    );
+    store_ok(&sim, &server, &mut c, &toks, &src_blocks, 150);
     assert!(
         sim.get(off::ENGINE_WAITS) >= 1,
         "the copy waited on the engine's event"
@@ -479,7 +514,7 @@ fn round_trip(kind: Kind, driver_version: u64) {
         )
         .unwrap();
     assert!(got.ok, "retrieve failed: {}", server.log());
-    assert!(sim.exported_done(&got.event));
+    sim.assert_no_event(&got.event);
     for l in 0..LAYERS {
         for (j, (&s, &d)) in src_blocks.iter().zip(&dst_blocks).enumerate() {
             if j < skip_blocks {
@@ -515,6 +550,11 @@ fn round_trip(kind: Kind, driver_version: u64) {
         );
     }
 
+    assert_eq!(
+        sim.get(off::BLOCKING_WAITS),
+        0,
+        "every wait polls with a deadline"
+    );
     c.unregister_kv_cache(1).unwrap();
     c.unregister_kv_cache(2).unwrap();
     sim.wait_for(off::OPEN_MAPPINGS, 0, "mappings closed on unregister");
@@ -523,12 +563,33 @@ fn round_trip(kind: Kind, driver_version: u64) {
 
 #[test]
 fn cuda_descriptors_round_trip_with_batched_copies() {
-    round_trip(Kind::Cuda, 12080);
+    round_trip(12080);
 }
 
 #[test]
-fn cuda_raw_descriptors_round_trip_with_per_run_copies() {
-    round_trip(Kind::CudaRaw, 12040);
+fn cuda_descriptors_round_trip_with_per_run_copies_before_12_8() {
+    round_trip(12040);
+}
+
+/// `cuda_raw` comes only from LMCache's isolated_ipc mode, whose events cwm cannot wait on:
+/// refused at registration with the reason, nothing opened.
+#[test]
+fn cuda_raw_is_refused_at_registration_with_the_reason() {
+    let (sim, server, mut c) = gpu_server(12080, &[]);
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    server.wait_log("cuda_raw (LMCache's isolated_ipc mode)");
+    let stored = c
+        .store_after(
+            &key(&tokens(61, 256), 256, "s", Some(0)),
+            1,
+            &[(1..=16).collect()],
+            &[],
+        )
+        .unwrap();
+    assert!(!stored.ok);
+    assert_eq!(sim.get(off::OPENS), 0, "nothing opened");
+    sim.assert_clean();
 }
 
 #[test]
@@ -536,7 +597,7 @@ fn one_mapping_per_allocation_closed_by_the_last_unregister_or_the_reaper() {
     let (sim, _server, mut c) = gpu_server(12080, &["--worker-registration-grace-secs", "2"]);
     let kv = GpuKv::new();
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
-    register(&mut c, 2, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    register(&mut c, 2, &kv.descriptors(Kind::Cuda, UUID0_STR));
     assert_eq!(sim.get(off::OPENS), 1, "both instances share one mapping");
     c.unregister_kv_cache(1).unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -612,8 +673,8 @@ fn gpu_registrations_fail_with_the_cause_named() {
     server.wait_log("not found among this host's GPUs");
 
     // Layers on two devices.
-    let mut mixed = kv.descriptors(Kind::CudaRaw, UUID0_STR);
-    mixed[1] = descriptors(Kind::CudaRaw, kv.handle(), UUID1_STR).remove(1);
+    let mut mixed = kv.descriptors(Kind::Cuda, UUID0_STR);
+    mixed[1] = descriptors(Kind::Cuda, kv.handle(), UUID1_STR).remove(1);
     register(&mut c, 2, &mixed);
     assert!(!store(&mut c, 2, &[]));
     server.wait_log("one instance must register one device");
@@ -724,7 +785,7 @@ fn a_driver_without_devices_is_named() {
     let server = Server::start(Some(&sim), &[]);
     let mut c = server.client();
     let kv = GpuKv::new();
-    register(&mut c, 1, &kv.descriptors(Kind::CudaRaw, UUID0_STR));
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
     server.wait_log("not found among this host's GPUs []");
     sim.assert_clean();
 }
@@ -765,7 +826,204 @@ fn doctor_lists_the_devices() {
         text.contains(&format!("GPU 1: cwm cuda-sim GPU 1 uuid {UUID1_STR}")),
         "{text}"
     );
-    assert!(text.contains("cuMemcpyBatchAsync"), "{text}");
+    assert!(
+        text.contains("cuMemcpyBatchAsync, at most 1024 copies per call"),
+        "{text}"
+    );
+    assert!(text.contains("(attribute 91): yes"), "{text}");
+    assert!(text.contains("CWM_CUDA_COPY=auto"), "{text}");
+    assert!(text.contains("CWM_CUDA_WAIT_SECS=30"), "{text}");
+    // Attribute 91 = 0 and the per-run switch, as the operator sees them.
+    let out = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .arg("doctor")
+        .env("LD_LIBRARY_PATH", sim_dir())
+        .env("CWM_CUDA_SIM", sim.seg.name())
+        .env("CWM_CUDA_SIM_ATTR91", "1,0")
+        .env("CWM_CUDA_MAX_BATCH", "64")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("at most 64 copies per call"), "{text}");
+    assert!(text.contains("(attribute 91): no"), "{text}");
+    assert!(
+        text.contains("cuMemcpyAsync per contiguous run (device cannot use host pointers"),
+        "{text}"
+    );
+    assert_eq!(sim.get(off::CTX_RETAINS), 0, "doctor retains no context");
     assert!(text.contains("ulimit -l"), "{text}");
     assert!(text.contains("/dev/shm"), "{text}");
+}
+
+/// Register two instances on `uuid`, store 2 chunks from scattered blocks of one, retrieve
+/// them into other scattered blocks of the other, and compare every block of every layer.
+/// Returns the client and both caches (still registered as instances 1 and 2).
+fn scattered_round_trip(sim: &Sim, server: &Server, uuid: &str, seed: u64) -> MpClient {
+    let mut c = server.client();
+    let (src, dst) = (GpuKv::new(), GpuKv::new());
+    src.fill(seed);
+    dst.fill(seed + 1);
+    register(&mut c, 1, &src.descriptors(Kind::Cuda, uuid));
+    register(&mut c, 2, &dst.descriptors(Kind::Cuda, uuid));
+    let toks = tokens(seed as u32, 512);
+    // Every other block: no two runs coalesce, so 4 layers x 32 blocks = 128 runs a transfer.
+    let src_blocks: Vec<u32> = (0..32).map(|b| 1 + 2 * (b % 19) + b / 19).collect();
+    let dst_blocks: Vec<u32> = (8..40).rev().collect();
+    store_ok(sim, server, &mut c, &toks, &src_blocks, 20);
+    let got = c
+        .retrieve_after(
+            &key(&toks, 512, "l", Some(0)),
+            2,
+            std::slice::from_ref(&dst_blocks),
+            &sim.engine_event(Duration::from_millis(20)),
+            0,
+        )
+        .unwrap();
+    assert!(got.ok, "retrieve failed: {}", server.log());
+    for l in 0..LAYERS {
+        for (j, (&s, &d)) in src_blocks.iter().zip(&dst_blocks).enumerate() {
+            assert_eq!(
+                src.block(l, s as u64),
+                dst.block(l, d as u64),
+                "layer {l} block {j}"
+            );
+        }
+    }
+    c
+}
+
+#[test]
+fn batches_are_bounded_and_a_failed_batch_falls_back_to_per_run_copies() {
+    let sim = Sim::new(12080);
+    // A "driver" that takes at most 16 copies per call, and cwm told so.
+    sim.set(off::MAX_BATCH, 16);
+    let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_MAX_BATCH", "16")]);
+    let mut c = scattered_round_trip(&sim, &server, UUID0_STR, 21);
+    let calls = sim.get(off::BATCH_CALLS);
+    assert!(
+        calls >= 2 * 128 / 16,
+        "128 runs a transfer in calls of 16: {calls}"
+    );
+    assert!(sim.get(off::BATCH_MAX_SEEN) <= 16);
+    sim.assert_clean();
+
+    // The next batch call fails: the transfer completes per run, and the instance stays so.
+    sim.inject("cuMemcpyBatchAsync", 1, 1);
+    let toks = tokens(22, 256);
+    let blocks: Vec<u32> = (0..16).map(|b| 1 + 2 * b).collect();
+    let stored = c
+        .store_after(
+            &key(&toks, 256, "s2", Some(0)),
+            1,
+            std::slice::from_ref(&blocks),
+            &[],
+        )
+        .unwrap();
+    assert!(stored.ok, "store failed: {}", server.log());
+    server.wait_log("copies per run from now on");
+    assert_eq!(sim.get(off::BATCH_CALLS), calls, "no batch call succeeded");
+    let done = sim.get(off::COPIES_DONE);
+    assert!(
+        c.store_after(
+            &key(&tokens(23, 256), 256, "s3", Some(0)),
+            1,
+            std::slice::from_ref(&blocks),
+            &[]
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(sim.get(off::BATCH_CALLS), calls, "per run from then on");
+    assert!(sim.get(off::COPIES_DONE) > done);
+    assert_eq!(lookup_hits(&mut c, &key(&toks, 256, "l2", None)), 1);
+    sim.assert_clean();
+}
+
+#[test]
+fn no_batching_where_attribute_91_is_0_or_the_switch_says_per_run() {
+    // Device 0 cannot use host pointers for registered memory (WSL2): a batch copy from
+    // pinned L1 there is an illegal address (a violation in the stand-in).
+    let sim = Sim::new(12080);
+    let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_SIM_ATTR91", "0,1")]);
+    scattered_round_trip(&sim, &server, UUID0_STR, 31);
+    assert_eq!(sim.get(off::BATCH_CALLS), 0);
+    assert!(sim.get(off::PINNED_BYTES) > 0, "L1 still pinned");
+    sim.assert_clean();
+    drop(server);
+
+    let sim = Sim::new(12080);
+    let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_COPY", "per-run")]);
+    scattered_round_trip(&sim, &server, UUID1_STR, 33);
+    assert_eq!(sim.get(off::BATCH_CALLS), 0);
+    sim.assert_clean();
+}
+
+#[test]
+fn an_engine_event_that_never_fires_breaks_only_its_instance_and_the_reaper_unmaps_it() {
+    let sim = Sim::new(12080);
+    let server = Server::start_env(
+        Some(&sim),
+        &["--worker-registration-grace-secs", "3"],
+        &[("CWM_CUDA_WAIT_SECS", "1")],
+    );
+    let mut c = server.client();
+    let (dead, live) = (GpuKv::new(), GpuKv::new());
+    live.fill(41);
+    register(&mut c, 1, &dead.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &live.descriptors(Kind::Cuda, UUID0_STR));
+    let blocks: Vec<u32> = (1..=16).collect();
+    let store = |c: &mut MpClient, id: u64, rid: &str, event: &[u8]| {
+        c.store_after(
+            &key(&tokens(40 + id as u32, 256), 256, rid, Some(0)),
+            id,
+            std::slice::from_ref(&blocks),
+            event,
+        )
+        .unwrap()
+        .ok
+    };
+    // The old code waited in cuStreamSynchronize forever: the client's 10 s timeout fails it.
+    let t = Instant::now();
+    assert!(!store(&mut c, 1, "s", &sim.dead_engine_event()));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    server.wait_log("the engine died or stalled");
+    assert_eq!(sim.get(off::COPIES_DONE), 0, "nothing was copied");
+    // Broken: its next transfer fails at once, even with an event that fired.
+    sim.set(off::ENGINE_BUSY_UNTIL, 0);
+    assert!(!store(&mut c, 1, "s2", &[]));
+    server.wait_log("this instance is broken");
+    // The other instance on the same GPU is unaffected.
+    assert!(store(&mut c, 2, "s3", &[]));
+    // Nobody pings: the reaper drops both and unmaps their memory.
+    sim.wait_for(
+        off::OPEN_MAPPINGS,
+        0,
+        "the reaper unmaps the broken instance",
+    );
+    assert_eq!(sim.get(off::BLOCKING_WAITS), 0);
+    sim.assert_clean();
+}
+
+#[test]
+fn contexts_are_retained_lazily_per_device_with_blocking_sync_and_a_failing_device_is_alone() {
+    let sim = Sim::new(12080);
+    // The first context retain fails: the first device an engine registers on.
+    sim.inject("cuDevicePrimaryCtxRetain", 2, 1);
+    let server = Server::start(Some(&sim), &[]);
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    kv.fill(51);
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID1_STR));
+    server.wait_log("GPU 1 (11111111-1111-1111-1111-111111111111) is disabled");
+    c.unregister_kv_cache(1).unwrap();
+    // Device 0 still works, and only its context was retained, with BLOCKING_SYNC set first.
+    scattered_round_trip(&sim, &server, UUID0_STR, 52);
+    assert_eq!(sim.get(off::CTX_RETAINS), 1, "device 0 retained once");
+    assert_eq!(sim.get(off::CTX_FLAGS), 4, "CU_CTX_SCHED_BLOCKING_SYNC");
+    assert_eq!(
+        sim.get(off::CTX_RETAINS + 8),
+        0,
+        "device 1: its one try failed"
+    );
+    assert!(sim.get(off::PINNED_BYTES) > 0, "L1 pinned with device 0");
+    sim.assert_clean();
 }

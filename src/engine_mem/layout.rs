@@ -122,7 +122,28 @@ fn roles(shape: &[u64], hint: Option<&str>) -> Result<Roles, &'static str> {
             token: 3,
             content: 4,
         },
-        _ => return Err("expected [NB,BS,NH,C], [NB,NH,BS,C], [NB,BS,HS] or [2,NB,BS,NH,HS]"),
+        // FlashInfer [NB, 2, BS, NH, HS] / [NB, 2, NH, BS, HS] (LMCache's NL_X_NB_TWO_*): K/V
+        // second. A leading 2 is read as K/V first above, as LMCache's detector does.
+        (5, false) if shape[1] == 2 => Roles {
+            plane: Some(1),
+            block: 0,
+            token: 2,
+            head: Some(3),
+            content: 4,
+        },
+        (5, true) if shape[1] == 2 => Roles {
+            plane: Some(1),
+            block: 0,
+            head: Some(2),
+            token: 3,
+            content: 4,
+        },
+        _ => {
+            return Err(
+                "expected [NB,BS,NH,C], [NB,NH,BS,C], [NB,BS,HS], [2,NB,BS,NH,HS] or FlashInfer's \
+                 [NB,2,BS,NH,HS]",
+            )
+        }
     })
 }
 
@@ -320,6 +341,36 @@ mod tests {
             (2, nb * bs * nh * hs * 2, 8, 64)
         );
         assert_eq!(l.block_shape(), BlockShape::Contiguous);
+    }
+
+    /// FlashInfer's `[NB, 2, BS, NH, HS]` (and `[NB, 2, NH, BS, HS]` with the HND hint): K and V
+    /// planes inside each block.
+    #[test]
+    fn flashinfer_kv_second() {
+        let (nb, bs, nh, hs) = (8, 16, 4, 8);
+        let fi = md(
+            &[nb, 2, bs, nh, hs],
+            &[2 * bs * nh * hs, bs * nh * hs, nh * hs, hs, 1],
+            0,
+        );
+        let l = KvLayout::from_tensors(&[&fi], None).unwrap();
+        assert_eq!(
+            (l.planes, l.num_blocks, l.block_size, l.num_heads),
+            (2, nb, bs, nh)
+        );
+        // bf16: a plane is one block's K (or V), a block both.
+        let plane = bs * nh * hs * 2;
+        assert_eq!((l.plane_stride, l.block_stride), (plane, 2 * plane));
+        assert_eq!((l.token_stride, l.head_stride), (nh * hs * 2, hs * 2));
+        let fi_hnd = md(
+            &[nb, 2, nh, bs, hs],
+            &[2 * nh * bs * hs, nh * bs * hs, bs * hs, hs, 1],
+            0,
+        );
+        let l = KvLayout::from_tensors(&[&fi_hnd], Some("HND")).unwrap();
+        assert_eq!((l.block_size, l.num_heads), (bs, nh));
+        assert_eq!((l.token_stride, l.head_stride), (hs * 2, bs * hs * 2));
+        assert_eq!((l.plane_stride, l.block_stride), (plane, 2 * plane));
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub enum EngineMemError {
     CudaUnavailable(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// The GPU did not complete cwm's copies in time: they may still land, so the caller must
+    /// never reuse the L1 objects of this transfer (it leaks them).
+    #[error("CUDA: {0}")]
+    CopiesRunning(String),
     #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]
@@ -170,11 +174,14 @@ pub trait EngineMemory: Send + Sync {
 
 /// Whether the descriptors name GPU memory (which copies through pinned L1).
 pub fn is_gpu(descriptors: &[IpcDescriptor]) -> bool {
-    matches!(
-        descriptors.first(),
-        Some(IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. })
-    )
+    matches!(descriptors.first(), Some(IpcDescriptor::Cuda { .. }))
 }
+
+/// Why `cuda_raw` descriptors are refused at registration.
+pub const CUDA_RAW_REFUSED: &str = "cuda_raw (LMCache's isolated_ipc mode): with it the engine \
+     orders every transfer with 81-byte timeline-semaphore events, which cwm cannot wait on, so \
+     every transfer would fail; register with lmcache.mp.isolated_ipc off (the default CUDA IPC \
+     mode, `cuda` descriptors)";
 
 /// Open an engine's registered memory with the backend for its descriptors' kind.
 pub fn open(
@@ -201,8 +208,13 @@ pub fn open_with(
         IpcDescriptor::CpuShm { .. } => {
             Ok(Box::new(shm::ShmKv::open(descriptors, kv_layout_hint)?))
         }
-        IpcDescriptor::Cuda { .. } | IpcDescriptor::CudaRaw { .. } => Ok(Box::new(
-            cuda::CudaKv::open(descriptors, kv_layout_hint, pinned)?,
+        IpcDescriptor::Cuda { .. } => Ok(Box::new(cuda::CudaKv::open(
+            descriptors,
+            kv_layout_hint,
+            pinned,
+        )?)),
+        IpcDescriptor::CudaRaw { .. } => Err(EngineMemError::UnsupportedKind(
+            CUDA_RAW_REFUSED.to_string(),
         )),
         IpcDescriptor::Unsupported { kind } if kind == "cuda_vmm" => {
             Err(EngineMemError::UnsupportedKind(

@@ -171,7 +171,7 @@ impl Cwm {
             ));
         };
         let pinned = if engine_mem::is_gpu(descriptors) {
-            self.pinned_l1()
+            self.pinned_l1(descriptors)
         } else {
             None
         };
@@ -213,16 +213,19 @@ impl Cwm {
 
     /// L1 pinned for GPU copies, registering it on first use. A failure is logged, counted in
     /// `/status` and `/metrics`, and not retried; copies then run from pageable memory.
-    fn pinned_l1(&self) -> Option<Arc<PinnedHost>> {
-        // Without a driver the registration fails with that reason; nothing to pin.
-        cuda::driver::driver().ok()?;
+    fn pinned_l1(&self, descriptors: &[ipc::IpcDescriptor]) -> Option<Arc<PinnedHost>> {
+        // Without a driver, or on a device this host lacks, the registration fails with that
+        // reason; nothing to pin. Pinned with the engine's own device (contexts are lazy).
+        let device = cuda::engine_device(descriptors).ok()?;
+        // A GPU whose context failed is disabled alone: never pin (and cache a failure) with it.
+        device.bind().ok()?;
         let pinned = self.gpu_l1.get_or_init(|| {
             let (base, len) = self.tiers.l1_memory();
             let piece = std::env::var(PIN_PIECE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(pinned::MAX_PIECE);
-            match cuda::pin_host(base, len, piece) {
+            match cuda::pin_host(device, base, len, piece) {
                 Ok(p) => {
                     tracing::info!(bytes = len, pieces = p.pieces(), "L1 pinned for GPU copies");
                     Ok(Arc::new(p))

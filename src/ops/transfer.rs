@@ -255,7 +255,15 @@ impl Cwm {
             })
             .collect();
         // Returns once the copy completed: only then are the objects committed (visible).
-        let done = kv.gather(&chunks, event).map_err(TransferError::from)?;
+        let done = match kv.gather(&chunks, event) {
+            Err(e @ EngineMemError::CopiesRunning(_)) => {
+                // A late copy may still write them: never reuse these reservations.
+                drop(chunks);
+                std::mem::forget(writes);
+                return Err(TransferError::from(e).into());
+            }
+            r => r.map_err(TransferError::from)?,
+        };
         drop(chunks);
         let stored = writes.len();
         self.tiers.commit(
@@ -318,6 +326,12 @@ impl Cwm {
         // Returns once the copy completed: only then are the objects unpinned.
         let copied = kv.scatter(&chunks, event);
         release();
+        if let Err(e @ EngineMemError::CopiesRunning(_)) = copied {
+            // A late copy may still read them: keep them pinned for good.
+            drop(chunks);
+            std::mem::forget(reads);
+            return Err(TransferError::from(e).into());
+        }
         let done = copied.map_err(TransferError::from)?;
         let bytes = reads.iter().flatten().map(|g| g.len() as u64).sum();
         self.counters.record_retrieve(reads.len() as u64, bytes);

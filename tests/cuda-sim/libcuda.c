@@ -12,10 +12,28 @@
  * - Everything the test sets and checks is in a shared state file, /dev/shm/<$CWM_CUDA_SIM>
  *   (layout: struct sim_state; tests/cuda_sim.rs mirrors the offsets).
  *
+ * As strict as the driver's documented rules, or stricter:
+ * - An engine event handle whose fire time is UINT64_MAX never fires (a dead or stalled engine).
+ * - A second cuIpcOpenMemHandle of one allocation returns the same pointer and takes a
+ *   reference; the mapping goes away with the last cuIpcCloseMemHandle (the driver's refcount).
+ * - Contexts: cuCtxSetCurrent of a context never retained, and any call on a stream, event or
+ *   mapping made while another device's context is current, is a violation. Retains and the
+ *   flags set before the first retain are counted per device (ctx_retains, ctx_flags).
+ * - cuMemcpyBatchAsync: more than `max_batch` copies in one call (when non-zero) is refused
+ *   (and counted as a violation: real drivers crash or hang there); attrs / attrsIdxs /
+ *   numAttrs / srcAccessOrder are validated; the copies of one batch run in random order.
+ * - Attribute 91 (CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM) per device from the environment
+ *   variable CWM_CUDA_SIM_ATTR91 ("1,0": device 0 can, device 1 cannot; default 1); a batch
+ *   copy from or to registered host memory on a device where it is 0 is a violation (the
+ *   driver's illegal-address error).
+ * - cuStreamDestroy returns at once (queued work still runs, as in the driver).
+ * - An exported event destroyed by cwm is marked in `exported_done` (2); using a destroyed
+ *   event inside cwm is a violation.
+ *
  * Violations (counted, first one described in `violation`): engine memory copied before
  * `engine_busy_until_ns` (the engine's event had not fired), a copy outside a mapping, a copy
- * spanning two host registrations, a mapping opened twice, an exported event destroyed before
- * it completed.
+ * spanning two host registrations, an exported event destroyed before it completed, and the
+ * rules above. Blocking waits (cuStreamSynchronize, cuEventSynchronize) are counted.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,7 +57,7 @@ typedef struct { char bytes[16]; } CUuuid;
 
 enum {
     OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, NO_DEVICE = 100,
-    INVALID_DEVICE = 101, INVALID_CONTEXT = 201, ALREADY_MAPPED = 208, INVALID_HANDLE = 400,
+    INVALID_DEVICE = 101, INVALID_CONTEXT = 201, ALREADY_MAPPED = 208, INVALID_HANDLE = 400, NOT_READY = 600,
     HOST_MEMORY_ALREADY_REGISTERED = 712, HOST_MEMORY_NOT_REGISTERED = 713, UNKNOWN = 999,
 };
 
@@ -68,13 +86,21 @@ struct sim_state {
     uint64_t inject_count;         /* 216 */
     char inject_fn[64];            /* 224 */
     char violation[256];           /* 288 */
-    uint64_t exported_done[MAX_EXPORTED]; /* 544 */
+    uint64_t exported_done[MAX_EXPORTED]; /* 544: 0 pending, 1 done, 2 destroyed */
+    uint64_t max_batch;            /* 8736 */
+    uint64_t blocking_waits;       /* 8744 */
+    uint64_t ctx_retains[4];       /* 8752 */
+    uint64_t ctx_flags[4];         /* 8784 */
+    uint64_t batch_max_seen;       /* 8816 */
 };
 
 static struct sim_state *S;
 static pthread_mutex_t G = PTHREAD_MUTEX_INITIALIZER;
 static __thread void *current_ctx;
 static char ctxs[4];
+static unsigned primary_flags[4];
+
+static int ctx_device(void *ctx) { return ctx ? (int)((char *)ctx - ctxs) : -1; }
 
 #define ADD(field, n) __atomic_add_fetch(&S->field, (n), __ATOMIC_SEQ_CST)
 #define GET(field) __atomic_load_n(&S->field, __ATOMIC_SEQ_CST)
@@ -120,7 +146,7 @@ static CUresult injected(const char *fn) {
     } while (0)
 
 /* ---- mappings and host registrations ---- */
-struct region { uintptr_t base; size_t len; char key[64]; struct region *next; };
+struct region { uintptr_t base; size_t len; char key[64]; long refs; void *ctx; struct region *next; };
 static struct region *mappings, *registered;
 
 static struct region *find(struct region *l, uintptr_t p, size_t n) {
@@ -147,10 +173,35 @@ static int touches(struct region *l, uintptr_t p, size_t n) {
 }
 
 /* ---- events and streams ---- */
-struct event { int engine; uint64_t fire_at; int done; int flags; long slot; int destroyed; };
+struct event { int engine; uint64_t fire_at; int done; int flags; long slot; int destroyed; void *ctx; };
 enum { OP_WAIT, OP_COPY, OP_RECORD };
 struct op { int kind; uint64_t fire_at; void *dst; const void *src; size_t n; uintptr_t dev; struct event *ev; struct op *next; };
-struct stream { pthread_t th; pthread_mutex_t m; pthread_cond_t c; struct op *head, *tail; int busy, stop; };
+struct stream { pthread_t th; pthread_mutex_t m; pthread_cond_t c; struct op *head, *tail; int busy, stop; void *ctx; };
+
+/* The driver refuses work on an object of another context than the current one. */
+static int wrong_ctx(void *owner, const char *what) {
+    if (owner == current_ctx) return 0;
+    violation(what, (unsigned long long)ctx_device(owner), (unsigned long long)ctx_device(current_ctx));
+    return 1;
+}
+
+static int destroyed_event(struct event *e, const char *fn) {
+    if (!e->destroyed) return 0;
+    violation("%s on an event cwm already destroyed (slot %lld)", 0, (unsigned long long)e->slot);
+    (void)fn;
+    return 1;
+}
+
+static int attr91(int dev) {
+    const char *v = getenv("CWM_CUDA_SIM_ATTR91");
+    for (int i = 0; v && *v; i++) {
+        if (i == dev) return *v != '0';
+        const char *c = strchr(v, ',');
+        if (!c) break;
+        v = c + 1;
+    }
+    return 1;
+}
 
 static void run_copy(struct op *o) {
     usleep((useconds_t)GET(copy_delay_us));
@@ -176,7 +227,7 @@ static void *worker(void *arg) {
     pthread_mutex_lock(&s->m);
     for (;;) {
         while (!s->head && !s->stop) pthread_cond_wait(&s->c, &s->m);
-        if (!s->head) break;
+        if (!s->head) break; /* stopped and drained */
         struct op *o = s->head;
         s->busy = 1;
         pthread_mutex_unlock(&s->m);
@@ -197,6 +248,7 @@ static void *worker(void *arg) {
         pthread_cond_broadcast(&s->c);
     }
     pthread_mutex_unlock(&s->m);
+    free(s);
     return NULL;
 }
 
@@ -224,6 +276,7 @@ CUresult cuGetErrorString(CUresult e, const char **s) {
     case INVALID_CONTEXT: *s = "invalid device context"; break;
     case ALREADY_MAPPED: *s = "resource already mapped"; break;
     case INVALID_HANDLE: *s = "invalid resource handle"; break;
+    case NOT_READY: *s = "device not ready"; break;
     default: *s = "cuda-sim error"; break;
     }
     return OK;
@@ -255,8 +308,36 @@ CUresult cuDeviceGet(CUdevice *d, int ordinal) {
 CUresult cuDeviceGetUuid_v2(CUuuid *u, CUdevice d) { ENTER("cuDeviceGetUuid_v2", 0); memcpy(u->bytes, S->uuids[d], 16); return OK; }
 CUresult cuDeviceGetName(char *name, int len, CUdevice d) { ENTER("cuDeviceGetName", 0); snprintf(name, (size_t)len, "cwm cuda-sim GPU %d", d); return OK; }
 CUresult cuDeviceTotalMem_v2(size_t *b, CUdevice d) { (void)d; ENTER("cuDeviceTotalMem_v2", 0); *b = 80ull << 30; return OK; }
-CUresult cuDevicePrimaryCtxRetain(void **ctx, CUdevice d) { ENTER("cuDevicePrimaryCtxRetain", 0); *ctx = &ctxs[d]; return OK; }
-CUresult cuCtxSetCurrent(void *ctx) { ENTER("cuCtxSetCurrent", 0); current_ctx = ctx; return OK; }
+CUresult cuDeviceGetAttribute(int *v, int attrib, CUdevice d) {
+    ENTER("cuDeviceGetAttribute", 0);
+    if (d < 0 || (uint64_t)d >= S->num_devices) return INVALID_DEVICE;
+    if (attrib != 91) return INVALID_VALUE; /* the only attribute cwm reads */
+    *v = attr91(d);
+    return OK;
+}
+CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice d, unsigned flags) {
+    ENTER("cuDevicePrimaryCtxSetFlags_v2", 0);
+    if (d < 0 || (uint64_t)d >= S->num_devices) return INVALID_DEVICE;
+    primary_flags[d] = flags;
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void **ctx, CUdevice d) {
+    ENTER("cuDevicePrimaryCtxRetain", 0);
+    if (d < 0 || (uint64_t)d >= S->num_devices) return INVALID_DEVICE;
+    if (ADD(ctx_retains[d], 1) == 1) __atomic_store_n(&S->ctx_flags[d], primary_flags[d], __ATOMIC_SEQ_CST);
+    *ctx = &ctxs[d];
+    return OK;
+}
+CUresult cuCtxSetCurrent(void *ctx) {
+    ENTER("cuCtxSetCurrent", 0);
+    int d = ctx_device(ctx);
+    if (ctx && (d < 0 || d >= 4 || GET(ctx_retains[d]) == 0)) {
+        violation("cuCtxSetCurrent of a context never retained (device %llu)%llu", (unsigned long long)d, 0);
+        return INVALID_CONTEXT;
+    }
+    current_ctx = ctx;
+    return OK;
+}
 
 CUresult cuStreamCreate(struct stream **out, unsigned flags) {
     (void)flags;
@@ -264,20 +345,35 @@ CUresult cuStreamCreate(struct stream **out, unsigned flags) {
     struct stream *s = calloc(1, sizeof *s);
     pthread_mutex_init(&s->m, NULL);
     pthread_cond_init(&s->c, NULL);
+    s->ctx = current_ctx;
     pthread_create(&s->th, NULL, worker, s);
+    pthread_detach(s->th);
     *out = s;
     return OK;
 }
-CUresult cuStreamSynchronize(struct stream *s) { ENTER("cuStreamSynchronize", 1); drain(s); return OK; }
+CUresult cuStreamSynchronize(struct stream *s) {
+    ENTER("cuStreamSynchronize", 1);
+    if (wrong_ctx(s->ctx, "stream of device %llu synchronized with device %llu's context current")) return INVALID_CONTEXT;
+    ADD(blocking_waits, 1);
+    drain(s);
+    return OK;
+}
+CUresult cuStreamQuery(struct stream *s) {
+    ENTER("cuStreamQuery", 1);
+    if (wrong_ctx(s->ctx, "stream of device %llu queried with device %llu's context current")) return INVALID_CONTEXT;
+    pthread_mutex_lock(&s->m);
+    int idle = !s->head && !s->busy;
+    pthread_mutex_unlock(&s->m);
+    return idle ? OK : NOT_READY;
+}
+/* Returns at once; the worker runs what is queued, then frees the stream (as the driver does). */
 CUresult cuStreamDestroy_v2(struct stream *s) {
     ENTER("cuStreamDestroy_v2", 1);
-    drain(s);
+    if (wrong_ctx(s->ctx, "stream of device %llu destroyed with device %llu's context current")) return INVALID_CONTEXT;
     pthread_mutex_lock(&s->m);
     s->stop = 1;
     pthread_cond_broadcast(&s->c);
     pthread_mutex_unlock(&s->m);
-    pthread_join(s->th, NULL);
-    free(s);
     return OK;
 }
 
@@ -287,12 +383,15 @@ CUresult cuEventCreate(struct event **out, unsigned flags) {
     e->flags = (int)flags;
     e->slot = -1;
     e->done = 1;
+    e->ctx = current_ctx;
     *out = e;
     return OK;
 }
 CUresult cuEventRecord(struct event *e, struct stream *s) {
     ENTER("cuEventRecord", 1);
     if (e->engine) return INVALID_HANDLE;
+    if (destroyed_event(e, "cuEventRecord")) return INVALID_HANDLE;
+    if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
     struct op *o = calloc(1, sizeof *o);
     o->kind = OP_RECORD;
     o->ev = e;
@@ -303,12 +402,28 @@ CUresult cuEventRecord(struct event *e, struct stream *s) {
 }
 CUresult cuEventSynchronize(struct event *e) {
     ENTER("cuEventSynchronize", 1);
+    if (destroyed_event(e, "cuEventSynchronize")) return INVALID_HANDLE;
+    ADD(blocking_waits, 1);
     if (e->engine) { sleep_until(e->fire_at); ADD(engine_waits, 1); return OK; }
     while (!__atomic_load_n(&e->done, __ATOMIC_SEQ_CST)) usleep(100);
     return OK;
 }
+CUresult cuEventQuery(struct event *e) {
+    ENTER("cuEventQuery", 1);
+    if (destroyed_event(e, "cuEventQuery")) return INVALID_HANDLE;
+    if (wrong_ctx(e->ctx, "event of device %llu queried with device %llu's context current")) return INVALID_CONTEXT;
+    if (e->engine) {
+        if (now_ns() < e->fire_at) return NOT_READY;
+        ADD(engine_waits, 1);
+        return OK;
+    }
+    return __atomic_load_n(&e->done, __ATOMIC_SEQ_CST) ? OK : NOT_READY;
+}
 CUresult cuEventDestroy_v2(struct event *e) {
     ENTER("cuEventDestroy_v2", 1);
+    if (destroyed_event(e, "cuEventDestroy_v2")) return INVALID_HANDLE;
+    if (wrong_ctx(e->ctx, "event of device %llu destroyed with device %llu's context current")) return INVALID_CONTEXT;
+    if (e->slot >= 0) __atomic_store_n(&S->exported_done[e->slot], 2, __ATOMIC_SEQ_CST);
     if (e->slot >= 0 && !__atomic_load_n(&e->done, __ATOMIC_SEQ_CST))
         violation("exported event %llu destroyed before it completed%llu", (unsigned long long)e->slot, 0);
     e->destroyed = 1; /* kept: a queued record may still point at it */
@@ -317,6 +432,7 @@ CUresult cuEventDestroy_v2(struct event *e) {
 CUresult cuIpcGetEventHandle(CUipcEventHandle *h, struct event *e) {
     ENTER("cuIpcGetEventHandle", 1);
     if ((e->flags & 6) != 6 || e->engine) return INVALID_VALUE; /* Interprocess | DisableTiming */
+    if (destroyed_event(e, "cuIpcGetEventHandle")) return INVALID_HANDLE;
     if (e->slot < 0) {
         e->slot = (long)((ADD(exported_events, 1) - 1) % MAX_EXPORTED);
         __atomic_store_n(&S->exported_done[e->slot], (uint64_t)e->done, __ATOMIC_SEQ_CST);
@@ -333,6 +449,7 @@ CUresult cuIpcOpenEventHandle(struct event **out, CUipcEventHandle h) {
     struct event *e = calloc(1, sizeof *e);
     e->engine = 1;
     e->slot = -1;
+    e->ctx = current_ctx;
     memcpy(&e->fire_at, h.reserved + 8, 8);
     *out = e;
     return OK;
@@ -341,6 +458,8 @@ CUresult cuStreamWaitEvent(struct stream *s, struct event *e, unsigned flags) {
     (void)flags;
     ENTER("cuStreamWaitEvent", 1);
     if (!e->engine) return INVALID_HANDLE; /* cwm only waits on engine events */
+    if (destroyed_event(e, "cuStreamWaitEvent")) return INVALID_HANDLE;
+    if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
     struct op *o = calloc(1, sizeof *o);
     o->kind = OP_WAIT;
     o->fire_at = e->fire_at;
@@ -356,9 +475,12 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle h, unsigned flags)
     pthread_mutex_lock(&G);
     for (struct region *r = mappings; r; r = r->next)
         if (memcmp(r->key, h.reserved, 64) == 0) {
+            /* The driver keeps one mapping per process and allocation, refcounted. */
+            r->refs++;
+            *p = (CUdeviceptr)r->base;
             pthread_mutex_unlock(&G);
-            violation("allocation %s opened twice in one process%llu", 0, 0);
-            return ALREADY_MAPPED;
+            ADD(opens, 1);
+            return OK;
         }
     int fd = shm_open(name, O_RDWR, 0);
     struct stat st;
@@ -369,6 +491,8 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle h, unsigned flags)
     struct region *r = calloc(1, sizeof *r);
     r->base = (uintptr_t)m;
     r->len = (size_t)st.st_size;
+    r->refs = 1;
+    r->ctx = current_ctx;
     memcpy(r->key, h.reserved, 64);
     r->next = mappings;
     mappings = r;
@@ -389,6 +513,12 @@ CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr p)
 CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
     ENTER("cuIpcCloseMemHandle", 1);
     pthread_mutex_lock(&G);
+    struct region *m = find(mappings, (uintptr_t)p, 1);
+    if (m && m->base == (uintptr_t)p && wrong_ctx(m->ctx, "mapping of device %llu closed with device %llu's context current")) {
+        pthread_mutex_unlock(&G);
+        return INVALID_CONTEXT;
+    }
+    if (m && m->base == (uintptr_t)p && --m->refs > 0) { pthread_mutex_unlock(&G); ADD(closes, 1); return OK; }
     struct region *x = unlink_region(&mappings, (uintptr_t)p);
     pthread_mutex_unlock(&G);
     if (!x) return INVALID_VALUE;
@@ -438,26 +568,73 @@ static CUresult enqueue_copy(void *dst, const void *src, size_t n, uintptr_t dev
 }
 CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, struct stream *s) {
     ENTER("cuMemcpyDtoHAsync_v2", 1);
+    if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
     return enqueue_copy(dst, (const void *)(uintptr_t)src, n, (uintptr_t)src, s);
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, struct stream *s) {
     ENTER("cuMemcpyHtoDAsync_v2", 1);
+    if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
     return enqueue_copy((void *)(uintptr_t)dst, src, n, (uintptr_t)dst, s);
 }
+/* CUmemcpyAttributes (12.8): srcAccessOrder, srcLocHint {type, id}, dstLocHint, flags. */
+struct memcpy_attrs { int src_access_order; int src_loc[2]; int dst_loc[2]; unsigned flags; };
+static uint64_t shuffle_state = 0x9e3779b97f4a7c15ull;
+
 /* 12.8 ABI: dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, failIdx, stream. */
 CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
-                            void *attrs, size_t *attr_idxs, size_t num_attrs, size_t *fail_idx,
-                            struct stream *s) {
+                            struct memcpy_attrs *attrs, size_t *attr_idxs, size_t num_attrs,
+                            size_t *fail_idx, struct stream *s) {
     ENTER("cuMemcpyBatchAsync", 1);
     if (S->driver_version < 12080) return UNKNOWN; /* not in this "driver" */
-    if (!attrs || !attr_idxs || num_attrs == 0 || attr_idxs[0] != 0) { if (fail_idx) *fail_idx = 0; return INVALID_VALUE; }
+    if (fail_idx) *fail_idx = (size_t)-1;
+    if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
+    /* The documented argument rules: 1 <= numAttrs <= count, attrsIdxs[0] == 0, strictly
+       increasing and < count, each srcAccessOrder one of STREAM (1), DURING_API_CALL (2),
+       ANY (3). */
+    if (count == 0 || !attrs || !attr_idxs || num_attrs == 0 || num_attrs > count || attr_idxs[0] != 0)
+        return INVALID_VALUE;
+    for (size_t a = 0; a < num_attrs; a++) {
+        if (a > 0 && attr_idxs[a] <= attr_idxs[a - 1]) return INVALID_VALUE;
+        if (attr_idxs[a] >= count) return INVALID_VALUE;
+        if (attrs[a].src_access_order < 1 || attrs[a].src_access_order > 3) return INVALID_VALUE;
+    }
+    uint64_t limit = GET(max_batch);
+    if (limit && count > limit) {
+        violation("cuMemcpyBatchAsync with %llu copies, over this driver's %llu", count, limit);
+        return INVALID_VALUE;
+    }
+    for (uint64_t seen = GET(batch_max_seen); count > seen;)
+        if (__atomic_compare_exchange_n(&S->batch_max_seen, &seen, count, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) break;
+    int dev_id = ctx_device(s->ctx);
+    int host_ptr_ok = attr91(dev_id);
     ADD(batch_calls, 1);
-    for (size_t i = 0; i < count; i++) {
+    /* The batch's copies run in any order (the driver promises none): shuffle them. */
+    size_t *order = malloc(count * sizeof *order);
+    for (size_t i = 0; i < count; i++) order[i] = i;
+    pthread_mutex_lock(&G);
+    for (size_t i = count; i > 1; i--) {
+        shuffle_state ^= shuffle_state << 13;
+        shuffle_state ^= shuffle_state >> 7;
+        shuffle_state ^= shuffle_state << 17;
+        size_t j = (size_t)(shuffle_state % i), t = order[i - 1];
+        order[i - 1] = order[j];
+        order[j] = t;
+    }
+    pthread_mutex_unlock(&G);
+    for (size_t k = 0; k < count; k++) {
+        size_t i = order[k];
         pthread_mutex_lock(&G);
         int dst_dev = find(mappings, (uintptr_t)dsts[i], sizes[i]) != NULL;
+        uintptr_t host = dst_dev ? (uintptr_t)srcs[i] : (uintptr_t)dsts[i];
+        int registered_host = touches(registered, host, sizes[i]);
         pthread_mutex_unlock(&G);
+        if (registered_host && !host_ptr_ok)
+            violation("batch copy through registered host memory at %#llx on device %llu, which "
+                      "cannot use host pointers for registered memory (illegal address)",
+                      (unsigned long long)host, (unsigned long long)dev_id);
         uintptr_t dev = dst_dev ? (uintptr_t)dsts[i] : (uintptr_t)srcs[i];
         enqueue_copy((void *)(uintptr_t)dsts[i], (const void *)(uintptr_t)srcs[i], sizes[i], dev, s);
     }
+    free(order);
     return OK;
 }

@@ -1,11 +1,88 @@
 //! Enqueueing a transfer's copies on a stream: the copy engines only, no kernels. Runs come
 //! from the same plan as the shm backend (`engine_mem::plan`), are coalesced where both sides are
-//! contiguous, split at pinned-piece boundaries, then either handed to one
-//! `cuMemcpyBatchAsync` (driver 12.8+) or issued one `cuMemcpy*Async` each.
+//! contiguous, split at pinned-piece boundaries, then either handed to `cuMemcpyBatchAsync`
+//! (driver 12.8+) in calls of at most `max_batch` copies, or issued one `cuMemcpy*Async` each.
+//!
+//! Batching is bounded and optional because real drivers misbehave with it: vLLM saw a
+//! segfault at 51,828 descriptors in one call and hangs on repeated submission (Blackwell),
+//! lmdeploy turned it off on sm_100, and on a device that cannot use registered host pointers
+//! (attribute 91 = 0, seen on WSL2) a batch copy from pinned L1 is an illegal address that
+//! kills the context. So: at most `MAX_BATCH` copies per call (`CWM_CUDA_MAX_BATCH` overrides);
+//! a batch call that fails is re-issued as per-run copies (copies are idempotent: neither side
+//! changes meanwhile) and the instance stops batching; `CWM_CUDA_COPY=per-run` turns batching
+//! off everywhere; a device with attribute 91 = 0 never batches.
+
+use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
-use super::driver::check;
+use super::driver::{check, Device, Driver};
+
+/// Most copies handed to one `cuMemcpyBatchAsync` call. A 256-token chunk of a 32-layer model
+/// in vLLM's NHD layout is ~1k runs, so one call per chunk at most; far below the 51,828 at
+/// which vLLM saw the driver crash. Not measured on a GPU yet (none was available): the
+/// per-call cost is a few microseconds, so a lower cap costs little.
+pub const MAX_BATCH: usize = 1024;
+/// `per-run` forces one `cuMemcpy*Async` per run; `auto` (default) batches where it is safe.
+pub const COPY_ENV: &str = "CWM_CUDA_COPY";
+/// Overrides `MAX_BATCH` (a positive integer).
+pub const MAX_BATCH_ENV: &str = "CWM_CUDA_MAX_BATCH";
+
+/// The operator's switches, read once (a bad value is an error in the log and the default).
+struct Switches {
+    per_run: bool,
+    max_batch: usize,
+}
+
+fn switches() -> &'static Switches {
+    static S: OnceLock<Switches> = OnceLock::new();
+    S.get_or_init(|| {
+        let per_run = match std::env::var(COPY_ENV).as_deref() {
+            Err(_) | Ok("auto") | Ok("") => false,
+            Ok("per-run") => true,
+            Ok(other) => {
+                tracing::error!("{COPY_ENV}={other:?} is not `auto` or `per-run`: using auto");
+                false
+            }
+        };
+        let max_batch = match std::env::var(MAX_BATCH_ENV) {
+            Err(_) => MAX_BATCH,
+            Ok(v) => match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    tracing::error!(
+                        "{MAX_BATCH_ENV}={v:?} is not a positive integer: using {MAX_BATCH}"
+                    );
+                    MAX_BATCH
+                }
+            },
+        };
+        Switches { per_run, max_batch }
+    })
+}
+
+/// How copies are enqueued on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// `cuMemcpyBatchAsync`, at most this many copies per call.
+    Batch(usize),
+    /// One `cuMemcpy*Async` per run, for this reason.
+    PerRun(&'static str),
+}
+
+/// The batching decision for `device` under driver `drv` and the operator's switches.
+pub fn batching(drv: &Driver, device: &Device) -> Batching {
+    let s = switches();
+    if !drv.has_batch_copy() {
+        Batching::PerRun("driver older than 12.8")
+    } else if s.per_run {
+        Batching::PerRun("CWM_CUDA_COPY=per-run")
+    } else if !device.host_pointer_for_registered_mem {
+        Batching::PerRun("device cannot use host pointers for registered memory (attribute 91)")
+    } else {
+        Batching::Batch(s.max_batch)
+    }
+}
 
 /// One contiguous copy between engine (device) memory and a host address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,25 +114,34 @@ pub fn coalesce(runs: &mut Vec<Run>) {
     *runs = out;
 }
 
-/// Enqueue every run on `stream`.
+/// Enqueue every run on `stream`: in batches of at most `max_batch` when given, else (or once
+/// a batch call failed) one call per run. `Ok(Some(error))`: a batch call failed and its runs
+/// and all later ones were enqueued per run instead.
 pub(super) fn enqueue(
     stream: sys::CUstream,
     dir: Direction,
     runs: &[Run],
-    batch: bool,
-) -> Result<(), String> {
-    if runs.is_empty() {
-        return Ok(());
+    max_batch: Option<usize>,
+) -> Result<Option<String>, String> {
+    let Some(max) = max_batch else {
+        return enqueue_runs(stream, dir, runs).map(|_| None);
+    };
+    for (i, batch) in runs.chunks(max.max(1)).enumerate() {
+        if let Err(e) = enqueue_batch(stream, dir, batch) {
+            // Copies of the failed call that did get enqueued copy the same bytes again.
+            enqueue_runs(stream, dir, &runs[i * max.max(1)..])?;
+            return Ok(Some(e));
+        }
     }
-    if batch {
-        return enqueue_batch(stream, dir, runs);
-    }
+    Ok(None)
+}
+
+/// One `cuMemcpy*Async` per run.
+fn enqueue_runs(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), String> {
     for r in runs {
-        // SAFETY: runs come from `CudaKv::runs` via `CudaEngine::transfer`: each device range
-        // lies inside a registered layer (bounds checked at registration and by `check_copy`),
-        // each host range inside the object slice the caller borrows for the whole transfer,
-        // and `transfer` synchronizes the stream before it returns, so neither side is freed
-        // or reused while the copy engine runs. `stream` is locked and its context bound.
+        // SAFETY: `r.dev` lies inside an engine mapping and `r.host` inside an L1 object that
+        // the caller keeps alive (and does not reuse) until the stream completed; `stream` is
+        // this instance's live stream, its device's context current on this thread.
         let res = unsafe {
             match dir {
                 Direction::ToHost => {
@@ -80,15 +166,15 @@ fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<
     };
     let mut sizes: Vec<usize> = runs.iter().map(|r| r.len).collect();
     // One attribute for all: the source is read in stream order (after the engine's event).
-    // SAFETY: CUmemcpyAttributes is a plain C struct (enums with a 0 variant, integers and a
-    // CUmemLocation of the same kind): all-zero is a valid value.
+    // SAFETY: CUmemcpyAttributes is a plain C struct (enums, ints) for which all-zero bytes
+    // are valid values; every field that matters is set below.
     let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
     attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
     let mut attr_idx = 0usize;
     let mut fail = usize::MAX;
-    // SAFETY: the three arrays hold `runs.len()` entries each and outlive the call (the driver
-    // copies the descriptors before returning); `attr`, `attr_idx` and `fail` are live locals
-    // and 1 is the attribute count. Every range is sound for the reasons given in `enqueue`.
+    // SAFETY: the three arrays hold `runs.len()` entries each and outlive the call, which
+    // reads them before returning; one attribute applies from index 0 (attr_idx = 0,
+    // numAttrs = 1); the addresses stay valid until the stream completed (see enqueue_runs).
     let r = unsafe {
         sys::cuMemcpyBatchAsync(
             dsts.as_mut_ptr(),
@@ -175,7 +261,7 @@ mod plan_tests {
     /// (name, hint, shape, stride, elements per layer).
     type TestLayout = (&'static str, Option<&'static str>, Vec<u64>, Vec<u64>, u64);
 
-    /// NHD, HND, two-major, and NHD with padded blocks (strides that are not the packed ones).
+    /// NHD, HND, two-major, FlashInfer (K/V second), and NHD with padded blocks (strides that are not the packed ones).
     fn layouts() -> Vec<TestLayout> {
         let nhd = vec![BS * NH * C, NH * C, C, 1];
         vec![
@@ -198,6 +284,13 @@ mod plan_tests {
                 None,
                 vec![2, NB, BS, NH, C],
                 vec![NB * BS * NH * C, BS * NH * C, NH * C, C, 1],
+                2 * NB * BS * NH * C,
+            ),
+            (
+                "flashinfer",
+                None,
+                vec![NB, 2, BS, NH, C],
+                vec![2 * BS * NH * C, BS * NH * C, NH * C, C, 1],
                 2 * NB * BS * NH * C,
             ),
             (

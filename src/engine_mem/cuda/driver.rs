@@ -4,7 +4,11 @@
 //! newer than 12.0.
 //!
 //! Every thread binds the device's primary context before it calls the driver (`Device::bind`):
-//! lanes, the sweep thread that drops reaped engines and the HTTP pool all may.
+//! lanes, the sweep thread that drops reaped engines and the HTTP pool all may. A device's
+//! primary context is retained on its first `bind`, i.e. when an engine on that device
+//! registers (not at load: a context costs hundreds of MiB of GPU memory that vLLM already
+//! budgeted), with `CU_CTX_SCHED_BLOCKING_SYNC` set first so a waiting thread sleeps instead of
+//! spinning a core. A device whose context cannot be retained is disabled alone, with its reason.
 
 use std::ffi::CStr;
 use std::sync::OnceLock;
@@ -16,6 +20,9 @@ pub const MIN_DRIVER: i32 = 12000;
 /// First driver with `cuMemcpyBatchAsync`.
 pub const BATCH_DRIVER: i32 = 12080;
 
+/// `CU_CTX_SCHED_BLOCKING_SYNC`: a thread waiting on the device blocks instead of spinning.
+const CU_CTX_SCHED_BLOCKING_SYNC: u32 = 4;
+
 /// One GPU this process can see.
 pub struct Device {
     pub ordinal: i32,
@@ -23,24 +30,81 @@ pub struct Device {
     pub uuid: String,
     pub name: String,
     pub total_mem: u64,
-    ctx: sys::CUcontext,
+    /// `CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM` (91): whether a registered
+    /// host pointer is a valid address for the device. `cuMemcpyBatchAsync` passes L1's host
+    /// pointers as they are, so batching is off where this is false (seen on WSL2).
+    pub host_pointer_for_registered_mem: bool,
+    dev: sys::CUdevice,
+    /// The primary context, retained on first use; an error disables this device only.
+    ctx: OnceLock<Result<Context, String>>,
 }
 
-// SAFETY: `ctx` is a primary context retained in `open_device` and never released (the
-// `Driver` lives in a static), so the handle stays valid on every thread; the driver API is
-// thread-safe and `Device` only ever passes the handle to `cuCtxSetCurrent`.
-unsafe impl Send for Device {}
-// SAFETY: as for Send: `&Device` exposes only `bind`, a thread-safe driver call on a handle
-// that outlives the process's use of it.
-unsafe impl Sync for Device {}
+#[derive(Clone, Copy)]
+struct Context(sys::CUcontext);
+
+// SAFETY: a CUcontext is an opaque handle to a process-wide driver object; the driver allows
+// making it current from any thread, and cwm never mutates through the pointer itself.
+unsafe impl Send for Context {}
+// SAFETY: as for Send: the handle is only passed by value to thread-safe driver calls.
+unsafe impl Sync for Context {}
 
 impl Device {
-    /// Make this device's primary context current on the calling thread.
+    /// Make this device's primary context current on the calling thread, retaining it first
+    /// if no thread did yet.
     pub fn bind(&self) -> Result<(), String> {
-        // SAFETY: a `Device` exists only once the library is loaded (`driver()`), and `ctx` is
-        // a retained primary context that is never released.
-        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+        let ctx = self.context()?;
+        // SAFETY: `ctx` was returned by cuDevicePrimaryCtxRetain and is never released while
+        // the process runs, so it is a live context handle.
+        check(unsafe { sys::cuCtxSetCurrent(ctx.0) }, "cuCtxSetCurrent")
     }
+
+    /// Whether this device's context was retained (an engine on it registered), and if that
+    /// failed, why.
+    pub fn context_state(&self) -> Option<Result<(), String>> {
+        self.ctx
+            .get()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
+    }
+
+    fn context(&self) -> Result<Context, String> {
+        self.ctx
+            .get_or_init(|| {
+                let r = retain_primary(self.dev).map_err(|e| {
+                    format!(
+                        "GPU {} ({}) is disabled for this run: {e}; engines on other GPUs are \
+                         served",
+                        self.ordinal, self.uuid
+                    )
+                });
+                match &r {
+                    Ok(_) => tracing::info!(device = self.ordinal, "retained the GPU's context"),
+                    Err(e) => tracing::error!("{e}"),
+                }
+                r
+            })
+            .clone()
+    }
+}
+
+/// Set `BLOCKING_SYNC` on the device's primary context, then retain it.
+fn retain_primary(dev: sys::CUdevice) -> Result<Context, String> {
+    // SAFETY: `dev` came from cuDeviceGet; setting the primary context's flags takes no
+    // pointers. Since CUDA 11 it also succeeds when the context is already active.
+    let flags = check(
+        unsafe { sys::cuDevicePrimaryCtxSetFlags_v2(dev, CU_CTX_SCHED_BLOCKING_SYNC) },
+        "cuDevicePrimaryCtxSetFlags_v2",
+    );
+    if let Err(e) = flags {
+        tracing::warn!("waits on this GPU may spin a CPU core: {e}");
+    }
+    let mut ctx = std::ptr::null_mut();
+    check(
+        // SAFETY: `ctx` is a valid out-pointer for one CUcontext and `dev` a device handle from
+        // cuDeviceGet; the retained context is never released while the process runs.
+        unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+        "cuDevicePrimaryCtxRetain",
+    )?;
+    Ok(Context(ctx))
 }
 
 pub struct Driver {
@@ -141,12 +205,18 @@ fn open_device(ordinal: i32) -> Result<Device, String> {
         unsafe { sys::cuDeviceTotalMem_v2(&mut total, dev) },
         "cuDeviceTotalMem_v2",
     )?;
-    let mut ctx = std::ptr::null_mut();
+    let mut host_ptr = 0;
     check(
-        // SAFETY: `dev` came from `cuDeviceGet`; the retained context is kept for the life
-        // of the process (never released), which `Device`'s Send/Sync rely on.
-        unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
-        "cuDevicePrimaryCtxRetain",
+        // SAFETY: `host_ptr` is a valid out-pointer for one int; reading an attribute needs no
+        // context.
+        unsafe {
+            sys::cuDeviceGetAttribute(
+                &mut host_ptr,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+                dev,
+            )
+        },
+        "cuDeviceGetAttribute(CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM)",
     )?;
     Ok(Device {
         ordinal,
@@ -157,7 +227,9 @@ fn open_device(ordinal: i32) -> Result<Device, String> {
             .to_string_lossy()
             .into_owned(),
         total_mem: total as u64,
-        ctx,
+        host_pointer_for_registered_mem: host_ptr != 0,
+        dev,
+        ctx: OnceLock::new(),
     })
 }
 

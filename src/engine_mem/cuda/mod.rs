@@ -1,27 +1,38 @@
-//! Engine KV memory on a GPU (`cuda` and `cuda_raw` descriptors): the allocations opened over
+//! Engine KV memory on a GPU (`cuda` descriptors; `cuda_raw` is refused by `engine_mem::open`,
+//! see `CUDA_RAW_REFUSED`): the allocations opened over
 //! CUDA IPC, one stream per registered instance, and transfers between those blocks and L1
 //! through the copy engines, ordered by the engine's events (spec §2.3, §3.5).
 //!
-//! A transfer waits on the engine's event, enqueues its copies, records an exported event and
-//! synchronizes before it returns: a store's objects are committed (visible to lookups) only
-//! after their bytes landed, and a retrieve's L1 objects stay pinned until they were read.
+//! A transfer waits (with a deadline) until the engine's event completed, enqueues its copies
+//! and waits (with a deadline) until they completed before it returns: a store's objects are
+//! committed (visible to lookups) only after their bytes landed, and a retrieve's L1 objects
+//! stay pinned until they were read. The reply's event handle is empty (`events`).
+//!
+//! A wait that expires marks the instance broken (its later transfers fail at once). If the
+//! engine's event expired nothing was enqueued, and the reaper or unregister unmaps the engine
+//! as usual. If cwm's own copies expired (the GPU stopped), `EngineMemError::CopiesRunning`
+//! tells the caller to leak the L1 objects involved, and the instance leaks its stream and
+//! mappings when dropped, so a late copy can never land in reused memory.
 
 pub mod copy;
 pub mod driver;
 pub mod events;
 pub mod mapping;
 pub mod pinned;
+pub mod wait;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use connector_protocol::{IpcDescriptor, TensorMetadata};
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
-pub use copy::{Direction, Run};
+pub use copy::{Batching, Direction, Run};
 use driver::{check, Device};
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
+use wait::WaitError;
 
 use super::checksum::Checksums;
 use super::{plan, EngineMemError, EngineMemory, Gather, KvLayout, Scatter};
@@ -35,7 +46,7 @@ struct Opened<'a> {
     metadata: Vec<&'a TensorMetadata>,
 }
 
-/// An engine's KV cache in GPU memory: the backend behind `cuda` / `cuda_raw` descriptors.
+/// An engine's KV cache in GPU memory: the backend behind `cuda` descriptors.
 pub struct CudaKv {
     layout: KvLayout,
     /// Device address of each layer's storage (add `layout.layer_offsets[l]`).
@@ -142,14 +153,20 @@ impl EngineMemory for CudaKv {
 pub struct CudaEngine {
     device: &'static Device,
     stream: Mutex<Stream>,
-    batch: bool,
+    batching: Batching,
+    /// A batch call failed once: this instance copies per run from then on.
+    batch_failed: AtomicBool,
+    /// Why this instance no longer transfers (a wait expired).
+    broken: OnceLock<String>,
+    /// cwm's own copies did not complete in time: leak the stream and mappings on drop.
+    copies_running: AtomicBool,
     pinned: Option<Arc<PinnedHost>>,
-    _mappings: Vec<MappingRef>,
+    mappings: Vec<MappingRef>,
 }
 
 struct Stream(sys::CUstream);
-// SAFETY: a CUstream is a driver handle usable from any thread that binds its context; every
-// use binds the device first, and the Mutex around it keeps one thread using it at a time.
+// SAFETY: a CUstream is an opaque driver handle usable from any thread whose current context
+// is the stream's; every use binds the device first, and the Mutex serializes them.
 unsafe impl Send for Stream {}
 
 impl CudaEngine {
@@ -158,14 +175,24 @@ impl CudaEngine {
         self.pinned.is_some()
     }
 
-    /// Wait on the engine's `event`, copy `runs`, and return the handle of the completion
-    /// event (already complete when this returns).
+    /// Why this instance no longer transfers, if it does not.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
+    }
+
+    /// Wait until the engine's `event` completed, copy `runs`, wait until they completed, and
+    /// return the reply's event handle (always empty: nothing is left running).
     pub fn transfer(
         &self,
         dir: Direction,
         event: &[u8],
         mut runs: Vec<Run>,
     ) -> Result<Vec<u8>, EngineMemError> {
+        if let Some(why) = self.broken() {
+            return Err(EngineMemError::Cuda(format!(
+                "this instance is broken ({why}); re-register it"
+            )));
+        }
         copy::coalesce(&mut runs);
         if let Some(p) = &self.pinned {
             let mut split = Vec::with_capacity(runs.len());
@@ -182,34 +209,84 @@ impl CudaEngine {
         }
         let stream = self.stream.lock();
         self.device.bind().map_err(EngineMemError::Cuda)?;
-        let waited = events::wait_engine(stream.0, event).map_err(EngineMemError::Cuda)?;
-        let enqueued = copy::enqueue(stream.0, dir, &runs, self.batch)
-            .and_then(|_| events::record_exported(self.device, stream.0));
-        // Whatever happened, nothing may still be copying when the caller frees or commits.
-        let synced = check(
-            // SAFETY: the stream is live (destroyed only in Drop) and locked by this thread,
-            // with its device's context bound above.
-            unsafe { sys::cuStreamSynchronize(stream.0) },
-            "cuStreamSynchronize",
-        );
-        drop(waited);
-        let handle = enqueued.map_err(EngineMemError::Cuda)?;
-        synced.map_err(EngineMemError::Cuda)?;
-        Ok(handle)
+        // Nothing is enqueued before the engine's event completed.
+        events::wait_engine(event).map_err(|e| self.failed(e))?;
+        let max_batch = match self.batching {
+            Batching::Batch(n) if !self.batch_failed.load(Ordering::Relaxed) => Some(n),
+            _ => None,
+        };
+        let enqueued = copy::enqueue(stream.0, dir, &runs, max_batch);
+        if let Ok(Some(e)) = &enqueued {
+            if !self.batch_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    device = self.device.ordinal,
+                    "cuMemcpyBatchAsync failed, this instance copies per run from now on: {e}"
+                );
+            }
+        }
+        // Whatever was enqueued must complete before the caller frees or commits.
+        // SAFETY: `stream.0` is this instance's live stream and its device's context is
+        // current on this thread (bound above).
+        let completed = wait::poll("cwm's copies", wait::budget(), || unsafe {
+            sys::cuStreamQuery(stream.0)
+        });
+        if let Err(WaitError::Expired(e)) = completed {
+            self.copies_running.store(true, Ordering::SeqCst);
+            let _ = self.broken.set(e.clone());
+            tracing::error!(
+                device = self.device.ordinal,
+                "{e}: the instance is broken; its L1 objects, stream and mappings are leaked so \
+                 that a late copy cannot land in reused memory"
+            );
+            return Err(EngineMemError::CopiesRunning(e));
+        }
+        enqueued.map_err(EngineMemError::Cuda)?;
+        completed.map_err(|e| EngineMemError::Cuda(e.message()))?;
+        Ok(Vec::new())
+    }
+
+    /// The error for a failed wait on the engine's event; one that expired breaks the instance.
+    fn failed(&self, e: WaitError) -> EngineMemError {
+        match e {
+            WaitError::Expired(e) => {
+                let _ = self.broken.set(e.clone());
+                tracing::error!(
+                    device = self.device.ordinal,
+                    "{e}: the engine died or stalled; this instance is broken (nothing was \
+                     copied) and is unmapped when it unregisters or is reaped"
+                );
+                EngineMemError::Cuda(format!("{e}; the instance is now broken"))
+            }
+            WaitError::Failed(e) => EngineMemError::Cuda(e),
+        }
     }
 }
 
 impl Drop for CudaEngine {
     fn drop(&mut self) {
-        if self.device.bind().is_ok() {
-            // SAFETY: `&mut self`: no transfer is running on the stream (each synchronizes
-            // before it returns), and it is destroyed once, here.
-            unsafe { sys::cuStreamDestroy_v2(self.stream.get_mut().0) };
+        if self.device.bind().is_err() {
+            return;
         }
+        if self.copies_running.load(Ordering::SeqCst) {
+            // SAFETY: the stream is live (destroyed only below) and its context is current.
+            let idle = unsafe { sys::cuStreamQuery(self.stream.get_mut().0) }
+                == sys::CUresult::CUDA_SUCCESS;
+            if !idle {
+                tracing::error!(
+                    device = self.device.ordinal,
+                    "copies still running at unregister: the engine mappings stay open"
+                );
+                std::mem::forget(std::mem::take(&mut self.mappings));
+                return;
+            }
+        }
+        // SAFETY: the stream is live and destroyed only here; queued work (none, unless
+        // copies_running) still completes after the call, as the driver documents.
+        unsafe { sys::cuStreamDestroy_v2(self.stream.get_mut().0) };
     }
 }
 
-/// Open `cuda` / `cuda_raw` descriptors (all on one device): one mapping per allocation.
+/// Open `cuda` descriptors (all on one device): one mapping per allocation.
 fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
@@ -229,12 +306,6 @@ fn open<'a>(
                 handle.storage_size,
                 metadata,
             ),
-            IpcDescriptor::CudaRaw {
-                ipc_handle,
-                alloc_offset,
-                nbytes,
-                metadata,
-            } => (ipc_handle, *alloc_offset, *nbytes, metadata),
             other => return Err(EngineMemError::UnsupportedKind(other.kind().to_string())),
         };
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
@@ -276,6 +347,7 @@ fn open<'a>(
     device.bind().map_err(cuda)?;
     let mut stream = std::ptr::null_mut();
     // CU_STREAM_NON_BLOCKING: never ordered behind the legacy default stream.
+    // SAFETY: `stream` is a valid out-pointer; the device's context is current (bound above).
     check(
         // SAFETY: the device's context is bound just above; `stream` is a live out-pointer.
         unsafe { sys::cuStreamCreate(&mut stream, 1) },
@@ -286,9 +358,12 @@ fn open<'a>(
         engine: CudaEngine {
             device,
             stream: Mutex::new(Stream(stream)),
-            batch: drv.has_batch_copy(),
+            batching: copy::batching(drv, device),
+            batch_failed: AtomicBool::new(false),
+            broken: OnceLock::new(),
+            copies_running: AtomicBool::new(false),
             pinned,
-            _mappings: mappings,
+            mappings,
         },
         layer_base,
         layer_limit,
@@ -296,7 +371,8 @@ fn open<'a>(
     })
 }
 
-/// A `cuda` handle's producer event (torch's `event_sync_required`): waited on once, now.
+/// A `cuda` handle's producer event (torch's `event_sync_required`): waited on once, now,
+/// with the same deadline as a transfer's.
 fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), String> {
     let IpcDescriptor::Cuda { handle, .. } = d else {
         return Ok(());
@@ -305,30 +381,27 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Str
         return Ok(());
     };
     device.bind()?;
-    let h = sys::CUipcEventHandle {
-        reserved: ev.map(|b| b as std::ffi::c_char),
-    };
-    let mut e = std::ptr::null_mut();
-    check(
-        // SAFETY: the context is bound; `h` is a by-value handle (an unknown one is an error)
-        // and `e` a live out-pointer.
-        unsafe { sys::cuIpcOpenEventHandle(&mut e, h) },
-        "cuIpcOpenEventHandle",
-    )?;
-    // SAFETY: `e` was opened just above and is destroyed only after this returns.
-    let r = check(unsafe { sys::cuEventSynchronize(e) }, "cuEventSynchronize");
-    // SAFETY: `e` is ours alone (opened here, never shared) and destroyed once.
-    unsafe { sys::cuEventDestroy_v2(e) };
-    r
+    events::wait_engine(ev).map_err(|e| format!("the registration's event: {}", e.message()))
 }
 
-/// Pin `[base, base + len)` (the L1 arena) with the first device's context. `piece` is the
-/// registration size (`pinned::MAX_PIECE` in production).
-pub fn pin_host(base: *mut u8, len: u64, piece: u64) -> Result<PinnedHost, String> {
+/// The GPU an engine's descriptors name (their first layer's device UUID).
+pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, String> {
     let drv = driver::driver()?;
-    let dev = drv
-        .devices
-        .first()
-        .ok_or_else(|| "no CUDA device to pin L1 with".to_string())?;
-    PinnedHost::register(dev, base, len, piece)
+    let uuid = match descriptors.first() {
+        Some(IpcDescriptor::Cuda { metadata, .. }) => &metadata.device_uuid,
+        _ => return Err("no GPU descriptors".to_string()),
+    };
+    drv.device_by_uuid(uuid)
+}
+
+/// Pin `[base, base + len)` (the L1 arena) with `device`'s context (the first GPU an engine
+/// registered on; the registration is PORTABLE, so every context sees it). `piece` is the
+/// registration size (`pinned::MAX_PIECE` in production).
+pub fn pin_host(
+    device: &'static Device,
+    base: *mut u8,
+    len: u64,
+    piece: u64,
+) -> Result<PinnedHost, String> {
+    PinnedHost::register(device, base, len, piece)
 }
