@@ -136,9 +136,11 @@ def test_kill9_restart_keeps_the_registration(new_server, make_cache, uniq):
 
 
 def test_real_heartbeat_re_registers_after_a_restart_without_journal(new_server, make_cache, uniq):
-    """LMCache's own HeartbeatThread (interval 0.3 s) against a server restarted with no disk:
-    cwm's False to the unknown instance clears the health event, the next True runs the recovery
-    callback, which re-registers, and stores work again, with no action of the test."""
+    """LMCache's own HeartbeatThread against a server restarted with no disk, faster than one
+    heartbeat interval (2 s; a ping sent during the outage waits in ZMQ's queue and reaches the
+    new server): cwm's False to the unknown instance clears the health event, the next True runs
+    the recovery callback, which re-registers, and stores work again, with no action of the test.
+    A server that always answers True (LMCache's) never triggers the recovery."""
     HeartbeatThread = lib.real_heartbeat_thread()
     srv = new_server()
     c = lib.Client(srv.url)
@@ -149,31 +151,28 @@ def test_real_heartbeat_re_registers_after_a_restart_without_journal(new_server,
     healthy = threading.Event()
     healthy.set()
     recovered = []
-    degraded = threading.Event()
 
-    def recover():
-        degraded.set()                              # runs only after an unhealthy ping
+    def recover():                                  # runs only on an unhealthy -> healthy edge
         kv.register(c, iid, uniq)
         recovered.append(time.monotonic())
         return True
 
-    hb = HeartbeatThread(c.raw, healthy, interval=0.3, instance_id=iid)
+    hb = HeartbeatThread(c.raw, healthy, interval=2.0, instance_id=iid)
     hb.register_recover_callback(recover)
     hb.start()
     try:
-        time.sleep(1.0)
+        time.sleep(2.5)
         assert healthy.is_set() and not recovered, "a registered worker's heartbeat is healthy"
         srv.stop(signal.SIGKILL)
         srv.start()
         back = time.monotonic()
-        deadline = back + 15
+        deadline = back + 20
         while not (recovered and healthy.is_set()):
             assert time.monotonic() < deadline, "the heartbeat never re-registered"
             time.sleep(0.05)
-        assert degraded.is_set()
         toks = lib.tokens_for(uniq, 256)
         assert c.store(lib.mkkey(uniq, toks, 0, 256, "s"), iid, [list(range(1, 17))], lib.EVENT)[1] is True
-        print(f"re-registered {recovered[0] - back:.2f}s after the restart (heartbeat 0.3 s)")
+        print(f"re-registered {recovered[0] - back:.2f}s after the restart (heartbeat 2 s)")
     finally:
         hb.stop()
         c.close()
