@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use connector_protocol::{
-    codec, ipc, BlockAllocationRecord, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor,
-    LayoutHints, Op, PrepareRetrieveResponse, PrepareStoreResponse,
-    RegisterEngineDrivenContextPayload, RegisterEngineDrivenContextResponse, TransferResult,
+    codec, BlockAllocationRecord, EngineGroupInfo, IpcCacheServerKey, IpcDescriptor, LayoutHints,
+    Op, PrepareRetrieveResponse, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
+    RegisterEngineDrivenContextResponse, TransferResult,
 };
 use thiserror::Error;
 
@@ -138,21 +138,21 @@ impl MpClient {
         kv_layout: Option<&str>,
         groups: &[EngineGroupInfo],
     ) -> Result<(), ClientError> {
-        let hints = LayoutHints {
-            kv_layout: kv_layout.map(str::to_string),
+        let request = crate::ops::RegisterKvCache {
+            instance_id,
+            descriptors: descriptors.to_vec(),
+            model_name: model.to_string(),
+            world_size: world_size as u64,
+            engine_type: "vllm".into(),
+            layout_hints: LayoutHints {
+                kv_layout: kv_layout.map(str::to_string),
+            },
+            engine_groups: groups.to_vec(),
         };
-        self.call(
-            Op::RegisterKvCache,
-            &[
-                codec::encode_u64(instance_id),
-                ipc::encode_descriptor_list(descriptors),
-                codec::encode_str(model),
-                codec::encode_u64(world_size as u64),
-                codec::encode_str("vllm"),
-                codec::encode(&hints),
-                codec::encode(groups),
-            ],
-        )?;
+        let frames = request
+            .to_frames()
+            .ok_or_else(|| Self::bad(&Op::RegisterKvCache, "unsupported descriptor kind"))?;
+        self.call(Op::RegisterKvCache, &frames)?;
         Ok(())
     }
 

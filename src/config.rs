@@ -49,6 +49,9 @@ pub struct Config {
     pub shm_name: Option<String>,
     /// An engine-driven prepare not committed within this many seconds is released.
     pub engine_driven_ttl_secs: u64,
+    /// On SIGTERM/SIGINT, how long the write-behind queues of L2 and L3 may take to drain
+    /// before cwm exits anyway (what is left is logged; a second signal exits at once).
+    pub drain_timeout_secs: u64,
     /// Directory of the L2 disk tier.
     pub l2_path: PathBuf,
     /// L2 disk budget in GiB; 0 turns the disk tier off.
@@ -140,6 +143,7 @@ impl Default for Config {
             engine_driven: true,
             shm_name: None,
             engine_driven_ttl_secs: 300,
+            drain_timeout_secs: 30,
             l2_path: default_l2_path(),
             l2_size_gb: 32.0,
             l2_segment_mb: 256,

@@ -104,6 +104,14 @@ pub fn report(l1_bytes: u64) -> String {
             );
         }
     }
+    let leftovers = crate::shm_leftovers::find(std::path::Path::new("/dev/shm"));
+    if !leftovers.is_empty() {
+        let _ = writeln!(
+            out,
+            "/dev/shm: {}",
+            crate::shm_leftovers::summary(&leftovers)
+        );
+    }
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());

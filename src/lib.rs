@@ -18,6 +18,7 @@ pub mod sample;
 pub mod serve;
 pub mod server;
 pub mod session;
+pub mod shm_leftovers;
 pub mod status;
 pub mod store;
 #[cfg(test)]

@@ -154,6 +154,10 @@ struct ServeArgs {
     /// Seconds an engine-driven prepare may wait for its commit before it is released [default: 300].
     #[arg(long, env = "CWM_ENGINE_DRIVEN_TTL_SECS")]
     engine_driven_ttl_secs: Option<u64>,
+    /// On SIGTERM/SIGINT, seconds the L2 and L3 write-behind queues may take to drain before
+    /// cwm exits anyway; a second signal exits at once [default: 30].
+    #[arg(long, env = "CWM_DRAIN_TIMEOUT_SECS")]
+    drain_timeout_secs: Option<u64>,
     /// Directory of the L2 disk tier [default: $XDG_STATE_HOME/cwm, else ~/.local/state/cwm].
     #[arg(long, env = "CWM_L2_PATH")]
     l2_path: Option<std::path::PathBuf>,
@@ -247,6 +251,7 @@ impl ServeArgs {
             transfer_lanes,
             engine_driven,
             engine_driven_ttl_secs,
+            drain_timeout_secs,
             l2_path,
             l2_size_gb,
             l2_segment_mb,
@@ -360,12 +365,15 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let sidecar = Sidecar::start(&config)?;
     let stop = sidecar.shutdown_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The second signal exits at once (status 130): registered first, it sees the flag
+        // the first one set.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
         signal_hook::flag::register(signal, stop.clone())?;
     }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down (a second SIGTERM/SIGINT exits at once)");
     sidecar.stop();
     Ok(())
 }

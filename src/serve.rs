@@ -3,10 +3,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::ops::{Cwm, ReapPolicy, Settings};
+use crate::ops::journal::Journal;
+use crate::ops::{Cwm, ReapPolicy, Restored, Settings};
 use crate::server::http::HttpServer;
 use crate::server::lm::LmServer;
 use crate::server::mp::MpServer;
@@ -22,16 +23,26 @@ pub struct Sidecar {
     pub http_addr: std::net::SocketAddr,
     /// Where LMCache's classic remote protocol (`lm://`) listens, when `--lm-port` is set.
     pub lm_addr: Option<std::net::SocketAddr>,
+    /// What the start restored from the registration journal.
+    pub restored: Restored,
+    /// From the start of `start` until the MP port answers (the journal restored).
+    pub start_time: Duration,
     http: Option<HttpServer>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+    stopped: bool,
 }
 
 impl Sidecar {
     /// Start every server of the sidecar on background threads.
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
+        let started = Instant::now();
         config.validate()?;
         let cwm = open_cwm(config, &config.tiers_config())?;
+        // Before the MP port opens: the first request (maybe queued by a connector while cwm
+        // was down) finds every registration that could be restored.
+        let restored = restore_registrations(&cwm, config)?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
@@ -79,17 +90,27 @@ impl Sidecar {
                 },
             )?);
         }
+        let start_time = started.elapsed();
         let l2_path = if config.l2_enabled() {
             config.l2_path.display().to_string()
         } else {
             "off".into()
         };
+        let leftovers = crate::shm_leftovers::find(std::path::Path::new("/dev/shm"));
+        if !leftovers.is_empty() {
+            tracing::warn!("{}", crate::shm_leftovers::summary(&leftovers));
+        }
         tracing::info!(
             endpoint = %mp_endpoint,
             chunk_size = config.chunk_size,
             l1_gib = config.l1_size_gb,
             l1_pool = cwm.tiers.pool().map(|p| p.shm_name),
             l2_path = %l2_path,
+            registrations_restored = restored.restored,
+            registrations_dropped = restored.dropped,
+            journal_entries_corrupt = restored.corrupt,
+            dead_engine_shm_segments = leftovers.len(),
+            start_ms = start_time.as_secs_f64() * 1e3,
             "cwm serving the LMCache MP protocol"
         );
         Ok(Sidecar {
@@ -98,9 +119,13 @@ impl Sidecar {
             windows,
             http_addr,
             lm_addr,
+            restored,
+            start_time,
             http: Some(http),
             shutdown,
             threads,
+            drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+            stopped: false,
         })
     }
 
@@ -113,7 +138,14 @@ impl Sidecar {
         self.stop_threads();
     }
 
+    /// Stop: the MP server answers what it received (its lanes finish their queued transfers)
+    /// and closes its port, so requests sent from now on wait in the clients' queues for the
+    /// next cwm; then the write-behind queues of L2 and L3 drain, for at most the drain
+    /// timeout, and L2 is fsynced and checkpointed.
     fn stop_threads(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
         self.shutdown.store(true, Ordering::Relaxed);
         if let Some(mut http) = self.http.take() {
             http.stop();
@@ -121,12 +153,61 @@ impl Sidecar {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // Drain write-behind and checkpoint L2 so a restart finds everything quickly.
-        self.cwm.tiers.shutdown();
+        self.drain_tiers();
         // The pool's memory goes back to the system once the last mapping (ours or an
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
         self.cwm.tiers.unlink_pool();
     }
+
+    /// Drain write-behind and checkpoint L2 so a restart finds everything quickly, waiting at
+    /// most the drain timeout (what is still queued then is logged and left: its objects are
+    /// lost with L1, the tiers stay consistent).
+    fn drain_tiers(&self) {
+        let started = Instant::now();
+        let queued = self.cwm.tiers.stats().write_behind;
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let cwm = self.cwm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cwm-drain".into())
+            .spawn(move || {
+                cwm.tiers.shutdown();
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the drain thread, draining here: {e}");
+            self.cwm.tiers.shutdown();
+            return;
+        }
+        match done.recv_timeout(self.drain_timeout) {
+            Ok(()) => tracing::info!(
+                queued_bytes = queued.queued_bytes,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "write-behind drained, L2 fsynced and checkpointed"
+            ),
+            Err(_) => {
+                let left = self.cwm.tiers.stats().write_behind;
+                tracing::error!(
+                    queued_bytes = left.queued_bytes,
+                    held = left.held,
+                    timeout_secs = self.drain_timeout.as_secs(),
+                    "write-behind did not drain within the drain timeout                      (--drain-timeout-secs): exiting with these writes not done"
+                );
+            }
+        }
+    }
+}
+
+/// Attach the registration journal beside L2 (none without L2: the journal relies on L2's
+/// directory lock for having one writer) and reopen what it holds.
+fn restore_registrations(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<Restored> {
+    if !config.l2_enabled() {
+        return Ok(Restored::default());
+    }
+    let dir = config.l2_path.join("registrations");
+    let journal = Journal::open(&dir)
+        .map_err(|e| anyhow::anyhow!("registration journal {}: {e}", dir.display()))?;
+    cwm.attach_journal(journal);
+    Ok(cwm.restore_registrations())
 }
 
 /// Bind the `lm://` port and serve it on its own thread (`server::lm`).

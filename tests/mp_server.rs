@@ -544,6 +544,19 @@ fn golden_requests_get_golden_replies() {
         ("store", Some("92c400c2")),
         ("retrieve", Some("92c400c2")),
     ];
+    // The golden pings name an instance this server does not know: cwm answers the first ping
+    // of such an instance false, so a connector re-registers (issue 20; LMCache answers true
+    // always). Sent once here, they are answered true below, as the golden replies have it.
+    for m in messages.iter().filter(|m| m["op"] == "ping") {
+        let frames: Vec<Vec<u8>> = m["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| hex::decode(f.as_str().unwrap()).unwrap())
+            .collect();
+        c.send_raw(&frames).unwrap();
+        c.recv_raw().unwrap().expect("ping answered");
+    }
     let mut checked = 0;
     for m in &messages {
         let op = m["op"].as_str().unwrap();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use connector_protocol::{codec, Op};
 
 use super::command::Command;
+use super::registry::Member;
 use super::{Cwm, OpError};
 
 /// The server's chunk size in tokens.
@@ -67,7 +68,8 @@ impl Command for Noop {
     }
 }
 
-/// A worker's heartbeat: keeps its registrations alive.
+/// A worker's heartbeat: keeps its registrations alive, and tells one cwm does not know to
+/// re-register.
 pub struct Ping {
     pub instance_id: Option<u64>,
 }
@@ -82,14 +84,21 @@ impl Command for Ping {
         })
     }
 
+    /// `true`, except the first ping of an instance cwm does not know (`recovery::Prompts`).
     fn run(self, cwm: &Arc<Cwm>) -> Result<bool, OpError> {
-        if let Some(id) = self.instance_id {
-            if let Some(inst) = cwm.registry.get(id) {
-                inst.touch(true);
-            }
-            cwm.engine_driven.touch(id, true);
+        let Some(id) = self.instance_id else {
+            return Ok(true);
+        };
+        let mut known = false;
+        if let Some(inst) = cwm.registry.get(id) {
+            inst.touch(true);
+            known = true;
         }
-        Ok(true)
+        if let Some(ctx) = cwm.engine_driven.get(id) {
+            ctx.liveness().lock().touch(true);
+            known = true;
+        }
+        Ok(known || cwm.prompts.ping_unknown(id))
     }
 
     fn failed() -> bool {

@@ -9,7 +9,9 @@ mod admin;
 pub mod command;
 mod counters;
 pub mod engine_driven;
+pub mod journal;
 mod lookup;
+pub mod recovery;
 mod register;
 pub mod registry;
 pub mod remote;
@@ -35,6 +37,7 @@ pub use engine_driven::{
 pub use lookup::{
     EndSession, FreeLookupLocks, Lookup, QueryPrefetchStatus, Sessions, WaitPrefetchStatus,
 };
+pub use recovery::{Prompts, Restored};
 pub use register::{GpuStatus, RegisterKvCache, UnregisterKvCache, PIN_PIECE_ENV};
 pub use registry::{ReapPolicy, Registry, Roster};
 pub use transfer::{Retrieve, Store, TransferError};
@@ -86,6 +89,10 @@ pub struct Cwm {
     /// L1 registered with the CUDA driver, done when the first GPU engine registers; the
     /// error if pinning failed (GPU copies then run from pageable memory, loudly).
     pub gpu_l1: OnceLock<Result<Arc<PinnedHost>, String>>,
+    /// Where registrations are journaled (beside L2; none without L2).
+    pub journal: OnceLock<journal::Journal>,
+    /// Unknown instances whose ping was answered `false` so that they re-register.
+    pub prompts: Prompts,
 }
 
 impl Cwm {
@@ -100,6 +107,8 @@ impl Cwm {
             counters: OpCounters::default(),
             chains: SessionIndex::default(),
             gpu_l1: OnceLock::new(),
+            journal: OnceLock::new(),
+            prompts: Prompts::default(),
         })
     }
 
@@ -158,6 +167,7 @@ impl Cwm {
         let now = Instant::now();
         let sessions = self.sessions.expire(now, self.settings.session_ttl);
         let reaped = self.registry.reap(now, self.settings.reap);
+        self.forget_journaled(&reaped);
         let (expired, reaped_ed) = self
             .engine_driven
             .sweep(now, self.settings.reap, &self.tiers);

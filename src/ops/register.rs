@@ -3,6 +3,7 @@
 //!
 //! Idempotent per instance id (workers re-register after a heartbeat recovery). What cannot be
 //! served is recorded with its reason instead of rejected, so later transfers fail cleanly.
+//! What can be served is journaled (`journal`), so a restarted cwm reopens it (`recovery`).
 
 use crate::limits::for_log;
 use connector_protocol::{codec, ipc, EngineGroupInfo, LayoutHints, Op};
@@ -76,10 +77,41 @@ impl Command for UnregisterKvCache {
         } else {
             tracing::info!(instance_id = id, "unregistered");
         }
+        cwm.forget_journaled(&[id]);
         Ok(())
     }
 
     fn failed() {}
+}
+
+impl RegisterKvCache {
+    /// The request's seven argument frames as the MP protocol carries them (encoded as the
+    /// real client encodes them): what the journal keeps. `None` when a descriptor is of a kind
+    /// cwm cannot encode (nor serve).
+    pub fn to_frames(&self) -> Option<Vec<Vec<u8>>> {
+        if self
+            .descriptors
+            .iter()
+            .any(|d| matches!(d, ipc::IpcDescriptor::Unsupported { .. }))
+        {
+            return None;
+        }
+        Some(vec![
+            codec::encode_u64(self.instance_id),
+            ipc::encode_descriptor_list(&self.descriptors),
+            codec::encode_str(&self.model_name),
+            codec::encode_u64(self.world_size),
+            codec::encode_str(&self.engine_type),
+            codec::encode(&self.layout_hints),
+            codec::encode(&self.engine_groups),
+        ])
+    }
+}
+
+/// A registration checked and its memory opened (or why it cannot be served).
+pub(super) struct Opened {
+    pub world_size: u32,
+    pub kv: Result<Box<dyn EngineMemory>, String>,
 }
 
 impl Cwm {
@@ -90,6 +122,18 @@ impl Cwm {
             tracing::debug!(instance_id = id, "re-register: already registered");
             return Ok(());
         }
+        let opened = self.open_registration(&r)?;
+        if opened.kv.is_ok() {
+            self.journal_registration(&r);
+        }
+        self.install(id, &r.model_name, opened, false);
+        Ok(())
+    }
+
+    /// Check a registration as a live `register_kv_cache` does and open its memory; logged.
+    /// `Err`: refused outright (bad model name or world size); `kv` `Err`: cannot be served.
+    pub(super) fn open_registration(&self, r: &RegisterKvCache) -> Result<Opened, OpError> {
+        let id = r.instance_id;
         let (model, world_size, engine) = (r.model_name.as_str(), r.world_size, &r.engine_type);
         connector_protocol::validate_model_name(model)?;
         let world_size = u32::try_from(world_size)
@@ -127,6 +171,13 @@ impl Cwm {
                 for_log(reason)
             ),
         }
+        Ok(Opened { world_size, kv })
+    }
+
+    /// Start the engine memory's warm-up and add the instance to the registry (`pinged`: it
+    /// was heard from by heartbeats before, as a restored registration was).
+    pub(super) fn install(&self, id: u64, model: &str, opened: Opened, pinged: bool) {
+        let Opened { world_size, kv } = opened;
         if let Some(warm_up) = kv.as_ref().ok().and_then(|kv| kv.warm_up()) {
             // Mapping an engine cache takes tens of milliseconds per GiB: off this thread, so
             // the reply does not wait for it, and at normal priority, since a retrieve that
@@ -153,9 +204,11 @@ impl Cwm {
                 tracing::warn!(instance_id = id, "could not start the engine warm-up: {e}");
             }
         }
-        self.registry
-            .insert(Instance::new(id, model, world_size, kv));
-        Ok(())
+        let instance = Instance::new(id, model, world_size, kv);
+        if pinged {
+            instance.touch(true);
+        }
+        self.registry.insert(instance);
     }
 
     fn open_kv(

@@ -115,10 +115,12 @@ impl MpServer {
         for w in workers {
             let _ = w.join();
         }
-        // Replies the lanes produced before stopping still go out.
+        // Replies the lanes produced before stopping still go out: queued, and given up to a
+        // second to leave when the socket closes (linger 0 would drop them).
         while let Ok(frames) = self.replies.recv_multipart(zmq::DONTWAIT) {
             self.send(frames);
         }
+        self.router.set_linger(1000)?;
         Ok(())
     }
 

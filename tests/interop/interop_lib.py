@@ -454,3 +454,39 @@ def run_threads(fns, timeout: float):
         raise AssertionError(f"threads still running after {timeout}s")
     if errors:
         raise errors[0]
+
+
+# ---- LMCache's heartbeat ----------------------------------------------------------------------
+
+def real_heartbeat_thread():
+    """LMCache 0.5.6's `HeartbeatThread` (and the `send_ping` it calls), the real source from the
+    installed `vllm_multi_process_adapter.py`. That module imports vLLM-side code the fake torch
+    cannot satisfy, so the two definitions are taken from its source and run over the real
+    `PeriodicThread` they are built on."""
+    import ast
+    import inspect
+    import logging
+    import threading
+    from collections.abc import Callable
+
+    import lmcache.integration.vllm as pkg
+    from lmcache.v1.periodic_thread import PeriodicThread, ThreadLevel, ThreadRunSummary
+
+    path = os.path.join(os.path.dirname(inspect.getfile(pkg)), "vllm_multi_process_adapter.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    wanted = {"HeartbeatThread", "send_ping"}
+    nodes = [n for n in tree.body if getattr(n, "name", None) in wanted]
+    assert {n.name for n in nodes} == wanted, f"{path} no longer defines {wanted}"
+    ns = {"PeriodicThread": PeriodicThread, "ThreadLevel": ThreadLevel,
+          "ThreadRunSummary": ThreadRunSummary, "Callable": Callable, "threading": threading,
+          "RequestClient": object, "DEFAULT_HEARTBEAT_INTERVAL": 10.0,
+          "logger": logging.getLogger("lmcache-heartbeat"), "__name__": "lmcache_heartbeat"}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), ns)
+    return ns["HeartbeatThread"]
+
+
+def strip_ansi(text: str) -> str:
+    """Log text without terminal colour codes."""
+    import re
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)

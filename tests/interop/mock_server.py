@@ -199,6 +199,7 @@ class Mock:
         self.cs, self.capacity = cs, capacity
         self.lock_ttl, self.reap_after, self.grace = lock_ttl, reap, grace
         self.instances: dict[int, Instance] = {}
+        self.prompted: set[int] = set()
         self.registered: dict[tuple, int] = {}
         self.objects: OrderedDict[tuple, np.ndarray] = OrderedDict()   # LRU order
         self.used = 0
@@ -259,9 +260,14 @@ class Mock:
         return enc("OK")
 
     def ping(self, iid):
-        inst = self.instances.get(dec_opt_int.decode(iid))
+        iid = dec_opt_int.decode(iid)
+        inst = self.instances.get(iid)
         if inst is not None:
             inst.last_seen, inst.pinged = time.monotonic(), True
+        elif iid is not None and iid not in self.prompted:
+            # cwm's answer to an unknown instance: False once, so its connector re-registers.
+            self.prompted.add(iid)
+            return enc(False)
         return enc(True)
 
     def register_kv_cache(self, iid, kv, model, ws, engine_type, hints, egi):

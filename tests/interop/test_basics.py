@@ -11,7 +11,10 @@ def test_ping_and_noop(client, make_cache, uniq):
     assert client.ping(None) is True
     assert client.noop() == "OK"
     iid = lib.new_iid()
-    assert client.ping(iid) is True                     # unknown instance: still True
+    # An instance the server does not know: False once (LMCache's server: always True), so the
+    # connector's heartbeat sees unhealthy -> healthy and re-registers; True from then on.
+    assert client.ping(iid) is False
+    assert client.ping(iid) is True
     make_cache().register(client, iid, uniq)
     assert client.ping(iid) is True
     assert client.unregister_kv_cache(iid) is None

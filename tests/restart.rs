@@ -1,0 +1,421 @@
+//! Restarting cwm under running engines (issue 20): registrations journaled beside L2 and
+//! reopened at start, dropped when they no longer open, corrupt entries ignored, unknown
+//! instances prompted to re-register through their heartbeat, dead engines forgotten, clean
+//! stops drain write-behind. Real shared memory, the real binary where a kill is involved.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cwm::client::MpClient;
+use cwm::config::Config;
+
+const MODEL: &str = "restart-model";
+
+fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
+    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
+        .unwrap();
+}
+
+fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
+    vec![(first..first + n).collect()]
+}
+
+fn journal_dir(l2: &Path) -> std::path::PathBuf {
+    l2.join("registrations")
+}
+
+fn journal_files(l2: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(journal_dir(l2))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `cwm serve` on `port` over L2 in `dir`, its log in `log`.
+fn serve(dir: &Path, port: u16, log: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--l1-size-gb",
+            "0.25",
+            "--l2-size-gb",
+            "1",
+            "--http-port",
+            "0",
+        ])
+        .args(["--no-engine-driven"])
+        .args(extra)
+        .arg("--l2-path")
+        .arg(dir)
+        .env("CWM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// L2's record count from a sidecar's `/metrics` on `port`.
+fn l2_records(port: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(format!("127.0.0.1:{port}")) else {
+        return 0;
+    };
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find(|l| l.starts_with("cwm_tier_objects{") && l.to_lowercase().contains("l2"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn start_line(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("cwm serving the LMCache MP protocol"))
+        {
+            return strip_ansi(line);
+        }
+        assert!(Instant::now() < deadline, "no start line in {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log line without terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// kill -9, restart on the same port and data: the engine's client (the same connection, as
+/// vLLM keeps it) stores again without re-registering, and what it stored before hits.
+#[test]
+fn a_registration_survives_kill_9_and_the_next_store_needs_no_re_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let log = dir.path().join("cwm.log");
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(5);
+    let http = free_port().to_string();
+    let mut child = serve(&dir.path().join("l2"), port, &log, &["--http-port", &http]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register(&mut c, 41, &kv);
+    assert_eq!(
+        journal_files(&dir.path().join("l2")),
+        ["0000000000000029.reg"]
+    );
+    let before = tokens(3, 512);
+    assert!(
+        c.store(
+            &key(MODEL, "", &before, Some(0), 1, 0, 512, "s"),
+            41,
+            &blocks(1, 32)
+        )
+        .unwrap()
+        .ok
+    );
+    // Acknowledged chunks reach L2 by write-behind; wait until they are there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l2_records(&http) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "write-behind never wrote 2 records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log2 = dir.path().join("cwm2.log");
+    let mut child = serve(&dir.path().join("l2"), port, &log2, &[]);
+    let line = start_line(&log2);
+    assert!(line.contains("registrations_restored=1"), "{line}");
+    assert!(line.contains("registrations_dropped=0"), "{line}");
+    // The same client: its connection comes back by itself, no register_kv_cache.
+    assert!(
+        c.ping(Some(41)).unwrap(),
+        "a restored instance is answered true"
+    );
+    let after = tokens(4, 512);
+    assert!(
+        c.store(
+            &key(MODEL, "", &after, Some(0), 1, 0, 512, "s2"),
+            41,
+            &blocks(33, 32)
+        )
+        .unwrap()
+        .ok,
+        "the first store after the restart"
+    );
+    assert_eq!(
+        lookup_hits(&mut c, &key(MODEL, "", &before, None, 1, 0, 512, "l1")),
+        2
+    );
+    let want: Vec<Vec<u8>> = (1..33).map(|b| kv.block(b)).collect();
+    kv.fill_byte(0);
+    assert!(
+        c.retrieve(
+            &key(MODEL, "", &before, Some(0), 1, 0, 512, "l1"),
+            41,
+            &blocks(1, 32),
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(&kv.block(1 + i as u64), b, "block {}", 1 + i);
+    }
+    assert_eq!(
+        lookup_hits(&mut c, &key(MODEL, "", &after, None, 1, 0, 512, "l2")),
+        2
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A journaled engine whose segment is gone is dropped (entry removed, counted); its heartbeat
+/// is answered false once, then true, which makes LMCache's connector re-register.
+#[test]
+fn a_registration_whose_segment_is_gone_is_dropped_and_its_engine_prompted() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
+    let gone = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
+    {
+        let s = sidecar(disk_config(dir.path()));
+        let mut c = client(&s);
+        register(&mut c, 1, &kv);
+        register(&mut c, 2, &gone);
+        assert_eq!(journal_files(dir.path()).len(), 2);
+    } // stopped without unregistering, as a crash would
+    drop(gone); // its engine exited: the segment is unlinked
+    let s = sidecar(disk_config(dir.path()));
+    assert_eq!(s.restored.restored, 1);
+    assert_eq!(s.restored.dropped, 1);
+    assert_eq!(journal_files(dir.path()), ["0000000000000001.reg"]);
+    let mut c = client(&s);
+    assert!(c.ping(Some(1)).unwrap());
+    assert!(
+        !c.ping(Some(2)).unwrap(),
+        "first ping of an unknown instance"
+    );
+    assert!(
+        c.ping(Some(2)).unwrap(),
+        "later pings: true, so recovery runs"
+    );
+    assert!(c.ping(None).unwrap(), "the scheduler's untracked ping");
+    let t = tokens(9, 256);
+    assert!(
+        !c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 256, "x"),
+            2,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    // The connector's recovery: it re-registers (a fresh engine would have a new segment).
+    let back = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
+    register(&mut c, 2, &back);
+    assert!(
+        c.store(
+            &key(MODEL, "", &t, Some(0), 1, 0, 256, "x"),
+            2,
+            &blocks(1, 16)
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(journal_files(dir.path()).len(), 2);
+}
+
+/// Entries that are not valid (a flipped byte, a foreign file) are ignored, removed and
+/// counted; the valid ones are restored.
+#[test]
+fn a_corrupted_journal_entry_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestKv::new(Layout::Hnd, 2, 40, 16, 2, 32);
+    let b = TestKv::new(Layout::Hnd, 2, 40, 16, 2, 32);
+    {
+        let s = sidecar(disk_config(dir.path()));
+        let mut c = client(&s);
+        register(&mut c, 1, &a);
+        register(&mut c, 2, &b);
+    }
+    let victim = journal_dir(dir.path()).join("0000000000000002.reg");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    std::fs::write(
+        journal_dir(dir.path()).join("0000000000000003.reg"),
+        b"CWMJ",
+    )
+    .unwrap();
+    let s = sidecar(disk_config(dir.path()));
+    assert_eq!(
+        (s.restored.restored, s.restored.dropped, s.restored.corrupt),
+        (1, 0, 2)
+    );
+    assert_eq!(journal_files(dir.path()), ["0000000000000001.reg"]);
+    assert!(s.cwm.registry.contains(1));
+    assert!(!s.cwm.registry.contains(2));
+}
+
+/// A registration the live path would refuse is refused from the journal too: an entry
+/// written by hand that names another instance than its file, or a bad model name.
+#[test]
+fn nothing_in_the_journal_is_trusted_beyond_a_live_registration() {
+    use cwm::ops::journal::Journal;
+    use cwm::ops::RegisterKvCache;
+    let dir = tempfile::tempdir().unwrap();
+    let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
+    let request = |id: u64, model: &str| RegisterKvCache {
+        instance_id: id,
+        descriptors: kv.descriptors(),
+        model_name: model.into(),
+        world_size: 1,
+        engine_type: "vllm".into(),
+        layout_hints: connector_protocol::LayoutHints {
+            kv_layout: kv.hint().map(str::to_string),
+        },
+        engine_groups: kv.groups(),
+    };
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let j = Journal::open(&journal_dir(dir.path())).unwrap();
+    j.record(5, &request(6, MODEL).to_frames().unwrap())
+        .unwrap();
+    j.record(7, &request(7, "bad@model").to_frames().unwrap())
+        .unwrap();
+    j.record(8, &request(8, MODEL).to_frames().unwrap())
+        .unwrap();
+    drop(j);
+    let s = sidecar(disk_config(dir.path()));
+    assert_eq!((s.restored.restored, s.restored.dropped), (1, 2));
+    assert!(s.cwm.registry.contains(8));
+    assert!(!s.cwm.registry.contains(6) && !s.cwm.registry.contains(7));
+}
+
+/// Unregister removes the entry; the reaper forgets a silent engine: its entry goes and its
+/// segment is no longer mapped by cwm.
+#[test]
+fn unregistered_and_reaped_engines_leave_no_entry_and_no_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sidecar(Config {
+        worker_reap_timeout_secs: 1,
+        ..disk_config(dir.path())
+    });
+    let mut c = client(&s);
+    let (a, b) = (
+        TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32),
+        TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32),
+    );
+    register(&mut c, 1, &a);
+    register(&mut c, 2, &b);
+    c.unregister_kv_cache(1).unwrap();
+    assert_eq!(journal_files(dir.path()), ["0000000000000002.reg"]);
+    assert!(c.ping(Some(2)).unwrap());
+    // The test maps the segment too (it is the engine here): count cwm's mapping beside it.
+    let mappings = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.ends_with(b.seg.name()))
+            .count()
+    };
+    assert_eq!(mappings(), 2, "the engine's mapping and cwm's");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.cwm.registry.contains(2) {
+        assert!(
+            Instant::now() < deadline,
+            "a silent engine was never reaped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(journal_files(dir.path()).is_empty(), "reaped entry left");
+    // The mapping goes with the last reference (a warm-up or copy may hold one briefly).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mappings() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the reaped engine's segment stays mapped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM right after a burst of stores: every acknowledged chunk is written behind before
+/// exit, and found after a restart; the process exits 0.
+#[test]
+fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let l2 = dir.path().join("l2");
+    let kv = TestKv::new(Layout::Nhd, 4, 40, 16, 4, 64);
+    let mut child = serve(
+        &l2,
+        port,
+        &dir.path().join("a.log"),
+        &["--drain-timeout-secs", "60"],
+    );
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register(&mut c, 1, &kv);
+    let requests: Vec<Vec<u32>> = (0..24).map(|i| tokens(500 + i, 512)).collect();
+    for (i, t) in requests.iter().enumerate() {
+        kv.fill(i as u64);
+        let k = key(MODEL, "", t, Some(0), 1, 0, 512, "w");
+        assert!(c.store(&k, 1, &blocks(1, 32)).unwrap().ok);
+    }
+    // SAFETY: signalling our own child by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(log.contains("write-behind drained"), "{log}");
+    let mut child = serve(&l2, port, &dir.path().join("b.log"), &[]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(
+            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
+            2,
+            "request {i} after SIGTERM and restart"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
