@@ -11,15 +11,6 @@ use cwm::serve::Sidecar;
 
 const MODEL: &str = "l2-model";
 
-fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
-    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
-        .unwrap();
-}
-
-fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
-    vec![(first..first + n).collect()]
-}
-
 /// Wait until write-behind has written `n` objects to L2.
 fn wait_written(s: &Sidecar, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -48,7 +39,7 @@ fn a_restart_keeps_the_cache() {
     {
         let s = sidecar(disk_config(dir.path()));
         let mut c = client(&s);
-        register(&mut c, 1, &src);
+        register_kv(&mut c, MODEL, 1, &src);
         assert!(
             c.store(
                 &key(MODEL, "", &t, Some(0), 1, 0, 1024, "r"),
@@ -64,7 +55,7 @@ fn a_restart_keeps_the_cache() {
     let s = sidecar(disk_config(dir.path()));
     assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
     let mut c = client(&s);
-    register(&mut c, 2, &dst);
+    register_kv(&mut c, MODEL, 2, &dst);
     assert_eq!(
         lookup(&mut c, &t, 1024, "r2"),
         4,
@@ -97,7 +88,7 @@ fn l2_hits_extend_a_partial_l1_prefix() {
     kv.fill(9);
     let s = sidecar(disk_config(dir.path()));
     let mut c = client(&s);
-    register(&mut c, 1, &kv);
+    register_kv(&mut c, MODEL, 1, &kv);
     let t = tokens(5, 768);
     assert!(
         c.store(
@@ -162,7 +153,7 @@ fn sigkill_during_write_behind_never_serves_wrong_bytes() {
     let mut child = spawn();
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
-    register(&mut c, 1, &src);
+    register_kv(&mut c, MODEL, 1, &src);
     let requests: Vec<Vec<u32>> = (0..40).map(|i| tokens(1000 + i, 512)).collect();
     for (i, t) in requests.iter().enumerate() {
         src.fill(i as u64); // different bytes per request, so a mix-up cannot go unnoticed
@@ -182,7 +173,7 @@ fn sigkill_during_write_behind_never_serves_wrong_bytes() {
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
     let dst = TestKv::new(Layout::Nhd, 8, 40, 16, 4, 128);
-    register(&mut c, 2, &dst);
+    register_kv(&mut c, MODEL, 2, &dst);
     let mut hits = 0;
     for (i, t) in requests.iter().enumerate() {
         let rid = format!("r{i}");
@@ -302,7 +293,7 @@ fn clear_empties_both_tiers_but_keeps_windows() {
     kv.fill(3);
     let s = sidecar(disk_config(dir.path()));
     let mut c = client(&s);
-    register(&mut c, 1, &kv);
+    register_kv(&mut c, MODEL, 1, &kv);
     let store = |c: &mut MpClient, salt: &str, t: &[u32], first: u32| {
         let k = key(MODEL, salt, t, Some(0), 1, 0, 512, "store");
         assert!(c.store(&k, 1, &blocks(first, 32)).unwrap().ok);

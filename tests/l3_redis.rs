@@ -16,15 +16,6 @@ use cwm::serve::Sidecar;
 
 const MODEL: &str = "l3-model";
 
-fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
-    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
-        .unwrap();
-}
-
-fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
-    vec![(first..first + n).collect()]
-}
-
 /// Memory-only sidecar config with L3 at `url`.
 fn l3_config(url: &str) -> Config {
     Config {
@@ -94,7 +85,7 @@ fn hits_byte_exact_on(b: &Sidecar, salt: &str, t: &[u32], chunks: u64, src: &Tes
         src.heads,
         src.content,
     );
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(lookup(&mut cb, salt, t, "q"), chunks);
     assert!(retrieve(&mut cb, 2, salt, t, chunks, "q"));
     for j in 0..chunks * CS / 16 {
@@ -202,7 +193,7 @@ fn two_sidecars_share_chunks_through_one_redis() {
     src.fill(7);
     let t = tokens(11, 1024);
     let mut ca = a.client();
-    register(&mut ca, 1, &src);
+    register_kv(&mut ca, MODEL, 1, &src);
     assert!(store(&mut ca, 1, "alice", &t, 1));
     wait_keys(&redis, 4);
     let keys = chunk_keys(&redis);
@@ -211,7 +202,7 @@ fn two_sidecars_share_chunks_through_one_redis() {
         "keys carry the salt: {keys:?}"
     );
     let mut cb = b.client();
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(
         lookup(&mut cb, "bob", &t, "other-salt"),
         0,
@@ -242,7 +233,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     kv.fill(3);
     let t = tokens(21, 1024);
     let mut ca = client(&a);
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "s", &t, 1));
     wait_keys(&redis, 4);
     // Which key is which chunk: B's own key layout says.
@@ -275,7 +266,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     );
     let mut cb = client(&b);
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(lookup(&mut cb, "s", &t, "q"), 1, "only chunk 0 is servable");
     let l3 = b.cwm.tiers.l3().unwrap();
     assert_eq!(
@@ -295,8 +286,8 @@ fn two_caches(s: &Sidecar) -> (MpClient, TestKv, TestKv) {
     let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let back = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let mut c = client(s);
-    register(&mut c, 1, &kv);
-    register(&mut c, 2, &back);
+    register_kv(&mut c, MODEL, 1, &kv);
+    register_kv(&mut c, MODEL, 2, &back);
     (c, kv, back)
 }
 
@@ -416,7 +407,7 @@ fn acl_user_with_password_from_the_environment() {
     kv.fill(5);
     let t = tokens(31, 512);
     let mut ca = a.client();
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "acl", &t, 1));
     let authed = |args: &[&str]| {
         let mut all = vec!["--user", "cwm", "--pass", "Sekr1t-pw", "--no-auth-warning"];
@@ -433,7 +424,7 @@ fn acl_user_with_password_from_the_environment() {
     }
     let mut cb = b.client();
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(lookup(&mut cb, "acl", &t, "q"), 2);
     assert!(retrieve(&mut cb, 2, "acl", &t, 2, "q"));
     for j in 0..32 {
@@ -449,7 +440,7 @@ fn acl_user_with_password_from_the_environment() {
     let c = Serve::start(&["--l3-url", &url], &[("CWM_L3_PASSWORD", "wrong-Sekr1t")]);
     let mut cc = c.client();
     let kv3 = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cc, 3, &kv3);
+    register_kv(&mut cc, MODEL, 3, &kv3);
     assert_eq!(lookup(&mut cc, "acl", &t, "q3"), 0);
     assert!(store(&mut cc, 3, "acl", &t, 1));
     let log = c.stop();
@@ -472,7 +463,7 @@ fn tls_with_a_private_ca() {
     kv.fill(8);
     let t = tokens(41, 512);
     let mut ca_ = client(&a);
-    register(&mut ca_, 1, &kv);
+    register_kv(&mut ca_, MODEL, 1, &kv);
     assert!(store(&mut ca_, 1, "tls", &t, 1));
     wait_keys(&redis, 2);
     hits_byte_exact_on(&b, "tls", &t, 2, &kv);
@@ -493,7 +484,7 @@ fn two_sidecars_share_chunks_through_a_cluster() {
     kv.fill(12);
     let t = tokens(51, 3072);
     let mut ca = client(&a);
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "c", &t, 1));
     let deadline = Instant::now() + Duration::from_secs(20);
     while cluster.sizes().iter().sum::<u64>() < 12 {
@@ -577,7 +568,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     kv.fill(17);
     let t = tokens(61, 1024);
     let mut ca = client(&a);
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "chat-1", &t, 1));
     assert!(
         chunk_keys(&redis).is_empty(),
@@ -607,7 +598,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     assert_eq!((status.chunks_in_l2, status.chunks_in_l3), (0, Some(4)));
     let mut cb = client(&b);
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(lookup(&mut cb, "chat-2", &t, "before"), 0);
     let thawed = thaw(&b, "review", "chat-2");
     assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
@@ -655,7 +646,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another_through_a_cluster() {
     kv.fill(19);
     let t = tokens(63, 1024);
     let mut ca = client(&a);
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "chat-1", &t, 1));
     assert_eq!(cluster.sizes().iter().sum::<u64>(), 0, "nothing cached yet");
     assert_eq!(freeze(&a, "chat-1", "review").window.chunks, 4);
@@ -667,7 +658,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another_through_a_cluster() {
     assert_eq!(window_names(&b), ["review"]);
     let mut cb = client(&b);
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     let thawed = thaw(&b, "review", "chat-2");
     assert_eq!((thawed.tokens_ready, thawed.tiers.l3), (1024, 4));
     thawed_window_retrieves_byte_exact(&mut cb, "chat-2", &t, &kv, &dst);
@@ -696,7 +687,7 @@ fn a_lookup_missing_l1_and_l2_costs_one_round_trip() {
     let s = sidecar(l3_config(&redis.url()));
     let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let mut c = client(&s);
-    register(&mut c, 1, &kv);
+    register_kv(&mut c, MODEL, 1, &kv);
     let l3 = s.cwm.tiers.l3().unwrap();
     let (trips, exists) = (l3.stats().round_trips, command_calls(&redis, "exists"));
     assert_eq!(lookup(&mut c, "rt", &tokens(71, 4096), "q"), 0);
@@ -727,7 +718,7 @@ fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
     });
     let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let mut c = client(&s);
-    register(&mut c, 1, &kv);
+    register_kv(&mut c, MODEL, 1, &kv);
     let l3 = s.cwm.tiers.l3().unwrap();
     let exists = |cluster: &RedisCluster| -> Vec<u64> {
         cluster
@@ -921,11 +912,11 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     kv.fill(23);
     let t = tokens(111, 1024);
     let mut ca = a.client();
-    register(&mut ca, 1, &kv);
+    register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "chat-1", &t, 1));
     let mut cb = b.client();
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
-    register(&mut cb, 2, &dst);
+    register_kv(&mut cb, MODEL, 2, &dst);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ma = rt
         .block_on(cwm::mcp::connect(&a.mcp_url, None))

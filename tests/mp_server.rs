@@ -20,10 +20,6 @@ fn register(c: &mut cwm::client::MpClient, id: u64, kv: &TestKv, world_size: u32
     .unwrap();
 }
 
-fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
-    vec![(first..first + n).collect()]
-}
-
 /// Store 2 chunks from `src` blocks 1..=32, look up, retrieve into `dst` blocks 40..72.
 fn roundtrip(src_layout: Layout, dst_layout: Layout) {
     let s = sidecar(small_config());
@@ -544,16 +540,19 @@ fn golden_requests_get_golden_replies() {
         ("store", Some("92c400c2")),
         ("retrieve", Some("92c400c2")),
     ];
-    // The golden pings name an instance this server does not know: cwm answers the first ping
-    // of such an instance false, so a connector re-registers (issue 20; LMCache answers true
-    // always). Sent once here, they are answered true below, as the golden replies have it.
-    for m in messages.iter().filter(|m| m["op"] == "ping") {
-        let frames: Vec<Vec<u8>> = m["frames"]
+    let frames_of = |m: &serde_json::Value| -> Vec<Vec<u8>> {
+        m["frames"]
             .as_array()
             .unwrap()
             .iter()
             .map(|f| hex::decode(f.as_str().unwrap()).unwrap())
-            .collect();
+            .collect()
+    };
+    // The golden pings name an instance this server does not know: cwm answers the first ping
+    // of such an instance false, so a connector re-registers (issue 20; LMCache answers true
+    // always). Sent once here, they are answered true below, as the golden replies have it.
+    for m in messages.iter().filter(|m| m["op"] == "ping") {
+        let frames = frames_of(m);
         c.send_raw(&frames).unwrap();
         c.recv_raw().unwrap().expect("ping answered");
     }
@@ -563,12 +562,7 @@ fn golden_requests_get_golden_replies() {
         let Some((_, want)) = expected.iter().find(|(name, _)| *name == op) else {
             continue;
         };
-        let frames: Vec<Vec<u8>> = m["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| hex::decode(f.as_str().unwrap()).unwrap())
-            .collect();
+        let frames = frames_of(m);
         c.send_raw(&frames).unwrap();
         let reply = c
             .recv_raw()

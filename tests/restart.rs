@@ -15,15 +15,6 @@ use cwm::config::Config;
 
 const MODEL: &str = "restart-model";
 
-fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
-    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
-        .unwrap();
-}
-
-fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
-    vec![(first..first + n).collect()]
-}
-
 fn journal_dir(l2: &Path) -> std::path::PathBuf {
     l2.join("registrations")
 }
@@ -130,7 +121,7 @@ fn a_registration_survives_kill_9_and_the_next_store_needs_no_re_register() {
     let mut child = serve(&dir.path().join("l2"), port, &log, &["--http-port", &http]);
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
-    register(&mut c, 41, &kv);
+    register_kv(&mut c, MODEL, 41, &kv);
     assert_eq!(
         journal_files(&dir.path().join("l2")),
         ["0000000000000029.reg"]
@@ -215,8 +206,8 @@ fn a_registration_whose_segment_is_gone_is_dropped_and_its_engine_prompted() {
     {
         let s = sidecar(disk_config(dir.path()));
         let mut c = client(&s);
-        register(&mut c, 1, &kv);
-        register(&mut c, 2, &gone);
+        register_kv(&mut c, MODEL, 1, &kv);
+        register_kv(&mut c, MODEL, 2, &gone);
         assert_eq!(journal_files(dir.path()).len(), 2);
     } // stopped without unregistering, as a crash would
     drop(gone); // its engine exited: the segment is unlinked
@@ -247,7 +238,7 @@ fn a_registration_whose_segment_is_gone_is_dropped_and_its_engine_prompted() {
     );
     // The connector's recovery: it re-registers (a fresh engine would have a new segment).
     let back = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
-    register(&mut c, 2, &back);
+    register_kv(&mut c, MODEL, 2, &back);
     assert!(
         c.store(
             &key(MODEL, "", &t, Some(0), 1, 0, 256, "x"),
@@ -270,8 +261,8 @@ fn a_corrupted_journal_entry_is_ignored() {
     {
         let s = sidecar(disk_config(dir.path()));
         let mut c = client(&s);
-        register(&mut c, 1, &a);
-        register(&mut c, 2, &b);
+        register_kv(&mut c, MODEL, 1, &a);
+        register_kv(&mut c, MODEL, 2, &b);
     }
     let victim = journal_dir(dir.path()).join("0000000000000002.reg");
     let mut bytes = std::fs::read(&victim).unwrap();
@@ -341,8 +332,8 @@ fn unregistered_and_reaped_engines_leave_no_entry_and_no_mapping() {
         TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32),
         TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32),
     );
-    register(&mut c, 1, &a);
-    register(&mut c, 2, &b);
+    register_kv(&mut c, MODEL, 1, &a);
+    register_kv(&mut c, MODEL, 2, &b);
     c.unregister_kv_cache(1).unwrap();
     assert_eq!(journal_files(dir.path()), ["0000000000000002.reg"]);
     assert!(c.ping(Some(2)).unwrap());
@@ -392,7 +383,7 @@ fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
     );
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
-    register(&mut c, 1, &kv);
+    register_kv(&mut c, MODEL, 1, &kv);
     let requests: Vec<Vec<u32>> = (0..24).map(|i| tokens(500 + i, 512)).collect();
     for (i, t) in requests.iter().enumerate() {
         kv.fill(i as u64);

@@ -95,15 +95,6 @@ impl<H: rmcp::ClientHandler> McpSession<H> {
     }
 }
 
-fn register(c: &mut MpClient, id: u64, kv: &TestKv) {
-    c.register_kv_cache(id, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
-        .unwrap();
-}
-
-fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
-    vec![(first..first + n).collect()]
-}
-
 fn lookup(c: &mut MpClient, salt: &str, t: &[u32], end: u64, rid: &str) -> u64 {
     lookup_hits(c, &key(MODEL, salt, t, None, 1, 0, end, rid))
 }
@@ -215,7 +206,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     {
         let s = sidecar(disk_config(dir.path()));
         let mut c = client(&s);
-        register(&mut c, 1, &src);
+        register_kv(&mut c, MODEL, 1, &src);
         store_conversation(&mut c, "S", &t);
         let session = McpSession::open(&rt, &s, transport);
         let m = &session.client;
@@ -303,7 +294,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     let session = McpSession::open(&rt, &s, transport);
     let m = &session.client;
     let mut c = client(&s);
-    register(&mut c, 2, &dst);
+    register_kv(&mut c, MODEL, 2, &dst);
     let list = call(&rt, m, "window_list", json!({"tag": "demo"})).unwrap();
     assert_eq!(list["total"], 1);
     assert_eq!(list["windows"][0]["name"], "chat");
@@ -419,7 +410,7 @@ fn frozen_window(
     src.fill(3);
     let s = sidecar(disk_config(dir.path()));
     let mut c = client(&s);
-    register(&mut c, 1, &src);
+    register_kv(&mut c, MODEL, 1, &src);
     store_conversation(&mut c, salt, &tokens(5, 1100));
     let m = mcp(rt, &s);
     call(
@@ -581,7 +572,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
     src.fill(8);
     let s = sidecar(disk_config(dir.path()));
     let mut c = client(&s);
-    register(&mut c, 1, &src);
+    register_kv(&mut c, MODEL, 1, &src);
     let t = tokens(9, 1100);
     store_conversation(&mut c, "io", &t);
     let session = McpSession::open(&rt, &s, Transport::Stdio);
@@ -658,7 +649,7 @@ fn export_import_moves_a_window_between_data_dirs() {
     {
         let s = sidecar(disk_config(dir.path()));
         let mut c = client(&s);
-        register(&mut c, 1, &src);
+        register_kv(&mut c, MODEL, 1, &src);
         store_conversation(&mut c, "E", &t);
         let m = mcp(&rt, &s);
         call(
@@ -744,7 +735,7 @@ fn export_import_moves_a_window_between_data_dirs() {
     let s = sidecar(disk_config(fresh.path()));
     let m = mcp(&rt, &s);
     let mut c = client(&s);
-    register(&mut c, 2, &dst);
+    register_kv(&mut c, MODEL, 2, &dst);
     let r = call(
         &rt,
         &m,
@@ -764,7 +755,7 @@ fn cache_clear_over_http() {
     let s = sidecar(small_config());
     let src = kv();
     let mut c = client(&s);
-    register(&mut c, 1, &src);
+    register_kv(&mut c, MODEL, 1, &src);
     store_conversation(&mut c, "C", &tokens(3, 1100));
     assert_eq!(s.cwm.tiers.l1_stats().objects, 4);
     let r = http_post(&s, "/cache/clear", r#"{"tier": "l2"}"#);
@@ -837,8 +828,8 @@ fn cache_checksums_over_http() {
     let dst = TestKv::new(Layout::TwoMajor, 4, 80, 16, 2, 32);
     src.fill(5);
     dst.fill_byte(0);
-    register(&mut c, 1, &src);
-    register(&mut c, 2, &dst);
+    register_kv(&mut c, MODEL, 1, &src);
+    register_kv(&mut c, MODEL, 2, &dst);
     let t = tokens(9, 1100);
     store_conversation(&mut c, "K", &t);
     let src_ids: Vec<u32> = (1..65).collect();
@@ -905,7 +896,7 @@ fn cache_checksums_over_http() {
     for (id, layout) in [(3, Layout::Nhd), (4, Layout::Hnd)] {
         let kv = TestKv::new(layout, 2, 8, 16, 2, 32);
         kv.fill(id);
-        register(&mut c, id, &kv);
+        register_kv(&mut c, MODEL, id, &kv);
         let ids = [7u32, 0, 2];
         let (code, r) = checksums(
             &s,

@@ -300,6 +300,17 @@ pub fn key(
     }
 }
 
+/// Register `kv` as instance `id` of `model` (one rank).
+pub fn register_kv(c: &mut MpClient, model: &str, id: u64, kv: &TestKv) {
+    c.register_kv_cache(id, &kv.descriptors(), model, 1, kv.hint(), &kv.groups())
+        .unwrap();
+}
+
+/// One request's block ids: `n` blocks from `first`.
+pub fn blocks(first: u32, n: u32) -> Vec<Vec<u32>> {
+    vec![(first..first + n).collect()]
+}
+
 pub fn tokens(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| seed.wrapping_mul(100_003).wrapping_add(i))
