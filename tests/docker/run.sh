@@ -13,7 +13,8 @@
 #      retrieve byte for byte, a second cwm container hitting the first one's chunks through
 #      Redis, `docker stop` (SIGTERM, drain) losing no acknowledged chunk, cwm running as
 #      non-root. Image size and start time are printed.
-# Skipped, loudly, only where no docker daemon can start.
+# Skipped, loudly, only where no docker daemon can start. Every step that could hang has a
+# timeout, so a stuck daemon fails the run instead of stalling CI.
 #
 # Env: CWM_BIN (default target/ci/cwm), CWM_DOCKER_CACHE (the base image tarball, default
 # ~/.cache/cwm-docker).
@@ -37,7 +38,7 @@ ok() { passed=$((passed + 1)); log "ok: $*"; }
 bad() { failed=$((failed + 1)); log "FAILED: $*" >&2; }
 
 compose() {
-    docker-compose -f "$REPO/docker/compose.yaml" -p "$PROJECT" "$@"
+    timeout 180 docker-compose -f "$REPO/docker/compose.yaml" -p "$PROJECT" "$@"
 }
 
 cleanup() {
@@ -67,7 +68,7 @@ wait_healthy() {
 
 # The container story as the container's uid (cwm opens the segments the "engine" creates).
 story() {
-    HOME=/tmp LMCACHE_LOG_LEVEL=WARNING setpriv --reuid "$UID_CWM" --regid "$UID_CWM" --clear-groups \
+    HOME=/tmp LMCACHE_LOG_LEVEL=WARNING timeout 120 setpriv --reuid "$UID_CWM" --regid "$UID_CWM" --clear-groups \
         "$PY" "$HERE/container_story.py" "$@" 2>"$WORK/story.err" || { tail -5 "$WORK/story.err"; return 1; }
 }
 
@@ -105,16 +106,16 @@ if ! docker image inspect cwm-ci/bookworm >/dev/null 2>&1; then
     tarball="$CACHE/bookworm-minbase.tar"
     if [[ ! -s "$tarball" ]]; then
         rm -rf "$WORK/rootfs"
-        debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian \
+        timeout 900 debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian \
             >"$WORK/debootstrap.log" 2>&1 || { tail -5 "$WORK/debootstrap.log"; log "FAILED: debootstrap"; exit 1; }
         tar -C "$WORK/rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
         rm -rf "$WORK/rootfs"
     fi
-    docker import "$tarball" cwm-ci/bookworm >/dev/null || { log "FAILED: docker import"; exit 1; }
+    timeout 300 docker import "$tarball" cwm-ci/bookworm >/dev/null || { log "FAILED: docker import"; exit 1; }
 fi
 if ! docker image inspect cwm-ci/redis >/dev/null 2>&1; then
     printf 'FROM cwm-ci/bookworm\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null && rm -rf /var/lib/apt/lists/*\n' |
-        docker build --network host -q -t cwm-ci/redis - >/dev/null || { log "FAILED: build cwm-ci/redis"; exit 1; }
+        timeout 600 docker build --network host -q -t cwm-ci/redis - >/dev/null || { log "FAILED: build cwm-ci/redis"; exit 1; }
 fi
 log "base images ready in $((SECONDS - t0)) s"
 
@@ -125,7 +126,7 @@ mkdir -p "$ctx/prebuilt"
 cp "$REPO/docker/Dockerfile" "$ctx/Dockerfile"
 cp "$CWM_BIN" "$ctx/prebuilt/cwm"
 t0=$SECONDS
-docker build -q -f "$ctx/Dockerfile" --build-arg RUST_IMAGE=cwm-ci/bookworm \
+timeout 600 docker build -q -f "$ctx/Dockerfile" --build-arg RUST_IMAGE=cwm-ci/bookworm \
     --build-arg RUNTIME_IMAGE=cwm-ci/bookworm -t cwm-ci/cwm "$ctx" >/dev/null || { log "FAILED: docker build"; exit 1; }
 size=$(docker image inspect --format '{{.Size}}' cwm-ci/cwm)
 log "image cwm-ci/cwm built in $((SECONDS - t0)) s: $((size / 1000000)) MB (the runtime base is $(( $(docker image inspect --format '{{.Size}}' cwm-ci/bookworm) / 1000000 )) MB)"
@@ -159,7 +160,7 @@ out="$(story store "$url" cwm-docker-model seed-a 2>&1)" && ok "LMCache's client
 
 # A second cwm container on the same Redis, its own (empty) volume.
 B_PORT=$(free_port); B_HTTP=$(free_port)
-second="$(docker run -d --network host --ipc host --user "$UID_CWM" \
+second="$(timeout 60 docker run -d --network host --ipc host --user "$UID_CWM" \
     -e CWM_PORT="$B_PORT" -e CWM_HTTP_PORT="$B_HTTP" -e CWM_L1_SIZE_GB=1 \
     -e CWM_L3_URL="redis://127.0.0.1:$REDIS_PORT" cwm-ci/cwm)"
 if wait_healthy "$second" >/dev/null; then
