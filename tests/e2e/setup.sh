@@ -7,15 +7,18 @@
 # Otherwise it installs the lock with --no-deps (see the lock's header for why). pip's own cache
 # (~/.cache/pip, or PIP_CACHE_DIR) is used when present; nothing here disables it.
 #
+# Where: the venv itself lives in ~/.cache/cwm (or $XDG_CACHE_HOME/cwm), named by the hash below,
+# and tests/e2e/.venv is a symlink to it. At ~6.6 GB it is the largest thing a test run makes; a
+# second clone (a CI checkout, a worktree) reuses it instead of filling the disk with another
+# copy. Venvs there for an older lock are removed when a new one is made.
+#
 # Env: PYTHON=<interpreter> to choose the Python 3.11 interpreter (default: python3.11, else python3).
-#      CWM_E2E_VENV=<dir> to put the venv elsewhere.
+#      CWM_E2E_VENV=<dir> to put the venv at <dir> instead (no symlink, no sharing).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VENV="${CWM_E2E_VENV:-$HERE/.venv}"
 LOCK="$HERE/requirements.lock"
 PIP_PIN="pip==26.3"
-STAMP="$VENV/.cwm-e2e-stamp"
 
 pick_python() {
     if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
@@ -34,6 +37,21 @@ PY="$(pick_python)"
 PYVER="$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
 WANT="$( { cat "$LOCK"; echo "$PIP_PIN"; echo "python=$PYVER"; echo "recipe=1"; } | sha256sum | cut -d' ' -f1)"
 
+if [[ -n "${CWM_E2E_VENV:-}" ]]; then
+    VENV="$CWM_E2E_VENV"
+else
+    SHARED="${XDG_CACHE_HOME:-$HOME/.cache}/cwm"
+    VENV="$SHARED/e2e-venv-${WANT:0:16}"
+    mkdir -p "$SHARED"
+    exec 9>"$SHARED/e2e-venv.lock"
+    flock 9                                  # two checkouts setting up at once build it once
+    if [[ "$(readlink "$HERE/.venv" 2>/dev/null)" != "$VENV" ]]; then
+        rm -rf "$HERE/.venv"                 # an old in-tree venv or a link to an older one
+        ln -s "$VENV" "$HERE/.venv"
+    fi
+fi
+STAMP="$VENV/.cwm-e2e-stamp"
+
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     exit 0                                   # up to date
 fi
@@ -43,6 +61,12 @@ if [[ -x "$VENV/bin/python" ]] &&
    [[ "$("$VENV/bin/python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)" == "$PYVER" ]]; then
     echo "setup.sh: updating venv $VENV to requirements.lock" >&2
 else
+    free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
+    if (( free_gb < 8 )); then
+        echo "setup.sh: only ${free_gb} GB free under $(dirname "$VENV"); the venv needs ~6.6 GB" \
+             "and pip's downloads ~1.5 GB more. Free some space (or set CWM_E2E_VENV=<dir> elsewhere)." >&2
+        exit 1
+    fi
     echo "setup.sh: creating venv $VENV with $PY ($PYVER); ~6.6 GB, a few minutes" >&2
     rm -rf "$VENV"
     if ! "$PY" -m venv "$VENV"; then
@@ -73,4 +97,9 @@ fi
 echo "$out" | tail -1 >&2
 
 echo "$WANT" > "$STAMP"
+if [[ -n "${SHARED:-}" ]]; then                # venvs for older locks: nothing links to them now
+    for old in "$SHARED"/e2e-venv-*/; do
+        [[ "${old%/}" == "$VENV" ]] || { echo "setup.sh: removing ${old%/} (an older lock)" >&2; rm -rf "$old"; }
+    done
+fi
 echo "setup.sh: venv ready ($VENV) in $((SECONDS - t0)) s" >&2
