@@ -379,7 +379,6 @@ impl Config {
             timeout: Duration::from_millis(self.l3_timeout_ms),
             connections: self.l3_connections,
             ttl: Duration::from_secs(self.l3_ttl_secs),
-            queue_bytes: self.l3_write_queue_mb << 20,
         })
     }
 
@@ -407,8 +406,22 @@ impl Config {
                     .ok()
                     .filter(|p| !p.is_empty()),
             ),
-            write_queue_bytes: self.l2_write_queue_mb << 20,
+            write_queue_bytes: self.write_queue_mb() << 20,
         }
+    }
+
+    /// The one write-behind queue feeds every tier behind L1: it may hold the larger of the
+    /// configured tiers' allowances.
+    fn write_queue_mb(&self) -> u64 {
+        let l3 = self.l3_url.is_some() || self.l3_cluster.is_some();
+        [
+            self.l2_enabled().then_some(self.l2_write_queue_mb),
+            l3.then_some(self.l3_write_queue_mb),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(self.l2_write_queue_mb)
     }
 
     pub fn lock_ttl(&self) -> Duration {

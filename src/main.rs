@@ -215,7 +215,8 @@ struct ServeArgs {
     /// TTL of cache chunks in L3, seconds; window chunks have none [default: 86400].
     #[arg(long, env = "CWM_L3_TTL_SECS")]
     l3_ttl_secs: Option<u64>,
-    /// MiB of stored objects that may wait for L3 before write-behind drops work [default: 1024].
+    /// MiB of stored objects that may wait for L3 before write-behind drops work; one queue
+    /// feeds every tier, holding the larger of this and --l2-write-queue-mb [default: 1024].
     #[arg(long, env = "CWM_L3_WRITE_QUEUE_MB")]
     l3_write_queue_mb: Option<u64>,
     /// PEM file of the CA that signed the Redis servers' certificates (rediss://).

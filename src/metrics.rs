@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::ops::Cwm;
-use crate::status::{self, Health, L2Stats};
+use crate::status::{self, Health, TierStats};
 
 /// Render every series in the Prometheus text format, version 0.0.4.
 /// Salts `cwm_l1_salt_bytes` names one by one; the rest are summed as `_other`.
@@ -107,65 +107,73 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Retrieves that found a chunk missing",
         &[("", c(s.retrieve_misses))],
     );
-    // Per-tier series: L1's value, and L2's (0 without a disk tier).
-    let l2 = |f: fn(&L2Stats) -> u64| s.l2.as_ref().map_or(0.0, |l| c(f(l)));
-    for (name, kind, help, l1, l2) in [
+    // Per-tier series: L1's value, and each configured tier's by its name (`tier="l2"`).
+    let tier_labels: Vec<String> = s
+        .tiers
+        .iter()
+        .map(|t| format!("tier=\"{}\"", t.name.to_lowercase()))
+        .collect();
+    type Of = fn(&TierStats) -> u64;
+    let rows: [(&str, &str, &str, u64, Of); 7] = [
         (
             "tier_objects",
             "gauge",
             "Objects held per tier",
             s.l1.objects as u64,
-            l2(|l| l.records as u64),
+            |t| t.records as u64,
         ),
         (
             "tier_used_bytes",
             "gauge",
             "Bytes used per tier",
             s.l1.used_bytes,
-            l2(|l| l.used_bytes),
+            |t| t.used_bytes,
         ),
         (
             "tier_capacity_bytes",
             "gauge",
             "Byte budget per tier",
             s.l1.capacity_bytes,
-            l2(|l| l.capacity_bytes),
+            |t| t.capacity_bytes,
         ),
         (
             "tier_read_bytes_total",
             "counter",
-            "Bytes read per tier (L1: retrieved into engines; L2: read and decoded)",
+            "Bytes read per tier (L1: retrieved into engines; L2, L3: read and decoded)",
             s.retrieved_bytes,
-            l2(|l| l.read_bytes),
+            |t| t.read_bytes,
         ),
         (
             "tier_written_bytes_total",
             "counter",
             "Bytes written per tier (L2: raw bytes before compression)",
             s.l1.committed_bytes,
-            l2(|l| l.written_raw_bytes),
+            |t| t.written_raw_bytes,
         ),
         (
             "tier_hits_total",
             "counter",
-            "Objects served per tier (L1: retrieved; L2: read into L1)",
+            "Objects served per tier (L1: retrieved; L2, L3: read into L1)",
             s.retrieved_objects,
-            l2(|l| l.read_records),
+            |t| t.read_records,
         ),
         (
             "tier_evicted_objects_total",
             "counter",
             "Objects evicted per tier (L2: records in reclaimed segments)",
             s.l1.evicted_objects,
-            l2(|l| l.reclaimed_records),
+            |t| t.reclaimed_records,
         ),
-    ] {
-        metric(
-            name,
-            kind,
-            help,
-            &[("tier=\"l1\"", c(l1)), ("tier=\"l2\"", l2)],
+    ];
+    for (name, kind, help, l1, of) in rows {
+        let mut samples = vec![("tier=\"l1\"", c(l1))];
+        samples.extend(
+            tier_labels
+                .iter()
+                .zip(&s.tiers)
+                .map(|(label, t)| (label.as_str(), c(of(t)))),
         );
+        metric(name, kind, help, &samples);
     }
     metric(
         "l1_evicted_bytes_total",
@@ -208,55 +216,30 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "L1 bytes per cache_salt (the largest; the rest summed as _other; _default: no salt)",
         &per_salt,
     );
-    if let Some(l2) = &s.l2 {
-        metric(
-            "l2_stored_bytes_total",
-            "counter",
-            "Payload bytes written to L2 after compression",
-            &[("", c(l2.written_stored_bytes))],
-        );
-        metric(
-            "l2_corrupt_records_total",
-            "counter",
-            "L2 records that failed verification and were dropped",
-            &[("", c(l2.corrupt_records))],
-        );
-        metric(
-            "l2_write_errors_total",
-            "counter",
-            "L2 append failures",
-            &[("", c(l2.write_errors))],
-        );
-        metric(
-            "l2_segments",
-            "gauge",
-            "L2 segment files",
-            &[("", l2.segments as f64)],
-        );
-        metric(
-            "l2_pinned_records",
-            "gauge",
-            "L2 records pinned by windows",
-            &[("", l2.pinned_records as f64)],
-        );
-        metric(
-            "l2_reclaimed_segments_total",
-            "counter",
-            "L2 segments reclaimed",
-            &[("", c(l2.reclaimed_segments))],
-        );
+    // Each tier's own figures, as `cwm_<tier>_<figure>` (`cwm_l2_segments`, `cwm_l3_up`).
+    for t in &s.tiers {
+        let tier = t.name.to_lowercase();
+        for f in &t.figures {
+            let kind = if f.gauge { "gauge" } else { "counter" };
+            metric(
+                &format!("{tier}_{}", f.name),
+                kind,
+                f.help,
+                &[("", c(f.value))],
+            );
+        }
     }
     let wb = &s.write_behind;
     metric(
         "write_behind_queue_bytes",
         "gauge",
-        "Bytes waiting for L2 write-behind",
+        "Bytes waiting for write-behind (to every tier behind L1)",
         &[("", c(wb.queued_bytes))],
     );
     metric(
         "write_behind_enqueued_total",
         "counter",
-        "Objects queued for L2",
+        "Objects queued for the tiers behind L1",
         &[("", c(wb.enqueued))],
     );
     metric(
@@ -268,7 +251,7 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
     metric(
         "write_behind_written_total",
         "counter",
-        "Objects written to L2 by write-behind",
+        "Objects written to the tiers behind L1 by write-behind",
         &[("", c(wb.written))],
     );
     metric(
@@ -301,87 +284,6 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Objects written after waiting for space",
         &[("", c(wb.retried))],
     );
-    if let Some(l3) = &s.l3 {
-        let link = &l3.link;
-        metric(
-            "l3_up",
-            "gauge",
-            "1 while the L3 Redis link answers, 0 while it is down or not yet connected",
-            &[("", if link.state == "up" { 1.0 } else { 0.0 })],
-        );
-        metric(
-            "l3_full",
-            "gauge",
-            "1 while L3 Redis refuses writes for lack of memory (maxmemory)",
-            &[("", if link.full { 1.0 } else { 0.0 })],
-        );
-        for (name, help, v) in [
-            (
-                "l3_incidents_total",
-                "Times the L3 link went down",
-                link.incidents,
-            ),
-            (
-                "l3_link_errors_total",
-                "L3 operations failed for the link (down, timeout)",
-                l3.link_errors,
-            ),
-            (
-                "l3_exists_checked_total",
-                "Keys looked up in L3",
-                l3.exists_checked,
-            ),
-            ("l3_exists_found_total", "Keys found in L3", l3.exists_found),
-            (
-                "l3_read_records_total",
-                "Values read from L3 into L1",
-                l3.read_records,
-            ),
-            (
-                "l3_read_bytes_total",
-                "Object bytes read from L3 into L1",
-                l3.read_bytes,
-            ),
-            (
-                "l3_corrupt_records_total",
-                "L3 values that failed verification or carried another key (served as misses)",
-                l3.corrupt_records,
-            ),
-            (
-                "l3_written_records_total",
-                "Values written to L3",
-                l3.written_records,
-            ),
-            (
-                "l3_written_bytes_total",
-                "Value bytes written to L3",
-                l3.written_bytes,
-            ),
-            (
-                "l3_write_errors_total",
-                "L3 write batches that failed",
-                l3.write_errors,
-            ),
-            (
-                "l3_write_behind_dropped_total",
-                "Objects L3 write-behind gave up (queue full or link down)",
-                l3.write_behind_dropped,
-            ),
-            (
-                "l3_round_trips_total",
-                "Pipelines sent to L3 nodes (a lookup's existence checks cost one per node)",
-                l3.round_trips,
-            ),
-        ] {
-            metric(name, "counter", help, &[("", c(v))]);
-        }
-        metric(
-            "l3_write_behind_queue_bytes",
-            "gauge",
-            "Bytes waiting for L3 write-behind",
-            &[("", c(l3.write_behind_queued_bytes))],
-        );
-    }
     let h = health;
     metric(
         "windows",

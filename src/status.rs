@@ -11,9 +11,7 @@ use crate::ops::Cwm;
 
 /// L1's figures (the store's own report, serialized as is).
 pub type L1Stats = crate::store::tiered::L1Report;
-/// The disk tier's figures.
-pub type L2Stats = crate::store::tier::TierStats;
-pub use crate::store::l3::L3Stats;
+pub use crate::store::tier::TierStats;
 pub use crate::store::tiered::WriteBehindStats;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -28,10 +26,17 @@ pub struct CacheStats {
     pub retrieved_bytes: u64,
     pub retrieve_misses: u64,
     pub l1: L1Stats,
-    pub l2: Option<L2Stats>,
+    /// Every configured tier behind L1, in order, by name ("L2": the disk; "L3": Redis, with
+    /// its link), each with the figures of its own.
+    pub tiers: Vec<TierStats>,
     pub write_behind: WriteBehindStats,
-    /// The Redis tier: its link (up/down, incidents), reads, writes, corrupt values.
-    pub l3: Option<L3Stats>,
+}
+
+impl CacheStats {
+    /// The figures of the tier named `name` ("L2"), if configured.
+    pub fn tier(&self, name: &str) -> Option<&TierStats> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -67,12 +72,7 @@ pub fn cache_stats(cwm: &Cwm) -> CacheStats {
         retrieved_bytes: c.retrieved_bytes.load(Relaxed),
         retrieve_misses: c.retrieve_misses.load(Relaxed),
         l1: t.l1,
-        l2: t
-            .lower
-            .into_iter()
-            .find(|(name, _)| *name == "L2")
-            .map(|(_, s)| s),
+        tiers: t.lower,
         write_behind: t.write_behind,
-        l3: cwm.tiers.l3().map(|l3| l3.stats()),
     }
 }

@@ -298,7 +298,7 @@ fn clear_empties_both_tiers_but_keeps_windows() {
         let k = key(MODEL, salt, t, Some(0), 1, 0, 512, "store");
         assert!(c.store(&k, 1, &blocks(first, 32)).unwrap().ok);
     };
-    let l2_records = || s.windows.cache_stats().l2.expect("L2 on").records;
+    let l2_records = || s.windows.cache_stats().tier("L2").expect("L2 on").records;
     let wait_records = |n: usize| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while l2_records() < n {

@@ -5,16 +5,49 @@ mod common;
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::redis::*;
 use common::*;
 use cwm::client::MpClient;
 use cwm::config::Config;
+use cwm::ops::Cwm;
 use cwm::serve::Sidecar;
+use cwm::store::l3::keys::KeyLayout;
+use cwm::store::tier::LinkStatus;
 
 const MODEL: &str = "l3-model";
+
+/// What `/status` says of L3: its link, and its own figures by name.
+#[derive(Debug)]
+struct L3Status {
+    link: LinkStatus,
+    corrupt_records: u64,
+    write_errors: u64,
+    link_errors: u64,
+    /// Records given up while the link was down.
+    write_behind_dropped: u64,
+    round_trips: u64,
+    topology_reads: u64,
+}
+
+fn l3_status(node: &Cwm) -> L3Status {
+    let stats = cwm::status::cache_stats(node);
+    let t = stats.tier("L3").expect("L3 is configured");
+    let figure = |name| {
+        t.figure(name)
+            .unwrap_or_else(|| panic!("no figure {name}: {t:?}"))
+    };
+    L3Status {
+        link: t.link.clone().expect("L3 reports its link"),
+        corrupt_records: t.corrupt_records,
+        write_errors: t.write_errors,
+        link_errors: figure("link_errors_total"),
+        write_behind_dropped: figure("write_behind_dropped_total"),
+        round_trips: figure("round_trips_total"),
+        topology_reads: figure("topology_reads_total"),
+    }
+}
 
 /// Memory-only sidecar config with L3 at `url`.
 fn l3_config(url: &str) -> Config {
@@ -248,7 +281,7 @@ fn corrupted_or_misplaced_values_are_misses() {
                 chunk_hash: *h,
                 cache_salt: "s".into(),
             };
-            String::from_utf8(b.cwm.tiers.l3().unwrap().keys().chunk(&k)).unwrap()
+            String::from_utf8(KeyLayout::new("cwm").chunk(&k)).unwrap()
         })
         .collect();
     // Chunk 2: change the last payload byte. Chunk 1: chunk 3's record under chunk 1's key.
@@ -268,9 +301,8 @@ fn corrupted_or_misplaced_values_are_misses() {
     let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     register_kv(&mut cb, MODEL, 2, &dst);
     assert_eq!(lookup(&mut cb, "s", &t, "q"), 1, "only chunk 0 is servable");
-    let l3 = b.cwm.tiers.l3().unwrap();
     assert_eq!(
-        l3.counters.corrupt_records.load(Relaxed),
+        l3_status(&b.cwm).corrupt_records,
         2,
         "the misplaced and the altered value are counted"
     );
@@ -336,10 +368,7 @@ fn redis_killed_mid_burst_then_back() {
     }
     // Everything stored is still served from L1, byte-exact.
     assert_served_from_l1(&mut c, &kv, &back, "burst", &requests);
-    let status = |s: &Sidecar| {
-        let stats = s.windows.cache_stats();
-        stats.l3.unwrap()
-    };
+    let status = |s: &Sidecar| l3_status(&s.windows.cwm);
     let st = status(&s);
     assert_eq!(st.link.state, "down", "{st:?}");
     assert_eq!(st.link.incidents, 1, "one incident: {st:?}");
@@ -688,8 +717,10 @@ fn a_lookup_missing_l1_and_l2_costs_one_round_trip() {
     let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let mut c = client(&s);
     register_kv(&mut c, MODEL, 1, &kv);
-    let l3 = s.cwm.tiers.l3().unwrap();
-    let (trips, exists) = (l3.stats().round_trips, command_calls(&redis, "exists"));
+    let (trips, exists) = (
+        l3_status(&s.cwm).round_trips,
+        command_calls(&redis, "exists"),
+    );
     assert_eq!(lookup(&mut c, "rt", &tokens(71, 4096), "q"), 0);
     assert_eq!(
         command_calls(&redis, "exists") - exists,
@@ -697,10 +728,10 @@ fn a_lookup_missing_l1_and_l2_costs_one_round_trip() {
         "one existence check per chunk reached Redis"
     );
     assert_eq!(
-        l3.stats().round_trips - trips,
+        l3_status(&s.cwm).round_trips - trips,
         1,
         "16 checks, one pipeline: {:?}",
-        l3.stats()
+        l3_status(&s.cwm)
     );
     let metrics = cwm::metrics::render(&s.windows.cwm, &s.windows.health());
     assert!(metrics.contains("cwm_l3_round_trips_total 1"), "{metrics}");
@@ -719,7 +750,6 @@ fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
     let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
     let mut c = client(&s);
     register_kv(&mut c, MODEL, 1, &kv);
-    let l3 = s.cwm.tiers.l3().unwrap();
     let exists = |cluster: &RedisCluster| -> Vec<u64> {
         cluster
             .nodes
@@ -730,7 +760,7 @@ fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
     // The first lookup also reads the slot map; the second shows the steady state.
     for round in 0..2 {
         let before = exists(&cluster);
-        let trips = l3.stats().round_trips;
+        let trips = l3_status(&s.cwm).round_trips;
         let t = tokens(81 + round, 4096);
         assert_eq!(lookup(&mut c, "rt", &t, &format!("q{round}")), 0);
         let per_node: Vec<u64> = exists(&cluster)
@@ -745,13 +775,13 @@ fn a_lookup_on_a_cluster_costs_one_round_trip_per_node() {
             "16 chunks spread over the masters: {per_node:?}"
         );
         assert_eq!(
-            l3.stats().round_trips - trips,
+            l3_status(&s.cwm).round_trips - trips,
             nodes,
             "one pipeline per node that holds keys ({per_node:?})"
         );
     }
     assert_eq!(
-        l3.link().batches().topology_reads.load(Relaxed),
+        l3_status(&s.cwm).topology_reads,
         1,
         "the slot map was read once"
     );
@@ -803,7 +833,7 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
         paused.elapsed() < Duration::from_secs(6),
         "the checks ran while Redis was paused"
     );
-    let st = s.windows.cache_stats().l3.unwrap();
+    let st = l3_status(&s.cwm);
     assert_eq!(st.link.state, "down", "{st:?}");
     assert!(st.link_errors >= 1, "{st:?}");
     assert!(
@@ -818,7 +848,7 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
     // After the pause: the link comes back by itself on the next lookups.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 0;
-    while s.windows.cache_stats().l3.unwrap().link.state != "up" {
+    while l3_status(&s.cwm).link.state != "up" {
         assert!(
             Instant::now() < deadline,
             "L3 never came back after the pause"
@@ -827,7 +857,7 @@ fn a_slow_redis_delays_nothing_past_the_deadline() {
         lookup(&mut c, "slow", &tokens(300 + i, 512), &format!("after{i}"));
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(s.windows.cache_stats().l3.unwrap().link.incidents, 1);
+    assert_eq!(l3_status(&s.cwm).link.incidents, 1);
 }
 
 /// A full Redis (maxmemory, noeviction: writes get OOM errors): every store is answered and
@@ -853,7 +883,6 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
     let s = sidecar(l3_config(&redis.url()));
     let (mut c, kv, back) = two_caches(&s);
     let requests: Vec<Vec<u32>> = (0..20).map(|i| tokens(700 + i, 512)).collect();
-    let l3 = s.cwm.tiers.l3().unwrap();
     for (i, t) in requests.iter().enumerate() {
         kv.fill(i as u64);
         let t0 = Instant::now();
@@ -865,16 +894,18 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while l3.stats().write_errors == 0 || l3.stats().write_behind_queued_bytes > 0 {
+    while l3_status(&s.cwm).write_errors == 0
+        || s.windows.cache_stats().write_behind.queued_bytes > 0
+    {
         assert!(
             Instant::now() < deadline,
             "no write was refused: {:?}",
-            l3.stats()
+            l3_status(&s.cwm)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_served_from_l1(&mut c, &kv, &back, "full", &requests);
-    let st = s.windows.cache_stats().l3.unwrap();
+    let st = l3_status(&s.cwm);
     assert_eq!(
         (st.link.state.as_str(), st.link.full),
         ("up", true),
@@ -891,7 +922,7 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
     assert!(store(&mut c, 1, "full", &tokens(999, 512), 1));
     wait_keys(&redis, before + 2);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.windows.cache_stats().l3.unwrap().link.full {
+    while l3_status(&s.cwm).link.full {
         assert!(Instant::now() < deadline, "still shown full");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -351,10 +351,9 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     assert_eq!(lookup(&mut c, "S4", &t, 1024, "q5"), 4);
 
     let stats = call(&rt, m, "cache_stats", json!({})).unwrap();
-    assert!(
-        stats["l2"]["pinned_records"].as_u64().unwrap() >= 4,
-        "{stats}"
-    );
+    let l2 = &stats["tiers"][0];
+    assert_eq!(l2["name"], "L2", "{stats}");
+    assert!(l2["pinned_records"].as_u64().unwrap() >= 4, "{stats}");
     let health = call(&rt, m, "health", json!({})).unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["windows"], 1);

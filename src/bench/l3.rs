@@ -9,6 +9,7 @@
 //! time. Timings are reported, never asserted.
 
 use std::process::Command;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -19,10 +20,12 @@ use super::{gbps, Samples};
 use crate::store::codec::CompressionPolicy;
 use crate::store::l3::config::{Endpoints, L3Config, WritePolicy};
 use crate::store::l3::L3;
+use crate::store::record;
+use crate::store::tier::{Fetched, Tier};
 use crate::store::{L1Config, L1Store};
 
 /// Records per put and per get: write-behind's batch.
-const BATCH: usize = crate::store::l3::BATCH;
+const BATCH: usize = 16;
 
 /// Chunks of a 4096-token prefix at the default chunk size (256 tokens).
 const LOOKUP_CHUNKS: usize = 16;
@@ -99,35 +102,31 @@ pub fn run(cfg: &L3BenchConfig) -> anyhow::Result<L3Report> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id());
-    let l3 = L3::open(
-        L3Config {
-            endpoints: Endpoints::Single(cfg.url.clone()),
-            password: std::env::var("CWM_L3_PASSWORD").ok(),
-            tls_ca: None,
-            namespace: format!("cwm-bench-{}", std::process::id()),
-            write: WritePolicy::Never,
-            timeout: cfg.timeout,
-            connections: cfg.connections,
-            ttl: Duration::from_secs(3600),
-            queue_bytes: 0,
-        },
-        CompressionPolicy::DISABLED,
-    )?;
+    let l3 = L3::open(L3Config {
+        endpoints: Endpoints::Single(cfg.url.clone()),
+        password: std::env::var("CWM_L3_PASSWORD").ok(),
+        tls_ca: None,
+        namespace: format!("cwm-bench-{}", std::process::id()),
+        write: WritePolicy::Never,
+        timeout: cfg.timeout,
+        connections: cfg.connections,
+        ttl: Duration::from_secs(3600),
+    })?;
     let mut values = Vec::new();
     for &mib in &cfg.value_mib {
         values.push(measure_value(&l3, cfg, run_id, mib << 20)?);
     }
-    let before = l3.stats().round_trips;
+    let round_trips = || l3.link().batches().round_trips.load(Relaxed);
+    let before = round_trips();
     let absent: Vec<ObjectKey> = (0..LOOKUP_CHUNKS)
         .map(|i| bench_key(run_id, 0, usize::MAX, i))
         .collect();
     ensure!(
         l3.existing(&absent).is_empty() && l3.link().is_up(),
         "the lookup check failed: {:?}",
-        l3.stats().link
+        l3.link().status()
     );
-    let lookup_round_trips = l3.stats().round_trips - before;
-    l3.shutdown();
+    let lookup_round_trips = round_trips() - before;
     let mut values_with_raw = Vec::new();
     for mut v in values {
         if cfg.redis_benchmark {
@@ -177,11 +176,16 @@ fn measure_value(
         for batch in keys.chunks(BATCH) {
             let records = batch
                 .iter()
-                .map(|k| (k.clone(), l3.record(k, &raw, 2)))
+                .map(|k| {
+                    (
+                        k.clone(),
+                        record::encode(k, &raw, 2, CompressionPolicy::DISABLED),
+                    )
+                })
                 .collect();
             let t = Instant::now();
             let n = l3
-                .put(records, true)
+                .set(records, true)
                 .with_context(|| format!("put {value}-byte values"))?;
             put += t.elapsed();
             ensure!(n == batch.len(), "put {n} of {} values", batch.len());
@@ -189,14 +193,24 @@ fn measure_value(
         let mut get = Duration::ZERO;
         for batch in keys.chunks(BATCH) {
             let t = Instant::now();
-            let got = l3.promote(&l1, batch);
+            let reserve = |k: &ObjectKey, len: u64| l1.reserve(k, len);
+            let got = l3
+                .fetch(batch, &reserve)
+                .into_iter()
+                .filter_map(|f| match f {
+                    Fetched::Read(object) => {
+                        object.commit();
+                        Some(())
+                    }
+                    _ => None,
+                })
+                .count();
             get += t.elapsed();
             ensure!(
-                got.len() == batch.len(),
-                "got {} of {} values back: {:?}",
-                got.len(),
+                got == batch.len(),
+                "got {got} of {} values back: {:?}",
                 batch.len(),
-                l3.stats()
+                l3.link().status()
             );
             let back = l1.read(&batch[0]).context("a promoted value is in L1")?;
             ensure!(back.to_vec() == raw, "a value came back changed");

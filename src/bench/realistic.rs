@@ -315,7 +315,7 @@ fn read_tiers(sidecar: &Sidecar, l2_path: Option<&Path>) -> RunTiers {
         l1_capacity_bytes: stats.l1.capacity_bytes,
         l1_evicted_objects: stats.l1.evicted_objects,
         l1_evicted_bytes: stats.l1.evicted_bytes,
-        l2: l2_path.zip(stats.l2.as_ref()).map(|(path, l2)| L2Traffic {
+        l2: l2_path.zip(stats.tier("L2")).map(|(path, l2)| L2Traffic {
             path: path.to_path_buf(),
             on_tmpfs: on_tmpfs(path),
             written_raw_bytes: l2.written_raw_bytes,

@@ -245,12 +245,12 @@ impl Cwm {
             self.set_session(key, None, Status::Done(0));
             return Ok(());
         };
-        // The prefix available in L1 or a local tier. Past it, L3 (when configured) may hold
-        // more: only a prefetch job asks it, never this thread.
+        // The prefix available in L1 or a tier's index. Past it, a tier that keeps no index
+        // (L3) may hold more: only a prefetch job asks it, never this thread.
         let located = self.tiers.locate(&chunks);
         let available = located.len();
-        let ask_l3 = self.tiers.l3().is_some() && available < chunks.len();
-        if located.iter().all(|&resident| resident) && !ask_l3 {
+        let probe = self.tiers.unknown_beyond(&chunks, available);
+        if located.iter().all(|&resident| resident) && !probe {
             let hit = self.tiers.lock_prefix(&chunks, readers);
             self.counters.record_lookup(chunks.len(), hit);
             self.set_session(

@@ -188,7 +188,7 @@ impl RemoteGet {
             .read(&key)
             .or_else(|| tiers.promote(&key).then(|| tiers.read(&key)).flatten())
             .or_else(|| {
-                (tiers.promote_from_l3(std::slice::from_ref(&key)) > 0)
+                (tiers.fetch_unknown(std::slice::from_ref(&key)) > 0)
                     .then(|| tiers.read(&key))
                     .flatten()
             });
@@ -211,11 +211,7 @@ pub struct RemoteExists {
 impl RemoteExists {
     pub fn run(self, cwm: &Arc<Cwm>) -> Result<bool, RemoteError> {
         let key = object_key(&self.key)?;
-        Ok(cwm.tiers.available(&key)
-            || cwm
-                .tiers
-                .l3()
-                .is_some_and(|l3| l3.existing(std::slice::from_ref(&key)).contains(&key)))
+        Ok(cwm.tiers.exists(&key))
     }
 }
 

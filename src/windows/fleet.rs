@@ -1,5 +1,6 @@
-//! Windows fleet-wide, when L3 is configured: the manifests in Redis (`store::l3::catalog`) are
-//! the shared truth, and each node's local catalog follows them.
+//! Windows fleet-wide, when a tier behind L1 keeps a shared `WindowCatalog` (L3: the manifests
+//! in Redis, `store::l3::catalog`): its manifests are the shared truth, and each node's local
+//! catalog follows them. Windows reach that tier only through this narrow handle.
 //!
 //! - `publish` (freeze, clone): the window's records go to Redis without a TTL, then its
 //!   manifest is created there (only if the name is free fleet-wide). If either fails the
@@ -18,22 +19,23 @@ use connector_protocol::ObjectKey;
 
 use super::catalog::Window;
 use super::{WindowError, Windows};
-use crate::store::l3::L3;
+use crate::store::tier::WindowCatalog;
 
 /// Records pushed per batch by a freeze: bounds the memory of encoded records in flight.
 const PUSH_BATCH: usize = 8;
 
 impl Windows {
-    pub(super) fn l3(&self) -> Option<&L3> {
-        self.cwm.tiers.l3().map(|l| &**l)
+    /// The fleet's catalog, when a tier keeps one.
+    pub(super) fn fleet(&self) -> Option<&dyn WindowCatalog> {
+        self.cwm.tiers.window_catalog().map(|c| &**c)
     }
 
     /// Bring the local catalog in line with the manifests in Redis. Call under `op_lock`.
     pub(super) fn sync_locked(&self) {
-        let (Some(l3), Some(catalog)) = (self.l3(), &self.catalog) else {
+        let (Some(fleet), Some(catalog)) = (self.fleet(), &self.catalog) else {
             return;
         };
-        let manifests = match l3.manifests() {
+        let manifests = match fleet.manifests() {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!("window catalog not synced with L3: {e}");
@@ -74,7 +76,7 @@ impl Windows {
     }
 
     pub(super) fn sync(&self) {
-        if self.l3().is_some() {
+        if self.fleet().is_some() {
             let _serial = self.op_lock.lock();
             self.sync_locked();
         }
@@ -82,7 +84,9 @@ impl Windows {
 
     /// Push `w`'s records (when `with_data`) and create its manifest in Redis.
     pub(super) fn publish(&self, w: &Window, with_data: bool) -> Result<(), WindowError> {
-        let Some(l3) = self.l3() else { return Ok(()) };
+        let Some(fleet) = self.fleet() else {
+            return Ok(());
+        };
         let fleet_err = |e: &dyn std::fmt::Display| {
             WindowError::Fleet(format!("window {:?} not published to L3: {e}", w.name))
         };
@@ -90,9 +94,9 @@ impl Windows {
             for keys in w.data_keys().chunks(PUSH_BATCH) {
                 let mut records = Vec::with_capacity(keys.len());
                 for k in keys {
-                    records.push((k.clone(), self.record_of(l3, k)?));
+                    records.push((k.clone(), self.record_of(k)?));
                 }
-                l3.put(records, false).map_err(|e| fleet_err(&e))?;
+                fleet.keep(records).map_err(|e| fleet_err(&e))?;
             }
         }
         let manifest = serde_json::to_vec(&Window {
@@ -100,7 +104,7 @@ impl Windows {
             ..w.clone()
         })
         .map_err(|e| fleet_err(&e))?;
-        match l3.publish_manifest(&w.name, manifest) {
+        match fleet.publish(&w.name, manifest) {
             Ok(true) => Ok(()),
             Ok(false) => Err(WindowError::Taken(w.name.clone())),
             Err(e) => Err(fleet_err(&e)),
@@ -110,34 +114,37 @@ impl Windows {
     /// Remove `w`'s manifest from Redis and give its records no other window names their TTL.
     /// `others`: the data keys of the windows that remain.
     pub(super) fn unpublish(&self, name: &str) -> Result<(), WindowError> {
-        let Some(l3) = self.l3() else { return Ok(()) };
-        l3.remove_manifest(name)
+        let Some(fleet) = self.fleet() else {
+            return Ok(());
+        };
+        fleet
+            .remove(name)
             .map(|_| ())
             .map_err(|e| WindowError::Fleet(format!("window {name:?} not deleted from L3: {e}")))
     }
 
     pub(super) fn release_in_l3(&self, keys: &[ObjectKey]) {
-        if let Some(l3) = self.l3() {
-            if let Err(e) = l3.release(keys) {
+        if let Some(fleet) = self.fleet() {
+            if let Err(e) = fleet.release(keys) {
                 tracing::warn!("L3: records of a deleted window keep no TTL: {e}");
             }
         }
     }
 
-    /// Make `keys` resident in L1 from Redis where no local tier holds them. Returns how many
-    /// were read from Redis.
+    /// Make `keys` resident in L1 from the tiers that keep no index (Redis) where no tier's
+    /// index holds them. Returns how many were read from those tiers.
     pub(super) fn fetch_from_l3(&self, keys: &[ObjectKey]) -> u64 {
-        self.cwm.tiers.promote_from_l3(keys)
+        self.cwm.tiers.fetch_unknown(keys)
     }
 
     /// How many chunks of `w` have every rank's record in Redis (None without L3 or while it is
     /// unreachable).
     pub(super) fn chunks_in_l3(&self, w: &Window) -> Option<usize> {
-        let l3 = self.l3()?;
-        if !l3.link().usable() {
+        let fleet = self.fleet()?;
+        if !fleet.reachable() {
             return None;
         }
-        let found = l3.existing(&w.data_keys());
+        let found = fleet.present(&w.data_keys());
         Some(
             w.hashes()
                 .iter()
@@ -151,12 +158,10 @@ impl Windows {
     }
 
     /// The record of `key`: encoded from L1, else the local tier's verbatim.
-    fn record_of(&self, l3: &L3, key: &ObjectKey) -> Result<Vec<u8>, WindowError> {
-        let t = &self.cwm.tiers;
-        if let Some(g) = t.read(key) {
-            return Ok(l3.record(key, &g.to_vec(), g.itemsize()));
-        }
-        t.export_record(key)
+    fn record_of(&self, key: &ObjectKey) -> Result<Vec<u8>, WindowError> {
+        self.cwm
+            .tiers
+            .record_of(key)
             .map_err(|_| WindowError::Vanished(Box::new(key.clone())))
     }
 

@@ -36,7 +36,7 @@ use thiserror::Error;
 
 use crate::ops::Cwm;
 use crate::status;
-pub use crate::status::{CacheStats, Health, L1Stats, L2Stats, WriteBehindStats};
+pub use crate::status::{CacheStats, Health, L1Stats, TierStats, WriteBehindStats};
 use crate::store::tier::TierError;
 use crate::store::tiered::{DurableError, InstallError, Installed, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
@@ -519,7 +519,7 @@ impl Windows {
         let infos: Vec<_> = keys.iter().filter_map(|k| tiers.record_info(k)).collect();
         w.raw_bytes = infos.iter().map(|i| i.raw_len).sum();
         w.stored_bytes = infos.iter().map(|i| i.record_len).sum();
-        w.fleet = self.l3().is_some();
+        w.fleet = self.fleet().is_some();
         // Fleet-wide first (records, then the manifest if the name is free everywhere).
         if let Err(e) = self.publish(&w, true) {
             unpin_all(&pinned);
@@ -695,7 +695,7 @@ impl Windows {
         w.created_at = unix_now();
         w.last_thawed_at = None;
         w.cloned_from = Some(src.name.clone());
-        w.fleet = self.l3().is_some();
+        w.fleet = self.fleet().is_some();
         self.publish(&w, false)?;
         let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| tiers.pin(k)).collect();
         if let Err(e) = catalog.insert(w.clone()) {

@@ -20,14 +20,17 @@ use std::time::{Duration, Instant};
 
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
+use rayon::prelude::*;
 use thiserror::Error;
 
 use self::checkpoint::Checkpoint;
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
 use crate::store::record::{self, decode_header, Record, RecordError};
-use crate::store::tier::{RecordInfo, Tier, TierError, TierStats};
-use crate::store::WriteGuard;
+use crate::store::tier::{
+    Fetched, Figure, Presence, RecordInfo, Reserve, Tier, TierError, TierStats,
+};
+use crate::store::Reservation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -698,41 +701,66 @@ impl<S: Storage> DiskStore<S> {
     }
 }
 
+impl<S: Storage> DiskStore<S> {
+    /// Read and verify `key` into an L1 object from `reserve`.
+    fn fetch_one(&self, key: &ObjectKey, reserve: Reserve) -> Fetched {
+        let Some(raw_len) = self.raw_len(key) else {
+            return Fetched::Missing;
+        };
+        let mut object = match reserve(key, raw_len) {
+            Reservation::Reserved(object) => object,
+            Reservation::Present => return Fetched::Resident,
+            Reservation::NoSpace => return Fetched::NoSpace,
+        };
+        // Decoded into private memory, then copied in: no reference may cover pool pages.
+        let mut raw = vec![0; object.len()];
+        match self.read(key, &mut raw) {
+            Ok(itemsize) => {
+                object.copy_from_slice(&raw);
+                object.set_itemsize(itemsize);
+                Fetched::Read(object)
+            }
+            Err(e) => Fetched::Failed(TierError::new("L2", e)),
+        }
+    }
+}
+
 impl<S: Storage> Tier for DiskStore<S> {
     fn name(&self) -> &'static str {
         "L2"
     }
 
-    fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
+    fn may_contain(&self, keys: &[ObjectKey]) -> Vec<Presence> {
         let st = self.state.lock();
-        keys.iter().map(|k| st.index.contains_key(k)).collect()
+        keys.iter()
+            .map(|k| match st.index.get(k) {
+                Some(l) => Presence::Held(RecordInfo {
+                    raw_len: l.raw_len,
+                    record_len: l.record_len,
+                }),
+                None => Presence::Absent,
+            })
+            .collect()
     }
 
-    fn info(&self, key: &ObjectKey) -> Option<RecordInfo> {
-        self.state.lock().index.get(key).map(|l| RecordInfo {
-            raw_len: l.raw_len,
-            record_len: l.record_len,
-        })
-    }
-
-    fn read_into(&self, key: &ObjectKey, object: &mut WriteGuard) -> Result<(), TierError> {
-        // Decoded into private memory, then copied in: no reference may cover pool pages.
-        let mut raw = vec![0; object.len()];
-        let itemsize = self
-            .read(key, &mut raw)
-            .map_err(|e| TierError::new("L2", e))?;
-        object.copy_from_slice(&raw);
-        object.set_itemsize(itemsize);
-        Ok(())
+    fn fetch(&self, keys: &[ObjectKey], reserve: Reserve) -> Vec<Fetched> {
+        keys.par_iter()
+            .map(|k| self.fetch_one(k, reserve))
+            .collect()
     }
 
     fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
         self.read_record(key).map_err(|e| TierError::new("L2", e))
     }
 
-    fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError> {
-        self.append_record(key, record)
-            .map_err(|e| TierError::new("L2", e))
+    fn put(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), TierError>> {
+        records
+            .iter()
+            .map(|(key, record)| {
+                self.append_record(key, record)
+                    .map_err(|e| TierError::new("L2", e))
+            })
+            .collect()
     }
 
     fn pin(&self, key: &ObjectKey) -> bool {
@@ -755,6 +783,7 @@ impl<S: Storage> Tier for DiskStore<S> {
         let s = DiskStore::stats(self);
         let c = &self.counters;
         TierStats {
+            name: self.name().into(),
             records: s.records,
             segments: s.segments,
             used_bytes: s.used_bytes,
@@ -769,6 +798,35 @@ impl<S: Storage> Tier for DiskStore<S> {
             reclaimed_segments: c.reclaimed_segments.load(Relaxed),
             reclaimed_records: c.reclaimed_records.load(Relaxed),
             write_errors: c.write_errors.load(Relaxed),
+            link: None,
+            figures: vec![
+                Figure::counter(
+                    "stored_bytes_total",
+                    "Payload bytes written to L2 after compression",
+                    c.written_stored_bytes.load(Relaxed),
+                ),
+                Figure::counter(
+                    "corrupt_records_total",
+                    "L2 records that failed verification and were dropped",
+                    c.corrupt_records.load(Relaxed),
+                ),
+                Figure::counter(
+                    "write_errors_total",
+                    "L2 append failures",
+                    c.write_errors.load(Relaxed),
+                ),
+                Figure::gauge("segments", "L2 segment files", s.segments as u64),
+                Figure::gauge(
+                    "pinned_records",
+                    "L2 records pinned by windows",
+                    s.pinned as u64,
+                ),
+                Figure::counter(
+                    "reclaimed_segments_total",
+                    "L2 segments reclaimed",
+                    c.reclaimed_segments.load(Relaxed),
+                ),
+            ],
         }
     }
 

@@ -1,18 +1,54 @@
-//! Named manifests in Redis: one hash (`KeyLayout::windows`) of name → bytes, so listing,
-//! reading, creating (only if absent) and deleting are single-key commands, atomic on a
-//! cluster too. The store knows nothing of what a manifest says; `crate::windows` does.
-//! Also: giving data keys back their cache TTL once no manifest names them.
+//! L3 as the fleet's `WindowCatalog`. Named manifests in Redis: one hash
+//! (`KeyLayout::windows`) of name → bytes, so listing, reading, creating (only if absent) and
+//! deleting are single-key commands, atomic on a cluster too. The store knows nothing of what
+//! a manifest says; `crate::windows` does. Also: a window's records kept without a TTL, and
+//! given back their cache TTL once no manifest names them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use connector_protocol::ObjectKey;
 
 use super::link::LinkError;
 use super::L3;
+use crate::store::tier::{TierError, WindowCatalog};
+
+fn tier_error(e: LinkError) -> TierError {
+    TierError::new("L3", e)
+}
+
+impl WindowCatalog for L3 {
+    fn reachable(&self) -> bool {
+        self.link().usable()
+    }
+
+    fn manifests(&self) -> Result<HashMap<String, Vec<u8>>, TierError> {
+        self.all_manifests().map_err(tier_error)
+    }
+
+    fn publish(&self, name: &str, manifest: Vec<u8>) -> Result<bool, TierError> {
+        self.publish_manifest(name, manifest).map_err(tier_error)
+    }
+
+    fn remove(&self, name: &str) -> Result<bool, TierError> {
+        self.remove_manifest(name).map_err(tier_error)
+    }
+
+    fn keep(&self, records: Vec<(ObjectKey, Vec<u8>)>) -> Result<usize, TierError> {
+        self.set(records, false).map_err(tier_error)
+    }
+
+    fn release(&self, keys: &[ObjectKey]) -> Result<(), TierError> {
+        self.expire(keys).map_err(tier_error)
+    }
+
+    fn present(&self, keys: &[ObjectKey]) -> HashSet<ObjectKey> {
+        self.existing(keys)
+    }
+}
 
 impl L3 {
     /// Every manifest, by name.
-    pub fn manifests(&self) -> Result<HashMap<String, Vec<u8>>, LinkError> {
+    fn all_manifests(&self) -> Result<HashMap<String, Vec<u8>>, LinkError> {
         let key = self.keys().windows();
         self.link()
             .run(move |mut c| async move {
@@ -23,7 +59,7 @@ impl L3 {
     }
 
     /// Create manifest `name`; false if the name is taken.
-    pub fn publish_manifest(&self, name: &str, manifest: Vec<u8>) -> Result<bool, LinkError> {
+    fn publish_manifest(&self, name: &str, manifest: Vec<u8>) -> Result<bool, LinkError> {
         let (key, name) = (self.keys().windows(), name.to_string());
         self.link()
             .run(move |mut c| async move {
@@ -34,7 +70,7 @@ impl L3 {
     }
 
     /// Delete manifest `name`; false if there was none.
-    pub fn remove_manifest(&self, name: &str) -> Result<bool, LinkError> {
+    fn remove_manifest(&self, name: &str) -> Result<bool, LinkError> {
         let (key, name) = (self.keys().windows(), name.to_string());
         self.link()
             .run(move |mut c| async move {
@@ -44,7 +80,7 @@ impl L3 {
     }
 
     /// Give `keys` the cache TTL again (their window is gone): `volatile-lru` may evict them.
-    pub fn release(&self, keys: &[ObjectKey]) -> Result<(), LinkError> {
+    fn expire(&self, keys: &[ObjectKey]) -> Result<(), LinkError> {
         let ttl = self.ttl_secs();
         let cmds = keys
             .iter()

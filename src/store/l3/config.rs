@@ -51,8 +51,6 @@ pub struct L3Config {
     pub connections: usize,
     /// TTL of cache chunks (windows have none), so `volatile-lru` evicts cache before windows.
     pub ttl: Duration,
-    /// Bytes of committed objects that may wait for L3 before write-behind drops work.
-    pub queue_bytes: u64,
 }
 
 impl std::fmt::Debug for L3Config {
@@ -66,7 +64,6 @@ impl std::fmt::Debug for L3Config {
             .field("timeout", &self.timeout)
             .field("connections", &self.connections)
             .field("ttl", &self.ttl)
-            .field("queue_bytes", &self.queue_bytes)
             .finish()
     }
 }
@@ -153,7 +150,6 @@ mod tests {
             timeout: Duration::from_secs(1),
             connections: 1,
             ttl: Duration::from_secs(1),
-            queue_bytes: 1,
         }
     }
 

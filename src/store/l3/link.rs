@@ -17,8 +17,9 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates};
-use serde::Serialize;
 use thiserror::Error;
+
+pub use crate::store::tier::LinkStatus;
 
 use super::batch::Batches;
 use super::config::{Endpoints, L3Config};
@@ -31,8 +32,6 @@ pub enum LinkError {
     Timeout(Duration),
     #[error("L3: {0}")]
     Redis(#[from] RedisError),
-    #[error("{0:?}: L3 is read in batches by lookups and thaws, not record by record")]
-    NotLocal(Box<connector_protocol::ObjectKey>),
 }
 
 /// One connection: to a single server, or to a whole cluster (routing by slot).
@@ -54,22 +53,6 @@ impl Conn {
 enum Target {
     Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
-}
-
-/// What `/status` shows about the link.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
-pub struct LinkStatus {
-    /// `up`, `down`, or `connecting` before the first answer.
-    pub state: String,
-    /// The servers, passwords masked.
-    pub endpoints: Vec<String>,
-    /// Times the link went down.
-    pub incidents: u64,
-    pub down_for_secs: Option<f64>,
-    pub last_error: Option<String>,
-    /// Redis refused writes for lack of memory (`maxmemory` reached) and has not accepted one
-    /// since.
-    pub full: bool,
 }
 
 struct Down {
@@ -308,7 +291,7 @@ impl Link {
         let connectivity = match &e {
             LinkError::Redis(r) => broken_redis(r),
             LinkError::Timeout(_) => true,
-            LinkError::Down | LinkError::NotLocal(_) => false,
+            LinkError::Down => false,
         };
         if connectivity {
             let mut down = self.health.down.lock();
@@ -392,7 +375,7 @@ fn broken(e: &LinkError) -> bool {
     match e {
         LinkError::Redis(r) => broken_redis(r),
         LinkError::Timeout(_) => true,
-        LinkError::Down | LinkError::NotLocal(_) => false,
+        LinkError::Down => false,
     }
 }
 

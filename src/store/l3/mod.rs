@@ -3,16 +3,15 @@
 //! Values are records (`store::record`: header with the full key, codec, checksums), so every
 //! tier verifies integrity the same way; a value that fails its checks or carries another key
 //! is a miss (counted, logged), never served. Keys: `keys`. Connections, deadlines and
-//! reconnection: `link`.
+//! reconnection: `link`. Window manifests: `catalog` (the fleet's `WindowCatalog`).
 //!
-//! L3 is a `Tier` behind L1 for the write path: write-behind hands it every committed object's
-//! record (`put`), which it queues (bounded in bytes, never blocking) for a worker that pushes
-//! batches of concurrent SETs with a TTL (cache data); frozen windows are pushed without one.
-//! It does not fit the trait's read contract (`contains` and `info` answer from memory, and
-//! Redis is remote): it answers "not held" there, and the facade reads it through the batched
-//! calls below, from prefetch jobs only. Read path: `existing` checks existence of a whole
-//! lookup's missing chunks at once (one pipeline per node: `batch`), then `promote` fetches the
-//! leading present ones (spread over the connections) and installs them in L1.
+//! The whole tier contract, remote: Redis keeps no index in this process, so `may_contain`
+//! answers "unknown" and lookups leave L3 to their prefetch jobs, which `probe` a whole
+//! prefix at once (EXISTS, one pipeline per node: `batch`) and `fetch` the leading present
+//! chunks (GETs spread over the connections), each value verified and decoded into the L1
+//! object the facade reserved. Write-behind `put`s batches of records as concurrent SETs with
+//! a TTL, only where absent (cache data); frozen windows are kept without one (`catalog`).
+//! While the link is down, puts are given up at once (counted), never waited for.
 
 pub mod batch;
 pub mod catalog;
@@ -22,23 +21,21 @@ pub mod link;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
-use std::time::Duration;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use self::config::{L3Config, WritePolicy};
+use self::config::{L3Config, L3ConfigError, WritePolicy};
 use self::keys::KeyLayout;
-use self::link::{Link, LinkError, LinkStatus};
-use super::codec::{Codec, CompressionPolicy};
-use super::record::{self, Record};
-use super::tier::{RecordInfo, Tier, TierError, TierStats};
-use super::{L1Store, Reservation, WriteGuard};
+use self::link::{Link, LinkError};
+use super::codec::Codec;
+use super::record::Record;
+use super::tier::{Fetched, Figure, Presence, Reserve, Tier, TierError, TierStats, WindowCatalog};
+use super::Reservation;
 
 #[derive(Debug, Default)]
 pub struct L3Counters {
@@ -54,73 +51,30 @@ pub struct L3Counters {
     pub write_errors: AtomicU64,
     /// Operations that failed for the link (down, timeout).
     pub link_errors: AtomicU64,
-}
-
-/// What `/status` and `cache_stats` show about L3.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct L3Stats {
-    pub link: LinkStatus,
-    pub namespace: String,
-    pub write: String,
-    pub exists_checked: u64,
-    pub exists_found: u64,
-    pub read_records: u64,
-    pub read_bytes: u64,
-    pub corrupt_records: u64,
-    pub written_records: u64,
-    pub written_bytes: u64,
-    pub write_errors: u64,
-    pub link_errors: u64,
-    pub write_behind_queued_bytes: u64,
-    pub write_behind_dropped: u64,
-    /// Pipelines (and single commands) sent by batches: a lookup costs one per node.
-    pub round_trips: u64,
+    /// Records given up without trying (the link down).
+    pub dropped: AtomicU64,
 }
 
 pub struct L3 {
     link: Arc<Link>,
     keys: KeyLayout,
     config: L3Config,
-    compression: CompressionPolicy,
     pub counters: Arc<L3Counters>,
-    queue: Mutex<Option<mpsc::Sender<Queued>>>,
-    queue_bytes: AtomicU64,
-    dropped: AtomicU64,
     last_drop_log: Mutex<Option<Instant>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
 }
-
-/// Records per write-behind batch.
-pub const BATCH: usize = 16;
-
-/// A record waiting for Redis, under its key.
-type Queued = (ObjectKey, Vec<u8>);
 
 impl L3 {
     /// Connects lazily: a Redis absent at start is a link that is down, not an error.
-    pub fn open(config: L3Config, compression: CompressionPolicy) -> anyhow::Result<Arc<L3>> {
+    pub fn open(config: L3Config) -> Result<Arc<L3>, L3Error> {
         config.validate()?;
-        let link = Arc::new(Link::new(&config)?);
-        let (tx, rx) = mpsc::channel();
+        let link = Arc::new(Link::new(&config).map_err(|e| L3Error::Link(e.into()))?);
         let l3 = Arc::new(L3 {
             link,
             keys: KeyLayout::new(&config.namespace),
             config,
-            compression,
             counters: Arc::default(),
-            queue: Mutex::new(Some(tx)),
-            queue_bytes: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
             last_drop_log: Mutex::new(None),
-            worker: Mutex::new(None),
         });
-        let worker = {
-            let l3 = l3.clone();
-            std::thread::Builder::new()
-                .name("cwm-l3-write".into())
-                .spawn(move || l3.write_behind(rx))?
-        };
-        *l3.worker.lock() = Some(worker);
         tracing::info!(
             endpoints = ?l3.config.endpoints_redacted(),
             namespace = %l3.config.namespace,
@@ -138,34 +92,15 @@ impl L3 {
         &self.link
     }
 
-    /// Queue a cache record for Redis (write policy `always`). Never blocks: beyond the queue's
-    /// bytes, or while Redis is down, the record is dropped and counted.
-    fn enqueue(&self, key: &ObjectKey, record: &[u8]) {
-        if self.config.write != WritePolicy::Always {
-            return;
-        }
-        let n = record.len() as u64;
-        let queue = self.queue.lock();
-        let Some(tx) = queue.as_ref() else { return };
-        if !self.link.usable() || self.queue_bytes.load(Relaxed) + n > self.config.queue_bytes {
-            self.drop_records(1);
-            return;
-        }
-        self.queue_bytes.fetch_add(n, Relaxed);
-        if tx.send((key.clone(), record.to_vec())).is_err() {
-            self.queue_bytes.fetch_sub(n, Relaxed);
-        }
-    }
-
     /// Count records given up, logging at most every 10 s.
     fn drop_records(&self, n: u64) {
-        self.dropped.fetch_add(n, Relaxed);
+        self.counters.dropped.fetch_add(n, Relaxed);
         let mut last = self.last_drop_log.lock();
         if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
             *last = Some(Instant::now());
             tracing::warn!(
-                dropped_total = self.dropped.load(Relaxed),
-                "L3 write-behind is dropping records (Redis slower than stores, or unreachable)"
+                dropped_total = self.counters.dropped.load(Relaxed),
+                "L3 is giving records up (Redis unreachable)"
             );
         }
     }
@@ -211,25 +146,6 @@ impl L3 {
         }
     }
 
-    /// Fetch `keys` (one concurrent batch), verify each value and install it in L1. Returns the
-    /// keys now resident in L1. A value failing verification is counted and skipped.
-    pub fn promote(&self, l1: &Arc<L1Store>, keys: &[ObjectKey]) -> HashSet<ObjectKey> {
-        let values = match self.fetch(keys) {
-            Ok(v) => v,
-            Err(e) => {
-                self.link_error(&e);
-                return HashSet::new();
-            }
-        };
-        keys.par_iter()
-            .zip(values)
-            .filter_map(|(key, value)| {
-                let value = value?;
-                self.install(l1, key, &value).then(|| key.clone())
-            })
-            .collect()
-    }
-
     /// `command` once per key, on the key's chunk record.
     fn per_chunk(&self, command: &str, keys: &[ObjectKey]) -> Vec<redis::Cmd> {
         keys.iter()
@@ -242,7 +158,7 @@ impl L3 {
     }
 
     /// The raw values of `keys` (None where absent), in one concurrent batch.
-    fn fetch(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
+    fn values(&self, keys: &[ObjectKey]) -> Result<Vec<Option<Vec<u8>>>, LinkError> {
         self.link
             .spread(self.per_chunk("GET", keys))?
             .into_iter()
@@ -253,67 +169,50 @@ impl L3 {
             .collect()
     }
 
-    fn decode(r: &Record) -> Result<Vec<u8>, crate::store::codec::CodecError> {
-        let mut raw = vec![0; r.header.raw_len as usize];
-        r.decode_into(&mut raw)?;
-        Ok(raw)
-    }
-
-    /// Verify a value fetched for `key` and copy its object into L1.
-    fn install(&self, l1: &Arc<L1Store>, key: &ObjectKey, value: &[u8]) -> bool {
+    /// Verify a value fetched for `key` and decode its object into an L1 object from `reserve`.
+    fn install(&self, key: &ObjectKey, value: &[u8], reserve: Reserve) -> Fetched {
         let r = match Record::parse(value, 0) {
             Ok(r) if r.header.key == *key => r,
             Ok(r) => return self.corrupt(key, &format!("value carries key {:?}", r.header.key)),
             Err(e) => return self.corrupt(key, &e.to_string()),
         };
-        match l1.reserve(key, r.header.raw_len) {
-            Reservation::Present => true,
-            Reservation::NoSpace => false,
-            // A raw payload (verified by `parse`) goes straight in; a compressed one is decoded
-            // into private memory first: no reference may cover pool pages.
-            Reservation::Reserved(mut w) if r.header.codec == Codec::Raw => {
-                if r.payload.len() as u64 != r.header.raw_len {
-                    return self.corrupt(key, "raw payload length differs from the raw length");
-                }
-                w.copy_from_slice(r.payload);
-                self.installed(w, &r);
-                true
+        let mut object = match reserve(key, r.header.raw_len) {
+            Reservation::Reserved(object) => object,
+            Reservation::Present => return Fetched::Resident,
+            Reservation::NoSpace => return Fetched::NoSpace,
+        };
+        if r.header.codec == Codec::Raw {
+            // A raw payload (verified by `parse`) goes straight in.
+            if r.payload.len() as u64 != r.header.raw_len {
+                return self.corrupt(key, "raw payload length differs from the raw length");
             }
-            Reservation::Reserved(mut w) => match Self::decode(&r) {
-                Ok(raw) => {
-                    w.copy_from_slice(&raw);
-                    self.installed(w, &r);
-                    true
-                }
-                Err(e) => self.corrupt(key, &e.to_string()),
-            },
+            object.copy_from_slice(r.payload);
+        } else {
+            // Decoded into private memory first: no reference may cover pool pages.
+            let mut raw = vec![0; r.header.raw_len as usize];
+            if let Err(e) = r.decode_into(&mut raw) {
+                return self.corrupt(key, &e.to_string());
+            }
+            object.copy_from_slice(&raw);
         }
-    }
-
-    fn installed(&self, mut w: WriteGuard, r: &Record) {
-        w.set_itemsize(r.header.itemsize);
-        w.commit();
+        object.set_itemsize(r.header.itemsize);
         self.counters.read_records.fetch_add(1, Relaxed);
         self.counters
             .read_bytes
             .fetch_add(r.header.raw_len, Relaxed);
+        Fetched::Read(object)
     }
 
-    fn corrupt(&self, key: &ObjectKey, why: &str) -> bool {
+    fn corrupt(&self, key: &ObjectKey, why: &str) -> Fetched {
         self.counters.corrupt_records.fetch_add(1, Relaxed);
         tracing::error!(?key, "L3: ignoring a value that fails verification: {why}");
-        false
-    }
-
-    /// Encode `raw` as the record stored for `key`.
-    pub fn record(&self, key: &ObjectKey, raw: &[u8], itemsize: u8) -> Vec<u8> {
-        record::encode(key, raw, itemsize, self.compression)
+        Fetched::Failed(TierError::new("L3", L3Error::Corrupt(why.to_string())))
     }
 
     /// Write records in one concurrent batch: cache data with the TTL and only where absent
     /// (so a window's record never gets one), window data (`ttl` false) unconditionally and
     /// without a TTL. Returns how many were written.
-    pub fn put(&self, records: Vec<(ObjectKey, Vec<u8>)>, ttl: bool) -> Result<usize, LinkError> {
+    pub fn set(&self, records: Vec<(ObjectKey, Vec<u8>)>, ttl: bool) -> Result<usize, LinkError> {
         if records.is_empty() {
             return Ok(0);
         }
@@ -357,98 +256,104 @@ impl L3 {
         self.counters.link_errors.fetch_add(1, Relaxed);
         tracing::debug!("L3: {e}");
     }
-
-    fn write_behind(&self, rx: mpsc::Receiver<Queued>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            let bytes: u64 = batch.iter().map(|(_, r)| r.len() as u64).sum();
-            let n = batch.len() as u64;
-            if !self.link.usable() {
-                // Down: give the batch up rather than let the queue fill behind a dead link.
-                self.drop_records(n);
-            } else {
-                let _ = self.put(batch, true);
-            }
-            self.queue_bytes.fetch_sub(bytes, Relaxed);
-        }
-    }
-
-    pub fn stats(&self) -> L3Stats {
-        let c = &self.counters;
-        L3Stats {
-            link: self.link.status(),
-            namespace: self.config.namespace.clone(),
-            write: format!("{:?}", self.config.write).to_lowercase(),
-            exists_checked: c.exists_checked.load(Relaxed),
-            exists_found: c.exists_found.load(Relaxed),
-            read_records: c.read_records.load(Relaxed),
-            read_bytes: c.read_bytes.load(Relaxed),
-            corrupt_records: c.corrupt_records.load(Relaxed),
-            written_records: c.written_records.load(Relaxed),
-            written_bytes: c.written_bytes.load(Relaxed),
-            write_errors: c.write_errors.load(Relaxed),
-            link_errors: c.link_errors.load(Relaxed),
-            write_behind_queued_bytes: self.queue_bytes.load(Relaxed),
-            write_behind_dropped: self.dropped.load(Relaxed),
-            round_trips: self.link.batches().round_trips.load(Relaxed),
-        }
-    }
-
-    /// Stop write-behind after it drained its queue.
-    pub fn shutdown(&self) {
-        self.queue.lock().take();
-        if let Some(w) = self.worker.lock().take() {
-            let _ = w.join();
-        }
-    }
 }
 
-/// The write path of the tier trait. Reads go through `existing` / `promote` (batched, remote):
-/// `contains` and `info` must answer from memory, so L3 answers "not held" there.
+/// Why L3 could not be set up, or a value was refused.
+#[derive(Debug, Error)]
+pub enum L3Error {
+    #[error("invalid L3 configuration")]
+    Config(#[from] L3ConfigError),
+    #[error("cannot set up the L3 link")]
+    Link(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("value fails verification: {0}")]
+    Corrupt(String),
+    #[error("{0:?} is not in L3")]
+    Missing(Box<ObjectKey>),
+}
+
 impl Tier for L3 {
     fn name(&self) -> &'static str {
         "L3"
     }
 
-    fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
-        vec![false; keys.len()]
+    /// Redis keeps no index here: only a probe can tell.
+    fn may_contain(&self, keys: &[ObjectKey]) -> Vec<Presence> {
+        vec![Presence::Unknown; keys.len()]
     }
 
-    fn info(&self, _key: &ObjectKey) -> Option<RecordInfo> {
-        None
+    fn probe(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        let found = self.existing(keys);
+        keys.iter().map(|k| found.contains(k)).collect()
     }
 
-    fn read_into(&self, key: &ObjectKey, _object: &mut WriteGuard) -> Result<(), TierError> {
-        Err(TierError::new(
-            "L3",
-            LinkError::NotLocal(Box::new(key.clone())),
-        ))
+    fn fetch(&self, keys: &[ObjectKey], reserve: Reserve) -> Vec<Fetched> {
+        let values = match self.values(keys) {
+            Ok(v) => v,
+            Err(e) => {
+                self.link_error(&e);
+                let e = Arc::new(e);
+                return keys
+                    .iter()
+                    .map(|_| Fetched::Failed(TierError::new("L3", e.clone())))
+                    .collect();
+            }
+        };
+        keys.par_iter()
+            .zip(values)
+            .map(|(key, value)| match value {
+                Some(value) => self.install(key, &value, reserve),
+                None => Fetched::Missing,
+            })
+            .collect()
     }
 
     fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
-        Err(TierError::new(
-            "L3",
-            LinkError::NotLocal(Box::new(key.clone())),
-        ))
+        let value = self
+            .values(std::slice::from_ref(key))
+            .inspect_err(|e| self.link_error(e))
+            .map_err(|e| TierError::new("L3", e))?
+            .pop()
+            .flatten()
+            .ok_or_else(|| TierError::new("L3", L3Error::Missing(Box::new(key.clone()))))?;
+        match Record::parse(&value, 0) {
+            Ok(r) if r.header.key == *key => Ok(value),
+            Ok(r) => Err(TierError::new(
+                "L3",
+                L3Error::Corrupt(format!("value carries key {:?}", r.header.key)),
+            )),
+            Err(e) => Err(TierError::new("L3", e)),
+        }
     }
 
-    fn put(&self, key: &ObjectKey, record: &[u8]) -> Result<(), TierError> {
-        self.enqueue(key, record);
-        Ok(())
+    /// Cache records (write policy `always`), with the TTL, where absent. While the link is
+    /// down they are given up at once (counted); a failed batch is counted too, not retried:
+    /// L3 is a cache.
+    fn put(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), TierError>> {
+        let taken = || records.iter().map(|_| Ok(())).collect();
+        if self.config.write != WritePolicy::Always || records.is_empty() {
+            return taken();
+        }
+        if !self.link.usable() {
+            self.drop_records(records.len() as u64);
+            return taken();
+        }
+        let batch = records
+            .iter()
+            .map(|(k, r)| ((*k).clone(), r.to_vec()))
+            .collect();
+        let _ = self.set(batch, true);
+        taken()
     }
 
+    /// Redis keeps a window's records by giving them no TTL (`WindowCatalog::keep`), not by
+    /// pins of this node's.
     fn pin(&self, _key: &ObjectKey) -> bool {
         false
     }
 
     fn unpin(&self, _key: &ObjectKey) {}
 
+    /// A put is acknowledged by Redis when it returns: nothing waits here.
     fn sync(&self) -> Result<(), TierError> {
         Ok(())
     }
@@ -460,19 +365,99 @@ impl Tier for L3 {
 
     fn stats(&self) -> TierStats {
         let c = &self.counters;
+        let link = self.link.status();
+        let figures = vec![
+            Figure::gauge(
+                "up",
+                "1 while the L3 Redis link answers, 0 while it is down or not yet connected",
+                u64::from(link.state == "up"),
+            ),
+            Figure::gauge(
+                "full",
+                "1 while L3 Redis refuses writes for lack of memory (maxmemory)",
+                u64::from(link.full),
+            ),
+            Figure::counter(
+                "incidents_total",
+                "Times the L3 link went down",
+                link.incidents,
+            ),
+            Figure::counter(
+                "link_errors_total",
+                "L3 operations failed for the link (down, timeout)",
+                c.link_errors.load(Relaxed),
+            ),
+            Figure::counter(
+                "exists_checked_total",
+                "Keys looked up in L3",
+                c.exists_checked.load(Relaxed),
+            ),
+            Figure::counter(
+                "exists_found_total",
+                "Keys found in L3",
+                c.exists_found.load(Relaxed),
+            ),
+            Figure::counter(
+                "read_records_total",
+                "Values read from L3 into L1",
+                c.read_records.load(Relaxed),
+            ),
+            Figure::counter(
+                "read_bytes_total",
+                "Object bytes read from L3 into L1",
+                c.read_bytes.load(Relaxed),
+            ),
+            Figure::counter(
+                "corrupt_records_total",
+                "L3 values that failed verification or carried another key (served as misses)",
+                c.corrupt_records.load(Relaxed),
+            ),
+            Figure::counter(
+                "written_records_total",
+                "Values written to L3",
+                c.written_records.load(Relaxed),
+            ),
+            Figure::counter(
+                "written_bytes_total",
+                "Value bytes written to L3",
+                c.written_bytes.load(Relaxed),
+            ),
+            Figure::counter(
+                "write_errors_total",
+                "L3 write batches that failed",
+                c.write_errors.load(Relaxed),
+            ),
+            Figure::counter(
+                "write_behind_dropped_total",
+                "Objects L3 gave up without trying (link down)",
+                c.dropped.load(Relaxed),
+            ),
+            Figure::counter(
+                "round_trips_total",
+                "Pipelines sent to L3 nodes (a lookup's existence checks cost one per node)",
+                self.link.batches().round_trips.load(Relaxed),
+            ),
+            Figure::counter(
+                "topology_reads_total",
+                "Times the L3 cluster's slot map was read",
+                self.link.batches().topology_reads.load(Relaxed),
+            ),
+        ];
         TierStats {
+            name: self.name().into(),
             read_records: c.read_records.load(Relaxed),
             read_bytes: c.read_bytes.load(Relaxed),
             written_records: c.written_records.load(Relaxed),
             written_stored_bytes: c.written_bytes.load(Relaxed),
             corrupt_records: c.corrupt_records.load(Relaxed),
             write_errors: c.write_errors.load(Relaxed),
+            link: Some(link),
+            figures,
             ..TierStats::default()
         }
     }
 
-    fn close(&self) -> Result<(), TierError> {
-        self.shutdown();
-        Ok(())
+    fn window_catalog(self: Arc<Self>) -> Option<Arc<dyn WindowCatalog>> {
+        Some(self)
     }
 }

@@ -1,3 +1,5 @@
+use std::time::{Duration, Instant};
+
 use connector_protocol::ChunkHash;
 
 use super::*;
