@@ -2,10 +2,12 @@
 //! and how far each segment was covered, so an open scans only what was appended after it.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use connector_protocol::ObjectKey;
 
-use super::{DiskError, Location};
+use super::storage::{SegmentFile, Storage};
+use super::{DiskError, DiskStore, Location};
 use crate::store::le::{self, LeReader, PutLe};
 use crate::store::record;
 
@@ -82,4 +84,32 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, DiskError> {
         ));
     }
     Ok(c)
+}
+
+/// How often `maintain` persists the index.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+impl<S: Storage> DiskStore<S> {
+    /// Sync, then persist the index so the next open needs to scan only what comes after.
+    pub fn checkpoint(&self) -> Result<(), DiskError> {
+        self.sync()?;
+        let bytes = {
+            // No append may sit between its bytes and its index entry while segment lengths
+            // and the index are captured together.
+            let _writer = self.writer.lock();
+            let mut st = self.state.lock();
+            if !st.dirty {
+                return Ok(());
+            }
+            st.dirty = false;
+            let scanned: HashMap<u32, u64> = st
+                .segments
+                .iter()
+                .map(|(id, s)| (*id, s.file.len()))
+                .collect();
+            encode(&st.index, &scanned)
+        };
+        self.storage.write_checkpoint(&bytes)?;
+        Ok(())
+    }
 }

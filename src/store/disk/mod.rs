@@ -7,10 +7,17 @@
 //! dropped from the index, counted and reported as a miss — never served. A torn tail (a crash
 //! mid-append) is truncated at open. Pinned records (frozen windows) survive reclaim: they are
 //! copied forward into the active segment before their old segment is deleted.
+//!
+//! Here: the store's state, appends, reads and pins. Opening (recovery): `recover`; reclaim
+//! and `clear`: `reclaim`; the index checkpoint (format and writing): `checkpoint`; the `Tier`
+//! contract: `tier`; files: `storage`.
 
 pub mod checkpoint;
 pub mod dir_lock;
+mod reclaim;
+mod recover;
 pub mod storage;
+mod tier;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -20,17 +27,11 @@ use std::time::{Duration, Instant};
 
 use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
-use rayon::prelude::*;
 use thiserror::Error;
 
-use self::checkpoint::Checkpoint;
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
 use crate::store::record::{self, decode_header, Record, RecordError};
-use crate::store::tier::{
-    Fetched, Figure, Presence, RecordInfo, Reserve, Tier, TierError, TierStats,
-};
-use crate::store::Reservation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -132,136 +133,7 @@ pub struct DiskStore<S: Storage> {
     last_checkpoint: Mutex<Instant>,
 }
 
-/// How often `maintain` persists the index.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
-
 impl<S: Storage> DiskStore<S> {
-    /// Open the store: load the checkpoint, scan every segment forward from where the
-    /// checkpoint left it, truncate a torn tail.
-    pub fn open(storage: S, config: DiskConfig) -> Result<DiskStore<S>, DiskError> {
-        let started = Instant::now();
-        let mut state = State {
-            index: HashMap::new(),
-            pins: HashMap::new(),
-            segments: HashMap::new(),
-            active: None,
-            next_id: 0,
-            used_bytes: 0,
-            tick: 0,
-            dirty: false,
-            last_sync: Instant::now(),
-        };
-        let counters = DiskCounters::default();
-        let checkpoint = match storage.read_checkpoint()? {
-            Some(bytes) => match checkpoint::decode(&bytes) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(
-                        "ignoring L2 checkpoint ({e}); rebuilding the index by scanning"
-                    );
-                    Checkpoint::default()
-                }
-            },
-            None => Checkpoint::default(),
-        };
-        let ids = storage.segments()?;
-        let last = ids.last().copied();
-        // Each segment's checkpointed entries, grouped in one pass (not one pass per segment).
-        let mut checkpointed: HashMap<u32, Vec<(ObjectKey, Location)>> = HashMap::new();
-        for (key, loc) in checkpoint.entries {
-            checkpointed
-                .entry(loc.segment)
-                .or_default()
-                .push((key, loc));
-        }
-        for &id in &ids {
-            let file = Arc::new(storage.open(id)?);
-            let file_len = file.len();
-            let mut keys = HashSet::new();
-            let mut at = 0;
-            // Trust the checkpoint's entries for this segment if the file still covers them.
-            if let Some(&scanned) = checkpoint.scanned.get(&id) {
-                if scanned <= file_len {
-                    for (key, loc) in checkpointed.remove(&id).unwrap_or_default() {
-                        state.used_bytes += loc.record_len;
-                        keys.insert(key.clone());
-                        state.index.insert(key, loc);
-                    }
-                    at = scanned;
-                }
-            }
-            // Replay forward.
-            while at < file_len {
-                let head = file.read(at, record::FIXED as u64 + record::MAX_KEY as u64 + 4)?;
-                match decode_header(&head, at) {
-                    Ok(h) if at + h.record_len() <= file_len => {
-                        let loc = Location {
-                            segment: id,
-                            offset: at,
-                            record_len: h.record_len(),
-                            raw_len: h.raw_len,
-                        };
-                        if let Some(old) = state.index.insert(h.key.clone(), loc) {
-                            state.used_bytes -= old.record_len;
-                            if let Some(s) = state.segments.get_mut(&old.segment) {
-                                s.keys.remove(&h.key);
-                            }
-                        }
-                        state.used_bytes += loc.record_len;
-                        keys.insert(h.key);
-                        at += loc.record_len;
-                    }
-                    result => {
-                        let why = result.err().map_or_else(
-                            || "record runs past the end".to_string(),
-                            |e| e.to_string(),
-                        );
-                        if Some(id) == last {
-                            tracing::warn!(
-                                segment = id,
-                                offset = at,
-                                dropped = file_len - at,
-                                "L2: truncating torn tail ({why})"
-                            );
-                            file.truncate(at)?;
-                        } else {
-                            tracing::error!(segment = id, offset = at, "L2: unreadable record in a sealed segment, ignoring the rest of it ({why})");
-                            counters.corrupt_records.fetch_add(1, Relaxed);
-                        }
-                        break;
-                    }
-                }
-            }
-            state.segments.insert(
-                id,
-                SegmentState {
-                    file,
-                    keys,
-                    last_access: 0,
-                },
-            );
-        }
-        state.next_id = last.map_or(0, |l| l + 1);
-        state.active = last;
-        let store = DiskStore {
-            storage,
-            config,
-            state: Mutex::new(state),
-            writer: Mutex::new(()),
-            counters,
-            last_checkpoint: Mutex::new(Instant::now()),
-        };
-        let stats = store.stats();
-        tracing::info!(
-            records = stats.records,
-            segments = stats.segments,
-            bytes = stats.used_bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "L2 opened"
-        );
-        Ok(store)
-    }
-
     pub fn contains(&self, key: &ObjectKey) -> bool {
         self.state.lock().index.contains_key(key)
     }
@@ -370,121 +242,6 @@ impl<S: Storage> DiskStore<S> {
             },
         );
         Ok((id, file))
-    }
-
-    /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
-    /// Caller holds `writer`; segment reads, appends and deletes run outside `state`.
-    fn make_room(&self, need: u64) -> Result<(), DiskError> {
-        let capacity = self.config.capacity_bytes;
-        let full = |st: &State<S::File>| st.used_bytes + need > capacity;
-        // Candidates: the sealed segments of now, least recently used first. Segments created
-        // while moving pinned records forward are never candidates of this round.
-        let mut candidates = {
-            let st = self.state.lock();
-            if !full(&st) {
-                return Ok(());
-            }
-            let mut c: Vec<(u64, u32)> = st
-                .segments
-                .iter()
-                .filter(|(id, _)| Some(**id) != st.active)
-                .map(|(id, s)| (s.last_access, *id))
-                .collect();
-            c.sort_unstable();
-            c.into_iter().map(|(_, id)| id)
-        };
-        loop {
-            let (victim, file, pinned) = {
-                let st = self.state.lock();
-                if !full(&st) {
-                    return Ok(());
-                }
-                let Some((victim, seg)) = candidates
-                    .by_ref()
-                    .find_map(|id| st.segments.get(&id).map(|s| (id, s)))
-                else {
-                    return Err(DiskError::Full {
-                        need,
-                        capacity,
-                        free: capacity.saturating_sub(st.used_bytes),
-                    });
-                };
-                let pinned: Vec<ObjectKey> = seg
-                    .keys
-                    .iter()
-                    .filter(|k| st.pins.contains_key(*k))
-                    .cloned()
-                    .collect();
-                if pinned.len() == seg.keys.len() {
-                    continue; // nothing to gain
-                }
-                (victim, seg.file.clone(), pinned)
-            };
-            // Pinned records move forward first; if that fails the segment stays as it is.
-            for key in &pinned {
-                let Some(loc) = self.state.lock().index.get(key).copied() else {
-                    continue;
-                };
-                let bytes = file.read(loc.offset, loc.record_len)?;
-                let (id, active) = self.active_segment(loc.record_len)?;
-                let offset = active.append(&[&bytes])?;
-                let mut st = self.state.lock();
-                if st.index.contains_key(key) {
-                    let seg = st.segments.get_mut(&id).expect("active");
-                    seg.keys.insert(key.clone());
-                    st.index.insert(
-                        key.clone(),
-                        Location {
-                            segment: id,
-                            offset,
-                            ..loc
-                        },
-                    );
-                }
-            }
-            let dropped = {
-                let mut st = self.state.lock();
-                let seg = &st.segments[&victim];
-                // Pinned since the move above (a window froze meanwhile): keep the segment.
-                if seg.keys.iter().any(|k| {
-                    st.pins.contains_key(k) && st.index.get(k).is_some_and(|l| l.segment == victim)
-                }) {
-                    continue;
-                }
-                let seg = st.segments.remove(&victim).expect("victim exists");
-                let mut dropped = 0;
-                for key in &seg.keys {
-                    if st.index.get(key).is_some_and(|l| l.segment == victim) {
-                        let loc = st.index.remove(key).expect("indexed");
-                        st.used_bytes -= loc.record_len;
-                        dropped += 1;
-                    }
-                }
-                st.dirty = true;
-                dropped
-            };
-            let moved = pinned.len();
-            let unpinned = dropped;
-            // A moved record keeps its byte count: the copy replaces the one deleted here.
-            let active = {
-                let st = self.state.lock();
-                st.active.map(|id| st.segments[&id].file.clone())
-            };
-            if let Some(active) = active {
-                active.sync()?;
-            }
-            self.storage.remove(victim)?;
-            self.counters.reclaimed_segments.fetch_add(1, Relaxed);
-            self.counters
-                .reclaimed_records
-                .fetch_add(unpinned as u64, Relaxed);
-            tracing::debug!(
-                segment = victim,
-                dropped = unpinned,
-                moved,
-                "L2: reclaimed segment"
-            );
-        }
     }
 
     /// Read, verify and decompress `key` into `out` (exactly its raw length); returns the
@@ -613,29 +370,6 @@ impl<S: Storage> DiskStore<S> {
         Ok(())
     }
 
-    /// Sync, then persist the index so the next open needs to scan only what comes after.
-    pub fn checkpoint(&self) -> Result<(), DiskError> {
-        self.sync()?;
-        let bytes = {
-            // No append may sit between its bytes and its index entry while segment lengths
-            // and the index are captured together.
-            let _writer = self.writer.lock();
-            let mut st = self.state.lock();
-            if !st.dirty {
-                return Ok(());
-            }
-            st.dirty = false;
-            let scanned: HashMap<u32, u64> = st
-                .segments
-                .iter()
-                .map(|(id, s)| (*id, s.file.len()))
-                .collect();
-            checkpoint::encode(&st.index, &scanned)
-        };
-        self.storage.write_checkpoint(&bytes)?;
-        Ok(())
-    }
-
     /// Whether a sync is due under the interval policy.
     pub fn sync_due(&self) -> bool {
         match self.config.fsync {
@@ -653,201 +387,6 @@ impl<S: Storage> DiskStore<S> {
             capacity_bytes: self.config.capacity_bytes,
             pinned: st.pins.len(),
         }
-    }
-}
-
-impl<S: Storage> DiskStore<S> {
-    /// Drop every record no pin protects: from the index at once, and sealed segments left
-    /// with no record are deleted. Returns the number of records dropped.
-    pub fn clear(&self) -> Result<usize, DiskError> {
-        let _writer = self.writer.lock();
-        let mut st = self.state.lock();
-        let State {
-            index,
-            pins,
-            segments,
-            active,
-            used_bytes,
-            dirty,
-            ..
-        } = &mut *st;
-        let victims: Vec<ObjectKey> = index
-            .keys()
-            .filter(|k| !pins.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in &victims {
-            if let Some(loc) = index.remove(key) {
-                *used_bytes -= loc.record_len;
-                if let Some(seg) = segments.get_mut(&loc.segment) {
-                    seg.keys.remove(key);
-                }
-            }
-        }
-        let empty: Vec<u32> = segments
-            .iter()
-            .filter(|(id, s)| s.keys.is_empty() && Some(**id) != *active)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &empty {
-            segments.remove(id);
-        }
-        *dirty |= !victims.is_empty();
-        drop(st);
-        for id in empty {
-            self.storage.remove(id)?;
-        }
-        Ok(victims.len())
-    }
-}
-
-impl<S: Storage> DiskStore<S> {
-    /// Read and verify `key` into an L1 object from `reserve`.
-    fn fetch_one(&self, key: &ObjectKey, reserve: Reserve) -> Fetched {
-        let Some(raw_len) = self.raw_len(key) else {
-            return Fetched::Missing;
-        };
-        let mut object = match reserve(key, raw_len) {
-            Reservation::Reserved(object) => object,
-            Reservation::Present => return Fetched::Resident,
-            Reservation::NoSpace => return Fetched::NoSpace,
-        };
-        // Decoded into private memory, then copied in: no reference may cover pool pages.
-        let mut raw = vec![0; object.len()];
-        match self.read(key, &mut raw) {
-            Ok(itemsize) => {
-                object.copy_from_slice(&raw);
-                object.set_itemsize(itemsize);
-                Fetched::Read(object)
-            }
-            Err(e) => Fetched::Failed(TierError::new("L2", e)),
-        }
-    }
-}
-
-impl<S: Storage> Tier for DiskStore<S> {
-    fn name(&self) -> &'static str {
-        "L2"
-    }
-
-    fn may_contain(&self, keys: &[ObjectKey]) -> Vec<Presence> {
-        let st = self.state.lock();
-        keys.iter()
-            .map(|k| match st.index.get(k) {
-                Some(l) => Presence::Held(RecordInfo {
-                    raw_len: l.raw_len,
-                    record_len: l.record_len,
-                }),
-                None => Presence::Absent,
-            })
-            .collect()
-    }
-
-    fn fetch(&self, keys: &[ObjectKey], reserve: Reserve) -> Vec<Fetched> {
-        keys.par_iter()
-            .map(|k| self.fetch_one(k, reserve))
-            .collect()
-    }
-
-    fn record(&self, key: &ObjectKey) -> Result<Vec<u8>, TierError> {
-        self.read_record(key).map_err(|e| TierError::new("L2", e))
-    }
-
-    fn put(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), TierError>> {
-        records
-            .iter()
-            .map(|(key, record)| {
-                self.append_record(key, record)
-                    .map_err(|e| TierError::new("L2", e))
-            })
-            .collect()
-    }
-
-    fn pin(&self, key: &ObjectKey) -> bool {
-        DiskStore::pin(self, key)
-    }
-
-    fn unpin(&self, key: &ObjectKey) {
-        DiskStore::unpin(self, key)
-    }
-
-    fn sync(&self) -> Result<(), TierError> {
-        DiskStore::sync(self).map_err(|e| TierError::new("L2", e))
-    }
-
-    fn clear(&self) -> Result<usize, TierError> {
-        DiskStore::clear(self).map_err(|e| TierError::new("L2", e))
-    }
-
-    fn stats(&self) -> TierStats {
-        let s = DiskStore::stats(self);
-        let c = &self.counters;
-        TierStats {
-            name: self.name().into(),
-            records: s.records,
-            segments: s.segments,
-            used_bytes: s.used_bytes,
-            capacity_bytes: s.capacity_bytes,
-            pinned_records: s.pinned,
-            read_records: c.read_records.load(Relaxed),
-            read_bytes: c.read_bytes.load(Relaxed),
-            written_records: c.written_records.load(Relaxed),
-            written_raw_bytes: c.written_raw_bytes.load(Relaxed),
-            written_stored_bytes: c.written_stored_bytes.load(Relaxed),
-            corrupt_records: c.corrupt_records.load(Relaxed),
-            reclaimed_segments: c.reclaimed_segments.load(Relaxed),
-            reclaimed_records: c.reclaimed_records.load(Relaxed),
-            write_errors: c.write_errors.load(Relaxed),
-            link: None,
-            figures: vec![
-                Figure::counter(
-                    "stored_bytes_total",
-                    "Payload bytes written to L2 after compression",
-                    c.written_stored_bytes.load(Relaxed),
-                ),
-                Figure::counter(
-                    "corrupt_records_total",
-                    "L2 records that failed verification and were dropped",
-                    c.corrupt_records.load(Relaxed),
-                ),
-                Figure::counter(
-                    "write_errors_total",
-                    "L2 append failures",
-                    c.write_errors.load(Relaxed),
-                ),
-                Figure::gauge("segments", "L2 segment files", s.segments as u64),
-                Figure::gauge(
-                    "pinned_records",
-                    "L2 records pinned by windows",
-                    s.pinned as u64,
-                ),
-                Figure::counter(
-                    "reclaimed_segments_total",
-                    "L2 segments reclaimed",
-                    c.reclaimed_segments.load(Relaxed),
-                ),
-            ],
-        }
-    }
-
-    /// fsync when the interval policy says so; persist the index every 30 s.
-    fn maintain(&self) {
-        if self.sync_due() {
-            if let Err(e) = DiskStore::sync(self) {
-                tracing::error!("L2 fsync failed: {e}");
-            }
-        }
-        let mut last = self.last_checkpoint.lock();
-        if last.elapsed() >= CHECKPOINT_EVERY {
-            *last = Instant::now();
-            if let Err(e) = self.checkpoint() {
-                tracing::error!("L2 checkpoint failed: {e}");
-            }
-        }
-    }
-
-    fn close(&self) -> Result<(), TierError> {
-        self.checkpoint().map_err(|e| TierError::new("L2", e))
     }
 }
 

@@ -1,0 +1,172 @@
+//! Reclaim: segment-level LRU within the byte budget (pinned records are copied forward into
+//! the active segment before their old segment is deleted), and `clear`, which drops every
+//! record no pin protects.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use connector_protocol::ObjectKey;
+
+use super::storage::{SegmentFile, Storage};
+use super::{DiskError, DiskStore, Location, State};
+
+impl<S: Storage> DiskStore<S> {
+    /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
+    /// Caller holds `writer`; segment reads, appends and deletes run outside `state`.
+    pub(super) fn make_room(&self, need: u64) -> Result<(), DiskError> {
+        let capacity = self.config.capacity_bytes;
+        let full = |st: &State<S::File>| st.used_bytes + need > capacity;
+        // Candidates: the sealed segments of now, least recently used first. Segments created
+        // while moving pinned records forward are never candidates of this round.
+        let mut candidates = {
+            let st = self.state.lock();
+            if !full(&st) {
+                return Ok(());
+            }
+            let mut c: Vec<(u64, u32)> = st
+                .segments
+                .iter()
+                .filter(|(id, _)| Some(**id) != st.active)
+                .map(|(id, s)| (s.last_access, *id))
+                .collect();
+            c.sort_unstable();
+            c.into_iter().map(|(_, id)| id)
+        };
+        loop {
+            let (victim, file, pinned) = {
+                let st = self.state.lock();
+                if !full(&st) {
+                    return Ok(());
+                }
+                let Some((victim, seg)) = candidates
+                    .by_ref()
+                    .find_map(|id| st.segments.get(&id).map(|s| (id, s)))
+                else {
+                    return Err(DiskError::Full {
+                        need,
+                        capacity,
+                        free: capacity.saturating_sub(st.used_bytes),
+                    });
+                };
+                let pinned: Vec<ObjectKey> = seg
+                    .keys
+                    .iter()
+                    .filter(|k| st.pins.contains_key(*k))
+                    .cloned()
+                    .collect();
+                if pinned.len() == seg.keys.len() {
+                    continue; // nothing to gain
+                }
+                (victim, seg.file.clone(), pinned)
+            };
+            // Pinned records move forward first; if that fails the segment stays as it is.
+            for key in &pinned {
+                let Some(loc) = self.state.lock().index.get(key).copied() else {
+                    continue;
+                };
+                let bytes = file.read(loc.offset, loc.record_len)?;
+                let (id, active) = self.active_segment(loc.record_len)?;
+                let offset = active.append(&[&bytes])?;
+                let mut st = self.state.lock();
+                if st.index.contains_key(key) {
+                    let seg = st.segments.get_mut(&id).expect("active");
+                    seg.keys.insert(key.clone());
+                    st.index.insert(
+                        key.clone(),
+                        Location {
+                            segment: id,
+                            offset,
+                            ..loc
+                        },
+                    );
+                }
+            }
+            let dropped = {
+                let mut st = self.state.lock();
+                let seg = &st.segments[&victim];
+                // Pinned since the move above (a window froze meanwhile): keep the segment.
+                if seg.keys.iter().any(|k| {
+                    st.pins.contains_key(k) && st.index.get(k).is_some_and(|l| l.segment == victim)
+                }) {
+                    continue;
+                }
+                let seg = st.segments.remove(&victim).expect("victim exists");
+                let mut dropped = 0;
+                for key in &seg.keys {
+                    if st.index.get(key).is_some_and(|l| l.segment == victim) {
+                        let loc = st.index.remove(key).expect("indexed");
+                        st.used_bytes -= loc.record_len;
+                        dropped += 1;
+                    }
+                }
+                st.dirty = true;
+                dropped
+            };
+            let moved = pinned.len();
+            let unpinned = dropped;
+            // A moved record keeps its byte count: the copy replaces the one deleted here.
+            let active = {
+                let st = self.state.lock();
+                st.active.map(|id| st.segments[&id].file.clone())
+            };
+            if let Some(active) = active {
+                active.sync()?;
+            }
+            self.storage.remove(victim)?;
+            self.counters.reclaimed_segments.fetch_add(1, Relaxed);
+            self.counters
+                .reclaimed_records
+                .fetch_add(unpinned as u64, Relaxed);
+            tracing::debug!(
+                segment = victim,
+                dropped = unpinned,
+                moved,
+                "L2: reclaimed segment"
+            );
+        }
+    }
+}
+
+impl<S: Storage> DiskStore<S> {
+    /// Drop every record no pin protects: from the index at once, and sealed segments left
+    /// with no record are deleted. Returns the number of records dropped.
+    pub fn clear(&self) -> Result<usize, DiskError> {
+        let _writer = self.writer.lock();
+        let mut st = self.state.lock();
+        let State {
+            index,
+            pins,
+            segments,
+            active,
+            used_bytes,
+            dirty,
+            ..
+        } = &mut *st;
+        let victims: Vec<ObjectKey> = index
+            .keys()
+            .filter(|k| !pins.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in &victims {
+            if let Some(loc) = index.remove(key) {
+                *used_bytes -= loc.record_len;
+                if let Some(seg) = segments.get_mut(&loc.segment) {
+                    seg.keys.remove(key);
+                }
+            }
+        }
+        let empty: Vec<u32> = segments
+            .iter()
+            .filter(|(id, s)| s.keys.is_empty() && Some(**id) != *active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &empty {
+            segments.remove(id);
+        }
+        *dirty |= !victims.is_empty();
+        drop(st);
+        for id in empty {
+            self.storage.remove(id)?;
+        }
+        Ok(victims.len())
+    }
+}
