@@ -404,28 +404,22 @@ impl Tiers {
     /// Make those of `keys` that no tier's index holds resident in L1 from the tiers that keep
     /// no index (verified), in one batch per tier; how many were read from them. Waits on I/O.
     pub fn fetch_unknown(&self, keys: &[ObjectKey]) -> u64 {
-        let mut missing: Vec<ObjectKey> = keys
-            .iter()
-            .filter(|k| !self.available(k))
-            .cloned()
-            .collect();
-        let mut read = 0;
+        let mut fetched: HashSet<ObjectKey> = HashSet::new();
         for tier in &self.lower {
-            let unknown: Vec<ObjectKey> = missing
+            // One batched question per tier; only keys it cannot tell of are checked further.
+            let unknown: Vec<ObjectKey> = keys
                 .iter()
-                .zip(tier.may_contain(&missing))
-                .filter(|(_, p)| *p == Presence::Unknown)
+                .zip(tier.may_contain(keys))
+                .filter(|(k, p)| {
+                    *p == Presence::Unknown && !fetched.contains(*k) && !self.available(k)
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
-            if unknown.is_empty() {
-                continue;
+            if !unknown.is_empty() {
+                fetched.extend(self.fetch_from(tier, &unknown));
             }
-            let resident: HashSet<ObjectKey> =
-                self.fetch_from(tier, &unknown).into_iter().collect();
-            read += resident.len() as u64;
-            missing.retain(|k| !resident.contains(k));
         }
-        read
+        fetched.len() as u64
     }
 
     /// Whether some tier holds `key`, asking the tiers that keep no index (may wait on I/O).
