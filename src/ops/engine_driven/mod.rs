@@ -18,26 +18,31 @@
 //! Only the shared-memory mode is served. A context is answered with the pool's name; without a
 //! pool (`--no-engine-driven`) it is answered with an empty name, which puts the client in its
 //! pickle mode, and every pickle payload is refused: stores and retrieves then fail cleanly.
+//!
+//! Here: the commands (parse, run, answer). The registrations and pending prepares they act on:
+//! `state`.
 
 use crate::limits::for_log;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use connector_protocol::ipc::dtype_itemsize;
 use connector_protocol::{
-    codec, IpcCacheServerKey, ObjectKey, Op, PrepareRetrieveContext, PrepareRetrieveResponse,
+    codec, IpcCacheServerKey, Op, PrepareRetrieveContext, PrepareRetrieveResponse,
     PrepareStoreContext, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
-    RegisterEngineDrivenContextResponse, ShmSlot,
+    RegisterEngineDrivenContextResponse,
 };
 use parking_lot::Mutex;
 use thiserror::Error;
 
+mod state;
+
+pub use self::state::{EngineDriven, EngineDrivenContext, Released};
+use self::state::{PendingRetrieve, PendingStore, TransferKey};
 use super::command::{decode_key, Answer, Command};
-use super::registry::{Liveness, Member, ReapPolicy, Roster};
+use super::registry::Liveness;
 use super::{Cwm, OpError, TransferError};
-use crate::store::tiered::Tiers;
-use crate::store::{ReadGuard, Reservation, WriteGuard};
+use crate::store::{ReadGuard, Reservation};
 
 #[derive(Debug, Error)]
 pub enum EngineDrivenError {
@@ -49,165 +54,6 @@ pub enum EngineDrivenError {
     },
     #[error("one chunk object needs {object_bytes} bytes but the L1 pool has {pool_bytes}")]
     ObjectTooLarge { object_bytes: u64, pool_bytes: u64 },
-}
-
-/// One registered engine-driven worker: the shape of its chunk objects.
-pub struct EngineDrivenContext {
-    pub id: u64,
-    pub model: Arc<str>,
-    pub world_size: u32,
-    /// `[2, layers, slots, hidden]`, or `[layers, slots, hidden]` for single-plane formats
-    /// (MLA and fused K/V; the wire calls that `use_mla`).
-    pub shape: Vec<u64>,
-    pub dtype: String,
-    pub itemsize: u8,
-    pub object_bytes: u64,
-    liveness: Mutex<Liveness>,
-}
-
-impl Member for EngineDrivenContext {
-    fn id(&self) -> u64 {
-        self.id
-    }
-
-    fn serves(&self) -> Option<(Arc<str>, u32)> {
-        Some((self.model.clone(), self.world_size))
-    }
-
-    fn liveness(&self) -> &Mutex<Liveness> {
-        &self.liveness
-    }
-}
-
-impl EngineDrivenContext {
-    fn slot(&self, offset: u64) -> ShmSlot {
-        ShmSlot {
-            offset,
-            length: self.object_bytes,
-            shape: self.shape.clone(),
-            dtype: self.dtype.clone(),
-        }
-    }
-}
-
-/// Which prepare a commit completes: the instance, the request, and the exact objects.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct TransferKey {
-    instance_id: u64,
-    request_id: String,
-    objects: Vec<ObjectKey>,
-}
-
-struct PendingStore {
-    writes: Vec<WriteGuard>,
-    deadline: Instant,
-}
-
-struct PendingRetrieve {
-    reads: Vec<ReadGuard>,
-    deadline: Instant,
-}
-
-/// Engine-driven registrations and the prepares waiting for their commit.
-#[derive(Default)]
-pub struct EngineDriven {
-    contexts: Roster<EngineDrivenContext>,
-    stores: Mutex<HashMap<TransferKey, PendingStore>>,
-    retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
-}
-
-/// What the sweeper or an unregister released.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Released {
-    pub stores: usize,
-    pub retrieves: usize,
-}
-
-impl EngineDriven {
-    pub fn get(&self, id: u64) -> Option<Arc<EngineDrivenContext>> {
-        self.contexts.get(id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.contexts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.contexts.is_empty()
-    }
-
-    /// Whether some engine-driven worker serves `(model, world_size)` (lookups answer 0 else).
-    pub fn serves(&self, model: &str, world_size: u32) -> bool {
-        self.contexts.serves(model, world_size)
-    }
-
-    /// Prepares waiting for a commit: (stores, retrieves).
-    pub fn pending(&self) -> (usize, usize) {
-        (self.stores.lock().len(), self.retrieves.lock().len())
-    }
-
-    pub fn touch(&self, id: u64, pinged: bool) {
-        self.contexts.touch(id, pinged);
-    }
-
-    fn insert(&self, ctx: EngineDrivenContext) -> Arc<EngineDrivenContext> {
-        self.contexts.insert(ctx)
-    }
-
-    /// Forget instance `id` and release every prepare it left pending.
-    pub fn remove(&self, id: u64, tiers: &Tiers) -> Option<Released> {
-        self.contexts.remove(id)?;
-        Some(self.release_where(tiers, |k, _| k.instance_id == id))
-    }
-
-    /// Release pending prepares matching `pred(key, deadline)`: reservations are dropped (their
-    /// space freed), reads unpinned with their lookup lock released, as a commit would.
-    fn release_where(
-        &self,
-        tiers: &Tiers,
-        pred: impl Fn(&TransferKey, Instant) -> bool,
-    ) -> Released {
-        let stores: Vec<PendingStore> = {
-            let mut map = self.stores.lock();
-            let keys: Vec<TransferKey> = map
-                .iter()
-                .filter(|(k, p)| pred(k, p.deadline))
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| map.remove(k)).collect()
-        };
-        let retrieves: Vec<(TransferKey, PendingRetrieve)> = {
-            let mut map = self.retrieves.lock();
-            let keys: Vec<TransferKey> = map
-                .iter()
-                .filter(|(k, p)| pred(k, p.deadline))
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| map.remove(&k).map(|p| (k, p)))
-                .collect()
-        };
-        let released = Released {
-            stores: stores.len(),
-            retrieves: retrieves.len(),
-        };
-        for (key, pending) in retrieves {
-            drop(pending);
-            tiers.unlock(&key.objects, 1);
-        }
-        drop(stores);
-        released
-    }
-
-    /// Release prepares past their deadline, and forget workers silent for too long.
-    pub fn sweep(&self, now: Instant, policy: ReapPolicy, tiers: &Tiers) -> (Released, Vec<u64>) {
-        let expired = self.release_where(tiers, |_, deadline| deadline <= now);
-        let stale = self.contexts.reap(now, policy);
-        for &id in &stale {
-            self.release_where(tiers, |k, _| k.instance_id == id);
-        }
-        (expired, stale)
-    }
 }
 
 /// `register_kv_cache_engine_driven_context`: a worker that copies KV itself, through cwm's
