@@ -98,7 +98,7 @@ fn bench(c: &mut Criterion) {
         for (i, raw) in data.iter().enumerate() {
             disk.write(&key(i), raw, 2).unwrap();
         }
-        let stats = disk.stats();
+        let stats = disk.occupancy();
         eprintln!(
             "{name}: {} chunks of {} MiB stored in {} bytes (ratio {:.3})",
             CHUNKS,

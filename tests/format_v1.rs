@@ -227,7 +227,7 @@ fn an_l2_directory_opens_and_serves_every_object() {
     )
     .expect("the fixture directory opens");
     let objects = objects();
-    let stats = disk.stats();
+    let stats = disk.occupancy();
     assert_eq!((stats.records, stats.segments), (objects.len(), 2));
     for o in &objects {
         let mut out = vec![0xAA; o.raw.len()];

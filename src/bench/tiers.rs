@@ -480,7 +480,7 @@ fn l2_records(
         for k in &keys {
             store.write(k, &raw, 2)?;
         }
-        store.sync()?;
+        store.sync_active()?;
         write.push(t.elapsed());
         stored = store
             .counters

@@ -92,7 +92,7 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 impl<S: Storage> DiskStore<S> {
     /// Sync, then persist the index so the next open needs to scan only what comes after.
     pub fn checkpoint(&self) -> Result<(), DiskError> {
-        self.sync()?;
+        self.sync_active()?;
         let bytes = {
             // No append may sit between its bytes and its index entry while segment lengths
             // and the index are captured together.

@@ -356,7 +356,7 @@ impl<S: Storage> DiskStore<S> {
     }
 
     /// fsync the active segment.
-    pub fn sync(&self) -> Result<(), DiskError> {
+    pub fn sync_active(&self) -> Result<(), DiskError> {
         let file = {
             let mut st = self.state.lock();
             st.last_sync = Instant::now();
@@ -378,7 +378,7 @@ impl<S: Storage> DiskStore<S> {
         }
     }
 
-    pub fn stats(&self) -> DiskStats {
+    pub fn occupancy(&self) -> DiskStats {
         let st = self.state.lock();
         DiskStats {
             records: st.index.len(),

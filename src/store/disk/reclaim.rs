@@ -129,7 +129,7 @@ impl<S: Storage> DiskStore<S> {
 impl<S: Storage> DiskStore<S> {
     /// Drop every record no pin protects: from the index at once, and sealed segments left
     /// with no record are deleted. Returns the number of records dropped.
-    pub fn clear(&self) -> Result<usize, DiskError> {
+    pub fn clear_unpinned(&self) -> Result<usize, DiskError> {
         let _writer = self.writer.lock();
         let mut st = self.state.lock();
         let State {

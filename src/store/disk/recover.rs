@@ -130,7 +130,7 @@ impl<S: Storage> DiskStore<S> {
             counters,
             last_checkpoint: Mutex::new(Instant::now()),
         };
-        let stats = store.stats();
+        let stats = store.occupancy();
         tracing::info!(
             records = stats.records,
             segments = stats.segments,

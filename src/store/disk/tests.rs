@@ -61,7 +61,7 @@ fn write_read_reopen_fs() {
             d.write(&key(n), &payload(n, 100_000), 2).unwrap();
         }
         assert_eq!(read(&d, 7, 100_000).unwrap(), payload(7, 100_000));
-        assert!(d.stats().segments > 1, "rotated: {:?}", d.stats());
+        assert!(d.occupancy().segments > 1, "rotated: {:?}", d.occupancy());
     }
     // No checkpoint: rebuilt by scanning.
     let d = DiskStore::open(
@@ -69,7 +69,7 @@ fn write_read_reopen_fs() {
         config(1 << 30, 1 << 20),
     )
     .unwrap();
-    assert_eq!(d.stats().records, 20);
+    assert_eq!(d.occupancy().records, 20);
     for n in 0..20 {
         assert_eq!(
             read(&d, n, 100_000).unwrap(),
@@ -86,7 +86,7 @@ fn write_read_reopen_fs() {
         config(1 << 30, 1 << 20),
     )
     .unwrap();
-    assert_eq!(d.stats().records, 21);
+    assert_eq!(d.occupancy().records, 21);
     assert_eq!(read(&d, 100, 5000).unwrap(), payload(100, 5000));
     assert_eq!(read(&d, 3, 100_000).unwrap(), payload(3, 100_000));
 }
@@ -99,7 +99,7 @@ fn crash_loses_only_the_unsynced_tail_and_never_serves_torn_bytes() {
         for n in 0..5 {
             d.write(&key(n), &payload(n, 30_000), 2).unwrap();
         }
-        d.sync().unwrap();
+        d.sync_active().unwrap();
         for n in 5..8 {
             d.write(&key(n), &payload(n, 30_000), 2).unwrap();
         }
@@ -180,7 +180,7 @@ fn budget_reclaims_lru_segments_but_keeps_pinned_records() {
     for n in 4..12 {
         d.write(&key(n), &raw(n), 1).unwrap();
     }
-    assert!(d.stats().used_bytes <= 65_000);
+    assert!(d.occupancy().used_bytes <= 65_000);
     assert_eq!(
         read(&d, 0, 10_000).unwrap(),
         raw(0),
@@ -245,7 +245,7 @@ fn opens_100k_records_fast_from_a_checkpoint() {
     let started = std::time::Instant::now();
     let d = DiskStore::open(FsStorage::open(dir.path()).unwrap(), cfg).unwrap();
     eprintln!("opened 100k records in {:?}", started.elapsed());
-    assert_eq!(d.stats().records, 100_000);
+    assert_eq!(d.occupancy().records, 100_000);
     assert_eq!(read(&d, 99_999, 16).unwrap(), vec![99_999u32 as u8; 16]);
 }
 
@@ -265,7 +265,7 @@ proptest! {
         let d = DiskStore::open(mem.clone(), config(1 << 30, 8000)).unwrap();
         for (n, &len) in sizes.iter().enumerate() {
             d.write(&key(n as u32), &payload(n as u32, len), 2).unwrap();
-            if n + 1 == synced_upto { d.sync().unwrap(); }
+            if n + 1 == synced_upto { d.sync_active().unwrap(); }
             if Some(n) == checkpoint_at { d.checkpoint().unwrap(); }
         }
         drop(d);

@@ -86,15 +86,15 @@ impl<S: Storage> Tier for DiskStore<S> {
     }
 
     fn sync(&self) -> Result<(), TierError> {
-        DiskStore::sync(self).map_err(|e| TierError::new("L2", e))
+        self.sync_active().map_err(|e| TierError::new("L2", e))
     }
 
     fn clear(&self) -> Result<usize, TierError> {
-        DiskStore::clear(self).map_err(|e| TierError::new("L2", e))
+        self.clear_unpinned().map_err(|e| TierError::new("L2", e))
     }
 
     fn stats(&self) -> TierStats {
-        let s = DiskStore::stats(self);
+        let s = self.occupancy();
         let c = &self.counters;
         TierStats {
             name: self.name().into(),
@@ -147,7 +147,7 @@ impl<S: Storage> Tier for DiskStore<S> {
     /// fsync when the interval policy says so; persist the index every 30 s.
     fn maintain(&self) {
         if self.sync_due() {
-            if let Err(e) = DiskStore::sync(self) {
+            if let Err(e) = self.sync_active() {
                 tracing::error!("L2 fsync failed: {e}");
             }
         }
