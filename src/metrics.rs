@@ -5,10 +5,7 @@ use std::fmt::Write;
 
 use crate::ops::Cwm;
 use crate::status::{self, Health, L2Stats};
-
-/// Render every series in the Prometheus text format, version 0.0.4.
-/// Salts `cwm_l1_salt_bytes` names one by one; the rest are summed as `_other`.
-const TOP_SALTS: usize = 20;
+use crate::tenant::TOP_SALTS;
 
 /// A salt as a Prometheus label value (escaped; the empty salt is `_default`).
 fn label_value(salt: &str) -> String {
@@ -20,6 +17,7 @@ fn label_value(salt: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Render every series in the Prometheus text format, version 0.0.4.
 pub fn render(cwm: &Cwm, health: &Health) -> String {
     let mut out = String::with_capacity(8192);
     let s = status::cache_stats(cwm);
