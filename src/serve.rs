@@ -11,6 +11,7 @@ use crate::ops::{Cwm, ReapPolicy, Restored, Settings};
 use crate::server::http::HttpServer;
 use crate::server::lm::LmServer;
 use crate::server::mp::MpServer;
+use crate::session;
 use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
 
@@ -43,6 +44,7 @@ impl Sidecar {
         // Before the MP port opens: the first request (maybe queued by a connector while cwm
         // was down) finds every registration that could be restored.
         let restored = restore_registrations(&cwm, config)?;
+        let sessions = restore_sessions(&cwm, config)?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
@@ -109,6 +111,9 @@ impl Sidecar {
             registrations_restored = restored.restored,
             registrations_dropped = restored.dropped,
             journal_entries_corrupt = restored.corrupt,
+            sessions_restored = sessions.sessions,
+            session_chains_restored = sessions.chains,
+            session_journal_bytes_dropped = sessions.replay.dropped_bytes,
             dead_engine_shm_segments = leftovers.len(),
             start_ms = start_time.as_secs_f64() * 1e3,
             "cwm serving the LMCache MP protocol"
@@ -154,6 +159,7 @@ impl Sidecar {
             let _ = t.join();
         }
         self.drain_tiers();
+        self.cwm.chains.sync_journal();
         // The pool's memory goes back to the system once the last mapping (ours or an
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
         self.cwm.tiers.unlink_pool();
@@ -208,6 +214,18 @@ fn restore_registrations(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<Rest
         .map_err(|e| anyhow::anyhow!("registration journal {}: {e}", dir.display()))?;
     cwm.attach_journal(journal);
     Ok(cwm.restore_registrations())
+}
+
+/// Attach the session index journal beside L2 (none without L2) and replay it, so sessions
+/// stored before a restart or a crash can still be frozen.
+fn restore_sessions(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<session::Restored> {
+    if !config.l2_enabled() {
+        return Ok(session::Restored::default());
+    }
+    let path = config.l2_path.join("sessions.journal");
+    cwm.chains
+        .attach_journal(&path)
+        .map_err(|e| anyhow::anyhow!("session journal {}: {e}", path.display()))
 }
 
 /// Bind the `lm://` port and serve it on its own thread (`server::lm`).

@@ -74,6 +74,18 @@ fn l2_records(port: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Acknowledged chunks reach L2 by write-behind: wait until `n` records are there.
+fn wait_for_l2_records(port: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l2_records(port) < n {
+        assert!(
+            Instant::now() < deadline,
+            "write-behind never wrote {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start_line(log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -136,15 +148,7 @@ fn a_registration_survives_kill_9_and_the_next_store_needs_no_re_register() {
         .unwrap()
         .ok
     );
-    // Acknowledged chunks reach L2 by write-behind; wait until they are there.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while l2_records(&http) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "write-behind never wrote 2 records"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_l2_records(&http, 2);
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -407,6 +411,88 @@ fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
             "request {i} after SIGTERM and restart"
         );
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Issue 24: the session index is journaled beside L2, so a session stored before a kill -9
+/// can be frozen after it (by its session id alone, with no help from the agent) and thawed
+/// byte for byte.
+#[test]
+fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
+    use common::mcp::call;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let l2 = dir.path().join("l2");
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let http = free_port().to_string();
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(9);
+    let log = dir.path().join("cwm.log");
+    let mut child = serve(&l2, port, &log, &["--http-port", &http]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register_kv(&mut c, MODEL, 7, &kv);
+    // A conversation of two turns: 512 tokens, then 1024.
+    let t = tokens(11, 1024);
+    for (start, end, first, rid) in [(0, 512, 1, "turn1"), (512, 1024, 33, "turn2")] {
+        let k = key(
+            MODEL,
+            "agent",
+            &t[..end as usize],
+            Some(0),
+            1,
+            start,
+            end,
+            rid,
+        );
+        assert!(c.store(&k, 7, &blocks(first, 32)).unwrap().ok, "{rid}");
+    }
+    wait_for_l2_records(&http, 4);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log2 = dir.path().join("cwm2.log");
+    let mut child = serve(&l2, port, &log2, &["--http-port", &http]);
+    let line = start_line(&log2);
+    assert!(line.contains("sessions_restored=1"), "{line}");
+    assert!(line.contains("session_chains_restored=1"), "{line}");
+    let rt = runtime();
+    let m = rt
+        .block_on(cwm::mcp::connect(
+            &format!("http://127.0.0.1:{http}/mcp"),
+            None,
+        ))
+        .expect("MCP client connects");
+    let status = call(&rt, &m, "window_status", json!({"session_id": "agent"})).unwrap();
+    assert!(status.to_string().contains("1024"), "{status}");
+    let frozen = call(
+        &rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "agent", "window_name": "after-crash"}),
+    )
+    .expect("the session is freezable after kill -9");
+    assert_eq!(frozen["window"]["tokens"], 1024, "{frozen}");
+    let thawed = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "after-crash", "new_session_id": "agent2"}),
+    )
+    .unwrap();
+    assert_eq!(thawed["tokens_ready"], 1024, "{thawed}");
+
+    let want: Vec<Vec<u8>> = (1..65).map(|b| kv.block(b)).collect();
+    kv.fill_byte(0);
+    let k = key(MODEL, "agent2", &t, Some(0), 1, 0, 1024, "back");
+    assert!(c.retrieve(&k, 7, &blocks(1, 64), 0).unwrap().ok);
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(&kv.block(1 + i as u64), b, "block {}", 1 + i);
+    }
+    rt.block_on(m.cancel()).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
 }
