@@ -2,7 +2,9 @@
 `LMCacheConnectorV1` builds from `remote_url: "lm://host:port"` (`CreateConnector`, with a real
 LocalCPUBackend on real torch, as inside vLLM). Put, exists, get byte-exact with the metadata the
 client allocates from; a cwm restart between put and get (found again in L2); clients at once;
-malformed and truncated frames dropped with the server and its other clients unharmed.
+malformed and truncated frames dropped with the server and its other clients unharmed. Then
+LMCache's in-process engine (lmcache_engine.py: LMCacheEngine as LMCacheConnectorV1 builds it,
+remote_url at cwm) in two processes: the second hits the first one's prompt, byte for byte.
 
     .venv/bin/python -m pytest -c pytest.ini lm_remote.py   (run.sh does this)
 """
