@@ -6,9 +6,9 @@ LMCACHE_REMOTE_URL=lm://127.0.0.1:PORT), storing or fetching a prompt's KV:
     python lmcache_engine.py store|fetch RESULT.json
 
 Why not a vLLM engine: on vLLM-CPU LMCacheConnectorV1 cannot move KV at all. LMCache 0.5.6's
-CreateGPUConnector has no CPU branch (lmcache/v1/gpu_connector/__init__.py l.165-247: cuda, xpu,
+CreateGPUConnector has no CPU branch (lmcache/v1/gpu_connector/__init__.py l.158-247: cuda, xpu,
 musa, hpu, else "No supported cpu connector found."), and LMCacheManager then runs vLLM in
-"degraded mode (recompute)" (lmcache/v1/manager.py l.94-107): no lookup, store or retrieve
+"degraded mode (recompute)" (lmcache/v1/manager.py l.92-107): no lookup, store or retrieve
 ever reaches the remote. So this process builds the engine as vllm_service_factory.py does (same
 config, same metadata shape as the tiny e2e model, LMCacheEngineBuilder) with, in place of the
 missing GPU connector, `KVTensorConnector`: LMCache's MockGPUConnector whose copies move the
