@@ -2,7 +2,8 @@
 # The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
 # with a real vLLM CPU engine (two or three engine processes) against `cwm serve`; then
 # lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes; then
-# lm_remote.py: LMCache's `lm://` remote connector against `cwm serve --lm-port`.
+# lm_remote.py: LMCache's `lm://` remote connector and in-process engine against
+# `cwm serve --lm-port`.
 #
 #   tests/e2e/run.sh [pytest args...]
 #
@@ -81,8 +82,9 @@ if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
     # LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
     pytest_step "lmcache bench server" lmcache_bench.py
     # LMCache's own lm:// remote connector (LMCacheConnectorV1's remote_url, with a real
-    # LocalCPUBackend) against `cwm serve --lm-port`.
-    pytest_step "lm:// remote connector" lm_remote.py
+    # LocalCPUBackend) against `cwm serve --lm-port`, and its in-process engine in two processes
+    # (the second hits the first one's prompt).
+    pytest_step "lm:// remote connector and in-process engine" lm_remote.py
 fi
 
 # Smoke run of benches/vs_lmcache.sh: one short ABBA round, ratios printed, never asserted
