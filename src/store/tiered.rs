@@ -834,6 +834,11 @@ impl WriteBehind {
                 }
             }
             self.step(&mut waiting, &mut stall);
+            // Everything waiting during a stall is held (counted in `held`, and in `retried`
+            // once written), whether or not it was tried before the stall began.
+            if stall.is_some() {
+                waiting.iter_mut().for_each(|job| job.held = true);
+            }
             let held = if stall.is_some() { waiting.len() } else { 0 };
             self.counters.held.store(held as u64, Relaxed);
             for tier in &self.lower {
