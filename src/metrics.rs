@@ -380,6 +380,35 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
             &[("", c(l3.write_behind_queued_bytes))],
         );
     }
+    let e = &s.encryption;
+    metric(
+        "encryption_enabled",
+        "gauge",
+        "1 when records behind L1 are sealed (--encryption-key-file)",
+        &[("", f64::from(u8::from(e.enabled)))],
+    );
+    metric(
+        "sealed_records_total",
+        "counter",
+        "Records sealed for L2, L3 and window exports",
+        &[("", c(e.sealed_records))],
+    );
+    metric(
+        "opened_records_total",
+        "counter",
+        "Sealed records opened",
+        &[("", c(e.opened_records))],
+    );
+    metric(
+        "unopened_records_total",
+        "counter",
+        "Sealed records that did not open, served as misses: no key configured, or another \
+         key or salt (a key change, a record moved, tampering)",
+        &[
+            ("reason=\"no_key\"", c(e.unopened_no_key)),
+            ("reason=\"wrong_key\"", c(e.unopened_wrong_key)),
+        ],
+    );
     let h = health;
     metric(
         "windows",

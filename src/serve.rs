@@ -40,7 +40,7 @@ impl Sidecar {
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         let started = Instant::now();
         config.validate()?;
-        let cwm = open_cwm(config, &config.tiers_config())?;
+        let cwm = open_cwm(config, &config.tiers_config()?)?;
         // Before the MP port opens: the first request (maybe queued by a connector while cwm
         // was down) finds every registration that could be restored.
         let restored = restore_registrations(&cwm, config)?;
@@ -278,7 +278,7 @@ pub fn open_offline(config: &Config) -> anyhow::Result<Windows> {
         config.l2_enabled(),
         "windows live in L2: --l2-size-gb must be above 0"
     );
-    let mut tiers = config.tiers_config();
+    let mut tiers = config.tiers_config()?;
     tiers.l1.capacity_bytes = 1 << 20;
     tiers.l1_memory = L1Memory::Private;
     let cwm = open_cwm(config, &tiers)?;
@@ -295,6 +295,14 @@ fn open_tiers(config: &TiersConfig) -> anyhow::Result<Tiers> {
     })?;
     if matches!(config.l1_memory, L1Memory::Shared(_)) {
         warn_if_shm_is_short(config.l1.capacity_bytes);
+    }
+    match tiers.sealer().fingerprint() {
+        Some(fingerprint) => tracing::info!(
+            %fingerprint,
+            "encryption at rest: records written to L2, L3 and window exports are sealed \
+             (AES-256-GCM, a key per cache_salt)"
+        ),
+        None => tracing::debug!("encryption at rest: off (no --encryption-key-file)"),
     }
     Ok(tiers)
 }

@@ -14,6 +14,7 @@ pub type L1Stats = crate::store::tiered::L1Report;
 /// The disk tier's figures.
 pub type L2Stats = crate::store::tier::TierStats;
 pub use crate::store::l3::L3Stats;
+pub use crate::store::seal::SealStats;
 pub use crate::store::tiered::WriteBehindStats;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -32,6 +33,9 @@ pub struct CacheStats {
     pub write_behind: WriteBehindStats,
     /// The Redis tier: its link (up/down, incidents), reads, writes, corrupt values.
     pub l3: Option<L3Stats>,
+    /// Encryption at rest (`--encryption-key-file`): records sealed, opened, and refused.
+    #[serde(default)]
+    pub encryption: SealStats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -74,5 +78,6 @@ pub fn cache_stats(cwm: &Cwm) -> CacheStats {
             .map(|(_, s)| s),
         write_behind: t.write_behind,
         l3: cwm.tiers.l3().map(|l3| l3.stats()),
+        encryption: cwm.tiers.sealer().stats(),
     }
 }

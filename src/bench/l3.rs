@@ -110,6 +110,7 @@ pub fn run(cfg: &L3BenchConfig) -> anyhow::Result<L3Report> {
             connections: cfg.connections,
             ttl: Duration::from_secs(3600),
             queue_bytes: 0,
+            sealer: Default::default(),
         },
         CompressionPolicy::DISABLED,
     )?;

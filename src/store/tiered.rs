@@ -31,7 +31,7 @@ use super::l3::config::L3Config;
 use super::l3::L3;
 use super::populate::{self, L1Populate};
 use super::quota::Quotas;
-use super::record;
+use super::seal::Sealer;
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
 use crate::background;
@@ -66,6 +66,8 @@ pub struct TiersConfig {
     pub l3: Option<L3Config>,
     /// Bytes of committed objects the write-behind queue may hold before it drops work.
     pub write_queue_bytes: u64,
+    /// Seals every record written behind L1, opens them when read (`store::seal`).
+    pub sealer: Sealer,
 }
 
 #[derive(Debug, Error)]
@@ -212,6 +214,7 @@ pub struct Tiers {
     /// L3 again (it is also in `lower` for write-behind): lookups and thaws read it in batches.
     l3: Option<Arc<L3>>,
     compression: CompressionPolicy,
+    sealer: Sealer,
     write_behind: Arc<WriteBehindCounters>,
     generation: Arc<Generation>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
@@ -245,19 +248,23 @@ impl Tiers {
         let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
         let mut compression = CompressionPolicy::default();
         if let Some(l2) = &config.l2 {
-            lower.push(Arc::new(open_disk(l2)?));
+            lower.push(Arc::new(open_disk(l2)?.sealed_with(config.sealer.clone())));
             compression = l2.disk.compression;
         }
         let l3 = match &config.l3 {
             Some(c) => {
-                let l3 =
-                    L3::open(c.clone(), compression).map_err(|e| OpenError::L3(e.to_string()))?;
+                let c = L3Config {
+                    sealer: config.sealer.clone(),
+                    ..c.clone()
+                };
+                let l3 = L3::open(c, compression).map_err(|e| OpenError::L3(e.to_string()))?;
                 lower.push(l3.clone());
                 Some(l3)
             }
             None => None,
         };
-        let mut tiers = Tiers::with_tiers(l1, lower, compression, config.write_queue_bytes);
+        let sealer = config.sealer.clone();
+        let mut tiers = Tiers::with_tiers(l1, lower, compression, sealer, config.write_queue_bytes);
         tiers.l3 = l3;
         Ok(tiers)
     }
@@ -267,6 +274,7 @@ impl Tiers {
         l1: Arc<L1Store>,
         lower: Vec<Arc<dyn Tier>>,
         compression: CompressionPolicy,
+        sealer: Sealer,
         queue_limit: u64,
     ) -> Tiers {
         assert!(lower.len() <= 32, "a job's pending tiers are bits of a u32");
@@ -282,6 +290,7 @@ impl Tiers {
                 counters: counters.clone(),
                 generation: generation.clone(),
                 compression,
+                sealer: sealer.clone(),
             };
             let worker = background::spawn("cwm-write-behind", move || worker.run(rx));
             (Some(tx), Some(worker))
@@ -291,6 +300,7 @@ impl Tiers {
             lower,
             l3: None,
             compression,
+            sealer,
             write_behind: counters,
             generation,
             queue: Mutex::new(queue),
@@ -349,6 +359,11 @@ impl Tiers {
     /// Read-lock count of `key` in L1 (expired locks count as 0).
     pub fn lock_count(&self, key: &ObjectKey) -> u32 {
         self.l1.lock_count(key)
+    }
+
+    /// Encryption at rest: its counters for `/status` and `/metrics`.
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 
     /// Per-salt byte budgets of L1 (the admin surface sets them; L1 enforces them).
@@ -557,7 +572,8 @@ impl Tiers {
         match self.l1.read(key) {
             Some(object) => {
                 let record =
-                    record::encode(key, &object.to_vec(), object.itemsize(), self.compression);
+                    self.sealer
+                        .encode(key, &object.to_vec(), object.itemsize(), self.compression);
                 for tier in &self.lower {
                     tier.put(key, &record)?;
                 }
@@ -771,6 +787,7 @@ struct WriteBehind {
     counters: Arc<WriteBehindCounters>,
     generation: Arc<Generation>,
     compression: CompressionPolicy,
+    sealer: Sealer,
 }
 
 /// A tier behind L1 is out of space: since when, and when to try again.
@@ -965,7 +982,7 @@ impl WriteBehind {
                         c.missed.fetch_add(1, Relaxed);
                         return None;
                     };
-                    Some(record::encode(
+                    Some(self.sealer.encode(
                         &job.key,
                         &object.to_vec(),
                         object.itemsize(),

@@ -26,6 +26,7 @@ use self::checkpoint::Checkpoint;
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
 use crate::store::record::{self, decode_header, Record, RecordError};
+use crate::store::seal::{SealError, Sealer};
 use crate::store::tier::{RecordInfo, Tier, TierError, TierStats};
 use crate::store::WriteGuard;
 
@@ -64,6 +65,8 @@ pub enum DiskError {
     Length { want: u64, found: u64 },
     #[error("corrupt payload: {0}")]
     Codec(#[from] codec::CodecError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("checkpoint: {0}")]
     Checkpoint(&'static str),
 }
@@ -121,6 +124,8 @@ pub struct DiskStats {
 pub struct DiskStore<S: Storage> {
     storage: S,
     config: DiskConfig,
+    /// Seals what `write` encodes and opens what `read` decodes (`store::seal`).
+    sealer: Sealer,
     state: Mutex<State<S::File>>,
     /// Held across every disk write (append, fsync on the write path, segment rotation and
     /// reclaim, clear): one writer at a time, while `state` is only ever held for bookkeeping.
@@ -243,6 +248,7 @@ impl<S: Storage> DiskStore<S> {
         let store = DiskStore {
             storage,
             config,
+            sealer: Sealer::default(),
             state: Mutex::new(state),
             writer: Mutex::new(()),
             counters,
@@ -257,6 +263,12 @@ impl<S: Storage> DiskStore<S> {
             "L2 opened"
         );
         Ok(store)
+    }
+
+    /// Seal the records `write` encodes, open sealed ones on `read` (`--encryption-key-file`).
+    pub fn sealed_with(mut self, sealer: Sealer) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     pub fn contains(&self, key: &ObjectKey) -> bool {
@@ -278,7 +290,9 @@ impl<S: Storage> DiskStore<S> {
         if self.contains(key) {
             return Ok(());
         }
-        let record = record::encode(key, raw, itemsize, self.config.compression);
+        let record = self
+            .sealer
+            .encode(key, raw, itemsize, self.config.compression);
         self.append_record(key, &record)
     }
 
@@ -490,7 +504,7 @@ impl<S: Storage> DiskStore<S> {
         let mut itemsize = 0;
         self.read_with(key, Some(out.len() as u64), |record, _| {
             itemsize = record.header.itemsize;
-            Ok(record.decode_into(out)?)
+            Ok(self.sealer.decode_into(record, out)?)
         })?;
         Ok(itemsize)
     }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::store::seal::Sealer;
+
 /// Which stored chunks write-behind pushes to L3. Frozen windows are always pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WritePolicy {
@@ -53,6 +55,8 @@ pub struct L3Config {
     pub ttl: Duration,
     /// Bytes of committed objects that may wait for L3 before write-behind drops work.
     pub queue_bytes: u64,
+    /// Seals the records L3 encodes and opens the sealed values it reads (`store::seal`).
+    pub sealer: Sealer,
 }
 
 impl std::fmt::Debug for L3Config {
@@ -67,6 +71,7 @@ impl std::fmt::Debug for L3Config {
             .field("connections", &self.connections)
             .field("ttl", &self.ttl)
             .field("queue_bytes", &self.queue_bytes)
+            .field("sealer", &self.sealer)
             .finish()
     }
 }
@@ -154,6 +159,7 @@ mod tests {
             connections: 1,
             ttl: Duration::from_secs(1),
             queue_bytes: 1,
+            sealer: Sealer::default(),
         }
     }
 

@@ -36,7 +36,7 @@ use self::config::{L3Config, WritePolicy};
 use self::keys::KeyLayout;
 use self::link::{Link, LinkError, LinkStatus};
 use super::codec::{Codec, CompressionPolicy};
-use super::record::{self, Record};
+use super::record::Record;
 use super::tier::{RecordInfo, Tier, TierError, TierStats};
 use super::{L1Store, Reservation, WriteGuard};
 
@@ -253,9 +253,9 @@ impl L3 {
             .collect()
     }
 
-    fn decode(r: &Record) -> Result<Vec<u8>, crate::store::codec::CodecError> {
+    fn decode(&self, r: &Record) -> Result<Vec<u8>, crate::store::seal::SealError> {
         let mut raw = vec![0; r.header.raw_len as usize];
-        r.decode_into(&mut raw)?;
+        self.config.sealer.decode_into(r, &mut raw)?;
         Ok(raw)
     }
 
@@ -271,7 +271,7 @@ impl L3 {
             Reservation::NoSpace => false,
             // A raw payload (verified by `parse`) goes straight in; a compressed one is decoded
             // into private memory first: no reference may cover pool pages.
-            Reservation::Reserved(mut w) if r.header.codec == Codec::Raw => {
+            Reservation::Reserved(mut w) if r.header.codec == Codec::Raw && !r.header.sealed => {
                 if r.payload.len() as u64 != r.header.raw_len {
                     return self.corrupt(key, "raw payload length differs from the raw length");
                 }
@@ -279,7 +279,7 @@ impl L3 {
                 self.installed(w, &r);
                 true
             }
-            Reservation::Reserved(mut w) => match Self::decode(&r) {
+            Reservation::Reserved(mut w) => match self.decode(&r) {
                 Ok(raw) => {
                     w.copy_from_slice(&raw);
                     self.installed(w, &r);
@@ -307,7 +307,9 @@ impl L3 {
 
     /// Encode `raw` as the record stored for `key`.
     pub fn record(&self, key: &ObjectKey, raw: &[u8], itemsize: u8) -> Vec<u8> {
-        record::encode(key, raw, itemsize, self.compression)
+        self.config
+            .sealer
+            .encode(key, raw, itemsize, self.compression)
     }
 
     /// Write records in one concurrent batch: cache data with the TTL and only where absent
