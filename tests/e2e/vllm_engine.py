@@ -25,7 +25,7 @@ vLLM's own block pool) and its wall time; per reset step whether reset_prefix_ca
 per tamper step (the e2e suite's sensitivity check) how many bf16 values of cwm's L1 pool it
 altered; per kv_poison step that it filled every block of vLLM's KV cache with a pattern; per
 kv_digest step a digest of every block (all layers) holding neither zeros nor that pattern, so
-the bytes an external hit wrote can be compared with the bytes vLLM computed, free of rounding.
+the bytes an external hit wrote can be compared with the bytes vLLM computed, free of rounding;
 per barrier step when the test driving the engine let it go on (it restarts the server meanwhile);
 per probe_stored step when the first of a series of fresh prompts was stored (e2e_restart.py).
 It also records the CPU and the ISA torch dispatches to.
