@@ -25,7 +25,6 @@ use crate::ops::{failure_reply, is_transfer, Cwm};
 /// The MP port after the stop signal.
 struct Stopping {
     since: Instant,
-    last_request: Instant,
     answered: u64,
     /// Heartbeats answered `false`.
     degraded: u64,
@@ -118,18 +117,20 @@ impl MpServer {
         // STOP_GRACE): a request a client sent just before or after the signal is answered
         // instead of lost with the socket. The connector never resends one: it would wait out
         // its timeout, and a lost PREPARE_STORE kills an engine.
+        // Engines idle at the signal are not waited for (after one last look at the socket).
         let mut stop: Option<Stopping> = None;
+        let mut last_request = Instant::now();
         loop {
             if shutdown.load(Ordering::Relaxed) {
                 let now = Instant::now();
+                let first_look = stop.is_none();
                 let st = stop.get_or_insert(Stopping {
                     since: now,
-                    last_request: now,
                     answered: 0,
                     degraded: 0,
                 });
-                let quiet = now.duration_since(st.last_request) >= STOP_QUIET;
-                if quiet || now.duration_since(st.since) >= STOP_GRACE {
+                let quiet = now.duration_since(last_request) >= STOP_QUIET;
+                if !first_look && (quiet || now.duration_since(st.since) >= STOP_GRACE) {
                     tracing::info!(
                         answered_after_stop = st.answered,
                         heartbeats_answered_false = st.degraded,
@@ -150,8 +151,8 @@ impl MpServer {
                 (items_buf[0].is_readable(), items_buf[1].is_readable());
             if router_ready {
                 while let Ok(msg) = self.router.recv_multipart(zmq::DONTWAIT) {
+                    last_request = Instant::now();
                     if let Some(st) = stop.as_mut() {
-                        st.last_request = Instant::now();
                         st.answered += 1;
                         if st.since.elapsed() >= STOP_DEGRADE_AFTER && self.degrade(&msg) {
                             st.degraded += 1;
