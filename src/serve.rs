@@ -196,7 +196,8 @@ impl Sidecar {
                     queued_bytes = left.queued_bytes,
                     held = left.held,
                     timeout_secs = self.drain_timeout.as_secs(),
-                    "write-behind did not drain within the drain timeout                      (--drain-timeout-secs): exiting with these writes not done"
+                    "write-behind did not drain within the drain timeout \
+                     (--drain-timeout-secs): exiting with these writes not done"
                 );
             }
         }

@@ -496,3 +496,134 @@ fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+/// A second signal during a slow drain exits at once: L3 is a Redis that accepts connections
+/// and never answers (so write-behind to it waits out its 60 s deadline), SIGTERM starts the
+/// drain, SIGINT while it runs makes cwm exit with status 130 without finishing it (the drain
+/// alone would exit 0, drained or timed out).
+#[test]
+fn a_second_signal_during_a_slow_drain_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis = format!("redis://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn); // accepted, never answered
+        }
+    });
+    let port = free_port();
+    let log = dir.path().join("a.log");
+    let mut child = serve(
+        &dir.path().join("l2"),
+        port,
+        &log,
+        &[
+            "--l3-url",
+            &redis,
+            "--l3-timeout-ms",
+            "60000",
+            "--drain-timeout-secs",
+            "120",
+        ],
+    );
+    let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    c.get_chunk_size().unwrap();
+    let kv = TestKv::new(Layout::Nhd, 4, 40, 16, 4, 64);
+    register_kv(&mut c, MODEL, 1, &kv);
+    for i in 0..4u32 {
+        kv.fill(u64::from(i));
+        let k = key(MODEL, "", &tokens(900 + i, 512), Some(0), 1, 0, 512, "w");
+        assert!(c.store(&k, 1, &blocks(1, 32)).unwrap().ok);
+    }
+    // SAFETY: signalling our own child by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("shutting down")
+    {
+        assert!(Instant::now() < deadline, "no shutdown line after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "cwm finished its drain although L3 never answers"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit after a second signal: {status}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("write-behind drained") && !text.contains("did not drain"),
+        "the drain ended before the second signal: {text}"
+    );
+}
+
+/// Requests a client keeps sending across SIGTERM are answered, none lost with the socket (the
+/// connector never resends: a lost request waits out its timeout, a lost PREPARE_STORE kills an
+/// engine): stores every 20 ms before and for 1.3 s after the signal are all acknowledged; a
+/// heartbeat still busy after 1 s is answered `false` (the connector's degraded mode, so it
+/// stops sending); cwm exits 0 once the client is quiet, and every acknowledged chunk is found
+/// after a restart.
+#[test]
+fn requests_sent_across_sigterm_are_answered_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let l2 = dir.path().join("l2");
+    let kv = TestKv::new(Layout::Nhd, 4, 40, 16, 4, 64);
+    let log = dir.path().join("a.log");
+    let mut child = serve(&l2, port, &log, &[]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register_kv(&mut c, MODEL, 1, &kv);
+    assert!(c.ping(Some(1)).unwrap());
+    let mut stored = Vec::new();
+    let mut signalled: Option<Instant> = None;
+    while signalled.is_none_or(|s| s.elapsed() < Duration::from_millis(1300)) {
+        let i = stored.len() as u32;
+        if i == 5 {
+            // SAFETY: signalling our own child by its pid.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            signalled = Some(Instant::now());
+        }
+        let t = tokens(700 + i, 512);
+        kv.fill(u64::from(i));
+        let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "w");
+        let reply = c.store(&k, 1, &blocks(1, 32));
+        assert!(
+            reply.as_ref().is_ok_and(|r| r.ok),
+            "store {i}, {:?} after SIGTERM: {reply:?}",
+            signalled.map(|s| s.elapsed())
+        );
+        stored.push(t);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !c.ping(Some(1)).unwrap(),
+        "a heartbeat while stopping and busy is answered false"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("no request for the quiet period"), "{text}");
+    let mut child = serve(&l2, port, &dir.path().join("b.log"), &[]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    for (i, t) in stored.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(
+            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
+            2,
+            "request {i} after SIGTERM and restart"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
