@@ -405,6 +405,7 @@ fn descriptors(kind: Kind, handle: [u8; 64], uuid: &str) -> Vec<IpcDescriptor> {
                         storage_offset_bytes: 0,
                         event_handle: None,
                         event_sync_required: false,
+                        ref_counter: None,
                     },
                     metadata: metadata(l * layer_elems),
                 },
@@ -1025,5 +1026,124 @@ fn contexts_are_retained_lazily_per_device_with_blocking_sync_and_a_failing_devi
         "device 1: its one try failed"
     );
     assert!(sim.get(off::PINNED_BYTES) > 0, "L1 pinned with device 0");
+    sim.assert_clean();
+}
+
+/// torch's IPC ref-counter object (`at::RefcountedMapAllocator`: 64-byte header, then 10,000
+/// int64 slots), as the engine process creates it.
+struct TorchRefCounters {
+    seg: ShmSegment,
+}
+
+impl TorchRefCounters {
+    const BYTES: u64 = 64 + 8 * 10_000;
+
+    fn new() -> TorchRefCounters {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("/torch_{}_{}_{n}", std::process::id(), 4242);
+        TorchRefCounters {
+            seg: ShmSegment::create(&name, Self::BYTES).unwrap(),
+        }
+    }
+
+    fn slot(&self, i: u64) -> &AtomicU64 {
+        // SAFETY: i < 10,000: the 8-aligned slot lies inside the segment, which lives as long
+        // as `&self`; cwm only updates it atomically.
+        unsafe { &*(self.seg.as_mut_ptr().add((64 + 8 * i) as usize) as *const AtomicU64) }
+    }
+
+    /// `descs` with torch's ref counter set: descriptor `l` shares slot `first + l`, set to 1
+    /// as `_share_cuda_()` does.
+    fn share(&self, mut descs: Vec<IpcDescriptor>, first: u64) -> Vec<IpcDescriptor> {
+        for (l, d) in descs.iter_mut().enumerate() {
+            let IpcDescriptor::Cuda { handle, .. } = d else {
+                unreachable!()
+            };
+            let slot = first + l as u64;
+            self.slot(slot).store(1, Ordering::SeqCst);
+            handle.ref_counter = Some(connector_protocol::TorchRefCounter {
+                name: self.seg.name().as_bytes().to_vec(),
+                offset: slot,
+            });
+        }
+        descs
+    }
+
+    fn wait_released(&self, slots: std::ops::Range<u64>, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while slots
+            .clone()
+            .any(|s| self.slot(s).load(Ordering::SeqCst) != 0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: slots {slots:?} not all 0"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn torch_ref_counters_are_released_once_when_the_mappings_close() {
+    let sim = Sim::new(12080);
+    let server = Server::start_env(Some(&sim), &["--worker-registration-grace-secs", "3"], &[]);
+    let mut c = server.client();
+    let rc = TorchRefCounters::new();
+    let (a, b) = (GpuKv::new(), GpuKv::new());
+    // Two instances share one allocation's memory under their own counters (as two shares do).
+    register(
+        &mut c,
+        1,
+        &rc.share(a.descriptors(Kind::Cuda, UUID0_STR), 0),
+    );
+    register(
+        &mut c,
+        2,
+        &rc.share(b.descriptors(Kind::Cuda, UUID0_STR), 10),
+    );
+    assert!(
+        c.store_after(
+            &key(&tokens(61, 256), 256, "s", Some(0)),
+            1,
+            &[(1..=16).collect()],
+            &[]
+        )
+        .unwrap()
+        .ok,
+        "{}",
+        server.log()
+    );
+    for s in (0..LAYERS).chain(10..10 + LAYERS) {
+        assert_eq!(
+            rc.slot(s).load(Ordering::SeqCst),
+            1,
+            "held while registered"
+        );
+    }
+    c.unregister_kv_cache(1).unwrap();
+    rc.wait_released(0..LAYERS, "unregister releases the shares");
+    assert_eq!(
+        rc.slot(10).load(Ordering::SeqCst),
+        1,
+        "the other instance's"
+    );
+    // The reaper (nobody pings) releases the other's; none goes below 0.
+    rc.wait_released(10..10 + LAYERS, "the reaper releases the shares");
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "every mapping closed");
+    assert!((0..20).all(|s| rc.slot(s).load(Ordering::SeqCst) == 0));
+
+    // A counter that is not torch's is refused at registration, with the reason; nothing is
+    // written anywhere.
+    let mut bad = a.descriptors(Kind::Cuda, UUID0_STR);
+    let IpcDescriptor::Cuda { handle, .. } = &mut bad[2] else {
+        unreachable!()
+    };
+    handle.ref_counter = Some(connector_protocol::TorchRefCounter {
+        name: sim.seg.name().as_bytes().to_vec(),
+        offset: 1,
+    });
+    register(&mut c, 3, &bad);
+    server.wait_log("is not torch's /torch_<pid>_<rand>_<n>");
     sim.assert_clean();
 }

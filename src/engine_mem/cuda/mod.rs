@@ -19,6 +19,7 @@ pub mod driver;
 pub mod events;
 pub mod mapping;
 pub mod pinned;
+pub mod ref_counter;
 pub mod wait;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +33,7 @@ pub use copy::{Batching, Direction, Run};
 use driver::{check, Device};
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
+use ref_counter::RefCounter;
 use wait::WaitError;
 
 use super::checksum::Checksums;
@@ -162,6 +164,8 @@ pub struct CudaEngine {
     copies_running: AtomicBool,
     pinned: Option<Arc<PinnedHost>>,
     mappings: Vec<MappingRef>,
+    /// torch's IPC ref counters of the descriptors, released once the mappings are closed.
+    ref_counters: Vec<RefCounter>,
 }
 
 struct Stream(sys::CUstream);
@@ -276,6 +280,7 @@ impl Drop for CudaEngine {
                     device = self.device.ordinal,
                     "copies still running at unregister: the engine mappings stay open"
                 );
+                // Nor are torch's ref counters released: the memory is still in use.
                 std::mem::forget(std::mem::take(&mut self.mappings));
                 return;
             }
@@ -283,6 +288,9 @@ impl Drop for CudaEngine {
         // SAFETY: the stream is live and destroyed only here; queued work (none, unless
         // copies_running) still completes after the call, as the driver documents.
         unsafe { sys::cuStreamDestroy_v2(self.stream.get_mut().0) };
+        // As torch's consumer does: close the mappings, then release the shares.
+        drop(std::mem::take(&mut self.mappings));
+        ref_counter::release_all(&self.ref_counters);
     }
 }
 
@@ -298,6 +306,15 @@ fn open<'a>(
     let mut layer_base = Vec::with_capacity(descriptors.len());
     let mut layer_limit = Vec::with_capacity(descriptors.len());
     let mut metadata = Vec::with_capacity(descriptors.len());
+    let mut ref_counters = Vec::new();
+    for (layer, d) in descriptors.iter().enumerate() {
+        if let IpcDescriptor::Cuda { handle, .. } = d {
+            if let Some(rc) = &handle.ref_counter {
+                let rc = RefCounter::parse(rc).map_err(|e| cuda(format!("layer {layer}: {e}")))?;
+                ref_counters.push(rc);
+            }
+        }
+    }
     for (layer, d) in descriptors.iter().enumerate() {
         let (handle, offset, limit, m) = match d {
             IpcDescriptor::Cuda { handle, metadata } => (
@@ -364,6 +381,7 @@ fn open<'a>(
             copies_running: AtomicBool::new(false),
             pinned,
             mappings,
+            ref_counters,
         },
         layer_base,
         layer_limit,
