@@ -117,7 +117,12 @@ mod off {
     pub const CTX_RETAINS: usize = 8752;
     pub const CTX_FLAGS: usize = 8784;
     pub const BATCH_MAX_SEEN: usize = 8816;
-    pub const SIZE: u64 = 8824;
+    pub const PAGEABLE_BLOCKING: usize = 8824;
+    pub const PIN_HOLD: usize = 8832;
+    pub const PIN_WAITING: usize = 8840;
+    pub const EVENT_OPENS: usize = 8848;
+    pub const DEAD_OWNER_EVENTS: usize = 8856;
+    pub const SIZE: u64 = 8864;
 }
 
 /// cwm's documented cap on copies per `cuMemcpyBatchAsync` call; the stand-in refuses more.
@@ -179,6 +184,14 @@ impl Sim {
         let mut h = vec![0u8; 64];
         h[..8].copy_from_slice(b"CWMSIMEV");
         h[8..16].copy_from_slice(&fire.to_ne_bytes());
+        h
+    }
+
+    /// An engine event of process `owner` that fires `delay` from now, unless `owner` exits
+    /// first (then it never fires, and it cannot be opened any more).
+    fn owned_engine_event(&self, delay: Duration, owner: u32) -> Vec<u8> {
+        let mut h = self.engine_event(delay);
+        h[16..20].copy_from_slice(&owner.to_ne_bytes());
         h
     }
 
@@ -1145,5 +1158,83 @@ fn torch_ref_counters_are_released_once_when_the_mappings_close() {
     });
     register(&mut c, 3, &bad);
     server.wait_log("is not torch's /torch_<pid>_<rand>_<n>");
+    sim.assert_clean();
+}
+
+#[test]
+fn pageable_copies_block_the_caller_as_the_driver_documents() {
+    // Pinning fails: every copy is from pageable L1, run by the stand-in inside the call.
+    let sim = Sim::new(12080);
+    sim.inject("cuMemHostRegister_v2", 2, 1);
+    let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_COPY", "per-run")]);
+    let c = scattered_round_trip(&sim, &server, UUID0_STR, 71);
+    drop(c);
+    let (pageable, blocking) = (
+        sim.get(off::PAGEABLE_COPIES),
+        sim.get(off::PAGEABLE_BLOCKING),
+    );
+    assert!(pageable > 0, "copies ran from pageable memory");
+    assert_eq!(
+        blocking, pageable,
+        "each of them inside its cuMemcpy*Async call"
+    );
+    assert_eq!(sim.get(off::COPIES_PENDING), 0);
+    sim.assert_clean();
+}
+
+/// A child process standing in for an engine: it owns the events it "exported".
+fn engine_process() -> Child {
+    Command::new("sleep").arg("60").spawn().unwrap()
+}
+
+#[test]
+fn an_engine_that_exits_holding_its_event_fails_the_transfer_by_deadline_and_is_reaped() {
+    let sim = Sim::new(12080);
+    let server = Server::start_env(
+        Some(&sim),
+        &["--worker-registration-grace-secs", "3"],
+        &[("CWM_CUDA_WAIT_SECS", "3")],
+    );
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    let blocks: Vec<u32> = (1..=16).collect();
+    let store = |c: &mut MpClient, id: u64, rid: &str, event: &[u8]| {
+        c.store_after(
+            &key(&tokens(80 + id as u32, 256), 256, rid, Some(0)),
+            id,
+            std::slice::from_ref(&blocks),
+            event,
+        )
+        .unwrap()
+        .ok
+    };
+
+    // The engine exits after cwm imported its event, before the event fired (it would have
+    // fired within the wait budget): the event never fires, the wait ends at its deadline.
+    let mut engine = engine_process();
+    let event = sim.owned_engine_event(Duration::from_millis(1500), engine.id());
+    let opens = sim.get(off::EVENT_OPENS);
+    let waiting = std::thread::scope(|s| {
+        let t = s.spawn(|| store(&mut c, 1, "s", &event));
+        sim.wait_for(off::EVENT_OPENS, opens + 1, "cwm imported the event");
+        engine.kill().unwrap();
+        engine.wait().unwrap();
+        t.join().unwrap()
+    });
+    assert!(!waiting, "a transfer behind a dead engine's event failed");
+    assert!(sim.get(off::DEAD_OWNER_EVENTS) >= 1, "{}", server.log());
+    server.wait_log("the engine died or stalled");
+    assert_eq!(sim.get(off::COPIES_DONE), 0, "nothing was copied");
+
+    // An event whose owner is already gone cannot be opened: that transfer fails at once.
+    sim.set(off::ENGINE_BUSY_UNTIL, 0);
+    let event = sim.owned_engine_event(Duration::ZERO, engine.id());
+    assert!(!store(&mut c, 2, "s2", &event));
+    server.wait_log("cuIpcOpenEventHandle failed");
+    // Nobody pings: the reaper drops both instances and closes the shared mapping.
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "the reaper unmaps the dead engine");
+    assert_eq!(sim.get(off::BLOCKING_WAITS), 0);
     sim.assert_clean();
 }
