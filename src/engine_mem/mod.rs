@@ -13,6 +13,7 @@
 pub mod checksum;
 pub mod cuda;
 pub mod layout;
+pub mod pin_l1;
 pub(crate) mod plan;
 pub mod shm;
 pub mod warm;

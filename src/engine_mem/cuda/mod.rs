@@ -411,15 +411,3 @@ pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, S
     };
     drv.device_by_uuid(uuid)
 }
-
-/// Pin `[base, base + len)` (the L1 arena) with `device`'s context (the first GPU an engine
-/// registered on; the registration is PORTABLE, so every context sees it). `piece` is the
-/// registration size (`pinned::MAX_PIECE` in production).
-pub fn pin_host(
-    device: &'static Device,
-    base: *mut u8,
-    len: u64,
-    piece: u64,
-) -> Result<PinnedHost, String> {
-    PinnedHost::register(device, base, len, piece)
-}
