@@ -1404,3 +1404,47 @@ fn measure_registration_time_with_a_large_l1() {
     }
     sim.assert_clean();
 }
+
+/// The real-GPU scripts (tests/gpu/) cannot run here, but they compile, and their sizing
+/// (`--plan`) and argument checks run without torch or a GPU.
+#[test]
+fn gpu_scripts_compile_and_plan_without_a_gpu() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu");
+    let py = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new("python3")
+            .args(args)
+            .current_dir(&dir)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python3 ({e})"))
+    };
+    let out = py(
+        &["-m", "py_compile", "gpu_stress.py", "gpu_roundtrip.py"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = py(&["gpu_stress.py", "--plan"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("65536 tokens"), "{text}");
+    assert!(text.contains("4,194,304 runs per transfer"), "{text}");
+    let out = py(
+        &["gpu_stress.py", "--plan"],
+        &[("CWM_GPU_HND_TOKENS", "100")],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a multiple of 256"));
+    let out = py(&["gpu_stress.py", "--only", "hnd,nope"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+    let out = Command::new("bash")
+        .arg(dir.join("run.sh"))
+        .env_remove("CWM_GPU_TESTS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "run.sh without CWM_GPU_TESTS=1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not run"));
+}
