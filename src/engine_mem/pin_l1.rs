@@ -11,6 +11,7 @@
 //! - `--l1-populate lazy`: only the pieces wholly below what L1's objects occupy (the allocator
 //!   hands out low offsets first), re-checked every `POLL`; pinning never commits a page the
 //!   stores did not.
+//!
 //! A failure stops the pinning where it is (logged, in `/status` and `/metrics`); what was
 //! pinned stays pinned.
 
