@@ -118,7 +118,7 @@ fn run(weak: std::sync::Weak<L1Pinning>, scope: PinScope, in_use: impl Fn() -> u
         let next_end = (done + host.piece()).min(host.len());
         if next_end <= target {
             if let Err(e) = host.pin_next() {
-                fail(&p, e);
+                fail(&p, e.to_string());
                 return;
             }
             continue;

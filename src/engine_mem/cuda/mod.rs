@@ -16,6 +16,7 @@
 
 pub mod copy;
 pub mod driver;
+pub mod error;
 pub mod events;
 pub mod mapping;
 pub mod pinned;
@@ -31,6 +32,7 @@ use parking_lot::Mutex;
 
 pub use copy::{Batching, Direction, Run};
 use driver::{check, Device};
+pub use error::CudaError;
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
 use ref_counter::RefCounter;
@@ -143,11 +145,7 @@ impl EngineMemory for CudaKv {
     }
 
     fn checksums(&self, _: &[u32], _: usize, _: bool) -> Result<Checksums, EngineMemError> {
-        Err(EngineMemError::Cuda(
-            "checksums of GPU memory are not supported (cwm does not read engine memory on the \
-             CPU)"
-                .to_string(),
-        ))
+        Err(EngineMemError::Cuda(CudaError::NoChecksums))
     }
 }
 
@@ -159,7 +157,7 @@ pub struct CudaEngine {
     /// A batch call failed once: this instance copies per run from then on.
     batch_failed: AtomicBool,
     /// Why this instance no longer transfers (a wait expired).
-    broken: OnceLock<String>,
+    broken: OnceLock<CudaError>,
     /// cwm's own copies did not complete in time: leak the stream and mappings on drop.
     copies_running: AtomicBool,
     pinned: Option<Arc<PinnedHost>>,
@@ -180,8 +178,8 @@ impl CudaEngine {
     }
 
     /// Why this instance no longer transfers, if it does not.
-    pub fn broken(&self) -> Option<&str> {
-        self.broken.get().map(String::as_str)
+    pub fn broken(&self) -> Option<&CudaError> {
+        self.broken.get()
     }
 
     /// Wait until the engine's `event` completed, copy `runs`, wait until they completed, and
@@ -193,9 +191,9 @@ impl CudaEngine {
         mut runs: Vec<Run>,
     ) -> Result<Vec<u8>, EngineMemError> {
         if let Some(why) = self.broken() {
-            return Err(EngineMemError::Cuda(format!(
-                "this instance is broken ({why}); re-register it"
-            )));
+            return Err(EngineMemError::Cuda(CudaError::Broken(Box::new(
+                why.clone(),
+            ))));
         }
         copy::coalesce(&mut runs);
         if let Some(p) = &self.pinned {
@@ -245,7 +243,7 @@ impl CudaEngine {
             return Err(EngineMemError::CopiesRunning(e));
         }
         enqueued.map_err(EngineMemError::Cuda)?;
-        completed.map_err(|e| EngineMemError::Cuda(e.message()))?;
+        completed.map_err(|e| EngineMemError::Cuda(e.error()))?;
         Ok(Vec::new())
     }
 
@@ -259,7 +257,7 @@ impl CudaEngine {
                     "{e}: the engine died or stalled; this instance is broken (nothing was \
                      copied) and is unmapped when it unregisters or is reaped"
                 );
-                EngineMemError::Cuda(format!("{e}; the instance is now broken"))
+                EngineMemError::Cuda(CudaError::NowBroken(Box::new(e)))
             }
             WaitError::Failed(e) => EngineMemError::Cuda(e),
         }
@@ -299,7 +297,7 @@ fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
 ) -> Result<Opened<'a>, EngineMemError> {
-    let cuda = |e: String| EngineMemError::Cuda(e);
+    let cuda = EngineMemError::Cuda;
     let drv = driver::driver().map_err(EngineMemError::CudaUnavailable)?;
     let mut device: Option<&'static Device> = None;
     let mut mappings: Vec<MappingRef> = Vec::new();
@@ -310,7 +308,8 @@ fn open<'a>(
     for (layer, d) in descriptors.iter().enumerate() {
         if let IpcDescriptor::Cuda { handle, .. } = d {
             if let Some(rc) = &handle.ref_counter {
-                let rc = RefCounter::parse(rc).map_err(|e| cuda(format!("layer {layer}: {e}")))?;
+                let rc = RefCounter::parse(rc)
+                    .map_err(|reason| cuda(CudaError::BadRefCounter { layer, reason }))?;
                 ref_counters.push(rc);
             }
         }
@@ -328,11 +327,11 @@ fn open<'a>(
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
         match device {
             Some(first) if first.ordinal != dev.ordinal => {
-                return Err(cuda(format!(
-                    "layer {layer} is on GPU {} but layer 0 on GPU {}: one instance must \
-                     register one device",
-                    dev.ordinal, first.ordinal
-                )))
+                return Err(cuda(CudaError::MixedDevices {
+                    layer,
+                    device: dev.ordinal,
+                    first: first.ordinal,
+                }))
             }
             _ => device = Some(dev),
         }
@@ -348,16 +347,18 @@ fn open<'a>(
         };
         let mr = &mappings[idx];
         if offset.checked_add(limit).is_none_or(|end| end > mr.size) {
-            return Err(cuda(format!(
-                "layer {layer}: bytes [{offset}, +{limit}) lie outside its {}-byte allocation",
-                mr.size
-            )));
+            return Err(cuda(CudaError::OutsideAllocation {
+                layer,
+                offset,
+                limit,
+                size: mr.size,
+            }));
         }
         layer_base.push((mr.base + offset) as usize);
         layer_limit.push(limit);
         metadata.push(m);
     }
-    let device = device.ok_or_else(|| cuda("no layers registered".to_string()))?;
+    let device = device.ok_or(cuda(CudaError::NoLayers))?;
     if let Some(d) = descriptors.first() {
         sync_registration_event(device, d).map_err(cuda)?;
     }
@@ -391,7 +392,7 @@ fn open<'a>(
 
 /// A `cuda` handle's producer event (torch's `event_sync_required`): waited on once, now,
 /// with the same deadline as a transfer's.
-fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), String> {
+fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), CudaError> {
     let IpcDescriptor::Cuda { handle, .. } = d else {
         return Ok(());
     };
@@ -399,15 +400,15 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Str
         return Ok(());
     };
     device.bind()?;
-    events::wait_engine(ev).map_err(|e| format!("the registration's event: {}", e.message()))
+    events::wait_engine(ev).map_err(|e| CudaError::RegistrationEvent(Box::new(e.error())))
 }
 
 /// The GPU an engine's descriptors name (their first layer's device UUID).
-pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, String> {
+pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, CudaError> {
     let drv = driver::driver()?;
     let uuid = match descriptors.first() {
         Some(IpcDescriptor::Cuda { metadata, .. }) => &metadata.device_uuid,
-        _ => return Err("no GPU descriptors".to_string()),
+        _ => return Err(CudaError::NoGpuDescriptors),
     };
     drv.device_by_uuid(uuid)
 }

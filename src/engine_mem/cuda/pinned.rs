@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cudarc::driver::sys;
 
 use super::driver::{check, Device};
+use super::error::CudaError;
 
 /// Largest single registration.
 pub const MAX_PIECE: u64 = 64 << 30;
@@ -48,7 +49,7 @@ impl PinnedHost {
     }
 
     /// Register the next piece (the caller is the one pinning thread). `Ok(false)`: all are.
-    pub fn pin_next(&self) -> Result<bool, String> {
+    pub fn pin_next(&self) -> Result<bool, CudaError> {
         let i = self.pinned.load(Ordering::Acquire);
         let done = i * self.piece;
         if done >= self.len {
@@ -69,12 +70,11 @@ impl PinnedHost {
             },
             "cuMemHostRegister_v2",
         )
-        .map_err(|e| {
-            format!(
-                "pinning L1 failed at byte {done} of {} (a {n}-byte piece): {e} (check `ulimit \
-                 -l` and the container's memlock limit)",
-                self.len
-            )
+        .map_err(|e| CudaError::Pin {
+            len: self.len,
+            done,
+            piece: n,
+            source: Box::new(e),
         })?;
         // Copies see the piece as pinned only once it is.
         self.pinned.store(i + 1, Ordering::Release);
