@@ -91,8 +91,11 @@ pub enum CudaError {
     NowBroken(Box<CudaError>),
     #[error("the registration's event: {0}")]
     RegistrationEvent(Box<CudaError>),
-    #[error("layer {layer}: {reason}")]
-    BadRefCounter { layer: usize, reason: String },
+    #[error("layer {layer}: {source}")]
+    BadRefCounter {
+        layer: usize,
+        source: super::ref_counter::RefCounterError,
+    },
     #[error("no GPU descriptors")]
     NoGpuDescriptors,
     #[error("{source} (copy {index})")]

@@ -309,7 +309,7 @@ fn open<'a>(
         if let IpcDescriptor::Cuda { handle, .. } = d {
             if let Some(rc) = &handle.ref_counter {
                 let rc = RefCounter::parse(rc)
-                    .map_err(|reason| cuda(CudaError::BadRefCounter { layer, reason }))?;
+                    .map_err(|source| cuda(CudaError::BadRefCounter { layer, source }))?;
                 ref_counters.push(rc);
             }
         }

@@ -18,6 +18,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use connector_protocol::TorchRefCounter;
+use thiserror::Error;
 
 use crate::engine_mem::shm::ShmSegment;
 
@@ -28,6 +29,21 @@ const SLOTS: u64 = 10_000;
 /// The object's exact size.
 pub const FILE_BYTES: u64 = HEADER + 8 * SLOTS;
 
+/// Why a counter was refused at registration or not released.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RefCounterError {
+    #[error("ref counter name {0:?} is not torch's /torch_<pid>_<rand>_<n>")]
+    Name(String),
+    #[error("ref counter offset {0} is outside torch's {SLOTS} slots")]
+    Offset(u64),
+    #[error("{name}: {reason} (the engine exited?)")]
+    Gone { name: String, reason: String },
+    #[error("{name} has {size} bytes, not torch's {FILE_BYTES}: left alone")]
+    Size { name: String, size: u64 },
+    #[error("{name} slot {slot} is already {value}: left alone")]
+    Released { name: String, slot: u64, value: i64 },
+}
+
 /// A share's counter, checked and ready to release.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefCounter {
@@ -37,21 +53,13 @@ pub struct RefCounter {
 
 impl RefCounter {
     /// Check a descriptor's counter: torch's name pattern and a slot inside the object.
-    pub fn parse(rc: &TorchRefCounter) -> Result<RefCounter, String> {
+    pub fn parse(rc: &TorchRefCounter) -> Result<RefCounter, RefCounterError> {
         let name = std::str::from_utf8(&rc.name)
             .ok()
             .filter(|n| is_torch_name(n))
-            .ok_or_else(|| {
-                format!(
-                    "ref counter name {:?} is not torch's /torch_<pid>_<rand>_<n>",
-                    String::from_utf8_lossy(&rc.name)
-                )
-            })?;
+            .ok_or_else(|| RefCounterError::Name(String::from_utf8_lossy(&rc.name).into()))?;
         if rc.offset >= SLOTS {
-            return Err(format!(
-                "ref counter offset {} is outside torch's {SLOTS} slots",
-                rc.offset
-            ));
+            return Err(RefCounterError::Offset(rc.offset));
         }
         Ok(RefCounter {
             name: name.to_string(),
@@ -60,18 +68,22 @@ impl RefCounter {
     }
 
     /// Decrement the slot once (torch's consumer deleter); returns the value left.
-    pub fn release(&self) -> Result<i64, String> {
+    pub fn release(&self) -> Result<i64, RefCounterError> {
+        let gone = |reason: String| RefCounterError::Gone {
+            name: self.name.clone(),
+            reason,
+        };
         let path = format!("/dev/shm/{}", &self.name[1..]);
         let size = std::fs::symlink_metadata(&path)
-            .map_err(|e| format!("{}: {e} (the engine exited?)", self.name))?
+            .map_err(|e| gone(e.to_string()))?
             .len();
         if size != FILE_BYTES {
-            return Err(format!(
-                "{} has {size} bytes, not torch's {FILE_BYTES}: left alone",
-                self.name
-            ));
+            return Err(RefCounterError::Size {
+                name: self.name.clone(),
+                size,
+            });
         }
-        let seg = ShmSegment::open(&self.name, FILE_BYTES).map_err(|e| e.to_string())?;
+        let seg = ShmSegment::open(&self.name, FILE_BYTES).map_err(|e| gone(e.to_string()))?;
         let at = (HEADER + 8 * self.slot) as usize;
         // SAFETY: `at + 8 <= FILE_BYTES` (slot < SLOTS), the mapping is FILE_BYTES long and
         // page-aligned, so the 8-aligned slot lies inside it and lives while `seg` does; torch
@@ -80,10 +92,11 @@ impl RefCounter {
         let mut v = slot.load(Ordering::SeqCst);
         loop {
             if v <= 0 {
-                return Err(format!(
-                    "{} slot {} is already {v}: left alone",
-                    self.name, self.slot
-                ));
+                return Err(RefCounterError::Released {
+                    name: self.name.clone(),
+                    slot: self.slot,
+                    value: v,
+                });
             }
             match slot.compare_exchange(v, v - 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Ok(v - 1),
@@ -142,10 +155,11 @@ mod tests {
             "/cwm_l1",
         ] {
             let e = RefCounter::parse(&rc(bad, 0)).unwrap_err();
-            assert!(e.contains("not torch's"), "{bad}: {e}");
+            assert_eq!(e, RefCounterError::Name(bad.into()));
+            assert!(e.to_string().contains("not torch's"), "{bad}: {e}");
         }
         let e = RefCounter::parse(&rc("/torch_1_2_3", 10_000)).unwrap_err();
-        assert!(e.contains("outside"), "{e}");
+        assert_eq!(e, RefCounterError::Offset(10_000));
         let bytes = TorchRefCounter {
             name: vec![0xff, b'/'],
             offset: 0,
@@ -165,7 +179,10 @@ mod tests {
         let c = RefCounter::parse(&rc(&name, 5)).unwrap();
         assert_eq!(c.release(), Ok(1));
         assert_eq!(c.release(), Ok(0));
-        assert!(c.release().unwrap_err().contains("already 0"));
+        assert!(matches!(
+            c.release(),
+            Err(RefCounterError::Released { value: 0, .. })
+        ));
         assert_eq!(word(5).load(Ordering::SeqCst), 0);
         assert_eq!(word(4).load(Ordering::SeqCst), 0, "neighbours untouched");
         assert_eq!(word(6).load(Ordering::SeqCst), 0, "neighbours untouched");
@@ -180,9 +197,13 @@ mod tests {
         let seg = ShmSegment::create(&name, FILE_BYTES + 8).unwrap();
         let c = RefCounter::parse(&rc(&name, 0)).unwrap();
         let e = c.release().unwrap_err();
-        assert!(e.contains("not torch's"), "{e}");
+        assert!(
+            matches!(e, RefCounterError::Size { size, .. } if size == FILE_BYTES + 8),
+            "{e}"
+        );
         drop(seg);
         let e = c.release().unwrap_err();
-        assert!(e.contains("engine exited"), "{e}");
+        assert!(matches!(e, RefCounterError::Gone { .. }), "{e}");
+        assert!(e.to_string().contains("engine exited"), "{e}");
     }
 }
