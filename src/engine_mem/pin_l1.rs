@@ -25,8 +25,9 @@ use super::cuda::pinned::{self, PinnedHost};
 /// Tests: pin L1 in pieces of this many bytes (so copies cross piece boundaries and partial
 /// pinning shows with a small L1).
 pub const PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
-/// How often the pinning thread looks at L1's occupancy again (`InUse`).
-const POLL: Duration = Duration::from_millis(200);
+/// How often the pinning thread looks at L1's occupancy again (`InUse`): reading it walks
+/// L1's index under its lock (`l1_stats`), so not often.
+const POLL: Duration = Duration::from_secs(1);
 
 /// How much of L1 to pin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
