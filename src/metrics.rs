@@ -438,7 +438,7 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
     metric(
         "l1_pin_failed",
         "gauge",
-        "1 if pinning L1 for GPU copies failed (they then run from pageable memory)",
+        "1 if pinning L1 for GPU copies stopped short (copies from the rest run from pageable memory)",
         &[("", f64::from(u8::from(gpu.l1_pin_error.is_some())))],
     );
     metric(

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::engine_mem::pin_l1::PinScope;
 use crate::ops::journal::Journal;
 use crate::ops::{Cwm, ReapPolicy, Restored, Settings};
 use crate::server::http::HttpServer;
@@ -266,6 +267,10 @@ fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
                 never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
             },
             engine_driven_ttl: config.engine_driven_ttl(),
+            pin_l1: match config.l1_populate {
+                crate::store::populate::L1Populate::Eager => PinScope::All,
+                crate::store::populate::L1Populate::Lazy => PinScope::InUse,
+            },
         },
         tiers,
     ))

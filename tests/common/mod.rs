@@ -272,6 +272,7 @@ pub fn register_cuda(c: &mut MpClient, id: u64, model: &str) {
         storage_offset_bytes: 0,
         event_handle: None,
         event_sync_required: false,
+        ref_counter: None,
     };
     c.register_kv_cache(
         id,
