@@ -11,6 +11,7 @@ use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
 use crate::store::l3::config::{Endpoints, L3Config, WritePolicy};
 use crate::store::populate::L1Populate;
+use crate::store::seal::{KeyFileError, Sealer, ServerKey};
 use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
 use crate::store::L1Config;
 
@@ -98,6 +99,10 @@ pub struct Config {
     /// GiB of L1 each cache_salt may occupy unless `PUT /quota/{salt}` gave it its own limit;
     /// 0: no limit.
     pub l1_quota_gb_per_salt: f64,
+    /// Encryption at rest: a file of 64 hex digits (32 random bytes), readable by its owner
+    /// only. Records written to L2, L3 and window exports are then sealed with a key derived
+    /// per cache_salt from it (docs/FORMATS.md, version 2). Off unless set.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// The platform's state directory for cwm's data: systemd's `$STATE_DIRECTORY` when run as a
@@ -165,6 +170,7 @@ impl Default for Config {
             l1_quota_gb_per_salt: 0.0,
             l3_write_queue_mb: 1024,
             l3_tls_ca: None,
+            encryption_key_file: None,
         }
     }
 }
@@ -187,6 +193,8 @@ pub enum ConfigError {
         value: String,
         expected: &'static str,
     },
+    #[error(transparent)]
+    EncryptionKey(#[from] KeyFileError),
 }
 
 impl Config {
@@ -379,12 +387,24 @@ impl Config {
             timeout: Duration::from_millis(self.l3_timeout_ms),
             connections: self.l3_connections,
             ttl: Duration::from_secs(self.l3_ttl_secs),
+            // `Tiers::open` gives L3 the tiers' sealer.
+            sealer: Sealer::default(),
         })
     }
 
-    /// What the tiers are built from (`Tiers::open`).
-    pub fn tiers_config(&self) -> TiersConfig {
-        TiersConfig {
+    /// The sealer of every record behind L1: with the key of `encryption_key_file` (read and
+    /// checked here), else one that writes plain records.
+    pub fn sealer(&self) -> Result<Sealer, KeyFileError> {
+        let key = match &self.encryption_key_file {
+            Some(path) => Some(ServerKey::load(path)?),
+            None => None,
+        };
+        Ok(Sealer::new(key))
+    }
+
+    /// What the tiers are built from (`Tiers::open`); reads the encryption key file.
+    pub fn tiers_config(&self) -> Result<TiersConfig, ConfigError> {
+        Ok(TiersConfig {
             l1: L1Config {
                 capacity_bytes: self.l1_bytes(),
                 lock_ttl: self.lock_ttl(),
@@ -407,7 +427,8 @@ impl Config {
                     .filter(|p| !p.is_empty()),
             ),
             write_queue_bytes: self.write_queue_mb() << 20,
-        }
+            sealer: self.sealer()?,
+        })
     }
 
     /// The one write-behind queue feeds every tier behind L1: it may hold the larger of the

@@ -75,10 +75,11 @@ pub fn report(l1_bytes: u64) -> String {
     let _ = writeln!(out, "pinned memory limit (ulimit -l): {}", memlock());
     let _ = writeln!(
         out,
-        "  -> when the first GPU engine registers, all of L1 is registered with the driver \
-         (cuMemHostRegister, pieces of at most 64 GiB); if that fails cwm says so in its log, \
-         /status and /metrics (cwm_l1_pin_failed) and copies run from pageable memory; raise \
-         the limit (docker: --ulimit memlock=-1) if it does"
+        "  -> when the first GPU engine registers, a background thread registers L1 with the \
+         driver (cuMemHostRegister, 1 GiB pieces): all of it with --l1-populate eager, only \
+         what L1's objects occupy with lazy; copies from what is not pinned yet run from \
+         pageable memory; if pinning fails cwm says so in its log, /status and /metrics \
+         (cwm_l1_pin_failed); raise the limit (docker: --ulimit memlock=-1) if it does"
     );
     match shm_size() {
         Some((total, free)) => {

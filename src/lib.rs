@@ -21,6 +21,7 @@ pub mod session;
 pub mod shm_leftovers;
 pub mod status;
 pub mod store;
+pub mod tenant;
 #[cfg(test)]
 mod test_support;
 pub mod windows;

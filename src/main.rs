@@ -226,6 +226,11 @@ struct ServeArgs {
     /// (`PUT /quota/{salt}`); 0: no limit [default: 0].
     #[arg(long, env = "CWM_L1_QUOTA_GB_PER_SALT")]
     l1_quota_gb_per_salt: Option<f64>,
+    /// Encryption at rest: a file of 64 hex digits (`openssl rand -hex 32 > key; chmod 600
+    /// key`), readable by its owner only; records in L2, L3 and window exports are sealed
+    /// with a key per cache_salt derived from it [default: off].
+    #[arg(long, env = "CWM_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -280,6 +285,9 @@ impl ServeArgs {
         }
         if self.l3_tls_ca.is_some() {
             c.l3_tls_ca = self.l3_tls_ca;
+        }
+        if self.encryption_key_file.is_some() {
+            c.encryption_key_file = self.encryption_key_file;
         }
         if self.shm_name.is_some() {
             c.shm_name = self.shm_name;

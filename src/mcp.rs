@@ -32,6 +32,8 @@ use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleClient, RoleServer, S
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::store::quota::QuotaEntry;
+use crate::tenant;
 use crate::windows::*;
 
 const INSTRUCTIONS: &str = "cwm keeps vLLM's KV cache. A session is a cache_salt: every request \
@@ -42,6 +44,21 @@ with that salt and prefix skips prefill entirely. window_clone branches a window
 /// Tools take no arguments.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct NoArgs {}
+
+/// A tenant, by its cache_salt (`_default` for requests that send none).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SaltArgs {
+    pub cache_salt: String,
+}
+
+/// A tenant's new limit (unknown fields are refused by `SetQuota`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct QuotaSetArgs {
+    pub cache_salt: String,
+    #[serde(flatten)]
+    pub quota: tenant::SetQuota,
+}
 
 #[derive(Clone)]
 pub struct WindowTools {
@@ -182,6 +199,53 @@ impl WindowTools {
         Parameters(_): Parameters<NoArgs>,
     ) -> Result<Json<CacheStats>, String> {
         self.run(|w| Ok(w.cache_stats())).await
+    }
+
+    #[tool(
+        description = "Set a tenant's quota: the bytes its cache_salt may occupy in L1 (limit_gb, GiB; tier \"l1\"). A store over it evicts that tenant's own oldest chunks, never another's. `_default` names the empty salt."
+    )]
+    async fn quota_set(
+        &self,
+        Parameters(req): Parameters<QuotaSetArgs>,
+    ) -> Result<Json<QuotaEntry>, String> {
+        let tiers = &self.windows.cwm.tiers;
+        tenant::set(tiers, &req.cache_salt, &req.quota)
+            .map(Json)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tool(
+        description = "A tenant's quota (its own, or the default for every salt) and its L1 usage."
+    )]
+    async fn quota_get(
+        &self,
+        Parameters(req): Parameters<SaltArgs>,
+    ) -> Result<Json<tenant::SaltQuota>, String> {
+        tenant::get(&self.windows.cwm.tiers, &req.cache_salt)
+            .map(Json)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tool(
+        description = "Remove a tenant's own quota (the default for every salt applies again). Fails if it had none."
+    )]
+    async fn quota_delete(
+        &self,
+        Parameters(req): Parameters<SaltArgs>,
+    ) -> Result<Json<tenant::SaltQuota>, String> {
+        let tiers = &self.windows.cwm.tiers;
+        tenant::remove(tiers, &req.cache_salt)
+            .and_then(|_| tenant::get(tiers, &req.cache_salt))
+            .map(Json)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tool(description = "Every tenant quota, and the tenants using the most of L1.")]
+    async fn quota_list(
+        &self,
+        Parameters(_): Parameters<NoArgs>,
+    ) -> Result<Json<tenant::QuotaList>, String> {
+        Ok(Json(tenant::list(&self.windows.cwm.tiers)))
     }
 
     #[tool(description = "Whether the sidecar is up, with its version and uptime.")]

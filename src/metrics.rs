@@ -5,10 +5,7 @@ use std::fmt::Write;
 
 use crate::ops::Cwm;
 use crate::status::{self, Health, TierStats};
-
-/// Render every series in the Prometheus text format, version 0.0.4.
-/// Salts `cwm_l1_salt_bytes` names one by one; the rest are summed as `_other`.
-const TOP_SALTS: usize = 20;
+use crate::tenant::TOP_SALTS;
 
 /// A salt as a Prometheus label value (escaped; the empty salt is `_default`).
 fn label_value(salt: &str) -> String {
@@ -20,6 +17,7 @@ fn label_value(salt: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Render every series in the Prometheus text format, version 0.0.4.
 pub fn render(cwm: &Cwm, health: &Health) -> String {
     let mut out = String::with_capacity(8192);
     let s = status::cache_stats(cwm);
@@ -284,6 +282,35 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Objects written after waiting for space",
         &[("", c(wb.retried))],
     );
+    let e = &s.encryption;
+    metric(
+        "encryption_enabled",
+        "gauge",
+        "1 when records behind L1 are sealed (--encryption-key-file)",
+        &[("", f64::from(u8::from(e.enabled)))],
+    );
+    metric(
+        "sealed_records_total",
+        "counter",
+        "Records sealed for L2, L3 and window exports",
+        &[("", c(e.sealed_records))],
+    );
+    metric(
+        "opened_records_total",
+        "counter",
+        "Sealed records opened",
+        &[("", c(e.opened_records))],
+    );
+    metric(
+        "unopened_records_total",
+        "counter",
+        "Sealed records that did not open, served as misses: no key configured, or another \
+         key or salt (a key change, a record moved, tampering)",
+        &[
+            ("reason=\"no_key\"", c(e.unopened_no_key)),
+            ("reason=\"wrong_key\"", c(e.unopened_wrong_key)),
+        ],
+    );
     let h = health;
     metric(
         "windows",
@@ -313,7 +340,7 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
     metric(
         "l1_pin_failed",
         "gauge",
-        "1 if pinning L1 for GPU copies failed (they then run from pageable memory)",
+        "1 if pinning L1 for GPU copies stopped short (copies from the rest run from pageable memory)",
         &[("", f64::from(u8::from(gpu.l1_pin_error.is_some())))],
     );
     metric(

@@ -6,11 +6,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::engine_mem::pin_l1::PinScope;
 use crate::ops::journal::Journal;
 use crate::ops::{Cwm, ReapPolicy, Restored, Settings};
 use crate::server::http::HttpServer;
 use crate::server::lm::LmServer;
 use crate::server::mp::MpServer;
+use crate::session;
 use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
 
@@ -39,10 +41,11 @@ impl Sidecar {
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         let started = Instant::now();
         config.validate()?;
-        let cwm = open_cwm(config, &config.tiers_config())?;
+        let cwm = open_cwm(config, &config.tiers_config()?)?;
         // Before the MP port opens: the first request (maybe queued by a connector while cwm
         // was down) finds every registration that could be restored.
         let restored = restore_registrations(&cwm, config)?;
+        let sessions = restore_sessions(&cwm, config)?;
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
@@ -109,6 +112,9 @@ impl Sidecar {
             registrations_restored = restored.restored,
             registrations_dropped = restored.dropped,
             journal_entries_corrupt = restored.corrupt,
+            sessions_restored = sessions.sessions,
+            session_chains_restored = sessions.chains,
+            session_journal_bytes_dropped = sessions.replay.dropped_bytes,
             dead_engine_shm_segments = leftovers.len(),
             start_ms = start_time.as_secs_f64() * 1e3,
             "cwm serving the LMCache MP protocol"
@@ -154,6 +160,7 @@ impl Sidecar {
             let _ = t.join();
         }
         self.drain_tiers();
+        self.cwm.chains.sync_journal();
         // The pool's memory goes back to the system once the last mapping (ours or an
         // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
         self.cwm.tiers.unlink_pool();
@@ -190,7 +197,8 @@ impl Sidecar {
                     queued_bytes = left.queued_bytes,
                     held = left.held,
                     timeout_secs = self.drain_timeout.as_secs(),
-                    "write-behind did not drain within the drain timeout                      (--drain-timeout-secs): exiting with these writes not done"
+                    "write-behind did not drain within the drain timeout \
+                     (--drain-timeout-secs): exiting with these writes not done"
                 );
             }
         }
@@ -208,6 +216,18 @@ fn restore_registrations(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<Rest
         .map_err(|e| anyhow::anyhow!("registration journal {}: {e}", dir.display()))?;
     cwm.attach_journal(journal);
     Ok(cwm.restore_registrations())
+}
+
+/// Attach the session index journal beside L2 (none without L2) and replay it, so sessions
+/// stored before a restart or a crash can still be frozen.
+fn restore_sessions(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<session::Restored> {
+    if !config.l2_enabled() {
+        return Ok(session::Restored::default());
+    }
+    let path = config.l2_path.join("sessions.journal");
+    cwm.chains
+        .attach_journal(&path)
+        .map_err(|e| anyhow::anyhow!("session journal {}: {e}", path.display()))
 }
 
 /// Bind the `lm://` port and serve it on its own thread (`server::lm`).
@@ -247,6 +267,10 @@ fn open_cwm(config: &Config, tiers: &TiersConfig) -> anyhow::Result<Arc<Cwm>> {
                 never_pinged: Duration::from_secs(config.worker_registration_grace_secs),
             },
             engine_driven_ttl: config.engine_driven_ttl(),
+            pin_l1: match config.l1_populate {
+                crate::store::populate::L1Populate::Eager => PinScope::All,
+                crate::store::populate::L1Populate::Lazy => PinScope::InUse,
+            },
         },
         tiers,
     ))
@@ -260,7 +284,7 @@ pub fn open_offline(config: &Config) -> anyhow::Result<Windows> {
         config.l2_enabled(),
         "windows live in L2: --l2-size-gb must be above 0"
     );
-    let mut tiers = config.tiers_config();
+    let mut tiers = config.tiers_config()?;
     tiers.l1.capacity_bytes = 1 << 20;
     tiers.l1_memory = L1Memory::Private;
     let cwm = open_cwm(config, &tiers)?;
@@ -277,6 +301,14 @@ fn open_tiers(config: &TiersConfig) -> anyhow::Result<Tiers> {
     })?;
     if matches!(config.l1_memory, L1Memory::Shared(_)) {
         warn_if_shm_is_short(config.l1.capacity_bytes);
+    }
+    match tiers.sealer().fingerprint() {
+        Some(fingerprint) => tracing::info!(
+            %fingerprint,
+            "encryption at rest: records written to L2, L3 and window exports are sealed \
+             (AES-256-GCM, a key per cache_salt)"
+        ),
+        None => tracing::debug!("encryption at rest: off (no --encryption-key-file)"),
     }
     Ok(tiers)
 }

@@ -11,6 +11,7 @@ use crate::ops::Cwm;
 
 /// L1's figures (the store's own report, serialized as is).
 pub type L1Stats = crate::store::tiered::L1Report;
+pub use crate::store::seal::SealStats;
 pub use crate::store::tier::TierStats;
 pub use crate::store::tiered::WriteBehindStats;
 
@@ -30,6 +31,9 @@ pub struct CacheStats {
     /// its link), each with the figures of its own.
     pub tiers: Vec<TierStats>,
     pub write_behind: WriteBehindStats,
+    /// Encryption at rest (`--encryption-key-file`): records sealed, opened, and refused.
+    #[serde(default)]
+    pub encryption: SealStats,
 }
 
 impl CacheStats {
@@ -74,5 +78,6 @@ pub fn cache_stats(cwm: &Cwm) -> CacheStats {
         l1: t.l1,
         tiers: t.lower,
         write_behind: t.write_behind,
+        encryption: cwm.tiers.sealer().stats(),
     }
 }

@@ -117,7 +117,12 @@ mod off {
     pub const CTX_RETAINS: usize = 8752;
     pub const CTX_FLAGS: usize = 8784;
     pub const BATCH_MAX_SEEN: usize = 8816;
-    pub const SIZE: u64 = 8824;
+    pub const PAGEABLE_BLOCKING: usize = 8824;
+    pub const PIN_HOLD: usize = 8832;
+    pub const PIN_WAITING: usize = 8840;
+    pub const EVENT_OPENS: usize = 8848;
+    pub const DEAD_OWNER_EVENTS: usize = 8856;
+    pub const SIZE: u64 = 8864;
 }
 
 /// cwm's documented cap on copies per `cuMemcpyBatchAsync` call; the stand-in refuses more.
@@ -179,6 +184,14 @@ impl Sim {
         let mut h = vec![0u8; 64];
         h[..8].copy_from_slice(b"CWMSIMEV");
         h[8..16].copy_from_slice(&fire.to_ne_bytes());
+        h
+    }
+
+    /// An engine event of process `owner` that fires `delay` from now, unless `owner` exits
+    /// first (then it never fires, and it cannot be opened any more).
+    fn owned_engine_event(&self, delay: Duration, owner: u32) -> Vec<u8> {
+        let mut h = self.engine_event(delay);
+        h[16..20].copy_from_slice(&owner.to_ne_bytes());
         h
     }
 
@@ -246,24 +259,26 @@ impl Server {
         let log = dir.path().join("cwm.log");
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cwm"));
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()]);
+        if !extra.contains(&"--l1-size-gb") {
+            cmd.args([
                 "--l1-size-gb",
                 &(L1_BYTES as f64 / (1u64 << 30) as f64).to_string(),
-            ])
-            .args([
-                "--l2-size-gb",
-                "0",
-                "--http-port",
-                "0",
-                "--no-engine-driven",
-            ])
-            .args(extra)
-            .env("CWM_LOG", "info")
-            .env(cwm::ops::PIN_PIECE_ENV, PIECE.to_string())
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            ]);
+        }
+        cmd.args([
+            "--l2-size-gb",
+            "0",
+            "--http-port",
+            "0",
+            "--no-engine-driven",
+        ])
+        .args(extra)
+        .env("CWM_LOG", "info")
+        .env(cwm::ops::PIN_PIECE_ENV, PIECE.to_string())
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
         match sim {
             Some(sim) => {
                 cmd.env("LD_LIBRARY_PATH", sim_dir())
@@ -405,6 +420,7 @@ fn descriptors(kind: Kind, handle: [u8; 64], uuid: &str) -> Vec<IpcDescriptor> {
                         storage_offset_bytes: 0,
                         event_handle: None,
                         event_sync_required: false,
+                        ref_counter: None,
                     },
                     metadata: metadata(l * layer_elems),
                 },
@@ -486,7 +502,11 @@ fn round_trip(driver_version: u64) {
     register(&mut c, 1, &src.descriptors(kind, UUID0_STR));
     register(&mut c, 2, &dst.descriptors(kind, UUID0_STR));
     assert_eq!(sim.get(off::OPENS), 2, "one mapping per allocation");
-    assert_eq!(sim.get(off::PINNED_BYTES), L1_BYTES, "all of L1 pinned");
+    sim.wait_for(
+        off::PINNED_BYTES,
+        L1_BYTES,
+        "all of L1 pinned (in the background)",
+    );
     assert_eq!(sim.get(off::HOST_REGISTERS), L1_BYTES / PIECE, "in pieces");
     let toks = tokens(5, 512);
     let src_blocks: Vec<u32> = (1..=32).collect();
@@ -946,7 +966,7 @@ fn no_batching_where_attribute_91_is_0_or_the_switch_says_per_run() {
     let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_SIM_ATTR91", "0,1")]);
     scattered_round_trip(&sim, &server, UUID0_STR, 31);
     assert_eq!(sim.get(off::BATCH_CALLS), 0);
-    assert!(sim.get(off::PINNED_BYTES) > 0, "L1 still pinned");
+    sim.wait_for(off::PINNED_BYTES, L1_BYTES, "L1 still pinned");
     sim.assert_clean();
     drop(server);
 
@@ -1024,6 +1044,407 @@ fn contexts_are_retained_lazily_per_device_with_blocking_sync_and_a_failing_devi
         0,
         "device 1: its one try failed"
     );
-    assert!(sim.get(off::PINNED_BYTES) > 0, "L1 pinned with device 0");
+    sim.wait_for(off::PINNED_BYTES, L1_BYTES, "L1 pinned with device 0");
     sim.assert_clean();
+}
+
+/// torch's IPC ref-counter object (`at::RefcountedMapAllocator`: 64-byte header, then 10,000
+/// int64 slots), as the engine process creates it.
+struct TorchRefCounters {
+    seg: ShmSegment,
+}
+
+impl TorchRefCounters {
+    const BYTES: u64 = 64 + 8 * 10_000;
+
+    fn new() -> TorchRefCounters {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("/torch_{}_{}_{n}", std::process::id(), 4242);
+        TorchRefCounters {
+            seg: ShmSegment::create(&name, Self::BYTES).unwrap(),
+        }
+    }
+
+    fn slot(&self, i: u64) -> &AtomicU64 {
+        // SAFETY: i < 10,000: the 8-aligned slot lies inside the segment, which lives as long
+        // as `&self`; cwm only updates it atomically.
+        unsafe { &*(self.seg.as_mut_ptr().add((64 + 8 * i) as usize) as *const AtomicU64) }
+    }
+
+    /// `descs` with torch's ref counter set: descriptor `l` shares slot `first + l`, set to 1
+    /// as `_share_cuda_()` does.
+    fn share(&self, mut descs: Vec<IpcDescriptor>, first: u64) -> Vec<IpcDescriptor> {
+        for (l, d) in descs.iter_mut().enumerate() {
+            let IpcDescriptor::Cuda { handle, .. } = d else {
+                unreachable!()
+            };
+            let slot = first + l as u64;
+            self.slot(slot).store(1, Ordering::SeqCst);
+            handle.ref_counter = Some(connector_protocol::TorchRefCounter {
+                name: self.seg.name().as_bytes().to_vec(),
+                offset: slot,
+            });
+        }
+        descs
+    }
+
+    fn wait_released(&self, slots: std::ops::Range<u64>, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while slots
+            .clone()
+            .any(|s| self.slot(s).load(Ordering::SeqCst) != 0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: slots {slots:?} not all 0"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn torch_ref_counters_are_released_once_when_the_mappings_close() {
+    let sim = Sim::new(12080);
+    let server = Server::start_env(Some(&sim), &["--worker-registration-grace-secs", "3"], &[]);
+    let mut c = server.client();
+    let rc = TorchRefCounters::new();
+    let (a, b) = (GpuKv::new(), GpuKv::new());
+    // Two instances share one allocation's memory under their own counters (as two shares do).
+    register(
+        &mut c,
+        1,
+        &rc.share(a.descriptors(Kind::Cuda, UUID0_STR), 0),
+    );
+    register(
+        &mut c,
+        2,
+        &rc.share(b.descriptors(Kind::Cuda, UUID0_STR), 10),
+    );
+    assert!(
+        c.store_after(
+            &key(&tokens(61, 256), 256, "s", Some(0)),
+            1,
+            &[(1..=16).collect()],
+            &[]
+        )
+        .unwrap()
+        .ok,
+        "{}",
+        server.log()
+    );
+    for s in (0..LAYERS).chain(10..10 + LAYERS) {
+        assert_eq!(
+            rc.slot(s).load(Ordering::SeqCst),
+            1,
+            "held while registered"
+        );
+    }
+    c.unregister_kv_cache(1).unwrap();
+    rc.wait_released(0..LAYERS, "unregister releases the shares");
+    assert_eq!(
+        rc.slot(10).load(Ordering::SeqCst),
+        1,
+        "the other instance's"
+    );
+    // The reaper (nobody pings) releases the other's; none goes below 0.
+    rc.wait_released(10..10 + LAYERS, "the reaper releases the shares");
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "every mapping closed");
+    assert!((0..20).all(|s| rc.slot(s).load(Ordering::SeqCst) == 0));
+
+    // A counter that is not torch's is refused at registration, with the reason; nothing is
+    // written anywhere.
+    let mut bad = a.descriptors(Kind::Cuda, UUID0_STR);
+    let IpcDescriptor::Cuda { handle, .. } = &mut bad[2] else {
+        unreachable!()
+    };
+    handle.ref_counter = Some(connector_protocol::TorchRefCounter {
+        name: sim.seg.name().as_bytes().to_vec(),
+        offset: 1,
+    });
+    register(&mut c, 3, &bad);
+    server.wait_log("is not torch's /torch_<pid>_<rand>_<n>");
+    sim.assert_clean();
+}
+
+#[test]
+fn pageable_copies_block_the_caller_as_the_driver_documents() {
+    // Pinning fails: every copy is from pageable L1, run by the stand-in inside the call.
+    let sim = Sim::new(12080);
+    sim.inject("cuMemHostRegister_v2", 2, 1);
+    let server = Server::start_env(Some(&sim), &[], &[("CWM_CUDA_COPY", "per-run")]);
+    let c = scattered_round_trip(&sim, &server, UUID0_STR, 71);
+    drop(c);
+    let (pageable, blocking) = (
+        sim.get(off::PAGEABLE_COPIES),
+        sim.get(off::PAGEABLE_BLOCKING),
+    );
+    assert!(pageable > 0, "copies ran from pageable memory");
+    assert_eq!(
+        blocking, pageable,
+        "each of them inside its cuMemcpy*Async call"
+    );
+    assert_eq!(sim.get(off::COPIES_PENDING), 0);
+    sim.assert_clean();
+}
+
+/// A child process standing in for an engine: it owns the events it "exported".
+fn engine_process() -> Child {
+    Command::new("sleep").arg("60").spawn().unwrap()
+}
+
+#[test]
+fn an_engine_that_exits_holding_its_event_fails_the_transfer_by_deadline_and_is_reaped() {
+    let sim = Sim::new(12080);
+    let server = Server::start_env(
+        Some(&sim),
+        &["--worker-registration-grace-secs", "3"],
+        &[("CWM_CUDA_WAIT_SECS", "3")],
+    );
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    let blocks: Vec<u32> = (1..=16).collect();
+    let store = |c: &mut MpClient, id: u64, rid: &str, event: &[u8]| {
+        c.store_after(
+            &key(&tokens(80 + id as u32, 256), 256, rid, Some(0)),
+            id,
+            std::slice::from_ref(&blocks),
+            event,
+        )
+        .unwrap()
+        .ok
+    };
+
+    // The engine exits after cwm imported its event, before the event fired (it would have
+    // fired within the wait budget): the event never fires, the wait ends at its deadline.
+    let mut engine = engine_process();
+    let event = sim.owned_engine_event(Duration::from_millis(1500), engine.id());
+    let opens = sim.get(off::EVENT_OPENS);
+    let waiting = std::thread::scope(|s| {
+        let t = s.spawn(|| store(&mut c, 1, "s", &event));
+        sim.wait_for(off::EVENT_OPENS, opens + 1, "cwm imported the event");
+        engine.kill().unwrap();
+        engine.wait().unwrap();
+        t.join().unwrap()
+    });
+    assert!(!waiting, "a transfer behind a dead engine's event failed");
+    assert!(sim.get(off::DEAD_OWNER_EVENTS) >= 1, "{}", server.log());
+    server.wait_log("the engine died or stalled");
+    assert_eq!(sim.get(off::COPIES_DONE), 0, "nothing was copied");
+
+    // An event whose owner is already gone cannot be opened: that transfer fails at once.
+    sim.set(off::ENGINE_BUSY_UNTIL, 0);
+    let event = sim.owned_engine_event(Duration::ZERO, engine.id());
+    assert!(!store(&mut c, 2, "s2", &event));
+    server.wait_log("cuIpcOpenEventHandle failed");
+    // Nobody pings: the reaper drops both instances and closes the shared mapping.
+    sim.wait_for(off::OPEN_MAPPINGS, 0, "the reaper unmaps the dead engine");
+    assert_eq!(sim.get(off::BLOCKING_WAITS), 0);
+    sim.assert_clean();
+}
+
+/// Store `chunks` 256-token chunks of `kv` (instance `id`, blocks 1..=16) under fresh tokens.
+fn store_chunks(c: &mut MpClient, server: &Server, id: u64, seed: u32, chunks: u32) {
+    for i in 0..chunks {
+        let stored = c
+            .store_after(
+                &key(&tokens(seed + i, 256), 256, &format!("s{i}"), Some(0)),
+                id,
+                &[(1..=16).collect()],
+                &[],
+            )
+            .unwrap();
+        assert!(stored.ok, "store failed: {}", server.log());
+    }
+}
+
+#[test]
+fn pinning_runs_in_the_background_and_never_stalls_a_registration() {
+    let sim = Sim::new(12080);
+    // The driver's pinning takes "forever": the old code pinned inside the first
+    // register_kv_cache, which then never answered (the client timed out).
+    sim.set(off::PIN_HOLD, 1);
+    let server = Server::start(Some(&sim), &[]);
+    let mut c = server.client();
+    let (src, dst) = (GpuKv::new(), GpuKv::new());
+    src.fill(91);
+    register(&mut c, 1, &src.descriptors(Kind::Cuda, UUID0_STR));
+    register(&mut c, 2, &dst.descriptors(Kind::Cuda, UUID0_STR));
+    sim.wait_for(
+        off::PIN_WAITING,
+        1,
+        "the pinning thread waits in the driver",
+    );
+    // Meanwhile transfers copy from pageable memory, byte-exact.
+    let toks = tokens(92, 256);
+    let blocks: Vec<u32> = (1..=16).collect();
+    assert!(
+        c.store_after(
+            &key(&toks, 256, "s", Some(0)),
+            1,
+            std::slice::from_ref(&blocks),
+            &[]
+        )
+        .unwrap()
+        .ok
+    );
+    assert!(
+        c.retrieve_after(
+            &key(&toks, 256, "l", Some(0)),
+            2,
+            std::slice::from_ref(&blocks),
+            &[],
+            0
+        )
+        .unwrap()
+        .ok
+    );
+    assert_eq!(src.block(3, 7), dst.block(3, 7));
+    assert_eq!(sim.get(off::PINNED_BYTES), 0);
+    assert!(sim.get(off::PAGEABLE_COPIES) > 0, "copies from pageable L1");
+    // The driver finishes: all of L1 is pinned, and later copies use it.
+    sim.set(off::PIN_HOLD, 0);
+    sim.wait_for(
+        off::PINNED_BYTES,
+        L1_BYTES,
+        "all of L1 pinned in the background",
+    );
+    server.wait_log("L1 pinned for GPU copies (in the background)");
+    let pageable = sim.get(off::PAGEABLE_COPIES);
+    store_chunks(&mut c, &server, 1, 93, 2);
+    assert_eq!(
+        sim.get(off::PAGEABLE_COPIES),
+        pageable,
+        "every copy from pinned L1"
+    );
+    sim.assert_clean();
+}
+
+#[test]
+fn with_lazy_populate_only_what_l1_uses_is_pinned() {
+    const SMALL_PIECE: u64 = 256 << 10;
+    let sim = Sim::new(12080);
+    let server = Server::start_env(
+        Some(&sim),
+        &["--l1-populate", "lazy"],
+        &[(cwm::ops::PIN_PIECE_ENV, &SMALL_PIECE.to_string())],
+    );
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    kv.fill(95);
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    // Nothing stored: nothing committed, nothing pinned (the old code pinned, and so
+    // committed, all of L1 here).
+    assert_eq!(
+        sim.get(off::PINNED_BYTES),
+        0,
+        "pinned before L1 held anything"
+    );
+    // Four 256 KiB chunks: pinning follows what L1 holds, piece by piece.
+    store_chunks(&mut c, &server, 1, 96, 4);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sim.get(off::PINNED_BYTES) < 2 * SMALL_PIECE {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pinned = sim.get(off::PINNED_BYTES);
+    assert!(
+        pinned <= 4 * SMALL_PIECE,
+        "{pinned} bytes pinned for 1 MiB of objects in a {L1_BYTES}-byte L1"
+    );
+    assert_eq!(pinned % SMALL_PIECE, 0, "whole pieces");
+    sim.assert_clean();
+}
+
+/// Measurement, not a check (BENCHMARKS.md): how long the first GPU registration takes with a
+/// large L1, and how long pinning it takes in the background. `CWM_BENCH_L1_GB` (default 4)
+/// and `CWM_BENCH_POPULATE` (eager or lazy) choose the L1.
+#[test]
+#[ignore = "measurement: run by hand, see BENCHMARKS.md"]
+fn measure_registration_time_with_a_large_l1() {
+    let gb: f64 = std::env::var("CWM_BENCH_L1_GB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
+    let populate = std::env::var("CWM_BENCH_POPULATE").unwrap_or_else(|_| "eager".into());
+    let sim = Sim::new(12080);
+    let t = Instant::now();
+    let server = Server::start_env(
+        Some(&sim),
+        &["--l1-size-gb", &gb.to_string(), "--l1-populate", &populate],
+        &[(cwm::ops::PIN_PIECE_ENV, &(1u64 << 30).to_string())],
+    );
+    let started = t.elapsed();
+    let mut c = server.client();
+    let kv = GpuKv::new();
+    let t = Instant::now();
+    register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
+    let registered = t.elapsed();
+    let l1 = (gb * (1u64 << 30) as f64) as u64;
+    let mut pinned_after = None;
+    if populate == "eager" {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while sim.get(off::PINNED_BYTES) < l1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pinned_after = Some(t.elapsed());
+    }
+    println!(
+        "L1 {gb} GiB ({populate}): sidecar ready in {:.0} ms; register_kv_cache answered in \
+         {:.1} ms; L1 pinned ({} bytes) {} ms after it",
+        started.as_secs_f64() * 1e3,
+        registered.as_secs_f64() * 1e3,
+        sim.get(off::PINNED_BYTES),
+        pinned_after.map_or("-".to_string(), |d| format!("{:.0}", d.as_secs_f64() * 1e3))
+    );
+    for line in server.log().lines().filter(|l| l.contains("pinned")) {
+        println!("{line}");
+    }
+    sim.assert_clean();
+}
+
+/// The real-GPU scripts (tests/gpu/) cannot run here, but they compile, and their sizing
+/// (`--plan`) and argument checks run without torch or a GPU.
+#[test]
+fn gpu_scripts_compile_and_plan_without_a_gpu() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu");
+    let py = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new("python3")
+            .args(args)
+            .current_dir(&dir)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python3 ({e})"))
+    };
+    let out = py(
+        &["-m", "py_compile", "gpu_stress.py", "gpu_roundtrip.py"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = py(&["gpu_stress.py", "--plan"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("65536 tokens"), "{text}");
+    assert!(text.contains("4,194,304 runs per transfer"), "{text}");
+    let out = py(
+        &["gpu_stress.py", "--plan"],
+        &[("CWM_GPU_HND_TOKENS", "100")],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a multiple of 256"));
+    let out = py(&["gpu_stress.py", "--only", "hnd,nope"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+    let out = Command::new("bash")
+        .arg(dir.join("run.sh"))
+        .env_remove("CWM_GPU_TESTS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "run.sh without CWM_GPU_TESTS=1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not run"));
 }

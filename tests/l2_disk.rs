@@ -7,21 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use cwm::client::MpClient;
-use cwm::serve::Sidecar;
 
 const MODEL: &str = "l2-model";
-
-/// Wait until write-behind has written `n` objects to L2.
-fn wait_written(s: &Sidecar, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s.cwm.tiers.stats().write_behind.written < n {
-        assert!(
-            Instant::now() < deadline,
-            "write-behind did not write {n} objects"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn lookup(c: &mut MpClient, t: &[u32], end: u64, rid: &str) -> u64 {
     lookup_hits(c, &key(MODEL, "", t, None, 1, 0, end, rid))

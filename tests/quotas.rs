@@ -183,3 +183,74 @@ fn bad_quota_requests_are_refused_and_change_nothing() {
     assert_eq!(v["quota"]["limit_bytes"].as_u64(), Some(1 << 29), "{v}");
     assert_eq!(v["cache_salt"], "_default");
 }
+
+/// The MCP tools reach the same limits as the HTTP routes, and refuse the same bad input.
+#[test]
+fn quotas_over_mcp_are_the_same_limits_as_over_http() {
+    use common::mcp::call;
+    use serde_json::json;
+
+    let s = sidecar(small_config());
+    let http = Http {
+        rt: runtime(),
+        client: reqwest::Client::new(),
+        base: format!("http://{}", s.http_addr),
+    };
+    let rt = &http.rt;
+    let url = format!("http://{}/mcp", s.http_addr);
+    let m = rt
+        .block_on(cwm::mcp::connect(&url, None))
+        .expect("MCP client connects");
+    let mut c = client(&s);
+    let kv = TestKv::new(Layout::Nhd, 1, 40, 16, 1, 16);
+    kv.fill(5);
+    c.register_kv_cache(1, &kv.descriptors(), MODEL, 1, kv.hint(), &kv.groups())
+        .unwrap();
+    assert!(store(&mut c, "alice", 0));
+    let unit = http.used("alice");
+
+    for (args, why) in [
+        (json!({"cache_salt": "alice", "limit_gb": -1}), "limit_gb"),
+        (
+            json!({"cache_salt": "alice", "limit_gb": 1, "tier": "l2"}),
+            "not enforced",
+        ),
+        (json!({"cache_salt": "a@b", "limit_gb": 1}), "cache_salt"),
+        (json!({"cache_salt": "alice", "limit": 1}), ""),
+    ] {
+        let err = call(rt, &m, "quota_set", args.clone()).expect_err(&format!("{args} refused"));
+        assert!(err.contains(why), "{args}: {err}");
+    }
+    assert_eq!(http.get("/quota").1["quotas"], json!([]), "nothing was set");
+
+    // One chunk's worth, over MCP: enforced on the next stores, visible over HTTP.
+    let limit_gb = unit as f64 / (1u64 << 30) as f64;
+    let set = call(
+        rt,
+        &m,
+        "quota_set",
+        json!({"cache_salt": "alice", "limit_gb": limit_gb}),
+    )
+    .unwrap();
+    assert_eq!(set["limit_bytes"].as_u64(), Some(unit), "{set}");
+    assert_eq!(
+        http.get("/quota/alice").1["quota"]["limit_bytes"].as_u64(),
+        Some(unit)
+    );
+    for seed in 1..3 {
+        assert!(store(&mut c, "alice", seed));
+    }
+    let got = call(rt, &m, "quota_get", json!({"cache_salt": "alice"})).unwrap();
+    assert_eq!(got["usage"]["l1_bytes"].as_u64(), Some(unit), "{got}");
+    assert_eq!(got["usage"]["l1_bytes"].as_u64(), Some(http.used("alice")));
+    let (_, listed) = http.get("/quota");
+    assert_eq!(call(rt, &m, "quota_list", json!({})).unwrap(), listed);
+
+    let deleted = call(rt, &m, "quota_delete", json!({"cache_salt": "alice"})).unwrap();
+    assert_eq!(deleted["quota"], serde_json::Value::Null, "{deleted}");
+    let err = call(rt, &m, "quota_delete", json!({"cache_salt": "alice"})).unwrap_err();
+    assert!(err.contains("no quota of its own"), "{err}");
+    assert!(store(&mut c, "alice", 3));
+    assert_eq!(http.used("alice"), 2 * unit, "the limit is gone");
+    rt.block_on(m.cancel()).unwrap();
+}

@@ -74,6 +74,18 @@ fn l2_records(port: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Acknowledged chunks reach L2 by write-behind: wait until `n` records are there.
+fn wait_for_l2_records(port: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l2_records(port) < n {
+        assert!(
+            Instant::now() < deadline,
+            "write-behind never wrote {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start_line(log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -136,15 +148,7 @@ fn a_registration_survives_kill_9_and_the_next_store_needs_no_re_register() {
         .unwrap()
         .ok
     );
-    // Acknowledged chunks reach L2 by write-behind; wait until they are there.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while l2_records(&http) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "write-behind never wrote 2 records"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_l2_records(&http, 2);
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -400,6 +404,219 @@ fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
     for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(
+            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
+            2,
+            "request {i} after SIGTERM and restart"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Issue 24: the session index is journaled beside L2, so a session stored before a kill -9
+/// can be frozen after it (by its session id alone, with no help from the agent) and thawed
+/// byte for byte.
+#[test]
+fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
+    use common::mcp::call;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let l2 = dir.path().join("l2");
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let http = free_port().to_string();
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(9);
+    let log = dir.path().join("cwm.log");
+    let mut child = serve(&l2, port, &log, &["--http-port", &http]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register_kv(&mut c, MODEL, 7, &kv);
+    // A conversation of two turns: 512 tokens, then 1024.
+    let t = tokens(11, 1024);
+    for (start, end, first, rid) in [(0, 512, 1, "turn1"), (512, 1024, 33, "turn2")] {
+        let k = key(
+            MODEL,
+            "agent",
+            &t[..end as usize],
+            Some(0),
+            1,
+            start,
+            end,
+            rid,
+        );
+        assert!(c.store(&k, 7, &blocks(first, 32)).unwrap().ok, "{rid}");
+    }
+    wait_for_l2_records(&http, 4);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log2 = dir.path().join("cwm2.log");
+    let mut child = serve(&l2, port, &log2, &["--http-port", &http]);
+    let line = start_line(&log2);
+    assert!(line.contains("sessions_restored=1"), "{line}");
+    assert!(line.contains("session_chains_restored=1"), "{line}");
+    let rt = runtime();
+    let m = rt
+        .block_on(cwm::mcp::connect(
+            &format!("http://127.0.0.1:{http}/mcp"),
+            None,
+        ))
+        .expect("MCP client connects");
+    let status = call(&rt, &m, "window_status", json!({"session_id": "agent"})).unwrap();
+    assert!(status.to_string().contains("1024"), "{status}");
+    let frozen = call(
+        &rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "agent", "window_name": "after-crash"}),
+    )
+    .expect("the session is freezable after kill -9");
+    assert_eq!(frozen["window"]["tokens"], 1024, "{frozen}");
+    let thawed = call(
+        &rt,
+        &m,
+        "window_thaw",
+        json!({"window_name": "after-crash", "new_session_id": "agent2"}),
+    )
+    .unwrap();
+    assert_eq!(thawed["tokens_ready"], 1024, "{thawed}");
+
+    let want: Vec<Vec<u8>> = (1..65).map(|b| kv.block(b)).collect();
+    kv.fill_byte(0);
+    let k = key(MODEL, "agent2", &t, Some(0), 1, 0, 1024, "back");
+    assert!(c.retrieve(&k, 7, &blocks(1, 64), 0).unwrap().ok);
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(&kv.block(1 + i as u64), b, "block {}", 1 + i);
+    }
+    rt.block_on(m.cancel()).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+/// A second signal during a slow drain exits at once: L3 is a Redis that accepts connections
+/// and never answers (so write-behind to it waits out its 60 s deadline), SIGTERM starts the
+/// drain, SIGINT while it runs makes cwm exit with status 130 without finishing it (the drain
+/// alone would exit 0, drained or timed out).
+#[test]
+fn a_second_signal_during_a_slow_drain_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis = format!("redis://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn); // accepted, never answered
+        }
+    });
+    let port = free_port();
+    let log = dir.path().join("a.log");
+    let mut child = serve(
+        &dir.path().join("l2"),
+        port,
+        &log,
+        &[
+            "--l3-url",
+            &redis,
+            "--l3-timeout-ms",
+            "60000",
+            "--drain-timeout-secs",
+            "120",
+        ],
+    );
+    let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    c.get_chunk_size().unwrap();
+    let kv = TestKv::new(Layout::Nhd, 4, 40, 16, 4, 64);
+    register_kv(&mut c, MODEL, 1, &kv);
+    for i in 0..4u32 {
+        kv.fill(u64::from(i));
+        let k = key(MODEL, "", &tokens(900 + i, 512), Some(0), 1, 0, 512, "w");
+        assert!(c.store(&k, 1, &blocks(1, 32)).unwrap().ok);
+    }
+    // SAFETY: signalling our own child by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("shutting down")
+    {
+        assert!(Instant::now() < deadline, "no shutdown line after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "cwm finished its drain although L3 never answers"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit after a second signal: {status}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("write-behind drained") && !text.contains("did not drain"),
+        "the drain ended before the second signal: {text}"
+    );
+}
+
+/// Requests a client keeps sending across SIGTERM are answered, none lost with the socket (the
+/// connector never resends: a lost request waits out its timeout, a lost PREPARE_STORE kills an
+/// engine): stores every 20 ms before and for 1.3 s after the signal are all acknowledged; a
+/// heartbeat still busy after 1 s is answered `false` (the connector's degraded mode, so it
+/// stops sending); cwm exits 0 once the client is quiet, and every acknowledged chunk is found
+/// after a restart.
+#[test]
+fn requests_sent_across_sigterm_are_answered_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let l2 = dir.path().join("l2");
+    let kv = TestKv::new(Layout::Nhd, 4, 40, 16, 4, 64);
+    let log = dir.path().join("a.log");
+    let mut child = serve(&l2, port, &log, &[]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    register_kv(&mut c, MODEL, 1, &kv);
+    assert!(c.ping(Some(1)).unwrap());
+    let mut stored = Vec::new();
+    let mut signalled: Option<Instant> = None;
+    while signalled.is_none_or(|s| s.elapsed() < Duration::from_millis(1300)) {
+        let i = stored.len() as u32;
+        if i == 5 {
+            // SAFETY: signalling our own child by its pid.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            signalled = Some(Instant::now());
+        }
+        let t = tokens(700 + i, 512);
+        kv.fill(u64::from(i));
+        let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "w");
+        let reply = c.store(&k, 1, &blocks(1, 32));
+        assert!(
+            reply.as_ref().is_ok_and(|r| r.ok),
+            "store {i}, {:?} after SIGTERM: {reply:?}",
+            signalled.map(|s| s.elapsed())
+        );
+        stored.push(t);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !c.ping(Some(1)).unwrap(),
+        "a heartbeat while stopping and busy is answered false"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("no request for the quiet period"), "{text}");
+    let mut child = serve(&l2, port, &dir.path().join("b.log"), &[]);
+    let mut c = MpClient::connect(&endpoint).unwrap();
+    c.get_chunk_size().unwrap();
+    for (i, t) in stored.iter().enumerate() {
         let rid = format!("r{i}");
         assert_eq!(
             lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),

@@ -584,6 +584,10 @@ fn stdio_forwarder_reaches_the_sidecar() {
         [
             "cache_stats",
             "health",
+            "quota_delete",
+            "quota_get",
+            "quota_list",
+            "quota_set",
             "session_list",
             "window_clone",
             "window_delete",

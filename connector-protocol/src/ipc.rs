@@ -71,6 +71,18 @@ pub struct CudaStorageHandle {
     /// 64-byte `cudaIpcEventHandle_t` to wait on before reading, when `event_sync_required`.
     pub event_handle: Option<[u8; 64]>,
     pub event_sync_required: bool,
+    /// torch's IPC reference counter for this share (`_share_cuda_()` items 4 and 5): the
+    /// producer set it to 1 and keeps the storage's memory parked until it is 0 again; the
+    /// consumer decrements it once when it stops using the memory. `None` when nil.
+    pub ref_counter: Option<TorchRefCounter>,
+}
+
+/// Where torch keeps one share's reference count: the shared-memory object `name` (torch's
+/// `/torch_<pid>_<rand>_<n>`), `int64` slot `offset` after a 64-byte header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorchRefCounter {
+    pub name: Vec<u8>,
+    pub offset: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,10 +388,12 @@ fn decode_cuda_handle(p: &str, raw: &[u8]) -> Result<CudaStorageHandle, DecodeEr
     let storage_size = r.uint(&format!("{p}[2] (storage size)"))?;
     let storage_offset_bytes = r.uint(&format!("{p}[3] (storage offset)"))?;
     let f4 = format!("{p}[4] (ref counter name)");
-    if !r.nil(&f4)? {
-        r.bin(&f4)?;
-    }
-    r.uint(&format!("{p}[5] (ref counter offset)"))?;
+    let ref_name = if r.nil(&f4)? {
+        None
+    } else {
+        Some(r.bin(&f4)?.to_vec())
+    };
+    let ref_offset = r.uint(&format!("{p}[5] (ref counter offset)"))?;
     let f6 = format!("{p}[6] (event handle)");
     let event = if r.nil(&f6)? { None } else { Some(r.bin(&f6)?) };
     let f7 = format!("{p}[7] (event_sync_required)");
@@ -437,14 +451,19 @@ fn decode_cuda_handle(p: &str, raw: &[u8]) -> Result<CudaStorageHandle, DecodeEr
         storage_offset_bytes,
         event_handle,
         event_sync_required,
+        ref_counter: ref_name
+            .filter(|n| !n.is_empty())
+            .map(|name| TorchRefCounter {
+                name,
+                offset: ref_offset,
+            }),
     })
 }
 
 /// Encode a descriptor list exactly as the real client does (key order: `type`, own fields,
 /// `version` (=1), `metadata`; ext8/ext16/ext32 by length). `Unsupported` cannot be encoded
 /// and panics (tests only build supported kinds). The `cuda` handle is encoded as torch 2.14
-/// does: version 3, type 'c' header + 64 bytes; the ref-counter name and offset, which
-/// `CudaStorageHandle` does not keep, are encoded as nil and 0.
+/// does: version 3, type 'c' header + 64 bytes; no ref counter is encoded as nil and 0.
 pub fn encode_descriptor_list(descriptors: &[IpcDescriptor]) -> Vec<u8> {
     let mut out = Vec::new();
     write_array_len(&mut out, descriptors.len());
@@ -488,8 +507,16 @@ fn encode_descriptor(d: &IpcDescriptor) -> Vec<u8> {
             write_bin(&mut out, &storage);
             write_uint(&mut out, handle.storage_size);
             write_uint(&mut out, handle.storage_offset_bytes);
-            out.push(0xc0); // ref counter name
-            write_uint(&mut out, 0); // ref counter offset
+            match &handle.ref_counter {
+                Some(rc) => {
+                    write_bin(&mut out, &rc.name);
+                    write_uint(&mut out, rc.offset);
+                }
+                None => {
+                    out.push(0xc0);
+                    write_uint(&mut out, 0);
+                }
+            }
             match &handle.event_handle {
                 Some(ev) => write_bin(&mut out, ev),
                 None => out.push(0xc0),

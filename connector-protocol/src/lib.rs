@@ -22,7 +22,7 @@ pub mod types;
 pub use error::DecodeError;
 pub use frame::{Reply, Request};
 pub use hash::{ChunkHash, TokenHasher, NONE_HASH};
-pub use ipc::{CudaStorageHandle, IpcDescriptor, TensorMetadata};
+pub use ipc::{CudaStorageHandle, IpcDescriptor, TensorMetadata, TorchRefCounter};
 pub use key::{
     checked_kv_rank, kv_rank, validate_cache_salt, validate_model_name, KeyError, ObjectKey,
 };

@@ -55,6 +55,7 @@ fn cuda_version_3_handles() {
         storage_offset_bytes: 512,
         event_handle,
         event_sync_required,
+        ref_counter: None,
     };
     assert_eq!(
         descs,
@@ -88,6 +89,14 @@ fn cuda_version_2_handle_with_ref_counter() {
     assert_eq!(handle.event_handle, Some(ev()));
     assert!(handle.event_sync_required);
     assert_eq!(metadata.storage_offset, 3 * LAYER);
+    // torch's ref counter (the consumer decrements it when it closes the share).
+    assert_eq!(
+        handle.ref_counter,
+        Some(connector_protocol::TorchRefCounter {
+            name: b"/torch_123_456_0".to_vec(),
+            offset: 7
+        })
+    );
 }
 
 #[test]

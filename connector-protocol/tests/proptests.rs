@@ -133,6 +133,7 @@ fn any_descriptor() -> impl Strategy<Value = IpcDescriptor> {
                     storage_offset_bytes: off,
                     event_handle,
                     event_sync_required,
+                    ref_counter: None,
                 },
                 metadata,
             }

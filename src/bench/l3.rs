@@ -111,6 +111,7 @@ pub fn run(cfg: &L3BenchConfig) -> anyhow::Result<L3Report> {
         timeout: cfg.timeout,
         connections: cfg.connections,
         ttl: Duration::from_secs(3600),
+        sealer: Default::default(),
     })?;
     let mut values = Vec::new();
     for &mib in &cfg.value_mib {

@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::serve::Sidecar;
 use crate::store::disk::storage::FsStorage;
 use crate::store::disk::DiskStore;
+use crate::store::seal::{Sealer, ServerKey};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TiersArgs {
@@ -64,6 +65,10 @@ pub struct TiersArgs {
     /// Skip the window figures (freeze, cold and warm thaw).
     #[arg(long)]
     pub no_window: bool,
+    /// Also measure L2 with its records sealed under this key file (`cwm serve
+    /// --encryption-key-file`): every L2 figure again, as tier `L2 sealed`, in the same sitting.
+    #[arg(long, value_name = "PATH")]
+    pub encryption_key_file: Option<PathBuf>,
     /// Where to write the SVG chart.
     #[arg(long, default_value = "cwm-bench-tiers.svg")]
     pub chart: PathBuf,
@@ -239,8 +244,12 @@ fn sitting(
         lookups: 100,
     };
     let request_bytes = mp_cfg.geometry().object_bytes(args.tokens);
+    let mut l2_variants = vec![("L2", Sealer::default())];
+    if let Some(path) = &args.encryption_key_file {
+        l2_variants.push(("L2 sealed", Sealer::new(Some(ServerKey::load(path)?))));
+    }
     let steps = 3
-        + args.sizes_mib.len()
+        + args.sizes_mib.len() * l2_variants.len()
         + usize::from(args.l3.is_some())
         + usize::from(!args.no_window)
         + 1;
@@ -284,15 +293,19 @@ fn sitting(
         );
     }
 
-    for &size in &args.sizes_mib {
+    for (&size, (tier, sealer)) in args
+        .sizes_mib
+        .iter()
+        .flat_map(|s| l2_variants.iter().map(move |v| (s, v)))
+    {
         progress.step(&format!(
-            "L2: {size} MiB records: write, cold read, warm read"
+            "{tier}: {size} MiB records: write, cold read, warm read"
         ));
-        let l2 = l2_records(root, size << 20, round_bytes, args.rounds.max(1))?;
-        checks.push(l2.check.clone());
+        let l2 = l2_records(root, size << 20, round_bytes, args.rounds.max(1), sealer)?;
+        checks.push(format!("{tier}: {}", l2.check));
         figures.push(
             Figure::new(
-                "L2",
+                tier,
                 "write (encode+compress+append+fsync)",
                 size << 20,
                 l2.bytes,
@@ -302,7 +315,7 @@ fn sitting(
         );
         figures.push(
             Figure::new(
-                "L2",
+                tier,
                 "read cold (disk+verify+decompress)",
                 size << 20,
                 l2.bytes,
@@ -312,7 +325,7 @@ fn sitting(
         );
         figures.push(
             Figure::new(
-                "L2",
+                tier,
                 "read warm (page cache)",
                 size << 20,
                 l2.bytes,
@@ -455,12 +468,13 @@ struct L2Figures {
 /// `rounds` runs of: write `round_bytes` of `value`-byte KV-like records into a fresh L2 store
 /// the way the write-behind does (compress, checksum, append) and fsync; read them all back
 /// with the page cache dropped, then again warm. Every read is checked byte for byte (outside
-/// the timings).
+/// the timings). Records are sealed (and opened) by `sealer` when it has a key.
 fn l2_records(
     root: &std::path::Path,
     value: u64,
     round_bytes: u64,
     rounds: usize,
+    sealer: &Sealer,
 ) -> anyhow::Result<L2Figures> {
     let n = round_bytes.div_ceil(value).max(1) as usize;
     let raw = crate::sample::bf16_normal(value as usize, value);
@@ -474,7 +488,7 @@ fn l2_records(
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&dir);
         let storage = FsStorage::open(&dir).with_context(|| format!("open {}", dir.display()))?;
-        let store = DiskStore::open(storage, disk_cfg.clone())?;
+        let store = DiskStore::open(storage, disk_cfg.clone())?.sealed_with(sealer.clone());
         let keys: Vec<ObjectKey> = (0..n).map(|i| key(value, round, i)).collect();
         let t = Instant::now();
         for k in &keys {
@@ -621,7 +635,12 @@ mod tests {
     /// ones not configured are named, and the chart has a bar per figure.
     #[test]
     fn a_small_sitting_reports_every_tier() {
+        use std::os::unix::fs::PermissionsExt;
         let root = std::env::temp_dir().join(format!("cwm-tiers-test-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let key = root.join("key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let args = TiersArgs {
             sizes_mib: vec![1, 2],
             round_mib: 4,
@@ -630,14 +649,15 @@ mod tests {
             l2_path: Some(root.clone()),
             l3: None,
             no_window: false,
+            encryption_key_file: Some(key),
             chart: root.join("chart.svg"),
             json: false,
         };
         let r = sitting(&args, Machine::detect(), &root).unwrap();
         let _ = std::fs::remove_dir_all(&root);
         let names: Vec<String> = r.figures.iter().map(Figure::label).collect();
-        assert_eq!(r.figures.len(), 2 + 3 * 2 + 3, "{names:?}");
-        for tier in ["L1", "L2", "window"] {
+        assert_eq!(r.figures.len(), 2 + 3 * 2 * 2 + 3, "{names:?}");
+        for tier in ["L1", "L2", "L2 sealed", "window"] {
             assert!(
                 r.figures.iter().any(|f| f.tier == tier),
                 "no {tier} figure: {names:?}"

@@ -13,6 +13,7 @@
 pub mod checksum;
 pub mod cuda;
 pub mod layout;
+pub mod pin_l1;
 pub(crate) mod plan;
 pub mod shm;
 pub mod warm;
@@ -33,13 +34,13 @@ pub use layout::{BlockShape, KvLayout, LayoutError};
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EngineMemError {
     #[error("CUDA unavailable: {0}")]
-    CudaUnavailable(String),
+    CudaUnavailable(cuda::CudaError),
     #[error("CUDA: {0}")]
-    Cuda(String),
+    Cuda(cuda::CudaError),
     /// The GPU did not complete cwm's copies in time: they may still land, so the caller must
     /// never reuse the L1 objects of this transfer (it leaks them).
     #[error("CUDA: {0}")]
-    CopiesRunning(String),
+    CopiesRunning(cuda::CudaError),
     #[error("descriptor kind {0} is not supported")]
     UnsupportedKind(String),
     #[error("shm name {0:?} is not a valid POSIX shm name")]

@@ -42,7 +42,7 @@ pub use register::{GpuStatus, RegisterKvCache, UnregisterKvCache, PIN_PIECE_ENV}
 pub use registry::{ReapPolicy, Registry, Roster};
 pub use transfer::{Retrieve, Store, TransferError};
 
-use crate::engine_mem::cuda::PinnedHost;
+use crate::engine_mem::pin_l1::{L1Pinning, PinScope};
 use crate::session::SessionIndex;
 use crate::store::tiered::Tiers;
 
@@ -54,6 +54,8 @@ pub struct Settings {
     pub reap: ReapPolicy,
     /// An engine-driven prepare not committed within this long is released.
     pub engine_driven_ttl: Duration,
+    /// How much of L1 the GPU path pins (all of it when L1 is committed ahead of use).
+    pub pin_l1: PinScope,
 }
 
 #[derive(Debug, Error)]
@@ -86,18 +88,21 @@ pub struct Cwm {
     pub counters: OpCounters,
     /// Token chains stored per (model, cache_salt), for context windows.
     pub chains: SessionIndex,
-    /// L1 registered with the CUDA driver, done when the first GPU engine registers; the
-    /// error if pinning failed (GPU copies then run from pageable memory, loudly).
-    pub gpu_l1: OnceLock<Result<Arc<PinnedHost>, String>>,
+    /// L1's registration with the CUDA driver, started in the background when the first GPU
+    /// engine registers (GPU copies from what is not pinned yet run from pageable memory).
+    pub gpu_l1: OnceLock<Arc<L1Pinning>>,
     /// Where registrations are journaled (beside L2; none without L2).
     pub journal: OnceLock<journal::Journal>,
     /// Unknown instances whose ping was answered `false` so that they re-register.
     pub prompts: Prompts,
+    /// This `Cwm` (for background work that must not keep it alive).
+    me: std::sync::Weak<Cwm>,
 }
 
 impl Cwm {
     pub fn new(settings: Settings, tiers: Tiers) -> Arc<Cwm> {
-        Arc::new(Cwm {
+        Arc::new_cyclic(|me| Cwm {
+            me: me.clone(),
             hasher: TokenHasher::new(settings.chunk_size),
             settings,
             tiers,

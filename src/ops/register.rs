@@ -13,12 +13,12 @@ use std::sync::Arc;
 use super::command::Command;
 use super::registry::Instance;
 use super::{Cwm, OpError};
-use crate::engine_mem::cuda::{self, pinned, PinnedHost};
+use crate::engine_mem::cuda::{self, PinnedHost};
+use crate::engine_mem::pin_l1;
 use crate::engine_mem::{self, EngineMemory};
 
-/// Tests: register L1 with the driver in pieces of this many bytes instead of 64 GiB, so the
-/// piece-boundary splitting of copies is exercised with a small L1.
-pub const PIN_PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
+/// Tests: register L1 with the driver in pieces of this many bytes instead of 1 GiB.
+pub const PIN_PIECE_ENV: &str = pin_l1::PIECE_ENV;
 
 /// `register_kv_cache`: a worker's KV cache memory, described by IPC descriptors.
 pub struct RegisterKvCache {
@@ -242,9 +242,11 @@ impl Cwm {
 /// The GPU path's state for `/status` and `/metrics`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GpuStatus {
-    /// L1 bytes registered with the CUDA driver (0 before a GPU engine registered).
+    /// L1 bytes registered with the CUDA driver so far (pinning runs in the background after
+    /// the first GPU engine registered; 0 before).
     pub l1_pinned_bytes: u64,
-    /// Why pinning L1 failed, if it did (GPU copies then run from pageable memory).
+    /// Why pinning L1 stopped short, if it did (GPU copies from the rest run from pageable
+    /// memory).
     pub l1_pin_error: Option<String>,
     /// Engine allocations opened over CUDA IPC.
     pub engine_mappings: usize,
@@ -253,8 +255,7 @@ pub struct GpuStatus {
 impl Cwm {
     pub fn gpu_status(&self) -> GpuStatus {
         let (l1_pinned_bytes, l1_pin_error) = match self.gpu_l1.get() {
-            Some(Ok(p)) => (p.len(), None),
-            Some(Err(e)) => (0, Some(e.clone())),
+            Some(p) => (p.pinned_bytes(), p.error().map(str::to_string)),
             None => (0, None),
         };
         GpuStatus {
@@ -264,33 +265,20 @@ impl Cwm {
         }
     }
 
-    /// L1 pinned for GPU copies, registering it on first use. A failure is logged, counted in
-    /// `/status` and `/metrics`, and not retried; copies then run from pageable memory.
+    /// L1 for GPU copies: its pinning starts (in the background, `engine_mem::pin_l1`) when
+    /// the first GPU engine registers; copies use whatever is pinned by then.
     fn pinned_l1(&self, descriptors: &[ipc::IpcDescriptor]) -> Option<Arc<PinnedHost>> {
         // Without a driver, or on a device this host lacks, the registration fails with that
         // reason; nothing to pin. Pinned with the engine's own device (contexts are lazy).
         let device = cuda::engine_device(descriptors).ok()?;
         // A GPU whose context failed is disabled alone: never pin (and cache a failure) with it.
         device.bind().ok()?;
-        let pinned = self.gpu_l1.get_or_init(|| {
+        let pinning = self.gpu_l1.get_or_init(|| {
             let (base, len) = self.tiers.l1_memory();
-            let piece = std::env::var(PIN_PIECE_ENV)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(pinned::MAX_PIECE);
-            match cuda::pin_host(device, base, len, piece) {
-                Ok(p) => {
-                    tracing::info!(bytes = len, pieces = p.pieces(), "L1 pinned for GPU copies");
-                    Ok(Arc::new(p))
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "L1 is NOT pinned, GPU copies will run from pageable memory (slower): {e}"
-                    );
-                    Err(e)
-                }
-            }
+            let me = self.me.clone();
+            let in_use = move || me.upgrade().map_or(0, |c| c.tiers.l1_stats().used_bytes);
+            pin_l1::start(device, base, len, self.settings.pin_l1, in_use)
         });
-        pinned.as_ref().ok().cloned()
+        Some(pinning.host().clone())
     }
 }

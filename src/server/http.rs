@@ -93,8 +93,11 @@ impl HttpServer {
                             tracing::error!("HTTP server stopped: {e}");
                         }
                     });
-                    // Tool calls still running on the blocking pool are not waited for.
-                    runtime.shutdown_background();
+                    // Every task (an MCP session holds the windows, hence L2 and its directory
+                    // lock) is dropped before `stop` returns, so a stopped sidecar's data
+                    // directory is free at once; tool calls still running on the blocking pool
+                    // get a few seconds to finish.
+                    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
                 })?
         };
         tracing::info!(%addr, "cwm serving HTTP: /mcp /metrics /status /healthcheck /cache/*");

@@ -18,14 +18,33 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use connector_protocol::frame::{decode_incoming, Incoming};
-use connector_protocol::Reply;
+use connector_protocol::{Op, Reply};
 
 use crate::ops::{failure_reply, is_transfer, Cwm};
+
+/// The MP port after the stop signal.
+struct Stopping {
+    since: Instant,
+    answered: u64,
+    /// Heartbeats answered `false`.
+    degraded: u64,
+}
 
 /// A received multipart message: routing id, then the client's frames.
 type Message = Vec<Vec<u8>>;
 
 const REPLIES: &str = "inproc://cwm-mp-replies";
+
+/// After the stop signal the MP port closes once no request came for this long (a gap inside
+/// one engine request, e.g. its prefill between lookup and store, is shorter)...
+const STOP_QUIET: Duration = Duration::from_millis(500);
+/// ...and when engines are still busy this long after the signal, their heartbeats are
+/// answered `false`: the connector then enters its degraded mode and stops sending, so the
+/// port can close without a request in flight (its recovery re-registers with the next cwm)...
+const STOP_DEGRADE_AFTER: Duration = Duration::from_secs(1);
+/// ...and it closes this long after the signal in any case (more than one heartbeat interval,
+/// 10 s by default, and its ping timeout).
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 pub struct MpServer {
     ctx: zmq::Context,
@@ -71,7 +90,9 @@ impl MpServer {
         &self.endpoint
     }
 
-    /// Serve until `shutdown` is set. Blocks the calling thread.
+    /// Serve until `shutdown` is set and then no request came for `STOP_QUIET` (at most
+    /// `STOP_GRACE`; heartbeats answered `false` from `STOP_DEGRADE_AFTER`). Blocks the
+    /// calling thread.
     pub fn run(self, cwm: Arc<Cwm>, lanes: usize, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut lane_tx = Vec::new();
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
@@ -92,12 +113,52 @@ impl MpServer {
             self.router.as_poll_item(zmq::POLLIN),
             self.replies.as_poll_item(zmq::POLLIN),
         ];
-        while !shutdown.load(Ordering::Relaxed) {
-            zmq::poll(&mut items_buf, 100)?;
+        // After the stop signal the port keeps answering (STOP_QUIET, STOP_DEGRADE_AFTER,
+        // STOP_GRACE): a request a client sent just before or after the signal is answered
+        // instead of lost with the socket. The connector never resends one: it would wait out
+        // its timeout, and a lost PREPARE_STORE kills an engine.
+        // Engines idle at the signal are not waited for (after one last look at the socket).
+        let mut stop: Option<Stopping> = None;
+        let mut last_request = Instant::now();
+        loop {
+            if shutdown.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let first_look = stop.is_none();
+                let st = stop.get_or_insert(Stopping {
+                    since: now,
+                    answered: 0,
+                    degraded: 0,
+                });
+                let quiet = now.duration_since(last_request) >= STOP_QUIET;
+                if !first_look && (quiet || now.duration_since(st.since) >= STOP_GRACE) {
+                    tracing::info!(
+                        answered_after_stop = st.answered,
+                        heartbeats_answered_false = st.degraded,
+                        ms = now.duration_since(st.since).as_secs_f64() * 1e3,
+                        "MP port closing ({})",
+                        if quiet {
+                            "no request for the quiet period"
+                        } else {
+                            "still busy at the end of the grace period"
+                        }
+                    );
+                    break;
+                }
+            }
+            let timeout = if stop.is_some() { 10 } else { 100 };
+            zmq::poll(&mut items_buf, timeout)?;
             let (router_ready, replies_ready) =
                 (items_buf[0].is_readable(), items_buf[1].is_readable());
             if router_ready {
                 while let Ok(msg) = self.router.recv_multipart(zmq::DONTWAIT) {
+                    last_request = Instant::now();
+                    if let Some(st) = stop.as_mut() {
+                        st.answered += 1;
+                        if st.since.elapsed() >= STOP_DEGRADE_AFTER && self.degrade(&msg) {
+                            st.degraded += 1;
+                            continue;
+                        }
+                    }
                     self.on_message(&cwm, msg, Instant::now(), &lane_tx);
                 }
             }
@@ -122,6 +183,20 @@ impl MpServer {
         }
         self.router.set_linger(1000)?;
         Ok(())
+    }
+
+    /// While stopping: answer a heartbeat `false` (the op's failure value) so its connector
+    /// stops sending. Whether `msg` was one.
+    fn degrade(&self, msg: &Message) -> bool {
+        let frames: Vec<&[u8]> = msg.iter().skip(1).map(Vec::as_slice).collect();
+        match decode_incoming(&frames) {
+            Ok(Incoming::Request(req)) if req.op == Op::Ping => {
+                let reply = Reply::to(&req, failure_reply(&req.op));
+                self.send(reply_frames(&msg[0], &reply));
+                true
+            }
+            _ => false,
+        }
     }
 
     fn on_message(

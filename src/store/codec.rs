@@ -83,6 +83,10 @@ impl Default for CompressionPolicy {
 pub enum CodecError {
     #[error("unknown codec code {0}: known codes are 0 (raw), 1 (zstd), 2 (zstd byte planes)")]
     UnknownCodec(u8),
+    #[error(
+        "the payload is sealed (encryption at rest): it decodes only once opened with its key"
+    )]
+    Sealed,
     #[error("raw payload is {stored} bytes, expected exactly the raw length {expected}")]
     RawLength { stored: usize, expected: usize },
     #[error("{what} does not start with a valid zstd frame header ({len} bytes)")]

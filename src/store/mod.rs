@@ -11,6 +11,7 @@ pub mod le;
 pub mod populate;
 pub mod quota;
 pub mod record;
+pub mod seal;
 pub mod tier;
 pub mod tiered;
 

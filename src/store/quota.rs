@@ -17,7 +17,9 @@ pub const DEFAULT_SALT_NAME: &str = "_default";
 
 /// The tiers a quota can name. Only L1 is enforced so far; the durable tiers are refused with
 /// that reason (issue 24).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum QuotaTier {
     L1,
@@ -39,7 +41,7 @@ struct Limits {
 }
 
 /// One salt's limit as reported.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct QuotaEntry {
     pub cache_salt: String,
     pub tier: QuotaTier,

@@ -1,15 +1,15 @@
 //! The record: one stored object as every tier behind L1 stores it, and as window files carry
-//! it (format version 1, documented in docs/FORMATS.md). Encoded once, by write-behind or a
-//! window freeze, and copied verbatim between tiers and files.
+//! it (format versions 1 and 2, documented in docs/FORMATS.md). Encoded once, by write-behind
+//! or a window freeze, and copied verbatim between tiers and files.
 //!
 //! ```text
 //! offset size field
 //!  0      4   magic "CWMR"
-//!  4      2   format version (u16 LE) = 1
+//!  4      2   format version (u16 LE): 1, or 2 when flags are set
 //!  6      1   codec (0 raw, 1 zstd, 2 zstd byte planes)
 //!  7      1   itemsize of the stored elements (1, 2, 4; the byte-plane split needs 2)
 //!  8      2   key length K (u16 LE)
-//! 10      2   reserved, 0
+//! 10      2   version 1: reserved, 0; version 2: flags (bit 0: sealed)
 //! 12      8   raw length (u64 LE): bytes after decompression
 //! 20      8   stored length S (u64 LE): payload bytes on disk
 //! 28      4   crc32 of the payload
@@ -21,6 +21,11 @@
 //!
 //! A record is valid only if the magic, version, header crc and payload crc all match; a
 //! reader never hands out bytes from a record that fails any check.
+//!
+//! A sealed record (version 2, flag bit 0; `store::seal` owns the cryptography) has the same
+//! header; its payload is the codec's payload encrypted, `nonce ++ ciphertext ++ tag`, and the
+//! payload crc covers those stored bytes, so every check here still runs without the key.
+//! `Record::decode_into` refuses a sealed record: only `seal::Sealer` opens one.
 
 use std::sync::Arc;
 
@@ -31,7 +36,14 @@ use crate::store::codec::{self, Codec, CodecError, CompressionPolicy};
 use crate::store::le::{self, LeReader, PutLe};
 
 pub const MAGIC: [u8; 4] = *b"CWMR";
+/// The version of a record without flags (every record before encryption at rest).
 pub const VERSION: u16 = 1;
+/// The version of a record with flags (a sealed record).
+pub const VERSION_FLAGGED: u16 = 2;
+/// Flag bit: the payload is sealed (`store::seal`).
+pub const FLAG_SEALED: u16 = 1;
+/// Every flag this build knows; a version 2 record with another bit set is refused.
+const FLAGS_KNOWN: u16 = FLAG_SEALED;
 /// Bytes before the key.
 pub const FIXED: usize = 32;
 /// Largest key we write or accept (model + salt + 44 fixed bytes).
@@ -46,7 +58,7 @@ pub enum RecordError {
     Short { offset: u64, have: u64, need: u64 },
     #[error("record at {offset}: bad magic {found:02x?}")]
     Magic { offset: u64, found: [u8; 4] },
-    #[error("record at {offset}: format version {found}, this build reads {VERSION}")]
+    #[error("record at {offset}: format version {found}, this build reads {VERSION} and {VERSION_FLAGGED}")]
     Version { offset: u64, found: u16 },
     #[error("record at {offset}: header checksum mismatch")]
     HeaderCrc { offset: u64 },
@@ -65,6 +77,8 @@ pub struct RecordHeader {
     pub stored_len: u64,
     pub payload_crc: u32,
     pub key: ObjectKey,
+    /// The payload is sealed (version 2, `FLAG_SEALED`): only `seal::Sealer` decodes it.
+    pub sealed: bool,
     /// Bytes of the header (fixed part, key, header crc): the payload starts here.
     pub header_len: u64,
 }
@@ -124,6 +138,19 @@ pub fn encode_header(
     raw_len: u64,
     payload: &[u8],
 ) -> Vec<u8> {
+    encode_header_flagged(key, codec, itemsize, raw_len, payload, 0)
+}
+
+/// `encode_header` with `flags` (`FLAG_SEALED`): version 2 when any is set, else version 1,
+/// byte for byte what `encode_header` writes.
+pub fn encode_header_flagged(
+    key: &ObjectKey,
+    codec: Codec,
+    itemsize: u8,
+    raw_len: u64,
+    payload: &[u8],
+    flags: u16,
+) -> Vec<u8> {
     let mut key_bytes = Vec::with_capacity(48 + key.model.len() + key.cache_salt.len());
     encode_key(key, &mut key_bytes);
     assert!(
@@ -133,11 +160,11 @@ pub fn encode_header(
     );
     let mut h = Vec::with_capacity(FIXED + key_bytes.len() + 4);
     h.extend_from_slice(&MAGIC);
-    h.put_u16(VERSION);
+    h.put_u16(if flags == 0 { VERSION } else { VERSION_FLAGGED });
     h.push(codec.code());
     h.push(itemsize);
     h.put_u16(key_bytes.len() as u16);
-    h.put_u16(0);
+    h.put_u16(flags);
     h.put_u64(raw_len);
     h.put_u64(payload.len() as u64);
     h.put_u32(crc32fast::hash(payload));
@@ -153,6 +180,7 @@ struct Fixed {
     codec: u8,
     itemsize: u8,
     key_len: u16,
+    flags: u16,
     raw_len: u64,
     stored_len: u64,
     payload_crc: u32,
@@ -167,10 +195,8 @@ impl Fixed {
             codec: r.u8()?,
             itemsize: r.u8()?,
             key_len: r.u16()?,
-            raw_len: {
-                r.u16()?; // reserved
-                r.u64()?
-            },
+            flags: r.u16()?,
+            raw_len: r.u64()?,
             stored_len: r.u64()?,
             payload_crc: r.u32()?,
         })
@@ -191,6 +217,7 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
         codec,
         itemsize,
         key_len,
+        flags,
         raw_len,
         stored_len,
         payload_crc,
@@ -218,13 +245,19 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
     let Some(covered) = le::unseal(header) else {
         return Err(RecordError::HeaderCrc { offset });
     };
-    if version != VERSION {
+    if version != VERSION && version != VERSION_FLAGGED {
         return Err(RecordError::Version {
             offset,
             found: version,
         });
     }
     let malformed = |what| RecordError::Malformed { offset, what };
+    // Version 1 never checked its reserved field: it stays ignored there.
+    let flags = if version == VERSION { 0 } else { flags };
+    if flags & !FLAGS_KNOWN != 0 {
+        return Err(malformed("unknown flags"));
+    }
+    let sealed = flags & FLAG_SEALED != 0;
     let codec = Codec::from_code(codec).ok_or(malformed("unknown codec"))?;
     let key = decode_key_bytes(&covered[FIXED..]).ok_or(malformed("bad key"))?;
     if raw_len > MAX_PAYLOAD || stored_len > MAX_PAYLOAD {
@@ -237,6 +270,7 @@ pub fn decode_header(b: &[u8], offset: u64) -> Result<RecordHeader, RecordError>
         stored_len,
         payload_crc,
         key,
+        sealed,
         header_len: header_len as u64,
     })
 }
@@ -265,8 +299,12 @@ impl<'a> Record<'a> {
         Ok(Record { header, payload })
     }
 
-    /// Decompress into `out`, which must be exactly the raw length.
+    /// Decompress into `out`, which must be exactly the raw length. A sealed record is
+    /// refused: `seal::Sealer::decode_into` opens it.
     pub fn decode_into(&self, out: &mut [u8]) -> Result<(), CodecError> {
+        if self.header.sealed {
+            return Err(CodecError::Sealed);
+        }
         codec::decompress(self.header.codec, self.payload, out)
     }
 }
@@ -287,11 +325,12 @@ pub fn verify_payload(h: &RecordHeader, payload: &[u8], offset: u64) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn key(salt: &str) -> ObjectKey {
+    /// A record key under `salt` (also `seal`'s tests').
+    pub(crate) fn key(salt: &str) -> ObjectKey {
         ObjectKey {
             model: "meta/Llama".into(),
             kv_rank: 0x02010201,
@@ -394,6 +433,37 @@ mod tests {
             decode_header(&long_key, 0),
             Err(RecordError::Malformed { .. })
         ));
+    }
+
+    /// Version 2 carries flags: `FLAG_SEALED` is read, an unknown bit refused; version 1's
+    /// reserved field stays ignored (a record the v1 fixtures' writer could have set).
+    #[test]
+    fn flags_of_version_2_and_the_reserved_field_of_version_1() {
+        let reseal = |mut h: Vec<u8>| {
+            let n = h.len() - 4;
+            let crc = crc32fast::hash(&h[..n]);
+            h[n..].copy_from_slice(&crc.to_le_bytes());
+            h
+        };
+        let sealed = encode_header_flagged(&key("s"), Codec::Raw, 2, 3, b"abc", FLAG_SEALED);
+        assert_eq!(&sealed[4..6], &VERSION_FLAGGED.to_le_bytes());
+        assert!(decode_header(&sealed, 0).unwrap().sealed);
+        let mut unknown = sealed.clone();
+        unknown[10] = 0b10;
+        assert!(matches!(
+            decode_header(&reseal(unknown), 0),
+            Err(RecordError::Malformed {
+                what: "unknown flags",
+                ..
+            })
+        ));
+        let mut v1 = encode_header(&key("s"), Codec::Raw, 2, 3, b"abc");
+        assert_eq!(
+            v1,
+            encode_header_flagged(&key("s"), Codec::Raw, 2, 3, b"abc", 0)
+        );
+        v1[10] = 0xff;
+        assert!(!decode_header(&reseal(v1), 0).unwrap().sealed);
     }
 
     proptest! {

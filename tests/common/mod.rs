@@ -57,6 +57,18 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Wait until write-behind has written `n` objects to the tiers behind L1.
+pub fn wait_written(s: &Sidecar, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.cwm.tiers.stats().write_behind.written < n {
+        assert!(
+            Instant::now() < deadline,
+            "write-behind did not write {n} objects"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn client(s: &Sidecar) -> MpClient {
     MpClient::connect(&s.mp_endpoint).expect("connect")
 }
@@ -260,6 +272,7 @@ pub fn register_cuda(c: &mut MpClient, id: u64, model: &str) {
         storage_offset_bytes: 0,
         event_handle: None,
         event_sync_required: false,
+        ref_counter: None,
     };
     c.register_kv_cache(
         id,

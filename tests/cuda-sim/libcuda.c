@@ -27,6 +27,16 @@
  *   copy from or to registered host memory on a device where it is 0 is a violation (the
  *   driver's illegal-address error).
  * - cuStreamDestroy returns at once (queued work still runs, as in the driver).
+ * - A cuMemcpy{DtoH,HtoD}Async with pageable (unregistered) host memory blocks the caller until
+ *   the stream's earlier work and the copy itself are done (the driver documents pageable copies
+ *   as synchronous); counted in `pageable_blocking`.
+ * - cuMemHostRegister costs what the driver's does: it commits every page of the range
+ *   (MADV_POPULATE_WRITE, as pinning faults each page in); and it waits while the test holds
+ *   `pin_hold` non-zero (counting the waiting call in `pin_waiting`), so a test can see who
+ *   stalls behind pinning.
+ * - An engine event handle may name its owner process (bytes 16..20, a pid; 0: none). Opening
+ *   it after the owner exited fails (CUDA_ERROR_INVALID_HANDLE); an event whose owner exits
+ *   before it fired never fires (`dead_owner_events` counts such events seen).
  * - An exported event destroyed by cwm is marked in `exported_done` (2); using a destroyed
  *   event inside cwm is a violation.
  *
@@ -43,6 +53,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -92,6 +103,11 @@ struct sim_state {
     uint64_t ctx_retains[4];       /* 8752 */
     uint64_t ctx_flags[4];         /* 8784 */
     uint64_t batch_max_seen;       /* 8816 */
+    uint64_t pageable_blocking;    /* 8824 */
+    uint64_t pin_hold;             /* 8832 */
+    uint64_t pin_waiting;          /* 8840 */
+    uint64_t event_opens;          /* 8848 */
+    uint64_t dead_owner_events;    /* 8856 */
 };
 
 static struct sim_state *S;
@@ -173,7 +189,10 @@ static int touches(struct region *l, uintptr_t p, size_t n) {
 }
 
 /* ---- events and streams ---- */
-struct event { int engine; uint64_t fire_at; int done; int flags; long slot; int destroyed; void *ctx; };
+struct event { int engine; uint64_t fire_at; int done; int flags; long slot; int destroyed; void *ctx; int owner; int owner_dead; };
+
+/* Whether `pid` (an engine event's owner; 0: none) has exited. */
+static int owner_gone(int pid) { return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH; }
 enum { OP_WAIT, OP_COPY, OP_RECORD };
 struct op { int kind; uint64_t fire_at; void *dst; const void *src; size_t n; uintptr_t dev; struct event *ev; struct op *next; };
 struct stream { pthread_t th; pthread_mutex_t m; pthread_cond_t c; struct op *head, *tail; int busy, stop; void *ctx; };
@@ -413,7 +432,11 @@ CUresult cuEventQuery(struct event *e) {
     if (destroyed_event(e, "cuEventQuery")) return INVALID_HANDLE;
     if (wrong_ctx(e->ctx, "event of device %llu queried with device %llu's context current")) return INVALID_CONTEXT;
     if (e->engine) {
-        if (now_ns() < e->fire_at) return NOT_READY;
+        if (!e->owner_dead && owner_gone(e->owner)) {
+            e->owner_dead = 1; /* died before its event fired (or it would have been seen) */
+            ADD(dead_owner_events, 1);
+        }
+        if (e->owner_dead || now_ns() < e->fire_at) return NOT_READY;
         ADD(engine_waits, 1);
         return OK;
     }
@@ -446,11 +469,16 @@ CUresult cuIpcGetEventHandle(CUipcEventHandle *h, struct event *e) {
 CUresult cuIpcOpenEventHandle(struct event **out, CUipcEventHandle h) {
     ENTER("cuIpcOpenEventHandle", 1);
     if (memcmp(h.reserved, "CWMSIMEV", 8) != 0) return INVALID_HANDLE;
+    uint32_t owner;
+    memcpy(&owner, h.reserved + 16, 4);
+    if (owner_gone((int)owner)) return INVALID_HANDLE; /* its exporter is gone */
     struct event *e = calloc(1, sizeof *e);
     e->engine = 1;
     e->slot = -1;
     e->ctx = current_ctx;
+    e->owner = (int)owner;
     memcpy(&e->fire_at, h.reserved + 8, 8);
+    ADD(event_opens, 1);
     *out = e;
     return OK;
 }
@@ -532,6 +560,16 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
 CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
     ENTER("cuMemHostRegister_v2", 1);
     if (flags != 1) return INVALID_VALUE; /* PORTABLE only: never write-combined */
+    if (GET(pin_hold)) {
+        ADD(pin_waiting, 1);
+        while (GET(pin_hold)) usleep(1000);
+        __atomic_sub_fetch(&S->pin_waiting, 1, __ATOMIC_SEQ_CST);
+    }
+    /* Pinning faults in and commits every page of the range (MADV_POPULATE_WRITE, Linux 5.14;
+       changes no byte); older kernels: a read per page. */
+    uintptr_t page = (uintptr_t)p & ~(uintptr_t)4095;
+    if (madvise((void *)page, n + ((uintptr_t)p - page), 23) != 0)
+        for (size_t i = 0; i < n; i += 4096) (void)*(volatile const char *)((const char *)p + i);
     pthread_mutex_lock(&G);
     if (touches(registered, (uintptr_t)p, n)) { pthread_mutex_unlock(&G); return HOST_MEMORY_ALREADY_REGISTERED; }
     struct region *r = calloc(1, sizeof *r);
@@ -566,15 +604,28 @@ static CUresult enqueue_copy(void *dst, const void *src, size_t n, uintptr_t dev
     push(s, o);
     return OK;
 }
+/* A copy with pageable host memory runs in the caller, after the stream's earlier work. */
+static CUresult async_copy(void *dst, const void *src, size_t n, uintptr_t dev, uintptr_t host, struct stream *s) {
+    pthread_mutex_lock(&G);
+    int pageable = !touches(registered, host, n);
+    pthread_mutex_unlock(&G);
+    if (!pageable) return enqueue_copy(dst, src, n, dev, s);
+    drain(s);
+    struct op o = {.kind = OP_COPY, .dst = dst, .src = src, .n = n, .dev = dev};
+    ADD(copies_pending, 1);
+    run_copy(&o);
+    ADD(pageable_blocking, 1);
+    return OK;
+}
 CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, struct stream *s) {
     ENTER("cuMemcpyDtoHAsync_v2", 1);
     if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
-    return enqueue_copy(dst, (const void *)(uintptr_t)src, n, (uintptr_t)src, s);
+    return async_copy(dst, (const void *)(uintptr_t)src, n, (uintptr_t)src, (uintptr_t)dst, s);
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, struct stream *s) {
     ENTER("cuMemcpyHtoDAsync_v2", 1);
     if (wrong_ctx(s->ctx, "stream of device %llu used with device %llu's context current")) return INVALID_CONTEXT;
-    return enqueue_copy((void *)(uintptr_t)dst, src, n, (uintptr_t)dst, s);
+    return async_copy((void *)(uintptr_t)dst, src, n, (uintptr_t)dst, (uintptr_t)src, s);
 }
 /* CUmemcpyAttributes (12.8): srcAccessOrder, srcLocHint {type, id}, dstLocHint, flags. */
 struct memcpy_attrs { int src_access_order; int src_loc[2]; int dst_loc[2]; unsigned flags; };

@@ -102,6 +102,23 @@ class Server:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
+    def signal(self, sig, timeout: float = 60.0):
+        """Send `sig` to the server's process group and wait for it to exit; its exit status
+        (None if it outlived `timeout` and was killed)."""
+        p, self.proc = self.proc, None
+        if p is None:
+            return None
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -178,49 +195,79 @@ class EngineFailed(RuntimeError):
     pass
 
 
-def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> dict:
-    """Run vllm_engine.py with `plan` in its own process; return its result (whatever steps were
-    done). Raises EngineFailed (with the log tail) if it did not finish; the partial result is in
-    the exception's .result."""
-    plan_path = os.path.join(out_dir, f"{name}.plan.json")
-    res_path = os.path.join(out_dir, f"{name}.result.json")
-    log_path = os.path.join(out_dir, f"{name}.log")
-    with open(plan_path, "w") as f:
-        json.dump(plan, f)
-    if os.path.exists(res_path):
-        os.remove(res_path)
-    env = engine_env_for(dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1"))
-    t0 = time.time()
-    with open(log_path, "w") as logf:
-        p = subprocess.Popen([PY, os.path.join(HERE, "vllm_engine.py"), plan_path, res_path],
-                             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True)
+class EngineRun:
+    """vllm_engine.py running `plan` in its own process (its own session), started by
+    start_engine; wait() collects its result."""
+
+    def __init__(self, plan: dict, out_dir: str, name: str):
+        self.plan, self.name = plan, name
+        self.res_path = os.path.join(out_dir, f"{name}.result.json")
+        self.log_path = os.path.join(out_dir, f"{name}.log")
+        plan_path = os.path.join(out_dir, f"{name}.plan.json")
+        with open(plan_path, "w") as f:
+            json.dump(plan, f)
+        if os.path.exists(self.res_path):
+            os.remove(self.res_path)
+        env = engine_env_for(dict(os.environ, LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1"))
+        self.t0 = time.time()
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(
+                [PY, os.path.join(HERE, "vllm_engine.py"), plan_path, self.res_path],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self):
         try:
-            rc = p.wait(timeout)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> dict:
+        """Wait for the engine to exit (killed after `timeout`); its result. Raises EngineFailed
+        (with the log tail) if it did not finish; the partial result is in the exception's
+        .result."""
+        p = self.proc
+        try:
+            rc = p.wait(max(1.0, timeout - (time.time() - self.t0)))
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             rc = f"killed after {timeout:.0f} s"
-    # vLLM's engine-core and worker processes are in the engine's session; make sure none is
-    # left holding a core or the shared-memory KV cache.
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    remove_dead_kv_shm(t0)
-    result = {}
-    if os.path.exists(res_path):
-        with open(res_path) as f:
-            result = json.load(f)
-    result["wall_s"] = time.time() - t0
-    result["log"] = log_path
-    if rc != 0 or not result.get("done"):
-        e = EngineFailed(f"engine {name!r} did not finish (exit {rc}, "
-                         f"{len(result.get('steps', []))} of {len(plan['steps'])} steps done); "
-                         f"log {log_path}; last lines:\n{interesting_tail(log_path)}")
-        e.result = result
-        raise e
-    return result
+        # vLLM's engine-core and worker processes are in the engine's session; make sure none
+        # is left holding a core or the shared-memory KV cache.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        remove_dead_kv_shm(self.t0)
+        result = {}
+        if os.path.exists(self.res_path):
+            with open(self.res_path) as f:
+                result = json.load(f)
+        result["wall_s"] = time.time() - self.t0
+        result["log"] = self.log_path
+        if rc != 0 or not result.get("done"):
+            e = EngineFailed(f"engine {self.name!r} did not finish (exit {rc}, "
+                             f"{len(result.get('steps', []))} of {len(self.plan['steps'])} steps "
+                             f"done); log {self.log_path}; last lines:\n"
+                             f"{interesting_tail(self.log_path)}")
+            e.result = result
+            raise e
+        return result
+
+
+def start_engine(plan: dict, out_dir: str, name: str) -> EngineRun:
+    return EngineRun(plan, out_dir, name)
+
+
+def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> dict:
+    """Run vllm_engine.py with `plan` in its own process; return its result (whatever steps were
+    done). Raises EngineFailed (with the log tail) if it did not finish; the partial result is in
+    the exception's .result."""
+    return start_engine(plan, out_dir, name).wait(timeout)
 
 
 def remove_dead_kv_shm(since: float) -> None:
@@ -253,3 +300,27 @@ def interesting_tail(log_path: str, n: int = 30) -> str:
         return str(e)
     keep = [ln for ln in lines if ln.strip() and "it/s]" not in ln and "Completed |" not in ln]
     return "\n".join(keep[-n:])
+
+
+def metrics(http_port: int) -> dict:
+    """cwm's /metrics as {name: value summed over its labels, and name{labels}: value}; {} when
+    cwm does not answer."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name = sample.split("{", 1)[0]
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        out[name] = out.get(name, 0.0) + v
+        if sample != name:
+            out[sample] = v
+    return out

@@ -2,15 +2,21 @@
 `LMCacheConnectorV1` builds from `remote_url: "lm://host:port"` (`CreateConnector`, with a real
 LocalCPUBackend on real torch, as inside vLLM). Put, exists, get byte-exact with the metadata the
 client allocates from; a cwm restart between put and get (found again in L2); clients at once;
-malformed and truncated frames dropped with the server and its other clients unharmed.
+malformed and truncated frames dropped with the server and its other clients unharmed. Then
+LMCache's in-process engine (lmcache_engine.py: LMCacheEngine as LMCacheConnectorV1 builds it,
+remote_url at cwm) in two processes: the second hits the first one's prompt, byte for byte.
 
     .venv/bin/python -m pytest -c pytest.ini lm_remote.py   (run.sh does this)
 """
 import asyncio
+import json
+import os
 import socket
+import subprocess
 import threading
 import time
 import traceback
+import urllib.request
 
 import pytest
 import torch
@@ -83,9 +89,17 @@ def check_get(c: Connector, key, want):
 class Cwm:
     def __init__(self, d):
         self.lm_port = E.free_port()
+        self.http_port = E.free_port()
         self.srv = E.cwm_server(str(d / "cwm.log"), l1_gb=0.5, l2_path=str(d / "l2"),
-                                extra=["--lm-port", str(self.lm_port), "--http-port", str(E.free_port()),
+                                extra=["--lm-port", str(self.lm_port), "--http-port", str(self.http_port),
                                        "--no-engine-driven"])
+
+    def metrics(self) -> dict:
+        """cwm's /metrics counters, `name{labels}` -> value."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return {name: float(value) for name, _, value in
+                (ln.rpartition(" ") for ln in lines if ln and not ln.startswith("#"))}
 
     def start(self):
         self.srv.start()
@@ -205,3 +219,80 @@ def test_malformed_and_truncated_frames_drop_only_their_client(cwm):
     assert not c.exists(KEYS[1][0]), "a truncated PUT stored something"
     check_get(c, key, kept)
     c.close()
+
+
+# --- LMCache's in-process engine, two processes ------------------------------------------------
+# What LMCacheConnectorV1 runs in a vLLM worker (LMCacheEngine, from LMCACHE_* settings with
+# remote_url at cwm), in two processes one after the other: the second hits the first one's
+# prompt. Not a vLLM engine: on vLLM-CPU LMCache has no connector to copy KV with (see
+# lmcache_engine.py's header; test_lmcache_has_no_vllm_connector_on_this_cpu pins it).
+
+ENGINE_TIMEOUT = 300
+FULL = 1024                             # lmcache_engine.py's prompt: 4 full chunks of 256
+
+
+def lmcache_engine(what: str, lm_port: int, out) -> dict:
+    """Run lmcache_engine.py `what` (store | fetch) in its own process; its result."""
+    result, log = out / f"engine-{what}.json", out / f"engine-{what}.log"
+    env = dict(os.environ, LMCACHE_DISABLE_BANNER="1",
+               LMCACHE_REMOTE_URL=f"lm://127.0.0.1:{lm_port}", LMCACHE_REMOTE_SERDE="naive",
+               LMCACHE_CHUNK_SIZE="256", LMCACHE_LOCAL_CPU="False",
+               LMCACHE_MAX_LOCAL_CPU_SIZE="0.5",
+               # LMCache's default prefix hash is Python's hash(): processes sharing a remote
+               # need the same seed (LMCache's own warning says so).
+               PYTHONHASHSEED="0")
+    with open(log, "w") as f:
+        p = subprocess.run([E.PY, os.path.join(E.HERE, "lmcache_engine.py"), what, str(result)],
+                           stdout=f, stderr=subprocess.STDOUT, env=env, timeout=ENGINE_TIMEOUT)
+    assert p.returncode == 0 and result.exists(), (
+        f"lmcache_engine.py {what} failed (exit {p.returncode}); log {log}:\n{E.tail(str(log), 25)}")
+    with open(result) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def two_engines(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engines")
+    c = Cwm(d).start()
+    try:
+        m0 = c.metrics()
+        a = lmcache_engine("store", c.lm_port, d)
+        m1 = c.metrics()
+        b = lmcache_engine("fetch", c.lm_port, d)
+        m2 = c.metrics()
+        assert c.srv.alive(), f"cwm died:\n{E.tail(c.srv.log)}"
+    finally:
+        c.srv.stop()
+    delta = lambda x, y, name: y.get(name, 0) - x.get(name, 0)   # noqa: E731
+    yield {"A": a, "B": b, "during_A": {n: delta(m0, m1, n) for n in m2},
+           "during_B": {n: delta(m1, m2, n) for n in m2}}
+
+
+STORED, RETRIEVED = "cwm_stored_objects_total", "cwm_retrieved_objects_total"
+EXISTS = 'cwm_ops_total{op="lm_exist"}'
+
+
+def test_second_engine_process_hits_the_first_ones_prompt(two_engines):
+    a, b = two_engines["A"], two_engines["B"]
+    assert not a["local_cpu"] and b["remote_url"].startswith("lm://"), a
+    assert a["lookup_after_store"] == FULL, f"engine A's prompt never showed up in cwm: {a}"
+    assert two_engines["during_A"][STORED] == FULL // 256, two_engines["during_A"]
+    assert b["lookup_P"] == FULL, f"engine B's lookup found {b['lookup_P']} of {FULL} tokens"
+    assert b["retrieved_tokens"] == FULL, b
+    during_b = two_engines["during_B"]
+    assert during_b[RETRIEVED] == FULL // 256 and during_b[EXISTS] > 0, (
+        f"cwm did not serve engine B's hits: {during_b[RETRIEVED]} objects retrieved, "
+        f"{during_b[EXISTS]} EXISTs")
+    assert b["digests"] == a["digests"], "engine B got other KV bytes than engine A stored"
+
+
+def test_an_unstored_prompt_gets_no_hits(two_engines):
+    assert two_engines["B"]["lookup_N"] == 0, two_engines["B"]
+
+
+def test_lmcache_has_no_vllm_connector_on_this_cpu(two_engines):
+    """Why the engines above are not vLLM engines. When this fails, LMCache has gained a way to
+    copy vLLM-CPU's KV: replace them by vLLM engines with LMCacheConnectorV1 (issue 26)."""
+    assert "No supported cpu connector found" in two_engines["A"]["vllm_connector"], (
+        f"LMCache's CreateGPUConnector for vLLM now gives {two_engines['A']['vllm_connector']!r} "
+        "here: test a real vLLM engine with LMCacheConnectorV1 against cwm instead")

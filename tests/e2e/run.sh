@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The vLLM end-to-end tests: set up the venv, then run e2e_vllm.py once per transfer mode, each
-# with a real vLLM CPU engine (two or three engine processes) against `cwm serve`; then
+# with a real vLLM CPU engine (two or three engine processes) against `cwm serve`, and
+# e2e_restart.py (one engine kept up while cwm is killed, kept down and stopped); then
 # lmcache_bench.py: LMCache's own `lmcache bench server` against `cwm serve`, both modes; then
-# lm_remote.py: LMCache's `lm://` remote connector against `cwm serve --lm-port`.
+# lm_remote.py: LMCache's `lm://` remote connector and in-process engine against
+# `cwm serve --lm-port`.
 #
 #   tests/e2e/run.sh [pytest args...]
 #
@@ -75,14 +77,24 @@ for entry in ${CWM_E2E_MODES:-lmcache_driven default@avx2}; do
     rc=$?
     if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
     summary+=("mode $mode (ISA $isa): $word in $((SECONDS - t0)) s")
+    # The restart story (issue 20): one engine kept up while its server is killed, kept down
+    # and stopped with SIGTERM.
+    echo "==== e2e: restart story, vLLM + ${CWM_E2E_SERVER:-cwm}, transfer mode $mode, ISA $isa ===="
+    t0=$SECONDS
+    (cd "$HERE" && CWM_E2E_MODE="$mode" CWM_E2E_ISA="$isa" "$HERE/.venv/bin/python" -m pytest \
+        -c "$HERE/pytest.ini" --rootdir "$HERE" -s "$HERE/e2e_restart.py" "$@")
+    rc=$?
+    if [[ $rc -eq 0 ]]; then word=passed; else word="FAILED (pytest exit $rc)"; failed=1; fi
+    summary+=("restart story, mode $mode (ISA $isa): $word in $((SECONDS - t0)) s")
 done
 
 if [[ "${CWM_E2E_SERVER:-cwm}" == "cwm" ]]; then
     # LMCache's own `lmcache bench server` (mock CPU worker, checksums over HTTP) against cwm.
     pytest_step "lmcache bench server" lmcache_bench.py
     # LMCache's own lm:// remote connector (LMCacheConnectorV1's remote_url, with a real
-    # LocalCPUBackend) against `cwm serve --lm-port`.
-    pytest_step "lm:// remote connector" lm_remote.py
+    # LocalCPUBackend) against `cwm serve --lm-port`, and its in-process engine in two processes
+    # (the second hits the first one's prompt).
+    pytest_step "lm:// remote connector and in-process engine" lm_remote.py
 fi
 
 # Smoke run of benches/vs_lmcache.sh: one short ABBA round, ratios printed, never asserted

@@ -13,7 +13,10 @@ PLAN.json:
      "steps": [{"op": "generate", "name": "cold", "prompt": "P", "salt": "alice",
                 "max_tokens": 8},
                {"op": "reset"}, {"op": "tamper", "shm": "cwm_l1_..."},
-               {"op": "kv_poison"}, {"op": "kv_digest", "name": "kv_cold"}, ...]}
+               {"op": "kv_poison"}, {"op": "kv_digest", "name": "kv_cold"},
+               {"op": "barrier", "name": "kill9"},   # needs "barrier_dir" in the plan
+               {"op": "probe_stored", "name": "resume", "prompts": [...], "salt": "s",
+                "chunk": 256, "interval_s": 1, "deadline_s": 60}, ...]}
 
 RESULT.json gets, per generate step: the output token ids, the logprob of each sampled token,
 RequestOutput.num_cached_tokens, the change of vLLM's own prefix-cache counters over the step
@@ -22,7 +25,9 @@ vLLM's own block pool) and its wall time; per reset step whether reset_prefix_ca
 per tamper step (the e2e suite's sensitivity check) how many bf16 values of cwm's L1 pool it
 altered; per kv_poison step that it filled every block of vLLM's KV cache with a pattern; per
 kv_digest step a digest of every block (all layers) holding neither zeros nor that pattern, so
-the bytes an external hit wrote can be compared with the bytes vLLM computed, free of rounding.
+the bytes an external hit wrote can be compared with the bytes vLLM computed, free of rounding;
+per barrier step when the test driving the engine let it go on (it restarts the server meanwhile);
+per probe_stored step when the first of a series of fresh prompts was stored (e2e_restart.py).
 It also records the CPU and the ISA torch dispatches to.
 The file is rewritten after every step, so a crash still leaves what was done.
 """
@@ -102,6 +107,7 @@ def generate(llm, prompt_ids, salt, max_tokens):
     if salt is not None:
         prompt["cache_salt"] = salt
     before = counters(llm)
+    started_at = time.time()
     t0 = time.perf_counter()
     (out,) = llm.generate([prompt], sp, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -118,6 +124,7 @@ def generate(llm, prompt_ids, salt, max_tokens):
         "num_cached_tokens": out.num_cached_tokens,
         "delta": {k: after[k] - before[k] for k in COUNTERS},
         "wall_s": wall,
+        "started_at": started_at,
     }
     m = getattr(out, "metrics", None)
     for f in ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts", "arrival_time",
@@ -247,6 +254,47 @@ def tamper(shm_name: str) -> dict:
     return {"values_flipped": flipped}
 
 
+def barrier(plan: dict, name: str, timeout: float) -> dict:
+    """Wait for the test driving this engine: write <barrier_dir>/<name>.reached, then wait for
+    <name>.go (the driver kills or restarts the server in between). The go file's JSON is
+    returned with the step."""
+    d = plan["barrier_dir"]
+    reached = time.time()
+    with open(os.path.join(d, f"{name}.reached.tmp"), "w") as f:
+        json.dump({"at": reached}, f)
+    os.replace(os.path.join(d, f"{name}.reached.tmp"), os.path.join(d, f"{name}.reached"))
+    go = os.path.join(d, f"{name}.go")
+    while not os.path.exists(go):
+        if time.time() - reached > timeout:
+            raise TimeoutError(f"barrier {name!r}: no {go} within {timeout:.0f} s")
+        time.sleep(0.05)
+    with open(go) as f:
+        return {"reached_at": reached, "go_at": time.time(), "driver": json.load(f)}
+
+
+def probe_stored(llm, plan: dict, step: dict) -> dict:
+    """Until a prompt is stored: a fresh prompt, reset_prefix_cache(), the same prompt again; it
+    was stored when the second one gets every full chunk externally. Each try uses the next of
+    `prompts` and starts `interval_s` after the one before; gives up after `deadline_s`.
+    stored_at: when the stored try's first request started (wall clock)."""
+    t0, tries = time.time(), []
+    for i, name in enumerate(step["prompts"]):
+        time.sleep(max(0.0, t0 + i * float(step["interval_s"]) - time.time()))
+        ids = plan["prompts"][name]
+        first = generate(llm, ids, step["salt"], 1)
+        reset(llm, 30)
+        again = generate(llm, ids, step["salt"], 1)
+        reset(llm, 30)
+        full = len(ids) // step["chunk"] * step["chunk"]
+        tries.append({"prompt": name, "started_at": first["started_at"],
+                      "external_hits": again["delta"]["vllm:external_prefix_cache_hits"]})
+        if tries[-1]["external_hits"] == full:
+            return {"stored_at": first["started_at"], "tries": tries}
+        if time.time() - t0 > float(step["deadline_s"]):
+            break
+    return {"stored_at": None, "tries": tries}
+
+
 def main() -> int:
     plan_path, result_path = sys.argv[1], sys.argv[2]
     with open(plan_path) as f:
@@ -286,6 +334,10 @@ def main() -> int:
             r = kv_op(llm, _kv_poison)
         elif op == "kv_digest":
             r = kv_op(llm, _kv_digest)
+        elif op == "barrier":
+            r = barrier(plan, step["name"], float(step.get("timeout", 300)))
+        elif op == "probe_stored":
+            r = probe_stored(llm, plan, step)
         elif op == "sleep":
             time.sleep(float(step["seconds"]))
             r = {}

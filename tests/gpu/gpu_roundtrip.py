@@ -2,7 +2,7 @@
 
 A Llama-3.1-8B-shaped KV cache (32 layers of vLLM 0.33's per-layer [NB, 16, 8, 256] bf16 views of
 one allocation) is registered with `cwm serve` through LMCache 0.5.6's own client and descriptor
-wrappers (`CudaIPCWrapper`, `RawCudaIPCWrapper`) with torch CUDA tensors. For each descriptor
+wrapper (`CudaIPCWrapper`; `cuda_raw` is refused at registration) with torch CUDA tensors. For each descriptor
 kind: a 4096-token request is stored with the engine's interprocess event, looked up, retrieved
 into other blocks of another allocation and compared bit for bit; then store and retrieve are timed
 against a plain device<->pinned-host copy of the same bytes (torch `copy_`, i.e. cuMemcpyAsync).
@@ -20,7 +20,7 @@ import torch
 from lmcache.v1.multiprocess.custom_types import IPCCacheServerKey
 from lmcache.v1.multiprocess.group_view import EngineGroupInfo
 from lmcache.v1.multiprocess.transport.factory import RequestClientFactory
-from lmcache.v1.platform.devices.cuda.ipc_wrapper import CudaIPCWrapper, RawCudaIPCWrapper
+from lmcache.v1.platform.devices.cuda.ipc_wrapper import CudaIPCWrapper
 from lmcache.utils import EngineType
 
 LAYERS, BS, NH, C = 32, 16, 8, 256        # C = K and V of 128 each, fused (vLLM 0.33)
@@ -91,7 +91,8 @@ def main():
         d2h = timed(lambda: host.copy_(dev, non_blocking=True))
         h2d = timed(lambda: dev.copy_(host, non_blocking=True))
         groups = [EngineGroupInfo(engine_group_id=0, layer_indices=tuple(range(LAYERS)), tokens_per_block=BS)]
-        for n, (kind, wrap) in enumerate([("cuda", CudaIPCWrapper), ("cuda_raw", RawCudaIPCWrapper)]):
+        # cuda_raw is refused at registration (its isolated-IPC events cannot be served): cuda only.
+        for n, (kind, wrap) in enumerate([("cuda", CudaIPCWrapper)]):
             src = torch.randn(LAYERS, NB, BS, NH, C, device="cuda").to(torch.bfloat16)
             dst = torch.zeros_like(src)
             for iid, kv in ((10 * n + 1, src), (10 * n + 2, dst)):

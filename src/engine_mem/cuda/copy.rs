@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use cudarc::driver::sys;
 
 use super::driver::{check, Device, Driver};
+use super::error::CudaError;
 
 /// Most copies handed to one `cuMemcpyBatchAsync` call. A 256-token chunk of a 32-layer model
 /// in vLLM's NHD layout is ~1k runs, so one call per chunk at most; far below the 51,828 at
@@ -122,7 +123,7 @@ pub(super) fn enqueue(
     dir: Direction,
     runs: &[Run],
     max_batch: Option<usize>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<CudaError>, CudaError> {
     let Some(max) = max_batch else {
         return enqueue_runs(stream, dir, runs).map(|_| None);
     };
@@ -137,7 +138,7 @@ pub(super) fn enqueue(
 }
 
 /// One `cuMemcpy*Async` per run.
-fn enqueue_runs(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), String> {
+fn enqueue_runs(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), CudaError> {
     for r in runs {
         // SAFETY: `r.dev` lies inside an engine mapping and `r.host` inside an L1 object that
         // the caller keeps alive (and does not reuse) until the stream completed; `stream` is
@@ -157,7 +158,7 @@ fn enqueue_runs(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(
     Ok(())
 }
 
-fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), String> {
+fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<(), CudaError> {
     let host = runs.iter().map(|r| r.host as sys::CUdeviceptr);
     let dev = runs.iter().map(|r| r.dev);
     let (mut dsts, mut srcs): (Vec<sys::CUdeviceptr>, Vec<sys::CUdeviceptr>) = match dir {
@@ -188,7 +189,10 @@ fn enqueue_batch(stream: sys::CUstream, dir: Direction, runs: &[Run]) -> Result<
             stream,
         )
     };
-    check(r, "cuMemcpyBatchAsync").map_err(|e| format!("{e} (copy {fail})"))
+    check(r, "cuMemcpyBatchAsync").map_err(|e| CudaError::BatchCopy {
+        index: fail,
+        source: Box::new(e),
+    })
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys::{self, CUresult};
 
+use super::error::CudaError;
+
 /// Oldest driver cwm accepts (the `_v2` entry points and `cuMemHostRegister` flags it uses).
 pub const MIN_DRIVER: i32 = 12000;
 /// First driver with `cuMemcpyBatchAsync`.
@@ -36,7 +38,7 @@ pub struct Device {
     pub host_pointer_for_registered_mem: bool,
     dev: sys::CUdevice,
     /// The primary context, retained on first use; an error disables this device only.
-    ctx: OnceLock<Result<Context, String>>,
+    ctx: OnceLock<Result<Context, CudaError>>,
 }
 
 #[derive(Clone, Copy)]
@@ -51,7 +53,7 @@ unsafe impl Sync for Context {}
 impl Device {
     /// Make this device's primary context current on the calling thread, retaining it first
     /// if no thread did yet.
-    pub fn bind(&self) -> Result<(), String> {
+    pub fn bind(&self) -> Result<(), CudaError> {
         let ctx = self.context()?;
         // SAFETY: `ctx` was returned by cuDevicePrimaryCtxRetain and is never released while
         // the process runs, so it is a live context handle.
@@ -60,21 +62,19 @@ impl Device {
 
     /// Whether this device's context was retained (an engine on it registered), and if that
     /// failed, why.
-    pub fn context_state(&self) -> Option<Result<(), String>> {
+    pub fn context_state(&self) -> Option<Result<(), CudaError>> {
         self.ctx
             .get()
             .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
     }
 
-    fn context(&self) -> Result<Context, String> {
+    fn context(&self) -> Result<Context, CudaError> {
         self.ctx
             .get_or_init(|| {
-                let r = retain_primary(self.dev).map_err(|e| {
-                    format!(
-                        "GPU {} ({}) is disabled for this run: {e}; engines on other GPUs are \
-                         served",
-                        self.ordinal, self.uuid
-                    )
+                let r = retain_primary(self.dev).map_err(|e| CudaError::DeviceDisabled {
+                    ordinal: self.ordinal,
+                    uuid: self.uuid.clone(),
+                    source: Box::new(e),
                 });
                 match &r {
                     Ok(_) => tracing::info!(device = self.ordinal, "retained the GPU's context"),
@@ -87,7 +87,7 @@ impl Device {
 }
 
 /// Set `BLOCKING_SYNC` on the device's primary context, then retain it.
-fn retain_primary(dev: sys::CUdevice) -> Result<Context, String> {
+fn retain_primary(dev: sys::CUdevice) -> Result<Context, CudaError> {
     // SAFETY: `dev` came from cuDeviceGet; setting the primary context's flags takes no
     // pointers. Since CUDA 11 it also succeeds when the context is already active.
     let flags = check(
@@ -120,38 +120,32 @@ impl Driver {
     }
 
     /// The local device with this UUID (as LMCache writes it, `GPU-` prefix tolerated).
-    pub fn device_by_uuid(&self, uuid: &str) -> Result<&Device, String> {
+    pub fn device_by_uuid(&self, uuid: &str) -> Result<&Device, CudaError> {
         let want = uuid
             .strip_prefix("GPU-")
             .unwrap_or(uuid)
             .to_ascii_lowercase();
-        self.devices.iter().find(|d| d.uuid == want).ok_or_else(|| {
-            let seen: Vec<&str> = self.devices.iter().map(|d| d.uuid.as_str()).collect();
-            format!(
-                "device UUID {uuid:?} not found among this host's GPUs {seen:?}: cwm must run on \
-                 the engine's host and see its GPU (check CUDA_VISIBLE_DEVICES and the \
-                 container's --gpus)"
-            )
-        })
+        self.devices
+            .iter()
+            .find(|d| d.uuid == want)
+            .ok_or_else(|| CudaError::UnknownDevice {
+                uuid: uuid.to_string(),
+                seen: self.devices.iter().map(|d| d.uuid.clone()).collect(),
+            })
     }
 }
 
 /// The driver, loaded on first call; the same error every time if it cannot be.
-pub fn driver() -> Result<&'static Driver, String> {
-    static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
+pub fn driver() -> Result<&'static Driver, CudaError> {
+    static DRIVER: OnceLock<Result<Driver, CudaError>> = OnceLock::new();
     DRIVER.get_or_init(load).as_ref().map_err(Clone::clone)
 }
 
-fn load() -> Result<Driver, String> {
+fn load() -> Result<Driver, CudaError> {
     // cudarc panics on a missing library, so look first.
     // SAFETY: only tries to load libcuda (dlopen); calls nothing in it.
     if !unsafe { sys::is_culib_present() } {
-        return Err(
-            "no CUDA driver: libcuda.so was not found (install the NVIDIA driver, or \
-                    run cwm where the engine's GPUs are visible; in a container use the NVIDIA \
-                    container toolkit)"
-                .to_string(),
-        );
+        return Err(CudaError::NoDriver);
     }
     // SAFETY: libcuda is present (checked above, so cudarc's loader does not panic) and
     // `cuInit` is the first call. The same holds for every driver call below and in
@@ -164,11 +158,10 @@ fn load() -> Result<Driver, String> {
         "cuDriverGetVersion",
     )?;
     if version < MIN_DRIVER {
-        return Err(format!(
-            "CUDA driver {} is too old: cwm needs {} or newer (upgrade the NVIDIA driver)",
-            version_str(version),
-            version_str(MIN_DRIVER)
-        ));
+        return Err(CudaError::DriverTooOld {
+            found: version,
+            need: MIN_DRIVER,
+        });
     }
     let mut count = 0;
     check(
@@ -180,7 +173,7 @@ fn load() -> Result<Driver, String> {
     Ok(Driver { version, devices })
 }
 
-fn open_device(ordinal: i32) -> Result<Device, String> {
+fn open_device(ordinal: i32) -> Result<Device, CudaError> {
     let mut dev = 0;
     check(
         // SAFETY: called from `load` after `cuInit`, with `ordinal` below the device count.
@@ -252,7 +245,7 @@ pub fn uuid_str(b: &[u8; 16]) -> String {
 }
 
 /// `Ok` on `CUDA_SUCCESS`, else an error naming the call and the driver's reason.
-pub fn check(r: CUresult, what: &str) -> Result<(), String> {
+pub fn check(r: CUresult, what: &'static str) -> Result<(), CudaError> {
     if r == CUresult::CUDA_SUCCESS {
         return Ok(());
     }
@@ -267,7 +260,11 @@ pub fn check(r: CUresult, what: &str) -> Result<(), String> {
         } else {
             String::new()
         };
-    Err(format!("{what} failed: {r:?} ({}) {text}", r as i32))
+    Err(CudaError::Call {
+        call: what,
+        code: r,
+        text,
+    })
 }
 
 #[cfg(test)]

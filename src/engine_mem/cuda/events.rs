@@ -14,6 +14,7 @@
 use cudarc::driver::sys;
 
 use super::driver::check;
+use super::error::CudaError;
 use super::wait::{self, WaitError};
 
 /// Length of an `isolated_ipc` timeline-semaphore handle (`!B64sQQ`).
@@ -55,13 +56,7 @@ pub(super) fn wait_engine(handle: &[u8]) -> Result<(), WaitError> {
                 sys::cuEventQuery(ev.0)
             })
         }
-        SEMAPHORE_HANDLE => Err(WaitError::Failed(
-            "the engine sent an isolated_ipc timeline-semaphore event (81 bytes), which cwm \
-             does not support yet: use the default CUDA IPC mode (lmcache.mp.isolated_ipc off)"
-                .to_string(),
-        )),
-        n => Err(WaitError::Failed(format!(
-            "event_ipc_handle of {n} bytes: expected 64 (cudaIpcEventHandle_t) or empty"
-        ))),
+        SEMAPHORE_HANDLE => Err(WaitError::Failed(CudaError::SemaphoreEvent)),
+        n => Err(WaitError::Failed(CudaError::EventHandleLength(n))),
     }
 }

@@ -9,6 +9,7 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 use super::driver::{check, Device};
+use super::error::CudaError;
 
 type Key = (i32, [u8; 64]);
 
@@ -36,7 +37,7 @@ impl MappingRef {
     }
 
     /// Open (or share) the allocation behind `handle` on `device`.
-    pub fn open(device: &'static Device, handle: &[u8; 64]) -> Result<MappingRef, String> {
+    pub fn open(device: &'static Device, handle: &[u8; 64]) -> Result<MappingRef, CudaError> {
         let key = (device.ordinal, *handle);
         let mut open = OPEN.lock();
         let open = open.get_or_insert_with(HashMap::new);
@@ -76,9 +77,7 @@ impl MappingRef {
         if base != ptr {
             // SAFETY: as above: opened here, not yet shared, closed once.
             unsafe { sys::cuIpcCloseMemHandle(ptr) };
-            return Err(format!(
-                "cuIpcOpenMemHandle returned {ptr:#x}, inside an allocation starting at {base:#x}"
-            ));
+            return Err(CudaError::NotAllocationStart { ptr, base });
         }
         open.insert(
             key,

@@ -16,9 +16,11 @@
 
 pub mod copy;
 pub mod driver;
+pub mod error;
 pub mod events;
 pub mod mapping;
 pub mod pinned;
+pub mod ref_counter;
 pub mod wait;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +32,10 @@ use parking_lot::Mutex;
 
 pub use copy::{Batching, Direction, Run};
 use driver::{check, Device};
+pub use error::CudaError;
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
+use ref_counter::RefCounter;
 use wait::WaitError;
 
 use super::checksum::Checksums;
@@ -141,11 +145,7 @@ impl EngineMemory for CudaKv {
     }
 
     fn checksums(&self, _: &[u32], _: usize, _: bool) -> Result<Checksums, EngineMemError> {
-        Err(EngineMemError::Cuda(
-            "checksums of GPU memory are not supported (cwm does not read engine memory on the \
-             CPU)"
-                .to_string(),
-        ))
+        Err(EngineMemError::Cuda(CudaError::NoChecksums))
     }
 }
 
@@ -157,11 +157,13 @@ pub struct CudaEngine {
     /// A batch call failed once: this instance copies per run from then on.
     batch_failed: AtomicBool,
     /// Why this instance no longer transfers (a wait expired).
-    broken: OnceLock<String>,
+    broken: OnceLock<CudaError>,
     /// cwm's own copies did not complete in time: leak the stream and mappings on drop.
     copies_running: AtomicBool,
     pinned: Option<Arc<PinnedHost>>,
     mappings: Vec<MappingRef>,
+    /// torch's IPC ref counters of the descriptors, released once the mappings are closed.
+    ref_counters: Vec<RefCounter>,
 }
 
 struct Stream(sys::CUstream);
@@ -176,8 +178,8 @@ impl CudaEngine {
     }
 
     /// Why this instance no longer transfers, if it does not.
-    pub fn broken(&self) -> Option<&str> {
-        self.broken.get().map(String::as_str)
+    pub fn broken(&self) -> Option<&CudaError> {
+        self.broken.get()
     }
 
     /// Wait until the engine's `event` completed, copy `runs`, wait until they completed, and
@@ -189,9 +191,9 @@ impl CudaEngine {
         mut runs: Vec<Run>,
     ) -> Result<Vec<u8>, EngineMemError> {
         if let Some(why) = self.broken() {
-            return Err(EngineMemError::Cuda(format!(
-                "this instance is broken ({why}); re-register it"
-            )));
+            return Err(EngineMemError::Cuda(CudaError::Broken(Box::new(
+                why.clone(),
+            ))));
         }
         copy::coalesce(&mut runs);
         if let Some(p) = &self.pinned {
@@ -241,7 +243,7 @@ impl CudaEngine {
             return Err(EngineMemError::CopiesRunning(e));
         }
         enqueued.map_err(EngineMemError::Cuda)?;
-        completed.map_err(|e| EngineMemError::Cuda(e.message()))?;
+        completed.map_err(|e| EngineMemError::Cuda(e.error()))?;
         Ok(Vec::new())
     }
 
@@ -255,7 +257,7 @@ impl CudaEngine {
                     "{e}: the engine died or stalled; this instance is broken (nothing was \
                      copied) and is unmapped when it unregisters or is reaped"
                 );
-                EngineMemError::Cuda(format!("{e}; the instance is now broken"))
+                EngineMemError::Cuda(CudaError::NowBroken(Box::new(e)))
             }
             WaitError::Failed(e) => EngineMemError::Cuda(e),
         }
@@ -276,6 +278,7 @@ impl Drop for CudaEngine {
                     device = self.device.ordinal,
                     "copies still running at unregister: the engine mappings stay open"
                 );
+                // Nor are torch's ref counters released: the memory is still in use.
                 std::mem::forget(std::mem::take(&mut self.mappings));
                 return;
             }
@@ -283,6 +286,9 @@ impl Drop for CudaEngine {
         // SAFETY: the stream is live and destroyed only here; queued work (none, unless
         // copies_running) still completes after the call, as the driver documents.
         unsafe { sys::cuStreamDestroy_v2(self.stream.get_mut().0) };
+        // As torch's consumer does: close the mappings, then release the shares.
+        drop(std::mem::take(&mut self.mappings));
+        ref_counter::release_all(&self.ref_counters);
     }
 }
 
@@ -291,13 +297,23 @@ fn open<'a>(
     descriptors: &'a [IpcDescriptor],
     pinned: Option<Arc<PinnedHost>>,
 ) -> Result<Opened<'a>, EngineMemError> {
-    let cuda = |e: String| EngineMemError::Cuda(e);
+    let cuda = EngineMemError::Cuda;
     let drv = driver::driver().map_err(EngineMemError::CudaUnavailable)?;
     let mut device: Option<&'static Device> = None;
     let mut mappings: Vec<MappingRef> = Vec::new();
     let mut layer_base = Vec::with_capacity(descriptors.len());
     let mut layer_limit = Vec::with_capacity(descriptors.len());
     let mut metadata = Vec::with_capacity(descriptors.len());
+    let mut ref_counters = Vec::new();
+    for (layer, d) in descriptors.iter().enumerate() {
+        if let IpcDescriptor::Cuda { handle, .. } = d {
+            if let Some(rc) = &handle.ref_counter {
+                let rc = RefCounter::parse(rc)
+                    .map_err(|source| cuda(CudaError::BadRefCounter { layer, source }))?;
+                ref_counters.push(rc);
+            }
+        }
+    }
     for (layer, d) in descriptors.iter().enumerate() {
         let (handle, offset, limit, m) = match d {
             IpcDescriptor::Cuda { handle, metadata } => (
@@ -311,11 +327,11 @@ fn open<'a>(
         let dev = drv.device_by_uuid(&m.device_uuid).map_err(cuda)?;
         match device {
             Some(first) if first.ordinal != dev.ordinal => {
-                return Err(cuda(format!(
-                    "layer {layer} is on GPU {} but layer 0 on GPU {}: one instance must \
-                     register one device",
-                    dev.ordinal, first.ordinal
-                )))
+                return Err(cuda(CudaError::MixedDevices {
+                    layer,
+                    device: dev.ordinal,
+                    first: first.ordinal,
+                }))
             }
             _ => device = Some(dev),
         }
@@ -331,16 +347,18 @@ fn open<'a>(
         };
         let mr = &mappings[idx];
         if offset.checked_add(limit).is_none_or(|end| end > mr.size) {
-            return Err(cuda(format!(
-                "layer {layer}: bytes [{offset}, +{limit}) lie outside its {}-byte allocation",
-                mr.size
-            )));
+            return Err(cuda(CudaError::OutsideAllocation {
+                layer,
+                offset,
+                limit,
+                size: mr.size,
+            }));
         }
         layer_base.push((mr.base + offset) as usize);
         layer_limit.push(limit);
         metadata.push(m);
     }
-    let device = device.ok_or_else(|| cuda("no layers registered".to_string()))?;
+    let device = device.ok_or(cuda(CudaError::NoLayers))?;
     if let Some(d) = descriptors.first() {
         sync_registration_event(device, d).map_err(cuda)?;
     }
@@ -364,6 +382,7 @@ fn open<'a>(
             copies_running: AtomicBool::new(false),
             pinned,
             mappings,
+            ref_counters,
         },
         layer_base,
         layer_limit,
@@ -373,7 +392,7 @@ fn open<'a>(
 
 /// A `cuda` handle's producer event (torch's `event_sync_required`): waited on once, now,
 /// with the same deadline as a transfer's.
-fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), String> {
+fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), CudaError> {
     let IpcDescriptor::Cuda { handle, .. } = d else {
         return Ok(());
     };
@@ -381,27 +400,15 @@ fn sync_registration_event(device: &Device, d: &IpcDescriptor) -> Result<(), Str
         return Ok(());
     };
     device.bind()?;
-    events::wait_engine(ev).map_err(|e| format!("the registration's event: {}", e.message()))
+    events::wait_engine(ev).map_err(|e| CudaError::RegistrationEvent(Box::new(e.error())))
 }
 
 /// The GPU an engine's descriptors name (their first layer's device UUID).
-pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, String> {
+pub fn engine_device(descriptors: &[IpcDescriptor]) -> Result<&'static Device, CudaError> {
     let drv = driver::driver()?;
     let uuid = match descriptors.first() {
         Some(IpcDescriptor::Cuda { metadata, .. }) => &metadata.device_uuid,
-        _ => return Err("no GPU descriptors".to_string()),
+        _ => return Err(CudaError::NoGpuDescriptors),
     };
     drv.device_by_uuid(uuid)
-}
-
-/// Pin `[base, base + len)` (the L1 arena) with `device`'s context (the first GPU an engine
-/// registered on; the registration is PORTABLE, so every context sees it). `piece` is the
-/// registration size (`pinned::MAX_PIECE` in production).
-pub fn pin_host(
-    device: &'static Device,
-    base: *mut u8,
-    len: u64,
-    piece: u64,
-) -> Result<PinnedHost, String> {
-    PinnedHost::register(device, base, len, piece)
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys::CUresult;
 
 use super::driver::check;
+use super::error::CudaError;
 
 /// Seconds a transfer may wait for the engine's event, and then for its own copies.
 pub const WAIT_ENV: &str = "CWM_CUDA_WAIT_SECS";
@@ -40,23 +41,23 @@ pub fn budget() -> Duration {
 /// Why a wait ended without completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitError {
-    /// Still not complete at the deadline.
-    Expired(String),
+    /// Still not complete at the deadline (`CudaError::Timeout`).
+    Expired(CudaError),
     /// The driver reported an error.
-    Failed(String),
+    Failed(CudaError),
 }
 
 impl WaitError {
-    pub fn message(self) -> String {
+    pub fn error(self) -> CudaError {
         match self {
-            WaitError::Expired(m) | WaitError::Failed(m) => m,
+            WaitError::Expired(e) | WaitError::Failed(e) => e,
         }
     }
 }
 
 /// Poll `query` until it stops answering `CUDA_ERROR_NOT_READY`, for at most `budget`.
 pub fn poll(
-    what: &str,
+    what: &'static str,
     budget: Duration,
     mut query: impl FnMut() -> CUresult,
 ) -> Result<(), WaitError> {
@@ -68,10 +69,10 @@ pub fn poll(
             r => return check(r, what).map_err(WaitError::Failed),
         }
         if Instant::now() >= deadline {
-            return Err(WaitError::Expired(format!(
-                "{what}: not complete after {:.1} s ({WAIT_ENV})",
-                budget.as_secs_f64()
-            )));
+            return Err(WaitError::Expired(CudaError::Timeout {
+                what,
+                budget_ms: budget.as_millis() as u64,
+            }));
         }
         std::thread::sleep(nap);
         nap = (nap * 2).min(MAX_NAP);
@@ -98,7 +99,20 @@ mod tests {
         let r = poll("q", Duration::from_millis(20), || {
             CUresult::CUDA_ERROR_NOT_READY
         });
-        assert!(matches!(r, Err(WaitError::Expired(m)) if m.contains("not complete")));
+        let Err(WaitError::Expired(e)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            e,
+            CudaError::Timeout {
+                what: "q",
+                budget_ms: 20
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("q: not complete after 0.0 s ({WAIT_ENV})")
+        );
         // (A driver error is described by the driver itself: cuda_sim covers that path.)
     }
 }

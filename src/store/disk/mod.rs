@@ -31,7 +31,8 @@ use thiserror::Error;
 
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
-use crate::store::record::{self, decode_header, Record, RecordError};
+use crate::store::record::{decode_header, Record, RecordError};
+use crate::store::seal::{SealError, Sealer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -68,6 +69,8 @@ pub enum DiskError {
     Length { want: u64, found: u64 },
     #[error("corrupt payload: {0}")]
     Codec(#[from] codec::CodecError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("checkpoint: {0}")]
     Checkpoint(&'static str),
 }
@@ -125,6 +128,8 @@ pub struct DiskStats {
 pub struct DiskStore<S: Storage> {
     storage: S,
     config: DiskConfig,
+    /// Seals what `write` encodes and opens what `read` decodes (`store::seal`).
+    sealer: Sealer,
     state: Mutex<State<S::File>>,
     /// Held across every disk write (append, fsync on the write path, segment rotation and
     /// reclaim, clear): one writer at a time, while `state` is only ever held for bookkeeping.
@@ -134,6 +139,11 @@ pub struct DiskStore<S: Storage> {
 }
 
 impl<S: Storage> DiskStore<S> {
+    /// Seal the records `write` encodes, open sealed ones on `read` (`--encryption-key-file`).
+    pub fn sealed_with(mut self, sealer: Sealer) -> Self {
+        self.sealer = sealer;
+        self
+    }
     pub fn contains(&self, key: &ObjectKey) -> bool {
         self.state.lock().index.contains_key(key)
     }
@@ -153,7 +163,9 @@ impl<S: Storage> DiskStore<S> {
         if self.contains(key) {
             return Ok(());
         }
-        let record = record::encode(key, raw, itemsize, self.config.compression);
+        let record = self
+            .sealer
+            .encode(key, raw, itemsize, self.config.compression);
         self.append_record(key, &record)
     }
 
@@ -250,7 +262,7 @@ impl<S: Storage> DiskStore<S> {
         let mut itemsize = 0;
         self.read_with(key, Some(out.len() as u64), |record, _| {
             itemsize = record.header.itemsize;
-            Ok(record.decode_into(out)?)
+            Ok(self.sealer.decode_into(record, out)?)
         })?;
         Ok(itemsize)
     }

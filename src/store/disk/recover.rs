@@ -13,6 +13,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::storage::{SegmentFile, Storage};
 use super::{DiskConfig, DiskCounters, DiskError, DiskStore, Location, SegmentState, State};
 use crate::store::record::{self, decode_header};
+use crate::store::seal::Sealer;
 
 impl<S: Storage> DiskStore<S> {
     /// Open the store: load the checkpoint, scan every segment forward from where the
@@ -125,6 +126,7 @@ impl<S: Storage> DiskStore<S> {
         let store = DiskStore {
             storage,
             config,
+            sealer: Sealer::default(),
             state: Mutex::new(state),
             writer: Mutex::new(()),
             counters,

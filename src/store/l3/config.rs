@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::store::seal::Sealer;
+
 /// Which stored chunks write-behind pushes to L3. Frozen windows are always pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WritePolicy {
@@ -51,6 +53,8 @@ pub struct L3Config {
     pub connections: usize,
     /// TTL of cache chunks (windows have none), so `volatile-lru` evicts cache before windows.
     pub ttl: Duration,
+    /// Seals the records L3 encodes and opens the sealed values it reads (`store::seal`).
+    pub sealer: Sealer,
 }
 
 impl std::fmt::Debug for L3Config {
@@ -64,6 +68,7 @@ impl std::fmt::Debug for L3Config {
             .field("timeout", &self.timeout)
             .field("connections", &self.connections)
             .field("ttl", &self.ttl)
+            .field("sealer", &self.sealer)
             .finish()
     }
 }
@@ -150,6 +155,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             connections: 1,
             ttl: Duration::from_secs(1),
+            sealer: Sealer::default(),
         }
     }
 

@@ -181,16 +181,17 @@ impl L3 {
             Reservation::Present => return Fetched::Resident,
             Reservation::NoSpace => return Fetched::NoSpace,
         };
-        if r.header.codec == Codec::Raw {
+        if r.header.codec == Codec::Raw && !r.header.sealed {
             // A raw payload (verified by `parse`) goes straight in.
             if r.payload.len() as u64 != r.header.raw_len {
                 return self.corrupt(key, "raw payload length differs from the raw length");
             }
             object.copy_from_slice(r.payload);
         } else {
-            // Decoded into private memory first: no reference may cover pool pages.
+            // Decoded (and opened, if sealed) into private memory first: no reference may
+            // cover pool pages.
             let mut raw = vec![0; r.header.raw_len as usize];
-            if let Err(e) = r.decode_into(&mut raw) {
+            if let Err(e) = self.config.sealer.decode_into(&r, &mut raw) {
                 return self.corrupt(key, &e.to_string());
             }
             object.copy_from_slice(&raw);

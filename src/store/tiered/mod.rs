@@ -32,7 +32,7 @@ use super::l3::config::L3Config;
 use super::l3::{L3Error, L3};
 use super::populate::{self, L1Populate};
 use super::quota::Quotas;
-use super::record;
+use super::seal::Sealer;
 use super::tier::{Fetched, Presence, RecordInfo, Tier, TierError, WindowCatalog};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
 
@@ -66,6 +66,8 @@ pub struct TiersConfig {
     pub l3: Option<L3Config>,
     /// Bytes of committed objects the write-behind queue may hold before it drops work.
     pub write_queue_bytes: u64,
+    /// Seals every record written behind L1, opens them when read (`store::seal`).
+    pub sealer: Sealer,
 }
 
 #[derive(Debug, Error)]
@@ -125,6 +127,7 @@ pub struct Tiers {
     /// The fleet's window catalog, when a tier behind L1 keeps one (`Tier::window_catalog`).
     window_catalog: Option<Arc<dyn WindowCatalog>>,
     compression: CompressionPolicy,
+    sealer: Sealer,
     write_behind: WriteBehindQueue,
 }
 
@@ -154,13 +157,33 @@ impl Tiers {
             .l2
             .as_ref()
             .map_or_else(CompressionPolicy::default, |l2| l2.disk.compression);
+        // Every tier seals what it is given to keep and opens what it reads with the tiers'
+        // sealer.
+        let sealer = &config.sealer;
         let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
-        lower.extend(config.l2.as_ref().map(open_disk).transpose()?);
-        lower.extend(config.l3.clone().map(L3::open).transpose()?.map(|t| t as _));
+        lower.extend(
+            config
+                .l2
+                .as_ref()
+                .map(|c| open_disk(c, sealer))
+                .transpose()?,
+        );
+        lower.extend(
+            (config.l3.clone())
+                .map(|c| {
+                    L3::open(L3Config {
+                        sealer: sealer.clone(),
+                        ..c
+                    })
+                })
+                .transpose()?
+                .map(|t| t as _),
+        );
         Ok(Tiers::with_tiers(
             l1,
             lower,
             compression,
+            sealer.clone(),
             config.write_queue_bytes,
         ))
     }
@@ -170,15 +193,18 @@ impl Tiers {
         l1: Arc<L1Store>,
         lower: Vec<Arc<dyn Tier>>,
         compression: CompressionPolicy,
+        sealer: Sealer,
         queue_limit: u64,
     ) -> Tiers {
-        let write_behind = WriteBehindQueue::start(&l1, &lower, compression, queue_limit);
+        let write_behind =
+            WriteBehindQueue::start(&l1, &lower, compression, sealer.clone(), queue_limit);
         let window_catalog = lower.iter().find_map(|t| t.clone().window_catalog());
         Tiers {
             l1,
             lower,
             window_catalog,
             compression,
+            sealer,
             write_behind,
         }
     }
@@ -232,6 +258,11 @@ impl Tiers {
     /// Read-lock count of `key` in L1 (expired locks count as 0).
     pub fn lock_count(&self, key: &ObjectKey) -> u32 {
         self.l1.lock_count(key)
+    }
+
+    /// Encryption at rest: its counters for `/status` and `/metrics`.
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 
     /// Per-salt byte budgets of L1 (the admin surface sets them; L1 enforces them).
@@ -537,7 +568,8 @@ impl Tiers {
         match self.l1.read(key) {
             Some(object) => {
                 let record =
-                    record::encode(key, &object.to_vec(), object.itemsize(), self.compression);
+                    self.sealer
+                        .encode(key, &object.to_vec(), object.itemsize(), self.compression);
                 self.put_everywhere(key, &record)?;
                 Ok(true)
             }
@@ -557,12 +589,9 @@ impl Tiers {
     /// The record of `key`: encoded from L1 when resident, else a tier's verbatim.
     pub fn record_of(&self, key: &ObjectKey) -> Result<Vec<u8>, DurableError> {
         match self.l1.read(key) {
-            Some(g) => Ok(record::encode(
-                key,
-                &g.to_vec(),
-                g.itemsize(),
-                self.compression,
-            )),
+            Some(g) => Ok(self
+                .sealer
+                .encode(key, &g.to_vec(), g.itemsize(), self.compression)),
             None => self.export_record(key),
         }
     }
@@ -649,7 +678,7 @@ pub enum DurableError {
 }
 
 /// The disk tier at `config.path`.
-fn open_disk(config: &L2Config) -> Result<Arc<dyn Tier>, OpenError> {
+fn open_disk(config: &L2Config, sealer: &Sealer) -> Result<Arc<dyn Tier>, OpenError> {
     let path = config.path.clone();
     let storage = FsStorage::open(&path).map_err(|source| OpenError::L2Dir {
         path: path.clone(),
@@ -657,7 +686,7 @@ fn open_disk(config: &L2Config) -> Result<Arc<dyn Tier>, OpenError> {
     })?;
     let disk = DiskStore::open(storage, config.disk.clone())
         .map_err(|source| OpenError::L2 { path, source })?;
-    Ok(Arc::new(disk))
+    Ok(Arc::new(disk.sealed_with(sealer.clone())))
 }
 
 #[cfg(test)]

@@ -48,7 +48,13 @@ fn tiers(l1_objects: u64) -> (Tiers, Arc<MemStorage>) {
         },
     )
     .unwrap();
-    let tiers = Tiers::with_tiers(l1, vec![Arc::new(disk)], compression, 1 << 30);
+    let tiers = Tiers::with_tiers(
+        l1,
+        vec![Arc::new(disk)],
+        compression,
+        Default::default(),
+        1 << 30,
+    );
     (tiers, mem)
 }
 

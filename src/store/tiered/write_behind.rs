@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::stats::WriteBehindStats;
 use crate::background;
 use crate::store::codec::CompressionPolicy;
-use crate::store::record;
+use crate::store::seal::Sealer;
 use crate::store::tier::{Presence, Tier, TierError};
 use crate::store::L1Store;
 
@@ -94,6 +94,7 @@ impl WriteBehindQueue {
         l1: &Arc<L1Store>,
         lower: &[Arc<dyn Tier>],
         compression: CompressionPolicy,
+        sealer: Sealer,
         limit: u64,
     ) -> WriteBehindQueue {
         assert!(lower.len() <= 32, "a job's pending tiers are bits of a u32");
@@ -109,6 +110,7 @@ impl WriteBehindQueue {
                 counters: counters.clone(),
                 generation: generation.clone(),
                 compression,
+                sealer,
             };
             let worker = background::spawn("cwm-write-behind", move || worker.run(rx));
             (Some(tx), Some(worker))
@@ -207,6 +209,7 @@ struct WriteBehind {
     counters: Arc<Counters>,
     generation: Arc<Generation>,
     compression: CompressionPolicy,
+    sealer: Sealer,
 }
 
 /// A tier behind L1 is out of space: since when, and when to try again.
@@ -404,7 +407,7 @@ impl WriteBehind {
                         c.missed.fetch_add(1, Relaxed);
                         return None;
                     };
-                    Some(record::encode(
+                    Some(self.sealer.encode(
                         &job.key,
                         &object.to_vec(),
                         object.itemsize(),
