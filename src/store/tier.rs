@@ -9,11 +9,13 @@
 //!   (with the record's sizes), absent, or unknown (a remote tier that keeps no index);
 //! - prefetch jobs and thaws `probe` a whole prefix of the unknown keys at once (may wait on
 //!   I/O), then `fetch` what was found in one batch: the tier reads and verifies each record
-//!   into an L1 object it gets through the facade's `reserve` (the one door into L1) and hands
-//!   it back unpublished; the facade commits it;
-//! - write-behind (one queue for every tier behind L1) hands it batches of encoded records
-//!   (`put`); windows pin what they name, `clear` drops what no window pins, and `stats` (with
-//!   the tier's own name and figures) feeds `/status` and `/metrics`.
+//!   (opening a sealed one with the tiers' `store::seal::Sealer`, given to it at open) into an
+//!   L1 object it gets through the facade's `reserve` (the one door into L1) and hands it back
+//!   unpublished; the facade commits it;
+//! - write-behind (one queue for every tier behind L1) hands it batches of encoded records,
+//!   sealed already when a key is configured (`put`); windows pin what they name, `clear`
+//!   drops what no window pins, and `stats` (with the tier's own name and figures) feeds
+//!   `/status` and `/metrics`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
