@@ -461,6 +461,20 @@ fn key(tokens: &[u32], end: u64, rid: &str, worker: Option<u32>) -> IpcCacheServ
     common::key(MODEL, "", tokens, worker, 1, 0, end, rid)
 }
 
+/// Store one 256-token chunk of prompt `seed` from blocks 1..=16 of instance `id`, the copy
+/// waiting on the engine's `event`; whether cwm reports it stored.
+fn store_after_event(c: &mut MpClient, id: u64, seed: u32, rid: &str, event: &[u8]) -> bool {
+    let blocks: Vec<u32> = (1..=16).collect();
+    c.store_after(
+        &key(&tokens(seed, 256), 256, rid, Some(0)),
+        id,
+        std::slice::from_ref(&blocks),
+        event,
+    )
+    .unwrap()
+    .ok
+}
+
 /// A sidecar on a fresh stand-in with `driver_version`, and a client.
 fn gpu_server(driver_version: u64, extra: &[&str]) -> (Sim, Server, MpClient) {
     let sim = Sim::new(driver_version);
@@ -990,16 +1004,8 @@ fn an_engine_event_that_never_fires_breaks_only_its_instance_and_the_reaper_unma
     live.fill(41);
     register(&mut c, 1, &dead.descriptors(Kind::Cuda, UUID0_STR));
     register(&mut c, 2, &live.descriptors(Kind::Cuda, UUID0_STR));
-    let blocks: Vec<u32> = (1..=16).collect();
     let store = |c: &mut MpClient, id: u64, rid: &str, event: &[u8]| {
-        c.store_after(
-            &key(&tokens(40 + id as u32, 256), 256, rid, Some(0)),
-            id,
-            std::slice::from_ref(&blocks),
-            event,
-        )
-        .unwrap()
-        .ok
+        store_after_event(c, id, 40 + id as u32, rid, event)
     };
     // The old code waited in cuStreamSynchronize forever: the client's 10 s timeout fails it.
     let t = Instant::now();
@@ -1205,16 +1211,8 @@ fn an_engine_that_exits_holding_its_event_fails_the_transfer_by_deadline_and_is_
     let kv = GpuKv::new();
     register(&mut c, 1, &kv.descriptors(Kind::Cuda, UUID0_STR));
     register(&mut c, 2, &kv.descriptors(Kind::Cuda, UUID0_STR));
-    let blocks: Vec<u32> = (1..=16).collect();
     let store = |c: &mut MpClient, id: u64, rid: &str, event: &[u8]| {
-        c.store_after(
-            &key(&tokens(80 + id as u32, 256), 256, rid, Some(0)),
-            id,
-            std::slice::from_ref(&blocks),
-            event,
-        )
-        .unwrap()
-        .ok
+        store_after_event(c, id, 80 + id as u32, rid, event)
     };
 
     // The engine exits after cwm imported its event, before the event fired (it would have

@@ -86,6 +86,24 @@ fn wait_for_l2_records(port: &str, n: u64) {
     }
 }
 
+/// Restart cwm on `l2` and `port` (its log in `log`): every 512-token request in `requests`
+/// hits both of its chunks.
+fn assert_found_after_restart(l2: &Path, port: u16, log: &Path, requests: &[Vec<u32>]) {
+    let mut child = serve(l2, port, log, &[]);
+    let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    c.get_chunk_size().unwrap();
+    for (i, t) in requests.iter().enumerate() {
+        let rid = format!("r{i}");
+        assert_eq!(
+            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
+            2,
+            "request {i} after SIGTERM and restart"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 fn start_line(log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -400,19 +418,7 @@ fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
     assert!(status.success(), "exit after SIGTERM: {status}");
     let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(log.contains("write-behind drained"), "{log}");
-    let mut child = serve(&l2, port, &dir.path().join("b.log"), &[]);
-    let mut c = MpClient::connect(&endpoint).unwrap();
-    c.get_chunk_size().unwrap();
-    for (i, t) in requests.iter().enumerate() {
-        let rid = format!("r{i}");
-        assert_eq!(
-            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
-            2,
-            "request {i} after SIGTERM and restart"
-        );
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_found_after_restart(&l2, port, &dir.path().join("b.log"), &requests);
 }
 
 /// Issue 24: the session index is journaled beside L2, so a session stored before a kill -9
@@ -613,17 +619,5 @@ fn requests_sent_across_sigterm_are_answered_and_kept() {
     assert!(status.success(), "exit after SIGTERM: {status}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("no request for the quiet period"), "{text}");
-    let mut child = serve(&l2, port, &dir.path().join("b.log"), &[]);
-    let mut c = MpClient::connect(&endpoint).unwrap();
-    c.get_chunk_size().unwrap();
-    for (i, t) in stored.iter().enumerate() {
-        let rid = format!("r{i}");
-        assert_eq!(
-            lookup_hits(&mut c, &key(MODEL, "", t, None, 1, 0, 512, &rid)),
-            2,
-            "request {i} after SIGTERM and restart"
-        );
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_found_after_restart(&l2, port, &dir.path().join("b.log"), &stored);
 }
