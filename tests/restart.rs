@@ -104,6 +104,23 @@ fn assert_found_after_restart(l2: &Path, port: u16, log: &Path, requests: &[Vec<
     child.wait().unwrap();
 }
 
+/// How `child` exited after a signal; a cwm that has not exited within 60 s (a hung stop) is
+/// killed and fails the test instead of stalling it.
+fn exit_status(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("cwm did not exit within 60 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start_line(log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -414,7 +431,7 @@ fn sigterm_drains_write_behind_so_every_acknowledged_chunk_survives() {
     }
     // SAFETY: signalling our own child by its pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    let status = exit_status(&mut child);
     assert!(status.success(), "exit after SIGTERM: {status}");
     let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(log.contains("write-behind drained"), "{log}");
@@ -558,7 +575,7 @@ fn a_second_signal_during_a_slow_drain_exits_at_once() {
     );
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
+    let status = exit_status(&mut child);
     assert_eq!(
         status.code(),
         Some(130),
@@ -615,7 +632,7 @@ fn requests_sent_across_sigterm_are_answered_and_kept() {
         !c.ping(Some(1)).unwrap(),
         "a heartbeat while stopping and busy is answered false"
     );
-    let status = child.wait().unwrap();
+    let status = exit_status(&mut child);
     assert!(status.success(), "exit after SIGTERM: {status}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("no request for the quiet period"), "{text}");
