@@ -282,6 +282,24 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Objects written after waiting for space",
         &[("", c(wb.retried))],
     );
+    metric(
+        "write_behind_yields_total",
+        "counter",
+        "Times write-behind waited for the engines to be quiet before reading or writing",
+        &[("", c(wb.yields))],
+    );
+    metric(
+        "write_behind_yielded_seconds_total",
+        "counter",
+        "Time write-behind spent waiting for the engines to be quiet",
+        &[("", wb.yielded_ms as f64 / 1000.0)],
+    );
+    metric(
+        "write_behind_deferred_max_total",
+        "counter",
+        "Times write-behind wrote anyway because an object had waited its longest for busy engines",
+        &[("", c(wb.deferred_max))],
+    );
     let e = &s.encryption;
     metric(
         "encryption_enabled",

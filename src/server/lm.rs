@@ -196,6 +196,7 @@ impl Connection {
     fn request(&mut self, cwm: &Arc<Cwm>) -> Result<(), End> {
         let mut raw = [0u8; CLIENT_HEADER_LEN];
         self.fill(&mut raw, false)?;
+        let _busy = crate::background::foreground_op();
         let started = Instant::now();
         let header = ClientHeader::decode(&raw)?;
         let op = match header.command {

@@ -27,6 +27,12 @@ pub struct WriteBehindStats {
     pub held: u64,
     /// Objects written after being held.
     pub retried: u64,
+    /// Times write-behind waited for the engines to be quiet (no op for
+    /// `background::QUIET`) before reading an object or writing a batch, and the total wait.
+    pub yields: u64,
+    pub yielded_ms: u64,
+    /// Times it wrote anyway because an object had waited its longest (2 s) for busy engines.
+    pub deferred_max: u64,
 }
 
 /// L1's occupancy and traffic.
