@@ -139,7 +139,8 @@ pub fn measure(
         arena.len() == bytes,
         "GPU: {bytes} bytes are not whole pages"
     );
-    let pinned_host = pin(device, arena.base(), bytes)?;
+    // Declared after the arena: unregistered before it is unmapped (as pinned L1 before L1).
+    let _pinned_host = pin(device, arena.base(), bytes)?;
     // SAFETY: the arena's mapping is `bytes` long (checked above), lives until the end of this
     // function, and only this slice touches it.
     let host = unsafe { std::slice::from_raw_parts_mut(arena.base(), bytes as usize) };
@@ -241,8 +242,6 @@ pub fn measure(
             "GPU: cuMemcpyHtoD wrote other bytes than it was given"
         );
     }
-    // The pinned host memory is unregistered before its arena is unmapped.
-    drop(pinned_host);
     Ok(GpuFigures {
         chunk_bytes,
         bytes: moved as u64,
@@ -282,4 +281,55 @@ fn check_object(kv: &BenchKv, object: &ReadGuard, blocks: &[u32]) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::kv::KvShape;
+
+    /// The gather's check finds a wrong byte anywhere in an object, and passes the right one.
+    #[test]
+    fn an_object_is_checked_against_its_blocks_byte_for_byte() {
+        let g = KvGeometry {
+            shape: KvShape::Nhd,
+            layers: 3,
+            blocks: 6,
+            block_size: 4,
+            heads: 2,
+            content: 8,
+        };
+        let mut kv = BenchKv::create("gpu-check", g).unwrap();
+        kv.fill_pattern(7);
+        let blocks = [5u32, 2];
+        let mut canonical = Vec::new();
+        for layer in 0..g.layers {
+            for &b in &blocks {
+                canonical.extend_from_slice(kv.block(layer, b as u64));
+            }
+        }
+        let l1 = L1Store::new(&L1Config {
+            capacity_bytes: 1 << 20,
+            lock_ttl: Duration::from_secs(60),
+        })
+        .unwrap();
+        let object = |n: usize, bytes: &[u8]| {
+            let k = key(0, 0, n);
+            let Reservation::Reserved(mut w) = l1.reserve(&k, bytes.len() as u64) else {
+                panic!("no room")
+            };
+            w.copy_from_slice(bytes);
+            w.commit();
+            l1.read(&k).unwrap()
+        };
+        check_object(&kv, &object(0, &canonical), &blocks).unwrap();
+        for at in [0, canonical.len() / 2 + 1, canonical.len() - 1] {
+            let mut wrong = canonical.clone();
+            wrong[at] ^= 1;
+            let e = check_object(&kv, &object(1 + at, &wrong), &blocks).unwrap_err();
+            assert!(e.to_string().contains("other bytes than block"), "{e}");
+        }
+        let swapped = [2u32, 5];
+        assert!(check_object(&kv, &object(9999, &canonical), &swapped).is_err());
+    }
 }
