@@ -9,11 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::Cwm;
 
-/// L1's figures (the store's own report, serialized as is).
-pub type L1Stats = crate::store::tiered::L1Report;
 pub use crate::store::seal::SealStats;
 pub use crate::store::tier::TierStats;
-pub use crate::store::tiered::WriteBehindStats;
+pub use crate::store::tiered::{L1Stats, WriteBehindStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CacheStats {

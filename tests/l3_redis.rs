@@ -310,7 +310,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     for j in 0..16 {
         assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
     }
-    assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
+    assert_eq!(b.cwm.tiers.l1_occupancy().objects, 2, "chunks 0 and 3 only");
 }
 
 /// A client of `s` with two engine caches registered: 1 to store from, 2 to retrieve into.

@@ -1,13 +1,18 @@
 //! Freezing a window: a session's chain made durable, pinned and named (and published to
 //! the fleet when a tier keeps a shared catalog).
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use connector_protocol::ObjectKey;
 use rayon::prelude::*;
 
-use super::*;
+use super::catalog::{self, unix_now, Window};
+use super::{
+    validate_meta, validate_name, validate_session, FreezeReport, FreezeRequest, WindowError,
+    WindowSummary, Windows,
+};
 
 impl Windows {
     pub fn freeze(&self, req: &FreezeRequest) -> Result<FreezeReport, WindowError> {

@@ -31,7 +31,6 @@ mod thaw;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 

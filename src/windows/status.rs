@@ -1,8 +1,13 @@
 //! What windows report: list, status of windows and sessions, sessions, cache figures,
 //! health.
 
-use super::*;
-use crate::status;
+use super::catalog::{Catalog, Window};
+use super::{
+    probe_window, secs, validate_name, validate_session, ChainStatus, ListRequest, SessionInfo,
+    SessionList, SessionStatus, StatusReport, StatusRequest, WindowError, WindowList, WindowStatus,
+    WindowSummary, Windows,
+};
+use crate::status::{self, CacheStats, Health};
 
 impl Windows {
     pub fn list(&self, req: &ListRequest) -> Result<WindowList, WindowError> {

@@ -1,11 +1,16 @@
 //! Thawing a window: its chunks loaded into L1, in parallel, under its session or a new one.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::*;
+use super::catalog::unix_now;
+use super::{
+    validate_name, validate_session, ThawReport, ThawRequest, TierReads, WindowError, Windows,
+};
 use crate::store::tiered::{InstallError, Installed};
 
 impl Windows {
