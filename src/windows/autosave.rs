@@ -9,7 +9,8 @@
 //!   idle time (the session index's `updated`, newest chain of the salt over all models).
 //! - **New chunks**: the salt's newest chain differs (model, world size, tokens) from the one
 //!   last saved. After a restart, an auto-save window already holding that chain counts as
-//!   saved, so a restart re-saves nothing.
+//!   saved, so a restart re-saves nothing. A chain a thaw installed is not new chunks (it is in
+//!   a window already): a session thawed into is saved once it stores more.
 //! - **Races**: a save runs under the windows' op lock, like freeze and delete. A delete of the
 //!   auto-save window wins until the session stores new chunks: the chain it held counts as
 //!   saved; a delete that lands before the save of a newer chain is followed by that save,
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::freeze::FreezeMeta;
 use super::*;
 use crate::config::MAX_AUTO_SAVE_IDLE_SECS;
-use crate::session::Chain;
+use crate::session::{Chain, SessionIndex};
 pub use crate::status::AutoSaveStats;
 
 /// The tag every auto-save window carries (`window_list {"tag": "autosave"}`).
@@ -249,6 +250,16 @@ impl AutoSave {
                 at: std::time::Instant::now(),
             },
         );
+    }
+
+    /// A thaw installed `tokens` of `model` under `salt`: when that is now the session's newest
+    /// chain, it is no new chunks (it is in a window already), so it is not saved.
+    pub(super) fn thawed(&self, chains: &SessionIndex, salt: &str, model: &str, tokens: &[u32]) {
+        if let Some(c) = chains.newest(salt) {
+            if *c.model == *model && c.tokens[..] == *tokens {
+                self.remember(salt, c, true);
+            }
+        }
     }
 
     pub fn stats(&self) -> AutoSaveStats {

@@ -98,6 +98,12 @@ impl Windows {
             &w.tokens[..tokens_ready],
             None,
         );
+        self.autosave.thawed(
+            &self.cwm.chains,
+            &target,
+            &w.model,
+            &w.tokens[..tokens_ready],
+        );
         // Only on the version thawed: one replaced or deleted meanwhile stays as it is.
         if let Err(e) = catalog.mark_thawed(&w, unix_now()) {
             tracing::warn!(window = w.name, "could not record the thaw time: {e}");
