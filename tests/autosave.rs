@@ -30,6 +30,16 @@ fn kv() -> TestKv {
     TestKv::new(Layout::Nhd, 4, 160, 16, 2, 32)
 }
 
+/// An engine KV that thawed windows are retrieved into, registered as instance `id`.
+struct Dest {
+    kv: TestKv,
+    id: u64,
+}
+
+fn dest(id: u64) -> Dest {
+    Dest { kv: kv(), id }
+}
+
 /// One version of a session's context: its tokens, stored from the source blocks at `first`.
 #[derive(Debug, Clone, PartialEq)]
 struct Conversation {
@@ -83,17 +93,17 @@ impl Conversation {
         salt: &str,
         rid: &str,
         src: &TestKv,
-        dst: &TestKv,
+        dst: &Dest,
     ) {
-        dst.fill_byte(0);
+        dst.kv.fill_byte(0);
         let n = self.chunks * BLOCKS_PER_CHUNK;
         let r = c
-            .retrieve(&self.key(salt, Some(0), rid), 2, &blocks(1, n), 0)
+            .retrieve(&self.key(salt, Some(0), rid), dst.id, &blocks(1, n), 0)
             .unwrap();
         assert!(r.ok, "retrieve under {salt:?}");
         for j in 0..n as u64 {
             assert!(
-                src.block(self.first_block as u64 + j) == dst.block(1 + j),
+                src.block(self.first_block as u64 + j) == dst.kv.block(1 + j),
                 "salt {salt:?}: block {j} differs from what was stored"
             );
         }
@@ -107,7 +117,7 @@ fn thawed_version(
     salt: &str,
     versions: &[&Conversation],
     src: &TestKv,
-    dst: &TestKv,
+    dst: &Dest,
 ) -> Option<usize> {
     let mut found = None;
     for (i, v) in versions.iter().enumerate() {
@@ -156,12 +166,14 @@ fn config(dir: &std::path::Path, idle_secs: u64) -> Config {
     }
 }
 
-/// A sidecar with the source KV registered as instance 1 and the destination as 2.
-fn start(config: Config, src: &TestKv, dst: &TestKv) -> (Sidecar, MpClient) {
+/// A sidecar with the source KV registered as instance 1 and the destinations as theirs.
+fn start(config: Config, src: &TestKv, dst: &[&Dest]) -> (Sidecar, MpClient) {
     let s = sidecar(config);
     let mut c = client(&s);
     register_kv(&mut c, MODEL, 1, src);
-    register_kv(&mut c, MODEL, 2, dst);
+    for d in dst {
+        register_kv(&mut c, MODEL, d.id, &d.kv);
+    }
     (s, c)
 }
 
@@ -169,9 +181,9 @@ fn start(config: Config, src: &TestKv, dst: &TestKv) -> (Sidecar, MpClient) {
 fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), kv());
+    let (src, dst) = (kv(), dest(2));
     src.fill(7);
-    let (s, mut c) = start(config(dir.path(), 2), &src, &dst);
+    let (s, mut c) = start(config(dir.path(), 2), &src, &[&dst]);
     let m = mcp(&rt, &s);
     let first = Conversation::new(1, 1, 2);
     let second = Conversation::new(2, 41, 4);
@@ -273,12 +285,12 @@ fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
 fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), kv());
+    let (src, dst) = (kv(), dest(2));
     src.fill(9);
     let one = Conversation::new(3, 1, 2);
     let other = Conversation::new(4, 41, 2);
     {
-        let (s, mut c) = start(disk_config(dir.path()), &src, &dst);
+        let (s, mut c) = start(disk_config(dir.path()), &src, &[&dst]);
         let m = mcp(&rt, &s);
         // Bad input: a clear error, and nothing changes.
         for (args, want) in [
@@ -324,7 +336,7 @@ fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
         s.stop();
     }
     // The setting survives a restart; the chain already saved is not saved again.
-    let (s, mut c) = start(disk_config(dir.path()), &src, &dst);
+    let (s, mut c) = start(disk_config(dir.path()), &src, &[&dst]);
     let m = mcp(&rt, &s);
     std::thread::sleep(Duration::from_millis(1500));
     let a = auto_save(&rt, &m);
@@ -356,9 +368,9 @@ fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
 fn a_session_turned_off_is_not_auto_saved_when_every_other_is() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), kv());
+    let (src, dst) = (kv(), dest(2));
     src.fill(11);
-    let (s, mut c) = start(config(dir.path(), 1), &src, &dst);
+    let (s, mut c) = start(config(dir.path(), 1), &src, &[&dst]);
     let m = mcp(&rt, &s);
     call(
         &rt,
@@ -388,17 +400,19 @@ fn a_session_turned_off_is_not_auto_saved_when_every_other_is() {
 
 /// The race the issue names: while an auto-save of a new burst is due, one thread thaws the
 /// window again and again (each into a fresh session, then checks what it finds there) and
-/// another deletes it at a random moment. Every thaw gets one version whole and byte-exact, or
-/// "no window named"; afterwards the window is gone (the delete came after the save: delete
-/// wins) or holds the newest burst (the save came after the delete and made it again), never
-/// the previous burst.
+/// another deletes it at a random moment (every third round none: the save replaces the last
+/// version under the thaws). Every thaw gets one version whole and byte-exact, or "no window
+/// named"; afterwards the window is gone (the delete came after the save: delete wins) or
+/// holds the newest burst (the save came after the delete and made it again, or replaced the
+/// last), never the previous burst.
 #[test]
 fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), kv());
+    // Two thawing threads, each retrieving into its own destination.
+    let (src, dst) = (kv(), [dest(2), dest(3)]);
     src.fill(13);
-    let (s, mut c) = start(disk_config(dir.path()), &src, &dst);
+    let (s, mut c) = start(disk_config(dir.path()), &src, &[&dst[0], &dst[1]]);
     let m = mcp(&rt, &s);
     // Only S: the sessions thawed into must not be saved themselves.
     call(
@@ -413,15 +427,17 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
     let versions = [&a, &b];
     let mut seed = 12345u64;
     let (mut gone, mut remade, mut thaws) = (0, 0, 0);
-    const ROUNDS: usize = 12;
+    const ROUNDS: usize = 18;
     for round in 0..ROUNDS {
         let newest = round % 2;
         versions[newest].store(&mut c, "S", &format!("burst{round}"));
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         let delete_after = Duration::from_millis(500 + (seed >> 33) % 1300);
+        // Every third round no delete: the save replaces the last version under the thaws.
+        let delete = round % 3 != 2;
         let saved = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let thawer = scope.spawn(|| {
+            let thaw_until_saved = |who: usize| {
                 let mut c = client(&s);
                 let mut n = 0;
                 let mut after_save = 0;
@@ -429,7 +445,7 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
                     if saved.load(Ordering::SeqCst) {
                         after_save += 1;
                     }
-                    let salt = format!("T{round}-{n}");
+                    let salt = format!("T{round}-{who}-{n}");
                     n += 1;
                     match call(
                         &rt,
@@ -440,16 +456,21 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
                         Ok(r) => {
                             assert_eq!(r["complete"], true, "half a window: {r}");
                             assert_eq!(r["tokens_ready"], 512, "{r}");
-                            let v = thawed_version(&mut c, &salt, &versions, &src, &dst);
+                            let v = thawed_version(&mut c, &salt, &versions, &src, &dst[who]);
                             assert!(v.is_some(), "thaw {r} left nothing under {salt}");
                         }
                         Err(e) => assert!(e.contains("no window named"), "thaw failed: {e}"),
                     }
-                    std::thread::sleep(Duration::from_millis(20));
                 }
                 n
-            });
+            };
+            let thawers: Vec<_> = (0..2)
+                .map(|who| scope.spawn(move || thaw_until_saved(who)))
+                .collect();
             scope.spawn(|| {
+                if !delete {
+                    return;
+                }
                 std::thread::sleep(delete_after);
                 if let Err(e) = call(
                     &rt,
@@ -462,7 +483,10 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
             });
             wait_saves(&rt, &m, round as u64 + 1);
             saved.store(true, Ordering::SeqCst);
-            thaws += thawer.join().unwrap();
+            thaws += thawers
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum::<usize>();
         });
         let status = call(
             &rt,
@@ -473,6 +497,7 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
         match status {
             Err(e) => {
                 assert!(e.contains("no window named"), "{e}");
+                assert!(delete, "round {round}: no delete, yet the window is gone");
                 gone += 1;
             }
             Ok(st) => {
@@ -486,7 +511,7 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
                 )
                 .unwrap();
                 assert_eq!(
-                    thawed_version(&mut c, &salt, &versions, &src, &dst),
+                    thawed_version(&mut c, &salt, &versions, &src, &dst[0]),
                     Some(newest),
                     "round {round}: the window holds an older burst"
                 );
