@@ -588,6 +588,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
             "quota_get",
             "quota_list",
             "quota_set",
+            "session_autosave",
             "session_list",
             "window_clone",
             "window_delete",
