@@ -334,9 +334,10 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
     metric(
         "autosaves_total",
         "counter",
-        "Session auto-saves, per result (saved: a window created or replaced)",
+        "Session auto-saves, per result (saved: a window created or replaced; skipped: nothing of the session cached any more)",
         &[
             ("result=\"saved\"", c(a.saves)),
+            ("result=\"skipped\"", c(a.skipped)),
             ("result=\"failed\"", c(a.failures)),
         ],
     );

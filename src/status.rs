@@ -70,7 +70,10 @@ pub struct AutoSaveStats {
     pub sessions_off: usize,
     /// Auto-saves written (each a window created or replaced).
     pub saves: u64,
-    /// Auto-saves that failed (nothing cached any more, the name held by another window, I/O).
+    /// Sessions due a save with none of their newest chain cached any more (nothing saved).
+    pub skipped: u64,
+    /// Auto-saves that failed (the name held by another window, I/O, L3), tried again after
+    /// 30 s or new chunks.
     pub failures: u64,
     /// The last failure, with its session.
     pub last_failure: Option<String>,

@@ -154,6 +154,16 @@ fn wait_saves(rt: &tokio::runtime::Runtime, m: &Mcp, saves: u64) {
     }
 }
 
+/// Thaw `window` under `salt` over MCP: the report, or the tool's error text.
+fn thaw(rt: &tokio::runtime::Runtime, m: &Mcp, window: &str, salt: &str) -> Result<Value, String> {
+    call(
+        rt,
+        m,
+        "window_thaw",
+        json!({"window_name": window, "new_session_id": salt}),
+    )
+}
+
 fn autosaves(rt: &tokio::runtime::Runtime, m: &Mcp) -> Vec<Value> {
     let list = call(rt, m, "window_list", json!({"tag": "autosave"})).unwrap();
     list["windows"].as_array().unwrap().clone()
@@ -196,38 +206,20 @@ fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
     assert_eq!(saved[0]["name"], "autosave-S");
     assert_eq!(saved[0]["tokens"], 512);
     assert_eq!(saved[0]["session_id"], "S");
-    let r = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "autosave-S", "new_session_id": "T1"}),
-    )
-    .unwrap();
+    let r = thaw(&rt, &m, "autosave-S", "T1").unwrap();
     assert_eq!(r["complete"], true, "{r}");
     assert_eq!(thawed_version(&mut c, "T1", &versions, &src, &dst), Some(0));
 
     // A second burst: until its auto-save is durable, the first version is what thaws.
     second.store(&mut c, "S", "r2");
-    let r = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "autosave-S", "new_session_id": "T2"}),
-    )
-    .unwrap();
+    let r = thaw(&rt, &m, "autosave-S", "T2").unwrap();
     assert_eq!(r["tokens_ready"], 512, "the old version, whole: {r}");
     assert_eq!(thawed_version(&mut c, "T2", &versions, &src, &dst), Some(0));
     wait_saves(&rt, &m, 2);
     let saved = autosaves(&rt, &m);
     assert_eq!(saved.len(), 1, "replaced, not added: {saved:?}");
     assert_eq!(saved[0]["tokens"], 1024);
-    let r = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "autosave-S", "new_session_id": "T3"}),
-    )
-    .unwrap();
+    let r = thaw(&rt, &m, "autosave-S", "T3").unwrap();
     assert_eq!(r["tokens_ready"], 1024, "{r}");
     assert_eq!(thawed_version(&mut c, "T3", &versions, &src, &dst), Some(1));
     let st = call(
@@ -269,7 +261,7 @@ fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
     assert_eq!(a["saves"], 2, "{a}");
     assert_eq!(a["failures"], 0, "{a}");
     assert_eq!(a["default_idle_secs"], 2);
-    let metrics = reqwest_free_get(&s, "/metrics");
+    let metrics = http_get(&s, "/metrics");
     for series in [
         "cwm_autosaves_total{result=\"saved\"} 2",
         "cwm_autosaves_total{result=\"failed\"} 0",
@@ -277,7 +269,7 @@ fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
     ] {
         assert!(metrics.contains(series), "metrics lack {series:?}");
     }
-    assert!(reqwest_free_get(&s, "/status").contains("\"auto_save\""));
+    assert!(http_get(&s, "/status").contains("\"auto_save\""));
     rt.block_on(m.cancel()).ok();
 }
 
@@ -379,21 +371,38 @@ fn a_session_turned_off_is_not_auto_saved_when_every_other_is() {
         json!({"session_id": "S", "enabled": false}),
     )
     .unwrap();
-    Conversation::new(5, 1, 2).store(&mut c, "S", "r1");
+    let hand = Conversation::new(5, 1, 2);
+    hand.store(&mut c, "S", "r1");
+    // A window frozen by hand under V's auto-save name: V's auto-save never replaces it.
+    call(
+        &rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "autosave-V"}),
+    )
+    .unwrap();
     let u = Conversation::new(6, 41, 2);
     u.store(&mut c, "U", "r2");
+    Conversation::new(7, 81, 2).store(&mut c, "V", "r3");
     wait_saves(&rt, &m, 1);
     std::thread::sleep(Duration::from_millis(1500));
     let saved = autosaves(&rt, &m);
     assert_eq!(saved.len(), 1, "{saved:?}");
     assert_eq!(saved[0]["name"], "autosave-U");
-    call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "autosave-U", "new_session_id": "T"}),
-    )
-    .unwrap();
+    let a = auto_save(&rt, &m);
+    assert_eq!(
+        (a["saves"].as_u64(), a["failures"].as_u64()),
+        (Some(1), Some(1)),
+        "{a}"
+    );
+    assert!(a["last_failure"].as_str().unwrap().contains("taken"), "{a}");
+    thaw(&rt, &m, "autosave-V", "H").unwrap();
+    assert_eq!(
+        thawed_version(&mut c, "H", &[&hand], &src, &dst),
+        Some(0),
+        "the hand-frozen window is intact"
+    );
+    thaw(&rt, &m, "autosave-U", "T").unwrap();
     assert_eq!(thawed_version(&mut c, "T", &[&u], &src, &dst), Some(0));
     rt.block_on(m.cancel()).ok();
 }
@@ -447,12 +456,7 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
                     }
                     let salt = format!("T{round}-{who}-{n}");
                     n += 1;
-                    match call(
-                        &rt,
-                        &m,
-                        "window_thaw",
-                        json!({"window_name": "autosave-S", "new_session_id": salt}),
-                    ) {
+                    match thaw(&rt, &m, "autosave-S", &salt) {
                         Ok(r) => {
                             assert_eq!(r["complete"], true, "half a window: {r}");
                             assert_eq!(r["tokens_ready"], 512, "{r}");
@@ -503,13 +507,7 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
             Ok(st) => {
                 assert_eq!(st["window"]["chunks_missing"], 0, "{st}");
                 let salt = format!("check{round}");
-                call(
-                    &rt,
-                    &m,
-                    "window_thaw",
-                    json!({"window_name": "autosave-S", "new_session_id": salt}),
-                )
-                .unwrap();
+                thaw(&rt, &m, "autosave-S", &salt).unwrap();
                 assert_eq!(
                     thawed_version(&mut c, &salt, &versions, &src, &dst[0]),
                     Some(newest),
@@ -522,18 +520,4 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
     assert_eq!(auto_save(&rt, &m)["failures"], 0);
     eprintln!("{ROUNDS} rounds, {thaws} thaws: deleted after the save {gone}, saved after the delete {remade}");
     rt.block_on(m.cancel()).ok();
-}
-
-/// GET `path` on the sidecar's HTTP port (plain HTTP/1.1, loopback).
-fn reqwest_free_get(s: &Sidecar, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
 }

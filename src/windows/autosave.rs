@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
@@ -85,12 +84,35 @@ struct SettingsFile {
 /// The chain a session's last save froze (or tried to), and when.
 struct Done {
     chain: Chain,
-    saved: bool,
+    /// Saved, or skipped: not tried again until the session has a new newest chain.
+    settled: bool,
     at: std::time::Instant,
 }
 
 fn same_chain(a: &Chain, b: &Chain) -> bool {
     a.model == b.model && a.world_size == b.world_size && a.tokens == b.tokens
+}
+
+/// Whether `w` is an auto-save of session `salt` (frozen by it, not a clone), which a save may
+/// replace.
+fn is_autosave_of(w: &Window, salt: &str) -> bool {
+    w.tags.iter().any(|t| t == TAG) && w.source_session == salt && w.cloned_from.is_none()
+}
+
+/// Whether `w` is `setting`'s auto-save holding `chain` already.
+fn holds(w: &Window, setting: &AutoSaveSetting, chain: &Chain) -> bool {
+    is_autosave_of(w, &setting.session_id)
+        && w.model == *chain.model
+        && w.world_size == chain.world_size
+        && w.tokens[..] == chain.tokens[..]
+}
+
+/// How a save of a session's chain ended.
+enum Outcome {
+    Saved,
+    /// Nothing of the chain was cached any more.
+    Skipped,
+    Failed(String),
 }
 
 /// Auto-save's settings, what it did per session, and its counts.
@@ -102,6 +124,7 @@ pub struct AutoSave {
     path: Option<PathBuf>,
     done: Mutex<HashMap<String, Done>>,
     saves: AtomicU64,
+    skipped: AtomicU64,
     failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
 }
@@ -123,6 +146,7 @@ impl AutoSave {
             path,
             done: Mutex::new(HashMap::new()),
             saves: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
         }
@@ -213,15 +237,16 @@ impl AutoSave {
             return false;
         }
         match self.done.lock().get(&setting.session_id) {
-            Some(d) if same_chain(&d.chain, chain) => !d.saved && d.at.elapsed() >= RETRY_AFTER,
+            Some(d) if same_chain(&d.chain, chain) => !d.settled && d.at.elapsed() >= RETRY_AFTER,
             _ => true,
         }
     }
 
-    fn record(&self, salt: &str, chain: Chain, failure: Option<&WindowError>) {
-        match failure {
-            None => self.saves.fetch_add(1, Relaxed),
-            Some(e) => {
+    fn record(&self, salt: &str, chain: Chain, outcome: Outcome) {
+        match &outcome {
+            Outcome::Saved => self.saves.fetch_add(1, Relaxed),
+            Outcome::Skipped => self.skipped.fetch_add(1, Relaxed),
+            Outcome::Failed(e) => {
                 let mut text = format!("session {salt:?}: {e}");
                 let cut = (0..=MAX_FAILURE_TEXT.min(text.len()))
                     .rev()
@@ -232,10 +257,12 @@ impl AutoSave {
                 self.failures.fetch_add(1, Relaxed)
             }
         };
-        self.remember(salt, chain, failure.is_none());
+        self.remember(salt, chain, outcome);
     }
 
-    fn remember(&self, salt: &str, chain: Chain, saved: bool) {
+    /// What was last done for `salt`: a chain saved or skipped is not tried again; a failed
+    /// one after `RETRY_AFTER`.
+    fn remember(&self, salt: &str, chain: Chain, outcome: Outcome) {
         let mut done = self.done.lock();
         if done.len() >= MAX_OWN_SETTINGS && !done.contains_key(salt) {
             // Bounded like the session index: forgetting only costs a save that finds the
@@ -246,7 +273,7 @@ impl AutoSave {
             salt.to_string(),
             Done {
                 chain,
-                saved,
+                settled: !matches!(outcome, Outcome::Failed(_)),
                 at: std::time::Instant::now(),
             },
         );
@@ -257,7 +284,7 @@ impl AutoSave {
     pub(super) fn thawed(&self, chains: &SessionIndex, salt: &str, model: &str, tokens: &[u32]) {
         if let Some(c) = chains.newest(salt) {
             if *c.model == *model && c.tokens[..] == *tokens {
-                self.remember(salt, c, true);
+                self.remember(salt, c, Outcome::Saved);
             }
         }
     }
@@ -269,6 +296,7 @@ impl AutoSave {
             sessions_on: own.values().filter(|o| o.enabled).count(),
             sessions_off: own.values().filter(|o| !o.enabled).count(),
             saves: self.saves.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
             failures: self.failures.load(Relaxed),
             last_failure: self.last_failure.lock().clone(),
         }
@@ -312,7 +340,7 @@ fn read_settings(path: &Path) -> BTreeMap<String, Own> {
     })
 }
 
-/// Replace the settings file crash-safely (tmp, fsync, rename, directory fsync).
+/// Replace the settings file crash-safely (as a window manifest).
 fn write_settings(path: &Path, own: &BTreeMap<String, Own>) -> std::io::Result<()> {
     let file = SettingsFile {
         format: FORMAT.into(),
@@ -320,13 +348,7 @@ fn write_settings(path: &Path, own: &BTreeMap<String, Own>) -> std::io::Result<(
         sessions: own.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::File::open(dir)?.sync_all()
+    super::catalog::replace_file(path, &bytes)
 }
 
 impl Windows {
@@ -343,21 +365,9 @@ impl Windows {
             return 0;
         }
         let now = SystemTime::now();
-        let mut salts: Vec<_> = self
-            .cwm
-            .chains
-            .list()
-            .into_iter()
-            .map(|s| s.cache_salt)
-            .collect();
-        salts.sort();
-        salts.dedup();
         let mut tried = 0;
-        for salt in salts {
-            let Some(chain) = self.cwm.chains.newest(&salt) else {
-                continue;
-            };
-            let setting = self.autosave.setting(&salt);
+        for chain in self.cwm.chains.newest_per_salt() {
+            let setting = self.autosave.setting(&chain.cache_salt);
             if self.autosave.due(&setting, &chain, now) {
                 tried += 1;
                 self.autosave_session(&setting, chain);
@@ -369,8 +379,12 @@ impl Windows {
     /// Freeze `chain` as `setting`'s window, replacing its previous auto-save.
     fn autosave_session(&self, setting: &AutoSaveSetting, chain: Chain) {
         let (salt, name) = (&setting.session_id, &setting.window_name);
+        // Saved before a restart: known without the op lock (or a round trip to the fleet).
+        if self.get(name).is_some_and(|w| holds(&w, setting, &chain)) {
+            return self.autosave.remember(salt, chain, Outcome::Saved);
+        }
         let result = crate::background::pool().install(|| self.save_replacing(setting, &chain));
-        let failure = match result {
+        let outcome = match result {
             Ok(Some(r)) => {
                 tracing::info!(
                     "auto-saved session {salt:?} as window {name:?}: {} tokens, {} chunks, in {:.0} ms",
@@ -378,16 +392,20 @@ impl Windows {
                     r.window.chunks,
                     r.elapsed_ms
                 );
-                None
+                Outcome::Saved
             }
-            // The window already holds this chain (saved before a restart).
-            Ok(None) => return self.autosave.remember(salt, chain, true),
+            Ok(None) => return self.autosave.remember(salt, chain, Outcome::Saved),
+            // Its chunks left every tier: nothing to save until the session stores more.
+            Err(WindowError::NothingStored(_)) => {
+                tracing::debug!("auto-save of session {salt:?}: no chunk of it is cached");
+                Outcome::Skipped
+            }
             Err(e) => {
                 tracing::warn!("auto-save of session {salt:?} as window {name:?} failed: {e}");
-                Some(e)
+                Outcome::Failed(e.to_string())
             }
         };
-        self.autosave.record(salt, chain, failure.as_ref());
+        self.autosave.record(salt, chain, outcome);
     }
 
     /// Under the op lock: the window named by `setting` replaced by `chain` frozen, or created.
@@ -403,16 +421,10 @@ impl Windows {
         let name = &setting.window_name;
         let existing = catalog.get(name);
         if let Some(w) = &existing {
-            let ours = w.tags.iter().any(|t| t == TAG)
-                && w.source_session == setting.session_id
-                && w.cloned_from.is_none();
-            if !ours {
+            if !is_autosave_of(w, &setting.session_id) {
                 return Err(WindowError::Taken(name.clone()));
             }
-            if w.model == *chain.model
-                && w.world_size == chain.world_size
-                && w.tokens[..] == chain.tokens[..]
-            {
+            if holds(w, setting, chain) {
                 return Ok(None);
             }
         }

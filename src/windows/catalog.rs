@@ -257,14 +257,22 @@ impl Catalog {
     }
 
     fn persist(&self, w: &Window) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{}.json.tmp", w.name));
         let bytes = serde_json::to_vec_pretty(w).map_err(io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.path(&w.name))?;
-        sync_dir(&self.dir)
+        replace_file(&self.path(&w.name), &bytes)
     }
+}
+
+/// Replace the file at `path` with `bytes` crash-safely: `<path>.tmp` written and fsynced,
+/// renamed over `path`, the directory fsynced. A reader sees the old bytes or the new, whole.
+pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
