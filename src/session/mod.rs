@@ -378,6 +378,9 @@ mod tests {
         assert_eq!(chains.len(), 2);
         assert_eq!(chains[0].tokens[0], 1000, "newest first");
         assert!(idx.newest("other").is_none());
+        assert_eq!(idx.list()[0].open_requests, 2);
+        idx.end_request("r1");
+        assert_eq!(idx.list()[0].open_requests, 1);
         idx.record("m2", 1, "t", &b, None);
         let mut per_salt: Vec<_> = idx
             .newest_per_salt()
@@ -386,9 +389,6 @@ mod tests {
             .collect();
         per_salt.sort();
         assert_eq!(per_salt, [("s".to_string(), 1000), ("t".to_string(), 1000)]);
-        assert_eq!(idx.list()[0].open_requests, 2);
-        idx.end_request("r1");
-        assert_eq!(idx.list()[0].open_requests, 1);
     }
 
     #[test]
