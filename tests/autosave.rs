@@ -164,9 +164,22 @@ fn thaw(rt: &tokio::runtime::Runtime, m: &Mcp, window: &str, salt: &str) -> Resu
     )
 }
 
+/// `session_autosave` over MCP with `args`.
+fn session_autosave(rt: &tokio::runtime::Runtime, m: &Mcp, args: Value) -> Result<Value, String> {
+    call(rt, m, "session_autosave", args)
+}
+
 fn autosaves(rt: &tokio::runtime::Runtime, m: &Mcp) -> Vec<Value> {
     let list = call(rt, m, "window_list", json!({"tag": "autosave"})).unwrap();
     list["windows"].as_array().unwrap().clone()
+}
+
+/// A runtime for the MCP client, a data directory, the source KV filled from `seed`, and a
+/// destination registered as instance 2.
+fn fixture(seed: u64) -> (tokio::runtime::Runtime, tempfile::TempDir, TestKv, Dest) {
+    let src = kv();
+    src.fill(seed);
+    (runtime(), tempfile::tempdir().unwrap(), src, dest(2))
 }
 
 fn config(dir: &std::path::Path, idle_secs: u64) -> Config {
@@ -189,10 +202,7 @@ fn start(config: Config, src: &TestKv, dst: &[&Dest]) -> (Sidecar, MpClient) {
 
 #[test]
 fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), dest(2));
-    src.fill(7);
+    let (rt, dir, src, dst) = fixture(7);
     let (s, mut c) = start(config(dir.path(), 2), &src, &[&dst]);
     let m = mcp(&rt, &s);
     let first = Conversation::new(1, 1, 2);
@@ -275,10 +285,7 @@ fn an_idle_session_is_auto_saved_and_a_second_burst_replaces_it_atomically() {
 
 #[test]
 fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), dest(2));
-    src.fill(9);
+    let (rt, dir, src, dst) = fixture(9);
     let one = Conversation::new(3, 1, 2);
     let other = Conversation::new(4, 41, 2);
     {
@@ -299,15 +306,14 @@ fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
                 "invalid session_id",
             ),
         ] {
-            let e = call(&rt, &m, "session_autosave", args.clone()).expect_err("must fail");
+            let e = session_autosave(&rt, &m, args.clone()).expect_err("must fail");
             assert!(e.contains(want), "{args}: {e:?} should say {want:?}");
         }
         assert_eq!(auto_save(&rt, &m)["sessions_on"], 0);
 
-        let r = call(
+        let r = session_autosave(
             &rt,
             &m,
-            "session_autosave",
             json!({"session_id": "S", "enabled": true, "window_name": "mine", "idle_secs": 1}),
         )
         .unwrap();
@@ -338,13 +344,7 @@ fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
         "{a}"
     );
     // Turned off: new chunks are not saved.
-    call(
-        &rt,
-        &m,
-        "session_autosave",
-        json!({"session_id": "S", "enabled": false}),
-    )
-    .unwrap();
+    session_autosave(&rt, &m, json!({"session_id": "S", "enabled": false})).unwrap();
     other.store(&mut c, "S", "r3");
     std::thread::sleep(Duration::from_millis(1500));
     let a = auto_save(&rt, &m);
@@ -358,19 +358,10 @@ fn auto_save_is_off_by_default_and_set_per_session_over_mcp() {
 
 #[test]
 fn a_session_turned_off_is_not_auto_saved_when_every_other_is() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (kv(), dest(2));
-    src.fill(11);
+    let (rt, dir, src, dst) = fixture(11);
     let (s, mut c) = start(config(dir.path(), 1), &src, &[&dst]);
     let m = mcp(&rt, &s);
-    call(
-        &rt,
-        &m,
-        "session_autosave",
-        json!({"session_id": "S", "enabled": false}),
-    )
-    .unwrap();
+    session_autosave(&rt, &m, json!({"session_id": "S", "enabled": false})).unwrap();
     let hand = Conversation::new(5, 1, 2);
     hand.store(&mut c, "S", "r1");
     // A window frozen by hand under V's auto-save name: V's auto-save never replaces it.
@@ -424,10 +415,9 @@ fn an_auto_save_racing_thaws_and_deletes_of_its_window_never_serves_wrong_bytes(
     let (s, mut c) = start(disk_config(dir.path()), &src, &[&dst[0], &dst[1]]);
     let m = mcp(&rt, &s);
     // Only S: the sessions thawed into must not be saved themselves.
-    call(
+    session_autosave(
         &rt,
         &m,
-        "session_autosave",
         json!({"session_id": "S", "enabled": true, "idle_secs": 1}),
     )
     .unwrap();
