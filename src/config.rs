@@ -527,6 +527,28 @@ mod tests {
         c.validate().unwrap();
     }
 
+    #[test]
+    fn auto_save_is_off_by_default_set_in_the_file_and_needs_l2() {
+        assert_eq!(Config::default().auto_save_idle_secs, 0);
+        let c: Config = toml::from_str("auto_save_idle_secs = 30").unwrap();
+        assert_eq!(c.auto_save_idle_secs, 30);
+        c.validate().unwrap();
+        let week = Config {
+            auto_save_idle_secs: MAX_AUTO_SAVE_IDLE_SECS + 1,
+            ..c.clone()
+        };
+        assert!(week
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auto_save_idle_secs"));
+        let no_l2 = Config {
+            l2_size_gb: 0.0,
+            ..c
+        };
+        assert!(no_l2.validate().unwrap_err().to_string().contains("L2"));
+    }
+
     /// The default data directory is the platform's state directory, never the working
     /// directory (before: `./cwm-data`, which filled source checkouts).
     #[test]
