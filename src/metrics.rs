@@ -348,6 +348,32 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
     );
+    let a = &h.auto_save;
+    metric(
+        "autosaves_total",
+        "counter",
+        "Session auto-saves, per result (saved: a window created or replaced; skipped: nothing of the session cached any more)",
+        &[
+            ("result=\"saved\"", c(a.saves)),
+            ("result=\"skipped\"", c(a.skipped)),
+            ("result=\"failed\"", c(a.failures)),
+        ],
+    );
+    metric(
+        "autosave_default_idle_seconds",
+        "gauge",
+        "Idle seconds before a session without its own setting is auto-saved (0: off)",
+        &[("", c(a.default_idle_secs))],
+    );
+    metric(
+        "autosave_sessions",
+        "gauge",
+        "Sessions with their own auto-save setting, per setting",
+        &[
+            ("setting=\"on\"", a.sessions_on as f64),
+            ("setting=\"off\"", a.sessions_off as f64),
+        ],
+    );
     let gpu = cwm.gpu_status();
     metric(
         "l1_pinned_bytes",

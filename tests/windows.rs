@@ -134,18 +134,6 @@ fn assert_retrieves_exact(
     }
 }
 
-fn http_get(s: &Sidecar, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn http_post(s: &Sidecar, path: &str, body: &str) -> String {
     let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
     write!(
@@ -588,6 +576,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
             "quota_get",
             "quota_list",
             "quota_set",
+            "session_autosave",
             "session_list",
             "window_clone",
             "window_delete",

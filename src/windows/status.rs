@@ -186,6 +186,7 @@ impl Windows {
             windows: self.catalog.as_ref().map_or(0, Catalog::len),
             sessions: self.cwm.chains.len(),
             registered_instances: self.cwm.registry.len(),
+            auto_save: self.autosave_stats(),
         }
     }
 }

@@ -28,7 +28,7 @@ impl Windows {
         }
         let (tiers, catalog) = self.disk()?;
         self.sync();
-        let mut w = catalog
+        let w = catalog
             .get(&req.window_name)
             .ok_or_else(|| WindowError::Unknown(req.window_name.clone()))?;
         let cs = self.cwm.settings.chunk_size;
@@ -103,8 +103,14 @@ impl Windows {
             &w.tokens[..tokens_ready],
             None,
         );
-        w.last_thawed_at = Some(unix_now());
-        if let Err(e) = catalog.update(w.clone()) {
+        self.autosave.thawed(
+            &self.cwm.chains,
+            &target,
+            &w.model,
+            &w.tokens[..tokens_ready],
+        );
+        // Only on the version thawed: one replaced or deleted meanwhile stays as it is.
+        if let Err(e) = catalog.mark_thawed(&w, unix_now()) {
             tracing::warn!(window = w.name, "could not record the thaw time: {e}");
         }
         let elapsed = started.elapsed().as_secs_f64();
