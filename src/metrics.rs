@@ -329,6 +329,16 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
             ("reason=\"wrong_key\"", c(e.unopened_wrong_key)),
         ],
     );
+    metric(
+        "unopened_metadata_total",
+        "counter",
+        "Sealed window manifests and session journal entries that did not open (no key or \
+         another key): windows listed as unreadable, journal entries skipped",
+        &[
+            ("kind=\"window_manifest\"", c(e.unopened_manifests)),
+            ("kind=\"session_journal\"", c(e.unopened_journal_entries)),
+        ],
+    );
     let h = health;
     metric(
         "windows",

@@ -128,6 +128,7 @@ impl Sidecar {
             sessions_restored = sessions.sessions,
             session_chains_restored = sessions.chains,
             session_journal_bytes_dropped = sessions.replay.dropped_bytes,
+            session_journal_entries_unopened = sessions.replay.unopened,
             dead_engine_shm_segments = leftovers.len(),
             start_ms = start_time.as_secs_f64() * 1e3,
             "cwm serving the LMCache MP protocol"
@@ -239,7 +240,7 @@ fn restore_sessions(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<session::
     }
     let path = config.l2_path.join("sessions.journal");
     cwm.chains
-        .attach_journal(&path)
+        .attach_journal(&path, cwm.tiers.sealer().clone())
         .map_err(|e| anyhow::anyhow!("session journal {}: {e}", path.display()))
 }
 

@@ -488,3 +488,235 @@ fn a_key_file_others_may_read_or_a_malformed_one_stops_the_start() {
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o400)).unwrap();
     sidecar(config(dir.path(), Some(&k))).stop();
 }
+
+// ----- window manifests and the session journal (issue 24, "nothing a tenant stored") ----
+
+/// Eight consecutive token ids of `t`, as each format cwm writes them would hold them: u32
+/// little-endian (the session journal) and a JSON array's elements (manifests: local files,
+/// Redis, exports), searched with whitespace removed.
+struct TokenNeedles {
+    binary: Vec<u8>,
+    json: Vec<u8>,
+}
+
+impl TokenNeedles {
+    fn of(t: &[u32]) -> TokenNeedles {
+        let run = &t[300..308];
+        TokenNeedles {
+            binary: run.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            json: run
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+                .into_bytes(),
+        }
+    }
+
+    /// Whether `bytes` hold the run in either encoding.
+    fn found_in(&self, bytes: &[u8]) -> bool {
+        let squeezed: Vec<u8> = bytes
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        contains(bytes, &self.binary) || contains(&squeezed, &self.json)
+    }
+
+    /// Every file under `dir` (recursively) that holds the run.
+    fn files_under(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                found.extend(self.files_under(&p));
+            } else if self.found_in(&std::fs::read(&p).unwrap()) {
+                found.push(p);
+            }
+        }
+        found
+    }
+
+    /// Every Redis key whose value (a string, or a hash's fields and values) holds the run.
+    fn redis_keys(&self, redis: &RedisServer) -> Vec<String> {
+        let names = redis.cli(&["--scan", "--pattern", "*"]);
+        assert!(!names.trim().is_empty(), "Redis holds nothing");
+        names
+            .lines()
+            .filter(|name| {
+                let value = match redis.cli(&["TYPE", name]).trim() {
+                    "hash" => redis.cli_raw(&["HGETALL", name]),
+                    _ => redis.cli_raw(&["GET", name]),
+                };
+                self.found_in(&value)
+            })
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// L2 in `dir` and L3 on `redis`, sealed with `key` when given.
+fn fleet_config(dir: &Path, redis: &RedisServer, key: Option<&Path>) -> Config {
+    Config {
+        l3_url: Some(redis.url()),
+        l3_timeout_ms: 2000,
+        ..config(dir, key)
+    }
+}
+
+/// Store `t` under `salt` from block 1, freeze it as window `name` (published to L3 when the
+/// config has it), export it into `dir`, and stop cleanly.
+fn freeze_export_and_stop(cfg: Config, src: &TestKv, salt: &str, t: &[u32], name: &str) {
+    use cwm::windows::FreezeRequest;
+    let dir = cfg.l2_path.clone();
+    let s = sidecar(cfg);
+    let mut c = client(&s);
+    register_kv(&mut c, MODEL, 1, src);
+    store(&mut c, salt, t, 1);
+    wait_written(&s, 4);
+    s.windows
+        .freeze(&FreezeRequest {
+            session_id: salt.into(),
+            window_name: name.into(),
+            description: Some("notes about the tenant's secret project".into()),
+            ..Default::default()
+        })
+        .expect("freezes");
+    s.windows
+        .export(name, &dir.join(format!("{name}.cwmx")))
+        .expect("exports");
+    s.stop();
+}
+
+fn thaw(s: &Sidecar, name: &str, session: &str) -> Result<cwm::windows::ThawReport, String> {
+    s.windows
+        .thaw(
+            &cwm::windows::ThawRequest {
+                window_name: name.into(),
+                new_session_id: Some(session.into()),
+            },
+            &|_, _| {},
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// A fresh server on `cfg` thaws window `name` under a new session and serves it byte-exact.
+fn thaws_byte_exact(cfg: Config, name: &str, src: &TestKv, t: &[u32]) {
+    let s = sidecar(cfg);
+    let dst = kv();
+    let mut c = client(&s);
+    register_kv(&mut c, MODEL, 2, &dst);
+    thaw(&s, name, "thawed").expect("thaws");
+    assert_eq!(lookup(&mut c, "thawed", t, "t"), 4);
+    assert_eq!(retrieve(&mut c, "thawed", t, src, 1, &dst), (true, true));
+    s.stop();
+}
+
+#[test]
+fn with_a_key_no_file_or_redis_value_holds_the_token_ids_and_another_key_reads_none() {
+    let redis = RedisServer::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (k, other) = (key_file(keys.path(), 7), key_file(keys.path(), 8));
+    let src = kv();
+    let t = tokens(17, TOKENS);
+    let needles = TokenNeedles::of(&t);
+
+    // Without a key the token ids are on disk and in Redis: the searches can fail.
+    let plain = tempfile::tempdir().unwrap();
+    freeze_export_and_stop(
+        fleet_config(plain.path(), &redis, None),
+        &src,
+        "tenant-m",
+        &t,
+        "w-plain",
+    );
+    let found = needles.files_under(plain.path());
+    for f in ["windows/w-plain.json", "sessions.journal", "w-plain.cwmx"] {
+        assert!(
+            found.contains(&plain.path().join(f)),
+            "{f} holds the tokens without a key: {found:?}"
+        );
+    }
+    assert!(!needles.redis_keys(&redis).is_empty());
+    redis.cli(&["FLUSHALL"]);
+
+    // With a key: no file under the state directory, no Redis value.
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = |key: &Path| fleet_config(dir.path(), &redis, Some(key));
+    freeze_export_and_stop(sealed(&k), &src, "tenant-m", &t, "w");
+    assert_eq!(needles.files_under(dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(needles.redis_keys(&redis), Vec::<String>::new());
+    let manifest = std::fs::read_to_string(dir.path().join("windows/w.json")).unwrap();
+    assert!(manifest.contains("\"version\": 2"), "{manifest}");
+    assert!(!manifest.contains("secret project"), "the description is sealed");
+    thaws_byte_exact(sealed(&k), "w", &src, &t);
+
+    // Another key: the window is listed as unreadable with the reason, never thawed; the
+    // journal's entries are skipped and counted; the fleet's copy is skipped too.
+    let s = sidecar(sealed(&other));
+    let list = s
+        .windows
+        .list(&cwm::windows::ListRequest::default())
+        .unwrap();
+    assert_eq!(list.total, 1);
+    let w = &list.windows[0];
+    assert_eq!((w.name.as_str(), w.chunks), ("w", 4));
+    let reason = w.unreadable.as_deref().expect("listed as unreadable");
+    assert!(reason.contains("does not open with this server's key"), "{reason}");
+    assert!(w.description.is_empty() && w.tags.is_empty());
+    let e = thaw(&s, "w", "x").unwrap_err();
+    assert!(e.contains("unreadable"), "{e}");
+    let e = s.windows.cache_stats().encryption;
+    assert!(e.unopened_manifests >= 2, "local and fleet manifests ({e:?})");
+    assert!(e.unopened_journal_entries >= 1, "{e:?}");
+    assert!(
+        s.windows.session_list().sessions.is_empty(),
+        "no chain restored from entries that did not open"
+    );
+    s.stop();
+
+    // The right key again: the window was left as it was.
+    thaws_byte_exact(sealed(&k), "w", &src, &t);
+}
+
+#[test]
+fn an_unsealed_manifest_and_journal_are_read_by_a_server_with_a_key() {
+    use cwm::windows::FreezeRequest;
+    let keys = tempfile::tempdir().unwrap();
+    let k = key_file(keys.path(), 9);
+    let src = kv();
+    let t = tokens(18, TOKENS);
+    let needles = TokenNeedles::of(&t);
+    let dir = tempfile::tempdir().unwrap();
+    freeze_export_and_stop(config(dir.path(), None), &src, "tenant-o", &t, "old");
+    assert!(needles.found_in(&std::fs::read(dir.path().join("sessions.journal")).unwrap()));
+
+    let s = sidecar(config(dir.path(), Some(&k)));
+    let list = s.windows.list(&Default::default()).unwrap();
+    assert_eq!(list.windows[0].unreadable, None);
+    assert_eq!(list.windows[0].tokens, TOKENS);
+    // The journal was read (the session's chain freezes again) and rewritten sealed.
+    s.windows
+        .freeze(&FreezeRequest {
+            session_id: "tenant-o".into(),
+            window_name: "again".into(),
+            ..Default::default()
+        })
+        .expect("the restored chain freezes");
+    assert!(!needles.found_in(&std::fs::read(dir.path().join("sessions.journal")).unwrap()));
+    s.stop();
+    thaws_byte_exact(config(dir.path(), Some(&k)), "old", &src, &t);
+    thaws_byte_exact(config(dir.path(), Some(&k)), "again", &src, &t);
+    // The thaw recorded its time, so the old manifest was rewritten, sealed this time.
+    assert_eq!(needles.files_under(&dir.path().join("windows")), Vec::<PathBuf>::new());
+    // The old export, imported by a fresh server with the key.
+    let fresh = tempfile::tempdir().unwrap();
+    let s = sidecar(config(fresh.path(), Some(&k)));
+    let file =
+        cwm::windows::export::WindowFile::read(&dir.path().join("old.cwmx"), Some("imported"))
+            .unwrap();
+    s.windows.import(&file).expect("imports");
+    s.stop();
+    thaws_byte_exact(config(fresh.path(), Some(&k)), "imported", &src, &t);
+    assert_eq!(needles.files_under(fresh.path()), Vec::<PathBuf>::new());
+}

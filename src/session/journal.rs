@@ -18,16 +18,29 @@
 //!
 //! Durability: each entry is one `write` to the file, so it survives a crash of cwm (kill -9);
 //! after a power loss the newest entries may be missing, as may L2's newest records.
+//!
+//! Sealed (version 2, with `--encryption-key-file`): each entry's tokens are sealed with the
+//! entry's cache_salt key for this kind (`store::seal::BlobKind::SessionJournal`), bound to
+//! the entry's offset in the file and its clear fields (model, salt, world size, time, base
+//! chain and length, token count), so an entry cannot be moved, reordered or re-pointed. The
+//! file's version follows the server: it is rewritten at every start. An entry that does not
+//! open (no key, another key) is skipped, and so is every later entry of its session (they
+//! may extend the chain it held), counted in `Replay::unopened`; never guessed.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::store::le::{self, LeReader, PutLe};
+use crate::store::seal::{BlobKind, Sealer};
 
 const MAGIC: &[u8; 4] = b"CWMS";
+/// Entries with their tokens in the clear.
 const VERSION: u16 = 1;
+/// Entries with their tokens sealed.
+const SEALED_VERSION: u16 = 2;
 const HEADER: usize = 8;
 /// An entry larger than this is refused on write and ends a replay (16 M tokens).
 const MAX_ENTRY_BYTES: usize = 64 << 20;
@@ -53,6 +66,7 @@ pub struct Entry {
 /// The open journal: appends go to `file`.
 pub struct Journal {
     path: PathBuf,
+    sealer: Sealer,
     file: File,
     bytes: u64,
     compacted_bytes: u64,
@@ -64,6 +78,9 @@ pub struct Replay {
     pub entries: usize,
     /// Bytes after the last good entry (a torn or corrupt tail), dropped.
     pub dropped_bytes: u64,
+    /// Sealed entries skipped: they did not open, or followed one of their session's that
+    /// did not.
+    pub unopened: usize,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -76,7 +93,9 @@ pub fn to_millis(t: SystemTime) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis(t))
 }
 
-pub fn encode(e: &Entry) -> io::Result<Vec<u8>> {
+/// Entry `e` as the bytes to write at `offset` in the file: its tokens sealed when `sealer`
+/// has a key (the file is then version 2).
+pub fn encode(e: &Entry, sealer: &Sealer, offset: u64) -> io::Result<Vec<u8>> {
     let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "journal entry too large");
     let mut b = Vec::with_capacity(40 + e.model.len() + e.cache_salt.len() + 4 * e.suffix.len());
     b.put_u32(0); // length, filled below
@@ -90,8 +109,11 @@ pub fn encode(e: &Entry) -> io::Result<Vec<u8>> {
     b.push(index);
     b.put_u32(len);
     b.put_u32(u32::try_from(e.suffix.len()).map_err(|_| too_big())?);
-    for t in &e.suffix {
-        b.put_u32(*t);
+    let tokens: Vec<u8> = e.suffix.iter().flat_map(|t| t.to_le_bytes()).collect();
+    let aad = tokens_aad(offset, &b[4..]);
+    match sealer.seal_blob(BlobKind::SessionJournal, &e.cache_salt, &aad, &tokens) {
+        Some(sealed) => b.extend_from_slice(&sealed),
+        None => b.extend_from_slice(&tokens),
     }
     if b.len() + 4 > MAX_ENTRY_BYTES {
         return Err(too_big());
@@ -102,37 +124,85 @@ pub fn encode(e: &Entry) -> io::Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Entries of `b` (a whole journal file) up to the first that is not intact.
-pub fn decode(b: &[u8]) -> Result<(Vec<Entry>, Replay), String> {
+/// What a sealed entry's tokens are bound to: the entry's offset in the file and its clear
+/// fields (the bytes from the model name to the token count).
+fn tokens_aad(offset: u64, clear: &[u8]) -> Vec<u8> {
+    [&offset.to_le_bytes()[..], clear].concat()
+}
+
+/// Entries of `b` (a whole journal file) up to the first that is not intact; sealed ones
+/// opened with `sealer`, those that do not open skipped (with the rest of their session).
+pub fn decode(b: &[u8], sealer: &Sealer) -> Result<(Vec<Entry>, Replay), String> {
     let mut r = LeReader::new(b);
     if r.array::<4>().as_ref() != Some(MAGIC) {
         return Err("not a session journal (bad magic)".into());
     }
-    match r.u16() {
-        Some(VERSION) => {}
+    let sealed = match r.u16() {
+        Some(VERSION) => false,
+        Some(SEALED_VERSION) => true,
         v => {
             return Err(format!(
-                "session journal version {v:?}; this cwm reads {VERSION}"
+                "session journal version {v:?}; this cwm reads {VERSION} and {SEALED_VERSION}"
             ))
         }
-    }
+    };
     r.u16();
     let mut entries = Vec::new();
+    let mut locked = HashSet::new();
+    let mut unopened = 0;
     let mut at = HEADER;
     while at < b.len() {
-        let Some(e) = entry(&b[at..]) else { break };
-        at += e.0;
-        entries.push(e.1);
+        let Some((len, mut e, fields)) = entry(&b[at..], sealed) else {
+            break;
+        };
+        if sealed {
+            let session = (e.model.clone(), e.cache_salt.clone());
+            let aad = tokens_aad(at as u64, fields.clear);
+            let opened = (!locked.contains(&session))
+                .then(|| {
+                    sealer
+                        .open_blob(BlobKind::SessionJournal, &e.cache_salt, &aad, fields.tokens)
+                        .ok()
+                })
+                .flatten();
+            match opened.filter(|t| t.len() % 4 == 0) {
+                Some(tokens) => e.suffix = tokens_of(&tokens),
+                None => {
+                    locked.insert(session);
+                    unopened += 1;
+                    at += len;
+                    continue;
+                }
+            }
+        }
+        at += len;
+        entries.push(e);
     }
     let replay = Replay {
         entries: entries.len(),
         dropped_bytes: (b.len() - at) as u64,
+        unopened,
     };
     Ok((entries, replay))
 }
 
-/// One entry at the front of `b` and its size, if intact.
-fn entry(b: &[u8]) -> Option<(usize, Entry)> {
+fn tokens_of(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// An entry's bytes a sealed file needs to open its tokens.
+struct Fields<'a> {
+    /// From the model name to the token count.
+    clear: &'a [u8],
+    /// The token field as stored (sealed: nonce, ciphertext, tag).
+    tokens: &'a [u8],
+}
+
+/// One entry at the front of `b` and its size, if intact; with `sealed`, its tokens are left
+/// to open (`Fields`).
+fn entry(b: &[u8], sealed: bool) -> Option<(usize, Entry, Fields<'_>)> {
     let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
     if len > MAX_ENTRY_BYTES {
         return None;
@@ -149,12 +219,13 @@ fn entry(b: &[u8]) -> Option<(usize, Entry)> {
     let updated = UNIX_EPOCH + Duration::from_millis(r.u64()?);
     let (index, base_len) = (r.u8()?, r.u32()?);
     let n = r.u32()? as usize;
-    let suffix = r
-        .bytes(n.checked_mul(4)?)?
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
+    let clear_len = fields.len() - 4 - r.remaining();
+    let stored = n
+        .checked_mul(4)?
+        .checked_add(if sealed { crate::store::seal::OVERHEAD } else { 0 })?;
+    let tokens = r.bytes(stored)?;
     r.is_empty().then_some(())?;
+    let suffix = if sealed { Vec::new() } else { tokens_of(tokens) };
     let e = Entry {
         model,
         cache_salt,
@@ -163,12 +234,17 @@ fn entry(b: &[u8]) -> Option<(usize, Entry)> {
         base: (index != NO_BASE).then_some((index, base_len)),
         suffix,
     };
-    Some((whole.len(), e))
+    let clear = &fields[4..4 + clear_len];
+    Some((whole.len(), e, Fields { clear, tokens }))
 }
 
-fn header() -> Vec<u8> {
+fn header(sealer: &Sealer) -> Vec<u8> {
     let mut b = MAGIC.to_vec();
-    b.put_u16(VERSION);
+    b.put_u16(if sealer.is_on() {
+        SEALED_VERSION
+    } else {
+        VERSION
+    });
     b.put_u16(0);
     b
 }
@@ -179,21 +255,22 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 impl Journal {
     /// The entries in `path` (none if there is no file yet), to replay before `create`.
-    pub fn read(path: &Path) -> io::Result<(Vec<Entry>, Replay)> {
+    pub fn read(path: &Path, sealer: &Sealer) -> io::Result<(Vec<Entry>, Replay)> {
         match fs::read(path) {
-            Ok(b) => decode(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            Ok(b) => decode(&b, sealer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Default::default()),
             Err(e) => Err(e),
         }
     }
 
     /// Replace the file at `path` with `entries` (the whole index), durably, and open it for
-    /// appends.
-    pub fn create(path: &Path, entries: &[Entry]) -> io::Result<Journal> {
+    /// appends; sealed (version 2) when `sealer` has a key.
+    pub fn create(path: &Path, entries: &[Entry], sealer: Sealer) -> io::Result<Journal> {
         let tmp = path.with_extension("journal.tmp");
-        let mut b = header();
+        let mut b = header(&sealer);
         for e in entries {
-            b.extend_from_slice(&encode(e)?);
+            let encoded = encode(e, &sealer, b.len() as u64)?;
+            b.extend_from_slice(&encoded);
         }
         {
             let mut f = File::create(&tmp)?;
@@ -207,6 +284,7 @@ impl Journal {
         let file = OpenOptions::new().append(true).open(path)?;
         Ok(Journal {
             path: path.to_path_buf(),
+            sealer,
             file,
             bytes: b.len() as u64,
             compacted_bytes: b.len() as u64,
@@ -215,7 +293,7 @@ impl Journal {
 
     /// Append one entry. True when the file has grown enough to be compacted.
     pub fn append(&mut self, e: &Entry) -> io::Result<bool> {
-        let b = encode(e)?;
+        let b = encode(e, &self.sealer, self.bytes)?;
         self.file.write_all(&b)?;
         self.bytes += b.len() as u64;
         Ok(self.bytes > 2 * self.compacted_bytes + COMPACT_SLACK)
@@ -223,7 +301,7 @@ impl Journal {
 
     /// Rewrite the journal as `entries` (the whole index).
     pub fn compact(&mut self, entries: &[Entry]) -> io::Result<()> {
-        *self = Journal::create(&self.path, entries)?;
+        *self = Journal::create(&self.path, entries, self.sealer.clone())?;
         Ok(())
     }
 
@@ -258,37 +336,81 @@ mod tests {
         let path = dir.path().join("sessions.journal");
         let a = entry(None, (0..300).collect());
         let b = entry(Some((0, 256)), vec![7, 8, 9]);
-        let mut j = Journal::create(&path, std::slice::from_ref(&a)).unwrap();
+        let mut j = Journal::create(&path, std::slice::from_ref(&a), Sealer::default()).unwrap();
         j.append(&b).unwrap();
-        let (got, replay) = Journal::read(&path).unwrap();
+        let (got, replay) = Journal::read(&path, &Sealer::default()).unwrap();
         assert_eq!(got, vec![a.clone(), b.clone()]);
         assert_eq!(replay.dropped_bytes, 0);
 
         // A crash in the middle of an append: the good entries stay, the tail is dropped.
         let whole = fs::read(&path).unwrap();
         fs::write(&path, &whole[..whole.len() - 5]).unwrap();
-        let (got, replay) = Journal::read(&path).unwrap();
+        let (got, replay) = Journal::read(&path, &Sealer::default()).unwrap();
         assert_eq!(got, vec![a]);
         assert!(replay.dropped_bytes > 0);
     }
 
     #[test]
     fn every_flipped_byte_ends_the_replay_there() {
-        let b = [header(), encode(&entry(None, vec![1, 2, 3])).unwrap()].concat();
+        let plain = Sealer::default();
+        let entry = encode(&entry(None, vec![1, 2, 3]), &plain, HEADER as u64).unwrap();
+        let b = [header(&plain), entry].concat();
         for i in HEADER..b.len() {
             let mut bad = b.clone();
             bad[i] ^= 0x40;
-            let (got, replay) = decode(&bad).unwrap();
+            let (got, replay) = decode(&bad, &plain).unwrap();
             assert!(got.is_empty(), "byte {i}: {got:?}");
             assert_eq!(replay.dropped_bytes as usize, b.len() - HEADER);
         }
-        assert!(decode(b"CWMX\x01\0\0\0").is_err());
+        assert!(decode(b"CWMX\x01\0\0\0", &plain).is_err());
+    }
+
+    fn keyed(byte: u8) -> Sealer {
+        use crate::store::seal::{ServerKey, KEY_LEN};
+        Sealer::new(Some(ServerKey::from_bytes([byte; KEY_LEN])))
+    }
+
+    #[test]
+    fn sealed_entries_hide_their_tokens_and_skip_their_session_when_they_do_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.journal");
+        let a = entry(None, (1000..1300).collect());
+        let b = entry(Some((0, 256)), vec![7, 8, 9]);
+        let other = Entry {
+            cache_salt: "bob".into(),
+            ..entry(None, vec![5; 16])
+        };
+        let mut j = Journal::create(&path, std::slice::from_ref(&a), keyed(1)).unwrap();
+        j.append(&b).unwrap();
+        j.append(&other).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(&bytes[4..6], &SEALED_VERSION.to_le_bytes());
+        let run: Vec<u8> = (1000..1004u32).flat_map(u32::to_le_bytes).collect();
+        assert!(!bytes.windows(run.len()).any(|w| w == run));
+        let (got, replay) = decode(&bytes, &keyed(1)).unwrap();
+        assert_eq!(got, vec![a.clone(), b, other]);
+        assert_eq!(replay.unopened, 0);
+        for wrong in [keyed(2), Sealer::default()] {
+            let (got, replay) = decode(&bytes, &wrong).unwrap();
+            assert!(got.is_empty());
+            assert_eq!((replay.unopened, replay.dropped_bytes), (3, 0));
+            assert_eq!(wrong.stats().unopened_journal_entries, 3);
+        }
+        // Entries moved to other offsets (the first one cut out) do not open.
+        let first = HEADER + u32::from_le_bytes(bytes[HEADER..HEADER + 4].try_into().unwrap()) as usize + 4;
+        let moved = [&bytes[..HEADER], &bytes[first..]].concat();
+        let (got, replay) = decode(&moved, &keyed(1)).unwrap();
+        assert_eq!((got, replay.unopened), (vec![], 2));
+        // A plain journal is read by a server with a key.
+        let plain = dir.path().join("plain.journal");
+        Journal::create(&plain, std::slice::from_ref(&a), Sealer::default()).unwrap();
+        assert_eq!(Journal::read(&plain, &keyed(1)).unwrap().0, vec![a]);
     }
 
     #[test]
     fn growth_asks_for_compaction() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(&dir.path().join("j"), &[]).unwrap();
+        let mut j = Journal::create(&dir.path().join("j"), &[], Sealer::default()).unwrap();
         let big = entry(None, vec![0; 100_000]);
         let asked: Vec<bool> = (0..7).map(|_| j.append(&big).unwrap()).collect();
         assert_eq!(asked, [false, false, true, true, true, true, true]);

@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 
 use journal::{Entry, Journal, Replay};
 
+use crate::store::seal::Sealer;
+
 /// Chains kept per session (a journal entry names one by its position in a byte).
 pub const MAX_CHAINS: usize = 8;
 const _: () = assert!(MAX_CHAINS < u8::MAX as usize);
@@ -123,9 +125,20 @@ impl SessionIndex {
     }
 
     /// Replay the journal at `path` (if any) into this index, rewrite it compacted, and
-    /// journal every change from now on. Call before the index is used.
-    pub fn attach_journal(&self, path: &Path) -> std::io::Result<Restored> {
-        let (entries, replay) = Journal::read(path)?;
+    /// journal every change from now on, sealed when `sealer` has a key (which also opens
+    /// sealed entries; those that do not open are skipped and counted). Call before the index
+    /// is used.
+    pub fn attach_journal(&self, path: &Path, sealer: Sealer) -> std::io::Result<Restored> {
+        let (entries, replay) = Journal::read(path, &sealer)?;
+        if replay.unopened > 0 {
+            tracing::error!(
+                path = %path.display(),
+                skipped = replay.unopened,
+                "session journal entries sealed under another key (or this server has no \
+                 --encryption-key-file) did not open: skipped, and left out of the journal \
+                 rewritten now"
+            );
+        }
         let mut inner = self.inner.lock();
         for e in &entries {
             let key: SessionKey = (e.model.as_str().into(), e.cache_salt.as_str().into());
@@ -156,7 +169,7 @@ impl SessionIndex {
             }
         }
         let whole = inner.entries();
-        inner.journal = Some(Journal::create(path, &whole)?);
+        inner.journal = Some(Journal::create(path, &whole, sealer)?);
         Ok(Restored {
             sessions: inner.sessions.len(),
             chains: whole.len(),
@@ -419,7 +432,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions.journal");
         let idx = SessionIndex::default();
-        assert_eq!(idx.attach_journal(&path).unwrap(), Restored::default());
+        assert_eq!(idx.attach_journal(&path, Sealer::default()).unwrap(), Restored::default());
         // Conversations that grow turn by turn, branch, shrink back and overflow a session.
         let mut seed = 1u32;
         for turn in 0..400u32 {
@@ -434,7 +447,7 @@ mod tests {
         assert!(before.len() > 20, "{}", before.len());
 
         let again = SessionIndex::default();
-        let restored = again.attach_journal(&path).unwrap();
+        let restored = again.attach_journal(&path, Sealer::default()).unwrap();
         assert!(snapshot(&again) == before, "the replayed index differs");
         assert_eq!(
             restored.sessions, 5,
@@ -448,7 +461,7 @@ mod tests {
         // Replay compacted the file: a third start reads the index in full chains.
         let third = SessionIndex::default();
         assert_eq!(
-            third.attach_journal(&path).unwrap().replay.entries,
+            third.attach_journal(&path, Sealer::default()).unwrap().replay.entries,
             before.len()
         );
         assert!(
@@ -462,7 +475,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions.journal");
         let idx = SessionIndex::default();
-        idx.attach_journal(&path).unwrap();
+        idx.attach_journal(&path, Sealer::default()).unwrap();
         // One growing 64k-token conversation: each turn appends only its new tokens, and the
         // file is compacted several times on the way.
         let t: Vec<u32> = (0..65_536).collect();
@@ -475,7 +488,7 @@ mod tests {
             "deltas, not whole chains: {size} bytes"
         );
         let again = SessionIndex::default();
-        again.attach_journal(&path).unwrap();
+        again.attach_journal(&path, Sealer::default()).unwrap();
         assert!(
             snapshot(&again) == snapshot(&idx),
             "the replayed index differs"

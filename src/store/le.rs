@@ -83,6 +83,11 @@ impl<'a> LeReader<'a> {
         self.array().map(u64::from_le_bytes)
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     /// Whether every byte has been read.
     pub fn is_empty(&self) -> bool {
         self.rest.is_empty()

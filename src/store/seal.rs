@@ -23,6 +23,13 @@
 //! [`SealError`], counted here ([`SealStats`]) and by the tier that read it, and a miss for
 //! the caller: never bytes. Records without the flag (version 1) are read as before, with or
 //! without a key. L1 is never sealed: it is memory.
+//!
+//! **Blobs** (`seal_blob`/`open_blob`): the same cipher for the tenant's data in other formats
+//! (window manifests' token ids, the session journal's tokens), each [`BlobKind`] under its
+//! own per-salt key (HKDF info [`BlobKind::info`], so a manifest key never equals a record
+//! key), with a fresh random nonce and associated data the owning format chooses (what the
+//! blob belongs to). The byte layouts stay with their formats (`windows::catalog`,
+//! `session::journal`).
 
 use std::fmt;
 use std::io::Read;
@@ -54,6 +61,57 @@ pub const HKDF_SALT: &[u8] = b"cwm record sealing, format 2";
 pub const HKDF_INFO: &[u8] = b"cwm cache_salt key\0";
 /// The start of every sealed record's associated data.
 pub const AAD_CONTEXT: &[u8] = b"CWMR sealed v2\0";
+
+/// What a sealed blob holds: each kind has its own key per salt and its own associated data
+/// prefix, so a blob of one kind never opens as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobKind {
+    /// A window manifest's sealed part (`windows::catalog`, manifest version 2).
+    WindowManifest,
+    /// A session journal entry's tokens (`session::journal`, journal version 2).
+    SessionJournal,
+}
+
+impl BlobKind {
+    /// HKDF info of this kind's per-salt key, before the cache_salt's bytes.
+    pub fn info(self) -> &'static [u8] {
+        match self {
+            BlobKind::WindowManifest => b"cwm window manifest key\0",
+            BlobKind::SessionJournal => b"cwm session journal key\0",
+        }
+    }
+
+    /// The start of this kind's associated data; the owning format appends what the blob
+    /// belongs to.
+    pub fn aad_context(self) -> &'static [u8] {
+        match self {
+            BlobKind::WindowManifest => b"CWMW sealed v2\0",
+            BlobKind::SessionJournal => b"CWMS sealed v2\0",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            BlobKind::WindowManifest => "window manifest",
+            BlobKind::SessionJournal => "session journal entry",
+        }
+    }
+}
+
+/// Why a sealed blob did not open: its contents stay unknown, never guessed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum BlobError {
+    #[error(
+        "{what} of cache_salt {salt:?} is sealed (encryption at rest) and this server has no \
+         --encryption-key-file"
+    )]
+    NoKey { what: &'static str, salt: String },
+    #[error(
+        "{what} of cache_salt {salt:?} does not open with this server's key (sealed under \
+         another --encryption-key-file, moved, or altered)"
+    )]
+    WrongKey { what: &'static str, salt: String },
+}
 
 /// Why a key file was refused at start.
 #[derive(Debug, Error)]
@@ -135,8 +193,13 @@ impl ServerKey {
 
     /// The AES-256-GCM key of `cache_salt`'s records.
     fn salt_key(&self, cache_salt: &str) -> LessSafeKey {
+        self.derived_key(HKDF_INFO, cache_salt)
+    }
+
+    /// The AES-256-GCM key for `info` (a kind's label) and `cache_salt`.
+    fn derived_key(&self, label: &[u8], cache_salt: &str) -> LessSafeKey {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&self.0);
-        let info = [HKDF_INFO, cache_salt.as_bytes()];
+        let info = [label, cache_salt.as_bytes()];
         let okm = prk
             .expand(&info, &AES_256_GCM)
             .expect("32 bytes is within HKDF-SHA256's output limit");
@@ -186,6 +249,20 @@ struct SealCounters {
     opened: AtomicU64,
     no_key: AtomicU64,
     wrong_key: AtomicU64,
+    manifests_sealed: AtomicU64,
+    manifests_unopened: AtomicU64,
+    journal_sealed: AtomicU64,
+    journal_unopened: AtomicU64,
+}
+
+impl SealCounters {
+    /// (sealed, did not open) of `kind`.
+    fn of(&self, kind: BlobKind) -> (&AtomicU64, &AtomicU64) {
+        match kind {
+            BlobKind::WindowManifest => (&self.manifests_sealed, &self.manifests_unopened),
+            BlobKind::SessionJournal => (&self.journal_sealed, &self.journal_unopened),
+        }
+    }
 }
 
 /// Encryption at rest, as `/status` and `/metrics` show it.
@@ -199,6 +276,19 @@ pub struct SealStats {
     pub unopened_no_key: u64,
     /// Sealed records that did not open with this server's key: misses.
     pub unopened_wrong_key: u64,
+    /// Window manifests sealed (written locally, to L3, into exports).
+    #[serde(default)]
+    pub sealed_manifests: u64,
+    /// Sealed window manifests that did not open (no key or another key): those windows are
+    /// listed as unreadable (local) or skipped (L3), never thawed.
+    #[serde(default)]
+    pub unopened_manifests: u64,
+    /// Session journal entries sealed.
+    #[serde(default)]
+    pub sealed_journal_entries: u64,
+    /// Sealed session journal entries that did not open at start: skipped.
+    #[serde(default)]
+    pub unopened_journal_entries: u64,
 }
 
 /// Seals records as they are encoded and opens them as they are decoded; without a key it
@@ -325,6 +415,80 @@ impl Sealer {
         Ok(codec::decompress(h.codec, &payload, out)?)
     }
 
+    /// Seal `plain` as a blob of `kind` for `cache_salt`: nonce (12 random bytes) ++
+    /// ciphertext ++ tag, `aad` (after the kind's context) bound to it. None without a key:
+    /// the caller writes its plain format.
+    pub fn seal_blob(
+        &self,
+        kind: BlobKind,
+        cache_salt: &str,
+        aad: &[u8],
+        plain: &[u8],
+    ) -> Option<Vec<u8>> {
+        let server_key = self.key.as_ref()?;
+        let mut out = Vec::with_capacity(OVERHEAD + plain.len());
+        out.resize(NONCE_LEN, 0);
+        SystemRandom::new()
+            .fill(&mut out)
+            .expect("the OS random number generator fails only on a broken system");
+        let nonce = Nonce::try_assume_unique_for_key(&out).expect("NONCE_LEN bytes");
+        out.extend_from_slice(plain);
+        let tag = server_key
+            .derived_key(kind.info(), cache_salt)
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(blob_aad(kind, aad)),
+                &mut out[NONCE_LEN..],
+            )
+            .expect("AES-GCM seals any blob below 64 GiB");
+        out.extend_from_slice(tag.as_ref());
+        self.counters.of(kind).0.fetch_add(1, Relaxed);
+        Some(out)
+    }
+
+    /// Open a blob `seal_blob` made for the same kind, salt and `aad`. A failure is counted
+    /// for `kind` and gives no byte of the contents.
+    pub fn open_blob(
+        &self,
+        kind: BlobKind,
+        cache_salt: &str,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, BlobError> {
+        let result = self.open_blob_uncounted(kind, cache_salt, aad, sealed);
+        if result.is_err() {
+            self.counters.of(kind).1.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    fn open_blob_uncounted(
+        &self,
+        kind: BlobKind,
+        cache_salt: &str,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, BlobError> {
+        let (what, salt) = (kind.what(), cache_salt.to_string());
+        let Some(server_key) = &self.key else {
+            return Err(BlobError::NoKey { what, salt });
+        };
+        let wrong_key = || BlobError::WrongKey { what, salt };
+        if sealed.len() < OVERHEAD {
+            return Err(wrong_key());
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("NONCE_LEN bytes");
+        let mut plain = rest.to_vec();
+        let opened = server_key
+            .derived_key(kind.info(), cache_salt)
+            .open_in_place(nonce, Aad::from(blob_aad(kind, aad)), &mut plain)
+            .map_err(|_| wrong_key())?
+            .len();
+        plain.truncate(opened);
+        Ok(plain)
+    }
+
     pub fn stats(&self) -> SealStats {
         let c = &self.counters;
         SealStats {
@@ -333,8 +497,17 @@ impl Sealer {
             opened_records: c.opened.load(Relaxed),
             unopened_no_key: c.no_key.load(Relaxed),
             unopened_wrong_key: c.wrong_key.load(Relaxed),
+            sealed_manifests: c.manifests_sealed.load(Relaxed),
+            unopened_manifests: c.manifests_unopened.load(Relaxed),
+            sealed_journal_entries: c.journal_sealed.load(Relaxed),
+            unopened_journal_entries: c.journal_unopened.load(Relaxed),
         }
     }
+}
+
+/// A blob's associated data: its kind's context, then what the owning format binds.
+fn blob_aad(kind: BlobKind, aad: &[u8]) -> Vec<u8> {
+    [kind.aad_context(), aad].concat()
 }
 
 /// What a sealed record's tag also covers: everything the header says about the payload.
@@ -503,6 +676,45 @@ mod tests {
         let r = Record::parse(&sealed, 0).unwrap();
         let mut out = vec![0; raw.len()];
         assert!(matches!(r.decode_into(&mut out), Err(CodecError::Sealed)));
+    }
+
+    #[test]
+    fn blobs_open_only_with_their_kind_salt_context_and_key() {
+        let s = sealer(1);
+        let plain = b"token ids 1 2 3".to_vec();
+        let m = BlobKind::WindowManifest;
+        let a = s.seal_blob(m, "alice", b"win-a", &plain).unwrap();
+        let b = s.seal_blob(m, "alice", b"win-a", &plain).unwrap();
+        assert_ne!(a, b, "a fresh nonce per seal");
+        assert!(!a.windows(plain.len()).any(|w| w == plain));
+        assert_eq!(s.open_blob(m, "alice", b"win-a", &a).unwrap(), plain);
+        let wrong = |r: Result<Vec<u8>, BlobError>| matches!(r, Err(BlobError::WrongKey { .. }));
+        assert!(wrong(s.open_blob(m, "bob", b"win-a", &a)));
+        assert!(wrong(s.open_blob(m, "alice", b"win-b", &a)));
+        assert!(wrong(s.open_blob(BlobKind::SessionJournal, "alice", b"win-a", &a)));
+        assert!(wrong(sealer(2).open_blob(m, "alice", b"win-a", &a)));
+        assert!(wrong(s.open_blob(m, "alice", b"win-a", &a[..20])));
+        assert!(matches!(
+            Sealer::default().open_blob(m, "alice", b"win-a", &a),
+            Err(BlobError::NoKey { .. })
+        ));
+        assert!(Sealer::default().seal_blob(m, "alice", b"", &plain).is_none());
+        // A manifest key is not the record key of the same salt.
+        let k = ServerKey::from_bytes([1; KEY_LEN]);
+        let n = [0; NONCE_LEN];
+        let seal_with = |key: LessSafeKey| {
+            let mut buf = plain.clone();
+            key.seal_in_place_append_tag(Nonce::assume_unique_for_key(n), Aad::empty(), &mut buf)
+                .unwrap();
+            buf
+        };
+        assert_ne!(
+            seal_with(k.salt_key("alice")),
+            seal_with(k.derived_key(m.info(), "alice"))
+        );
+        let st = s.stats();
+        assert_eq!((st.sealed_manifests, st.unopened_manifests), (2, 5));
+        assert_eq!(st.sealed_journal_entries, 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::catalog::Window;
+use super::catalog::{Unreadable, Window};
 
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct FreezeRequest {
@@ -36,6 +36,22 @@ pub struct WindowSummary {
     pub description: String,
     pub tags: Vec<String>,
     pub cloned_from: Option<String>,
+    /// Set when the window's manifest is sealed and does not open with this server's key
+    /// (or it has none): why. Such a window cannot be thawed, cloned or exported here (its
+    /// description and tags are sealed too); it can be deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+}
+
+impl From<&Unreadable> for WindowSummary {
+    fn from(u: &Unreadable) -> Self {
+        let w = &u.window;
+        WindowSummary {
+            tokens: w.chunks() * w.chunk_size,
+            unreadable: Some(u.reason.to_string()),
+            ..WindowSummary::from(w)
+        }
+    }
 }
 
 impl From<&Window> for WindowSummary {
@@ -55,6 +71,7 @@ impl From<&Window> for WindowSummary {
             description: w.description.clone(),
             tags: w.tags.clone(),
             cloned_from: w.cloned_from.clone(),
+            unreadable: None,
         }
     }
 }

@@ -6,6 +6,15 @@
 //!
 //! Format versioned (`version`, see docs/FORMATS.md); a manifest of an unknown version or one
 //! that does not parse is skipped with an error in the log, never half-loaded.
+//!
+//! With `--encryption-key-file` a manifest is written as version 2 (`encode_manifest`, the one
+//! encoding of local files, the fleet's catalog in Redis and exports): the tenant's data
+//! (token ids, description, tags) is sealed (`store::seal`, the window's `session_id` key)
+//! and bound to the fields that stay clear to find the window's records (name, salts,
+//! model, world and chunk size, chunk hashes). In memory a window is always the plain shape;
+//! version 1 manifests stay readable with or without a key. A version 2 manifest that does
+//! not open is kept as `Unreadable` (listed with its reason, its records still pinned, its
+//! name still taken; it can be deleted), never thawed.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -17,9 +26,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use connector_protocol::{kv_rank, ChunkHash, ObjectKey};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::le::PutLe;
+use crate::store::seal::{BlobError, BlobKind, Sealer};
 
 pub const FORMAT: &str = "cwm-window";
+/// The plain manifest, and the shape of every window in memory.
 pub const VERSION: u32 = 1;
+/// A manifest whose token ids, description and tags are sealed (`sealed`, hex).
+pub const SEALED_VERSION: u32 = 2;
+/// The fields version 2 seals.
+const SEALED_FIELDS: [&str; 3] = ["tokens", "description", "tags"];
 
 /// A frozen context window, as persisted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,9 +122,24 @@ impl Window {
 
     /// Structural checks of a manifest read from disk or an import.
     pub fn check(&self) -> Result<(), String> {
+        self.check_clear()?;
+        if self.tokens.len() != self.chunk_hashes.len() * self.chunk_size {
+            return Err(format!(
+                "{} tokens for {} chunks of {}",
+                self.tokens.len(),
+                self.chunk_hashes.len(),
+                self.chunk_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks of the fields a sealed manifest keeps in the clear.
+    fn check_clear(&self) -> Result<(), String> {
         if self.format != FORMAT || self.version != VERSION {
             return Err(format!(
-                "format {} version {}, this build reads {FORMAT} version {VERSION}",
+                "format {} version {}, this build reads {FORMAT} versions {VERSION} and \
+                 {SEALED_VERSION}",
                 self.format, self.version
             ));
         }
@@ -117,19 +150,132 @@ impl Window {
         if self.hashes().len() != self.chunk_hashes.len() {
             return Err("a chunk hash is not 64 hex digits".into());
         }
-        if self.chunk_size == 0 || self.tokens.len() != self.chunk_hashes.len() * self.chunk_size {
-            return Err(format!(
-                "{} tokens for {} chunks of {}",
-                self.tokens.len(),
-                self.chunk_hashes.len(),
-                self.chunk_size
-            ));
+        if self.chunk_size == 0 {
+            return Err("chunk_size 0".into());
         }
         for salt in [&self.data_salt, &self.session_id, &self.source_session] {
             connector_protocol::validate_cache_salt(salt).map_err(|e| e.to_string())?;
         }
         connector_protocol::validate_model_name(&self.model).map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// A window whose manifest is sealed and did not open here: its clear fields (no tokens,
+/// description or tags) and why.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub window: Window,
+    pub reason: BlobError,
+}
+
+/// Why a manifest's bytes gave no window.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("window {:?} is unreadable: {}", .0.window.name, .0.reason)]
+    Unreadable(Box<Unreadable>),
+}
+
+/// The part of a manifest version 2 seals.
+#[derive(Serialize, Deserialize)]
+struct SealedPart {
+    tokens: Vec<u32>,
+    description: String,
+    tags: Vec<String>,
+}
+
+/// What a sealed manifest's tag also covers (after `BlobKind::WindowManifest`'s context):
+/// the clear fields that say which window and which records it belongs to.
+fn manifest_aad(w: &Window) -> Vec<u8> {
+    let mut b = Vec::new();
+    for text in [&w.name, &w.session_id, &w.data_salt, &w.model] {
+        b.put_u32(text.len() as u32);
+        b.extend_from_slice(text.as_bytes());
+    }
+    b.put_u32(w.world_size);
+    b.put_u64(w.chunk_size as u64);
+    let hashes = w.hashes();
+    b.put_u32(hashes.len() as u32);
+    hashes.iter().for_each(|h| b.extend_from_slice(&h.0));
+    b
+}
+
+/// `w` as manifest bytes (JSON): version 2 with its tenant data sealed when `sealer` has a key,
+/// else version 1.
+pub fn encode_manifest(w: &Window, sealer: &Sealer) -> Vec<u8> {
+    let encoded = (|| {
+        let part = SealedPart {
+            tokens: w.tokens.clone(),
+            description: w.description.clone(),
+            tags: w.tags.clone(),
+        };
+        let plain = serde_json::to_vec(&part)?;
+        let aad = manifest_aad(w);
+        let Some(blob) = sealer.seal_blob(BlobKind::WindowManifest, &w.session_id, &aad, &plain)
+        else {
+            return serde_json::to_vec_pretty(w);
+        };
+        let mut v = serde_json::to_value(w)?;
+        let fields = v.as_object_mut().expect("a window is a JSON object");
+        SEALED_FIELDS.iter().for_each(|f| drop(fields.remove(*f)));
+        fields.insert("version".into(), SEALED_VERSION.into());
+        fields.insert("sealed".into(), hex::encode(blob).into());
+        serde_json::to_vec_pretty(&v)
+    })();
+    encoded.expect("a window serializes to JSON")
+}
+
+/// A window from manifest bytes (either version), checked; a sealed one opened with `sealer`.
+pub fn decode_manifest(bytes: &[u8], sealer: &Sealer) -> Result<Window, ManifestError> {
+    let malformed = |e: &dyn std::fmt::Display| ManifestError::Malformed(e.to_string());
+    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| malformed(&e))?;
+    let fields = v
+        .as_object_mut()
+        .ok_or_else(|| malformed(&"not a JSON object"))?;
+    let blob = if fields.get("version").and_then(Value::as_u64) == Some(SEALED_VERSION.into()) {
+        let hex_blob = fields.remove("sealed");
+        let blob = hex_blob
+            .as_ref()
+            .and_then(Value::as_str)
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or_else(|| malformed(&"version 2 manifest without a hex `sealed` field"))?;
+        let placeholder = SealedPart {
+            tokens: Vec::new(),
+            description: String::new(),
+            tags: Vec::new(),
+        };
+        let Value::Object(p) = serde_json::to_value(placeholder).map_err(|e| malformed(&e))?
+        else {
+            unreachable!("a struct serializes to an object")
+        };
+        fields.extend(p);
+        fields.insert("version".into(), VERSION.into());
+        Some(blob)
+    } else {
+        None
+    };
+    let mut w: Window = serde_json::from_value(v).map_err(|e| malformed(&e))?;
+    let Some(blob) = blob else {
+        w.check().map_err(|e| malformed(&e))?;
+        return Ok(w);
+    };
+    w.check_clear().map_err(|e| malformed(&e))?;
+    let aad = manifest_aad(&w);
+    match sealer.open_blob(BlobKind::WindowManifest, &w.session_id, &aad, &blob) {
+        Ok(plain) => {
+            let part: SealedPart = serde_json::from_slice(&plain).map_err(|e| malformed(&e))?;
+            w.tokens = part.tokens;
+            w.description = part.description;
+            w.tags = part.tags;
+            w.check().map_err(|e| malformed(&e))?;
+            Ok(w)
+        }
+        Err(reason) => Err(ManifestError::Unreadable(Box::new(Unreadable {
+            window: w,
+            reason,
+        }))),
     }
 }
 
@@ -142,14 +288,19 @@ pub fn unix_now() -> u64 {
 /// Windows by name, mirrored in one manifest file each.
 pub struct Catalog {
     dir: PathBuf,
+    sealer: Sealer,
     windows: Mutex<BTreeMap<String, Window>>,
+    /// Sealed manifests that did not open here (locked after `windows`).
+    unreadable: Mutex<BTreeMap<String, Unreadable>>,
 }
 
 impl Catalog {
-    /// Load every manifest of `dir` (created if missing); leftover temp files are removed.
-    pub fn open(dir: &Path) -> io::Result<Catalog> {
+    /// Load every manifest of `dir` (created if missing), opening sealed ones with `sealer`
+    /// (which also seals what is written); leftover temp files are removed.
+    pub fn open(dir: &Path, sealer: Sealer) -> io::Result<Catalog> {
         fs::create_dir_all(dir)?;
         let mut windows = BTreeMap::new();
+        let mut unreadable = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -161,16 +312,23 @@ impl Catalog {
                 continue;
             }
             let parsed = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Window>(&b).map_err(|e| e.to_string()))
-                .and_then(|w| w.check().map(|()| w));
+                .map_err(|e| ManifestError::Malformed(e.to_string()))
+                .and_then(|b| decode_manifest(&b, &sealer));
+            let named = |w: &Window| format!("{}.json", w.name) == name;
             match parsed {
-                Ok(w) if format!("{}.json", w.name) == name => {
+                Ok(w) if named(&w) => {
                     windows.insert(w.name.clone(), w);
                 }
-                Ok(w) => tracing::error!(
+                Err(ManifestError::Unreadable(u)) if named(&u.window) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        window = u.window.name,
+                        "window listed as unreadable: {}", u.reason
+                    );
+                    unreadable.insert(u.window.name.clone(), *u);
+                }
+                Ok(_) | Err(ManifestError::Unreadable(_)) => tracing::error!(
                     path = %path.display(),
-                    window = w.name,
                     "window manifest's name does not match its file: skipped"
                 ),
                 Err(e) => {
@@ -180,16 +338,48 @@ impl Catalog {
         }
         Ok(Catalog {
             dir: dir.to_path_buf(),
+            sealer,
             windows: Mutex::new(windows),
+            unreadable: Mutex::new(unreadable),
         })
+    }
+
+    /// Window `name`, or why there is none to use.
+    pub fn find(&self, name: &str) -> Result<Window, CatalogError> {
+        if let Some(w) = self.get(name) {
+            return Ok(w);
+        }
+        match self.unreadable.lock().get(name) {
+            Some(u) => Err(CatalogError::Unreadable {
+                name: name.to_string(),
+                reason: u.reason.clone(),
+            }),
+            None => Err(CatalogError::Unknown(name.to_string())),
+        }
+    }
+
+    /// The windows whose sealed manifest did not open here.
+    pub fn unreadable(&self) -> Vec<Unreadable> {
+        self.unreadable.lock().values().cloned().collect()
+    }
+
+    /// Every window's clear fields, the unreadable ones' included (their records stay pinned
+    /// and named, so the right key finds them whole).
+    pub fn every_manifest(&self) -> Vec<Window> {
+        let windows = self.windows.lock();
+        let unreadable = self.unreadable.lock();
+        let shells = unreadable.values().map(|u| &u.window);
+        windows.values().chain(shells).cloned().collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Window> {
         self.windows.lock().get(name).cloned()
     }
 
+    /// Whether `name` is taken, by a window or an unreadable manifest.
     pub fn contains(&self, name: &str) -> bool {
-        self.windows.lock().contains_key(name)
+        let windows = self.windows.lock();
+        windows.contains_key(name) || self.unreadable.lock().contains_key(name)
     }
 
     pub fn all(&self) -> Vec<Window> {
@@ -207,7 +397,7 @@ impl Catalog {
     /// Persist a new window. Fails (changing nothing) if the name is taken.
     pub fn insert(&self, w: Window) -> Result<(), CatalogError> {
         let mut windows = self.windows.lock();
-        if windows.contains_key(&w.name) {
+        if windows.contains_key(&w.name) || self.unreadable.lock().contains_key(&w.name) {
             return Err(CatalogError::Taken(w.name));
         }
         self.persist(&w)?;
@@ -242,14 +432,19 @@ impl Catalog {
         Ok(true)
     }
 
+    /// Remove window `name` (an unreadable one too: its clear fields are returned).
     pub fn remove(&self, name: &str) -> Result<Window, CatalogError> {
         let mut windows = self.windows.lock();
-        if !windows.contains_key(name) {
+        let mut unreadable = self.unreadable.lock();
+        if !windows.contains_key(name) && !unreadable.contains_key(name) {
             return Err(CatalogError::Unknown(name.to_string()));
         }
         fs::remove_file(self.path(name))?;
         sync_dir(&self.dir)?;
-        Ok(windows.remove(name).expect("checked"))
+        Ok(match windows.remove(name) {
+            Some(w) => w,
+            None => unreadable.remove(name).expect("checked").window,
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -257,8 +452,7 @@ impl Catalog {
     }
 
     fn persist(&self, w: &Window) -> io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(w).map_err(io::Error::other)?;
-        replace_file(&self.path(&w.name), &bytes)
+        replace_file(&self.path(&w.name), &encode_manifest(w, &self.sealer))
     }
 }
 
@@ -285,6 +479,8 @@ pub enum CatalogError {
     Taken(String),
     #[error("no window named {0:?}")]
     Unknown(String),
+    #[error("window {name:?} is unreadable: {reason}")]
+    Unreadable { name: String, reason: BlobError },
     #[error("window catalog I/O: {0}")]
     Io(#[from] io::Error),
 }
@@ -318,11 +514,62 @@ mod tests {
         }
     }
 
+    fn keyed(byte: u8) -> Sealer {
+        use crate::store::seal::{ServerKey, KEY_LEN};
+        Sealer::new(Some(ServerKey::from_bytes([byte; KEY_LEN])))
+    }
+
+    #[test]
+    fn a_sealed_manifest_holds_no_tokens_and_opens_only_with_its_key_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = window("a");
+        w.tokens = vec![123_456, 234_567, 345_678, 456_789];
+        w.description = "the secret plan".into();
+        Catalog::open(dir.path(), keyed(1))
+            .unwrap()
+            .insert(w.clone())
+            .unwrap();
+        let text = fs::read_to_string(dir.path().join("a.json")).unwrap();
+        assert!(text.contains("\"sealed\"") && text.contains("\"version\": 2"), "{text}");
+        for secret in ["123456", "secret plan", "\"t\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(
+            Catalog::open(dir.path(), keyed(1)).unwrap().get("a"),
+            Some(w.clone())
+        );
+        // The sealed part moved under another window's name does not open.
+        let moved = text.replace("\"name\": \"a\"", "\"name\": \"b\"");
+        fs::write(dir.path().join("b.json"), moved).unwrap();
+        let c = Catalog::open(dir.path(), keyed(1)).unwrap();
+        assert!(matches!(c.find("b"), Err(CatalogError::Unreadable { .. })));
+        c.remove("b").unwrap();
+        // Another key, or none: unreadable, its name taken, its records still named.
+        for other in [keyed(2), Sealer::default()] {
+            let c = Catalog::open(dir.path(), other).unwrap();
+            assert!(c.get("a").is_none() && c.contains("a"));
+            let e = c.find("a").unwrap_err().to_string();
+            assert!(e.contains("unreadable"), "{e}");
+            assert!(matches!(c.insert(window("a")), Err(CatalogError::Taken(_))));
+            assert_eq!(c.every_manifest()[0].data_keys(), w.data_keys());
+            assert_eq!(c.unreadable().len(), 1);
+        }
+        // A plain (version 1) manifest is read by a server with a key.
+        let plain = Catalog::open(&dir.path().join("p"), Sealer::default()).unwrap();
+        plain.insert(w.clone()).unwrap();
+        let c = Catalog::open(&dir.path().join("p"), keyed(1)).unwrap();
+        assert_eq!(c.get("a"), Some(w));
+        // Deleting an unreadable window removes its file.
+        let c = Catalog::open(dir.path(), keyed(2)).unwrap();
+        assert_eq!(c.remove("a").unwrap().name, "a");
+        assert!(!dir.path().join("a.json").exists());
+    }
+
     #[test]
     fn persists_across_reopen_and_skips_garbage() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let c = Catalog::open(dir.path()).unwrap();
+            let c = Catalog::open(dir.path(), Sealer::default()).unwrap();
             c.insert(window("a")).unwrap();
             assert!(matches!(c.insert(window("a")), Err(CatalogError::Taken(_))));
             c.insert(window("b.v2")).unwrap();
@@ -345,7 +592,7 @@ mod tests {
         }
         std::fs::write(dir.path().join("junk.json"), b"{not json").unwrap();
         std::fs::write(dir.path().join("x.json.tmp"), b"half").unwrap();
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), Sealer::default()).unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c.get("a").unwrap().last_thawed_at, Some(9));
         assert!(!dir.path().join("x.json.tmp").exists());

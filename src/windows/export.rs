@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! magic "CWMX" | version u16 LE = 1 | reserved u16 = 0
-//! manifest length u32 LE | manifest (the catalog's JSON for the window)
+//! manifest length u32 LE | manifest (the catalog's JSON for the window: version 2, its
+//!   tokens sealed, when the exporting server has a key)
 //! record count u32 LE | per record: length u64 LE, then one L2 disk record (header + payload)
 //! crc32 (u32 LE) of every byte before it
 //! ```
@@ -17,10 +18,11 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::catalog::{unix_now, Window};
+use super::catalog::{decode_manifest, encode_manifest, unix_now, ManifestError, Window};
 use super::{validate_name, WindowError, WindowSummary, Windows};
 use crate::store::le::{self, CrcWriter, LeReader};
 use crate::store::record::Record;
+use crate::store::seal::Sealer;
 
 pub const MAGIC: &[u8; 4] = b"CWMX";
 pub const VERSION: u16 = 1;
@@ -33,11 +35,9 @@ impl Windows {
     /// Write window `name` to `path` (replaced atomically). Returns the file's size.
     pub fn export(&self, name: &str, path: &Path) -> Result<u64, WindowError> {
         validate_name(name)?;
-        let (tiers, catalog) = self.disk()?;
-        let w = catalog
-            .get(name)
-            .ok_or_else(|| WindowError::Unknown(name.to_string()))?;
-        let manifest = serde_json::to_vec_pretty(&w).map_err(|e| bad(e.to_string()))?;
+        let (tiers, _) = self.disk()?;
+        let w = self.find(name)?;
+        let manifest = encode_manifest(&w, tiers.sealer());
         let keys = w.data_keys();
         let tmp = path.with_extension("cwmx.tmp");
         let mut out = CrcWriter::new(BufWriter::new(File::create(&tmp)?));
@@ -67,10 +67,10 @@ impl Windows {
     /// Import a window file (read and verified by `WindowFile::read`) into this store.
     /// Nothing is written unless everything verified; a taken name changes nothing.
     pub fn import(&self, file: &WindowFile) -> Result<WindowSummary, WindowError> {
-        let (mut w, records) = parse(&file.bytes)?;
+        let (tiers, catalog) = self.disk()?;
+        let (mut w, records) = parse(&file.bytes, Some(tiers.sealer()))?;
         w.name = file.name.clone();
         let path = &file.path;
-        let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         if catalog.contains(&w.name) {
             return Err(WindowError::Taken(w.name));
@@ -110,10 +110,11 @@ pub struct WindowFile {
 }
 
 impl WindowFile {
-    /// Read and verify `path`; import it as `new_name` or the name it was exported under.
+    /// Read and verify `path`; import it as `new_name` or the name it was exported under. A
+    /// sealed manifest is opened only by `Windows::import` (it holds the key).
     pub fn read(path: &Path, new_name: Option<&str>) -> Result<WindowFile, WindowError> {
         let bytes = fs::read(path)?;
-        let (w, _) = parse(&bytes)?;
+        let (w, _) = parse(&bytes, None)?;
         let name = match new_name {
             Some(n) => {
                 validate_name(n)?;
@@ -130,9 +131,13 @@ impl WindowFile {
 }
 
 /// Verify a whole window file and split it into its manifest and its records (each verified,
-/// with its key).
+/// with its key). A sealed manifest is opened with `sealer` (one that does not open is an
+/// error); without one, only its clear fields are read and checked.
 #[allow(clippy::type_complexity)]
-fn parse(b: &[u8]) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &[u8])>), WindowError> {
+fn parse<'a>(
+    b: &'a [u8],
+    sealer: Option<&Sealer>,
+) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &'a [u8])>), WindowError> {
     if b.len() < 16 || &b[..4] != MAGIC {
         return Err(bad("not a cwm window file (bad magic)"));
     }
@@ -149,10 +154,11 @@ fn parse(b: &[u8]) -> Result<(Window, Vec<(connector_protocol::ObjectKey, &[u8])
     r.u16().ok_or_else(truncated)?; // reserved
     let mlen = r.u32().ok_or_else(truncated)? as usize;
     let manifest = r.bytes(mlen).ok_or_else(truncated)?;
-    let w: Window =
-        serde_json::from_slice(manifest).map_err(|e| bad(format!("window manifest: {e}")))?;
-    w.check()
-        .map_err(|e| bad(format!("window manifest: {e}")))?;
+    let w = match decode_manifest(manifest, sealer.unwrap_or(&Sealer::default())) {
+        Ok(w) => w,
+        Err(ManifestError::Unreadable(u)) if sealer.is_none() => u.window,
+        Err(e) => return Err(bad(format!("window manifest: {e}"))),
+    };
     let keys = w.data_keys();
     let n = r.u32().ok_or_else(truncated)? as usize;
     if n != keys.len() {
@@ -189,7 +195,7 @@ mod tests {
     #[test]
     fn rejects_garbage_without_panicking() {
         for b in [&b""[..], b"CWMX", b"XXXXxxxxxxxxxxxxxxxxxx", &[0u8; 64][..]] {
-            assert!(parse(b).is_err());
+            assert!(parse(b, None).is_err());
         }
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
@@ -199,7 +205,7 @@ mod tests {
         b.extend_from_slice(&[0; 8]);
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
-        let e = parse(&b).unwrap_err().to_string();
+        let e = parse(&b, None).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
     }
 }

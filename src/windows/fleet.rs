@@ -11,7 +11,9 @@
 //!   does not know are added to its catalog (marked `fleet`); a fleet window replaced in Redis
 //!   (an auto-save on another node) is replaced here (the new version pinned before the old
 //!   is unpinned); fleet windows gone from Redis (deleted on another node) are removed here. While Redis is unreachable the local catalog
-//!   answers as it is.
+//!   answers as it is. A sealed manifest that does not open here (another node's key) is
+//!   skipped, logged and counted once per version, and its name stays taken (by Redis).
+//!   Manifests are encoded by `catalog::encode_manifest`, sealed like local ones.
 //! - `unpublish` (delete): the manifest leaves Redis first (so the delete is seen by all), and
 //!   records no remaining window names get the cache TTL back.
 //! - `fetch` (thaw): records in neither L1 nor L2 are read from Redis (verified) into L1.
@@ -20,7 +22,7 @@ use std::collections::HashSet;
 
 use connector_protocol::ObjectKey;
 
-use super::catalog::Window;
+use super::catalog::{decode_manifest, encode_manifest, ManifestError, Window};
 use super::{WindowError, Windows};
 use crate::store::tier::WindowCatalog;
 
@@ -55,9 +57,21 @@ impl Windows {
             }
         };
         let mut fleet = HashSet::new();
+        let reported = std::mem::take(&mut *self.fleet_unreadable.lock());
         for (name, bytes) in manifests {
-            let w = match serde_json::from_slice::<Window>(&bytes) {
-                Ok(w) if w.name == name && w.check().is_ok() => w,
+            if reported.get(&name) == Some(&bytes) {
+                fleet.insert(name.clone());
+                self.fleet_unreadable.lock().insert(name, bytes);
+                continue;
+            }
+            let w = match decode_manifest(&bytes, self.cwm.tiers.sealer()) {
+                Ok(w) if w.name == name => w,
+                Err(ManifestError::Unreadable(u)) if u.window.name == name => {
+                    tracing::error!(window = name, "L3: window manifest skipped: {}", u.reason);
+                    fleet.insert(name.clone());
+                    self.fleet_unreadable.lock().insert(name, bytes);
+                    continue;
+                }
                 _ => {
                     tracing::error!(
                         window = name,
@@ -136,11 +150,11 @@ impl Windows {
                 fleet.keep(records).map_err(|e| fleet_err(&e))?;
             }
         }
-        let bytes = serde_json::to_vec(&Window {
+        let fleet_window = Window {
             fleet: true,
             ..w.clone()
-        })
-        .map_err(|e| fleet_err(&e))?;
+        };
+        let bytes = encode_manifest(&fleet_window, self.cwm.tiers.sealer());
         let created = match manifest {
             Manifest::Create => fleet.publish(&w.name, bytes),
             Manifest::Replace => fleet.replace(&w.name, bytes).map(|()| true),

@@ -165,6 +165,9 @@ pub struct Windows {
     pins: Mutex<HashMap<String, Vec<ObjectKey>>>,
     /// Sessions saved when idle (`autosave`).
     autosave: autosave::AutoSave,
+    /// The fleet's sealed manifests that did not open here, by name (their bytes: reported
+    /// and counted once per version, `fleet`).
+    fleet_unreadable: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl Windows {
@@ -177,8 +180,9 @@ impl Windows {
         auto_save_idle_secs: u64,
     ) -> Result<Windows, WindowError> {
         let l2_dir = l2_dir.filter(|_| cwm.tiers.has_lower());
+        let sealer = cwm.tiers.sealer().clone();
         let catalog = match l2_dir {
-            Some(dir) => Some(Catalog::open(&dir.join("windows"))?),
+            Some(dir) => Some(Catalog::open(&dir.join("windows"), sealer)?),
             None => None,
         };
         let w = Windows {
@@ -187,10 +191,11 @@ impl Windows {
             started: Instant::now(),
             op_lock: Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
+            fleet_unreadable: Mutex::new(HashMap::new()),
             autosave: autosave::AutoSave::open(auto_save_idle_secs, l2_dir),
         };
         if let Some(cat) = &w.catalog {
-            for win in cat.all() {
+            for win in cat.every_manifest() {
                 let keys = win.data_keys();
                 let pinned: Vec<ObjectKey> = keys
                     .iter()
@@ -208,7 +213,8 @@ impl Windows {
                     );
                 }
             }
-            tracing::info!(windows = cat.len(), "window catalog loaded");
+            let unreadable = cat.unreadable().len();
+            tracing::info!(windows = cat.len(), unreadable, "window catalog loaded");
         }
         Ok(w)
     }
@@ -223,6 +229,15 @@ impl Windows {
 
     pub fn get(&self, name: &str) -> Option<Window> {
         self.catalog.as_ref()?.get(name)
+    }
+
+    /// Window `name` to read: unknown, or unreadable (sealed under another key) with why.
+    fn find(&self, name: &str) -> Result<Window, WindowError> {
+        let (_, catalog) = self.disk()?;
+        catalog.find(name).map_err(|e| match e {
+            CatalogError::Unknown(name) => WindowError::Unknown(name),
+            e => e.into(),
+        })
     }
 
     /// Leading chunks of `hashes` whose every rank is in L1 or L2 under `salt`.
@@ -251,9 +266,7 @@ impl Windows {
         let (tiers, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
-        let src = catalog
-            .get(&req.source_window)
-            .ok_or_else(|| WindowError::Unknown(req.source_window.clone()))?;
+        let src = self.find(&req.source_window)?;
         if catalog.contains(&req.new_window_name) {
             return Err(WindowError::Taken(req.new_window_name.clone()));
         }
@@ -307,7 +320,7 @@ impl Windows {
         let named: HashSet<ObjectKey> = self
             .catalog
             .as_ref()
-            .map(|c| c.all().iter().flat_map(Window::data_keys).collect())
+            .map(|c| c.every_manifest().iter().flat_map(Window::data_keys).collect())
             .unwrap_or_default();
         let released: Vec<ObjectKey> = w
             .data_keys()

@@ -27,9 +27,12 @@ impl Windows {
                 format!("{limit}: 1..=500"),
             ));
         }
-        let matching: Vec<Window> = catalog
+        let unreadable = catalog.unreadable();
+        let mut matching: Vec<WindowSummary> = catalog
             .all()
-            .into_iter()
+            .iter()
+            .map(WindowSummary::from)
+            .chain(unreadable.iter().map(WindowSummary::from))
             .filter(|w| req.tag.as_ref().is_none_or(|t| w.tags.contains(t)))
             .filter(|w| req.model.as_ref().is_none_or(|m| &w.model == m))
             .filter(|w| {
@@ -38,13 +41,10 @@ impl Windows {
                     .is_none_or(|p| w.name.starts_with(p.as_str()))
             })
             .collect();
+        matching.sort_by(|a, b| a.name.cmp(&b.name));
         let total = matching.len();
-        let windows: Vec<WindowSummary> = matching
-            .iter()
-            .skip(offset)
-            .take(limit)
-            .map(WindowSummary::from)
-            .collect();
+        let windows: Vec<WindowSummary> =
+            matching.into_iter().skip(offset).take(limit).collect();
         let next = offset + windows.len();
         Ok(WindowList {
             total,
@@ -64,9 +64,7 @@ impl Windows {
         let window = match &req.window_name {
             Some(name) => {
                 validate_name(name)?;
-                let w = self
-                    .get(name)
-                    .ok_or_else(|| WindowError::Unknown(name.clone()))?;
+                let w = self.find(name)?;
                 Some(self.window_status(&w))
             }
             None => None,

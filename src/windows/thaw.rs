@@ -28,9 +28,7 @@ impl Windows {
         }
         let (tiers, catalog) = self.disk()?;
         self.sync();
-        let w = catalog
-            .get(&req.window_name)
-            .ok_or_else(|| WindowError::Unknown(req.window_name.clone()))?;
+        let w = self.find(&req.window_name)?;
         let cs = self.cwm.settings.chunk_size;
         if w.chunk_size != cs {
             return Err(WindowError::ChunkSize {
