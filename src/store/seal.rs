@@ -713,8 +713,11 @@ mod tests {
             seal_with(k.derived_key(m.info(), "alice"))
         );
         let st = s.stats();
-        assert_eq!((st.sealed_manifests, st.unopened_manifests), (2, 5));
-        assert_eq!(st.sealed_journal_entries, 0);
+        assert_eq!((st.sealed_manifests, st.unopened_manifests), (2, 3));
+        assert_eq!(
+            (st.sealed_journal_entries, st.unopened_journal_entries),
+            (0, 1)
+        );
     }
 
     #[test]
