@@ -648,7 +648,10 @@ fn with_a_key_no_file_or_redis_value_holds_the_token_ids_and_another_key_reads_n
     assert_eq!(needles.redis_keys(&redis), Vec::<String>::new());
     let manifest = std::fs::read_to_string(dir.path().join("windows/w.json")).unwrap();
     assert!(manifest.contains("\"version\": 2"), "{manifest}");
-    assert!(!manifest.contains("secret project"), "the description is sealed");
+    assert!(
+        !manifest.contains("secret project"),
+        "the description is sealed"
+    );
     thaws_byte_exact(sealed(&k), "w", &src, &t);
 
     // Another key: the window is listed as unreadable with the reason, never thawed; the
@@ -662,12 +665,18 @@ fn with_a_key_no_file_or_redis_value_holds_the_token_ids_and_another_key_reads_n
     let w = &list.windows[0];
     assert_eq!((w.name.as_str(), w.chunks), ("w", 4));
     let reason = w.unreadable.as_deref().expect("listed as unreadable");
-    assert!(reason.contains("does not open with this server's key"), "{reason}");
+    assert!(
+        reason.contains("does not open with this server's key"),
+        "{reason}"
+    );
     assert!(w.description.is_empty() && w.tags.is_empty());
     let e = thaw(&s, "w", "x").unwrap_err();
     assert!(e.contains("unreadable"), "{e}");
     let e = s.windows.cache_stats().encryption;
-    assert!(e.unopened_manifests >= 2, "local and fleet manifests ({e:?})");
+    assert!(
+        e.unopened_manifests >= 2,
+        "local and fleet manifests ({e:?})"
+    );
     assert!(e.unopened_journal_entries >= 1, "{e:?}");
     assert!(
         s.windows.session_list().sessions.is_empty(),
@@ -708,7 +717,10 @@ fn an_unsealed_manifest_and_journal_are_read_by_a_server_with_a_key() {
     thaws_byte_exact(config(dir.path(), Some(&k)), "old", &src, &t);
     thaws_byte_exact(config(dir.path(), Some(&k)), "again", &src, &t);
     // The thaw recorded its time, so the old manifest was rewritten, sealed this time.
-    assert_eq!(needles.files_under(&dir.path().join("windows")), Vec::<PathBuf>::new());
+    assert_eq!(
+        needles.files_under(&dir.path().join("windows")),
+        Vec::<PathBuf>::new()
+    );
     // The old export, imported by a fresh server with the key.
     let fresh = tempfile::tempdir().unwrap();
     let s = sidecar(config(fresh.path(), Some(&k)));

@@ -220,12 +220,18 @@ fn entry(b: &[u8], sealed: bool) -> Option<(usize, Entry, Fields<'_>)> {
     let (index, base_len) = (r.u8()?, r.u32()?);
     let n = r.u32()? as usize;
     let clear_len = fields.len() - 4 - r.remaining();
-    let stored = n
-        .checked_mul(4)?
-        .checked_add(if sealed { crate::store::seal::OVERHEAD } else { 0 })?;
+    let stored = n.checked_mul(4)?.checked_add(if sealed {
+        crate::store::seal::OVERHEAD
+    } else {
+        0
+    })?;
     let tokens = r.bytes(stored)?;
     r.is_empty().then_some(())?;
-    let suffix = if sealed { Vec::new() } else { tokens_of(tokens) };
+    let suffix = if sealed {
+        Vec::new()
+    } else {
+        tokens_of(tokens)
+    };
     let e = Entry {
         model,
         cache_salt,
@@ -398,7 +404,8 @@ mod tests {
             assert_eq!(wrong.stats().unopened_journal_entries, 2);
         }
         // Entries moved to other offsets (the first one cut out) do not open.
-        let first = HEADER + u32::from_le_bytes(bytes[HEADER..HEADER + 4].try_into().unwrap()) as usize + 4;
+        let first =
+            HEADER + u32::from_le_bytes(bytes[HEADER..HEADER + 4].try_into().unwrap()) as usize + 4;
         let moved = [&bytes[..HEADER], &bytes[first..]].concat();
         let (got, replay) = decode(&moved, &keyed(1)).unwrap();
         assert_eq!((got, replay.unopened), (vec![], 2));

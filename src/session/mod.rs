@@ -432,7 +432,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions.journal");
         let idx = SessionIndex::default();
-        assert_eq!(idx.attach_journal(&path, Sealer::default()).unwrap(), Restored::default());
+        assert_eq!(
+            idx.attach_journal(&path, Sealer::default()).unwrap(),
+            Restored::default()
+        );
         // Conversations that grow turn by turn, branch, shrink back and overflow a session.
         let mut seed = 1u32;
         for turn in 0..400u32 {
@@ -461,7 +464,11 @@ mod tests {
         // Replay compacted the file: a third start reads the index in full chains.
         let third = SessionIndex::default();
         assert_eq!(
-            third.attach_journal(&path, Sealer::default()).unwrap().replay.entries,
+            third
+                .attach_journal(&path, Sealer::default())
+                .unwrap()
+                .replay
+                .entries,
             before.len()
         );
         assert!(

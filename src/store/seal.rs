@@ -691,14 +691,21 @@ mod tests {
         let wrong = |r: Result<Vec<u8>, BlobError>| matches!(r, Err(BlobError::WrongKey { .. }));
         assert!(wrong(s.open_blob(m, "bob", b"win-a", &a)));
         assert!(wrong(s.open_blob(m, "alice", b"win-b", &a)));
-        assert!(wrong(s.open_blob(BlobKind::SessionJournal, "alice", b"win-a", &a)));
+        assert!(wrong(s.open_blob(
+            BlobKind::SessionJournal,
+            "alice",
+            b"win-a",
+            &a
+        )));
         assert!(wrong(sealer(2).open_blob(m, "alice", b"win-a", &a)));
         assert!(wrong(s.open_blob(m, "alice", b"win-a", &a[..20])));
         assert!(matches!(
             Sealer::default().open_blob(m, "alice", b"win-a", &a),
             Err(BlobError::NoKey { .. })
         ));
-        assert!(Sealer::default().seal_blob(m, "alice", b"", &plain).is_none());
+        assert!(Sealer::default()
+            .seal_blob(m, "alice", b"", &plain)
+            .is_none());
         // A manifest key is not the record key of the same salt.
         let k = ServerKey::from_bytes([1; KEY_LEN]);
         let n = [0; NONCE_LEN];

@@ -246,8 +246,7 @@ pub fn decode_manifest(bytes: &[u8], sealer: &Sealer) -> Result<Window, Manifest
             description: String::new(),
             tags: Vec::new(),
         };
-        let Value::Object(p) = serde_json::to_value(placeholder).map_err(|e| malformed(&e))?
-        else {
+        let Value::Object(p) = serde_json::to_value(placeholder).map_err(|e| malformed(&e))? else {
             unreachable!("a struct serializes to an object")
         };
         fields.extend(p);
@@ -530,7 +529,10 @@ mod tests {
             .insert(w.clone())
             .unwrap();
         let text = fs::read_to_string(dir.path().join("a.json")).unwrap();
-        assert!(text.contains("\"sealed\"") && text.contains("\"version\": 2"), "{text}");
+        assert!(
+            text.contains("\"sealed\"") && text.contains("\"version\": 2"),
+            "{text}"
+        );
         for secret in ["123456", "secret plan", "\"t\""] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }

@@ -320,7 +320,12 @@ impl Windows {
         let named: HashSet<ObjectKey> = self
             .catalog
             .as_ref()
-            .map(|c| c.every_manifest().iter().flat_map(Window::data_keys).collect())
+            .map(|c| {
+                c.every_manifest()
+                    .iter()
+                    .flat_map(Window::data_keys)
+                    .collect()
+            })
             .unwrap_or_default();
         let released: Vec<ObjectKey> = w
             .data_keys()

@@ -43,8 +43,7 @@ impl Windows {
             .collect();
         matching.sort_by(|a, b| a.name.cmp(&b.name));
         let total = matching.len();
-        let windows: Vec<WindowSummary> =
-            matching.into_iter().skip(offset).take(limit).collect();
+        let windows: Vec<WindowSummary> = matching.into_iter().skip(offset).take(limit).collect();
         let next = offset + windows.len();
         Ok(WindowList {
             total,
