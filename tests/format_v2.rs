@@ -1,7 +1,9 @@
 //! The version 2 record (a sealed record: docs/FORMATS.md), pinned by files that an encoder
 //! independent of this crate wrote from the documentation with Python's `cryptography`
 //! (tests/fixtures/format-v2/make_fixtures.py): AES-256-GCM under HKDF-SHA256 per-salt keys,
-//! the documented associated data, and a version 1 record in the same segment.
+//! the documented associated data, and a version 1 record in the same segment. Likewise the
+//! sealed window manifest and session journal (version 2 of each,
+//! tests/fixtures/format-v2-metadata/make_fixtures.py).
 
 use std::path::{Path, PathBuf};
 
@@ -210,4 +212,68 @@ fn an_l2_directory_of_sealed_records_serves_them_with_the_key_only() {
             .load(std::sync::atomic::Ordering::Relaxed),
         4
     );
+}
+
+fn metadata_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v2-metadata")
+}
+
+#[test]
+fn a_sealed_manifest_and_journal_written_from_the_documentation_open_with_the_key_only() {
+    use cwm::session::journal::Journal;
+    use cwm::windows::catalog::Catalog;
+    use std::time::{Duration, UNIX_EPOCH};
+    let text = std::fs::read_to_string(metadata_fixtures().join("expected.json")).unwrap();
+    let expected: Value = serde_json::from_str(&text).unwrap();
+    let tokens = |v: &Value| -> Vec<u32> {
+        let a = v.as_array().expect("an array");
+        a.iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    };
+    let key = || Sealer::new(Some(fixture_key()));
+    let other = || Sealer::new(Some(ServerKey::from_bytes([0x41; 32])));
+
+    // The manifest, from a copy of the fixture's directory (opening may tidy a directory).
+    let dir = tempfile::tempdir().unwrap();
+    let windows = dir.path().join("windows");
+    std::fs::create_dir(&windows).unwrap();
+    let manifest = metadata_fixtures().join("windows/trip.json");
+    std::fs::copy(&manifest, windows.join("trip.json")).unwrap();
+    let w = Catalog::open(&windows, key()).unwrap().get("trip").unwrap();
+    let want = &expected["window"];
+    assert_eq!(w.tokens, tokens(&want["tokens"]));
+    assert_eq!(w.description, want["description"].as_str().unwrap());
+    assert_eq!(w.tags, ["travel"]);
+    assert_eq!((w.chunks(), w.data_keys().len(), w.version), (2, 4, 1));
+    for sealer in [other(), Sealer::default()] {
+        let c = Catalog::open(&windows, sealer.clone()).unwrap();
+        assert!(c.get("trip").is_none() && c.contains("trip"));
+        assert_eq!(c.unreadable().len(), 1);
+        assert_eq!(sealer.stats().unopened_manifests, 1);
+    }
+
+    // The journal.
+    let path = metadata_fixtures().join("sessions.journal");
+    let (entries, replay) = Journal::read(&path, &key()).unwrap();
+    assert_eq!((replay.unopened, replay.dropped_bytes), (0, 0));
+    let want = expected["journal"].as_array().unwrap();
+    assert_eq!(entries.len(), want.len());
+    for (e, w) in entries.iter().zip(want) {
+        assert_eq!(e.cache_salt, w["cache_salt"].as_str().unwrap());
+        assert_eq!(e.world_size as u64, w["world_size"].as_u64().unwrap());
+        let ms = w["updated_ms"].as_u64().unwrap();
+        assert_eq!(e.updated, UNIX_EPOCH + Duration::from_millis(ms));
+        let base = w["base"]
+            .as_array()
+            .map(|b| (b[0].as_u64().unwrap() as u8, b[1].as_u64().unwrap() as u32));
+        assert_eq!(e.base, base);
+        assert_eq!(e.suffix, tokens(&w["suffix"]));
+    }
+    for sealer in [other(), Sealer::default()] {
+        let (entries, replay) = Journal::read(&path, &sealer).unwrap();
+        assert!(entries.is_empty());
+        assert_eq!(
+            replay.unopened, 3,
+            "alice's delta is skipped with her first entry"
+        );
+    }
 }
