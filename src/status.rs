@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Cwm;
+use crate::tenant::{self, TierUsage};
 
 /// L1's figures (the store's own report, serialized as is).
 pub type L1Stats = crate::store::tiered::L1Report;
@@ -34,6 +35,9 @@ pub struct CacheStats {
     /// Encryption at rest (`--encryption-key-file`): records sealed, opened, and refused.
     #[serde(default)]
     pub encryption: SealStats,
+    /// Who uses each tier (L1 first): the largest cache_salts and the rest together.
+    #[serde(default)]
+    pub tenants: Vec<TierUsage>,
 }
 
 impl CacheStats {
@@ -79,5 +83,6 @@ pub fn cache_stats(cwm: &Cwm) -> CacheStats {
         tiers: t.lower,
         write_behind: t.write_behind,
         encryption: cwm.tiers.sealer().stats(),
+        tenants: tenant::usage(&cwm.tiers),
     }
 }
