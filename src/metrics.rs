@@ -202,13 +202,17 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         let mut per_salt: Vec<(String, f64)> = usage
             .top
             .iter()
-            .map(|u| (format!("cache_salt=\"{}\"", label_value(&u.cache_salt)), c(u.bytes)))
+            .map(|u| {
+                (
+                    format!("cache_salt=\"{}\"", label_value(&u.cache_salt)),
+                    c(u.bytes),
+                )
+            })
             .collect();
         if usage.salts > usage.top.len() {
             per_salt.push(("cache_salt=\"_other\"".into(), c(usage.other_bytes)));
         }
-        let per_salt: Vec<(&str, f64)> =
-            per_salt.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let per_salt: Vec<(&str, f64)> = per_salt.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(
             &format!("{}_salt_bytes", usage.tier.to_lowercase()),
             "gauge",

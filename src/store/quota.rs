@@ -245,10 +245,17 @@ mod tests {
         q.set_default(L2, Some(7));
         q.set(L3, "alice", 5);
         assert_eq!(
-            (q.limit(L1, "alice"), q.limit(L2, "alice"), q.limit(L3, "alice")),
+            (
+                q.limit(L1, "alice"),
+                q.limit(L2, "alice"),
+                q.limit(L3, "alice")
+            ),
             (None, Some(7), Some(5))
         );
-        assert!(!q.remove(L2, "alice"), "L2's limit is the default, not hers");
+        assert!(
+            !q.remove(L2, "alice"),
+            "L2's limit is the default, not hers"
+        );
         let tiers: Vec<(QuotaTier, String)> = q
             .entries()
             .into_iter()
@@ -289,6 +296,9 @@ mod tests {
             limit_bytes: 4,
         };
         let msg = e.to_string();
-        assert!(msg.contains("_default") && msg.contains("L2 quota"), "{msg}");
+        assert!(
+            msg.contains("_default") && msg.contains("L2 quota"),
+            "{msg}"
+        );
     }
 }

@@ -128,8 +128,7 @@ impl<F> State<F> {
     fn remove(&mut self, key: &ObjectKey) -> Option<Location> {
         let loc = self.index.remove(key)?;
         self.used_bytes -= loc.record_len;
-        self.salts
-            .removed(key, &loc, self.pins.contains_key(key));
+        self.salts.removed(key, &loc, self.pins.contains_key(key));
         if let Some(seg) = self.segments.get_mut(&loc.segment) {
             seg.keys.remove(key);
         }
@@ -251,7 +250,10 @@ impl<S: Storage> DiskStore<S> {
         let mut st = self.state.lock();
         st.tick += 1;
         let tick = st.tick;
-        st.segments.get_mut(&id).expect("active segment").last_access = tick;
+        st.segments
+            .get_mut(&id)
+            .expect("active segment")
+            .last_access = tick;
         st.insert(
             key,
             Location {

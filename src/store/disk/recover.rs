@@ -10,8 +10,8 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 
 use super::checkpoint::{self, Checkpoint};
-use super::storage::{SegmentFile, Storage};
 use super::salts::SaltLedger;
+use super::storage::{SegmentFile, Storage};
 use super::{DiskConfig, DiskCounters, DiskError, DiskStore, Location, SegmentState, State};
 use crate::store::record::{self, decode_header};
 use crate::store::seal::Sealer;

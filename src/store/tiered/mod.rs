@@ -736,8 +736,7 @@ fn open_disk(
     let disk = DiskStore::open(storage, config.disk.clone())
         .map_err(|source| OpenError::L2 { path, source })?;
     Ok(Arc::new(
-        disk.sealed_with(sealer.clone())
-            .bounded_by(quotas.clone()),
+        disk.sealed_with(sealer.clone()).bounded_by(quotas.clone()),
     ))
 }
 
