@@ -73,6 +73,14 @@ fn start(config: Config) -> (Sidecar, Http, MpClient, TestKv) {
     (s, http, c, kv)
 }
 
+/// The entry of `tier` in a `GET /quota/{salt}` answer.
+fn tier_of<'a>(q: &'a Value, tier: &str) -> &'a Value {
+    q["tiers"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == tier))
+        .unwrap_or_else(|| panic!("no {tier} in {q}"))
+}
+
 fn set_quota(http: &Http, salt: &str, tier: &str, bytes: u64) -> Value {
     let (st, v) = http.put(
         &format!("/quota/{salt}"),
@@ -143,12 +151,7 @@ fn a_tenant_filling_its_l2_quota_drops_only_its_own_oldest_records() {
 
     // The report: each tier's limit and usage, the tenants in /status and /metrics.
     let (_, q) = http.get("/quota/alice");
-    let l2 = q["tiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tier"] == "l2")
-        .unwrap();
+    let l2 = tier_of(&q, "l2");
     assert_eq!(l2["limit"]["limit_bytes"].as_u64(), Some(unit), "{q}");
     assert_eq!(q["quota"], Value::Null, "no L1 limit: {q}");
     let (_, list) = http.get("/quota");
@@ -292,12 +295,7 @@ fn l2_usage_and_default_quotas_survive_a_restart() {
     assert_eq!(http.used_on("alice", "l2"), alice, "rebuilt from the index");
     assert_eq!(http.used_on("bob", "l2"), bob);
     let (_, q) = http.get("/quota/alice");
-    let l2 = q["tiers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tier"] == "l2")
-        .unwrap();
+    let l2 = tier_of(&q, "l2");
     assert_eq!(l2["limit"]["explicit"], false, "{q}");
     assert_eq!(l2["limit"]["limit_bytes"].as_u64(), Some(2 * unit), "{q}");
     store(&mut c, "alice", 3);

@@ -72,8 +72,9 @@ impl std::fmt::Display for QuotaTier {
 /// dropping everything of that salt the tier may drop. Nothing was changed.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error(
-    "cache_salt {} is over its {tier} quota: {need_bytes} more bytes on top of {kept_bytes} it \
-     must keep (frozen windows) exceed its limit of {limit_bytes} bytes",
+    "cache_salt {} is over its {tier} quota: {need_bytes} more bytes on top of {kept_bytes} the \
+     tier keeps for it (frozen windows; in L3 all it wrote) exceed its limit of {limit_bytes} \
+     bytes",
     salt_name(.cache_salt)
 )]
 pub struct OverQuota {
@@ -81,9 +82,25 @@ pub struct OverQuota {
     pub cache_salt: String,
     /// Bytes the write or freeze would add.
     pub need_bytes: u64,
-    /// Bytes of the salt the tier may not drop (pinned by windows).
+    /// Bytes of the salt the tier does not drop for it (pinned by windows; in L3 everything
+    /// this sidecar wrote).
     pub kept_bytes: u64,
     pub limit_bytes: u64,
+}
+
+/// Whether `need` more bytes of `salt` fit `limit` on `tier` on top of `kept`, bytes the tier
+/// will not drop for it.
+pub fn fit(tier: QuotaTier, salt: &str, limit: u64, kept: u64, need: u64) -> Result<(), OverQuota> {
+    if kept + need <= limit {
+        return Ok(());
+    }
+    Err(OverQuota {
+        tier,
+        cache_salt: salt.to_string(),
+        need_bytes: need,
+        kept_bytes: kept,
+        limit_bytes: limit,
+    })
 }
 
 /// Byte limits per salt and tier, shared by the tiers (which enforce them) and the admin
@@ -136,9 +153,10 @@ pub fn gb_to_bytes(gb: f64) -> Option<u64> {
 }
 
 /// Bytes per salt, largest first (ties by name): how every tier reports its tenants.
-pub fn largest_first<'a>(
-    usage: impl IntoIterator<Item = (&'a Arc<str>, &'a u64)>,
-) -> Vec<(Arc<str>, u64)> {
+pub type BySalt = Vec<(Arc<str>, u64)>;
+
+/// `usage` as `BySalt` (salts holding nothing left out).
+pub fn largest_first<'a>(usage: impl IntoIterator<Item = (&'a Arc<str>, &'a u64)>) -> BySalt {
     let mut v: Vec<(Arc<str>, u64)> = usage
         .into_iter()
         .filter(|(_, &b)| b > 0)
@@ -158,6 +176,18 @@ impl Quotas {
     pub fn limit(&self, tier: QuotaTier, salt: &str) -> Option<u64> {
         let l = &self.inner.read()[tier.index()];
         l.per_salt.get(salt).copied().or(l.default)
+    }
+
+    /// Whether `need` more bytes of `salt` fit its limit on `tier` (if any) on top of `kept`.
+    pub fn admit(
+        &self,
+        tier: QuotaTier,
+        salt: &str,
+        kept: u64,
+        need: u64,
+    ) -> Result<(), OverQuota> {
+        self.limit(tier, salt)
+            .map_or(Ok(()), |limit| fit(tier, salt, limit, kept, need))
     }
 
     /// Set `salt`'s limit on `tier`.

@@ -446,9 +446,6 @@ impl<S: Storage> DiskStore<S> {
     /// L2 lacks it) keeps the salt's pinned bytes within its L2 quota. Records pinned already
     /// count once.
     pub fn admit_pins(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
-        let Some(limit) = self.quotas.limit(QuotaTier::L2, salt) else {
-            return Ok(());
-        };
         let st = self.state.lock();
         let (_, pinned) = st.salts.usage(salt);
         let need: u64 = records
@@ -456,16 +453,7 @@ impl<S: Storage> DiskStore<S> {
             .filter(|(k, _)| !st.pins.contains_key(k) || !st.index.contains_key(k))
             .map(|(k, estimate)| st.index.get(k).map_or(*estimate, |l| l.record_len))
             .sum();
-        if pinned + need <= limit {
-            return Ok(());
-        }
-        Err(OverQuota {
-            tier: QuotaTier::L2,
-            cache_salt: salt.to_string(),
-            need_bytes: need,
-            kept_bytes: pinned,
-            limit_bytes: limit,
-        })
+        self.quotas.admit(QuotaTier::L2, salt, pinned, need)
     }
 
     pub fn occupancy(&self) -> DiskStats {

@@ -8,7 +8,7 @@ use connector_protocol::ObjectKey;
 
 use super::storage::{SegmentFile, Storage};
 use super::{DiskError, DiskStore, Location, State};
-use crate::store::quota::{OverQuota, QuotaTier};
+use crate::store::quota::{self, QuotaTier};
 
 impl<S: Storage> DiskStore<S> {
     /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
@@ -153,20 +153,12 @@ impl<S: Storage> DiskStore<S> {
             if bytes + need <= limit {
                 return Ok(());
             }
-            let oldest = limit
-                .checked_sub(need)
-                .and_then(|target| st.salts.oldest_down_to(salt, target));
-            let Some(victims) = oldest else {
-                self.counters.quota_refused.fetch_add(1, Relaxed);
-                return Err(DiskError::OverQuota(OverQuota {
-                    tier: QuotaTier::L2,
-                    cache_salt: salt.to_string(),
-                    need_bytes: need,
-                    kept_bytes: pinned,
-                    limit_bytes: limit,
-                }));
-            };
-            victims
+            // Only its unpinned records may go: what is pinned must leave room.
+            quota::fit(QuotaTier::L2, salt, limit, pinned, need)
+                .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))?;
+            st.salts
+                .oldest_down_to(salt, limit - need)
+                .expect("the unpinned records make room for what fits beside the pinned")
         };
         let dropped = self.drop_records(&victims)?;
         self.counters

@@ -281,24 +281,14 @@ impl L3 {
             .iter()
             .map(|(key, record)| {
                 let salt = &*key.cache_salt;
-                let Some(limit) = self.config.quotas.limit(QuotaTier::L3, salt) else {
-                    return Ok(());
-                };
                 let need = record.len() as u64;
-                let (bytes, kept) = self.written.usage(salt);
+                let (written, _) = self.written.usage(salt);
                 let batch = admitted.entry(salt).or_default();
-                if bytes + *batch + need > limit {
-                    self.counters.quota_refused.fetch_add(1, Relaxed);
-                    return Err(OverQuota {
-                        tier: QuotaTier::L3,
-                        cache_salt: salt.to_string(),
-                        need_bytes: need,
-                        kept_bytes: kept,
-                        limit_bytes: limit,
-                    });
-                }
-                *batch += need;
-                Ok(())
+                // Nothing of it is dropped from Redis for it: all it wrote counts as kept.
+                (self.config.quotas)
+                    .admit(QuotaTier::L3, salt, written + *batch, need)
+                    .inspect(|_| *batch += need)
+                    .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))
             })
             .collect()
     }
@@ -413,25 +403,13 @@ impl Tier for L3 {
     /// A window's records are kept in Redis without a TTL (`WindowCatalog::keep`): those this
     /// sidecar kept already for the salt, plus the new ones, must fit its L3 quota.
     fn admit_window(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
-        let Some(limit) = self.config.quotas.limit(QuotaTier::L3, salt) else {
-            return Ok(());
-        };
         let (_, kept) = self.written.usage(salt);
         let need: u64 = records
             .iter()
             .filter(|(k, _)| !self.written.is_kept(k))
             .map(|(_, len)| len)
             .sum();
-        if kept + need <= limit {
-            return Ok(());
-        }
-        Err(OverQuota {
-            tier: QuotaTier::L3,
-            cache_salt: salt.to_string(),
-            need_bytes: need,
-            kept_bytes: kept,
-            limit_bytes: limit,
-        })
+        self.config.quotas.admit(QuotaTier::L3, salt, kept, need)
     }
 
     /// Redis keeps a window's records by giving them no TTL (`WindowCatalog::keep`), not by

@@ -31,7 +31,7 @@ use super::l1::{L1Config, L1Occupancy, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::{L3Error, L3};
 use super::populate::{self, L1Populate};
-use super::quota::{OverQuota, QuotaTier, Quotas};
+use super::quota::{BySalt, OverQuota, QuotaTier, Quotas};
 use super::record;
 use super::seal::Sealer;
 use super::tier::{Fetched, Presence, RecordInfo, Tier, TierError, WindowCatalog};
@@ -290,7 +290,7 @@ impl Tiers {
 
     /// Bytes each salt occupies on every tier here (as far as the tier counts them), largest
     /// first.
-    pub fn usage_by_tier(&self) -> Vec<(QuotaTier, Vec<(Arc<str>, u64)>)> {
+    pub fn usage_by_tier(&self) -> Vec<(QuotaTier, BySalt)> {
         std::iter::once((QuotaTier::L1, self.l1.salt_usage()))
             .chain(
                 self.lower
