@@ -81,6 +81,14 @@ fn tier_of<'a>(q: &'a Value, tier: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {tier} in {q}"))
 }
 
+/// An MCP client (rmcp, streamable HTTP) of `s`.
+fn mcp(http: &Http, s: &Sidecar) -> common::mcp::Mcp {
+    let url = format!("http://{}/mcp", s.http_addr);
+    http.rt
+        .block_on(cwm::mcp::connect(&url, None))
+        .expect("MCP client connects")
+}
+
 fn set_quota(http: &Http, salt: &str, tier: &str, bytes: u64) -> Value {
     let (st, v) = http.put(
         &format!("/quota/{salt}"),
@@ -187,10 +195,7 @@ fn a_freeze_over_the_durable_quota_fails_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (s, http, mut c, _kv) = start(disk_config(dir.path()));
     let rt = &http.rt;
-    let url = format!("http://{}/mcp", s.http_addr);
-    let m = rt
-        .block_on(cwm::mcp::connect(&url, None))
-        .expect("MCP client connects");
+    let m = mcp(&http, &s);
     store_chain(&mut c, "S", 7, 4);
     wait_written(&s, 4);
     let chain = http.used_on("S", "l2");
@@ -313,10 +318,7 @@ fn window_status_shows_where_each_chunk_is_and_what_is_freezable() {
     let dir = tempfile::tempdir().unwrap();
     let (s, http, mut c, _kv) = start(disk_config(dir.path()));
     let rt = &http.rt;
-    let url = format!("http://{}/mcp", s.http_addr);
-    let m = rt
-        .block_on(cwm::mcp::connect(&url, None))
-        .expect("MCP client connects");
+    let m = mcp(&http, &s);
     let chain = |m: &common::mcp::Mcp, tokens: u64| -> Value {
         let st = call(rt, m, "window_status", json!({"session_id": "W"})).unwrap();
         st["session"]["chains"]
