@@ -54,6 +54,10 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long the write-behind queues of L2 and L3 may take to drain
     /// before cwm exits anyway (what is left is logged; a second signal exits at once).
     pub drain_timeout_secs: u64,
+    /// Auto-save: a session (cache_salt) idle this many seconds after new chunks were stored
+    /// has its newest chain frozen as its auto-save window (`autosave-<salt>`), replacing the
+    /// previous one. 0: off for every session unless `session_autosave` turns it on.
+    pub auto_save_idle_secs: u64,
     /// Directory of the L2 disk tier.
     pub l2_path: PathBuf,
     /// L2 disk budget in GiB; 0 turns the disk tier off.
@@ -110,6 +114,9 @@ pub struct Config {
     pub encryption_key_file: Option<PathBuf>,
 }
 
+/// The longest idle time an auto-save may wait for (`auto_save_idle_secs`, `session_autosave`).
+pub const MAX_AUTO_SAVE_IDLE_SECS: u64 = 7 * 24 * 3600;
+
 /// The platform's state directory for cwm's data: systemd's `$STATE_DIRECTORY` when run as a
 /// service (`StateDirectory=cwm`: `/var/lib/cwm`), else `$XDG_STATE_HOME/cwm`, else
 /// `~/.local/state/cwm`, else `/var/lib/cwm`. Never the working directory: a run from a source
@@ -154,6 +161,7 @@ impl Default for Config {
             shm_name: None,
             engine_driven_ttl_secs: 300,
             drain_timeout_secs: 30,
+            auto_save_idle_secs: 0,
             l2_path: default_l2_path(),
             l2_size_gb: 32.0,
             l2_segment_mb: 256,
@@ -318,6 +326,21 @@ impl Config {
             if !(gb.is_finite() && gb >= 0.0) {
                 return invalid(field, &gb, "a number of GiB >= 0 (0: no limit)");
             }
+        }
+        if self.auto_save_idle_secs > MAX_AUTO_SAVE_IDLE_SECS {
+            return invalid(
+                "auto_save_idle_secs",
+                &self.auto_save_idle_secs,
+                "0 (off) to 604800 seconds (a week)",
+            );
+        }
+        if self.auto_save_idle_secs > 0 && !self.l2_enabled() {
+            return invalid(
+                "auto_save_idle_secs",
+                &self.auto_save_idle_secs,
+                "0 (off) without L2: auto-saves are windows, which need the L2 disk tier \
+                 (l2_size_gb above 0)",
+            );
         }
         if self.l3_ttl_secs == 0 {
             return invalid("l3_ttl_secs", &self.l3_ttl_secs, "at least 1 second");
@@ -524,6 +547,28 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("/a/b"));
         c.shm_name = Some("/cwm_pool".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn auto_save_is_off_by_default_set_in_the_file_and_needs_l2() {
+        assert_eq!(Config::default().auto_save_idle_secs, 0);
+        let c: Config = toml::from_str("auto_save_idle_secs = 30").unwrap();
+        assert_eq!(c.auto_save_idle_secs, 30);
+        c.validate().unwrap();
+        let week = Config {
+            auto_save_idle_secs: MAX_AUTO_SAVE_IDLE_SECS + 1,
+            ..c.clone()
+        };
+        assert!(week
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auto_save_idle_secs"));
+        let no_l2 = Config {
+            l2_size_gb: 0.0,
+            ..c
+        };
+        assert!(no_l2.validate().unwrap_err().to_string().contains("L2"));
     }
 
     /// The default data directory is the platform's state directory, never the working

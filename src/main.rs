@@ -158,6 +158,10 @@ struct ServeArgs {
     /// cwm exits anyway; a second signal exits at once [default: 30].
     #[arg(long, env = "CWM_DRAIN_TIMEOUT_SECS")]
     drain_timeout_secs: Option<u64>,
+    /// Auto-save every session idle this many seconds after new chunks were stored, as the
+    /// window `autosave-<session>` (replaced atomically by the next); needs L2 [default: 0, off].
+    #[arg(long, env = "CWM_AUTO_SAVE_IDLE_SECS")]
+    auto_save_idle_secs: Option<u64>,
     /// Directory of the L2 disk tier [default: $XDG_STATE_HOME/cwm, else ~/.local/state/cwm].
     #[arg(long, env = "CWM_L2_PATH")]
     l2_path: Option<std::path::PathBuf>,
@@ -266,6 +270,7 @@ impl ServeArgs {
             engine_driven,
             engine_driven_ttl_secs,
             drain_timeout_secs,
+            auto_save_idle_secs,
             l2_path,
             l2_size_gb,
             l2_segment_mb,
@@ -331,6 +336,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| default_log.into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Serve(args) => serve(args.into_config()?),

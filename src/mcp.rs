@@ -193,6 +193,16 @@ impl WindowTools {
         self.run(move |w| w.delete(&req)).await
     }
 
+    #[tool(
+        description = "Turn a session's auto-save on or off (whatever the server default), optionally naming its window (default autosave-<session_id>) and its idle seconds. An auto-saved session idle that long after new chunks has its newest chain frozen as that window, replacing its last auto-save atomically. Persisted."
+    )]
+    async fn session_autosave(
+        &self,
+        Parameters(req): Parameters<AutoSaveRequest>,
+    ) -> Result<Json<AutoSaveSetting>, String> {
+        self.run(move |w| w.set_autosave(&req)).await
+    }
+
     #[tool(description = "Sessions (cache_salts) with cached token chains, most recent first.")]
     async fn session_list(
         &self,

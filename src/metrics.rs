@@ -297,6 +297,24 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Objects written after waiting for space",
         &[("", c(wb.retried))],
     );
+    metric(
+        "write_behind_yields_total",
+        "counter",
+        "Times write-behind waited for the engines to be quiet before reading or writing",
+        &[("", c(wb.yields))],
+    );
+    metric(
+        "write_behind_yielded_seconds_total",
+        "counter",
+        "Time write-behind spent waiting for the engines to be quiet",
+        &[("", wb.yielded_ms as f64 / 1000.0)],
+    );
+    metric(
+        "write_behind_deferred_max_total",
+        "counter",
+        "Times write-behind wrote anyway because an object had waited its longest for busy engines",
+        &[("", c(wb.deferred_max))],
+    );
     let e = &s.encryption;
     metric(
         "encryption_enabled",
@@ -344,6 +362,32 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "gauge",
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
+    );
+    let a = &h.auto_save;
+    metric(
+        "autosaves_total",
+        "counter",
+        "Session auto-saves, per result (saved: a window created or replaced; skipped: nothing of the session cached any more)",
+        &[
+            ("result=\"saved\"", c(a.saves)),
+            ("result=\"skipped\"", c(a.skipped)),
+            ("result=\"failed\"", c(a.failures)),
+        ],
+    );
+    metric(
+        "autosave_default_idle_seconds",
+        "gauge",
+        "Idle seconds before a session without its own setting is auto-saved (0: off)",
+        &[("", c(a.default_idle_secs))],
+    );
+    metric(
+        "autosave_sessions",
+        "gauge",
+        "Sessions with their own auto-save setting, per setting",
+        &[
+            ("setting=\"on\"", a.sessions_on as f64),
+            ("setting=\"off\"", a.sessions_off as f64),
+        ],
     );
     let gpu = cwm.gpu_status();
     metric(

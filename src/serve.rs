@@ -16,6 +16,9 @@ use crate::session;
 use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
 
+/// How often `cwm-autosave` looks for idle sessions to save.
+const AUTOSAVE_TICK: Duration = Duration::from_millis(250);
+
 /// A running sidecar. Dropping it shuts it down and waits for its threads.
 pub struct Sidecar {
     pub cwm: Arc<Cwm>,
@@ -49,6 +52,7 @@ impl Sidecar {
         let windows = Arc::new(Windows::open(
             cwm.clone(),
             config.l2_enabled().then_some(config.l2_path.as_path()),
+            config.auto_save_idle_secs,
         )?);
         let http = HttpServer::start(
             &config.host,
@@ -92,6 +96,15 @@ impl Sidecar {
                     }
                 },
             )?);
+        }
+        {
+            let (windows, shutdown) = (windows.clone(), shutdown.clone());
+            threads.push(crate::background::spawn("cwm-autosave", move || {
+                while !shutdown.load(Ordering::Relaxed) {
+                    std::thread::sleep(AUTOSAVE_TICK);
+                    windows.autosave_tick();
+                }
+            }));
         }
         let start_time = started.elapsed();
         let l2_path = if config.l2_enabled() {
@@ -288,7 +301,7 @@ pub fn open_offline(config: &Config) -> anyhow::Result<Windows> {
     tiers.l1.capacity_bytes = 1 << 20;
     tiers.l1_memory = L1Memory::Private;
     let cwm = open_cwm(config, &tiers)?;
-    Ok(Windows::open(cwm, Some(&config.l2_path))?)
+    Ok(Windows::open(cwm, Some(&config.l2_path), 0)?)
 }
 
 /// The tiers, with what to do about a failure in the user's terms.

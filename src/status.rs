@@ -10,11 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::ops::Cwm;
 use crate::tenant::{self, TierUsage};
 
-/// L1's figures (the store's own report, serialized as is).
-pub type L1Stats = crate::store::tiered::L1Report;
 pub use crate::store::seal::SealStats;
 pub use crate::store::tier::TierStats;
-pub use crate::store::tiered::WriteBehindStats;
+pub use crate::store::tiered::{L1Stats, WriteBehindStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CacheStats {
@@ -57,6 +55,30 @@ pub struct Health {
     pub windows: usize,
     pub sessions: usize,
     pub registered_instances: usize,
+    /// Session auto-save: its default, the sessions with their own setting, what it did.
+    #[serde(default)]
+    pub auto_save: AutoSaveStats,
+}
+
+/// What session auto-save did since the start (no per-session figures: bounded).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct AutoSaveStats {
+    /// `--auto-save-idle-secs`: idle seconds before a session without its own setting is
+    /// saved; 0: off for those.
+    pub default_idle_secs: u64,
+    /// Sessions turned on by `session_autosave`.
+    pub sessions_on: usize,
+    /// Sessions turned off by `session_autosave`.
+    pub sessions_off: usize,
+    /// Auto-saves written (each a window created or replaced).
+    pub saves: u64,
+    /// Sessions due a save with none of their newest chain cached any more (nothing saved).
+    pub skipped: u64,
+    /// Auto-saves that failed (the name held by another window, I/O, L3), tried again after
+    /// 30 s or new chunks.
+    pub failures: u64,
+    /// The last failure, with its session.
+    pub last_failure: Option<String>,
 }
 
 /// The counters and every tier's figures, now.

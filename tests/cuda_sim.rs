@@ -888,6 +888,141 @@ fn doctor_lists_the_devices() {
     assert!(text.contains("/dev/shm"), "{text}");
 }
 
+/// `cwm bench tiers --json`, small and quick (L2 and the GPU at 2 and 4 MiB, one run, no
+/// window), with the stand-in as its CUDA driver or with none: the report, and the chart.
+fn bench_tiers(sim: Option<&Sim>) -> (serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cwm"));
+    cmd.args([
+        "bench",
+        "tiers",
+        "--json",
+        "--sizes-mib",
+        "2,4",
+        "--round-mib",
+        "8",
+    ])
+    .args([
+        "--rounds",
+        "1",
+        "--tokens",
+        "256",
+        "--no-window",
+        "--l2-path",
+    ])
+    .arg(dir.path().join("l2"))
+    .arg("--chart")
+    .arg(&chart);
+    match sim {
+        Some(sim) => cmd
+            .env("LD_LIBRARY_PATH", sim_dir())
+            .env("CWM_CUDA_SIM", sim.seg.name()),
+        None => cmd
+            .env("LD_LIBRARY_PATH", dir.path())
+            .env_remove("CWM_CUDA_SIM"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "cwm bench tiers failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
+    (report, std::fs::read_to_string(chart).unwrap())
+}
+
+/// The figures of `tier` in a `cwm bench tiers` report.
+fn figures_of<'a>(report: &'a serde_json::Value, tier: &str) -> Vec<&'a serde_json::Value> {
+    report["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["tier"] == tier)
+        .collect()
+}
+
+#[test]
+fn bench_tiers_measures_the_gpu_path_next_to_cumemcpy_and_names_the_stand_in() {
+    let sim = Sim::new(12080);
+    let (report, chart) = bench_tiers(Some(&sim));
+    let gpu = figures_of(&report, "GPU stand-in");
+    let named: Vec<String> = gpu
+        .iter()
+        .map(|f| format!("{} {}", f["op"], f["value_bytes"]))
+        .collect();
+    assert_eq!(gpu.len(), 4, "D2H and H2D at 2 and 4 MiB: {named:?}");
+    for (mib, op, limit) in [
+        (2u64, "D2H (gather into L1)", "cuMemcpyDtoH, pinned"),
+        (2, "H2D (scatter from L1)", "cuMemcpyHtoD, pinned"),
+        (4, "D2H (gather into L1)", "cuMemcpyDtoH, pinned"),
+        (4, "H2D (scatter from L1)", "cuMemcpyHtoD, pinned"),
+    ] {
+        let f = gpu
+            .iter()
+            .find(|f| f["op"] == op && f["value_bytes"] == mib << 20)
+            .unwrap_or_else(|| panic!("no {op} of {mib} MiB: {named:?}"));
+        assert_eq!(f["bytes_per_run"], 8u64 << 20, "{f}");
+        assert_eq!(f["runs"], 1, "{f}");
+        assert!(f["p50_gbps"].as_f64().unwrap() > 0.0, "{f}");
+        assert_eq!(f["limit"]["name"], limit, "{f}");
+        assert!(f["limit"]["gbps"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    assert!(
+        figures_of(&report, "GPU").is_empty(),
+        "the stand-in is no GPU"
+    );
+    assert_eq!(report["gpu"]["stand_in"], true, "{}", report["gpu"]);
+    assert_eq!(report["gpu"]["device"], "cwm cuda-sim GPU 0");
+    let checks: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .filter(|c| c.starts_with("GPU stand-in:") && c.contains("byte for byte"))
+        .collect();
+    assert_eq!(checks.len(), 2, "one per chunk size: {}", report["checks"]);
+    assert!(
+        !report["skipped"].to_string().contains("GPU"),
+        "{}",
+        report["skipped"]
+    );
+    assert!(chart.contains("GPU stand-in D2H"), "a bar per GPU figure");
+    assert!(chart.contains("CUDA driver stand-in"), "the chart says so");
+    // cwm's copies went through the stand-in's streams, batched (driver 12.8), from pinned
+    // L1; the limit's are counted as copies too.
+    assert!(sim.get(off::BATCH_CALLS) > 0);
+    assert!(sim.get(off::COPIES_DONE) >= 4 * 2 * 8);
+    assert_eq!(sim.get(off::COPIES_PENDING), 0);
+    sim.assert_clean();
+}
+
+#[test]
+fn bench_tiers_without_a_cuda_driver_says_why_the_gpu_is_not_measured() {
+    let (report, _) = bench_tiers(None);
+    let skipped = report["skipped"].to_string();
+    if report["gpu"].is_null() {
+        assert!(
+            skipped.contains("GPU: not measured: no CUDA driver"),
+            "{skipped}"
+        );
+        assert!(
+            !report["figures"].to_string().contains("GPU"),
+            "{}",
+            report["figures"]
+        );
+    } else {
+        // A host with a real driver finds it whatever LD_LIBRARY_PATH says: GPU figures.
+        assert_eq!(report["gpu"]["stand_in"], false, "{}", report["gpu"]);
+        assert_eq!(figures_of(&report, "GPU").len(), 4, "{}", report["figures"]);
+    }
+    assert!(
+        !figures_of(&report, "L2").is_empty(),
+        "the other tiers still run"
+    );
+}
+
 /// Register two instances on `uuid`, store 2 chunks from scattered blocks of one, retrieve
 /// them into other scattered blocks of the other, and compare every block of every layer.
 /// Returns the client and both caches (still registered as instances 1 and 2).

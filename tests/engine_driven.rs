@@ -156,7 +156,7 @@ fn store_then_retrieve_through_the_pool_byte_exact() {
         .unwrap();
     assert_eq!(
         answer.pool_size,
-        s.cwm.tiers.l1_stats().capacity_bytes,
+        s.cwm.tiers.l1_occupancy().capacity_bytes,
         "pool = the L1 budget"
     );
     assert_eq!(
@@ -407,13 +407,17 @@ fn commit_with_inline_data_answers_false_and_drops_the_reservation() {
     let t = tokens(8, 512);
     let k = key(MODEL, "", &t, Some(0), 1, 0, 512, "r");
     assert_eq!(c.prepare_store(&k, 7).unwrap().context.slots.len(), 2);
-    assert!(s.cwm.tiers.l1_stats().used_bytes > 0);
+    assert!(s.cwm.tiers.l1_occupancy().used_bytes > 0);
     // What LMCache's pickle context sends (e.g. when the worker could not map the pool).
     assert!(!c
         .commit_store(&k, 7, b"\x80\x04\x95pickled tensors")
         .unwrap());
     assert_eq!(s.cwm.engine_driven.pending(), (0, 0));
-    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0, "reservation dropped");
+    assert_eq!(
+        s.cwm.tiers.l1_occupancy().used_bytes,
+        0,
+        "reservation dropped"
+    );
     assert!(!c.commit_store(&k, 7, b"").unwrap());
     assert_eq!(hits(&mut c, &t, 1, 512, "r"), 0);
 }
@@ -489,7 +493,7 @@ fn unknown_instances_and_bad_keys_fail_cleanly() {
     assert!(!c.prepare_retrieve(&k, 8).unwrap().success);
     assert!(!c.commit_store(&k, 8, b"").unwrap());
     assert!(!c.commit_retrieve(&k, 8).unwrap());
-    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().used_bytes, 0);
 }
 
 #[test]
@@ -509,9 +513,9 @@ fn a_repeated_prepare_starts_over() {
         vec![0],
         "a retry gets the chunk again, not 'being stored'"
     );
-    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, object_bytes(false));
+    assert_eq!(s.cwm.tiers.l1_occupancy().used_bytes, object_bytes(false));
     assert!(c.commit_store(&k, 7, b"").unwrap());
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 1);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 1);
 }
 
 #[test]
@@ -539,7 +543,10 @@ fn uncommitted_prepares_expire_and_free_their_space() {
         c.prepare_store(&other, 7).unwrap().context.slots.is_empty(),
         "being stored by the first request"
     );
-    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 2 * object_bytes(false));
+    assert_eq!(
+        s.cwm.tiers.l1_occupancy().used_bytes,
+        2 * object_bytes(false)
+    );
     assert_eq!(s.cwm.engine_driven.pending(), (1, 1));
 
     wait_until(
@@ -548,7 +555,7 @@ fn uncommitted_prepares_expire_and_free_their_space() {
         || s.cwm.engine_driven.pending() == (0, 0),
     );
     assert_eq!(
-        s.cwm.tiers.l1_stats().used_bytes,
+        s.cwm.tiers.l1_occupancy().used_bytes,
         object_bytes(false),
         "t's reservation freed"
     );
@@ -567,7 +574,7 @@ fn uncommitted_prepares_expire_and_free_their_space() {
     );
     // u is neither locked nor pinned any more: clear drops it.
     c.clear(false).unwrap();
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0);
 }
 
 #[test]
@@ -596,7 +603,7 @@ fn unregister_releases_everything_of_the_instance() {
     assert_eq!(s.cwm.engine_driven.pending(), (1, 0));
     assert_eq!(s.cwm.tiers.lock_count(&object_key(&u, 0, 1, 0)), 0);
     assert_eq!(
-        s.cwm.tiers.l1_stats().used_bytes,
+        s.cwm.tiers.l1_occupancy().used_bytes,
         2 * object_bytes(false),
         "u and v's reservation"
     );
@@ -633,7 +640,7 @@ fn a_silent_worker_is_reaped_with_its_pending_prepares() {
         || s.cwm.engine_driven.is_empty(),
     );
     assert_eq!(s.cwm.engine_driven.pending(), (0, 0));
-    assert_eq!(s.cwm.tiers.l1_stats().used_bytes, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().used_bytes, 0);
 }
 
 #[test]
@@ -805,7 +812,7 @@ fn a_named_pool_is_exclusive_while_its_cwm_runs() {
         std::fs::metadata(Path::new("/dev/shm").join(&name))
             .unwrap()
             .len(),
-        second.cwm.tiers.l1_stats().capacity_bytes
+        second.cwm.tiers.l1_occupancy().capacity_bytes
     );
 }
 
@@ -833,7 +840,7 @@ fn engine_driven_chunks_survive_a_restart_through_l2() {
         answer.shm_name
     };
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0, "L1 starts empty");
     let mut c = client(&s);
     let answer = c
         .register_engine_driven_context(&payload(8, 1, false))

@@ -40,7 +40,7 @@ fn a_restart_keeps_the_cache() {
         s.stop();
     }
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0, "L1 starts empty");
     let mut c = client(&s);
     register_kv(&mut c, MODEL, 2, &dst);
     assert_eq!(
@@ -48,7 +48,7 @@ fn a_restart_keeps_the_cache() {
         4,
         "all chunks found on disk"
     );
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 4, "promoted into L1");
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 4, "promoted into L1");
     assert!(
         c.retrieve(
             &key(MODEL, "", &t, Some(0), 1, 0, 1024, "r2"),

@@ -310,7 +310,7 @@ fn corrupted_or_misplaced_values_are_misses() {
     for j in 0..16 {
         assert_eq!(kv.block(1 + j), dst.block(1 + j), "block {j}");
     }
-    assert_eq!(b.cwm.tiers.l1_stats().objects, 2, "chunks 0 and 3 only");
+    assert_eq!(b.cwm.tiers.l1_occupancy().objects, 2, "chunks 0 and 3 only");
 }
 
 /// A client of `s` with two engine caches registered: 1 to store from, 2 to retrieve into.
@@ -652,6 +652,73 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     for k in &chunk_keys(&redis) {
         let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
         assert!(ttl > 0, "released data gets the cache TTL: {ttl}");
+    }
+}
+
+/// Wait (at most 20 s) until `s` has written `saves` auto-saves.
+fn wait_autosaves(s: &Sidecar, saves: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.windows.autosave_stats().saves < saves {
+        assert!(
+            Instant::now() < deadline,
+            "{saves} auto-saves never came: {:?}",
+            s.windows.autosave_stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Auto-save fleet-wide: A auto-saves a session (records and manifest in Redis); B lists and
+/// thaws it byte-exact; a second burst on A replaces it in Redis in one write, and B then
+/// lists one window and thaws the new version only. The first version's records get the
+/// cache TTL back, the new one's have none.
+#[test]
+fn an_auto_save_replaced_on_one_sidecar_is_replaced_on_another() {
+    let redis = RedisServer::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_l3 = |dir: &std::path::Path, idle| Config {
+        l3_url: Some(redis.url()),
+        l3_write: "frozen".into(),
+        auto_save_idle_secs: idle,
+        ..disk_config(dir)
+    };
+    let a = sidecar(with_l3(da.path(), 1));
+    let b = sidecar(with_l3(db.path(), 0));
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(29);
+    let (first, second) = (tokens(71, 1024), tokens(72, 1024));
+    let mut ca = client(&a);
+    register_kv(&mut ca, MODEL, 1, &kv);
+    let mut cb = client(&b);
+    let dst = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    register_kv(&mut cb, MODEL, 2, &dst);
+
+    assert!(store(&mut ca, 1, "chat-1", &first, 1));
+    wait_autosaves(&a, 1);
+    assert_eq!(window_names(&b), ["autosave-chat-1"]);
+    thaw(&b, "autosave-chat-1", "x1");
+    thawed_window_retrieves_byte_exact(&mut cb, "x1", &first, &kv, &dst);
+    let first_keys = chunk_keys(&redis);
+    assert_eq!(first_keys.len(), 4);
+
+    assert!(store(&mut ca, 1, "chat-1", &second, 1));
+    wait_autosaves(&a, 2);
+    assert_eq!(window_names(&b), ["autosave-chat-1"], "replaced, not added");
+    let r = thaw(&b, "autosave-chat-1", "x2");
+    assert_eq!((r.tokens_ready, r.tiers.l3), (1024, 4), "{r:?}");
+    assert_eq!(
+        lookup(&mut cb, "x2", &first, "old"),
+        0,
+        "the old version is gone"
+    );
+    thawed_window_retrieves_byte_exact(&mut cb, "x2", &second, &kv, &dst);
+    for k in chunk_keys(&redis) {
+        let ttl: i64 = redis.cli(&["TTL", &k]).trim().parse().unwrap();
+        if first_keys.contains(&k) {
+            assert!(ttl > 0, "the old version's records are cache again: {ttl}");
+        } else {
+            assert_eq!(ttl, -1, "the new version's records have no TTL");
+        }
     }
 }
 

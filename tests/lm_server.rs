@@ -236,7 +236,7 @@ fn objects_are_found_again_in_l2_after_a_restart() {
         s.stop();
     }
     let s = lm_sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0, "L1 starts empty");
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0, "L1 starts empty");
     let mut c = Lm::connect(&s);
     for (i, k) in keys.iter().enumerate() {
         assert!(c.exists(k), "{k} on disk");
@@ -244,7 +244,7 @@ fn objects_are_found_again_in_l2_after_a_restart() {
         assert_eq!(meta, BF16);
         assert!(bytes == payload(i as u8, 64 << 10), "{k}: other bytes");
     }
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 4, "promoted into L1");
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 4, "promoted into L1");
     assert!(c.get("m/x@1@0@ff@bfloat16").is_none());
 }
 

@@ -339,7 +339,7 @@ fn failures_answer_false_and_change_nothing() {
         0,
         "no failed store left anything behind"
     );
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0);
     assert_eq!(c.query_prefetch_status("never-looked-up").unwrap(), 0);
 }
 
@@ -638,7 +638,7 @@ fn lookup_locks_keep_hits_servable_until_released() {
         .unwrap();
     c.end_session("a").unwrap();
     c.clear(false).unwrap();
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0);
 }
 
 #[test]

@@ -134,18 +134,6 @@ fn assert_retrieves_exact(
     }
 }
 
-fn http_get(s: &Sidecar, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn http_post(s: &Sidecar, path: &str, body: &str) -> String {
     let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
     write!(
@@ -290,7 +278,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
 
     // Restart on the same L2 directory: L1 is empty, the window is still there.
     let s = sidecar(disk_config(dir.path()));
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0);
     let session = McpSession::open(&rt, &s, transport);
     let m = &session.client;
     let mut c = client(&s);
@@ -302,7 +290,7 @@ fn freeze_restart_thaw_clone_delete(transport: Transport) {
     assert_eq!(r["tokens_ready"], 1024, "{r}");
     assert_eq!(r["complete"], true);
     assert_eq!(r["tiers"]["l2"], 4, "read from disk: {r}");
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 4);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 4);
     assert_eq!(
         lookup(&mut c, "S", &t, 1024, "q1"),
         4,
@@ -588,6 +576,7 @@ fn stdio_forwarder_reaches_the_sidecar() {
             "quota_get",
             "quota_list",
             "quota_set",
+            "session_autosave",
             "session_list",
             "window_clone",
             "window_delete",
@@ -760,11 +749,11 @@ fn cache_clear_over_http() {
     let mut c = client(&s);
     register_kv(&mut c, MODEL, 1, &src);
     store_conversation(&mut c, "C", &tokens(3, 1100));
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 4);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 4);
     let r = http_post(&s, "/cache/clear", r#"{"tier": "l2"}"#);
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(
-        s.cwm.tiers.l1_stats().objects,
+        s.cwm.tiers.l1_occupancy().objects,
         4,
         "a refused clear changes nothing"
     );
@@ -773,7 +762,7 @@ fn cache_clear_over_http() {
         r.starts_with("HTTP/1.1 200") && r.contains(r#""cleared":{"tier":"l1"}"#),
         "{r}"
     );
-    assert_eq!(s.cwm.tiers.l1_stats().objects, 0);
+    assert_eq!(s.cwm.tiers.l1_occupancy().objects, 0);
 }
 
 /// A `POST /cache/checksums` answer: status code and JSON body.

@@ -65,6 +65,25 @@ impl KvGeometry {
         self.layers * chunk_tokens * self.heads * self.content * ITEMSIZE
     }
 
+    /// Each layer's tensor view, as vLLM registers it: layers one after another in one storage
+    /// (`storage_offset` in elements from its start).
+    pub fn tensors(&self) -> Vec<TensorMetadata> {
+        let (nb, bs, nh, c) = (self.blocks, self.block_size, self.heads, self.content);
+        let (shape, stride) = match self.shape {
+            KvShape::Nhd => (vec![nb, bs, nh, c], vec![bs * nh * c, nh * c, c, 1]),
+            KvShape::Hnd => (vec![nb, nh, bs, c], vec![nh * bs * c, bs * c, c, 1]),
+        };
+        (0..self.layers)
+            .map(|l| TensorMetadata {
+                dtype: "bfloat16".into(),
+                shape: shape.clone(),
+                stride: stride.clone(),
+                storage_offset: l * self.layer_bytes() / ITEMSIZE,
+                device_uuid: "cpu".into(),
+            })
+            .collect()
+    }
+
     /// Byte offset in the segment of (layer, block, token, head).
     pub fn offset(&self, layer: u64, block: u64, token: u64, head: u64) -> u64 {
         let (bs, nh) = (self.block_size, self.heads);
@@ -99,23 +118,13 @@ impl BenchKv {
 
     /// One `cpu_shm` descriptor per layer, all views on the one segment.
     pub fn descriptors(&self) -> Vec<IpcDescriptor> {
-        let g = &self.geometry;
-        let (nb, bs, nh, c) = (g.blocks, g.block_size, g.heads, g.content);
-        let (shape, stride) = match g.shape {
-            KvShape::Nhd => (vec![nb, bs, nh, c], vec![bs * nh * c, nh * c, c, 1]),
-            KvShape::Hnd => (vec![nb, nh, bs, c], vec![nh * bs * c, bs * c, c, 1]),
-        };
-        (0..g.layers)
-            .map(|l| IpcDescriptor::CpuShm {
+        self.geometry
+            .tensors()
+            .into_iter()
+            .map(|metadata| IpcDescriptor::CpuShm {
                 shm_name: self.seg.name().to_string(),
-                nbytes: g.bytes(),
-                metadata: TensorMetadata {
-                    dtype: "bfloat16".into(),
-                    shape: shape.clone(),
-                    stride: stride.clone(),
-                    storage_offset: l * g.layer_bytes() / ITEMSIZE,
-                    device_uuid: "cpu".into(),
-                },
+                nbytes: self.geometry.bytes(),
+                metadata,
             })
             .collect()
     }
@@ -131,7 +140,7 @@ impl BenchKv {
         }]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is ours, `bytes()` long, and lives as long as `self`. The bench
         // only touches it between requests, never while the server copies.
         unsafe {
@@ -139,7 +148,7 @@ impl BenchKv {
         }
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: as for `bytes_mut`.
         unsafe { std::slice::from_raw_parts(self.seg.as_mut_ptr(), self.geometry.bytes() as usize) }
     }

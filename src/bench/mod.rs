@@ -14,6 +14,7 @@
 
 pub mod chart;
 pub mod disk;
+pub mod gpu;
 pub mod kv;
 pub mod l3;
 pub mod memcpy;

@@ -8,15 +8,16 @@
 //! | L2     | read, verify, decompress; page cache dropped / warm         | O_DIRECT read / memcpy     |
 //! | L3     | put and get through cwm's Redis path (`--l3 URL`)           | redis-benchmark SET / GET  |
 //! | window | freeze, thaw after a restart (cold), thaw with L1 emptied   | disk write / read / memcpy |
+//! | GPU    | D2H / H2D of paged blocks through cwm's copy path (`gpu`)   | cuMemcpyDtoH / HtoD, pinned|
 //!
 //! The L2 write is one thread's work (the write-behind compresses a batch on up to two
 //! background threads); an L2 read is one thread's too, so its warm limit is a one-thread
-//! memcpy.
-//! | GPU    | D2H / H2D, when a CUDA driver and a GPU are present         | plain cuMemcpy             |
+//! memcpy. The GPU figures need a CUDA driver and a GPU; without them the report says why, and
+//! on the tests' CUDA driver stand-in they are labelled so (tier `GPU stand-in`).
 //!
-//! L2 and L3 run at every `--sizes-mib` value size (a 256-token chunk is 0.5 MiB for a small
-//! model, 32 MiB for Llama-3.1-8B); L1 and the window at the `--tokens` request of a
-//! Llama-3.1-8B-like model. Each part is an existing bench (`mp`, `l3`, `window`) or the L2
+//! L2, L3 and the GPU run at every `--sizes-mib` value (or chunk) size (a 256-token chunk is
+//! 0.5 MiB for a small model, 32 MiB for Llama-3.1-8B); L1 and the window at the `--tokens`
+//! request of a Llama-3.1-8B-like model. Each part is an existing bench (`mp`, `l3`, `window`) or the L2
 //! store itself; this file only runs them in one sitting and reports them together: a table,
 //! `--json`, and an SVG chart (`--chart`). Progress goes to stderr: a bar on a terminal, a
 //! line per step otherwise. Figures are reported, never asserted.
@@ -33,7 +34,7 @@ use super::kv::KvShape;
 use super::memcpy::Baseline;
 use super::mp::MpConfig;
 use super::report::Machine;
-use super::{disk, gbps, l3, mp, unix_time, window, Samples};
+use super::{disk, gbps, gpu, l3, mp, unix_time, window, Samples};
 use crate::config::Config;
 use crate::serve::Sidecar;
 use crate::store::disk::storage::FsStorage;
@@ -135,6 +136,8 @@ pub struct TiersReport {
     pub l2_path: PathBuf,
     pub disk_method: String,
     pub figures: Vec<Figure>,
+    /// The GPU of the GPU figures, if there was one.
+    pub gpu: Option<gpu::Gpu>,
     /// Tiers not measured, and why (never silently left out).
     pub skipped: Vec<String>,
     pub checks: Vec<String>,
@@ -248,11 +251,12 @@ fn sitting(
     if let Some(path) = &args.encryption_key_file {
         l2_variants.push(("L2 sealed", Sealer::new(Some(ServerKey::load(path)?))));
     }
+    let gpu = gpu::first_device();
     let steps = 3
         + args.sizes_mib.len() * l2_variants.len()
         + usize::from(args.l3.is_some())
         + usize::from(!args.no_window)
-        + 1;
+        + gpu.as_ref().map_or(1, |_| args.sizes_mib.len());
     let mut progress = Progress::new(steps);
     let (mut figures, mut skipped, mut checks) = (Vec::new(), Vec::new(), Vec::new());
 
@@ -413,15 +417,45 @@ fn sitting(
         );
     }
 
-    progress.step("GPU: D2H / H2D");
-    match crate::engine_mem::cuda::driver::driver() {
-        Ok(_) => skipped.push(
-            "GPU: a CUDA driver is present, but the GPU figures (D2H/H2D next to plain \
-             cuMemcpy) are not built yet: no GPU has been lent to measure them on"
-                .into(),
-        ),
-        Err(e) => skipped.push(format!("GPU: not measured: {e}")),
-    }
+    let gpu = match gpu {
+        Ok((device, info)) => {
+            let tier = info.tier();
+            for &size in &args.sizes_mib {
+                progress.step(&format!(
+                    "{tier}: {size} MiB chunks: D2H and H2D through cwm's copy path, cuMemcpy beside"
+                ));
+                let g = gpu::measure(
+                    device,
+                    mp_cfg.geometry(),
+                    size,
+                    round_bytes,
+                    args.rounds.max(1),
+                )
+                .with_context(|| format!("{tier}, {size} MiB chunks"))?;
+                checks.push(format!("{tier}: {}", g.check));
+                figures.push(
+                    Figure::new(tier, "D2H (gather into L1)", g.chunk_bytes, g.bytes, &g.d2h)
+                        .against("cuMemcpyDtoH, pinned", gbps(g.bytes, g.limit_d2h.median())),
+                );
+                figures.push(
+                    Figure::new(
+                        tier,
+                        "H2D (scatter from L1)",
+                        g.chunk_bytes,
+                        g.bytes,
+                        &g.h2d,
+                    )
+                    .against("cuMemcpyHtoD, pinned", gbps(g.bytes, g.limit_h2d.median())),
+                );
+            }
+            Some(info)
+        }
+        Err(e) => {
+            progress.step("GPU: not measured");
+            skipped.push(format!("GPU: not measured: {e}"));
+            None
+        }
+    };
     progress.finish();
 
     Ok(TiersReport {
@@ -430,6 +464,7 @@ fn sitting(
         l2_path: root.to_path_buf(),
         disk_method: limit.method,
         figures,
+        gpu,
         skipped,
         checks,
         chart: args.chart.clone(),
@@ -533,7 +568,8 @@ fn l2_records(
     })
 }
 
-fn key(value: u64, round: usize, i: usize) -> ObjectKey {
+/// The key of object `i` of run `round` of `value`-byte objects.
+pub(super) fn key(value: u64, round: usize, i: usize) -> ObjectKey {
     let mut h = blake3::Hasher::new();
     for x in [value, round as u64, i as u64] {
         h.update(&x.to_le_bytes());
@@ -562,8 +598,14 @@ fn chart_svg(r: &TiersReport) -> String {
     chart::svg(
         "cwm bench tiers: GB/s per tier and value size, next to the machine's limit",
         &format!(
-            "{}, {} cores, {:.0} GiB; disk: {}",
-            r.machine.cpu, r.machine.cores, r.machine.memory_gib, r.disk_method
+            "{}, {} cores, {:.0} GiB; disk: {}{}",
+            r.machine.cpu,
+            r.machine.cores,
+            r.machine.memory_gib,
+            r.disk_method,
+            r.gpu
+                .as_ref()
+                .map_or(String::new(), |g| format!("; {}", g.line()))
         ),
         &bars,
     )
@@ -585,14 +627,17 @@ impl TiersReport {
             self.l2_path.display(),
             self.disk_method
         );
+        if let Some(g) = &self.gpu {
+            let _ = writeln!(s, "GPU: {}", g.line());
+        }
         let _ = writeln!(
             s,
-            "\n{:<8} {:<40} {:>8} {:>5} {:>8} {:>8} {:>8}  {:>8}  limit",
+            "\n{:<12} {:<40} {:>8} {:>5} {:>8} {:>8} {:>8}  {:>8}  limit",
             "tier", "op", "value", "runs", "p50", "p90", "worst", "limit"
         );
         let _ = writeln!(
             s,
-            "{:<8} {:<40} {:>8} {:>5} {:>8} {:>8} {:>8}  {:>8}",
+            "{:<12} {:<40} {:>8} {:>5} {:>8} {:>8} {:>8}  {:>8}",
             "", "", "", "", "GB/s", "GB/s", "GB/s", "GB/s"
         );
         for f in &self.figures {
@@ -604,7 +649,7 @@ impl TiersReport {
                 });
             let _ = writeln!(
                 s,
-                "{:<8} {:<40} {:>8} {:>5} {:>8.2} {:>8.2} {:>8.2}  {:>8}  {}",
+                "{:<12} {:<40} {:>8} {:>5} {:>8.2} {:>8.2} {:>8.2}  {:>8}  {}",
                 f.tier,
                 f.op,
                 mib(f.value_bytes),
@@ -656,7 +701,13 @@ mod tests {
         let r = sitting(&args, Machine::detect(), &root).unwrap();
         let _ = std::fs::remove_dir_all(&root);
         let names: Vec<String> = r.figures.iter().map(Figure::label).collect();
-        assert_eq!(r.figures.len(), 2 + 3 * 2 * 2 + 3, "{names:?}");
+        let gpu = r
+            .figures
+            .iter()
+            .filter(|f| f.tier.starts_with("GPU"))
+            .count();
+        assert_eq!(r.figures.len() - gpu, 2 + 3 * 2 * 2 + 3, "{names:?}");
+        assert_eq!(gpu, if r.gpu.is_some() { 2 * 2 } else { 0 }, "{names:?}");
         for tier in ["L1", "L2", "L2 sealed", "window"] {
             assert!(
                 r.figures.iter().any(|f| f.tier == tier),
@@ -674,8 +725,9 @@ mod tests {
             "{:?}",
             r.skipped
         );
-        assert!(
-            r.skipped.iter().any(|s| s.starts_with("GPU:")),
+        assert_eq!(
+            r.skipped.iter().any(|s| s.starts_with("GPU: not measured")),
+            r.gpu.is_none(),
             "{:?}",
             r.skipped
         );
@@ -688,6 +740,7 @@ mod tests {
         );
         let svg = chart_svg(&r);
         assert_eq!(svg.matches(r##"fill="#2b6cb0""##).count(), r.figures.len());
-        assert!(r.table().contains("L2       write"), "{}", r.table());
+        let l2_write = format!("{:<12} write", "L2");
+        assert!(r.table().contains(&l2_write), "{}", r.table());
     }
 }

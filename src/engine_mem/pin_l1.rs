@@ -26,7 +26,7 @@ use super::cuda::pinned::{self, PinnedHost};
 /// pinning shows with a small L1).
 pub const PIECE_ENV: &str = "CWM_CUDA_PIN_PIECE_BYTES";
 /// How often the pinning thread looks at L1's occupancy again (`InUse`): reading it walks
-/// L1's index under its lock (`l1_stats`), so not often.
+/// L1's index under its lock (`l1_occupancy`), so not often.
 const POLL: Duration = Duration::from_secs(1);
 
 /// How much of L1 to pin.

@@ -276,7 +276,10 @@ impl Cwm {
         let pinning = self.gpu_l1.get_or_init(|| {
             let (base, len) = self.tiers.l1_memory();
             let me = self.me.clone();
-            let in_use = move || me.upgrade().map_or(0, |c| c.tiers.l1_stats().used_bytes);
+            let in_use = move || {
+                me.upgrade()
+                    .map_or(0, |c| c.tiers.l1_occupancy().used_bytes)
+            };
             pin_l1::start(device, base, len, self.settings.pin_l1, in_use)
         });
         Some(pinning.host().clone())

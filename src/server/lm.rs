@@ -196,6 +196,7 @@ impl Connection {
     fn request(&mut self, cwm: &Arc<Cwm>) -> Result<(), End> {
         let mut raw = [0u8; CLIENT_HEADER_LEN];
         self.fill(&mut raw, false)?;
+        let _busy = crate::background::foreground_op();
         let started = Instant::now();
         let header = ClientHeader::decode(&raw)?;
         let op = match header.command {
@@ -241,7 +242,7 @@ impl Connection {
     /// PUT: read the payload and store it. `Some(why)` when it was not stored.
     fn put(&mut self, cwm: &Arc<Cwm>, header: ClientHeader) -> Result<Option<String>, End> {
         let len = header.length as usize;
-        let l1 = cwm.tiers.l1_stats().capacity_bytes;
+        let l1 = cwm.tiers.l1_occupancy().capacity_bytes;
         if len as u64 >= l1 {
             self.discard(len)?;
             Limit::LmObjectSize.refused();

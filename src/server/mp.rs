@@ -257,6 +257,7 @@ impl MpServer {
 
 /// Run a handler, turning a panic (a bug, never input) into the op's failure reply.
 fn handle_guarded(cwm: &Arc<Cwm>, req: &connector_protocol::Request<'_>) -> Option<Vec<u8>> {
+    let _busy = crate::background::foreground_op();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cwm.handle(req))) {
         Ok(reply) => reply,
         Err(_) => {

@@ -195,6 +195,21 @@ impl SessionIndex {
             .cloned()
     }
 
+    /// The newest chain of every salt (over all models), in one pass.
+    pub fn newest_per_salt(&self) -> Vec<Chain> {
+        let inner = self.inner.lock();
+        let mut newest: HashMap<&str, &Chain> = HashMap::new();
+        for ((_, salt), s) in &inner.sessions {
+            if let Some(c) = s.chains.front() {
+                let e = newest.entry(salt).or_insert(c);
+                if c.updated > e.updated {
+                    *e = c;
+                }
+            }
+        }
+        newest.into_values().cloned().collect()
+    }
+
     /// Every chain of `cache_salt`, newest first.
     pub fn chains(&self, cache_salt: &str) -> Vec<Chain> {
         let inner = self.inner.lock();
@@ -366,6 +381,14 @@ mod tests {
         assert_eq!(idx.list()[0].open_requests, 2);
         idx.end_request("r1");
         assert_eq!(idx.list()[0].open_requests, 1);
+        idx.record("m2", 1, "t", &b, None);
+        let mut per_salt: Vec<_> = idx
+            .newest_per_salt()
+            .into_iter()
+            .map(|c| (c.cache_salt.to_string(), c.tokens[0]))
+            .collect();
+        per_salt.sort();
+        assert_eq!(per_salt, [("s".to_string(), 1000), ("t".to_string(), 1000)]);
     }
 
     #[test]

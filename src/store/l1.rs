@@ -445,7 +445,7 @@ impl L1Store {
         victims.len()
     }
 
-    pub fn stats(&self) -> L1Occupancy {
+    pub fn occupancy(&self) -> L1Occupancy {
         let guard = self.inner.lock();
         L1Occupancy {
             objects: guard
@@ -722,14 +722,14 @@ mod tests {
         );
         assert!(!put(&s, &key(9, "alice"), 9));
         assert_eq!(s.counters.quota_refused.load(Relaxed), 1);
-        assert_eq!(s.stats().objects, 6);
+        assert_eq!(s.occupancy().objects, 6);
 
         // A raised quota takes effect at the next store; removing it lifts the bound.
         s.quotas.set(QuotaTier::L1, "alice", 3 * unit);
         assert!(put(&s, &key(9, "alice"), 9));
         assert!(s.quotas.remove(QuotaTier::L1, "alice"));
         assert!(put(&s, &key(10, "alice"), 10));
-        assert_eq!(s.stats().objects, 8);
+        assert_eq!(s.occupancy().objects, 8);
     }
 
     #[test]
@@ -739,7 +739,7 @@ mod tests {
             panic!()
         };
         drop(w);
-        assert_eq!(s.stats().used_bytes, 0);
+        assert_eq!(s.occupancy().used_bytes, 0);
         assert!(put(&s, &key(2, ""), 1));
     }
 
@@ -860,7 +860,7 @@ mod tests {
         assert_eq!(s.read(&key(4, "")).unwrap().pool_offset(), 0);
         assert!(put(&s, &key(5, ""), 5));
         assert_eq!(s.counters.pool_backing_failures.load(Relaxed), 1);
-        assert_eq!(s.stats().objects, 3);
+        assert_eq!(s.occupancy().objects, 3);
         // Locked objects cannot make room: no space, and nothing beyond the cap is touched.
         let chunks: Vec<Vec<ObjectKey>> = (3..=5).map(|n| vec![key(n, "")]).collect();
         assert_eq!(s.lock_prefix(&chunks, 1), 3);
@@ -886,7 +886,7 @@ mod tests {
         assert!(s.contains(&a) && !s.contains(&b));
         assert_eq!(s.clear(true), 1);
         assert_eq!(
-            s.stats(),
+            s.occupancy(),
             L1Occupancy {
                 objects: 0,
                 used_bytes: 0,

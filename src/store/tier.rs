@@ -279,6 +279,10 @@ pub trait WindowCatalog: Send + Sync {
     /// Create manifest `name`; false if the name is taken.
     fn publish(&self, name: &str, manifest: Vec<u8>) -> Result<bool, TierError>;
 
+    /// Set manifest `name` whether or not it exists, in one write (a reader gets the old or
+    /// the new bytes, whole).
+    fn replace(&self, name: &str, manifest: Vec<u8>) -> Result<(), TierError>;
+
     /// Delete manifest `name`; false if there was none.
     fn remove(&self, name: &str) -> Result<bool, TierError>;
 

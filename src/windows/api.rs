@@ -240,3 +240,31 @@ pub struct SessionInfo {
 pub struct SessionList {
     pub sessions: Vec<SessionInfo>,
 }
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSaveRequest {
+    /// The session (cache_salt) whose auto-save is set.
+    pub session_id: String,
+    /// Auto-save this session (true) or never (false), whatever `--auto-save-idle-secs` says.
+    pub enabled: bool,
+    /// Name of its auto-save window; default `autosave-<session_id>` (see the README).
+    #[serde(default)]
+    pub window_name: Option<String>,
+    /// Idle seconds before a save (1 to 604800); default `--auto-save-idle-secs`, else 60.
+    #[serde(default)]
+    pub idle_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AutoSaveSetting {
+    pub session_id: String,
+    /// Whether the session is auto-saved.
+    pub enabled: bool,
+    /// The window its auto-save replaces.
+    pub window_name: String,
+    /// Seconds the session must be idle after new chunks before a save.
+    pub idle_secs: u64,
+    /// The session has its own setting (`session_autosave`), else the server's default applies.
+    pub own_setting: bool,
+}

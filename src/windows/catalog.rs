@@ -91,6 +91,17 @@ impl Window {
             .collect()
     }
 
+    /// Whether `other` is this window in the same version: everything equal but the time of
+    /// its last thaw and where it was published.
+    pub fn same_version(&self, other: &Window) -> bool {
+        let bare = |w: &Window| Window {
+            last_thawed_at: None,
+            fleet: false,
+            ..w.clone()
+        };
+        bare(self) == bare(other)
+    }
+
     /// Structural checks of a manifest read from disk or an import.
     pub fn check(&self) -> Result<(), String> {
         if self.format != FORMAT || self.version != VERSION {
@@ -215,6 +226,22 @@ impl Catalog {
         Ok(())
     }
 
+    /// Record a thaw of `w` at `at` (unix seconds) if the catalog still holds that version of
+    /// it; a window replaced or deleted since the thaw read it is left as it is. Whether it did.
+    pub fn mark_thawed(&self, w: &Window, at: u64) -> Result<bool, CatalogError> {
+        let mut windows = self.windows.lock();
+        let Some(current) = windows.get(&w.name).filter(|c| c.same_version(w)) else {
+            return Ok(false);
+        };
+        let marked = Window {
+            last_thawed_at: Some(at),
+            ..current.clone()
+        };
+        self.persist(&marked)?;
+        windows.insert(marked.name.clone(), marked);
+        Ok(true)
+    }
+
     pub fn remove(&self, name: &str) -> Result<Window, CatalogError> {
         let mut windows = self.windows.lock();
         if !windows.contains_key(name) {
@@ -230,14 +257,22 @@ impl Catalog {
     }
 
     fn persist(&self, w: &Window) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{}.json.tmp", w.name));
         let bytes = serde_json::to_vec_pretty(w).map_err(io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.path(&w.name))?;
-        sync_dir(&self.dir)
+        replace_file(&self.path(&w.name), &bytes)
     }
+}
+
+/// Replace the file at `path` with `bytes` crash-safely: `<path>.tmp` written and fsynced,
+/// renamed over `path`, the directory fsynced. A reader sees the old bytes or the new, whole.
+pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -295,6 +330,18 @@ mod tests {
             w.last_thawed_at = Some(9);
             c.update(w).unwrap();
             c.remove("b.v2").unwrap();
+            // A thaw of a version replaced since is not recorded on the new one.
+            let old = c.get("a").unwrap();
+            let mut new = window("a");
+            new.tokens = vec![5, 6, 7, 8];
+            c.update(new.clone()).unwrap();
+            assert!(!c.mark_thawed(&old, 10).unwrap());
+            assert!(c.mark_thawed(&new, 11).unwrap());
+            c.update(Window {
+                last_thawed_at: Some(9),
+                ..old
+            })
+            .unwrap();
         }
         std::fs::write(dir.path().join("junk.json"), b"{not json").unwrap();
         std::fs::write(dir.path().join("x.json.tmp"), b"half").unwrap();

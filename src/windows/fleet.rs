@@ -3,11 +3,14 @@
 //! catalog follows them. Windows reach that tier only through this narrow handle.
 //!
 //! - `publish` (freeze, clone): the window's records go to Redis without a TTL, then its
-//!   manifest is created there (only if the name is free fleet-wide). If either fails the
-//!   local freeze is undone: a window is frozen everywhere or nowhere.
+//!   manifest is created there (only if the name is free fleet-wide), or, for an auto-save
+//!   replacing its last version, written over the old one in one command (a reader gets one
+//!   version whole). If either fails the local freeze is undone: a window is frozen everywhere
+//!   or nowhere.
 //! - `sync` (before list, status, thaw, freeze, clone, delete): manifests in Redis that this node
-//!   does not know are added to its catalog (marked `fleet`); fleet windows gone from Redis
-//!   (deleted on another node) are removed here. While Redis is unreachable the local catalog
+//!   does not know are added to its catalog (marked `fleet`); a fleet window replaced in Redis
+//!   (an auto-save on another node) is replaced here (the new version pinned before the old
+//!   is unpinned); fleet windows gone from Redis (deleted on another node) are removed here. While Redis is unreachable the local catalog
 //!   answers as it is.
 //! - `unpublish` (delete): the manifest leaves Redis first (so the delete is seen by all), and
 //!   records no remaining window names get the cache TTL back.
@@ -23,6 +26,15 @@ use crate::store::tier::WindowCatalog;
 
 /// Records pushed per batch by a freeze: bounds the memory of encoded records in flight.
 const PUSH_BATCH: usize = 8;
+
+/// How `publish` puts a manifest in the fleet's catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Manifest {
+    /// Only if the name is free fleet-wide (freeze, clone).
+    Create,
+    /// In the place of the version there, in one write (an auto-save replacing the last).
+    Replace,
+}
 
 impl Windows {
     /// The fleet's catalog, when a tier keeps one.
@@ -55,7 +67,11 @@ impl Windows {
                 }
             };
             fleet.insert(name.clone());
-            if !catalog.contains(&name) {
+            if let Some(local) = catalog.get(&name) {
+                if local.fleet && !local.same_version(&w) {
+                    self.adopt_replaced(&local, Window { fleet: true, ..w });
+                }
+            } else {
                 let w = Window { fleet: true, ..w };
                 let pinned = self.pin_present(&w);
                 if let Err(e) = catalog.insert(w) {
@@ -75,6 +91,22 @@ impl Windows {
         }
     }
 
+    /// Put `w`, the fleet's new version of `old`, in its place here.
+    fn adopt_replaced(&self, old: &Window, w: Window) {
+        let pinned = self.pin_present(&w);
+        if let Err(e) = self.catalog.as_ref().expect("synced").update(w) {
+            tracing::warn!(
+                window = old.name,
+                "could not take the fleet's new version: {e}"
+            );
+            self.unpin(&pinned);
+            return;
+        }
+        let old_pins = self.pins.lock().insert(old.name.clone(), pinned);
+        self.unpin(&old_pins.unwrap_or_default());
+        tracing::info!(window = old.name, "window replaced on another node");
+    }
+
     pub(super) fn sync(&self) {
         if self.fleet().is_some() {
             let _serial = self.op_lock.lock();
@@ -83,7 +115,12 @@ impl Windows {
     }
 
     /// Push `w`'s records (when `with_data`) and create its manifest in Redis.
-    pub(super) fn publish(&self, w: &Window, with_data: bool) -> Result<(), WindowError> {
+    pub(super) fn publish(
+        &self,
+        w: &Window,
+        with_data: bool,
+        manifest: Manifest,
+    ) -> Result<(), WindowError> {
         let Some(fleet) = self.fleet() else {
             return Ok(());
         };
@@ -99,12 +136,16 @@ impl Windows {
                 fleet.keep(records).map_err(|e| fleet_err(&e))?;
             }
         }
-        let manifest = serde_json::to_vec(&Window {
+        let bytes = serde_json::to_vec(&Window {
             fleet: true,
             ..w.clone()
         })
         .map_err(|e| fleet_err(&e))?;
-        match fleet.publish(&w.name, manifest) {
+        let created = match manifest {
+            Manifest::Create => fleet.publish(&w.name, bytes),
+            Manifest::Replace => fleet.replace(&w.name, bytes).map(|()| true),
+        };
+        match created {
             Ok(true) => Ok(()),
             Ok(false) => Err(WindowError::Taken(w.name.clone())),
             Err(e) => Err(fleet_err(&e)),

@@ -1,23 +1,38 @@
 //! Freezing a window: a session's chain made durable, pinned and named (and published to
 //! the fleet when a tier keeps a shared catalog).
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use connector_protocol::ObjectKey;
 use rayon::prelude::*;
 
-use super::*;
+use super::catalog::{self, unix_now, Window};
+use super::fleet::Manifest;
+use super::{
+    validate_meta, validate_name, validate_session, FreezeReport, FreezeRequest, WindowError,
+    WindowSummary, Windows,
+};
+use crate::session::Chain;
+
+/// What names and describes a window being frozen.
+pub(super) struct FreezeMeta {
+    pub name: String,
+    /// The session (cache_salt) it is frozen from and thaws into by default.
+    pub session: String,
+    pub description: String,
+    pub tags: Vec<String>,
+}
 
 impl Windows {
     pub fn freeze(&self, req: &FreezeRequest) -> Result<FreezeReport, WindowError> {
-        let started = Instant::now();
         validate_name(&req.window_name)?;
         validate_session(&req.session_id)?;
         let description = req.description.clone().unwrap_or_default();
         let tags = req.tags.clone().unwrap_or_default();
         validate_meta(&description, &tags)?;
-        let (tiers, catalog) = self.disk()?;
+        let (_, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
         if catalog.contains(&req.window_name) {
@@ -28,6 +43,27 @@ impl Windows {
             .chains
             .newest(&req.session_id)
             .ok_or_else(|| WindowError::NothingStored(req.session_id.clone()))?;
+        let meta = FreezeMeta {
+            name: req.window_name.clone(),
+            session: req.session_id.clone(),
+            description,
+            tags,
+        };
+        self.freeze_locked(&chain, meta, None)
+    }
+
+    /// Freeze `chain` as a window (under the op lock): its cached prefix made durable, pinned,
+    /// published to the fleet, and its manifest persisted. With `replacing` (the window of that
+    /// name now), the new version takes its place atomically: readers see the old manifest
+    /// whole until the new one is, and the old version's records are released only then.
+    pub(super) fn freeze_locked(
+        &self,
+        chain: &Chain,
+        meta: FreezeMeta,
+        replacing: Option<Window>,
+    ) -> Result<FreezeReport, WindowError> {
+        let started = Instant::now();
+        let (tiers, catalog) = self.disk()?;
         let cs = self.cwm.settings.chunk_size;
         let hashes = self
             .cwm
@@ -36,27 +72,27 @@ impl Windows {
         let mut w = Window {
             format: catalog::FORMAT.into(),
             version: catalog::VERSION,
-            name: req.window_name.clone(),
+            name: meta.name,
             model: chain.model.to_string(),
             world_size: chain.world_size,
             chunk_size: cs,
-            source_session: req.session_id.clone(),
-            session_id: req.session_id.clone(),
-            data_salt: req.session_id.clone(),
+            source_session: meta.session.clone(),
+            session_id: meta.session.clone(),
+            data_salt: meta.session.clone(),
             tokens: Vec::new(),
             chunk_hashes: Vec::new(),
             raw_bytes: 0,
             stored_bytes: 0,
             created_at: unix_now(),
             last_thawed_at: None,
-            description,
-            tags,
+            description: meta.description,
+            tags: meta.tags,
             cloned_from: None,
             fleet: false,
         };
-        let n = self.cached_prefix(&w, &hashes, &req.session_id);
+        let n = self.cached_prefix(&w, &hashes, &meta.session);
         if n == 0 {
-            return Err(WindowError::NothingStored(req.session_id.clone()));
+            return Err(WindowError::NothingStored(meta.session));
         }
         w.tokens = chain.tokens[..n * cs].to_vec();
         w.chunk_hashes = hashes[..n].iter().map(|h| h.to_hex()).collect();
@@ -102,21 +138,35 @@ impl Windows {
         w.raw_bytes = infos.iter().map(|i| i.raw_len).sum();
         w.stored_bytes = infos.iter().map(|i| i.record_len).sum();
         w.fleet = self.fleet().is_some();
-        // Fleet-wide first (records, then the manifest if the name is free everywhere).
-        if let Err(e) = self.publish(&w, true) {
+        // Fleet-wide first (records, then the manifest: created if the name is free
+        // everywhere, or put in the old version's place).
+        let manifest = match replacing {
+            Some(_) => Manifest::Replace,
+            None => Manifest::Create,
+        };
+        if let Err(e) = self.publish(&w, true, manifest) {
             unpin_all(&pinned);
             return Err(e);
         }
-        if let Err(e) = catalog.insert(w.clone()) {
+        let persisted = match replacing {
+            Some(_) => catalog.update(w.clone()),
+            None => catalog.insert(w.clone()),
+        };
+        if let Err(e) = persisted {
             unpin_all(&pinned);
             return Err(e.into());
         }
-        self.pins
+        let old_pins = self
+            .pins
             .lock()
             .insert(w.name.clone(), pinned.into_iter().cloned().collect());
+        if let Some(old) = replacing {
+            self.release(&old, old_pins.unwrap_or_default());
+        }
         tracing::info!(
             window = w.name,
             session = w.source_session,
+            replaced = manifest == Manifest::Replace,
             tokens = w.tokens.len(),
             chunks = n,
             "window frozen"

@@ -17,11 +17,15 @@
 //!
 //! Catalog-changing operations are serialized by one lock so pins and manifests agree.
 //!
+//! Auto-save (`autosave`) freezes idle sessions, each replacing its previous auto-save window
+//! atomically (`freeze`).
+//!
 //! Here: the errors, `Windows` (open, clone, delete). Requests and reports: `api`; freeze:
 //! `freeze`; thaw: `thaw`; list, status, sessions, health: `status`; manifests: `catalog`;
 //! window files: `export`; the fleet-wide catalog: `fleet`.
 
 mod api;
+pub mod autosave;
 pub mod catalog;
 pub mod export;
 mod fleet;
@@ -31,7 +35,6 @@ mod thaw;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -167,14 +170,23 @@ pub struct Windows {
     /// The L2 pins each window holds (a record missing at startup is not pinned, so it must
     /// not be unpinned on delete either: the count may belong to another window).
     pins: Mutex<HashMap<String, Vec<ObjectKey>>>,
+    /// Sessions saved when idle (`autosave`).
+    autosave: autosave::AutoSave,
 }
 
 impl Windows {
     /// Open the catalog in `<l2 dir>/windows` (when L2 is on) and re-pin every window's records.
-    pub fn open(cwm: Arc<Cwm>, l2_dir: Option<&Path>) -> Result<Windows, WindowError> {
+    /// `auto_save_idle_secs`: the server's auto-save default (0: off unless a session's own
+    /// setting says on).
+    pub fn open(
+        cwm: Arc<Cwm>,
+        l2_dir: Option<&Path>,
+        auto_save_idle_secs: u64,
+    ) -> Result<Windows, WindowError> {
+        let l2_dir = l2_dir.filter(|_| cwm.tiers.has_lower());
         let catalog = match l2_dir {
-            Some(dir) if cwm.tiers.has_lower() => Some(Catalog::open(&dir.join("windows"))?),
-            _ => None,
+            Some(dir) => Some(Catalog::open(&dir.join("windows"))?),
+            None => None,
         };
         let w = Windows {
             cwm,
@@ -182,6 +194,7 @@ impl Windows {
             started: Instant::now(),
             op_lock: Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
+            autosave: autosave::AutoSave::open(auto_save_idle_secs, l2_dir),
         };
         if let Some(cat) = &w.catalog {
             for win in cat.all() {
@@ -258,7 +271,7 @@ impl Windows {
         w.last_thawed_at = None;
         w.cloned_from = Some(src.name.clone());
         w.fleet = self.fleet().is_some();
-        self.publish(&w, false)?;
+        self.publish(&w, false, fleet::Manifest::Create)?;
         let pinned: Vec<ObjectKey> = w.data_keys().into_iter().filter(|k| tiers.pin(k)).collect();
         if let Err(e) = catalog.insert(w.clone()) {
             pinned.iter().for_each(|k| tiers.unpin(k));
@@ -270,7 +283,7 @@ impl Windows {
 
     pub fn delete(&self, req: &DeleteRequest) -> Result<DeleteReport, WindowError> {
         validate_name(&req.window_name)?;
-        let (tiers, catalog) = self.disk()?;
+        let (_, catalog) = self.disk()?;
         let _serial = self.op_lock.lock();
         self.sync_locked();
         if !catalog.contains(&req.window_name) {
@@ -279,25 +292,37 @@ impl Windows {
         // Out of the fleet's catalog first, so every node sees the delete.
         self.unpublish(&req.window_name)?;
         let w = catalog.remove(&req.window_name)?;
-        let others: HashSet<ObjectKey> = catalog.all().iter().flat_map(|o| o.data_keys()).collect();
-        let keys = w.data_keys();
-        for k in self.pins.lock().remove(&w.name).unwrap_or_default() {
-            tiers.unpin(&k);
-        }
-        let released: Vec<ObjectKey> = keys
-            .iter()
-            .filter(|k| !others.contains(*k))
-            .cloned()
-            .collect();
-        self.release_in_l3(&released);
-        let shared = keys.len() - released.len();
+        let pins = self.pins.lock().remove(&w.name).unwrap_or_default();
+        let released = self.release(&w, pins);
+        let shared = w.data_keys().len() - released;
         tracing::info!(window = w.name, "window deleted");
         Ok(DeleteReport {
             window_name: w.name.clone(),
             chunks: w.chunks(),
-            records_released: keys.len() - shared,
+            records_released: released,
             records_shared: shared,
         })
+    }
+
+    /// Give up `pins`, the L2 pins of `w`, a window that has just left the catalog or been
+    /// replaced there, and let L3 expire its records that no window in the catalog names any
+    /// more. How many of its records no window names now.
+    fn release(&self, w: &Window, pins: Vec<ObjectKey>) -> usize {
+        for k in &pins {
+            self.cwm.tiers.unpin(k);
+        }
+        let named: HashSet<ObjectKey> = self
+            .catalog
+            .as_ref()
+            .map(|c| c.all().iter().flat_map(Window::data_keys).collect())
+            .unwrap_or_default();
+        let released: Vec<ObjectKey> = w
+            .data_keys()
+            .into_iter()
+            .filter(|k| !named.contains(k))
+            .collect();
+        self.release_in_l3(&released);
+        released.len()
     }
 }
 

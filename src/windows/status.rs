@@ -1,8 +1,15 @@
 //! What windows report: list, status of windows and sessions, sessions, cache figures,
 //! health.
 
-use super::*;
-use crate::status;
+use connector_protocol::ObjectKey;
+
+use super::catalog::{Catalog, Window};
+use super::{
+    probe_window, secs, validate_name, validate_session, ChainStatus, ChunkTiers, ListRequest,
+    SessionInfo, SessionList, SessionStatus, StatusReport, StatusRequest, WindowError, WindowList,
+    WindowStatus, WindowSummary, Windows,
+};
+use crate::status::{self, CacheStats, Health};
 
 impl Windows {
     pub fn list(&self, req: &ListRequest) -> Result<WindowList, WindowError> {
@@ -215,6 +222,7 @@ impl Windows {
             windows: self.catalog.as_ref().map_or(0, Catalog::len),
             sessions: self.cwm.chains.len(),
             registered_instances: self.cwm.registry.len(),
+            auto_save: self.autosave_stats(),
         }
     }
 }

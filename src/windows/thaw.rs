@@ -1,11 +1,16 @@
 //! Thawing a window: its chunks loaded into L1, in parallel, under its session or a new one.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::*;
+use super::catalog::unix_now;
+use super::{
+    validate_name, validate_session, ThawReport, ThawRequest, TierReads, WindowError, Windows,
+};
 use crate::store::tiered::{InstallError, Installed};
 
 impl Windows {
@@ -23,7 +28,7 @@ impl Windows {
         }
         let (tiers, catalog) = self.disk()?;
         self.sync();
-        let mut w = catalog
+        let w = catalog
             .get(&req.window_name)
             .ok_or_else(|| WindowError::Unknown(req.window_name.clone()))?;
         let cs = self.cwm.settings.chunk_size;
@@ -98,8 +103,14 @@ impl Windows {
             &w.tokens[..tokens_ready],
             None,
         );
-        w.last_thawed_at = Some(unix_now());
-        if let Err(e) = catalog.update(w.clone()) {
+        self.autosave.thawed(
+            &self.cwm.chains,
+            &target,
+            &w.model,
+            &w.tokens[..tokens_ready],
+        );
+        // Only on the version thawed: one replaced or deleted meanwhile stays as it is.
+        if let Err(e) = catalog.mark_thawed(&w, unix_now()) {
             tracing::warn!(window = w.name, "could not record the thaw time: {e}");
         }
         let elapsed = started.elapsed().as_secs_f64();

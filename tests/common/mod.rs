@@ -70,6 +70,20 @@ pub fn wait_written(s: &Sidecar, n: u64) {
     }
 }
 
+/// GET `path` on the sidecar's HTTP port (plain HTTP/1.1 from loopback): the whole response.
+pub fn http_get(s: &Sidecar, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(s.http_addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
 pub fn client(s: &Sidecar) -> MpClient {
     MpClient::connect(&s.mp_endpoint).expect("connect")
 }

@@ -9,6 +9,11 @@
  * - An engine event handle is "CWMSIMEV" + the CLOCK_MONOTONIC time (ns) it fires at.
  * - Streams are queues run by a worker thread, in order: waits on engine events, copies (each
  *   takes `copy_delay_us` before its bytes land) and event records.
+ * - cuMemAlloc gives private host memory, registered like a mapping (copies to and from it are
+ *   checked the same way); cuMemcpyDtoH / cuMemcpyHtoD copy synchronously. Only `cwm bench
+ *   tiers` allocates device memory (its GPU figures, next to the plain cuMemcpy limit).
+ * - Devices are named "cwm cuda-sim GPU <n>", which is how `cwm bench tiers` tells the stand-in
+ *   from a GPU and labels its figures "CUDA driver stand-in".
  * - Everything the test sets and checks is in a shared state file, /dev/shm/<$CWM_CUDA_SIM>
  *   (layout: struct sim_state; tests/cuda_sim.rs mirrors the offsets).
  *
@@ -593,6 +598,54 @@ CUresult cuMemHostUnregister(void *p) {
     return OK;
 }
 
+/* Device memory of cwm's own (`cwm bench tiers`): private memory, listed with the mappings so
+   copies are checked like copies to engine memory; the key marks it as no IPC allocation. */
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    ENTER("cuMemAlloc_v2", 1);
+    if (n == 0) return INVALID_VALUE;
+    void *m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return OUT_OF_MEMORY;
+    struct region *r = calloc(1, sizeof *r);
+    r->base = (uintptr_t)m;
+    r->len = n;
+    r->refs = 1;
+    r->ctx = current_ctx;
+    snprintf(r->key, sizeof r->key, "CWMSIMAL%p", m);
+    pthread_mutex_lock(&G);
+    r->next = mappings;
+    mappings = r;
+    pthread_mutex_unlock(&G);
+    *p = (CUdeviceptr)(uintptr_t)m;
+    return OK;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    ENTER("cuMemFree_v2", 1);
+    pthread_mutex_lock(&G);
+    struct region *m = find(mappings, (uintptr_t)p, 1);
+    struct region *x = m && m->base == (uintptr_t)p && memcmp(m->key, "CWMSIMAL", 8) == 0
+                           ? unlink_region(&mappings, (uintptr_t)p) : NULL;
+    pthread_mutex_unlock(&G);
+    if (!x) return INVALID_VALUE;
+    munmap((void *)x->base, x->len);
+    free(x);
+    return OK;
+}
+/* Synchronous copies (no stream): checked and counted like a stream's copies. */
+static CUresult sync_copy(void *dst, const void *src, size_t n, uintptr_t dev) {
+    struct op o = {.kind = OP_COPY, .dst = dst, .src = src, .n = n, .dev = dev};
+    ADD(copies_pending, 1);
+    run_copy(&o);
+    return OK;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    ENTER("cuMemcpyDtoH_v2", 1);
+    return sync_copy(dst, (const void *)(uintptr_t)src, n, (uintptr_t)src);
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    ENTER("cuMemcpyHtoD_v2", 1);
+    return sync_copy((void *)(uintptr_t)dst, src, n, (uintptr_t)dst);
+}
+
 static CUresult enqueue_copy(void *dst, const void *src, size_t n, uintptr_t dev, struct stream *s) {
     struct op *o = calloc(1, sizeof *o);
     o->kind = OP_COPY;
@@ -611,9 +664,7 @@ static CUresult async_copy(void *dst, const void *src, size_t n, uintptr_t dev, 
     pthread_mutex_unlock(&G);
     if (!pageable) return enqueue_copy(dst, src, n, dev, s);
     drain(s);
-    struct op o = {.kind = OP_COPY, .dst = dst, .src = src, .n = n, .dev = dev};
-    ADD(copies_pending, 1);
-    run_copy(&o);
+    sync_copy(dst, src, n, dev);
     ADD(pageable_blocking, 1);
     return OK;
 }

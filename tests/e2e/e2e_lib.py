@@ -123,9 +123,9 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
 
-def cwm_server(log: str, l1_gb: float = 2.0, l2_path=None, extra=()) -> Server:
+def cwm_server(log: str, l1_gb: float = 2.0, l2_path=None, extra=(), binary=None) -> Server:
     def argv(port):
-        a = [cwm_bin(), "serve", "--host", "127.0.0.1", "--port", str(port),
+        a = [binary or cwm_bin(), "serve", "--host", "127.0.0.1", "--port", str(port),
              "--l1-size-gb", str(l1_gb)]
         if l2_path is not None:
             a += ["--l2-path", l2_path]

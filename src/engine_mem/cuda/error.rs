@@ -58,6 +58,8 @@ pub enum CudaError {
         limit: u64,
         size: u64,
     },
+    #[error("a copy of bytes [{at}, +{len}) lies outside a {size}-byte device allocation")]
+    OutsideDeviceAlloc { at: usize, len: usize, size: usize },
     #[error(
         "checksums of GPU memory are not supported (cwm does not read engine memory on the CPU)"
     )]

@@ -15,6 +15,7 @@
 //! mappings when dropped, so a late copy can never land in reused memory.
 
 pub mod copy;
+pub mod device_alloc;
 pub mod driver;
 pub mod error;
 pub mod events;
@@ -31,7 +32,8 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 pub use copy::{Batching, Direction, Run};
-use driver::{check, Device};
+pub use device_alloc::DeviceAlloc;
+use driver::{check, Device, Driver};
 pub use error::CudaError;
 use mapping::MappingRef;
 pub use pinned::PinnedHost;
@@ -68,20 +70,37 @@ impl CudaKv {
     ) -> Result<CudaKv, EngineMemError> {
         let opened = open(descriptors, pinned)?;
         let layout = KvLayout::from_tensors(&opened.metadata, kv_layout_hint)?;
-        for (layer, (&len, &span)) in opened
-            .layer_limit
-            .iter()
-            .zip(&layout.layer_spans)
-            .enumerate()
-        {
-            if span > len {
-                return Err(EngineMemError::OutOfSegment { layer, span, len });
-            }
-        }
+        within(&layout, &opened.layer_limit)?;
         Ok(CudaKv {
             layout,
             layer_base: opened.layer_base,
             engine: opened.engine,
+        })
+    }
+
+    /// KV blocks laid out as `tensors` describe (one per layer, offsets from the allocation's
+    /// start) in device memory this process allocated: copied to and from L1 exactly as an
+    /// engine's blocks opened over IPC are (the same plan, coalescing, pinned pieces, stream
+    /// and waits). `cwm bench tiers` measures the GPU path with it; engines' memory only ever
+    /// arrives through `open`.
+    pub fn in_allocation(
+        alloc: Arc<DeviceAlloc>,
+        tensors: &[TensorMetadata],
+        kv_layout_hint: Option<&str>,
+        pinned: Option<Arc<PinnedHost>>,
+    ) -> Result<CudaKv, EngineMemError> {
+        let drv = driver::driver().map_err(EngineMemError::CudaUnavailable)?;
+        let metadata: Vec<&TensorMetadata> = tensors.iter().collect();
+        let layout = KvLayout::from_tensors(&metadata, kv_layout_hint)?;
+        within(&layout, &vec![alloc.len() as u64; tensors.len()])?;
+        let layer_base = vec![alloc.ptr() as usize; tensors.len()];
+        let mut engine = CudaEngine::new(drv, alloc.device(), pinned, Vec::new(), Vec::new())
+            .map_err(EngineMemError::Cuda)?;
+        engine.allocation = Some(alloc);
+        Ok(CudaKv {
+            layout,
+            layer_base,
+            engine,
         })
     }
 
@@ -149,6 +168,16 @@ impl EngineMemory for CudaKv {
     }
 }
 
+/// Whether each layer's view spans no more than the bytes its storage allows (`limits`).
+fn within(layout: &KvLayout, limits: &[u64]) -> Result<(), EngineMemError> {
+    for (layer, (&len, &span)) in limits.iter().zip(&layout.layer_spans).enumerate() {
+        if span > len {
+            return Err(EngineMemError::OutOfSegment { layer, span, len });
+        }
+    }
+    Ok(())
+}
+
 /// A registered instance's GPU memory.
 pub struct CudaEngine {
     device: &'static Device,
@@ -164,6 +193,8 @@ pub struct CudaEngine {
     mappings: Vec<MappingRef>,
     /// torch's IPC ref counters of the descriptors, released once the mappings are closed.
     ref_counters: Vec<RefCounter>,
+    /// Device memory of this process the blocks live in, instead of mappings (`in_allocation`).
+    allocation: Option<Arc<DeviceAlloc>>,
 }
 
 struct Stream(sys::CUstream);
@@ -172,6 +203,36 @@ struct Stream(sys::CUstream);
 unsafe impl Send for Stream {}
 
 impl CudaEngine {
+    /// An instance on `device` with its own stream, copying through `pinned` L1 when given.
+    fn new(
+        drv: &Driver,
+        device: &'static Device,
+        pinned: Option<Arc<PinnedHost>>,
+        mappings: Vec<MappingRef>,
+        ref_counters: Vec<RefCounter>,
+    ) -> Result<CudaEngine, CudaError> {
+        device.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // CU_STREAM_NON_BLOCKING: never ordered behind the legacy default stream.
+        check(
+            // SAFETY: the device's context is bound just above; `stream` is a live out-pointer.
+            unsafe { sys::cuStreamCreate(&mut stream, 1) },
+            "cuStreamCreate",
+        )?;
+        Ok(CudaEngine {
+            device,
+            stream: Mutex::new(Stream(stream)),
+            batching: copy::batching(drv, device),
+            batch_failed: AtomicBool::new(false),
+            broken: OnceLock::new(),
+            copies_running: AtomicBool::new(false),
+            pinned,
+            mappings,
+            ref_counters,
+            allocation: None,
+        })
+    }
+
     /// Whether copies use pinned L1 (false: pinning failed, which was logged and counted).
     pub fn pinned(&self) -> bool {
         self.pinned.is_some()
@@ -280,6 +341,7 @@ impl Drop for CudaEngine {
                 );
                 // Nor are torch's ref counters released: the memory is still in use.
                 std::mem::forget(std::mem::take(&mut self.mappings));
+                std::mem::forget(self.allocation.take());
                 return;
             }
         }
@@ -362,28 +424,8 @@ fn open<'a>(
     if let Some(d) = descriptors.first() {
         sync_registration_event(device, d).map_err(cuda)?;
     }
-    device.bind().map_err(cuda)?;
-    let mut stream = std::ptr::null_mut();
-    // CU_STREAM_NON_BLOCKING: never ordered behind the legacy default stream.
-    // SAFETY: `stream` is a valid out-pointer; the device's context is current (bound above).
-    check(
-        // SAFETY: the device's context is bound just above; `stream` is a live out-pointer.
-        unsafe { sys::cuStreamCreate(&mut stream, 1) },
-        "cuStreamCreate",
-    )
-    .map_err(cuda)?;
     Ok(Opened {
-        engine: CudaEngine {
-            device,
-            stream: Mutex::new(Stream(stream)),
-            batching: copy::batching(drv, device),
-            batch_failed: AtomicBool::new(false),
-            broken: OnceLock::new(),
-            copies_running: AtomicBool::new(false),
-            pinned,
-            mappings,
-            ref_counters,
-        },
+        engine: CudaEngine::new(drv, device, pinned, mappings, ref_counters).map_err(cuda)?,
         layer_base,
         layer_limit,
         metadata,

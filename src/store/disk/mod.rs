@@ -244,8 +244,15 @@ impl<S: Storage> DiskStore<S> {
             FsyncPolicy::Never => false,
         };
         if sync_now {
+            let started = Instant::now();
             file.sync()?;
             self.state.lock().last_sync = Instant::now();
+            tracing::debug!(
+                target: "cwm::trace",
+                segment = id,
+                sync_us = started.elapsed().as_micros() as u64,
+                "L2 fsync on the write path"
+            );
         }
         let mut st = self.state.lock();
         st.tick += 1;
@@ -424,7 +431,13 @@ impl<S: Storage> DiskStore<S> {
                 .map(|s| s.file.clone())
         };
         if let Some(f) = file {
+            let started = Instant::now();
             f.sync()?;
+            tracing::debug!(
+                target: "cwm::trace",
+                sync_us = started.elapsed().as_micros() as u64,
+                "L2 fsync of the active segment"
+            );
         }
         Ok(())
     }

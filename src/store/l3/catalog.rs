@@ -1,6 +1,6 @@
 //! L3 as the fleet's `WindowCatalog`. Named manifests in Redis: one hash
 //! (`KeyLayout::windows`) of name → bytes, so listing, reading, creating (only if absent) and
-//! deleting are single-key commands, atomic on a cluster too. The store knows nothing of what
+//! replacing and deleting are single-key commands, atomic on a cluster too. The store knows nothing of what
 //! a manifest says; `crate::windows` does. Also: a window's records kept without a TTL, and
 //! given back their cache TTL once no manifest names them.
 
@@ -27,6 +27,10 @@ impl WindowCatalog for L3 {
 
     fn publish(&self, name: &str, manifest: Vec<u8>) -> Result<bool, TierError> {
         self.publish_manifest(name, manifest).map_err(tier_error)
+    }
+
+    fn replace(&self, name: &str, manifest: Vec<u8>) -> Result<(), TierError> {
+        self.replace_manifest(name, manifest).map_err(tier_error)
     }
 
     fn remove(&self, name: &str) -> Result<bool, TierError> {
@@ -66,6 +70,17 @@ impl L3 {
         self.link()
             .run(move |mut c| async move {
                 c.query::<bool>(redis::cmd("HSETNX").arg(key).arg(name).arg(manifest))
+                    .await
+            })
+            .inspect_err(|e| self.link_error(e))
+    }
+
+    /// Set manifest `name` (HSET: one field of one hash, so a reader gets one version whole).
+    fn replace_manifest(&self, name: &str, manifest: Vec<u8>) -> Result<(), LinkError> {
+        let (key, name) = (self.keys().windows(), name.to_string());
+        self.link()
+            .run(move |mut c| async move {
+                c.query::<()>(redis::cmd("HSET").arg(key).arg(name).arg(manifest))
                     .await
             })
             .inspect_err(|e| self.link_error(e))

@@ -22,7 +22,7 @@ use connector_protocol::ObjectKey;
 use rayon::prelude::*;
 use thiserror::Error;
 
-pub use self::stats::{L1Report, TiersStats, WriteBehindStats};
+pub use self::stats::{L1Stats, TiersStats, WriteBehindStats};
 use self::write_behind::WriteBehindQueue;
 use super::codec::CompressionPolicy;
 use super::disk::storage::FsStorage;
@@ -320,8 +320,8 @@ impl Tiers {
             .try_for_each(|t| t.admit_window(salt, &records))
     }
 
-    pub fn l1_stats(&self) -> L1Occupancy {
-        self.l1.stats()
+    pub fn l1_occupancy(&self) -> L1Occupancy {
+        self.l1.occupancy()
     }
 
     /// L1's whole memory (address, length), to register it with a GPU driver.

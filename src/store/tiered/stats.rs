@@ -27,13 +27,18 @@ pub struct WriteBehindStats {
     pub held: u64,
     /// Objects written after being held.
     pub retried: u64,
+    /// Times write-behind waited for the engines to be quiet (no op for
+    /// `background::QUIET`) before reading an object or writing a batch, and the total wait.
+    pub yields: u64,
+    pub yielded_ms: u64,
+    /// Times it wrote anyway because an object had waited its longest (2 s) for busy engines.
+    pub deferred_max: u64,
 }
 
-/// L1's occupancy and traffic.
+/// L1's occupancy (`L1Occupancy`, what its index holds now) and traffic (`L1Counters`), as
+/// `/status`, `/metrics` and `cache_stats` report them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-// Its name in the JSON schemas of `/status` and `cache_stats`, kept stable.
-#[serde(rename = "L1Stats")]
-pub struct L1Report {
+pub struct L1Stats {
     pub objects: usize,
     pub used_bytes: u64,
     pub capacity_bytes: u64,
@@ -52,7 +57,7 @@ pub struct L1Report {
 /// Every tier's figures at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct TiersStats {
-    pub l1: L1Report,
+    pub l1: L1Stats,
     /// The tiers behind L1, in order (each named).
     pub lower: Vec<TierStats>,
     pub write_behind: WriteBehindStats,
@@ -60,10 +65,10 @@ pub struct TiersStats {
 
 impl Tiers {
     pub fn stats(&self) -> TiersStats {
-        let s = self.l1.stats();
+        let s = self.l1.occupancy();
         let c: &L1Counters = &self.l1.counters;
         TiersStats {
-            l1: L1Report {
+            l1: L1Stats {
                 objects: s.objects,
                 used_bytes: s.used_bytes,
                 capacity_bytes: s.capacity_bytes,

@@ -4,6 +4,11 @@
 //! batches, encodes each object once and hands each tier the batch's records in one `put`.
 //! A tier out of space stalls it (writes held, retried with backoff); a `clear` cancels what
 //! is queued.
+//!
+//! It yields to the engines (`background::yield_to_foreground`): before it reads an object out
+//! of L1 and before each tier's `put` it waits until no engine op has run for
+//! `background::QUIET`, at most until `MAX_DEFER` after the object was queued, so a warm
+//! request never runs beside it while a continuously busy engine still gets its writes done.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -37,6 +42,11 @@ struct Counters {
     held: AtomicU64,
     /// Objects written after waiting for space.
     retried: AtomicU64,
+    /// Times it waited for the engines to be quiet, and for how long in all (µs).
+    yields: AtomicU64,
+    yielded_us: AtomicU64,
+    /// Times it stopped waiting because an object had waited `MAX_DEFER`.
+    deferred_max: AtomicU64,
 }
 
 impl Counters {
@@ -51,6 +61,9 @@ impl Counters {
             stalls: self.stalls.load(Relaxed),
             held: self.held.load(Relaxed),
             retried: self.retried.load(Relaxed),
+            yields: self.yields.load(Relaxed),
+            yielded_ms: self.yielded_us.load(Relaxed) / 1000,
+            deferred_max: self.deferred_max.load(Relaxed),
         }
     }
 }
@@ -58,6 +71,8 @@ impl Counters {
 struct Job {
     key: ObjectKey,
     bytes: u64,
+    /// When it was queued: it yields to the engines until `MAX_DEFER` after this.
+    queued_at: Instant,
     /// The clear generation it was queued in: a `clear` since cancels it.
     generation: u64,
     /// The tiers behind L1 (bit i: `lower[i]`) still to write it to.
@@ -173,6 +188,7 @@ impl WriteBehindQueue {
                 .send(Job {
                     key,
                     bytes: object_bytes,
+                    queued_at: Instant::now(),
                     generation,
                     pending: u32::MAX,
                     held: false,
@@ -187,6 +203,8 @@ impl WriteBehindQueue {
 }
 
 const BATCH: usize = 8;
+/// The longest write-behind defers an object's write for busy engines; then it writes anyway.
+const MAX_DEFER: Duration = Duration::from_secs(2);
 /// How long the worker waits for work before it runs the tiers' housekeeping anyway.
 const IDLE: Duration = Duration::from_millis(200);
 /// The first wait before retrying a tier that ran out of space; each failed retry doubles it,
@@ -378,6 +396,21 @@ impl WriteBehind {
         c.held.store(0, Relaxed);
     }
 
+    /// Wait for the engines to be quiet, at most until `MAX_DEFER` after `queued_at`
+    /// (counted).
+    fn yield_to_engines(&self, queued_at: Instant) {
+        let deadline = queued_at + MAX_DEFER;
+        let waited = background::yield_to_foreground(deadline);
+        if !waited.is_zero() {
+            let c = &self.counters;
+            c.yields.fetch_add(1, Relaxed);
+            c.yielded_us.fetch_add(waited.as_micros() as u64, Relaxed);
+            if Instant::now() >= deadline {
+                c.deferred_max.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     /// The tiers of `pending` (a job's), with their bits.
     fn pending(&self, pending: u32) -> impl Iterator<Item = (u32, &Arc<dyn Tier>)> {
         self.lower
@@ -393,6 +426,7 @@ impl WriteBehind {
         let _fence = self.generation.fence.lock();
         let c = &self.counters;
         let cancelled = |job: &Job| job.generation != self.generation.current.load(Relaxed);
+        let started = Instant::now();
         let records: Vec<Option<Vec<u8>>> = background::pool().install(|| {
             batch
                 .par_iter()
@@ -403,6 +437,7 @@ impl WriteBehind {
                     if cancelled(job) || self.pending(job.pending).all(|(_, t)| held(t)) {
                         return None;
                     }
+                    self.yield_to_engines(job.queued_at);
                     let Some(object) = self.l1.read(&job.key) else {
                         c.missed.fetch_add(1, Relaxed);
                         return None;
@@ -416,6 +451,7 @@ impl WriteBehind {
                 })
                 .collect()
         });
+        let encoded = started.elapsed();
         let mut outcome = BatchOutcome::default();
         let mut written: Vec<(Job, Vec<u8>)> = Vec::with_capacity(batch.len());
         for (job, record) in batch.into_iter().zip(records) {
@@ -439,7 +475,17 @@ impl WriteBehind {
                 .iter()
                 .map(|&j| (&written[j].0.key, written[j].1.as_slice()))
                 .collect();
+            let oldest = mine.iter().map(|&j| written[j].0.queued_at).min();
+            self.yield_to_engines(oldest.expect("mine is not empty"));
+            let put_started = Instant::now();
             let results = tier.put(&records);
+            trace_put(
+                tier.name(),
+                &records,
+                started,
+                encoded,
+                put_started.elapsed(),
+            );
             for (&j, result) in mine.iter().zip(results) {
                 let job = &mut written[j].0;
                 match result {
@@ -479,4 +525,26 @@ impl WriteBehind {
         }
         outcome
     }
+}
+
+/// One tier's `put` of a write-behind batch for `cwm::trace` (`CWM_LOG=info,cwm::trace=debug`):
+/// when the batch started, how long encoding it took and how long the tier took, so a slow
+/// foreground op can be lined up against the background work running beside it.
+fn trace_put(
+    tier: &str,
+    records: &[(&ObjectKey, &[u8])],
+    started: Instant,
+    encoded: Duration,
+    put: Duration,
+) {
+    tracing::debug!(
+        target: "cwm::trace",
+        tier,
+        objects = records.len(),
+        record_bytes = records.iter().map(|(_, r)| r.len()).sum::<usize>(),
+        encode_us = encoded.as_micros() as u64,
+        put_us = put.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "write-behind batch written"
+    );
 }
