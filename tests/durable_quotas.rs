@@ -397,6 +397,21 @@ fn an_l3_quota_bounds_what_this_sidecar_writes_to_redis() {
     assert_eq!(http.used_on("ann", "l3"), 2 * unit);
     assert_eq!(http.metric("cwm_l3_quota_refused_total"), 2);
     assert_eq!(chunk_keys(), 3, "bob's one and ann's two in Redis");
+    // window_status tells which chunks Redis holds: ann's two oldest, not the two refused.
+    let m = mcp(&http, &s);
+    let st = call(&http.rt, &m, "window_status", json!({"session_id": "ann"})).unwrap();
+    let in_l3: Vec<Value> = st["session"]["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["chunk_tiers"][0]["l3"].clone())
+        .collect();
+    assert_eq!(
+        in_l3,
+        [false, false, true, true],
+        "newest chain first: {st}"
+    );
+    http.rt.block_on(m.cancel()).unwrap();
     for seed in 101..103 {
         store(&mut c, "bob", seed);
     }
