@@ -498,6 +498,11 @@ impl WriteBehind {
                     Err(e) if e.out_of_space() => {
                         outcome.out_of_space.get_or_insert(e);
                     }
+                    // Refused to keep its salt within its quota there: that tier counted it.
+                    Err(e) if e.over_quota() => {
+                        job.pending &= !bit;
+                        tracing::debug!(key = ?job.key, "{e}");
+                    }
                     Err(e) => {
                         job.pending &= !bit;
                         job.failed = true;
