@@ -118,6 +118,11 @@ pub fn foreground_op() -> ForegroundOp<'static> {
     FOREGROUND.op()
 }
 
+/// Whether no engine op is in flight and none has run for [`QUIET`] (never waits).
+pub fn foreground_quiet() -> bool {
+    FOREGROUND.wait_needed().is_zero()
+}
+
 /// Wait until no engine op is in flight and none has run for [`QUIET`], or until `deadline`,
 /// whichever comes first. Returns how long it waited (zero when the engines were quiet).
 pub fn yield_to_foreground(deadline: Instant) -> Duration {

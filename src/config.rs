@@ -11,6 +11,7 @@ use crate::store::codec::CompressionPolicy;
 use crate::store::disk::{DiskConfig, FsyncPolicy};
 use crate::store::l3::config::{Endpoints, L3Config, WritePolicy};
 use crate::store::populate::L1Populate;
+use crate::store::quota::QuotaTier;
 use crate::store::seal::{KeyFileError, Sealer, ServerKey};
 use crate::store::tiered::{L1Memory, L2Config, TiersConfig};
 use crate::store::L1Config;
@@ -103,6 +104,10 @@ pub struct Config {
     /// GiB of L1 each cache_salt may occupy unless `PUT /quota/{salt}` gave it its own limit;
     /// 0: no limit.
     pub l1_quota_gb_per_salt: f64,
+    /// The same for L2 (`"tier": "l2"`): bytes of its records on disk, frozen windows included.
+    pub l2_quota_gb_per_salt: f64,
+    /// The same for L3 (`"tier": "l3"`): bytes this sidecar wrote to Redis for the salt.
+    pub l3_quota_gb_per_salt: f64,
     /// Encryption at rest: a file of 64 hex digits (32 random bytes), readable by its owner
     /// only. Records written to L2, L3 and window exports are then sealed with a key derived
     /// per cache_salt from it (docs/FORMATS.md, version 2). Off unless set.
@@ -176,6 +181,8 @@ impl Default for Config {
             l3_connections: 4,
             l3_ttl_secs: 86400,
             l1_quota_gb_per_salt: 0.0,
+            l2_quota_gb_per_salt: 0.0,
+            l3_quota_gb_per_salt: 0.0,
             l3_write_queue_mb: 1024,
             l3_tls_ca: None,
             encryption_key_file: None,
@@ -315,12 +322,10 @@ impl Config {
         if !(1..=64).contains(&self.l3_connections) {
             return invalid("l3_connections", &self.l3_connections, "1..=64");
         }
-        if !(self.l1_quota_gb_per_salt.is_finite() && self.l1_quota_gb_per_salt >= 0.0) {
-            return invalid(
-                "l1_quota_gb_per_salt",
-                &self.l1_quota_gb_per_salt,
-                "a number of GiB >= 0 (0: no limit)",
-            );
+        for (field, gb) in self.quota_defaults_gb() {
+            if !(gb.is_finite() && gb >= 0.0) {
+                return invalid(field, &gb, "a number of GiB >= 0 (0: no limit)");
+            }
         }
         if self.auto_save_idle_secs > MAX_AUTO_SAVE_IDLE_SECS {
             return invalid(
@@ -410,8 +415,9 @@ impl Config {
             timeout: Duration::from_millis(self.l3_timeout_ms),
             connections: self.l3_connections,
             ttl: Duration::from_secs(self.l3_ttl_secs),
-            // `Tiers::open` gives L3 the tiers' sealer.
+            // `Tiers::open` gives L3 the tiers' sealer and quotas.
             sealer: Sealer::default(),
+            quotas: Default::default(),
         })
     }
 
@@ -423,6 +429,15 @@ impl Config {
             None => None,
         };
         Ok(Sealer::new(key))
+    }
+
+    /// The per-salt quota defaults of L1, L2 and L3, in that order, with their fields' names.
+    fn quota_defaults_gb(&self) -> [(&'static str, f64); 3] {
+        [
+            ("l1_quota_gb_per_salt", self.l1_quota_gb_per_salt),
+            ("l2_quota_gb_per_salt", self.l2_quota_gb_per_salt),
+            ("l3_quota_gb_per_salt", self.l3_quota_gb_per_salt),
+        ]
     }
 
     /// What the tiers are built from (`Tiers::open`); reads the encryption key file.
@@ -438,8 +453,15 @@ impl Config {
                 L1Memory::Private
             },
             l1_populate: self.l1_populate,
-            l1_quota_per_salt: crate::store::quota::gb_to_bytes(self.l1_quota_gb_per_salt)
-                .filter(|&b| b > 0),
+            quota_per_salt: QuotaTier::ALL
+                .into_iter()
+                .zip(self.quota_defaults_gb())
+                .filter_map(|(tier, (_, gb))| {
+                    crate::store::quota::gb_to_bytes(gb)
+                        .filter(|&b| b > 0)
+                        .map(|b| (tier, b))
+                })
+                .collect(),
             l2: self.l2_enabled().then(|| L2Config {
                 path: self.l2_path.clone(),
                 disk: self.l2_disk_config(),

@@ -230,6 +230,14 @@ struct ServeArgs {
     /// (`PUT /quota/{salt}`); 0: no limit [default: 0].
     #[arg(long, env = "CWM_L1_QUOTA_GB_PER_SALT")]
     l1_quota_gb_per_salt: Option<f64>,
+    /// GiB of L2 each cache_salt's records may take (frozen windows included) unless given
+    /// its own quota (`PUT /quota/{salt}` with `"tier": "l2"`); 0: no limit [default: 0].
+    #[arg(long, env = "CWM_L2_QUOTA_GB_PER_SALT")]
+    l2_quota_gb_per_salt: Option<f64>,
+    /// GiB each cache_salt may have in L3, counted from this sidecar's writes, unless given
+    /// its own quota (`"tier": "l3"`); 0: no limit [default: 0].
+    #[arg(long, env = "CWM_L3_QUOTA_GB_PER_SALT")]
+    l3_quota_gb_per_salt: Option<f64>,
     /// Encryption at rest: a file of 64 hex digits (`openssl rand -hex 32 > key; chmod 600
     /// key`), readable by its owner only; records in L2, L3 and window exports are sealed
     /// with a key per cache_salt derived from it [default: off].
@@ -278,7 +286,9 @@ impl ServeArgs {
             l3_connections,
             l3_ttl_secs,
             l3_write_queue_mb,
-            l1_quota_gb_per_salt
+            l1_quota_gb_per_salt,
+            l2_quota_gb_per_salt,
+            l3_quota_gb_per_salt
         );
         for (field, value) in [
             (&mut c.l3_url, self.l3_url),

@@ -32,7 +32,7 @@ use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleClient, RoleServer, S
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::store::quota::QuotaEntry;
+use crate::store::quota::{QuotaEntry, QuotaTier};
 use crate::tenant;
 use crate::windows::*;
 
@@ -50,6 +50,14 @@ pub struct NoArgs {}
 #[serde(deny_unknown_fields)]
 pub struct SaltArgs {
     pub cache_salt: String,
+}
+
+/// A tenant's own limit to remove: on one tier, or on every tier when `tier` is left out.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaDeleteArgs {
+    pub cache_salt: String,
+    pub tier: Option<QuotaTier>,
 }
 
 /// A tenant's new limit (unknown fields are refused by `SetQuota`).
@@ -212,7 +220,7 @@ impl WindowTools {
     }
 
     #[tool(
-        description = "Set a tenant's quota: the bytes its cache_salt may occupy in L1 (limit_gb, GiB; tier \"l1\"). A store over it evicts that tenant's own oldest chunks, never another's. `_default` names the empty salt."
+        description = "Set a tenant's quota: the bytes its cache_salt may occupy on a tier (limit_gb, GiB; tier \"l1\" memory, the default, \"l2\" disk with its frozen windows, \"l3\" Redis as written by this sidecar). A store over it drops that tenant's own oldest chunks, never another's; a window_freeze over the L2 or L3 quota fails. `_default` names the empty salt."
     )]
     async fn quota_set(
         &self,
@@ -225,7 +233,7 @@ impl WindowTools {
     }
 
     #[tool(
-        description = "A tenant's quota (its own, or the default for every salt) and its L1 usage."
+        description = "A tenant's quota on each tier (its own, or the default for every salt) and its usage there."
     )]
     async fn quota_get(
         &self,
@@ -237,20 +245,20 @@ impl WindowTools {
     }
 
     #[tool(
-        description = "Remove a tenant's own quota (the default for every salt applies again). Fails if it had none."
+        description = "Remove a tenant's own quota on one tier (tier) or on every tier (the default for every salt applies again). Fails if it had none."
     )]
     async fn quota_delete(
         &self,
-        Parameters(req): Parameters<SaltArgs>,
+        Parameters(req): Parameters<QuotaDeleteArgs>,
     ) -> Result<Json<tenant::SaltQuota>, String> {
         let tiers = &self.windows.cwm.tiers;
-        tenant::remove(tiers, &req.cache_salt)
+        tenant::remove(tiers, &req.cache_salt, req.tier)
             .and_then(|_| tenant::get(tiers, &req.cache_salt))
             .map(Json)
             .map_err(|e| e.to_string())
     }
 
-    #[tool(description = "Every tenant quota, and the tenants using the most of L1.")]
+    #[tool(description = "Every tenant quota, and the tenants using the most of each tier.")]
     async fn quota_list(
         &self,
         Parameters(_): Parameters<NoArgs>,

@@ -197,23 +197,38 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "L1 reservations refused: the cache_salt was at its quota with nothing of its own evictable",
         &[("", c(s.l1.quota_refused))],
     );
-    let usage = cwm.tiers.salt_usage();
-    let mut per_salt: Vec<(String, f64)> = usage
-        .iter()
-        .take(TOP_SALTS)
-        .map(|(salt, b)| (format!("cache_salt=\"{}\"", label_value(salt)), c(*b)))
-        .collect();
-    if usage.len() > TOP_SALTS {
-        let other: u64 = usage.iter().skip(TOP_SALTS).map(|(_, b)| b).sum();
-        per_salt.push(("cache_salt=\"_other\"".into(), c(other)));
+    // Per tier, bytes of the `TOP_SALTS` largest salts and `_other`: bounded label sets.
+    for usage in &s.tenants {
+        let mut per_salt: Vec<(String, f64)> = usage
+            .top
+            .iter()
+            .map(|u| {
+                (
+                    format!("cache_salt=\"{}\"", label_value(&u.cache_salt)),
+                    c(u.bytes),
+                )
+            })
+            .collect();
+        if usage.salts > usage.top.len() {
+            per_salt.push(("cache_salt=\"_other\"".into(), c(usage.other_bytes)));
+        }
+        let per_salt: Vec<(&str, f64)> = per_salt.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            &format!("{}_salt_bytes", usage.tier.to_lowercase()),
+            "gauge",
+            &format!(
+                "{} bytes per cache_salt (the {TOP_SALTS} largest; the rest summed as _other; \
+                 _default: no salt{})",
+                usage.tier,
+                if usage.tier == "L3" {
+                    "; what this sidecar wrote and has not expired"
+                } else {
+                    ""
+                }
+            ),
+            &per_salt,
+        );
     }
-    let per_salt: Vec<(&str, f64)> = per_salt.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-    metric(
-        "l1_salt_bytes",
-        "gauge",
-        "L1 bytes per cache_salt (the largest; the rest summed as _other; _default: no salt)",
-        &per_salt,
-    );
     // Each tier's own figures, as `cwm_<tier>_<figure>` (`cwm_l2_segments`, `cwm_l3_up`).
     for t in &s.tiers {
         let tier = t.name.to_lowercase();

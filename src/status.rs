@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Cwm;
+use crate::tenant::{self, TierUsage};
 
 pub use crate::store::seal::SealStats;
 pub use crate::store::tier::TierStats;
@@ -32,6 +33,9 @@ pub struct CacheStats {
     /// Encryption at rest (`--encryption-key-file`): records sealed, opened, and refused.
     #[serde(default)]
     pub encryption: SealStats,
+    /// Who uses each tier (L1 first): the largest cache_salts and the rest together.
+    #[serde(default)]
+    pub tenants: Vec<TierUsage>,
 }
 
 impl CacheStats {
@@ -101,5 +105,6 @@ pub fn cache_stats(cwm: &Cwm) -> CacheStats {
         tiers: t.lower,
         write_behind: t.write_behind,
         encryption: cwm.tiers.sealer().stats(),
+        tenants: tenant::usage(&cwm.tiers),
     }
 }

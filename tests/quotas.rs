@@ -4,53 +4,11 @@
 
 mod common;
 
+use common::http::Http;
 use common::*;
 use reqwest::StatusCode;
-use serde_json::Value;
 
 const MODEL: &str = "quota-model";
-
-struct Http {
-    rt: tokio::runtime::Runtime,
-    client: reqwest::Client,
-    base: String,
-}
-
-impl Http {
-    fn send(&self, method: reqwest::Method, path: &str, body: &str) -> (StatusCode, Value) {
-        let req = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .body(body.to_string());
-        self.rt.block_on(async {
-            let r = req.send().await.expect("the request gets an answer");
-            let status = r.status();
-            let text = r.text().await.unwrap();
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            )
-        })
-    }
-
-    fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.send(reqwest::Method::GET, path, "")
-    }
-
-    fn put(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        self.send(reqwest::Method::PUT, path, body)
-    }
-
-    fn delete(&self, path: &str) -> (StatusCode, Value) {
-        self.send(reqwest::Method::DELETE, path, "")
-    }
-
-    fn used(&self, salt: &str) -> u64 {
-        let (st, v) = self.get(&format!("/quota/{salt}"));
-        assert_eq!(st, StatusCode::OK, "{v}");
-        v["usage"]["l1_bytes"].as_u64().expect("usage in bytes")
-    }
-}
 
 /// Store prompt `seed` (one 256-token chunk from blocks 1..=16) under `salt`.
 fn store(c: &mut cwm::client::MpClient, salt: &str, seed: u32) -> bool {
@@ -75,11 +33,7 @@ fn hits(c: &mut cwm::client::MpClient, salt: &str, seed: u32) -> u64 {
 #[test]
 fn a_tenant_over_its_quota_evicts_only_its_own_chunks() {
     let s = sidecar(small_config());
-    let http = Http {
-        rt: runtime(),
-        client: reqwest::Client::new(),
-        base: format!("http://{}", s.http_addr),
-    };
+    let http = Http::new(&s);
     let mut c = client(&s);
     let kv = TestKv::new(Layout::Nhd, 1, 40, 16, 1, 16);
     kv.fill(3);
@@ -140,11 +94,7 @@ fn a_tenant_over_its_quota_evicts_only_its_own_chunks() {
 #[test]
 fn bad_quota_requests_are_refused_and_change_nothing() {
     let s = sidecar(small_config());
-    let http = Http {
-        rt: runtime(),
-        client: reqwest::Client::new(),
-        base: format!("http://{}", s.http_addr),
-    };
+    let http = Http::new(&s);
     for (path, body, want) in [
         (
             "/quota/alice",
@@ -191,11 +141,7 @@ fn quotas_over_mcp_are_the_same_limits_as_over_http() {
     use serde_json::json;
 
     let s = sidecar(small_config());
-    let http = Http {
-        rt: runtime(),
-        client: reqwest::Client::new(),
-        base: format!("http://{}", s.http_addr),
-    };
+    let http = Http::new(&s);
     let rt = &http.rt;
     let url = format!("http://{}/mcp", s.http_addr);
     let m = rt
@@ -213,7 +159,7 @@ fn quotas_over_mcp_are_the_same_limits_as_over_http() {
         (json!({"cache_salt": "alice", "limit_gb": -1}), "limit_gb"),
         (
             json!({"cache_salt": "alice", "limit_gb": 1, "tier": "l2"}),
-            "not enforced",
+            "no such tier",
         ),
         (json!({"cache_salt": "a@b", "limit_gb": 1}), "cache_salt"),
         (json!({"cache_salt": "alice", "limit": 1}), ""),

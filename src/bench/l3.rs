@@ -112,6 +112,7 @@ pub fn run(cfg: &L3BenchConfig) -> anyhow::Result<L3Report> {
         connections: cfg.connections,
         ttl: Duration::from_secs(3600),
         sealer: Default::default(),
+        quotas: Default::default(),
     })?;
     let mut values = Vec::new();
     for &mib in &cfg.value_mib {

@@ -1,10 +1,11 @@
 //! Tenant quotas over HTTP, in the shape LMCache's newer coordinator uses:
 //!
-//! - `PUT /quota/{cache_salt}` with `{"limit_gb": <number>, "tier": "l1"}` sets a salt's limit
-//!   (`tier` defaults to `l1`; `l2` and `l3` are refused: not enforced yet);
-//! - `GET /quota/{cache_salt}`: its limit (its own, or the default for every salt) and usage;
-//! - `DELETE /quota/{cache_salt}`: back to the default;
-//! - `GET /quota`: every limit, the default, and the salts using the most of L1.
+//! - `PUT /quota/{cache_salt}` with `{"limit_gb": <number>, "tier": "l1"|"l2"|"l3"}` sets a
+//!   salt's limit on a tier (`tier` defaults to `l1`; a tier this sidecar lacks is refused);
+//! - `GET /quota/{cache_salt}`: its limit on each tier (its own, or the default for every salt)
+//!   and usage;
+//! - `DELETE /quota/{cache_salt}[?tier=l2]`: back to the default, on every tier or one;
+//! - `GET /quota`: every limit, the defaults, and the salts using the most of each tier.
 //!
 //! `_default` names the empty salt. The routes sit behind the HTTP port's access rules like
 //! every admin route (a loopback Host, or the bearer token). What each does: `tenant`;
@@ -12,13 +13,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::store::quota::QuotaTier;
 use crate::tenant::{self, QuotaError, SetQuota};
 use crate::windows::Windows;
 
@@ -35,7 +37,7 @@ fn refuse(status: StatusCode, detail: String) -> Response {
 fn answer<T: serde::Serialize>(r: Result<T, QuotaError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
-        Err(e @ QuotaError::NoOwnQuota(_)) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ QuotaError::NoOwnQuota { .. }) => refuse(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
@@ -58,10 +60,23 @@ async fn show(State(w): State<Arc<Windows>>, Path(name): Path<String>) -> Respon
     answer(tenant::get(&w.cwm.tiers, &name))
 }
 
-async fn remove(State(w): State<Arc<Windows>>, Path(name): Path<String>) -> Response {
-    answer(
-        tenant::remove(&w.cwm.tiers, &name).map(|quota| json!({"deleted": true, "quota": quota})),
-    )
+/// `?tier=` of a DELETE: one tier's limit, else every tier's.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierParam {
+    tier: Option<QuotaTier>,
+}
+
+async fn remove(
+    State(w): State<Arc<Windows>>,
+    Path(name): Path<String>,
+    Query(q): Query<TierParam>,
+) -> Response {
+    let tiers = &w.cwm.tiers;
+    answer(tenant::remove(tiers, &name, q.tier).and_then(|removed| {
+        let now = tenant::get(tiers, &name)?;
+        Ok(json!({"deleted": true, "removed": removed, "quota": now.quota, "tiers": now.tiers}))
+    }))
 }
 
 async fn list(State(w): State<Arc<Windows>>) -> Response {

@@ -25,7 +25,7 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 
 use super::arena::{Arena, Extent, ExtentAllocator};
-use super::quota::Quotas;
+use super::quota::{self, QuotaTier, Quotas};
 
 #[derive(Debug, Clone)]
 pub struct L1Config {
@@ -160,7 +160,7 @@ pub struct L1Store {
     lock_ttl: Duration,
     pub counters: L1Counters,
     /// Per-salt byte budgets, enforced in `reserve` (`store::quota`).
-    pub quotas: Quotas,
+    pub quotas: Arc<Quotas>,
 }
 
 /// Outcome of `reserve`.
@@ -204,7 +204,7 @@ impl L1Store {
             inner: Mutex::new((Index::default(), alloc)),
             lock_ttl: config.lock_ttl,
             counters: L1Counters::default(),
-            quotas: Quotas::default(),
+            quotas: Arc::default(),
         })
     }
 
@@ -285,7 +285,7 @@ impl L1Store {
             return Reservation::NoSpace;
         }
         let now = Instant::now();
-        if let Some(limit) = self.quotas.l1_limit(&key.cache_salt) {
+        if let Some(limit) = self.quotas.limit(QuotaTier::L1, &key.cache_salt) {
             // Over its quota, a salt makes room among its own objects only.
             let need = ExtentAllocator::rounded(len);
             while index.salt_used(&key.cache_salt) + need > limit {
@@ -461,16 +461,7 @@ impl L1Store {
 
     /// Bytes each salt's objects occupy, largest first.
     pub fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
-        let mut v: Vec<(Arc<str>, u64)> = self
-            .inner
-            .lock()
-            .0
-            .salt_bytes
-            .iter()
-            .map(|(s, &b)| (s.clone(), b))
-            .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v
+        quota::largest_first(&self.inner.lock().0.salt_bytes)
     }
 
     /// Read-lock count of `key` (expired locks count as 0). For tests and status.
@@ -699,7 +690,7 @@ mod tests {
     fn a_tenant_over_its_quota_evicts_only_its_own_chunks() {
         let s = store(16, Duration::from_secs(60));
         let unit = ExtentAllocator::rounded(4096);
-        s.quotas.set("alice", 2 * unit);
+        s.quotas.set(QuotaTier::L1, "alice", 2 * unit);
         // bob fills part of L1 first, then alice stores four chunks within a 2-chunk quota.
         for n in 0..4 {
             assert!(put(&s, &key(100 + n, "bob"), n));
@@ -734,9 +725,9 @@ mod tests {
         assert_eq!(s.occupancy().objects, 6);
 
         // A raised quota takes effect at the next store; removing it lifts the bound.
-        s.quotas.set("alice", 3 * unit);
+        s.quotas.set(QuotaTier::L1, "alice", 3 * unit);
         assert!(put(&s, &key(9, "alice"), 9));
-        assert!(s.quotas.remove("alice"));
+        assert!(s.quotas.remove(QuotaTier::L1, "alice"));
         assert!(put(&s, &key(10, "alice"), 10));
         assert_eq!(s.occupancy().objects, 8);
     }

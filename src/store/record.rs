@@ -90,6 +90,14 @@ impl RecordHeader {
     }
 }
 
+/// The most bytes a record of `key` holding `raw_len` object bytes may take: compression never
+/// grows a payload (a codec that does not shrink it stores it raw), sealing adds its nonce and
+/// tag. Used to count a chunk against a quota before it is encoded.
+pub fn max_record_len(key: &ObjectKey, raw_len: u64) -> u64 {
+    let key_len = 8 + 32 + 4 + key.model.len() + key.cache_salt.len();
+    (FIXED + key_len + 4 + crate::store::seal::OVERHEAD) as u64 + raw_len
+}
+
 /// The key section of a record (also used by the index checkpoint).
 pub fn encode_key_bytes(key: &ObjectKey) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + key.model.len() + key.cache_salt.len());

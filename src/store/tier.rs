@@ -25,6 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::quota::OverQuota;
 use super::{Reservation, WriteGuard};
 
 #[derive(Debug, Error)]
@@ -60,6 +61,12 @@ impl TierError {
             cause = e.source();
         }
         false
+    }
+
+    /// Whether the tier refused the write to keep a salt within its quota there: given up for
+    /// that tier (the tier counted it), not retried.
+    pub fn over_quota(&self) -> bool {
+        self.source.downcast_ref::<OverQuota>().is_some()
     }
 }
 
@@ -238,6 +245,19 @@ pub trait Tier: Send + Sync {
     /// Persist what a restart needs (called once at shutdown, after the last `put`).
     fn close(&self) -> Result<(), TierError> {
         self.sync()
+    }
+
+    /// The bytes each salt's records take in this tier, largest first, as far as the tier
+    /// counts them (empty: it does not).
+    fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        Vec::new()
+    }
+
+    /// Whether a window of `salt` may keep `records` here within the salt's quota on this tier
+    /// (each key with the bytes its record will take if the tier lacks it), on top of what the
+    /// salt's windows keep already. Changes nothing.
+    fn admit_window(&self, _salt: &str, _records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
+        Ok(())
     }
 
     /// The fleet-wide window catalog this tier keeps, if it is shared by several sidecars.

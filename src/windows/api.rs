@@ -189,8 +189,27 @@ pub struct ChainStatus {
     pub chunks: usize,
     /// Leading chunks cached on every rank (L1 or L2): what a freeze would keep.
     pub chunks_cached: usize,
+    /// Whether `window_freeze` would keep anything of this chain now (some leading chunk is
+    /// cached) and fit the session's durable quotas.
+    pub freezable: bool,
+    /// Why a freeze of it would be refused for the session's quota (L2, L3), if it would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_quota: Option<String>,
+    /// Where each of its chunks is, in order (on every rank).
+    pub chunk_tiers: Vec<ChunkTiers>,
     /// Unix seconds.
     pub updated_at: u64,
+}
+
+/// Where one chunk of a chain is held, on every rank of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ChunkTiers {
+    pub l1: bool,
+    pub l2: bool,
+    /// In Redis (probed in one batch); none without L3 or while it is unreachable. A freeze
+    /// keeps only chunks in L1 or L2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l3: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

@@ -97,17 +97,31 @@ impl Windows {
         w.tokens = chain.tokens[..n * cs].to_vec();
         w.chunk_hashes = hashes[..n].iter().map(|h| h.to_hex()).collect();
         let keys = w.data_keys();
-        // Durable first (in parallel: compression dominates), then pinned.
+        // Within the salt's durable quotas, or refused before anything is written or pinned.
+        tiers
+            .admit_window(&w.data_salt, &keys)
+            .map_err(|source| WindowError::OverQuota {
+                name: w.name.clone(),
+                source,
+            })?;
+        // What a tier holds already is pinned first: writing the rest may drop the salt's
+        // oldest unpinned records (its L2 quota), never pinned ones.
+        let held: Vec<bool> = keys.iter().map(|k| tiers.pin(k)).collect();
+        let mut pinned: Vec<&ObjectKey> = held_keys(&keys, &held, true).collect();
+        let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| tiers.unpin(k));
+        // Then the rest durable (in parallel: compression dominates), then pinned.
         let written = AtomicUsize::new(0);
-        keys.par_iter().try_for_each(|k| {
+        let rest: Vec<&ObjectKey> = held_keys(&keys, &held, false).collect();
+        if let Err(e) = rest.par_iter().try_for_each(|k| {
             if tiers.make_durable(k)? {
                 written.fetch_add(1, Relaxed);
             }
             Ok::<(), WindowError>(())
-        })?;
-        let mut pinned: Vec<&ObjectKey> = Vec::with_capacity(keys.len());
-        let unpin_all = |pinned: &[&ObjectKey]| pinned.iter().for_each(|k| tiers.unpin(k));
-        for k in &keys {
+        }) {
+            unpin_all(&pinned);
+            return Err(e);
+        }
+        for k in rest {
             // A record reclaimed since it was written is written again, once.
             let ok = tiers.pin(k) || (tiers.make_durable(k).is_ok() && tiers.pin(k));
             if !ok {
@@ -164,4 +178,16 @@ impl Windows {
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
+}
+
+/// Those of `keys` whose `held` flag is `want`.
+fn held_keys<'a>(
+    keys: &'a [ObjectKey],
+    held: &'a [bool],
+    want: bool,
+) -> impl Iterator<Item = &'a ObjectKey> {
+    keys.iter()
+        .zip(held)
+        .filter(move |(_, &h)| h == want)
+        .map(|(k, _)| k)
 }

@@ -46,6 +46,7 @@ pub use self::api::*;
 
 use crate::ops::Cwm;
 pub use crate::status::{CacheStats, Health, L1Stats, TierStats, WriteBehindStats};
+use crate::store::quota::OverQuota;
 use crate::store::tier::TierError;
 use crate::store::tiered::{DurableError, Tiers};
 use catalog::{unix_now, Catalog, CatalogError, Window};
@@ -71,6 +72,12 @@ pub enum WindowError {
         name: String,
         window: usize,
         server: usize,
+    },
+    #[error("cannot freeze window {name:?}: {source}; nothing was written or pinned (raise the quota with PUT /quota/{{cache_salt}} or quota_set, or delete a window of this session)")]
+    OverQuota {
+        name: String,
+        #[source]
+        source: OverQuota,
     },
     #[error("chunk {0:?} left the cache while freezing; freeze again")]
     Vanished(Box<ObjectKey>),

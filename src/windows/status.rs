@@ -1,11 +1,13 @@
 //! What windows report: list, status of windows and sessions, sessions, cache figures,
 //! health.
 
+use connector_protocol::ObjectKey;
+
 use super::catalog::{Catalog, Window};
 use super::{
-    probe_window, secs, validate_name, validate_session, ChainStatus, ListRequest, SessionInfo,
-    SessionList, SessionStatus, StatusReport, StatusRequest, WindowError, WindowList, WindowStatus,
-    WindowSummary, Windows,
+    probe_window, secs, validate_name, validate_session, ChainStatus, ChunkTiers, ListRequest,
+    SessionInfo, SessionList, SessionStatus, StatusReport, StatusRequest, WindowError, WindowList,
+    WindowStatus, WindowSummary, Windows,
 };
 use crate::status::{self, CacheStats, Health};
 
@@ -121,12 +123,26 @@ impl Windows {
                     world_size: c.world_size,
                     ..probe_window()
                 };
+                let chunks = c.tokens.len() / cs;
+                let keys: Vec<Vec<ObjectKey>> = hashes
+                    .iter()
+                    .take(chunks)
+                    .map(|h| probe.keys_of(*h, salt))
+                    .collect();
+                let cached = self.cached_prefix(&probe, &hashes, salt);
+                let over_quota = (self.cwm.tiers)
+                    .admit_window(salt, &keys[..cached.min(keys.len())].concat())
+                    .err()
+                    .map(|e| e.to_string());
                 ChainStatus {
                     model: c.model.to_string(),
                     world_size: c.world_size,
                     tokens: c.tokens.len(),
-                    chunks: c.tokens.len() / cs,
-                    chunks_cached: self.cached_prefix(&probe, &hashes, salt),
+                    chunks,
+                    chunks_cached: cached,
+                    freezable: cached > 0 && over_quota.is_none(),
+                    over_quota,
+                    chunk_tiers: self.chunk_tiers(&keys),
                     updated_at: secs(c.updated),
                 }
             })
@@ -147,6 +163,26 @@ impl Windows {
             chains,
             windows,
         }
+    }
+
+    /// Where each chunk (its keys on every rank) is held: L1, L2's index, and Redis (one
+    /// batch of existence checks, when L3 is reachable).
+    fn chunk_tiers(&self, chunks: &[Vec<ObjectKey>]) -> Vec<ChunkTiers> {
+        let tiers = &self.cwm.tiers;
+        let in_l3 = self
+            .fleet()
+            .filter(|f| f.reachable())
+            .map(|f| f.present(&chunks.concat()));
+        chunks
+            .iter()
+            .map(|keys| ChunkTiers {
+                l1: keys.iter().all(|k| tiers.resident(k)),
+                l2: keys.iter().all(|k| tiers.durable(k)),
+                l3: in_l3
+                    .as_ref()
+                    .map(|found| keys.iter().all(|k| found.contains(k))),
+            })
+            .collect()
     }
 
     pub fn session_list(&self) -> SessionList {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real-GPU tests of cwm's CUDA path: builds cwm, installs torch (CUDA) and LMCache 0.5.6 in
 # tests/gpu/.venv, runs gpu_roundtrip.py (throughput table) and gpu_stress.py (64k-token HND
-# round trips in a loop, an engine killed mid-store, two instances x thousands of transfers).
+# round trips in a loop, an engine killed mid-store, two instances x thousands of transfers),
+# then `cwm bench tiers` (its GPU row: D2H/H2D through cwm's copy path next to plain cuMemcpy).
 # Sized for under 10 minutes on one H100 (`gpu_stress.py --plan` prints the budget). Needs
 # CWM_GPU_TESTS=1 and a GPU; CI only compiles the scripts and checks the plan.
 set -euo pipefail
@@ -22,3 +23,5 @@ if [[ ! -x "$HERE/.venv/bin/python" ]]; then
 fi
 CWM_BIN="$REPO/target/ci/cwm" "$HERE/.venv/bin/python" "$HERE/gpu_roundtrip.py"
 CWM_BIN="$REPO/target/ci/cwm" CWM_GPU_PORT=5610 timeout 540 "$HERE/.venv/bin/python" "$HERE/gpu_stress.py"
+"$REPO/target/ci/cwm" bench tiers --json > "$HERE/bench-tiers.json"
+echo "tests/gpu: cwm bench tiers (GPU row included) written to $HERE/bench-tiers.json"

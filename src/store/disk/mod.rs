@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod dir_lock;
 mod reclaim;
 mod recover;
+mod salts;
 pub mod storage;
 mod tier;
 
@@ -29,8 +30,10 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use self::salts::SaltLedger;
 use self::storage::{SegmentFile, Storage};
 use crate::store::codec::{self, CompressionPolicy};
+use crate::store::quota::{OverQuota, QuotaTier, Quotas};
 use crate::store::record::{decode_header, Record, RecordError};
 use crate::store::seal::{SealError, Sealer};
 
@@ -73,6 +76,8 @@ pub enum DiskError {
     Seal(#[from] SealError),
     #[error("checkpoint: {0}")]
     Checkpoint(&'static str),
+    #[error(transparent)]
+    OverQuota(#[from] OverQuota),
 }
 
 /// Where a record lives: what the index holds per key, and the checkpoint persists.
@@ -98,9 +103,38 @@ struct State<F> {
     active: Option<u32>,
     next_id: u32,
     used_bytes: u64,
+    /// What each salt holds, for its quota.
+    salts: SaltLedger,
     tick: u64,
     dirty: bool,
     last_sync: Instant,
+}
+
+impl<F> State<F> {
+    /// Index `key`'s record at `loc`, replacing an older one: the one way into the index.
+    fn insert(&mut self, key: &ObjectKey, loc: Location) {
+        self.remove(key);
+        let pinned = self.pins.contains_key(key);
+        self.index.insert(key.clone(), loc);
+        self.used_bytes += loc.record_len;
+        self.salts.added(key, &loc, pinned);
+        if let Some(seg) = self.segments.get_mut(&loc.segment) {
+            seg.keys.insert(key.clone());
+        }
+        self.dirty = true;
+    }
+
+    /// Drop `key` from the index (its record stays in its segment until that is reclaimed).
+    fn remove(&mut self, key: &ObjectKey) -> Option<Location> {
+        let loc = self.index.remove(key)?;
+        self.used_bytes -= loc.record_len;
+        self.salts.removed(key, &loc, self.pins.contains_key(key));
+        if let Some(seg) = self.segments.get_mut(&loc.segment) {
+            seg.keys.remove(key);
+        }
+        self.dirty = true;
+        Some(loc)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +148,10 @@ pub struct DiskCounters {
     pub reclaimed_segments: AtomicU64,
     pub reclaimed_records: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Records dropped to keep their salt within its L2 quota.
+    pub quota_dropped_records: AtomicU64,
+    /// Writes refused: the salt was at its L2 quota with too little of its own to drop.
+    pub quota_refused: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,12 +174,20 @@ pub struct DiskStore<S: Storage> {
     writer: Mutex<()>,
     pub counters: DiskCounters,
     last_checkpoint: Mutex<Instant>,
+    /// Per-salt byte budgets; L2's own (`QuotaTier::L2`) are enforced on every append.
+    quotas: Arc<Quotas>,
 }
 
 impl<S: Storage> DiskStore<S> {
     /// Seal the records `write` encodes, open sealed ones on `read` (`--encryption-key-file`).
     pub fn sealed_with(mut self, sealer: Sealer) -> Self {
         self.sealer = sealer;
+        self
+    }
+
+    /// Keep each salt within its L2 quota in `quotas` (shared with L1 and the admin surface).
+    pub fn bounded_by(mut self, quotas: Arc<Quotas>) -> Self {
+        self.quotas = quotas;
         self
     }
     pub fn contains(&self, key: &ObjectKey) -> bool {
@@ -186,6 +232,7 @@ impl<S: Storage> DiskStore<S> {
         if self.state.lock().index.contains_key(key) {
             return Ok(());
         }
+        self.make_salt_room(&key.cache_salt, record_len)?;
         self.make_room(record_len)?;
         let (id, file) = self.active_segment(record_len)?;
         let offset = file.append(&[record]).inspect_err(|_| {
@@ -210,11 +257,12 @@ impl<S: Storage> DiskStore<S> {
         let mut st = self.state.lock();
         st.tick += 1;
         let tick = st.tick;
-        let seg = st.segments.get_mut(&id).expect("active segment");
-        seg.keys.insert(key.clone());
-        seg.last_access = tick;
-        st.index.insert(
-            key.clone(),
+        st.segments
+            .get_mut(&id)
+            .expect("active segment")
+            .last_access = tick;
+        st.insert(
+            key,
             Location {
                 segment: id,
                 offset,
@@ -222,8 +270,6 @@ impl<S: Storage> DiskStore<S> {
                 raw_len,
             },
         );
-        st.used_bytes += record_len;
-        st.dirty = true;
         self.counters.written_records.fetch_add(1, Relaxed);
         self.counters.written_raw_bytes.fetch_add(raw_len, Relaxed);
         self.counters
@@ -344,32 +390,33 @@ impl<S: Storage> DiskStore<S> {
     }
 
     fn forget(&self, key: &ObjectKey) {
-        let mut st = self.state.lock();
-        if let Some(loc) = st.index.remove(key) {
-            st.used_bytes -= loc.record_len;
-            if let Some(seg) = st.segments.get_mut(&loc.segment) {
-                seg.keys.remove(key);
-            }
-            st.dirty = true;
-        }
+        self.state.lock().remove(key);
     }
 
     /// Protect `key` from reclaim (reference counted).
     pub fn pin(&self, key: &ObjectKey) -> bool {
         let mut st = self.state.lock();
-        if !st.index.contains_key(key) {
+        let Some(loc) = st.index.get(key).copied() else {
             return false;
+        };
+        let n = st.pins.entry(key.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            st.salts.pinned(key, &loc, true);
         }
-        *st.pins.entry(key.clone()).or_default() += 1;
         true
     }
 
     pub fn unpin(&self, key: &ObjectKey) {
         let mut st = self.state.lock();
-        if let Some(n) = st.pins.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                st.pins.remove(key);
+        let Some(n) = st.pins.get_mut(key) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            st.pins.remove(key);
+            if let Some(loc) = st.index.get(key).copied() {
+                st.salts.pinned(key, &loc, false);
             }
         }
     }
@@ -401,6 +448,25 @@ impl<S: Storage> DiskStore<S> {
             FsyncPolicy::Interval(d) => self.state.lock().last_sync.elapsed() >= d,
             _ => false,
         }
+    }
+
+    /// Bytes each salt's records take, largest first.
+    pub fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        self.state.lock().salts.largest_first()
+    }
+
+    /// Whether pinning `records` (keys of `salt`, each with the bytes its record will take if
+    /// L2 lacks it) keeps the salt's pinned bytes within its L2 quota. Records pinned already
+    /// count once.
+    pub fn admit_pins(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
+        let st = self.state.lock();
+        let (_, pinned) = st.salts.usage(salt);
+        let need: u64 = records
+            .iter()
+            .filter(|(k, _)| !st.pins.contains_key(k) || !st.index.contains_key(k))
+            .map(|(k, estimate)| st.index.get(k).map_or(*estimate, |l| l.record_len))
+            .sum();
+        self.quotas.admit(QuotaTier::L2, salt, pinned, need)
     }
 
     pub fn occupancy(&self) -> DiskStats {

@@ -8,6 +8,7 @@ use connector_protocol::ObjectKey;
 
 use super::storage::{SegmentFile, Storage};
 use super::{DiskError, DiskStore, Location, State};
+use crate::store::quota::{self, QuotaTier};
 
 impl<S: Storage> DiskStore<S> {
     /// Reclaim least recently used sealed segments until `need` more bytes fit the budget.
@@ -68,10 +69,8 @@ impl<S: Storage> DiskStore<S> {
                 let offset = active.append(&[&bytes])?;
                 let mut st = self.state.lock();
                 if st.index.contains_key(key) {
-                    let seg = st.segments.get_mut(&id).expect("active");
-                    seg.keys.insert(key.clone());
-                    st.index.insert(
-                        key.clone(),
+                    st.insert(
+                        key,
                         Location {
                             segment: id,
                             offset,
@@ -93,8 +92,7 @@ impl<S: Storage> DiskStore<S> {
                 let mut dropped = 0;
                 for key in &seg.keys {
                     if st.index.get(key).is_some_and(|l| l.segment == victim) {
-                        let loc = st.index.remove(key).expect("indexed");
-                        st.used_bytes -= loc.record_len;
+                        st.remove(key);
                         dropped += 1;
                     }
                 }
@@ -127,46 +125,69 @@ impl<S: Storage> DiskStore<S> {
 }
 
 impl<S: Storage> DiskStore<S> {
-    /// Drop every record no pin protects: from the index at once, and sealed segments left
-    /// with no record are deleted. Returns the number of records dropped.
+    /// Drop every record no pin protects (sealed segments left with no record are deleted).
+    /// Returns the number of records dropped.
     pub fn clear_unpinned(&self) -> Result<usize, DiskError> {
         let _writer = self.writer.lock();
-        let mut st = self.state.lock();
-        let State {
-            index,
-            pins,
-            segments,
-            active,
-            used_bytes,
-            dirty,
-            ..
-        } = &mut *st;
-        let victims: Vec<ObjectKey> = index
-            .keys()
-            .filter(|k| !pins.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in &victims {
-            if let Some(loc) = index.remove(key) {
-                *used_bytes -= loc.record_len;
-                if let Some(seg) = segments.get_mut(&loc.segment) {
-                    seg.keys.remove(key);
-                }
+        let victims: Vec<ObjectKey> = {
+            let st = self.state.lock();
+            st.index
+                .keys()
+                .filter(|k| !st.pins.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        self.drop_records(&victims)
+    }
+
+    /// Make room for `need` more bytes of `salt` within its L2 quota by dropping its own oldest
+    /// unpinned records, never another salt's; refused (`OverQuota`, counted) with nothing
+    /// dropped when they are not enough. Caller holds `writer`.
+    pub(super) fn make_salt_room(&self, salt: &str, need: u64) -> Result<(), DiskError> {
+        let Some(limit) = self.quotas.limit(QuotaTier::L2, salt) else {
+            return Ok(());
+        };
+        let victims = {
+            let st = self.state.lock();
+            let (bytes, pinned) = st.salts.usage(salt);
+            if bytes + need <= limit {
+                return Ok(());
             }
-        }
-        let empty: Vec<u32> = segments
-            .iter()
-            .filter(|(id, s)| s.keys.is_empty() && Some(**id) != *active)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &empty {
-            segments.remove(id);
-        }
-        *dirty |= !victims.is_empty();
-        drop(st);
+            // Only its unpinned records may go: what is pinned must leave room.
+            quota::fit(QuotaTier::L2, salt, limit, pinned, need)
+                .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))?;
+            st.salts
+                .oldest_down_to(salt, limit - need)
+                .expect("the unpinned records make room for what fits beside the pinned")
+        };
+        let dropped = self.drop_records(&victims)?;
+        self.counters
+            .quota_dropped_records
+            .fetch_add(dropped as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Drop `keys` from the index; sealed segments left with no record are deleted. Returns
+    /// the number of records dropped. Caller holds `writer`.
+    fn drop_records(&self, keys: &[ObjectKey]) -> Result<usize, DiskError> {
+        let (dropped, empty) = {
+            let mut st = self.state.lock();
+            let dropped = keys.iter().filter(|k| st.remove(k).is_some()).count();
+            let active = st.active;
+            let empty: Vec<u32> = st
+                .segments
+                .iter()
+                .filter(|(id, s)| s.keys.is_empty() && Some(**id) != active)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &empty {
+                st.segments.remove(id);
+            }
+            (dropped, empty)
+        };
         for id in empty {
             self.storage.remove(id)?;
         }
-        Ok(victims.len())
+        Ok(dropped)
     }
 }

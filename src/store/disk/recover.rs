@@ -10,6 +10,7 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 
 use super::checkpoint::{self, Checkpoint};
+use super::salts::SaltLedger;
 use super::storage::{SegmentFile, Storage};
 use super::{DiskConfig, DiskCounters, DiskError, DiskStore, Location, SegmentState, State};
 use crate::store::record::{self, decode_header};
@@ -27,6 +28,7 @@ impl<S: Storage> DiskStore<S> {
             active: None,
             next_id: 0,
             used_bytes: 0,
+            salts: SaltLedger::default(),
             tick: 0,
             dirty: false,
             last_sync: Instant::now(),
@@ -63,9 +65,8 @@ impl<S: Storage> DiskStore<S> {
             if let Some(&scanned) = checkpoint.scanned.get(&id) {
                 if scanned <= file_len {
                     for (key, loc) in checkpointed.remove(&id).unwrap_or_default() {
-                        state.used_bytes += loc.record_len;
                         keys.insert(key.clone());
-                        state.index.insert(key, loc);
+                        state.insert(&key, loc);
                     }
                     at = scanned;
                 }
@@ -81,13 +82,8 @@ impl<S: Storage> DiskStore<S> {
                             record_len: h.record_len(),
                             raw_len: h.raw_len,
                         };
-                        if let Some(old) = state.index.insert(h.key.clone(), loc) {
-                            state.used_bytes -= old.record_len;
-                            if let Some(s) = state.segments.get_mut(&old.segment) {
-                                s.keys.remove(&h.key);
-                            }
-                        }
-                        state.used_bytes += loc.record_len;
+                        // This segment is not in `state.segments` yet: its keys are `keys`.
+                        state.insert(&h.key, loc);
                         keys.insert(h.key);
                         at += loc.record_len;
                     }
@@ -121,6 +117,7 @@ impl<S: Storage> DiskStore<S> {
                 },
             );
         }
+        state.dirty = false;
         state.next_id = last.map_or(0, |l| l + 1);
         state.active = last;
         let store = DiskStore {
@@ -131,6 +128,7 @@ impl<S: Storage> DiskStore<S> {
             writer: Mutex::new(()),
             counters,
             last_checkpoint: Mutex::new(Instant::now()),
+            quotas: Arc::default(),
         };
         let stats = store.occupancy();
         tracing::info!(

@@ -423,3 +423,75 @@ fn presence_never_waits_on_disk_io() {
         [Presence::Held(_)]
     ));
 }
+
+fn salted(n: u32, salt: &str) -> ObjectKey {
+    ObjectKey {
+        cache_salt: salt.into(),
+        ..key(n)
+    }
+}
+
+#[test]
+fn a_salt_over_its_l2_quota_drops_its_own_oldest_unpinned_records_only() {
+    use crate::store::quota::{QuotaTier::L2, Quotas};
+    let mem = Arc::new(MemStorage::default());
+    let quotas = Arc::new(Quotas::default());
+    let d = DiskStore::open(mem.clone(), config(1 << 30, 25_000))
+        .unwrap()
+        .bounded_by(quotas.clone());
+    let raw = |n| payload(n, 10_000);
+    let usage = |d: &DiskStore<_>, salt: &str| {
+        d.salt_usage()
+            .into_iter()
+            .find(|(s, _)| &**s == salt)
+            .map_or(0, |(_, b)| b)
+    };
+    for n in 0..3 {
+        d.write(&salted(100 + n, "bob"), &raw(n), 1).unwrap();
+    }
+    let bob = usage(&d, "bob");
+    d.write(&salted(0, "alice"), &raw(0), 1).unwrap();
+    let unit = d.record_len(&salted(0, "alice")).unwrap();
+    quotas.set(L2, "alice", 3 * unit);
+    d.write(&salted(1, "alice"), &raw(1), 1).unwrap();
+    assert!(d.pin(&salted(1, "alice")));
+    for n in 2..5 {
+        d.write(&salted(n, "alice"), &raw(n), 1).unwrap();
+        assert!(usage(&d, "alice") <= 3 * unit);
+    }
+    let held: Vec<bool> = (0..5).map(|n| d.contains(&salted(n, "alice"))).collect();
+    assert_eq!(
+        held,
+        [false, true, false, true, true],
+        "oldest unpinned first"
+    );
+    assert_eq!(usage(&d, "bob"), bob, "another salt's records stay");
+    assert_eq!(d.counters.quota_dropped_records.load(Relaxed), 2);
+
+    // A window's pins: counted once, refused over the limit, changing nothing.
+    let est = |n: u32| (salted(n, "alice"), unit);
+    assert!(d.admit_pins("alice", &[est(1), est(3), est(4)]).is_ok());
+    let refused = d
+        .admit_pins("alice", &[est(3), est(4), est(9)])
+        .unwrap_err();
+    assert_eq!((refused.need_bytes, refused.kept_bytes), (3 * unit, unit));
+    // Everything of hers pinned: the next write is refused and drops nothing.
+    assert!(d.pin(&salted(3, "alice")) && d.pin(&salted(4, "alice")));
+    assert!(matches!(
+        d.write(&salted(5, "alice"), &raw(5), 1),
+        Err(DiskError::OverQuota(_))
+    ));
+    assert_eq!(d.counters.quota_refused.load(Relaxed), 1);
+    assert_eq!(usage(&d, "alice"), 3 * unit);
+    // Unpinned again, a record is the oldest candidate once more.
+    d.unpin(&salted(1, "alice"));
+    d.write(&salted(5, "alice"), &raw(5), 1).unwrap();
+    assert!(!d.contains(&salted(1, "alice")));
+
+    // Rebuilt with the index at the next open.
+    let before = d.salt_usage();
+    d.checkpoint().unwrap();
+    drop(d);
+    let d = DiskStore::open(mem, config(1 << 30, 25_000)).unwrap();
+    assert_eq!(d.salt_usage(), before);
+}

@@ -2,6 +2,7 @@
 //! operations.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
 use connector_protocol::ObjectKey;
@@ -9,7 +10,8 @@ use rayon::prelude::*;
 
 use super::checkpoint::CHECKPOINT_EVERY;
 use super::storage::Storage;
-use super::DiskStore;
+use super::{DiskError, DiskStore};
+use crate::store::quota::OverQuota;
 use crate::store::tier::{
     Fetched, Figure, Presence, RecordInfo, Reserve, Tier, TierError, TierStats,
 };
@@ -71,10 +73,20 @@ impl<S: Storage> Tier for DiskStore<S> {
         records
             .iter()
             .map(|(key, record)| {
-                self.append_record(key, record)
-                    .map_err(|e| TierError::new("L2", e))
+                self.append_record(key, record).map_err(|e| match e {
+                    DiskError::OverQuota(refused) => TierError::new("L2", refused),
+                    e => TierError::new("L2", e),
+                })
             })
             .collect()
+    }
+
+    fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        DiskStore::salt_usage(self)
+    }
+
+    fn admit_window(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
+        self.admit_pins(salt, records)
     }
 
     fn pin(&self, key: &ObjectKey) -> bool {
@@ -134,6 +146,17 @@ impl<S: Storage> Tier for DiskStore<S> {
                     "pinned_records",
                     "L2 records pinned by windows",
                     s.pinned as u64,
+                ),
+                Figure::counter(
+                    "quota_dropped_records_total",
+                    "L2 records dropped to keep their cache_salt within its L2 quota",
+                    c.quota_dropped_records.load(Relaxed),
+                ),
+                Figure::counter(
+                    "quota_refused_total",
+                    "L2 writes refused: the cache_salt was at its L2 quota with too little of \
+                     its own to drop",
+                    c.quota_refused.load(Relaxed),
                 ),
                 Figure::counter(
                     "reclaimed_segments_total",

@@ -42,7 +42,9 @@ impl WindowCatalog for L3 {
     }
 
     fn release(&self, keys: &[ObjectKey]) -> Result<(), TierError> {
-        self.expire(keys).map_err(tier_error)
+        self.expire(keys).map_err(tier_error)?;
+        self.released(keys);
+        Ok(())
     }
 
     fn present(&self, keys: &[ObjectKey]) -> HashSet<ObjectKey> {

@@ -2,10 +2,12 @@
 //! The password is a secret: it never appears in `Debug`, logs or `/status` (see `redacted`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::store::quota::Quotas;
 use crate::store::seal::Sealer;
 
 /// Which stored chunks write-behind pushes to L3. Frozen windows are always pushed.
@@ -55,6 +57,8 @@ pub struct L3Config {
     pub ttl: Duration,
     /// Seals the records L3 encodes and opens the sealed values it reads (`store::seal`).
     pub sealer: Sealer,
+    /// Per-salt byte budgets; L3's own (`QuotaTier::L3`) bound this sidecar's writes.
+    pub quotas: Arc<Quotas>,
 }
 
 impl std::fmt::Debug for L3Config {
@@ -156,6 +160,7 @@ mod tests {
             connections: 1,
             ttl: Duration::from_secs(1),
             sealer: Sealer::default(),
+            quotas: Arc::default(),
         }
     }
 

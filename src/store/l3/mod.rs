@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod config;
 pub mod keys;
 pub mod link;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -32,7 +33,9 @@ use thiserror::Error;
 use self::config::{L3Config, L3ConfigError, WritePolicy};
 use self::keys::KeyLayout;
 use self::link::{Link, LinkError};
+use self::usage::WrittenBytes;
 use super::codec::Codec;
+use super::quota::{OverQuota, QuotaTier};
 use super::record::Record;
 use super::tier::{Fetched, Figure, Presence, Reserve, Tier, TierError, TierStats, WindowCatalog};
 use super::Reservation;
@@ -53,6 +56,8 @@ pub struct L3Counters {
     pub link_errors: AtomicU64,
     /// Records given up without trying (the link down).
     pub dropped: AtomicU64,
+    /// Cache records refused: their salt was at its L3 quota.
+    pub quota_refused: AtomicU64,
 }
 
 pub struct L3 {
@@ -61,6 +66,8 @@ pub struct L3 {
     config: L3Config,
     pub counters: Arc<L3Counters>,
     last_drop_log: Mutex<Option<Instant>>,
+    /// What this sidecar wrote, per salt (its L3 quotas and usage).
+    written: WrittenBytes,
 }
 
 impl L3 {
@@ -71,6 +78,7 @@ impl L3 {
         let l3 = Arc::new(L3 {
             link,
             keys: KeyLayout::new(&config.namespace),
+            written: WrittenBytes::new(config.ttl),
             config,
             counters: Arc::default(),
             last_drop_log: Mutex::new(None),
@@ -219,6 +227,10 @@ impl L3 {
         }
         let ttl_secs = self.ttl_secs();
         let bytes: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
+        let sizes: Vec<(ObjectKey, u64)> = records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.len() as u64))
+            .collect();
         let n = records.len();
         let cmds: Vec<redis::Cmd> = records
             .into_iter()
@@ -234,6 +246,13 @@ impl L3 {
         match self.link.spread(cmds) {
             Ok(_) => {
                 self.link.note_write_ok();
+                for (key, len) in &sizes {
+                    if ttl {
+                        self.written.cached(&key.cache_salt, *len);
+                    } else {
+                        self.written.kept(key, *len);
+                    }
+                }
                 self.counters.written_records.fetch_add(n as u64, Relaxed);
                 self.counters.written_bytes.fetch_add(bytes, Relaxed);
                 Ok(n)
@@ -247,6 +266,31 @@ impl L3 {
                 Err(e)
             }
         }
+    }
+
+    /// Window records named by no window any more: counted as cache data from now.
+    pub(crate) fn released(&self, keys: &[ObjectKey]) {
+        self.written.released(keys);
+    }
+
+    /// Which of `records` (cache data) fit their salt's L3 quota on top of what this sidecar
+    /// wrote for it; each one that does not is refused (counted).
+    fn admit(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), OverQuota>> {
+        let mut admitted: std::collections::HashMap<&str, u64> = Default::default();
+        records
+            .iter()
+            .map(|(key, record)| {
+                let salt = &*key.cache_salt;
+                let need = record.len() as u64;
+                let (written, _) = self.written.usage(salt);
+                let batch = admitted.entry(salt).or_default();
+                // Nothing of it is dropped from Redis for it: all it wrote counts as kept.
+                (self.config.quotas)
+                    .admit(QuotaTier::L3, salt, written + *batch, need)
+                    .inspect(|_| *batch += need)
+                    .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))
+            })
+            .collect()
     }
 
     fn ttl_secs(&self) -> u64 {
@@ -338,12 +382,34 @@ impl Tier for L3 {
             self.drop_records(records.len() as u64);
             return taken();
         }
+        let admitted = self.admit(records);
         let batch = records
             .iter()
-            .map(|(k, r)| ((*k).clone(), r.to_vec()))
+            .zip(&admitted)
+            .filter(|(_, a)| a.is_ok())
+            .map(|((k, r), _)| ((*k).clone(), r.to_vec()))
             .collect();
         let _ = self.set(batch, true);
-        taken()
+        admitted
+            .into_iter()
+            .map(|a| a.map_err(|refused| TierError::new("L3", refused)))
+            .collect()
+    }
+
+    fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
+        self.written.largest_first()
+    }
+
+    /// A window's records are kept in Redis without a TTL (`WindowCatalog::keep`): those this
+    /// sidecar kept already for the salt, plus the new ones, must fit its L3 quota.
+    fn admit_window(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
+        let (_, kept) = self.written.usage(salt);
+        let need: u64 = records
+            .iter()
+            .filter(|(k, _)| !self.written.is_kept(k))
+            .map(|(_, len)| len)
+            .sum();
+        self.config.quotas.admit(QuotaTier::L3, salt, kept, need)
     }
 
     /// Redis keeps a window's records by giving them no TTL (`WindowCatalog::keep`), not by
@@ -432,6 +498,11 @@ impl Tier for L3 {
                 "write_behind_dropped_total",
                 "Objects L3 gave up without trying (link down)",
                 c.dropped.load(Relaxed),
+            ),
+            Figure::counter(
+                "quota_refused_total",
+                "L3 writes refused: the cache_salt was at its L3 quota (this sidecar's writes)",
+                c.quota_refused.load(Relaxed),
             ),
             Figure::counter(
                 "round_trips_total",

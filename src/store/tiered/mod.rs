@@ -31,7 +31,8 @@ use super::l1::{L1Config, L1Occupancy, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::{L3Error, L3};
 use super::populate::{self, L1Populate};
-use super::quota::Quotas;
+use super::quota::{BySalt, OverQuota, QuotaTier, Quotas};
+use super::record;
 use super::seal::Sealer;
 use super::tier::{Fetched, Presence, RecordInfo, Tier, TierError, WindowCatalog};
 use super::{L1Store, ReadGuard, Reservation, WriteGuard};
@@ -59,8 +60,9 @@ pub struct TiersConfig {
     pub l1_memory: L1Memory,
     /// Whether L1's pages are committed ahead of use (`populate`).
     pub l1_populate: L1Populate,
-    /// L1 bytes each salt may occupy unless it has a quota of its own (`store::quota`).
-    pub l1_quota_per_salt: Option<u64>,
+    /// Bytes each salt may occupy on a tier unless it has a quota of its own there
+    /// (`store::quota`); a tier not named has no default limit.
+    pub quota_per_salt: Vec<(QuotaTier, u64)>,
     pub l2: Option<L2Config>,
     /// Redis (or a Redis Cluster) behind L2, shared by a fleet of sidecars.
     pub l3: Option<L3Config>,
@@ -148,7 +150,10 @@ impl Tiers {
                         source,
                     })?,
             };
-        l1.quotas.set_default(config.l1_quota_per_salt);
+        for &(tier, bytes) in &config.quota_per_salt {
+            l1.quotas.set_default(tier, Some(bytes));
+        }
+        let quotas = &l1.quotas;
         if config.l1_populate == L1Populate::Eager {
             // Detached: it ends when L1 is dropped or fully committed.
             populate::start(&l1);
@@ -165,7 +170,7 @@ impl Tiers {
             config
                 .l2
                 .as_ref()
-                .map(|c| open_disk(c, sealer))
+                .map(|c| open_disk(c, sealer, quotas))
                 .transpose()?,
         );
         lower.extend(
@@ -173,6 +178,7 @@ impl Tiers {
                 .map(|c| {
                     L3::open(L3Config {
                         sealer: sealer.clone(),
+                        quotas: quotas.clone(),
                         ..c
                     })
                 })
@@ -273,6 +279,45 @@ impl Tiers {
     /// Bytes of L1 each salt occupies, largest first.
     pub fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
         self.l1.salt_usage()
+    }
+
+    /// The tiers here a quota can name: L1, then each tier behind it.
+    pub fn quota_tiers(&self) -> Vec<QuotaTier> {
+        std::iter::once(QuotaTier::L1)
+            .chain(self.lower.iter().filter_map(|t| QuotaTier::named(t.name())))
+            .collect()
+    }
+
+    /// Bytes each salt occupies on every tier here (as far as the tier counts them), largest
+    /// first.
+    pub fn usage_by_tier(&self) -> Vec<(QuotaTier, BySalt)> {
+        std::iter::once((QuotaTier::L1, self.l1.salt_usage()))
+            .chain(
+                self.lower
+                    .iter()
+                    .filter_map(|t| QuotaTier::named(t.name()).map(|q| (q, t.salt_usage()))),
+            )
+            .collect()
+    }
+
+    /// Whether a window of `salt` naming `keys` fits the salt's quota on every tier behind L1,
+    /// with what its windows keep there already. A key no tier holds yet counts as the largest
+    /// record its L1 object can make. Changes nothing.
+    pub fn admit_window(&self, salt: &str, keys: &[ObjectKey]) -> Result<(), OverQuota> {
+        let records: Vec<(ObjectKey, u64)> = keys
+            .iter()
+            .map(|k| {
+                let len = self.record_info(k).map(|i| i.record_len).or_else(|| {
+                    self.l1
+                        .read(k)
+                        .map(|g| record::max_record_len(k, g.len() as u64))
+                });
+                (k.clone(), len.unwrap_or(0))
+            })
+            .collect();
+        self.lower
+            .iter()
+            .try_for_each(|t| t.admit_window(salt, &records))
     }
 
     pub fn l1_occupancy(&self) -> L1Occupancy {
@@ -678,7 +723,11 @@ pub enum DurableError {
 }
 
 /// The disk tier at `config.path`.
-fn open_disk(config: &L2Config, sealer: &Sealer) -> Result<Arc<dyn Tier>, OpenError> {
+fn open_disk(
+    config: &L2Config,
+    sealer: &Sealer,
+    quotas: &Arc<Quotas>,
+) -> Result<Arc<dyn Tier>, OpenError> {
     let path = config.path.clone();
     let storage = FsStorage::open(&path).map_err(|source| OpenError::L2Dir {
         path: path.clone(),
@@ -686,7 +735,9 @@ fn open_disk(config: &L2Config, sealer: &Sealer) -> Result<Arc<dyn Tier>, OpenEr
     })?;
     let disk = DiskStore::open(storage, config.disk.clone())
         .map_err(|source| OpenError::L2 { path, source })?;
-    Ok(Arc::new(disk.sealed_with(sealer.clone())))
+    Ok(Arc::new(
+        disk.sealed_with(sealer.clone()).bounded_by(quotas.clone()),
+    ))
 }
 
 #[cfg(test)]

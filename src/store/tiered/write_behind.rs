@@ -269,6 +269,7 @@ impl WriteBehind {
         // Received and not yet written, oldest first (each still counted in `queued_bytes`).
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut stall: Option<Stall> = None;
+        let mut maintained = Instant::now();
         loop {
             let idle = match &stall {
                 Some(s) => s
@@ -300,8 +301,12 @@ impl WriteBehind {
                 0
             };
             self.counters.held.store(held as u64, Relaxed);
-            for tier in &self.lower {
-                tier.maintain();
+            // Housekeeping (L2's interval fsync, its checkpoint) yields to the engines too.
+            if background::foreground_quiet() || maintained.elapsed() >= MAX_DEFER {
+                maintained = Instant::now();
+                for tier in &self.lower {
+                    tier.maintain();
+                }
             }
         }
         self.finish(waiting);
@@ -492,6 +497,11 @@ impl WriteBehind {
                     Ok(()) => job.pending &= !bit,
                     Err(e) if e.out_of_space() => {
                         outcome.out_of_space.get_or_insert(e);
+                    }
+                    // Refused to keep its salt within its quota there: that tier counted it.
+                    Err(e) if e.over_quota() => {
+                        job.pending &= !bit;
+                        tracing::debug!(key = ?job.key, "{e}");
                     }
                     Err(e) => {
                         job.pending &= !bit;
