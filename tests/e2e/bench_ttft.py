@@ -107,11 +107,6 @@ def server_for(kind: str, binary, mode: str, out: str, tag: str, l1_gb: float):
     return E.lmcache_server(log, l1_gb=l1_gb, extra=extra)
 
 
-def ms(xs):
-    xs = [x * 1000 for x in xs]
-    return f"{statistics.median(xs):.0f} ({min(xs):.0f}–{max(xs):.0f})" if xs else "–"
-
-
 def pct(xs, q: float) -> float:
     """The q-quantile (0..1) of xs, nearest rank."""
     xs = sorted(xs)

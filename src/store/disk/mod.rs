@@ -244,15 +244,8 @@ impl<S: Storage> DiskStore<S> {
             FsyncPolicy::Never => false,
         };
         if sync_now {
-            let started = Instant::now();
-            file.sync()?;
+            traced_sync(&*file, "write path")?;
             self.state.lock().last_sync = Instant::now();
-            tracing::debug!(
-                target: "cwm::trace",
-                segment = id,
-                sync_us = started.elapsed().as_micros() as u64,
-                "L2 fsync on the write path"
-            );
         }
         let mut st = self.state.lock();
         st.tick += 1;
@@ -431,13 +424,7 @@ impl<S: Storage> DiskStore<S> {
                 .map(|s| s.file.clone())
         };
         if let Some(f) = file {
-            let started = Instant::now();
-            f.sync()?;
-            tracing::debug!(
-                target: "cwm::trace",
-                sync_us = started.elapsed().as_micros() as u64,
-                "L2 fsync of the active segment"
-            );
+            traced_sync(&*f, "interval")?;
         }
         Ok(())
     }
@@ -483,3 +470,17 @@ impl<S: Storage> DiskStore<S> {
 
 #[cfg(test)]
 mod tests;
+
+/// fsync a segment, its duration logged for `cwm::trace` (`CWM_LOG=info,cwm::trace=debug`) so
+/// a slow foreground op can be lined up against it; `why`: the write path or the interval.
+fn traced_sync(file: &impl SegmentFile, why: &'static str) -> io::Result<()> {
+    let started = Instant::now();
+    file.sync()?;
+    tracing::debug!(
+        target: "cwm::trace",
+        why,
+        sync_us = started.elapsed().as_micros() as u64,
+        "L2 fsync"
+    );
+    Ok(())
+}
