@@ -452,6 +452,7 @@ impl Config {
             } else {
                 L1Memory::Private
             },
+            adopt_pool: None,
             l1_populate: self.l1_populate,
             quota_per_salt: QuotaTier::ALL
                 .into_iter()

@@ -13,7 +13,7 @@ use crate::server::http::HttpServer;
 use crate::server::lm::LmServer;
 use crate::server::mp::MpServer;
 use crate::session;
-use crate::store::tiered::{L1Memory, OpenError, Tiers, TiersConfig};
+use crate::store::tiered::{AdoptPool, L1Memory, OpenError, Tiers, TiersConfig};
 use crate::windows::Windows;
 
 /// How often `cwm-autosave` looks for idle sessions to save.
@@ -44,7 +44,9 @@ impl Sidecar {
     pub fn start(config: &Config) -> anyhow::Result<Sidecar> {
         let started = Instant::now();
         config.validate()?;
-        let cwm = open_cwm(config, &config.tiers_config()?)?;
+        let mut tiers = config.tiers_config()?;
+        tiers.adopt_pool = pool_to_adopt(config, &tiers);
+        let cwm = open_cwm(config, &tiers)?;
         // Before the MP port opens: the first request (maybe queued by a connector while cwm
         // was down) finds every registration that could be restored.
         let restored = restore_registrations(&cwm, config)?;
@@ -122,7 +124,10 @@ impl Sidecar {
             l1_gib = config.l1_size_gb,
             l1_pool = cwm.tiers.pool().map(|p| p.shm_name),
             l2_path = %l2_path,
+            l1_pool_adopted = cwm.tiers.pool().is_some_and(|p| p.adopted),
+            l1_quarantined_bytes = cwm.tiers.quarantined_bytes(),
             registrations_restored = restored.restored,
+            engine_contexts_restored = restored.engine_driven,
             registrations_dropped = restored.dropped,
             journal_entries_corrupt = restored.corrupt,
             sessions_restored = sessions.sessions,
@@ -175,9 +180,28 @@ impl Sidecar {
         }
         self.drain_tiers();
         self.cwm.chains.sync_journal();
-        // The pool's memory goes back to the system once the last mapping (ours or an
-        // engine's) is gone; its name goes now, so nothing new attaches to a stopped cwm.
-        self.cwm.tiers.unlink_pool();
+        self.leave_pool();
+    }
+
+    /// With engine-driven engines still registered (and journaled), the pool keeps its name:
+    /// they map it, and the next cwm adopts it, so they go on without re-registering. Else the
+    /// name goes now, so nothing new attaches to a stopped cwm; the memory goes back to the
+    /// system once the last mapping (ours or an engine's) is gone.
+    fn leave_pool(&self) {
+        let Some(pool) = self.cwm.tiers.pool() else {
+            return;
+        };
+        let engines = self.cwm.engine_driven.len();
+        if engines > 0 && self.cwm.journaled() {
+            self.cwm.tiers.retain_pool();
+            tracing::info!(
+                pool = %pool.shm_name,
+                engines,
+                "L1 pool kept for the next cwm: engine-driven engines map it"
+            );
+        } else {
+            self.cwm.tiers.unlink_pool();
+        }
     }
 
     /// Drain write-behind and checkpoint L2 so a restart finds everything quickly, waiting at
@@ -219,13 +243,43 @@ impl Sidecar {
     }
 }
 
-/// Attach the registration journal beside L2 (none without L2: the journal relies on L2's
-/// directory lock for having one writer) and reopen what it holds.
-fn restore_registrations(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<Restored> {
-    if !config.l2_enabled() {
-        return Ok(Restored::default());
+/// Where the registration journal lives: beside L2 (none without L2: the journal relies on
+/// L2's directory lock for having one writer).
+fn journal_dir(config: &Config) -> Option<std::path::PathBuf> {
+    config
+        .l2_enabled()
+        .then(|| config.l2_path.join("registrations"))
+}
+
+/// The pool engine-driven engines of the previous cwm map, for L1 to adopt (`Tiers::open`
+/// makes a new one if it cannot).
+fn pool_to_adopt(config: &Config, tiers: &TiersConfig) -> Option<AdoptPool> {
+    if !matches!(tiers.l1_memory, L1Memory::Shared(_)) {
+        return None;
     }
-    let dir = config.l2_path.join("registrations");
+    let pool = crate::ops::journaled_pool(&journal_dir(config)?)?;
+    let size = tiers.l1.capacity_bytes - tiers.l1.capacity_bytes % crate::store::arena::ALIGN;
+    if pool.size != size.max(crate::store::arena::ALIGN) {
+        tracing::warn!(
+            pool = %pool.name,
+            journaled_bytes = pool.size,
+            l1_bytes = size,
+            "the L1 pool engines map is not adopted: L1's size changed (they re-register when \
+             prompted)"
+        );
+        return None;
+    }
+    Some(AdoptPool {
+        name: pool.name,
+        ino: pool.ino,
+    })
+}
+
+/// Attach the registration journal and reopen what it holds.
+fn restore_registrations(cwm: &Arc<Cwm>, config: &Config) -> anyhow::Result<Restored> {
+    let Some(dir) = journal_dir(config) else {
+        return Ok(Restored::default());
+    };
     let journal = Journal::open(&dir)
         .map_err(|e| anyhow::anyhow!("registration journal {}: {e}", dir.display()))?;
     cwm.attach_journal(journal);

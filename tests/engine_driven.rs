@@ -7,15 +7,15 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::pool::{chunk_bytes, Pool};
 use common::*;
 use connector_protocol::{
     codec, kv_rank, ObjectKey, Op, PrepareStoreResponse, RegisterEngineDrivenContextPayload,
-    RegisterEngineDrivenContextResponse, ShmSlot, TokenHasher,
+    RegisterEngineDrivenContextResponse, TokenHasher,
 };
 use cwm::client::MpClient;
 use cwm::config::Config;
 use cwm::serve::Sidecar;
-use memmap2::MmapRaw;
 
 const MODEL: &str = "ed-model";
 const LAYERS: u32 = 3;
@@ -39,64 +39,6 @@ fn payload(instance_id: u64, world_size: u32, use_mla: bool) -> RegisterEngineDr
 fn object_bytes(use_mla: bool) -> u64 {
     let planes = if use_mla { 1 } else { 2 };
     planes * LAYERS as u64 * CS * HIDDEN * 2
-}
-
-/// The engine's view of the pool: the shm object mapped by name, as the worker maps it.
-struct Pool {
-    map: MmapRaw,
-}
-
-impl Pool {
-    fn open(answer: &RegisterEngineDrivenContextResponse) -> Pool {
-        assert!(
-            !answer.shm_name.is_empty() && answer.pool_size > 0,
-            "{answer:?}"
-        );
-        let name = answer.shm_name.trim_start_matches('/');
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(Path::new("/dev/shm").join(name))
-            .expect("the pool opens by name");
-        assert_eq!(file.metadata().unwrap().len(), answer.pool_size);
-        Pool {
-            map: MmapRaw::map_raw(&file).unwrap(),
-        }
-    }
-
-    fn write(&self, slot: &ShmSlot, bytes: &[u8]) {
-        assert_eq!(bytes.len() as u64, slot.length);
-        assert!(slot.offset + slot.length <= self.map.len() as u64);
-        // SAFETY: the slot lies inside the mapping (asserted above) and is the engine's own
-        // (the sidecar handed it out for this store and does not touch it until committed).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(slot.offset as usize),
-                bytes.len(),
-            )
-        }
-    }
-
-    fn read(&self, slot: &ShmSlot) -> Vec<u8> {
-        assert!(slot.offset + slot.length <= self.map.len() as u64);
-        // SAFETY: the slot lies inside the mapping (asserted above) and is held for this read
-        // by the sidecar (a retrieve slot), so nothing writes it meanwhile.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr().add(slot.offset as usize),
-                slot.length as usize,
-            )
-            .to_vec()
-        }
-    }
-}
-
-/// Distinct content for chunk `n`.
-fn chunk_bytes(n: u64, len: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7 ^ n.wrapping_mul(97)) as u8)
-        .collect()
 }
 
 fn object_key(t: &[u32], chunk: usize, world_size: u32, rank: u32) -> ObjectKey {

@@ -31,8 +31,15 @@ fn journal_files(l2: &Path) -> Vec<String> {
     v
 }
 
-/// `cwm serve` on `port` over L2 in `dir`, its log in `log`.
+/// `cwm serve` on `port` over L2 in `dir`, its log in `log`, L1 in private memory.
 fn serve(dir: &Path, port: u16, log: &Path, extra: &[&str]) -> Child {
+    let mut args = vec!["--no-engine-driven"];
+    args.extend_from_slice(extra);
+    serve_with(dir, port, log, &args)
+}
+
+/// `cwm serve` as `serve`, its L1 a shared pool unless `extra` says `--no-engine-driven`.
+fn serve_with(dir: &Path, port: u16, log: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cwm"))
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
         .args([
@@ -43,7 +50,6 @@ fn serve(dir: &Path, port: u16, log: &Path, extra: &[&str]) -> Child {
             "--http-port",
             "0",
         ])
-        .args(["--no-engine-driven"])
         .args(extra)
         .arg("--l2-path")
         .arg(dir)
@@ -637,4 +643,124 @@ fn requests_sent_across_sigterm_are_answered_and_kept() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("no request for the quiet period"), "{text}");
     assert_found_after_restart(&l2, port, &dir.path().join("b.log"), &stored);
+}
+
+/// An engine-driven worker (vLLM-CPU's default) across kill -9 and SIGTERM of cwm: the new
+/// cwm adopts the very pool the worker still maps and restores its context, so the worker's
+/// next store is served without a re-registration, through the same mapping, byte-exact; a
+/// slot leased to it when cwm died is never handed out again while its lease runs; what was
+/// stored before hits. A clean stop keeps the pool for the next cwm while an engine is
+/// registered, and removes it once none is.
+#[test]
+fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
+    use common::pool::{chunk_bytes, Pool};
+    use connector_protocol::RegisterEngineDrivenContextPayload;
+
+    let dir = tempfile::tempdir().unwrap();
+    let l2 = dir.path().join("l2");
+    let port = free_port();
+    let http = free_port().to_string();
+    let args = ["--http-port", http.as_str()];
+    let mut child = serve_with(&l2, port, &dir.path().join("cwm1.log"), &args);
+    let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    c.get_chunk_size().unwrap();
+    let id = 77;
+    let answer = c
+        .register_engine_driven_context(&RegisterEngineDrivenContextPayload {
+            instance_id: id,
+            model_name: MODEL.into(),
+            world_size: 1,
+            block_size: 16,
+            num_layers: 2,
+            hidden_dim_size: 64,
+            dtype_str: "bfloat16".into(),
+            use_mla: false,
+            num_physical_slots: Some(CS),
+        })
+        .unwrap();
+    assert_eq!(journal_files(&l2), ["000000000000004d.edc"]);
+    let pool = Pool::open(&answer);
+    let store = |c: &mut MpClient, t: &[u32], rid: &str| {
+        let k = key(MODEL, "", t, Some(0), 1, 0, 512, rid);
+        let prepared = c.prepare_store(&k, id).unwrap().context;
+        assert_eq!(prepared.chunk_indices, [0, 1], "{rid}: both chunks prepared");
+        for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
+            pool.write(slot, &chunk_bytes(u64::from(t[0]) + u64::from(i), slot.length));
+        }
+        assert!(c.commit_store(&k, id, b"").unwrap(), "{rid}: committed");
+        prepared.slots
+    };
+    let retrieved = |c: &mut MpClient, t: &[u32], rid: &str| {
+        let k = key(MODEL, "", t, Some(0), 1, 0, 512, rid);
+        assert_eq!(lookup_hits(c, &key(MODEL, "", t, None, 1, 0, 512, rid)), 2, "{rid}");
+        let got = c.prepare_retrieve(&k, id).unwrap();
+        assert!(got.success, "{rid}: {got:?}");
+        for (i, slot) in got.context.slots.iter().enumerate() {
+            let want = chunk_bytes(u64::from(t[0]) + i as u64, slot.length);
+            assert!(pool.read(slot) == want, "{rid}: chunk {i} differs");
+        }
+        assert!(c.commit_retrieve(&k, id).unwrap());
+    };
+    // A store in flight when cwm dies: prepared first, so its slots are the pool's first.
+    let inflight = tokens(5, 512);
+    let k_inflight = key(MODEL, "", &inflight, Some(0), 1, 0, 512, "inflight");
+    let leased = c.prepare_store(&k_inflight, id).unwrap().context.slots;
+    assert_eq!(leased.len(), 2);
+    let before = tokens(6, 512);
+    store(&mut c, &before, "before");
+    wait_for_l2_records(&http, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log2 = dir.path().join("cwm2.log");
+    let mut child = serve_with(&l2, port, &log2, &args);
+    let line = start_line(&log2);
+    assert!(line.contains("l1_pool_adopted=true"), "{line}");
+    assert!(line.contains("engine_contexts_restored=1"), "{line}");
+    let leased_bytes: u64 = leased.iter().map(|s| s.length.div_ceil(4096) * 4096).sum();
+    assert!(
+        line.contains(&format!("l1_quarantined_bytes={leased_bytes}")),
+        "{line}"
+    );
+    assert!(c.ping(Some(id)).unwrap(), "a restored worker is known");
+    // The worker's next store, through the mapping it already has, no re-registration.
+    let next = tokens(7, 512);
+    let slots = store(&mut c, &next, "next");
+    for s in &slots {
+        for l in &leased {
+            assert!(
+                s.offset + s.length <= l.offset || l.offset + l.length <= s.offset,
+                "slot {s:?} handed out again while the dead cwm's lease on {l:?} runs"
+            );
+        }
+    }
+    retrieved(&mut c, &next, "next");
+    retrieved(&mut c, &before, "before from L2");
+    assert!(
+        !c.commit_store(&k_inflight, id, b"").unwrap(),
+        "a prepare of the dead cwm is not committed"
+    );
+
+    // SIGTERM with the worker registered: the pool stays for the next cwm.
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(exit_status(&mut child).success());
+    let shm = Path::new("/dev/shm").join(&answer.shm_name);
+    assert!(shm.exists(), "the pool an engine maps outlives a clean stop");
+    let log3 = dir.path().join("cwm3.log");
+    let mut child = serve_with(&l2, port, &log3, &args);
+    let line = start_line(&log3);
+    assert!(line.contains("l1_pool_adopted=true"), "{line}");
+    assert!(line.contains("engine_contexts_restored=1"), "{line}");
+    let again = tokens(8, 512);
+    store(&mut c, &again, "after sigterm");
+    retrieved(&mut c, &again, "after sigterm");
+
+    // Unregistered: its entry goes, and a clean stop removes the pool.
+    c.unregister_engine_driven_context(id).unwrap();
+    assert!(journal_files(&l2).is_empty(), "{:?}", journal_files(&l2));
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(exit_status(&mut child).success());
+    assert!(!shm.exists(), "no engine left: the pool is removed at stop");
 }

@@ -31,8 +31,8 @@ pub use admin::{Clear, GetChunkSize, GetExperimental, Noop, Ping, ReportBlockAll
 pub use command::{failure_reply, is_transfer, Answer, Command};
 pub use counters::OpCounters;
 pub use engine_driven::{
-    CommitRetrieve, CommitStore, EngineDriven, EngineDrivenError, PrepareRetrieve, PrepareStore,
-    RegisterContext, UnregisterContext,
+    journaled_pool, CommitRetrieve, CommitStore, EngineDriven, EngineDrivenError, PoolRef,
+    PrepareRetrieve, PrepareStore, RegisterContext, UnregisterContext,
 };
 pub use lookup::{
     EndSession, FreeLookupLocks, Lookup, QueryPrefetchStatus, Sessions, WaitPrefetchStatus,
@@ -176,6 +176,14 @@ impl Cwm {
         let (expired, reaped_ed) = self
             .engine_driven
             .sweep(now, self.settings.reap, &self.tiers);
+        self.forget_journaled(&reaped_ed);
+        let unquarantined = self.tiers.expire_inherited_leases();
+        if unquarantined > 0 {
+            tracing::info!(
+                bytes = unquarantined,
+                "slots still leased when the previous cwm stopped: their leases expired, back in use"
+            );
+        }
         if sessions > 0 || !reaped.is_empty() || !reaped_ed.is_empty() {
             tracing::info!(
                 sessions,

@@ -6,8 +6,10 @@
 //!   backend). One that no longer opens (engine gone, segment removed, no GPU) is dropped: its
 //!   entry is removed, it is logged and counted. A restored instance counts as heard from by
 //!   heartbeats, so if its engine is dead it is reaped after `--worker-reap-timeout-secs`.
-//! - **Prompted**: an engine cwm does not know (dropped above, reaped, engine-driven: those
-//!   are never restored, docs/ENGINE_DRIVEN.md) still pings with its instance id. The first
+//!   Engine-driven contexts are restored when L1 adopted the pool they were answered
+//!   (`engine_driven::restore`).
+//! - **Prompted**: an engine cwm does not know (dropped above, reaped) still pings with its
+//!   instance id. The first
 //!   such ping is answered `false`, later ones `true`: LMCache's heartbeat then sees an
 //!   unhealthy -> healthy edge and runs its recovery callback, which re-registers the KV caches
 //!   (and, engine-driven, maps the new pool). Its stores and retrieves are skipped from the
@@ -18,7 +20,7 @@ use std::collections::HashSet;
 use parking_lot::Mutex;
 
 use super::command::Command;
-use super::journal::{Journal, FRAMES};
+use super::journal::{Entry, Journal, Kind};
 use super::register::RegisterKvCache;
 use super::Cwm;
 use crate::limits::for_log;
@@ -58,8 +60,10 @@ impl Prompts {
 /// What a start restored from the journal.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Restored {
-    /// Registrations reopened and serving.
+    /// Registrations reopened and serving (engine-driven contexts included).
     pub restored: usize,
+    /// Of those, engine-driven contexts (their pool adopted).
+    pub engine_driven: usize,
     /// Entries that no longer open (engine or segment gone, no GPU) or were refused: removed.
     pub dropped: usize,
     /// Files that are not valid entries (corrupt, foreign): ignored and removed.
@@ -70,6 +74,11 @@ impl Cwm {
     /// Use `journal` for this sidecar's registrations (once; later calls are ignored).
     pub fn attach_journal(&self, journal: Journal) {
         let _ = self.journal.set(journal);
+    }
+
+    /// Whether registrations are journaled (a registration journal is attached).
+    pub fn journaled(&self) -> bool {
+        self.journal.get().is_some()
     }
 
     /// Reopen every journaled registration (see the module doc). Call before serving.
@@ -98,8 +107,15 @@ impl Cwm {
         out.corrupt = rejected.len();
         for entry in entries {
             let id = entry.instance_id;
-            match self.restore_one(&entry.frames, id) {
-                Ok(()) => out.restored += 1,
+            let restored = match entry.kind {
+                Kind::KvCache => self.restore_one(&entry),
+                Kind::EngineDriven => self.restore_engine_driven(&entry),
+            };
+            match restored {
+                Ok(()) => {
+                    out.restored += 1;
+                    out.engine_driven += usize::from(entry.kind == Kind::EngineDriven);
+                }
                 Err(reason) => {
                     out.dropped += 1;
                     tracing::warn!(
@@ -117,9 +133,10 @@ impl Cwm {
         out
     }
 
-    fn restore_one(&self, frames: &[Vec<u8>], id: u64) -> Result<(), String> {
-        let frames: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-        if frames.len() != FRAMES {
+    fn restore_one(&self, entry: &Entry) -> Result<(), String> {
+        let id = entry.instance_id;
+        let frames: Vec<&[u8]> = entry.frames.iter().map(Vec::as_slice).collect();
+        if frames.len() != Kind::KvCache.frames() {
             return Err(format!("{} frames", frames.len()));
         }
         let r = RegisterKvCache::parse(&frames).map_err(|e| e.to_string())?;
@@ -149,7 +166,7 @@ impl Cwm {
         let Some(frames) = r.to_frames() else {
             return;
         };
-        if let Err(e) = journal.record(r.instance_id, &frames) {
+        if let Err(e) = journal.record(Kind::KvCache, r.instance_id, &frames) {
             tracing::error!(
                 instance_id = r.instance_id,
                 "cannot journal the registration (it will not survive a restart): {e}"

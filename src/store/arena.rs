@@ -100,6 +100,30 @@ impl ExtentAllocator {
         Some(Extent { offset, len: need })
     }
 
+    /// Take exactly `extent` out of the free space (it must lie inside one free range): for a
+    /// range someone else may still be using, such as a slot an engine leased from a cwm that
+    /// died (`store::leases`). `false`, and nothing changes, if any byte of it is not free.
+    pub fn take(&mut self, extent: Extent) -> bool {
+        let Extent { offset, len } = extent;
+        if len == 0 || offset % ALIGN != 0 || len % ALIGN != 0 {
+            return false;
+        }
+        let Some((&start, &size)) = self.by_offset.range(..=offset).next_back() else {
+            return false;
+        };
+        if start + size < offset + len {
+            return false;
+        }
+        self.remove_free(start, size);
+        if offset > start {
+            self.insert_free(start, offset - start);
+        }
+        if start + size > offset + len {
+            self.insert_free(offset + len, start + size - offset - len);
+        }
+        true
+    }
+
     /// Return an extent obtained from `allocate`, merging it with free neighbours.
     pub fn free(&mut self, extent: Extent) {
         let (mut offset, mut len) = (extent.offset, extent.len);
@@ -138,6 +162,8 @@ impl ExtentAllocator {
 pub struct Arena {
     base: NonNull<u8>,
     len: usize,
+    /// Mapped bytes after `len`: a shared pool's `POOL_TAIL` (0 for anonymous memory).
+    tail: usize,
     pool: Option<SharedPool>,
 }
 
@@ -148,6 +174,12 @@ struct SharedPool {
     path: PathBuf,
     /// Open for the arena's lifetime: carries the `flock` that marks the pool as live.
     file: File,
+    /// The object's inode: which pool an engine mapped, across restarts of cwm.
+    ino: u64,
+    /// Taken over from a cwm that died or stopped with engines attached (`adopt`).
+    adopted: bool,
+    /// Leave the name when dropped (engines that map it expect the next cwm to adopt it).
+    keep: AtomicBool,
     /// Bytes `[0, backed)` have tmpfs blocks allocated.
     backed: AtomicU64,
     grow: Mutex<()>,
@@ -180,6 +212,10 @@ static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
 const SHM_DIR: &str = "/dev/shm";
 /// Backing grows in steps of at least this much, so `fallocate` is not called per object.
 const GROW_STEP: u64 = 64 << 20;
+/// Bytes a shared pool's object has after its slots, for cwm's own bookkeeping that must
+/// outlive a crash of cwm as long as the pool does (the slot leases, `store::leases`). Never
+/// part of a slot; engines map it with the rest of the object and leave it alone.
+pub const POOL_TAIL: u64 = 1 << 20;
 
 impl Arena {
     /// Private anonymous memory of `len` bytes (rounded down to a page, at least one page).
@@ -270,7 +306,8 @@ impl Arena {
             })?;
         let published = (|| {
             lock_exclusive(&file)?;
-            file.set_len(len as u64)?;
+            file.set_len(len as u64 + POOL_TAIL)?;
+            fallocate(file.as_raw_fd(), len as u64, POOL_TAIL)?;
             for _ in 0..3 {
                 match std::fs::hard_link(&tmp, &path) {
                     Ok(()) => return Ok(()),
@@ -293,11 +330,78 @@ impl Arena {
         })();
         let _ = std::fs::remove_file(&tmp);
         published?;
-        // SAFETY: mapping `len` bytes of a file we just sized to `len`.
+        Self::map_pool(name, path, file, len, false)
+    }
+
+    /// Take over the pool `name` (in /dev/shm) that a cwm which died, or stopped with engines
+    /// attached, left behind: the very object engines still map, checked to be it (`ino`, as
+    /// journaled when they registered), of `len` bytes (as `shared` rounds them), this user's
+    /// own and private, and not held by a live cwm. Its bytes are left as they are, and its
+    /// name stays when the arena is dropped (`unlink` removes it).
+    pub fn adopt(name: &str, len: u64, ino: u64) -> io::Result<Arena> {
+        Self::adopt_in(Path::new(SHM_DIR), name, len, ino)
+    }
+
+    /// `adopt`, with the object in `dir` (tests).
+    pub fn adopt_in(dir: &Path, name: &str, len: u64, ino: u64) -> io::Result<Arena> {
+        let len = Self::round_len(len);
+        let refuse = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if name.is_empty() || name.contains(['/', '\0']) {
+            return Err(refuse(format!("{name:?} is not a pool name")));
+        }
+        let path = dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(refuse(format!(
+                "{path:?} is not a private pool of this user (mode {:o}, uid {})",
+                meta.mode() & 0o7777,
+                meta.uid()
+            )));
+        }
+        if meta.ino() != ino {
+            return Err(refuse(format!(
+                "{path:?} is another object than the engines mapped (inode {}, journaled {ino})",
+                meta.ino()
+            )));
+        }
+        if meta.len() != len as u64 + POOL_TAIL {
+            return Err(refuse(format!(
+                "{path:?} has {} bytes, an L1 of this size needs {}",
+                meta.len(),
+                len as u64 + POOL_TAIL
+            )));
+        }
+        lock_exclusive(&file).map_err(|e| match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("shm pool {path:?} is in use by a running cwm"),
+            ),
+            _ => e,
+        })?;
+        Self::map_pool(name.to_string(), path, file, len, true)
+    }
+
+    /// Map a locked, sized pool object: its `len` bytes of slots and its `POOL_TAIL`.
+    fn map_pool(
+        name: String,
+        path: PathBuf,
+        file: File,
+        len: usize,
+        adopted: bool,
+    ) -> io::Result<Arena> {
+        let ino = file.metadata()?.ino();
+        // SAFETY: mapping `len + POOL_TAIL` bytes of a file of that size.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                len + POOL_TAIL as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -308,6 +412,9 @@ impl Arena {
             name,
             path,
             file,
+            ino,
+            adopted,
+            keep: AtomicBool::new(adopted),
             backed: AtomicU64::new(0),
             grow: Mutex::new(()),
             unlinked: AtomicBool::new(false),
@@ -328,11 +435,12 @@ impl Arena {
     ) -> io::Result<Arena> {
         if ptr == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
-            if let Some(pool) = &pool {
+            if let Some(pool) = pool.as_ref().filter(|p| !p.adopted) {
                 let _ = std::fs::remove_file(&pool.path);
             }
             return Err(e);
         }
+        let tail = if pool.is_some() { POOL_TAIL as usize } else { 0 };
         // Huge pages cut TLB misses on multi-MiB copies; advisory, so failure is fine (tmpfs
         // honours it only when /sys/kernel/mm/transparent_hugepage/shmem_enabled allows).
         // SAFETY: `ptr`/`len` are exactly the mapping just created; madvise changes no bytes.
@@ -340,6 +448,7 @@ impl Arena {
         Ok(Arena {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
             len,
+            tail,
             pool,
         })
     }
@@ -360,6 +469,30 @@ impl Arena {
     /// The shm name engines open, if this arena is a shared pool.
     pub fn shm_name(&self) -> Option<&str> {
         self.pool.as_ref().map(|p| p.name.as_str())
+    }
+
+    /// The shared pool's inode (what `adopt` checks), if this arena is one.
+    pub fn pool_ino(&self) -> Option<u64> {
+        self.pool.as_ref().map(|p| p.ino)
+    }
+
+    /// Whether this arena took over a pool left behind (`adopt`).
+    pub fn adopted(&self) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.adopted)
+    }
+
+    /// The shared pool's `POOL_TAIL` bytes after its slots, if this arena is one.
+    pub fn tail(&self) -> Option<(*mut u8, usize)> {
+        // SAFETY: the tail is mapped right after the slots (`map_pool`).
+        (self.tail > 0).then(|| (unsafe { self.base.as_ptr().add(self.len) }, self.tail))
+    }
+
+    /// Keep the pool's name when this arena is dropped: engines still map it and the next cwm
+    /// adopts it. `unlink` still removes it.
+    pub fn retain_name(&self) {
+        if let Some(pool) = &self.pool {
+            pool.keep.store(true, Ordering::Release);
+        }
     }
 
     /// Raw pointer to the start of `extent`.
@@ -455,9 +588,11 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        self.unlink();
-        // SAFETY: the mapping was created in `new`/`shared` with this length and is unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        if !self.pool.as_ref().is_some_and(|p| p.keep.load(Ordering::Acquire)) {
+            self.unlink();
+        }
+        // SAFETY: the mapping was created in `new`/`map_pool` with this length, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len + self.tail) };
     }
 }
 
@@ -644,7 +779,7 @@ mod tests {
         let path = Path::new(SHM_DIR).join(&name);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(meta.len(), 4 * ALIGN);
+        assert_eq!(meta.len(), 4 * ALIGN + POOL_TAIL, "the slots, then the lease table");
         let extent = Extent {
             offset: ALIGN,
             len: ALIGN,
@@ -679,10 +814,69 @@ mod tests {
         let path = Path::new(SHM_DIR).join(&name);
         std::fs::write(&path, b"left behind by a crashed cwm").unwrap();
         let arena = Arena::shared(Some(&format!("/{name}")), 2 * ALIGN).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * ALIGN);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * ALIGN + POOL_TAIL);
         arena.unlink();
         assert!(!path.exists());
         arena.unlink();
+    }
+
+    #[test]
+    fn a_pool_left_behind_is_adopted_only_as_the_object_engines_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = pool_name("adopt");
+        let arena = Arena::shared_in(dir.path(), Some(&name), 4 * ALIGN).unwrap();
+        let ino = arena.pool_ino().unwrap();
+        arena.populate(Extent { offset: 0, len: ALIGN }).unwrap();
+        // SAFETY: our own mapping, nothing else uses it.
+        unsafe { arena.base().write_bytes(7, 16) };
+        let live = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap_err();
+        assert_eq!(live.kind(), io::ErrorKind::AddrInUse, "held by a live cwm: {live}");
+        arena.retain_name();
+        drop(arena);
+        let path = dir.path().join(&name);
+        assert!(path.exists(), "a retained name outlives the arena");
+
+        let wrong_ino = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino + 1).unwrap_err();
+        assert!(wrong_ino.to_string().contains("another object"), "{wrong_ino}");
+        let wrong_len = Arena::adopt_in(dir.path(), &name, 8 * ALIGN, ino).unwrap_err();
+        assert!(wrong_len.to_string().contains("bytes"), "{wrong_len}");
+        let adopted = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap();
+        assert!(adopted.adopted());
+        assert_eq!(adopted.shm_name(), Some(name.as_str()));
+        // SAFETY: our own mapping.
+        assert_eq!(unsafe { *adopted.base().add(15) }, 7, "bytes are left as they were");
+        drop(adopted);
+        assert!(path.exists(), "an adopted pool keeps its name when dropped");
+        let adopted = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap();
+        adopted.unlink();
+        assert!(!path.exists(), "unlink removes it");
+        drop(adopted);
+
+        let other = dir.path().join("loose");
+        std::fs::write(&other, vec![0; (4 * ALIGN + POOL_TAIL) as usize]).unwrap();
+        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let ino = std::fs::metadata(&other).unwrap().ino();
+        let open = Arena::adopt_in(dir.path(), "loose", 4 * ALIGN, ino).unwrap_err();
+        assert!(open.to_string().contains("not a private pool"), "{open}");
+    }
+
+    #[test]
+    fn take_removes_exactly_a_free_range() {
+        let mut a = ExtentAllocator::new(8 * ALIGN);
+        let e = Extent {
+            offset: 2 * ALIGN,
+            len: 3 * ALIGN,
+        };
+        assert!(a.take(e));
+        assert!(!a.take(e), "already taken");
+        assert!(!a.take(Extent { offset: ALIGN, len: 2 * ALIGN }), "overlaps it");
+        assert_eq!(a.free_bytes(), 5 * ALIGN);
+        let got: Vec<Extent> = std::iter::from_fn(|| a.allocate(ALIGN)).collect();
+        assert_eq!(got.len(), 5);
+        assert!(got.iter().all(|g| g.offset + g.len <= e.offset || g.offset >= e.offset + e.len));
+        a.free(e);
+        assert_eq!(a.free_bytes(), 3 * ALIGN);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use connector_protocol::ObjectKey;
 use parking_lot::Mutex;
 
 use super::arena::{Arena, Extent, ExtentAllocator};
+use super::leases::PoolLeases;
 use super::quota::{self, QuotaTier, Quotas};
 
 #[derive(Debug, Clone)]
@@ -157,6 +158,8 @@ pub struct L1Occupancy {
 pub struct L1Store {
     arena: Arena,
     inner: Mutex<(Index, ExtentAllocator)>,
+    /// A shared pool's slot leases (`store::leases`), and the ranges inherited as leased.
+    leases: Option<PoolLeases>,
     lock_ttl: Duration,
     pub counters: L1Counters,
     /// Per-salt byte budgets, enforced in `reserve` (`store::quota`).
@@ -178,7 +181,12 @@ pub enum Reservation {
 pub struct PoolInfo {
     /// POSIX shm name, without the leading `/`.
     pub shm_name: String,
+    /// Bytes of slots (the object has `arena::POOL_TAIL` more).
     pub size: u64,
+    /// The object's inode: the very pool an engine mapped (`Arena::adopt` checks it).
+    pub ino: u64,
+    /// Taken over from a previous cwm (`adopt_shared`).
+    pub adopted: bool,
 }
 
 impl L1Store {
@@ -196,12 +204,41 @@ impl L1Store {
         ))
     }
 
+    /// L1 in a pool a previous cwm left behind (`Arena::adopt`). Nothing of its contents is
+    /// trusted: L1 starts empty, except that extents still leased to an engine stay out of use
+    /// until their leases expire (`store::leases`).
+    pub fn adopt_shared(config: &L1Config, name: &str, ino: u64) -> std::io::Result<Arc<L1Store>> {
+        Ok(Self::with_arena(
+            Arena::adopt(name, config.capacity_bytes, ino)?,
+            config,
+        ))
+    }
+
     /// L1 in a given arena (e.g. `Arena::shared_in` for benchmarks).
     pub fn with_arena(arena: Arena, config: &L1Config) -> Arc<L1Store> {
-        let alloc = ExtentAllocator::new(arena.len());
+        let mut alloc = ExtentAllocator::new(arena.len());
+        let leases = arena.tail().map(|(base, len)| {
+            // SAFETY: the tail is mapped, page-aligned, for as long as the arena (and so the
+            // store that owns both) lives.
+            let (leases, held) = unsafe { PoolLeases::open(base, len, arena.len()) };
+            for extent in held {
+                let taken = alloc.take(extent);
+                debug_assert!(taken, "merged leases overlap nothing else");
+            }
+            leases
+        });
+        if let Some(bytes) = leases.as_ref().map(PoolLeases::quarantined_bytes).filter(|&b| b > 0) {
+            tracing::warn!(
+                pool = arena.shm_name(),
+                bytes,
+                "slots of the adopted L1 pool were still leased to engines when the previous \
+                 cwm stopped: kept out of use until those leases expire"
+            );
+        }
         Arc::new(L1Store {
             arena,
             inner: Mutex::new((Index::default(), alloc)),
+            leases,
             lock_ttl: config.lock_ttl,
             counters: L1Counters::default(),
             quotas: Arc::default(),
@@ -219,9 +256,11 @@ impl L1Store {
 
     /// The shared pool, if L1 lives in one.
     pub fn pool(&self) -> Option<PoolInfo> {
-        self.arena.shm_name().map(|name| PoolInfo {
-            shm_name: name.to_string(),
+        Some(PoolInfo {
+            shm_name: self.arena.shm_name()?.to_string(),
             size: self.arena.len(),
+            ino: self.arena.pool_ino()?,
+            adopted: self.arena.adopted(),
         })
     }
 
@@ -236,6 +275,51 @@ impl L1Store {
     /// Remove the shared pool's name (shutdown). Mappings, ours included, stay valid.
     pub fn unlink_pool(&self) {
         self.arena.unlink();
+    }
+
+    /// Keep the shared pool's name past this process, for the next cwm to adopt.
+    pub fn retain_pool(&self) {
+        self.arena.retain_name();
+    }
+
+    /// Record that an engine may copy into or out of the `len` bytes at pool offset `offset`
+    /// for up to `ttl` (an engine-driven prepare), so a cwm adopting the pool after a crash
+    /// keeps them out of use. `None`: no lease can be recorded (no shared pool, or its table
+    /// is full), and the slot must not be handed out.
+    pub fn lease(self: &Arc<Self>, offset: u64, len: u64, ttl: Duration) -> Option<Lease> {
+        let extent = Extent {
+            offset,
+            len: ExtentAllocator::rounded(len),
+        };
+        let record = self.leases.as_ref()?.table().grant(extent, ttl)?;
+        Some(Lease {
+            store: self.clone(),
+            record,
+        })
+    }
+
+    /// Give back inherited leased ranges whose leases have expired; the bytes given back.
+    pub fn expire_inherited_leases(&self) -> u64 {
+        let Some(leases) = &self.leases else {
+            return 0;
+        };
+        let expired = leases.expire_inherited();
+        if expired.is_empty() {
+            return 0;
+        }
+        let mut guard = self.inner.lock();
+        expired
+            .into_iter()
+            .map(|e| {
+                guard.1.free(e);
+                e.len
+            })
+            .sum()
+    }
+
+    /// Bytes of inherited leased ranges still kept out of use.
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.leases.as_ref().map_or(0, PoolLeases::quarantined_bytes)
     }
 
     /// Reserve `len` bytes for `key`, evicting LRU objects if needed.
@@ -477,6 +561,20 @@ impl L1Store {
 }
 
 /// Exclusive access to a reserved, not yet visible object.
+/// An engine's lease on a slot (`L1Store::lease`); ends when dropped.
+pub struct Lease {
+    store: Arc<L1Store>,
+    record: u32,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(leases) = &self.store.leases {
+            leases.table().release(self.record);
+        }
+    }
+}
+
 pub struct WriteGuard {
     store: Arc<L1Store>,
     key: Option<ObjectKey>,
@@ -795,6 +893,58 @@ mod tests {
     }
 
     #[test]
+    fn slots_leased_when_a_cwm_died_stay_out_of_use_until_their_leases_expire() {
+        use super::super::arena::ALIGN;
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("cwm_test_leases_{}", std::process::id());
+        let config = L1Config {
+            capacity_bytes: 4 * ALIGN,
+            lock_ttl: Duration::from_secs(60),
+        };
+        // The dead cwm: it leased slots 0 (long) and 1 (short), and slot 2 whose lease ended.
+        let arena = Arena::shared_in(dir.path(), Some(&name), 4 * ALIGN).unwrap();
+        let ino = arena.pool_ino().unwrap();
+        let (base, len) = arena.tail().unwrap();
+        // SAFETY: the tail is mapped while `arena` lives; the table is dropped first.
+        let (leases, _) = unsafe { PoolLeases::open(base, len, arena.len()) };
+        let at = |page: u64, len: u64| Extent {
+            offset: page * ALIGN,
+            len,
+        };
+        leases.table().grant(at(0, ALIGN), Duration::from_secs(600)).unwrap();
+        leases.table().grant(at(1, ALIGN), Duration::from_millis(300)).unwrap();
+        let ended = leases.table().grant(at(2, ALIGN), Duration::from_secs(600)).unwrap();
+        leases.table().release(ended);
+        drop(leases);
+        arena.retain_name();
+        drop(arena);
+
+        let s = L1Store::with_arena(
+            Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap(),
+            &config,
+        );
+        assert_eq!(s.quarantined_bytes(), 2 * ALIGN);
+        let reserve = |n: u8| match s.reserve(&key(n, ""), ALIGN) {
+            Reservation::Reserved(w) => Some(w),
+            _ => None,
+        };
+        let (a, b) = (reserve(1).unwrap(), reserve(2).unwrap());
+        let mut offsets = [a.pool_offset(), b.pool_offset()];
+        offsets.sort();
+        assert_eq!(offsets, [2 * ALIGN, 3 * ALIGN], "only the unleased slots");
+        assert!(reserve(3).is_none(), "the leased slots are not free");
+        assert_eq!(s.expire_inherited_leases(), 0, "nothing expired yet");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(s.expire_inherited_leases(), ALIGN, "slot 1's lease expired");
+        assert_eq!(s.quarantined_bytes(), ALIGN);
+        let c = reserve(3).expect("slot 1 is back in use");
+        assert_eq!(c.pool_offset(), ALIGN);
+        assert!(reserve(4).is_none(), "slot 0 is still leased");
+        drop((a, b, c));
+        s.unlink_pool();
+    }
+
+    #[test]
     fn shared_store_objects_sit_at_their_pool_offsets() {
         let name = format!("cwm_test_l1_{}", std::process::id());
         let s = L1Store::new_shared(
@@ -805,14 +955,16 @@ mod tests {
             Some(&name),
         )
         .unwrap();
+        let file = std::fs::File::open(format!("/dev/shm/{name}")).unwrap();
         assert_eq!(
             s.pool(),
             Some(PoolInfo {
                 shm_name: name.clone(),
-                size: 4 * 4096
+                size: 4 * 4096,
+                ino: std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap()),
+                adopted: false,
             })
         );
-        let file = std::fs::File::open(format!("/dev/shm/{name}")).unwrap();
         // SAFETY: a read-only view of the test's own pool; the test reads it only after the
         // writes it checks have been committed.
         let view = unsafe { memmap2::Mmap::map(&file).unwrap() };

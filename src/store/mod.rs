@@ -8,6 +8,7 @@ pub mod disk;
 pub mod l1;
 pub mod l3;
 pub mod le;
+pub mod leases;
 pub mod populate;
 pub mod quota;
 pub mod record;

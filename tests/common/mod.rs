@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod mcp;
+pub mod pool;
 pub mod redis;
 
 use std::sync::atomic::{AtomicU64, Ordering};

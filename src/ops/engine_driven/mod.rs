@@ -35,8 +35,10 @@ use connector_protocol::{
 use parking_lot::Mutex;
 use thiserror::Error;
 
+mod restore;
 mod state;
 
+pub use self::restore::{journaled_pool, PoolRef};
 pub use self::state::{EngineDriven, EngineDrivenContext, Released};
 use self::state::{PendingRetrieve, PendingStore, TransferKey};
 use super::command::{decode_key, Answer, Command};
@@ -54,12 +56,16 @@ pub enum EngineDrivenError {
     },
     #[error("one chunk object needs {object_bytes} bytes but the L1 pool has {pool_bytes}")]
     ObjectTooLarge { object_bytes: u64, pool_bytes: u64 },
+    #[error("every slot lease of the L1 pool is taken (too many prepares waiting for their commit)")]
+    LeasesFull,
 }
 
 /// `register_kv_cache_engine_driven_context`: a worker that copies KV itself, through cwm's
 /// shared-memory pool. Answered with the pool's name and size (an empty name: no pool).
 pub struct RegisterContext {
     pub payload: RegisterEngineDrivenContextPayload,
+    /// The payload frame as received (journaled).
+    pub raw: Vec<u8>,
 }
 
 impl Command for RegisterContext {
@@ -69,11 +75,12 @@ impl Command for RegisterContext {
     fn parse(f: &[&[u8]]) -> Result<Self, OpError> {
         Ok(RegisterContext {
             payload: codec::decode("RegisterEngineDrivenContextPayload", f[0])?,
+            raw: f[0].to_vec(),
         })
     }
 
     fn run(self, cwm: &Arc<Cwm>) -> Result<Self::Answer, OpError> {
-        cwm.register_engine_driven_context(&self.payload)
+        cwm.register_engine_driven_context(&self.payload, &self.raw)
     }
 
     /// An empty name puts the client in pickle mode, which then fails cleanly op by op.
@@ -237,6 +244,7 @@ impl Cwm {
     fn register_engine_driven_context(
         &self,
         payload: &RegisterEngineDrivenContextPayload,
+        raw: &[u8],
     ) -> Result<RegisterEngineDrivenContextResponse, OpError> {
         let Some(pool) = self.tiers.pool() else {
             tracing::error!(
@@ -271,7 +279,9 @@ impl Cwm {
             pool = %pool.shm_name,
             "registered engine-driven context"
         );
+        let id = ctx.id;
         self.engine_driven.insert(ctx);
+        self.journal_engine_driven(id, raw, &pool);
         Ok(answer)
     }
 
@@ -342,6 +352,7 @@ impl Cwm {
     }
 
     fn unregister_engine_driven_context(&self, id: u64) {
+        self.forget_journaled(&[id]);
         match self.engine_driven.remove(id, &self.tiers) {
             None => tracing::warn!(
                 instance_id = id,
@@ -403,13 +414,22 @@ impl Cwm {
         let replaced = self.engine_driven.stores.lock().remove(&tkey);
         drop(replaced);
         let mut context = PrepareStoreContext::default();
-        let mut writes = Vec::new();
+        let (mut writes, mut leases) = (Vec::new(), Vec::new());
+        let ttl = self.settings.engine_driven_ttl;
         for (i, object) in tkey.objects.iter().enumerate() {
             match self.tiers.reserve(object, ctx.object_bytes) {
                 Reservation::Reserved(w) => {
+                    // Leased before it is answered: a cwm adopting the pool after a crash
+                    // keeps the slot out of use while the engine may still write it.
+                    let Some(lease) = self.tiers.lease(w.pool_offset(), ctx.object_bytes, ttl)
+                    else {
+                        tracing::warn!(key = ?object, "{}: chunk not stored", EngineDrivenError::LeasesFull);
+                        continue;
+                    };
                     context.slots.push(ctx.slot(w.pool_offset()));
                     context.chunk_indices.push(i as u32);
                     writes.push(w);
+                    leases.push(lease);
                 }
                 Reservation::Present => {}
                 Reservation::NoSpace => tracing::warn!(
@@ -422,6 +442,7 @@ impl Cwm {
         if !writes.is_empty() {
             let pending = PendingStore {
                 writes,
+                _leases: leases,
                 deadline: self.pending_deadline(),
             };
             self.engine_driven.stores.lock().insert(tkey, pending);
@@ -498,9 +519,19 @@ impl Cwm {
             self.tiers.unlock(reads.iter().map(ReadGuard::key), 1);
             return Err(err);
         }
+        let ttl = self.settings.engine_driven_ttl;
+        let leases: Option<Vec<_>> = reads
+            .iter()
+            .map(|g| self.tiers.lease(g.pool_offset(), g.len() as u64, ttl))
+            .collect();
+        let Some(leases) = leases else {
+            self.tiers.unlock(reads.iter().map(ReadGuard::key), 1);
+            return Err(EngineDrivenError::LeasesFull.into());
+        };
         let slots = reads.iter().map(|g| ctx.slot(g.pool_offset())).collect();
         let pending = PendingRetrieve {
             reads,
+            _leases: leases,
             deadline: self.pending_deadline(),
         };
         self.engine_driven.retrieves.lock().insert(tkey, pending);

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use crate::ops::registry::{Liveness, Member, ReapPolicy, Roster};
 use crate::store::tiered::Tiers;
+use crate::store::l1::Lease;
 use crate::store::{ReadGuard, WriteGuard};
 
 /// One registered engine-driven worker: the shape of its chunk objects.
@@ -60,13 +61,20 @@ pub(super) struct TransferKey {
     pub(super) objects: Vec<ObjectKey>,
 }
 
+/// A prepared store: the reserved objects and the engine's leases on their slots (both end
+/// when this is dropped: committed, expired, or its instance gone).
 pub(super) struct PendingStore {
     pub(super) writes: Vec<WriteGuard>,
+    /// Held for their `Drop`, which ends the leases.
+    pub(super) _leases: Vec<Lease>,
     pub(super) deadline: Instant,
 }
 
+/// A prepared retrieve: the pinned objects and the engine's leases on their slots.
 pub(super) struct PendingRetrieve {
     pub(super) reads: Vec<ReadGuard>,
+    /// Held for their `Drop`, which ends the leases.
+    pub(super) _leases: Vec<Lease>,
     pub(super) deadline: Instant,
 }
 

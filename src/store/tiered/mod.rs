@@ -17,6 +17,7 @@ mod write_behind;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use connector_protocol::ObjectKey;
 use rayon::prelude::*;
@@ -27,7 +28,7 @@ use self::write_behind::WriteBehindQueue;
 use super::codec::CompressionPolicy;
 use super::disk::storage::FsStorage;
 use super::disk::{DiskConfig, DiskError, DiskStore};
-use super::l1::{L1Config, L1Occupancy, PoolInfo};
+use super::l1::{L1Config, L1Occupancy, Lease, PoolInfo};
 use super::l3::config::L3Config;
 use super::l3::{L3Error, L3};
 use super::populate::{self, L1Populate};
@@ -46,6 +47,13 @@ pub enum L1Memory {
     Shared(Option<String>),
 }
 
+/// A pool left behind that L1 should take over (`Arena::adopt`) instead of making a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptPool {
+    pub name: String,
+    pub ino: u64,
+}
+
 /// The disk tier's place and policy.
 #[derive(Debug, Clone)]
 pub struct L2Config {
@@ -58,6 +66,8 @@ pub struct L2Config {
 pub struct TiersConfig {
     pub l1: L1Config,
     pub l1_memory: L1Memory,
+    /// With a shared L1: the pool engines still map, to adopt if it can be (else a new pool).
+    pub adopt_pool: Option<AdoptPool>,
     /// Whether L1's pages are committed ahead of use (`populate`).
     pub l1_populate: L1Populate,
     /// Bytes each salt may occupy on a tier unless it has a quota of its own there
@@ -134,6 +144,29 @@ pub struct Tiers {
 }
 
 impl Tiers {
+    /// L1 in the pool `config.adopt_pool` names, if it can be adopted (why not is logged).
+    fn adopt_pool(config: &TiersConfig) -> Option<Arc<L1Store>> {
+        let pool = config.adopt_pool.as_ref()?;
+        match L1Store::adopt_shared(&config.l1, &pool.name, pool.ino) {
+            Ok(l1) => {
+                tracing::info!(
+                    pool = %pool.name,
+                    "adopted the L1 pool engines still map (its contents are not trusted: L1 \
+                     starts empty)"
+                );
+                Some(l1)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    pool = %pool.name,
+                    "cannot adopt the L1 pool engines mapped, making a new one (they \
+                     re-register when prompted): {e}"
+                );
+                None
+            }
+        }
+    }
+
     /// Build every configured tier: L1, then the tiers behind it in order, one line each (the
     /// one line a new tier adds is here), and start write-behind when some tier is behind L1.
     pub fn open(config: &TiersConfig) -> Result<Tiers, OpenError> {
@@ -143,7 +176,8 @@ impl Tiers {
                 L1Memory::Private => {
                     L1Store::new(&config.l1).map_err(|source| OpenError::L1 { bytes, source })?
                 }
-                L1Memory::Shared(name) => L1Store::new_shared(&config.l1, name.as_deref())
+                L1Memory::Shared(name) => Self::adopt_pool(config)
+                    .map_or_else(|| L1Store::new_shared(&config.l1, name.as_deref()), Ok)
                     .map_err(|source| OpenError::Pool {
                         bytes,
                         name: name.clone(),
@@ -337,6 +371,26 @@ impl Tiers {
     /// Remove the shared pool's name (shutdown). Mappings stay valid.
     pub fn unlink_pool(&self) {
         self.l1.unlink_pool()
+    }
+
+    /// Keep the shared pool's name past this process, for the next cwm to adopt.
+    pub fn retain_pool(&self) {
+        self.l1.retain_pool()
+    }
+
+    /// Lease a pool slot to an engine for `ttl` (`L1Store::lease`).
+    pub fn lease(&self, offset: u64, len: u64, ttl: Duration) -> Option<Lease> {
+        self.l1.lease(offset, len, ttl)
+    }
+
+    /// Bytes of inherited leased slots still kept out of use.
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.l1.quarantined_bytes()
+    }
+
+    /// Give back inherited leased slots whose leases expired (`L1Store::expire_inherited_leases`).
+    pub fn expire_inherited_leases(&self) -> u64 {
+        self.l1.expire_inherited_leases()
     }
 
     // ----- across tiers -----------------------------------------------------------------------
