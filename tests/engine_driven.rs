@@ -754,12 +754,13 @@ fn a_named_pool_is_exclusive_while_its_cwm_runs() {
         std::fs::metadata(Path::new("/dev/shm").join(&name))
             .unwrap()
             .len(),
-        second.cwm.tiers.l1_occupancy().capacity_bytes
+        second.cwm.tiers.l1_occupancy().capacity_bytes + cwm::store::arena::POOL_TAIL
     );
 }
 
 /// Engine-driven stores are written behind to L2 like `store`'s, and a restarted cwm (a new
-/// pool) promotes them from disk into its pool for an engine-driven retrieve.
+/// pool: the engine unregistered, so nothing maps the old one) promotes them from disk into
+/// its pool for an engine-driven retrieve.
 #[test]
 fn engine_driven_chunks_survive_a_restart_through_l2() {
     let dir = tempfile::tempdir().unwrap();
@@ -778,6 +779,7 @@ fn engine_driven_chunks_survive_a_restart_through_l2() {
             Duration::from_secs(20),
             || s.cwm.tiers.stats().write_behind.written >= 2,
         );
+        c.unregister_engine_driven_context(7).unwrap();
         s.stop();
         answer.shm_name
     };

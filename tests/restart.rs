@@ -333,7 +333,7 @@ fn a_corrupted_journal_entry_is_ignored() {
 /// written by hand that names another instance than its file, or a bad model name.
 #[test]
 fn nothing_in_the_journal_is_trusted_beyond_a_live_registration() {
-    use cwm::ops::journal::Journal;
+    use cwm::ops::journal::{Journal, Kind};
     use cwm::ops::RegisterKvCache;
     let dir = tempfile::tempdir().unwrap();
     let kv = TestKv::new(Layout::Nhd, 2, 40, 16, 2, 32);
@@ -350,11 +350,11 @@ fn nothing_in_the_journal_is_trusted_beyond_a_live_registration() {
     };
     std::fs::create_dir_all(dir.path()).unwrap();
     let j = Journal::open(&journal_dir(dir.path())).unwrap();
-    j.record(5, &request(6, MODEL).to_frames().unwrap())
+    j.record(Kind::KvCache, 5, &request(6, MODEL).to_frames().unwrap())
         .unwrap();
-    j.record(7, &request(7, "bad@model").to_frames().unwrap())
+    j.record(Kind::KvCache, 7, &request(7, "bad@model").to_frames().unwrap())
         .unwrap();
-    j.record(8, &request(8, MODEL).to_frames().unwrap())
+    j.record(Kind::KvCache, 8, &request(8, MODEL).to_frames().unwrap())
         .unwrap();
     drop(j);
     let s = sidecar(disk_config(dir.path()));
