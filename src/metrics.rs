@@ -373,6 +373,18 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
         "Engine instances registered",
         &[("", h.registered_instances as f64)],
     );
+    metric(
+        "engine_driven_contexts",
+        "gauge",
+        "Engine-driven workers registered (or restored with their pool)",
+        &[("", h.engine_driven_contexts as f64)],
+    );
+    metric(
+        "l1_quarantined_bytes",
+        "gauge",
+        "Bytes of the L1 pool a previous cwm leased to engines, kept out of use until the leases expire",
+        &[("", h.l1_quarantined_bytes as f64)],
+    );
     let a = &h.auto_save;
     metric(
         "autosaves_total",

@@ -55,6 +55,12 @@ pub struct Health {
     pub windows: usize,
     pub sessions: usize,
     pub registered_instances: usize,
+    /// Engine-driven workers registered (or restored with their pool).
+    #[serde(default)]
+    pub engine_driven_contexts: usize,
+    /// Bytes of the L1 pool still leased to engines by a previous cwm (`store::leases`).
+    #[serde(default)]
+    pub l1_quarantined_bytes: u64,
     /// Session auto-save: its default, the sessions with their own setting, what it did.
     #[serde(default)]
     pub auto_save: AutoSaveStats,

@@ -219,6 +219,8 @@ impl Windows {
             windows: self.catalog.as_ref().map_or(0, Catalog::len),
             sessions: self.cwm.chains.len(),
             registered_instances: self.cwm.registry.len(),
+            engine_driven_contexts: self.cwm.engine_driven.len(),
+            l1_quarantined_bytes: self.cwm.tiers.quarantined_bytes(),
             auto_save: self.autosave_stats(),
         }
     }
