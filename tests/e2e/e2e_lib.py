@@ -3,6 +3,7 @@ LMCache's own server) as a subprocess with its stderr in a file, and one vLLM en
 (vllm_engine.py) with its log in a file."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,18 +90,19 @@ class Server:
                            f"{ready_timeout:.0f} s:\n{tail(self.log)}")
 
     def stop(self, timeout: float = 20.0):
+        """SIGTERM (SIGKILL after `timeout`); a cwm's kept L1 pool is removed after it."""
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self.name == "cwm serve":
+            remove_cwm_pools(self.log)
 
     def signal(self, sig, timeout: float = 60.0):
         """Send `sig` to the server's process group and wait for it to exit; its exit status
@@ -268,6 +270,22 @@ def run_engine(plan: dict, out_dir: str, name: str, timeout: float = 480.0) -> d
     done). Raises EngineFailed (with the log tail) if it did not finish; the partial result is in
     the exception's .result."""
     return start_engine(plan, out_dir, name).wait(timeout)
+
+
+def remove_cwm_pools(log_path: str) -> None:
+    """Remove the L1 pools a stopped cwm named in its start lines: a cwm stopped (or killed) with
+    an engine-driven engine still registered keeps its pool in /dev/shm for the next cwm to adopt
+    (docs/ENGINE_DRIVEN.md), which a test run must not leave behind."""
+    try:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return
+    for name in set(re.findall(r'l1_pool=(?:Some\()?"?([A-Za-z0-9_.-]+)', text)):
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
 
 
 def remove_dead_kv_shm(since: float) -> None:

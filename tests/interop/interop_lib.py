@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import random
 import signal
 import socket
@@ -148,6 +149,9 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10.0):
+        """Signal and wait (SIGKILL after `timeout`). A cwm stopped with an engine-driven
+        worker still registered keeps its L1 pool in /dev/shm for the next cwm to adopt; the
+        tests never rely on that, so it is removed here rather than left behind."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -158,6 +162,11 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout)
         self.proc = None
+        for name in set(re.findall(r'l1_pool=(?:Some\()?"?([A-Za-z0-9_.-]+)', self.log_text())):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
     def log_tail(self, n: int = 80) -> str:
         try:
