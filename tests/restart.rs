@@ -352,8 +352,12 @@ fn nothing_in_the_journal_is_trusted_beyond_a_live_registration() {
     let j = Journal::open(&journal_dir(dir.path())).unwrap();
     j.record(Kind::KvCache, 5, &request(6, MODEL).to_frames().unwrap())
         .unwrap();
-    j.record(Kind::KvCache, 7, &request(7, "bad@model").to_frames().unwrap())
-        .unwrap();
+    j.record(
+        Kind::KvCache,
+        7,
+        &request(7, "bad@model").to_frames().unwrap(),
+    )
+    .unwrap();
     j.record(Kind::KvCache, 8, &request(8, MODEL).to_frames().unwrap())
         .unwrap();
     drop(j);
@@ -683,16 +687,27 @@ fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
     let store = |c: &mut MpClient, t: &[u32], rid: &str| {
         let k = key(MODEL, "", t, Some(0), 1, 0, 512, rid);
         let prepared = c.prepare_store(&k, id).unwrap().context;
-        assert_eq!(prepared.chunk_indices, [0, 1], "{rid}: both chunks prepared");
+        assert_eq!(
+            prepared.chunk_indices,
+            [0, 1],
+            "{rid}: both chunks prepared"
+        );
         for (slot, &i) in prepared.slots.iter().zip(&prepared.chunk_indices) {
-            pool.write(slot, &chunk_bytes(u64::from(t[0]) + u64::from(i), slot.length));
+            pool.write(
+                slot,
+                &chunk_bytes(u64::from(t[0]) + u64::from(i), slot.length),
+            );
         }
         assert!(c.commit_store(&k, id, b"").unwrap(), "{rid}: committed");
         prepared.slots
     };
     let retrieved = |c: &mut MpClient, t: &[u32], rid: &str| {
         let k = key(MODEL, "", t, Some(0), 1, 0, 512, rid);
-        assert_eq!(lookup_hits(c, &key(MODEL, "", t, None, 1, 0, 512, rid)), 2, "{rid}");
+        assert_eq!(
+            lookup_hits(c, &key(MODEL, "", t, None, 1, 0, 512, rid)),
+            2,
+            "{rid}"
+        );
         let got = c.prepare_retrieve(&k, id).unwrap();
         assert!(got.success, "{rid}: {got:?}");
         for (i, slot) in got.context.slots.iter().enumerate() {
@@ -746,7 +761,10 @@ fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     assert!(exit_status(&mut child).success());
     let shm = Path::new("/dev/shm").join(&answer.shm_name);
-    assert!(shm.exists(), "the pool an engine maps outlives a clean stop");
+    assert!(
+        shm.exists(),
+        "the pool an engine maps outlives a clean stop"
+    );
     let log3 = dir.path().join("cwm3.log");
     let mut child = serve_with(&l2, port, &log3, &args);
     let line = start_line(&log3);

@@ -302,7 +302,9 @@ mod tests {
     const KV: Kind = Kind::KvCache;
 
     fn frames() -> Vec<Vec<u8>> {
-        (0..KV.frames() as u8).map(|i| vec![i; i as usize * 3]).collect()
+        (0..KV.frames() as u8)
+            .map(|i| vec![i; i as usize * 3])
+            .collect()
     }
 
     #[test]
@@ -333,7 +335,10 @@ mod tests {
             assert!(decode(KV, &bad).is_err(), "byte {i} flipped was accepted");
         }
         for cut in 0..good.len() {
-            assert!(decode(KV, &good[..cut]).is_err(), "cut at {cut} was accepted");
+            assert!(
+                decode(KV, &good[..cut]).is_err(),
+                "cut at {cut} was accepted"
+            );
         }
     }
 
@@ -345,7 +350,11 @@ mod tests {
         let mut bytes = encode(KV, &frames()).unwrap();
         bytes[20] ^= 1;
         fs::write(dir.path().join("0000000000000002.reg"), &bytes).unwrap();
-        fs::write(dir.path().join("not-an-id.reg"), encode(KV, &frames()).unwrap()).unwrap();
+        fs::write(
+            dir.path().join("not-an-id.reg"),
+            encode(KV, &frames()).unwrap(),
+        )
+        .unwrap();
         fs::write(dir.path().join("0000000000000003.tmp"), b"half").unwrap();
         fs::write(dir.path().join("README"), b"kept").unwrap();
         let j = Journal::open(dir.path()).unwrap();

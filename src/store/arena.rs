@@ -440,7 +440,11 @@ impl Arena {
             }
             return Err(e);
         }
-        let tail = if pool.is_some() { POOL_TAIL as usize } else { 0 };
+        let tail = if pool.is_some() {
+            POOL_TAIL as usize
+        } else {
+            0
+        };
         // Huge pages cut TLB misses on multi-MiB copies; advisory, so failure is fine (tmpfs
         // honours it only when /sys/kernel/mm/transparent_hugepage/shmem_enabled allows).
         // SAFETY: `ptr`/`len` are exactly the mapping just created; madvise changes no bytes.
@@ -588,7 +592,11 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        if !self.pool.as_ref().is_some_and(|p| p.keep.load(Ordering::Acquire)) {
+        if !self
+            .pool
+            .as_ref()
+            .is_some_and(|p| p.keep.load(Ordering::Acquire))
+        {
             self.unlink();
         }
         // SAFETY: the mapping was created in `new`/`map_pool` with this length, unmapped once.
@@ -779,7 +787,11 @@ mod tests {
         let path = Path::new(SHM_DIR).join(&name);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(meta.len(), 4 * ALIGN + POOL_TAIL, "the slots, then the lease table");
+        assert_eq!(
+            meta.len(),
+            4 * ALIGN + POOL_TAIL,
+            "the slots, then the lease table"
+        );
         let extent = Extent {
             offset: ALIGN,
             len: ALIGN,
@@ -814,7 +826,10 @@ mod tests {
         let path = Path::new(SHM_DIR).join(&name);
         std::fs::write(&path, b"left behind by a crashed cwm").unwrap();
         let arena = Arena::shared(Some(&format!("/{name}")), 2 * ALIGN).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * ALIGN + POOL_TAIL);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            2 * ALIGN + POOL_TAIL
+        );
         arena.unlink();
         assert!(!path.exists());
         arena.unlink();
@@ -826,25 +841,38 @@ mod tests {
         let name = pool_name("adopt");
         let arena = Arena::shared_in(dir.path(), Some(&name), 4 * ALIGN).unwrap();
         let ino = arena.pool_ino().unwrap();
-        arena.populate(Extent { offset: 0, len: ALIGN }).unwrap();
+        arena
+            .populate(Extent {
+                offset: 0,
+                len: ALIGN,
+            })
+            .unwrap();
         // SAFETY: our own mapping, nothing else uses it.
         unsafe { arena.base().write_bytes(7, 16) };
         let live = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap_err();
-        assert_eq!(live.kind(), io::ErrorKind::AddrInUse, "held by a live cwm: {live}");
+        assert_eq!(
+            live.kind(),
+            io::ErrorKind::AddrInUse,
+            "held by a live cwm: {live}"
+        );
         arena.retain_name();
         drop(arena);
         let path = dir.path().join(&name);
         assert!(path.exists(), "a retained name outlives the arena");
 
         let wrong_ino = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino + 1).unwrap_err();
-        assert!(wrong_ino.to_string().contains("another object"), "{wrong_ino}");
+        assert!(
+            wrong_ino.to_string().contains("another object"),
+            "{wrong_ino}"
+        );
         let wrong_len = Arena::adopt_in(dir.path(), &name, 8 * ALIGN, ino).unwrap_err();
         assert!(wrong_len.to_string().contains("bytes"), "{wrong_len}");
         let adopted = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap();
         assert!(adopted.adopted());
         assert_eq!(adopted.shm_name(), Some(name.as_str()));
-        // SAFETY: our own mapping.
-        assert_eq!(unsafe { *adopted.base().add(15) }, 7, "bytes are left as they were");
+        // SAFETY: our own mapping, at least a page long.
+        let kept = unsafe { *adopted.base().add(15) };
+        assert_eq!(kept, 7, "bytes are left as they were");
         drop(adopted);
         assert!(path.exists(), "an adopted pool keeps its name when dropped");
         let adopted = Arena::adopt_in(dir.path(), &name, 4 * ALIGN, ino).unwrap();
@@ -870,11 +898,19 @@ mod tests {
         };
         assert!(a.take(e));
         assert!(!a.take(e), "already taken");
-        assert!(!a.take(Extent { offset: ALIGN, len: 2 * ALIGN }), "overlaps it");
+        assert!(
+            !a.take(Extent {
+                offset: ALIGN,
+                len: 2 * ALIGN
+            }),
+            "overlaps it"
+        );
         assert_eq!(a.free_bytes(), 5 * ALIGN);
         let got: Vec<Extent> = std::iter::from_fn(|| a.allocate(ALIGN)).collect();
         assert_eq!(got.len(), 5);
-        assert!(got.iter().all(|g| g.offset + g.len <= e.offset || g.offset >= e.offset + e.len));
+        assert!(got
+            .iter()
+            .all(|g| g.offset + g.len <= e.offset || g.offset >= e.offset + e.len));
         a.free(e);
         assert_eq!(a.free_bytes(), 3 * ALIGN);
     }

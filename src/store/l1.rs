@@ -227,7 +227,11 @@ impl L1Store {
             }
             leases
         });
-        if let Some(bytes) = leases.as_ref().map(PoolLeases::quarantined_bytes).filter(|&b| b > 0) {
+        if let Some(bytes) = leases
+            .as_ref()
+            .map(PoolLeases::quarantined_bytes)
+            .filter(|&b| b > 0)
+        {
             tracing::warn!(
                 pool = arena.shm_name(),
                 bytes,
@@ -319,7 +323,9 @@ impl L1Store {
 
     /// Bytes of inherited leased ranges still kept out of use.
     pub fn quarantined_bytes(&self) -> u64 {
-        self.leases.as_ref().map_or(0, PoolLeases::quarantined_bytes)
+        self.leases
+            .as_ref()
+            .map_or(0, PoolLeases::quarantined_bytes)
     }
 
     /// Reserve `len` bytes for `key`, evicting LRU objects if needed.
@@ -911,9 +917,18 @@ mod tests {
             offset: page * ALIGN,
             len,
         };
-        leases.table().grant(at(0, ALIGN), Duration::from_secs(600)).unwrap();
-        leases.table().grant(at(1, ALIGN), Duration::from_millis(300)).unwrap();
-        let ended = leases.table().grant(at(2, ALIGN), Duration::from_secs(600)).unwrap();
+        leases
+            .table()
+            .grant(at(0, ALIGN), Duration::from_secs(600))
+            .unwrap();
+        leases
+            .table()
+            .grant(at(1, ALIGN), Duration::from_millis(300))
+            .unwrap();
+        let ended = leases
+            .table()
+            .grant(at(2, ALIGN), Duration::from_secs(600))
+            .unwrap();
         leases.table().release(ended);
         drop(leases);
         arena.retain_name();

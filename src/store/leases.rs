@@ -67,9 +67,7 @@ impl LeaseTable {
         let mut free = Vec::new();
         for i in (0..table.records as u32).rev() {
             match table.valid(i) {
-                Some((extent, until_ms))
-                    if until_ms > now && Self::within(extent, pool_len) =>
-                {
+                Some((extent, until_ms)) if until_ms > now && Self::within(extent, pool_len) => {
                     held.push(Held {
                         extent,
                         until_ms,
@@ -90,7 +88,9 @@ impl LeaseTable {
         e.len > 0
             && e.offset % ALIGN == 0
             && e.len % ALIGN == 0
-            && e.offset.checked_add(e.len).is_some_and(|end| end <= pool_len)
+            && e.offset
+                .checked_add(e.len)
+                .is_some_and(|end| end <= pool_len)
     }
 
     fn word(&self, record: u32, w: usize) -> &AtomicU64 {
@@ -100,11 +100,13 @@ impl LeaseTable {
     }
 
     fn check(offset: u64, len: u64, until: u64) -> u64 {
-        (offset ^ len.rotate_left(21) ^ until.rotate_left(42) ^ SEAL).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        (offset ^ len.rotate_left(21) ^ until.rotate_left(42) ^ SEAL)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     fn valid(&self, record: u32) -> Option<(Extent, u64)> {
-        let [offset, len, until, check] = [0, 1, 2, 3].map(|w| self.word(record, w).load(Ordering::Acquire));
+        let [offset, len, until, check] =
+            [0, 1, 2, 3].map(|w| self.word(record, w).load(Ordering::Acquire));
         (check == Self::check(offset, len, until)).then_some((Extent { offset, len }, until))
     }
 
@@ -123,8 +125,10 @@ impl LeaseTable {
         self.word(record, 0).store(extent.offset, Ordering::Relaxed);
         self.word(record, 1).store(extent.len, Ordering::Relaxed);
         self.word(record, 2).store(until, Ordering::Relaxed);
-        self.word(record, 3)
-            .store(Self::check(extent.offset, extent.len, until), Ordering::Release);
+        self.word(record, 3).store(
+            Self::check(extent.offset, extent.len, until),
+            Ordering::Release,
+        );
         Some(record)
     }
 
@@ -202,8 +206,7 @@ impl PoolLeases {
     pub fn expire_inherited(&self) -> Vec<Extent> {
         let now = now_ms();
         let mut quarantine = self.quarantine.lock();
-        let (done, kept): (Vec<_>, Vec<_>) =
-            quarantine.drain(..).partition(|q| q.until_ms <= now);
+        let (done, kept): (Vec<_>, Vec<_>) = quarantine.drain(..).partition(|q| q.until_ms <= now);
         *quarantine = kept;
         done.into_iter()
             .map(|q| {
@@ -253,8 +256,21 @@ mod tests {
         assert!(held.is_empty());
         assert_eq!(t.available(), 4);
         t.grant(E, Duration::from_secs(60)).unwrap();
-        t.grant(Extent { offset: 0, len: ALIGN }, Duration::ZERO).unwrap();
-        let done = t.grant(Extent { offset: ALIGN, len: ALIGN }, Duration::from_secs(60));
+        t.grant(
+            Extent {
+                offset: 0,
+                len: ALIGN,
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+        let done = t.grant(
+            Extent {
+                offset: ALIGN,
+                len: ALIGN,
+            },
+            Duration::from_secs(60),
+        );
         t.release(done.unwrap());
         drop(t);
         // What a new cwm sees: the unexpired, unreleased lease only.
@@ -283,13 +299,24 @@ mod tests {
         let mut mem = vec![0u64; 3 * WORDS];
         let (t, _) = table(&mut mem, 1 << 20);
         let torn = t.grant(E, Duration::from_secs(60)).unwrap();
-        t.grant(Extent { offset: 1 << 20, len: ALIGN }, Duration::from_secs(60)).unwrap();
+        t.grant(
+            Extent {
+                offset: 1 << 20,
+                len: ALIGN,
+            },
+            Duration::from_secs(60),
+        )
+        .unwrap();
         t.grant(E, Duration::from_secs(60)).unwrap();
         drop(t);
         // Killed while writing the first record's length.
         mem[torn as usize * WORDS + 1] ^= 1;
         let (t, held) = table(&mut mem, 1 << 20);
-        assert_eq!(held.len(), 1, "the torn and the out-of-bounds records are dropped: {held:?}");
+        assert_eq!(
+            held.len(),
+            1,
+            "the torn and the out-of-bounds records are dropped: {held:?}"
+        );
         assert_eq!(t.available(), 2);
     }
 }

@@ -64,4 +64,3 @@ pub fn chunk_bytes(n: u64, len: u64) -> Vec<u8> {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7 ^ n.wrapping_mul(97)) as u8)
         .collect()
 }
-

@@ -56,7 +56,9 @@ pub enum EngineDrivenError {
     },
     #[error("one chunk object needs {object_bytes} bytes but the L1 pool has {pool_bytes}")]
     ObjectTooLarge { object_bytes: u64, pool_bytes: u64 },
-    #[error("every slot lease of the L1 pool is taken (too many prepares waiting for their commit)")]
+    #[error(
+        "every slot lease of the L1 pool is taken (too many prepares waiting for their commit)"
+    )]
     LeasesFull,
 }
 

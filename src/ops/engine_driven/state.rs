@@ -10,8 +10,8 @@ use connector_protocol::{ObjectKey, ShmSlot};
 use parking_lot::Mutex;
 
 use crate::ops::registry::{Liveness, Member, ReapPolicy, Roster};
-use crate::store::tiered::Tiers;
 use crate::store::l1::Lease;
+use crate::store::tiered::Tiers;
 use crate::store::{ReadGuard, WriteGuard};
 
 /// One registered engine-driven worker: the shape of its chunk objects.

@@ -171,19 +171,18 @@ impl Tiers {
     /// one line a new tier adds is here), and start write-behind when some tier is behind L1.
     pub fn open(config: &TiersConfig) -> Result<Tiers, OpenError> {
         let bytes = config.l1.capacity_bytes;
-        let l1 =
-            match &config.l1_memory {
-                L1Memory::Private => {
-                    L1Store::new(&config.l1).map_err(|source| OpenError::L1 { bytes, source })?
-                }
-                L1Memory::Shared(name) => Self::adopt_pool(config)
-                    .map_or_else(|| L1Store::new_shared(&config.l1, name.as_deref()), Ok)
-                    .map_err(|source| OpenError::Pool {
-                        bytes,
-                        name: name.clone(),
-                        source,
-                    })?,
-            };
+        let l1 = match &config.l1_memory {
+            L1Memory::Private => {
+                L1Store::new(&config.l1).map_err(|source| OpenError::L1 { bytes, source })?
+            }
+            L1Memory::Shared(name) => Self::adopt_pool(config)
+                .map_or_else(|| L1Store::new_shared(&config.l1, name.as_deref()), Ok)
+                .map_err(|source| OpenError::Pool {
+                    bytes,
+                    name: name.clone(),
+                    source,
+                })?,
+        };
         for &(tier, bytes) in &config.quota_per_salt {
             l1.quotas.set_default(tier, Some(bytes));
         }
