@@ -782,3 +782,45 @@ fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
     assert!(exit_status(&mut child).success());
     assert!(!shm.exists(), "no engine left: the pool is removed at stop");
 }
+
+/// A silent engine-driven worker is reaped like a registered KV cache: its journal entry goes,
+/// and with no engine left a stop removes the pool instead of keeping it for the next cwm.
+#[test]
+fn a_reaped_engine_driven_worker_leaves_no_entry_and_no_pool() {
+    use connector_protocol::RegisterEngineDrivenContextPayload;
+    let dir = tempfile::tempdir().unwrap();
+    let s = sidecar(Config {
+        worker_reap_timeout_secs: 1,
+        worker_registration_grace_secs: 1,
+        ..disk_config(dir.path())
+    });
+    let mut c = client(&s);
+    let answer = c
+        .register_engine_driven_context(&RegisterEngineDrivenContextPayload {
+            instance_id: 3,
+            model_name: MODEL.into(),
+            world_size: 1,
+            block_size: 16,
+            num_layers: 2,
+            hidden_dim_size: 64,
+            dtype_str: "bfloat16".into(),
+            use_mla: false,
+            num_physical_slots: Some(CS),
+        })
+        .unwrap();
+    assert_eq!(journal_files(dir.path()), ["0000000000000003.edc"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.cwm.engine_driven.get(3).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "a silent worker was never reaped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(journal_files(dir.path()).is_empty(), "reaped entry left");
+    s.stop();
+    assert!(
+        !Path::new("/dev/shm").join(&answer.shm_name).exists(),
+        "no engine left: the pool is removed at stop"
+    );
+}
