@@ -1,7 +1,7 @@
 //! Tenant quotas on the durable tiers (issue 24): L2 and L3 budgets per cache_salt set over
-//! HTTP and MCP, enforced on write-behind (a tenant over its L2 quota drops its own oldest
-//! records, never another tenant's; over its L3 quota, counted fleet-wide in Redis, its own
-//! least recently used), at freeze (refused, nothing left behind), rebuilt at a restart; and
+//! HTTP and MCP, enforced on write-behind (a tenant over its L2 quota drops its own least
+//! recently used records, never another tenant's; over its L3 quota, counted fleet-wide in
+//! Redis, too), at freeze (refused, nothing left behind), rebuilt at a restart; and
 //! `window_status {session_id}` telling where each chunk of a chain is and whether a freeze
 //! would succeed.
 

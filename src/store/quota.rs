@@ -4,9 +4,9 @@
 //! requests that send none) or for every salt without one of its own on that tier
 //! (`--l1-quota-gb-per-salt`, `--l2-quota-gb-per-salt`, `--l3-quota-gb-per-salt`). Each tier
 //! enforces its own at admission: L1 (`store::l1`) first evicts that salt's own least recently
-//! used objects, L2 (`store::disk`) its oldest records, L3 (`store::l3`, counted fleet-wide in
-//! Redis: `l3::ledger`) its least recently used records, never another tenant's, and each
-//! refuses what still does not fit.
+//! used objects, L2 (`store::disk`) and L3 (`store::l3`, counted fleet-wide in Redis:
+//! `l3::ledger`) its least recently used records, never another tenant's, and each refuses
+//! what still does not fit.
 //! Frozen windows count against a salt's L2 and L3 budgets and are never dropped for them: a
 //! freeze that would not fit is refused (`OverQuota`). Lowering a limit takes effect at the
 //! salt's next admission.

@@ -8,22 +8,25 @@
 //! `bytes`, all of them, and `kept`, those of window records, which have no TTL and are never
 //! evicted for a quota). Each change is one script, so concurrent sidecars never lose an update:
 //!
-//! - `ADMIT` (write-behind, before the SETs): forgets the salt's records whose TTL ran out, then
-//!   admits each new record, evicting the salt's least recently used cache records (its own,
-//!   never another salt's, never a window's) until it fits; a record that cannot fit even then
-//!   (windows hold the rest) is refused. The evicted records are returned and deleted by the
-//!   caller (`DEL_IF_VOLATILE`: only while they still carry a TTL, so a record a window kept
-//!   meanwhile stays). A record that Redis had evicted or expired already is simply forgotten:
-//!   choosing it costs nothing and corrects the count.
+//! - `ADMIT` (write-behind, right after its SETs): forgets the salt's records whose TTL ran
+//!   out, then counts each new record, evicting the salt's least recently used cache records
+//!   (its own, never another salt's, never a window's) until it fits; a record that cannot fit
+//!   even then (windows hold the rest) is refused. The evicted and the refused records are
+//!   returned and deleted by the caller (`DEL_IF_VOLATILE`: only while they still carry a TTL,
+//!   so a record a window kept meanwhile stays). A record that Redis had evicted or expired
+//!   already is simply forgotten: choosing it costs nothing and corrects the count.
 //! - `TOUCH` (after a fetch read records): they become the salt's most recently used.
 //! - `KEEP` / `RELEASE` (windows): records counted as kept without a TTL, and back to cache.
 //! - `USAGE`: the salt's bytes and kept bytes, after forgetting what expired.
 //!
 //! Recency is what L3 sees: a write or a read from L3, by any sidecar. Sizes are the records'
-//! bytes (the values SET), which every sidecar computes alike. The ledger is updated before the
-//! SETs it admits: a SET that then fails leaves its bytes counted until their TTL would have run
-//! out, so the count errs high, never low, and never for longer than the TTL. Records Redis
-//! evicts (`maxmemory`) stay counted until chosen for eviction or until their TTL.
+//! bytes (the values SET), which every sidecar computes alike. A record and its salt's ledger
+//! are in different slots, so no one script can write both: the ledger counts a record after
+//! its SET, so that eviction only ever chooses records that exist (counting first, another
+//! sidecar could evict and delete a record before its SET, which would then put it back
+//! uncounted). Meanwhile a salt may exceed its quota by the batch in flight; a sidecar that
+//! dies between the two leaves that batch uncounted until its TTL. Records Redis evicts
+//! (`maxmemory`) stay counted until chosen for eviction or until their TTL.
 //!
 //! The usage of every salt, for `/status` and `/metrics`, is a sorted set of its own
 //! (`KeyLayout::ledger_totals`): salt → bytes, written after each script with the total the
@@ -61,12 +64,12 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now)) do forget(m) e
 "#;
 
 /// ARGV: limit (-1: none), TTL in µs, then (key, bytes) pairs. Returns one flag per record
-/// (1 admitted, 0 refused, 2 admitted then evicted for a later one of the same call), the keys
-/// evicted, the salt's bytes and its kept bytes.
+/// (1 admitted, 0 refused), the keys evicted (some of them perhaps admitted by this call), the
+/// salt's bytes and its kept bytes.
 const ADMIT: &str = r#"
 local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local bytes, kept = total('bytes'), total('kept')
-local out, evicted, fresh = {}, {}, {}
+local out, evicted = {}, {}
 for i = 1, (#ARGV - 2) / 2 do
   local m, l = ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2])
   out[i] = 0
@@ -81,7 +84,7 @@ for i = 1, (#ARGV - 2) / 2 do
       local v = redis.call('ZRANGE', lru, 0, 0)[1]
       if not v then break end
       bytes = bytes - forget(v)
-      if fresh[v] then out[fresh[v]] = 2 else evicted[#evicted + 1] = v end
+      evicted[#evicted + 1] = v
     end
     if limit < 0 or bytes + l <= limit then
       redis.call('HSET', len, m, l)
@@ -89,7 +92,6 @@ for i = 1, (#ARGV - 2) / 2 do
       redis.call('ZADD', exp, now + ttl, m)
       redis.call('HINCRBY', sum, 'bytes', l)
       bytes = bytes + l
-      fresh[m] = i
       out[i] = 1
     end
   end
@@ -150,16 +152,22 @@ return {total('bytes'), total('kept'), need}
 const DEL_IF_VOLATILE: &str =
     "if redis.call('PTTL', KEYS[1]) >= 0 then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// One salt's cache records just written, for `admit`.
+pub struct Written {
+    pub salt: Arc<str>,
+    /// Its L3 quota.
+    pub limit: Option<u64>,
+    /// Each record's key and bytes.
+    pub records: Vec<(ObjectKey, u64)>,
+}
+
 /// What one `admit` decided for one salt's records, in order.
 #[derive(Debug, Default, PartialEq)]
 pub struct Admission {
-    /// Per record: write it (true) or not.
-    pub write: Vec<bool>,
-    /// Per record: refused, its salt's windows leaving no room.
+    /// Per record: refused, its salt's windows leaving no room (to delete: `delete_evicted`).
     pub refused: Vec<bool>,
-    /// Records of the same call admitted and then evicted for a later one.
-    pub dropped: usize,
-    /// Records of the salt evicted for these: to delete (`delete_evicted`).
+    /// Records of the salt evicted for these (perhaps some of them): to delete
+    /// (`delete_evicted`).
     pub evicted: Vec<Vec<u8>>,
     /// The salt's bytes afterwards, and those of them windows keep.
     pub bytes: u64,
@@ -211,21 +219,22 @@ impl Ledger {
             .flat_map(|(k, l)| [self.keys.chunk(k), l.to_string().into_bytes()])
     }
 
-    /// Admit each salt's new cache records (`limit`: the salt's L3 quota), one script per salt
-    /// in one batch; the totals noted for reporting.
-    pub fn admit(
-        &self,
-        by_salt: &[(Arc<str>, Option<u64>, Vec<(ObjectKey, u64)>)],
-    ) -> Result<Vec<Admission>, LinkError> {
+    /// Count each salt's cache records just written (`limit`: the salt's L3 quota), one script
+    /// per salt in one batch; the totals noted for reporting.
+    pub fn admit(&self, by_salt: &[Written]) -> Result<Vec<Admission>, LinkError> {
         let cmds = by_salt
             .iter()
-            .map(|(salt, limit, records)| {
-                let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+            .map(|w| {
+                let limit = w.limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
                 let head = [
                     limit.to_string().into_bytes(),
                     self.ttl_us.to_string().into_bytes(),
                 ];
-                self.script(ADMIT, salt, head.into_iter().chain(self.pairs(records)))
+                self.script(
+                    ADMIT,
+                    &w.salt,
+                    head.into_iter().chain(self.pairs(&w.records)),
+                )
             })
             .collect();
         let admissions = self
@@ -236,14 +245,14 @@ impl Ledger {
             .collect::<Result<Vec<_>, _>>()?;
         let totals = by_salt
             .iter()
-            .map(|(s, ..)| s.clone())
+            .map(|w| w.salt.clone())
             .zip(admissions.iter().map(|a| a.bytes));
         self.note_totals(totals.collect());
         Ok(admissions)
     }
 
-    /// Delete records evicted for their salts' quotas (in one batch, with the totals noted);
-    /// how many were still there.
+    /// Delete records evicted or refused for their salts' quotas, in one batch, each only
+    /// while it still has a TTL; how many were deleted.
     pub fn delete_evicted(&self, keys: Vec<Vec<u8>>) -> Result<u64, LinkError> {
         let cmds = keys
             .into_iter()
@@ -446,9 +455,7 @@ fn parse_admission(v: &Value) -> Result<Admission, LinkError> {
         return Err(bad());
     };
     Ok(Admission {
-        write: flags.iter().map(|&f| f == 1).collect(),
         refused: flags.iter().map(|&f| f == 0).collect(),
-        dropped: flags.iter().filter(|&&f| f == 2).count(),
         evicted: evicted
             .iter()
             .map(|k| match k {

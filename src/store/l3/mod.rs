@@ -32,7 +32,7 @@ use thiserror::Error;
 
 use self::config::{L3Config, L3ConfigError, WritePolicy};
 use self::keys::KeyLayout;
-use self::ledger::Ledger;
+use self::ledger::{Ledger, Written};
 use self::link::{Link, LinkError};
 use super::codec::Codec;
 use super::quota::{OverQuota, QuotaTier};
@@ -224,7 +224,7 @@ impl L3 {
     }
 
     /// Write records in one concurrent batch: cache data with the TTL and only where absent
-    /// (so a window's record never gets one; the ledger admitted them already), window data
+    /// (so a window's record never gets one; the ledger counts them next), window data
     /// (`ttl` false) unconditionally and without a TTL, then counted as kept in the ledger.
     /// Returns how many were written.
     pub fn set(&self, records: Vec<(ObjectKey, Vec<u8>)>, ttl: bool) -> Result<usize, LinkError> {
@@ -283,58 +283,65 @@ impl L3 {
         self.ledger.release(keys)
     }
 
-    /// What to do with each of `records` (cache data) to keep its salt within its L3 quota,
-    /// fleet-wide: the ledger admits each, evicting the salt's least recently used cache
-    /// records first (deleted here), or refuses it (counted) when the salt's windows leave no
-    /// room.
-    fn admit(&self, records: &[(&ObjectKey, &[u8])]) -> Result<Vec<Admit>, LinkError> {
-        let mut by_salt: Vec<(Arc<str>, Option<u64>, Vec<(ObjectKey, u64)>)> = Vec::new();
+    /// Count `records` (cache data, just written) in their salts' ledgers, keeping each salt
+    /// within its L3 quota fleet-wide: the ledger evicts the salt's least recently used cache
+    /// records first (deleted here, counted), or refuses a record (deleted here, counted) when
+    /// the salt's windows leave no room for it.
+    fn count_written(
+        &self,
+        records: &[(&ObjectKey, &[u8])],
+    ) -> Result<Vec<Result<(), OverQuota>>, LinkError> {
+        let mut by_salt: Vec<Written> = Vec::new();
         let mut at: Vec<(usize, usize)> = Vec::with_capacity(records.len());
         for (key, record) in records {
-            let i = match by_salt.iter().position(|(s, ..)| *s == key.cache_salt) {
+            let i = match by_salt.iter().position(|w| w.salt == key.cache_salt) {
                 Some(i) => i,
                 None => {
-                    let limit = self.config.quotas.limit(QuotaTier::L3, &key.cache_salt);
-                    by_salt.push((key.cache_salt.clone(), limit, Vec::new()));
+                    by_salt.push(Written {
+                        salt: key.cache_salt.clone(),
+                        limit: self.config.quotas.limit(QuotaTier::L3, &key.cache_salt),
+                        records: Vec::new(),
+                    });
                     by_salt.len() - 1
                 }
             };
-            at.push((i, by_salt[i].2.len()));
-            by_salt[i].2.push(((*key).clone(), record.len() as u64));
+            at.push((i, by_salt[i].records.len()));
+            by_salt[i]
+                .records
+                .push(((*key).clone(), record.len() as u64));
         }
         let admissions = self.ledger.admit(&by_salt)?;
-        let dropped: usize = admissions.iter().map(|a| a.dropped).sum();
         let evicted: Vec<Vec<u8>> = admissions.iter().flat_map(|a| a.evicted.clone()).collect();
         self.counters
             .quota_evicted
-            .fetch_add((dropped + evicted.len()) as u64, Relaxed);
-        if !evicted.is_empty() {
-            self.ledger
-                .delete_evicted(evicted)
-                .inspect_err(|e| self.link_error(e))
-                .ok();
-        }
-        Ok(at
+            .fetch_add(evicted.len() as u64, Relaxed);
+        let verdicts: Vec<Result<(), OverQuota>> = at
             .into_iter()
             .map(|(i, j)| {
-                let (salt, limit, records) = &by_salt[i];
-                let a = &admissions[i];
-                if a.write[j] {
-                    Admit::Write
-                } else if a.refused[j] {
-                    self.counters.quota_refused.fetch_add(1, Relaxed);
-                    Admit::Refused(OverQuota {
-                        tier: QuotaTier::L3,
-                        cache_salt: salt.to_string(),
-                        need_bytes: records[j].1,
-                        kept_bytes: a.kept,
-                        limit_bytes: limit.unwrap_or(u64::MAX),
-                    })
-                } else {
-                    Admit::Dropped
+                let (w, a) = (&by_salt[i], &admissions[i]);
+                if !a.refused[j] {
+                    return Ok(());
                 }
+                self.counters.quota_refused.fetch_add(1, Relaxed);
+                Err(OverQuota {
+                    tier: QuotaTier::L3,
+                    cache_salt: w.salt.to_string(),
+                    need_bytes: w.records[j].1,
+                    kept_bytes: a.kept,
+                    limit_bytes: w.limit.unwrap_or(u64::MAX),
+                })
             })
-            .collect())
+            .collect();
+        let refused = records
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_err())
+            .map(|((k, _), _)| self.keys.chunk(k));
+        let doomed: Vec<Vec<u8>> = evicted.into_iter().chain(refused).collect();
+        if !doomed.is_empty() {
+            let _ = (self.ledger.delete_evicted(doomed)).inspect_err(|e| self.link_error(e));
+        }
+        Ok(verdicts)
     }
 
     fn ttl_secs(&self) -> u64 {
@@ -345,15 +352,6 @@ impl L3 {
         self.counters.link_errors.fetch_add(1, Relaxed);
         tracing::debug!("L3: {e}");
     }
-}
-
-/// What write-behind does with one cache record, as its salt's L3 ledger decided.
-enum Admit {
-    Write,
-    /// Its salt's windows leave no room for it.
-    Refused(OverQuota),
-    /// Admitted, then evicted for a later record of the same batch: not written.
-    Dropped,
 }
 
 /// Why L3 could not be set up, or a value was refused.
@@ -433,9 +431,10 @@ impl Tier for L3 {
         }
     }
 
-    /// Cache records (write policy `always`), with the TTL, where absent. While the link is
-    /// down they are given up at once (counted); a failed batch is counted too, not retried:
-    /// L3 is a cache.
+    /// Cache records (write policy `always`), with the TTL, where absent, then counted in their
+    /// salts' ledgers (`count_written`: what the quota evicts or refuses is deleted). While the
+    /// link is down they are given up at once (counted); a failed batch is counted too, not
+    /// retried: L3 is a cache.
     fn put(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), TierError>> {
         let taken = || records.iter().map(|_| Ok(())).collect();
         if self.config.write != WritePolicy::Always || records.is_empty() {
@@ -445,28 +444,25 @@ impl Tier for L3 {
             self.drop_records(records.len() as u64);
             return taken();
         }
-        let admitted = match self.admit(records) {
-            Ok(a) => a,
-            Err(e) => {
-                // Nothing written: L3 is a cache (counted as a failed batch, not retried).
-                self.write_failed(&e);
-                return taken();
-            }
-        };
         let batch = records
             .iter()
-            .zip(&admitted)
-            .filter(|(_, a)| matches!(a, Admit::Write))
-            .map(|((k, r), _)| ((*k).clone(), r.to_vec()))
+            .map(|(k, r)| ((*k).clone(), r.to_vec()))
             .collect();
-        let _ = self.set(batch, true);
-        admitted
-            .into_iter()
-            .map(|a| match a {
-                Admit::Refused(refused) => Err(TierError::new("L3", refused)),
-                Admit::Write | Admit::Dropped => Ok(()),
-            })
-            .collect()
+        if self.set(batch, true).is_err() {
+            // Counted by `set`; not retried: L3 is a cache.
+            return taken();
+        }
+        match self.count_written(records) {
+            Ok(verdicts) => verdicts
+                .into_iter()
+                .map(|v| v.map_err(|refused| TierError::new("L3", refused)))
+                .collect(),
+            Err(e) => {
+                // Written but not counted: their salts' usage is low until their TTL.
+                self.link_error(&e);
+                taken()
+            }
+        }
     }
 
     /// Fleet-wide, from the ledgers in Redis (the largest re-read); empty while unreachable.
