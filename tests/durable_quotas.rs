@@ -539,3 +539,61 @@ fn an_l3_quota_holds_on_a_redis_cluster() {
     assert_eq!(http.used_on("ann", "l3"), 2 * unit);
     assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 4);
 }
+
+/// A window's records in Redis count against the salt's L3 quota and are never evicted for it:
+/// a freeze over the quota is refused, one within it keeps its records, a write they leave no
+/// room for is refused (and its record deleted again); once the window is deleted its records
+/// are the salt's cache data again, evicted least recently used first.
+#[test]
+fn windows_count_against_the_l3_quota_and_are_never_evicted_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let (s, http, mut c, _kv) = start_on(&redis, disk_config(dir.path()));
+    let rt = &http.rt;
+    let m = mcp(&http, &s);
+    store_chain(&mut c, "S", 7, 4);
+    wait_written(&s, 4);
+    let chain = http.used_on("S", "l3");
+    assert_eq!(records_in_redis(&redis, "S"), 4);
+    set_quota(&http, "S", "l3", chain / 2);
+    let err = call(
+        rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "w"}),
+    )
+    .expect_err("a freeze over the L3 quota is refused");
+    assert!(err.contains("over its L3 quota"), "{err}");
+
+    set_quota(&http, "S", "l3", chain);
+    call(
+        rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "w"}),
+    )
+    .unwrap();
+    assert_eq!(
+        http.used_on("S", "l3"),
+        chain,
+        "the window's records, counted once"
+    );
+    store(&mut c, "S", 99);
+    wait_written(&s, 5);
+    assert_eq!(http.metric("cwm_l3_quota_refused_total"), 1);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 0);
+    assert_eq!(
+        records_in_redis(&redis, "S"),
+        4,
+        "the refused record deleted again"
+    );
+    assert_eq!(http.used_on("S", "l3"), chain);
+
+    call(rt, &m, "window_delete", json!({"window_name": "w"})).unwrap();
+    store(&mut c, "S", 100);
+    wait_written(&s, 6);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 1);
+    assert_eq!(records_in_redis(&redis, "S"), 4);
+    assert_eq!(http.used_on("S", "l3"), chain);
+    rt.block_on(m.cancel()).unwrap();
+}
