@@ -234,8 +234,8 @@ struct ServeArgs {
     /// its own quota (`PUT /quota/{salt}` with `"tier": "l2"`); 0: no limit [default: 0].
     #[arg(long, env = "CWM_L2_QUOTA_GB_PER_SALT")]
     l2_quota_gb_per_salt: Option<f64>,
-    /// GiB each cache_salt may have in L3, counted from this sidecar's writes, unless given
-    /// its own quota (`"tier": "l3"`); 0: no limit [default: 0].
+    /// GiB each cache_salt's records may take in L3, counted fleet-wide in Redis (give every
+    /// sidecar the same), unless given its own quota (`"tier": "l3"`); 0: no limit [default: 0].
     #[arg(long, env = "CWM_L3_QUOTA_GB_PER_SALT")]
     l3_quota_gb_per_salt: Option<f64>,
     /// Encryption at rest: a file of 64 hex digits (`openssl rand -hex 32 > key; chmod 600

@@ -220,7 +220,7 @@ impl WindowTools {
     }
 
     #[tool(
-        description = "Set a tenant's quota: the bytes its cache_salt may occupy on a tier (limit_gb, GiB; tier \"l1\" memory, the default, \"l2\" disk with its frozen windows, \"l3\" Redis as written by this sidecar). A store over it drops that tenant's own oldest chunks, never another's; a window_freeze over the L2 or L3 quota fails. `_default` names the empty salt."
+        description = "Set a tenant's quota: the bytes its cache_salt may occupy on a tier (limit_gb, GiB; tier \"l1\" memory, the default, \"l2\" disk with its frozen windows, \"l3\" Redis, counted for the whole fleet). A store over it drops that tenant's own least recently used chunks, never another's; a window_freeze over the L2 or L3 quota fails. `_default` names the empty salt."
     )]
     async fn quota_set(
         &self,

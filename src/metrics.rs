@@ -221,7 +221,7 @@ pub fn render(cwm: &Cwm, health: &Health) -> String {
                  _default: no salt{})",
                 usage.tier,
                 if usage.tier == "L3" {
-                    "; what this sidecar wrote and has not expired"
+                    "; the whole fleet's, from the ledgers in Redis"
                 } else {
                     ""
                 }

@@ -25,7 +25,7 @@ pub struct SetQuota {
     /// The limit in GiB (a number >= 0).
     pub limit_gb: f64,
     /// The tier it bounds: "l1" (memory; the default), "l2" (disk, frozen windows included)
-    /// or "l3" (Redis, what this sidecar wrote).
+    /// or "l3" (Redis, counted for the whole fleet).
     #[serde(default = "l1")]
     pub tier: QuotaTier,
 }
@@ -73,7 +73,7 @@ pub struct TierQuota {
     pub tier: QuotaTier,
     /// Its own limit there, or the default for every salt; none if neither is set.
     pub limit: Option<QuotaEntry>,
-    /// Bytes it occupies there (L3: what this sidecar wrote for it and has not expired).
+    /// Bytes it occupies there (L3: the whole fleet's, from Redis).
     pub used_bytes: u64,
 }
 

@@ -1,8 +1,9 @@
 //! Tenant quotas on the durable tiers (issue 24): L2 and L3 budgets per cache_salt set over
-//! HTTP and MCP, enforced on write-behind (a tenant over its L2 quota drops its own oldest
-//! records, never another tenant's; L3 refuses what would take it over), at freeze (refused,
-//! nothing left behind), rebuilt at a restart; and `window_status {session_id}` telling where
-//! each chunk of a chain is and whether a freeze would succeed.
+//! HTTP and MCP, enforced on write-behind (a tenant over its L2 quota drops its own least
+//! recently used records, never another tenant's; over its L3 quota, counted fleet-wide in
+//! Redis, too), at freeze (refused, nothing left behind), rebuilt at a restart; and
+//! `window_status {session_id}` telling where each chunk of a chain is and whether a freeze
+//! would succeed.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{gb, Http};
 use common::mcp::call;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::*;
 use cwm::client::MpClient;
 use cwm::config::Config;
@@ -372,57 +373,227 @@ fn window_status_shows_where_each_chunk_is_and_what_is_freezable() {
     rt.block_on(m.cancel()).unwrap();
 }
 
-#[test]
-fn an_l3_quota_bounds_what_this_sidecar_writes_to_redis() {
-    let redis = RedisServer::start();
-    let (s, http, mut c, _kv) = start(Config {
+/// A sidecar on `redis` (memory only, so L3 is the only tier behind L1), with a KV registered.
+fn start_on(redis: &RedisServer, config: Config) -> (Sidecar, Http, MpClient, TestKv) {
+    start(Config {
         l3_url: Some(redis.url()),
-        l3_timeout_ms: 1000,
-        ..small_config()
-    });
-    let chunk_keys = || {
-        redis
-            .cli(&["--scan", "--pattern", "cwm:c1:*"])
-            .lines()
-            .count()
-    };
+        l3_timeout_ms: 2000,
+        ..config
+    })
+}
+
+/// How many chunk records of `salt` Redis holds (read with redis-cli, not through cwm).
+fn records_in_redis(redis: &RedisServer, salt: &str) -> usize {
+    redis.chunk_keys(Some(salt)).len()
+}
+
+#[test]
+fn an_l3_quota_evicts_the_salts_least_recently_used_records_never_anothers() {
+    let redis = RedisServer::start();
+    let (s, http, mut c, _kv) = start_on(&redis, small_config());
     store(&mut c, "bob", 100);
     let unit = wait_usage(&http, "bob", "l3", |u| u > 0);
     // Same-length salts: records of the same size.
     set_quota(&http, "ann", "l3", 2 * unit + unit / 2);
-    for seed in 0..4 {
-        store(&mut c, "ann", seed);
-    }
-    wait_written(&s, 5);
-    assert_eq!(http.used_on("ann", "l3"), 2 * unit);
-    assert_eq!(http.metric("cwm_l3_quota_refused_total"), 2);
-    assert_eq!(chunk_keys(), 3, "bob's one and ann's two in Redis");
-    // window_status tells which chunks Redis holds: ann's two oldest, not the two refused.
-    let m = mcp(&http, &s);
-    let st = call(&http.rt, &m, "window_status", json!({"session_id": "ann"})).unwrap();
-    let in_l3: Vec<Value> = st["session"]["chains"]
-        .as_array()
-        .unwrap()
+    store(&mut c, "ann", 0);
+    store(&mut c, "ann", 1);
+    wait_written(&s, 3);
+    // Chunk 0 read back from Redis (L1 emptied, no L2): now more recent than chunk 1.
+    s.cwm.tiers.evict_l1(true);
+    assert_eq!(hits(&mut c, "ann", 0), 1, "ann's chunk 0 from L3");
+    store(&mut c, "ann", 2);
+    wait_written(&s, 4);
+    s.cwm.tiers.evict_l1(true);
+    let ann: Vec<u64> = [1, 2]
         .iter()
-        .map(|c| c["chunk_tiers"][0]["l3"].clone())
+        .map(|&seed| hits(&mut c, "ann", seed))
         .collect();
     assert_eq!(
-        in_l3,
-        [false, false, true, true],
-        "newest chain first: {st}"
+        ann,
+        [0, 1],
+        "the least recently used (1) went, not the oldest (0)"
     );
-    http.rt.block_on(m.cancel()).unwrap();
-    for seed in 101..103 {
-        store(&mut c, "bob", seed);
+    assert_eq!(http.used_on("ann", "l3"), 2 * unit);
+    assert_eq!(records_in_redis(&redis, "ann"), 2);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 1);
+    assert_eq!(http.metric("cwm_l3_quota_refused_total"), 0);
+    assert_eq!(records_in_redis(&redis, "bob"), 1, "bob's record untouched");
+    assert_eq!(http.used_on("bob", "l3"), unit);
+
+    // Lowered at run time: the next write takes her down to one record.
+    set_quota(&http, "ann", "l3", unit);
+    store(&mut c, "ann", 3);
+    wait_written(&s, 5);
+    assert_eq!(http.used_on("ann", "l3"), unit);
+    assert_eq!(records_in_redis(&redis, "ann"), 1);
+    assert_eq!(records_in_redis(&redis, "bob"), 1);
+    // /status and /metrics report the fleet's usage.
+    let (_, status) = http.get("/status");
+    let l3 = status["cache"]["tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == "L3").cloned())
+        .unwrap_or_else(|| panic!("no L3 tenants in /status: {status}"));
+    assert_eq!(l3["salts"], 2, "{l3}");
+    let (_, metrics) = http.get("/metrics");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(&format!("cwm_l3_salt_bytes{{cache_salt=\"ann\"}} {unit}")),
+        "{metrics}"
+    );
+}
+
+/// Two sidecars on one Redis, each writing the same salt at once: the salt's L3 quota holds for
+/// the two together (each alone would keep its own limit's worth).
+#[test]
+fn two_sidecars_on_one_redis_share_a_salts_l3_quota() {
+    let redis = RedisServer::start();
+    let (a, http_a, mut ca, _kv_a) = start_on(&redis, small_config());
+    let (b, http_b, mut cb, _kv_b) = start_on(&redis, small_config());
+    store(&mut ca, "bob", 100);
+    let unit = wait_usage(&http_a, "bob", "l3", |u| u > 0);
+    for http in [&http_a, &http_b] {
+        set_quota(http, "ann", "l3", 3 * unit);
     }
-    wait_written(&s, 7);
-    assert_eq!(http.used_on("bob", "l3"), 3 * unit, "bob has no limit");
-    assert_eq!(chunk_keys(), 5);
-    // Raised at run time: taken again.
-    set_quota(&http, "ann", "l3", 3 * unit);
-    store(&mut c, "ann", 4);
-    wait_written(&s, 8);
-    assert_eq!(http.used_on("ann", "l3"), 3 * unit);
-    assert_eq!(chunk_keys(), 6);
-    assert_eq!(http.metric("cwm_l3_quota_refused_total"), 2);
+    std::thread::scope(|t| {
+        t.spawn(|| (0..6).for_each(|seed| store(&mut ca, "ann", seed)));
+        t.spawn(|| (10..16).for_each(|seed| store(&mut cb, "ann", seed)));
+    });
+    wait_written(&a, 7);
+    wait_written(&b, 6);
+    assert_eq!(
+        records_in_redis(&redis, "ann"),
+        3,
+        "within the quota fleet-wide"
+    );
+    for http in [&http_a, &http_b] {
+        assert_eq!(
+            http.used_on("ann", "l3"),
+            3 * unit,
+            "the same usage on both"
+        );
+        assert_eq!(http.used_on("bob", "l3"), unit);
+    }
+    let evicted = http_a.metric("cwm_l3_quota_evicted_records_total")
+        + http_b.metric("cwm_l3_quota_evicted_records_total");
+    assert_eq!(evicted, 9, "12 written, 3 kept");
+    assert_eq!(records_in_redis(&redis, "bob"), 1, "bob's record untouched");
+}
+
+/// Records Redis lost on its own (evicted, expired) leave the salt's usage: chosen for eviction
+/// they only correct the count, and those whose TTL ran out are forgotten.
+#[test]
+fn records_redis_lost_leave_the_salts_l3_usage() {
+    let redis = RedisServer::start();
+    let (s, http, mut c, _kv) = start_on(
+        &redis,
+        Config {
+            l3_ttl_secs: 3,
+            ..small_config()
+        },
+    );
+    store(&mut c, "ann", 0);
+    wait_written(&s, 1);
+    let unit = http.used_on("ann", "l3");
+    set_quota(&http, "ann", "l3", unit);
+    // Gone behind the ledger's back, as maxmemory would evict it.
+    let gone = redis.chunk_keys(Some("ann"));
+    assert_eq!(redis.cli(&["DEL", &gone[0]]).trim(), "1");
+    store(&mut c, "ann", 1);
+    wait_written(&s, 2);
+    assert_eq!(
+        http.used_on("ann", "l3"),
+        unit,
+        "the lost record is not counted"
+    );
+    assert_eq!(records_in_redis(&redis, "ann"), 1);
+    // Its TTL runs out: usage 0 (bounded wait: Redis expires it within 3 s).
+    wait_usage(&http, "ann", "l3", |u| u == 0);
+    assert_eq!(records_in_redis(&redis, "ann"), 0);
+}
+
+/// On a Redis Cluster: a salt's ledger is one slot while its records spread over the masters,
+/// and its L3 quota holds.
+#[test]
+fn an_l3_quota_holds_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let (s, http, mut c, _kv) = start(Config {
+        l3_cluster: Some(cluster.seeds()),
+        l3_timeout_ms: 2000,
+        ..small_config()
+    });
+    store(&mut c, "ann", 0);
+    let unit = wait_usage(&http, "ann", "l3", |u| u > 0);
+    set_quota(&http, "ann", "l3", 2 * unit);
+    for seed in 1..6 {
+        store(&mut c, "ann", seed);
+    }
+    wait_written(&s, 6);
+    let held: usize = cluster
+        .nodes
+        .iter()
+        .map(|n| records_in_redis(n, "ann"))
+        .sum();
+    assert_eq!(held, 2, "within the quota: {:?}", cluster.sizes());
+    assert_eq!(http.used_on("ann", "l3"), 2 * unit);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 4);
+}
+
+/// A window's records in Redis count against the salt's L3 quota and are never evicted for it:
+/// a freeze over the quota is refused, one within it keeps its records, a write they leave no
+/// room for is refused (and its record deleted again); once the window is deleted its records
+/// are the salt's cache data again, evicted least recently used first.
+#[test]
+fn windows_count_against_the_l3_quota_and_are_never_evicted_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let (s, http, mut c, _kv) = start_on(&redis, disk_config(dir.path()));
+    let rt = &http.rt;
+    let m = mcp(&http, &s);
+    store_chain(&mut c, "S", 7, 4);
+    wait_written(&s, 4);
+    let chain = http.used_on("S", "l3");
+    assert_eq!(records_in_redis(&redis, "S"), 4);
+    set_quota(&http, "S", "l3", chain / 2);
+    let err = call(
+        rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "w"}),
+    )
+    .expect_err("a freeze over the L3 quota is refused");
+    assert!(err.contains("over its L3 quota"), "{err}");
+
+    set_quota(&http, "S", "l3", chain);
+    call(
+        rt,
+        &m,
+        "window_freeze",
+        json!({"session_id": "S", "window_name": "w"}),
+    )
+    .unwrap();
+    assert_eq!(
+        http.used_on("S", "l3"),
+        chain,
+        "the window's records, counted once"
+    );
+    store(&mut c, "S", 99);
+    wait_written(&s, 5);
+    assert_eq!(http.metric("cwm_l3_quota_refused_total"), 1);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 0);
+    assert_eq!(
+        records_in_redis(&redis, "S"),
+        4,
+        "the refused record deleted again"
+    );
+    assert_eq!(http.used_on("S", "l3"), chain);
+
+    call(rt, &m, "window_delete", json!({"window_name": "w"})).unwrap();
+    store(&mut c, "S", 100);
+    wait_written(&s, 6);
+    assert_eq!(http.metric("cwm_l3_quota_evicted_records_total"), 1);
+    assert_eq!(records_in_redis(&redis, "S"), 4);
+    assert_eq!(http.used_on("S", "l3"), chain);
+    rt.block_on(m.cancel()).unwrap();
 }

@@ -289,13 +289,7 @@ fn redis_values_hold_no_plaintext_and_only_a_server_with_the_key_reads_them() {
     register_kv(&mut c, MODEL, 1, &src);
     store(&mut c, "alice", &t, 1);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let chunk_keys = || -> Vec<String> {
-        redis
-            .cli(&["--scan", "--pattern", "cwm:c1:*"])
-            .lines()
-            .map(String::from)
-            .collect()
-    };
+    let chunk_keys = || redis.chunk_keys(None);
     while chunk_keys().len() < 4 {
         assert!(
             Instant::now() < deadline,

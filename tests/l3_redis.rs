@@ -58,23 +58,13 @@ fn l3_config(url: &str) -> Config {
     }
 }
 
-fn chunk_keys(r: &RedisServer) -> Vec<String> {
-    let mut keys: Vec<String> = r
-        .cli(&["--scan", "--pattern", "cwm:c1:*"])
-        .lines()
-        .map(String::from)
-        .collect();
-    keys.sort();
-    keys
-}
-
 fn wait_keys(r: &RedisServer, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while chunk_keys(r).len() < n {
+    while r.chunk_keys(None).len() < n {
         assert!(
             Instant::now() < deadline,
             "write-behind did not put {n} chunks in Redis (has {:?})",
-            chunk_keys(r)
+            r.chunk_keys(None)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -229,7 +219,7 @@ fn two_sidecars_share_chunks_through_one_redis() {
     register_kv(&mut ca, MODEL, 1, &src);
     assert!(store(&mut ca, 1, "alice", &t, 1));
     wait_keys(&redis, 4);
-    let keys = chunk_keys(&redis);
+    let keys = redis.chunk_keys(None);
     assert!(
         keys.iter().all(|k| k.ends_with(":5:alice")),
         "keys carry the salt: {keys:?}"
@@ -378,7 +368,7 @@ fn redis_killed_mid_burst_then_back() {
     // New stores reach the restarted Redis once the backoff lets write-behind retry.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut round = 0;
-    while chunk_keys(&redis).is_empty() {
+    while redis.chunk_keys(None).is_empty() {
         assert!(
             Instant::now() < deadline,
             "L3 never recovered: {:?}",
@@ -444,7 +434,7 @@ fn acl_user_with_password_from_the_environment() {
         redis.cli(&all)
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while authed(&["DBSIZE"]).trim() != "2" {
+    while authed(&["--scan", "--pattern", "cwm:c1:*"]).lines().count() != 2 {
         assert!(
             Instant::now() < deadline,
             "A never wrote through the ACL user"
@@ -600,11 +590,11 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
     register_kv(&mut ca, MODEL, 1, &kv);
     assert!(store(&mut ca, 1, "chat-1", &t, 1));
     assert!(
-        chunk_keys(&redis).is_empty(),
+        redis.chunk_keys(None).is_empty(),
         "l3_write frozen: nothing cached in Redis"
     );
     assert_eq!(freeze(&a, "chat-1", "review").window.chunks, 4);
-    let keys = chunk_keys(&redis);
+    let keys = redis.chunk_keys(None);
     assert_eq!(keys.len(), 4, "the window's chunks are in Redis");
     for k in &keys {
         assert_eq!(
@@ -649,7 +639,7 @@ fn windows_frozen_on_one_sidecar_thaw_on_another() {
         .unwrap();
     assert!(window_names(&a).is_empty());
     assert!(a.windows.get("review").is_none());
-    for k in &chunk_keys(&redis) {
+    for k in &redis.chunk_keys(None) {
         let ttl: i64 = redis.cli(&["TTL", k]).trim().parse().unwrap();
         assert!(ttl > 0, "released data gets the cache TTL: {ttl}");
     }
@@ -698,7 +688,7 @@ fn an_auto_save_replaced_on_one_sidecar_is_replaced_on_another() {
     assert_eq!(window_names(&b), ["autosave-chat-1"]);
     thaw(&b, "autosave-chat-1", "x1");
     thawed_window_retrieves_byte_exact(&mut cb, "x1", &first, &kv, &dst);
-    let first_keys = chunk_keys(&redis);
+    let first_keys = redis.chunk_keys(None);
     assert_eq!(first_keys.len(), 4);
 
     assert!(store(&mut ca, 1, "chat-1", &second, 1));
@@ -712,7 +702,7 @@ fn an_auto_save_replaced_on_one_sidecar_is_replaced_on_another() {
         "the old version is gone"
     );
     thawed_window_retrieves_byte_exact(&mut cb, "x2", &second, &kv, &dst);
-    for k in chunk_keys(&redis) {
+    for k in redis.chunk_keys(None) {
         let ttl: i64 = redis.cli(&["TTL", &k]).trim().parse().unwrap();
         if first_keys.contains(&k) {
             assert!(ttl > 0, "the old version's records are cache again: {ttl}");
@@ -984,7 +974,7 @@ fn a_full_redis_refuses_writes_and_cwm_keeps_serving() {
     assert!(metrics.contains("cwm_l3_up 1"), "{metrics}");
     // Room again: the next write goes through and Redis is no longer shown full.
     assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).trim(), "OK");
-    let before = chunk_keys(&redis).len();
+    let before = redis.chunk_keys(None).len();
     kv.fill(999);
     assert!(store(&mut c, 1, "full", &tokens(999, 512), 1));
     wait_keys(&redis, before + 2);
@@ -1031,7 +1021,7 @@ fn windows_frozen_on_a_thaw_on_b_over_mcp() {
     .unwrap();
     assert_eq!(r["window"]["chunks"], 4, "{r}");
     assert_eq!(
-        chunk_keys(&redis).len(),
+        redis.chunk_keys(None).len(),
         4,
         "the window's chunks are in Redis"
     );

@@ -60,8 +60,9 @@ fn serve_with(dir: &Path, port: u16, log: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-/// L2's record count from a sidecar's `/metrics` on `port`.
-fn l2_records(port: &str) -> u64 {
+/// The first series of a sidecar's `/metrics` on `port` whose line starts with `series` and
+/// passes `pick`, as a number (0 while the sidecar does not answer).
+fn metric(port: &str, series: &str, pick: impl Fn(&str) -> bool) -> u64 {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(format!("127.0.0.1:{port}")) else {
         return 0;
@@ -74,10 +75,22 @@ fn l2_records(port: &str) -> u64 {
     let mut out = String::new();
     stream.read_to_string(&mut out).unwrap();
     out.lines()
-        .find(|l| l.starts_with("cwm_tier_objects{") && l.to_lowercase().contains("l2"))
+        .find(|l| l.starts_with(series) && pick(l))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0, |v| v as u64)
+}
+
+/// L2's record count from a sidecar's `/metrics` on `port`.
+fn l2_records(port: &str) -> u64 {
+    metric(port, "cwm_tier_objects{", |l| {
+        l.to_lowercase().contains("l2")
+    })
+}
+
+/// Auto-saves a sidecar made, from its `/metrics` on `port`.
+fn autosaves(port: &str) -> u64 {
+    metric(port, "cwm_autosaves_total{", |l| l.contains("\"saved\""))
 }
 
 /// Acknowledged chunks reach L2 by write-behind: wait until `n` records are there.
@@ -467,23 +480,8 @@ fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
     let mut child = serve(&l2, port, &log, &["--http-port", &http]);
     let mut c = MpClient::connect(&endpoint).unwrap();
     c.get_chunk_size().unwrap();
-    register_kv(&mut c, MODEL, 7, &kv);
-    // A conversation of two turns: 512 tokens, then 1024.
     let t = tokens(11, 1024);
-    for (start, end, first, rid) in [(0, 512, 1, "turn1"), (512, 1024, 33, "turn2")] {
-        let k = key(
-            MODEL,
-            "agent",
-            &t[..end as usize],
-            Some(0),
-            1,
-            start,
-            end,
-            rid,
-        );
-        assert!(c.store(&k, 7, &blocks(first, 32)).unwrap().ok, "{rid}");
-    }
-    wait_for_l2_records(&http, 4);
+    store_conversation(&mut c, &kv, &http, &t);
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -492,13 +490,7 @@ fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
     let line = start_line(&log2);
     assert!(line.contains("sessions_restored=1"), "{line}");
     assert!(line.contains("session_chains_restored=1"), "{line}");
-    let rt = runtime();
-    let m = rt
-        .block_on(cwm::mcp::connect(
-            &format!("http://127.0.0.1:{http}/mcp"),
-            None,
-        ))
-        .expect("MCP client connects");
+    let (rt, m) = mcp_client(&http);
     let status = call(&rt, &m, "window_status", json!({"session_id": "agent"})).unwrap();
     assert!(status.to_string().contains("1024"), "{status}");
     let frozen = call(
@@ -509,26 +501,154 @@ fn a_session_stored_before_kill_9_can_be_frozen_after_it() {
     )
     .expect("the session is freezable after kill -9");
     assert_eq!(frozen["window"]["tokens"], 1024, "{frozen}");
-    let thawed = call(
-        &rt,
-        &m,
-        "window_thaw",
-        json!({"window_name": "after-crash", "new_session_id": "agent2"}),
-    )
-    .unwrap();
-    assert_eq!(thawed["tokens_ready"], 1024, "{thawed}");
-
-    let want: Vec<Vec<u8>> = (1..65).map(|b| kv.block(b)).collect();
-    kv.fill_byte(0);
-    let k = key(MODEL, "agent2", &t, Some(0), 1, 0, 1024, "back");
-    assert!(c.retrieve(&k, 7, &blocks(1, 64), 0).unwrap().ok);
-    for (i, b) in want.iter().enumerate() {
-        assert_eq!(&kv.block(1 + i as u64), b, "block {}", 1 + i);
-    }
+    thaw_exactly(&rt, &m, "after-crash", &mut c, &kv, &t);
     rt.block_on(m.cancel()).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// An MCP client (rmcp, streamable HTTP) of the sidecar whose HTTP port is `http`.
+fn mcp_client(http: &str) -> (tokio::runtime::Runtime, common::mcp::Mcp) {
+    let rt = runtime();
+    let m = rt
+        .block_on(cwm::mcp::connect(
+            &format!("http://127.0.0.1:{http}/mcp"),
+            None,
+        ))
+        .expect("MCP client connects");
+    (rt, m)
+}
+
+/// Thaw `window` (1024 tokens `t` of session "agent", frozen from `kv`'s blocks 1..=64) into
+/// session "agent2" and retrieve it into `kv` emptied: the same bytes, block for block.
+fn thaw_exactly(
+    rt: &tokio::runtime::Runtime,
+    m: &common::mcp::Mcp,
+    window: &str,
+    c: &mut MpClient,
+    kv: &TestKv,
+    t: &[u32],
+) {
+    let thawed = common::mcp::call(
+        rt,
+        m,
+        "window_thaw",
+        serde_json::json!({"window_name": window, "new_session_id": "agent2"}),
+    )
+    .unwrap();
+    assert_eq!(thawed["tokens_ready"], 1024, "{thawed}");
+    let want: Vec<Vec<u8>> = (1..65).map(|b| kv.block(b)).collect();
+    kv.fill_byte(0);
+    let k = key(MODEL, "agent2", t, Some(0), 1, 0, 1024, "back");
+    assert!(c.retrieve(&k, 7, &blocks(1, 64), 0).unwrap().ok);
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(&kv.block(1 + i as u64), b, "block {}", 1 + i);
+    }
+}
+
+/// Store turn `turn` (0: tokens 0..512 from blocks 1..=32; 1: 512..1024 from 33..=64) of the
+/// conversation `t` of session "agent" (instance 7).
+fn store_turn(c: &mut MpClient, t: &[u32], turn: usize) {
+    let (start, end, first) = [(0, 512, 1), (512, 1024, 33)][turn];
+    let rid = format!("turn{turn}");
+    let k = key(
+        MODEL,
+        "agent",
+        &t[..end as usize],
+        Some(0),
+        1,
+        start,
+        end,
+        &rid,
+    );
+    assert!(c.store(&k, 7, &blocks(first, 32)).unwrap().ok, "{rid}");
+}
+
+/// Store a conversation of two turns (512 tokens, then 1024: `t`) under session "agent" from
+/// `kv` (blocks 1..=64, instance 7) and wait until write-behind put its 4 chunks in L2.
+fn store_conversation(c: &mut MpClient, kv: &TestKv, http: &str, t: &[u32]) {
+    register_kv(c, MODEL, 7, kv);
+    store_turn(c, t, 0);
+    store_turn(c, t, 1);
+    wait_for_l2_records(http, 4);
+}
+
+/// Wait (at most 30 s) until the sidecar on `http` made `n` auto-saves.
+fn wait_for_autosaves(http: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while autosaves(http) < n {
+        assert!(Instant::now() < deadline, "not {n} auto-saves within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 24's "an agent that never calls window_freeze still finds its context after a crash":
+/// session "agent" stores a conversation with `--auto-save-idle-secs idle`, cwm is killed with
+/// SIGKILL, and restarted: it lists the auto-save window holding the whole conversation, and
+/// the window thaws byte for byte. `saved_before_kill`: the whole conversation was auto-saved
+/// before the kill; else only its first turn was, and the second was stored just before the
+/// kill, within the idle time: the restart finds the session in its journal, sees the window
+/// holds an older chain, and saves the newest.
+fn autosave_survives_kill_9(idle: &str, saved_before_kill: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let l2 = dir.path().join("l2");
+    let port = free_port();
+    let http = free_port().to_string();
+    let flags = ["--http-port", &http, "--auto-save-idle-secs", idle];
+    let kv = TestKv::new(Layout::Nhd, 2, 80, 16, 2, 32);
+    kv.fill(9);
+    let t = tokens(11, 1024);
+    let mut child = serve(&l2, port, &dir.path().join("cwm.log"), &flags);
+    let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    c.get_chunk_size().unwrap();
+    if saved_before_kill {
+        store_conversation(&mut c, &kv, &http, &t);
+        wait_for_autosaves(&http, 1);
+    } else {
+        register_kv(&mut c, MODEL, 7, &kv);
+        store_turn(&mut c, &t, 0);
+        wait_for_autosaves(&http, 1);
+        store_turn(&mut c, &t, 1);
+        wait_for_l2_records(&http, 4);
+        assert_eq!(autosaves(&http), 1, "the idle time ran out before the kill");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log = dir.path().join("cwm2.log");
+    let mut child = serve(&l2, port, &log, &flags);
+    let line = start_line(&log);
+    assert!(line.contains("sessions_restored=1"), "{line}");
+    if !saved_before_kill {
+        wait_for_autosaves(&http, 1);
+    }
+    let (rt, m) = mcp_client(&http);
+    let list = common::mcp::call(
+        &rt,
+        &m,
+        "window_list",
+        serde_json::json!({"tag": "autosave"}),
+    )
+    .unwrap();
+    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(list["windows"][0]["name"], "autosave-agent", "{list}");
+    assert_eq!(list["windows"][0]["tokens"], 1024, "{list}");
+    thaw_exactly(&rt, &m, "autosave-agent", &mut c, &kv, &t);
+    rt.block_on(m.cancel()).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn an_auto_save_made_before_kill_9_is_listed_and_thaws_exactly_after_it() {
+    autosave_survives_kill_9("1", true);
+}
+
+#[test]
+fn chunks_stored_within_the_idle_time_before_kill_9_are_auto_saved_after_the_restart() {
+    autosave_survives_kill_9("4", false);
+}
+
 /// A second signal during a slow drain exits at once: L3 is a Redis that accepts connections
 /// and never answers (so write-behind to it waits out its 60 s deadline), SIGTERM starts the
 /// drain, SIGINT while it runs makes cwm exit with status 130 without finishing it (the drain

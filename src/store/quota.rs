@@ -3,9 +3,10 @@
 //! A limit is set per salt and tier (`""`, named `_default` on the HTTP surface, is the salt of
 //! requests that send none) or for every salt without one of its own on that tier
 //! (`--l1-quota-gb-per-salt`, `--l2-quota-gb-per-salt`, `--l3-quota-gb-per-salt`). Each tier
-//! enforces its own at admission: L1 (`store::l1`) and L2 (`store::disk`) first drop that
-//! salt's own oldest evictable data, never another tenant's, and refuse what still does not fit;
-//! L3 (`store::l3`) counts what this process wrote per salt and refuses writes over the limit.
+//! enforces its own at admission: L1 (`store::l1`) first evicts that salt's own least recently
+//! used objects, L2 (`store::disk`) and L3 (`store::l3`, counted fleet-wide in Redis:
+//! `l3::ledger`) its least recently used records, never another tenant's, and each refuses
+//! what still does not fit.
 //! Frozen windows count against a salt's L2 and L3 budgets and are never dropped for them: a
 //! freeze that would not fit is refused (`OverQuota`). Lowering a limit takes effect at the
 //! salt's next admission.
@@ -73,7 +74,7 @@ impl std::fmt::Display for QuotaTier {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error(
     "cache_salt {} is over its {tier} quota: {need_bytes} more bytes on top of {kept_bytes} the \
-     tier keeps for it (frozen windows; in L3 all it wrote) exceed its limit of {limit_bytes} \
+     tier keeps for it (frozen windows) exceed its limit of {limit_bytes} \
      bytes",
     salt_name(.cache_salt)
 )]
@@ -82,8 +83,7 @@ pub struct OverQuota {
     pub cache_salt: String,
     /// Bytes the write or freeze would add.
     pub need_bytes: u64,
-    /// Bytes of the salt the tier does not drop for it (pinned by windows; in L3 everything
-    /// this sidecar wrote).
+    /// Bytes of the salt the tier does not drop for it (its frozen windows').
     pub kept_bytes: u64,
     pub limit_bytes: u64,
 }

@@ -121,6 +121,22 @@ impl RedisServer {
         out.stdout
     }
 
+    /// The chunk records this server holds (their keys, sorted), of every salt or of `salt`
+    /// (namespace `cwm`; docs/FORMATS.md).
+    pub fn chunk_keys(&self, salt: Option<&str>) -> Vec<String> {
+        let pattern = match salt {
+            Some(s) => format!("cwm:c1:*:{}:{s}", s.len()),
+            None => "cwm:c1:*".to_string(),
+        };
+        let mut keys: Vec<String> = self
+            .cli(&["--scan", "--pattern", &pattern])
+            .lines()
+            .map(String::from)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// SIGKILL the server (data is lost: no persistence).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -203,11 +219,11 @@ impl RedisCluster {
             .join(",")
     }
 
-    /// Keys stored on each node (`DBSIZE`).
+    /// Chunk records stored on each node.
     pub fn sizes(&self) -> Vec<u64> {
         self.nodes
             .iter()
-            .map(|n| n.cli(&["DBSIZE"]).trim().parse().unwrap_or(0))
+            .map(|n| n.chunk_keys(None).len() as u64)
             .collect()
     }
 }

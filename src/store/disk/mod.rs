@@ -345,6 +345,8 @@ impl<S: Storage> DiskStore<S> {
             }
             st.tick += 1;
             let tick = st.tick;
+            let pinned = st.pins.contains_key(key);
+            st.salts.used(key, &loc, pinned);
             let seg = st
                 .segments
                 .get_mut(&loc.segment)

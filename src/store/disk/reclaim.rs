@@ -140,8 +140,8 @@ impl<S: Storage> DiskStore<S> {
         self.drop_records(&victims)
     }
 
-    /// Make room for `need` more bytes of `salt` within its L2 quota by dropping its own oldest
-    /// unpinned records, never another salt's; refused (`OverQuota`, counted) with nothing
+    /// Make room for `need` more bytes of `salt` within its L2 quota by dropping its own least
+    /// recently used unpinned records, never another salt's; refused (`OverQuota`, counted) with nothing
     /// dropped when they are not enough. Caller holds `writer`.
     pub(super) fn make_salt_room(&self, salt: &str, need: u64) -> Result<(), DiskError> {
         let Some(limit) = self.quotas.limit(QuotaTier::L2, salt) else {
@@ -157,7 +157,7 @@ impl<S: Storage> DiskStore<S> {
             quota::fit(QuotaTier::L2, salt, limit, pinned, need)
                 .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))?;
             st.salts
-                .oldest_down_to(salt, limit - need)
+                .least_recent_down_to(salt, limit - need)
                 .expect("the unpinned records make room for what fits beside the pinned")
         };
         let dropped = self.drop_records(&victims)?;

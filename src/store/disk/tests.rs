@@ -495,3 +495,41 @@ fn a_salt_over_its_l2_quota_drops_its_own_oldest_unpinned_records_only() {
     let d = DiskStore::open(mem, config(1 << 30, 25_000)).unwrap();
     assert_eq!(d.salt_usage(), before);
 }
+
+#[test]
+fn a_salt_over_its_l2_quota_drops_its_least_recently_read_records_first() {
+    use crate::store::quota::{QuotaTier::L2, Quotas};
+    let quotas = Arc::new(Quotas::default());
+    // Two records a segment: the order crosses segments.
+    let d = DiskStore::open(Arc::new(MemStorage::default()), config(1 << 30, 25_000))
+        .unwrap()
+        .bounded_by(quotas.clone());
+    let raw = |n| payload(n, 10_000);
+    let read = |d: &DiskStore<_>, n: u32| {
+        let mut out = vec![0; 10_000];
+        d.read(&salted(n, "alice"), &mut out).unwrap();
+    };
+    for n in 0..3 {
+        d.write(&salted(n, "alice"), &raw(n), 1).unwrap();
+    }
+    quotas.set(L2, "alice", 3 * d.record_len(&salted(0, "alice")).unwrap());
+    let held = |d: &DiskStore<_>| -> Vec<u32> {
+        (0..6)
+            .filter(|&n| d.contains(&salted(n, "alice")))
+            .collect()
+    };
+    read(&d, 0);
+    d.write(&salted(3, "alice"), &raw(3), 1).unwrap();
+    assert_eq!(held(&d), [0, 2, 3], "1 was the least recently used, not 0");
+    read(&d, 2);
+    read(&d, 0);
+    d.write(&salted(4, "alice"), &raw(4), 1).unwrap();
+    assert_eq!(
+        held(&d),
+        [0, 2, 4],
+        "3 went: 2 and 0 were read after it was written"
+    );
+    d.write(&salted(5, "alice"), &raw(5), 1).unwrap();
+    assert_eq!(held(&d), [0, 4, 5], "then 2, read before 0 was");
+    assert_eq!(d.counters.quota_dropped_records.load(Relaxed), 3);
+}

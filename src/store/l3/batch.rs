@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::SingleNodeRoutingInfo;
 use redis::{Cmd, RedisResult, Value};
 
-use super::link::{broken_redis, Conn, Link, LinkError};
+use super::link::{broken_redis, out_of_memory, Conn, Link, LinkError};
 
 /// Redis Cluster's slot count.
 const SLOTS: u16 = 16384;
@@ -97,9 +97,13 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag) % SLOTS
 }
 
-/// The key of a single-key command (its first argument after the name).
+/// The key of a single-key command: its first argument after the name, or a script's first
+/// key (`EVAL script numkeys key …`: a script's keys share one slot).
 fn key_of(cmd: &Cmd) -> &[u8] {
-    match cmd.args_iter().nth(1) {
+    let mut args = cmd.args_iter();
+    let script =
+        matches!(args.next(), Some(redis::Arg::Simple(n)) if n.eq_ignore_ascii_case(b"EVAL"));
+    match args.nth(if script { 2 } else { 0 }) {
         Some(redis::Arg::Simple(k)) => k,
         _ => &[],
     }
@@ -222,7 +226,7 @@ async fn cluster_batch(
                     let route = SingleNodeRoutingInfo::ByAddress { host, port };
                     match conn.route_pipeline(pipe, 0, cmds.len(), route).await {
                         Ok(r) => Ok(r),
-                        Err(e) if broken_redis(&e) || e.code() == Some("OOM") => Err(e),
+                        Err(e) if broken_redis(&e) || out_of_memory(&e) => Err(e),
                         Err(e) => {
                             tracing::debug!("L3: a pipeline went to the wrong node ({e})");
                             *batches.slots.lock() = None;
@@ -271,6 +275,16 @@ mod tests {
         assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
         assert_eq!(slot(b"{foo}{bar}"), slot(b"foo"), "the first tag counts");
         assert_ne!(slot(b"{}foo"), slot(b"foo"), "an empty tag: the whole key");
+    }
+
+    #[test]
+    fn a_scripts_slot_is_its_first_keys() {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return 1").arg(1).arg("{t}a");
+        let mut get = redis::cmd("GET");
+        get.arg("{t}b");
+        assert_eq!(key_of(&eval), b"{t}a");
+        assert_eq!(slot(key_of(&eval)), slot(key_of(&get)));
     }
 
     #[test]

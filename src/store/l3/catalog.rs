@@ -43,8 +43,7 @@ impl WindowCatalog for L3 {
 
     fn release(&self, keys: &[ObjectKey]) -> Result<(), TierError> {
         self.expire(keys).map_err(tier_error)?;
-        self.released(keys);
-        Ok(())
+        self.released(keys).map_err(tier_error)
     }
 
     fn present(&self, keys: &[ObjectKey]) -> HashSet<ObjectKey> {

@@ -57,7 +57,8 @@ pub struct L3Config {
     pub ttl: Duration,
     /// Seals the records L3 encodes and opens the sealed values it reads (`store::seal`).
     pub sealer: Sealer,
-    /// Per-salt byte budgets; L3's own (`QuotaTier::L3`) bound this sidecar's writes.
+    /// Per-salt byte budgets; L3's own (`QuotaTier::L3`) bound each salt's records in Redis,
+    /// fleet-wide (`ledger`).
     pub quotas: Arc<Quotas>,
 }
 

@@ -3,6 +3,8 @@
 //! ```text
 //! chunk:   <ns>:c1:{<tag>}:<model bytes>:<model>:<kv_rank 8 hex>:<object_group hex>:<chunk hash 64 hex>:<salt bytes>:<salt>
 //! windows: <ns>:w1:{windows}
+//! ledger:  <ns>:q1:{<salt tag>}:<salt bytes>:<salt>:lru|exp|len|sum
+//! totals:  <ns>:q1:{salts}
 //! ```
 //!
 //! Model and salt are arbitrary strings, so each is preceded by its length in bytes (decimal):
@@ -10,7 +12,9 @@
 //! rank. The cluster hash tag `{<tag>}` comes before any free text (so a `{` in a model or salt
 //! never moves it): 16 hex digits of blake3 over (model, salt, chunk hash), the same for every
 //! rank and part of one chunk and different between chunks, and between salts sharing a prefix,
-//! so chunks spread over the cluster's slots.
+//! so chunks spread over the cluster's slots. A salt's ledger (`l3::ledger`: its L3 usage, shared by
+//! the fleet) is four keys under one tag, 16 hex digits of blake3 over the salt, so one script
+//! reaches all four; the totals every report reads are one key.
 
 use connector_protocol::ObjectKey;
 
@@ -46,6 +50,22 @@ impl KeyLayout {
         push_str(&mut out, &key.cache_salt);
         out.pop(); // the trailing ':' of the last field
         out
+    }
+
+    /// The four keys of `salt`'s ledger (`l3::ledger`): `lru`, `exp`, `len`, `sum`, in one slot.
+    pub fn ledger(&self, salt: &str) -> [Vec<u8>; 4] {
+        let mut h = blake3::Hasher::new();
+        h.update(salt.as_bytes());
+        let mut head = format!("{}:q1:{{", self.ns).into_bytes();
+        head.extend_from_slice(hex::encode(&h.finalize().as_bytes()[..8]).as_bytes());
+        head.extend_from_slice(b"}:");
+        push_str(&mut head, salt);
+        ["lru", "exp", "len", "sum"].map(|part| [&head[..], part.as_bytes()].concat())
+    }
+
+    /// The sorted set of every salt's L3 bytes, for reports.
+    pub fn ledger_totals(&self) -> Vec<u8> {
+        format!("{}:q1:{{salts}}", self.ns).into_bytes()
     }
 
     /// The hash holding every window manifest (one slot: list, get, create and delete are
@@ -119,6 +139,24 @@ mod tests {
         assert_ne!(c, d);
         let braces = l.chunk(&key("{m}", "{s}", 0, 1));
         assert_eq!(slot_tag(&braces).len(), 16);
+    }
+
+    #[test]
+    fn a_salts_ledger_keys_share_one_slot_and_salts_differ() {
+        let l = KeyLayout::new("cwm");
+        let [lru, exp, len, sum] = l.ledger("s:1");
+        assert_eq!(
+            String::from_utf8(lru.clone()).unwrap(),
+            format!(
+                "cwm:q1:{{{}}}:3:s:1:lru",
+                std::str::from_utf8(slot_tag(&lru)).unwrap()
+            )
+        );
+        for k in [&exp, &len, &sum] {
+            assert_eq!(slot_tag(k), slot_tag(&lru));
+        }
+        assert_ne!(slot_tag(&l.ledger("s")[0]), slot_tag(&lru));
+        assert_eq!(slot_tag(&l.ledger("{x}")[0]).len(), 16);
     }
 
     #[test]

@@ -389,6 +389,13 @@ pub(super) fn broken_redis(e: &RedisError) -> bool {
         || e.kind() == redis::ErrorKind::AuthenticationFailed
 }
 
+/// A Redis out of memory refusing a write (`OOM`), as a command's reply or in a pipeline's.
+pub fn out_of_memory(e: &RedisError) -> bool {
+    e.code() == Some("OOM")
+        || (e.clone().into_server_errors())
+            .is_some_and(|all| all.iter().any(|(_, s)| s.code() == "OOM"))
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         for s in &self.slots {

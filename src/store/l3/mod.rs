@@ -17,8 +17,8 @@ pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod keys;
+pub mod ledger;
 pub mod link;
-pub mod usage;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -32,13 +32,16 @@ use thiserror::Error;
 
 use self::config::{L3Config, L3ConfigError, WritePolicy};
 use self::keys::KeyLayout;
+use self::ledger::{Ledger, Written};
 use self::link::{Link, LinkError};
-use self::usage::WrittenBytes;
 use super::codec::Codec;
 use super::quota::{OverQuota, QuotaTier};
 use super::record::Record;
 use super::tier::{Fetched, Figure, Presence, Reserve, Tier, TierError, TierStats, WindowCatalog};
 use super::Reservation;
+
+/// Salts whose usage a report reads again from their ledgers (forgetting what expired).
+const REPORT_REFRESHED: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct L3Counters {
@@ -56,8 +59,10 @@ pub struct L3Counters {
     pub link_errors: AtomicU64,
     /// Records given up without trying (the link down).
     pub dropped: AtomicU64,
-    /// Cache records refused: their salt was at its L3 quota.
+    /// Cache records refused: their salt's windows left no room in its L3 quota.
     pub quota_refused: AtomicU64,
+    /// Cache records of a salt evicted (deleted, or not written) to keep it within its quota.
+    pub quota_evicted: AtomicU64,
 }
 
 pub struct L3 {
@@ -66,8 +71,8 @@ pub struct L3 {
     config: L3Config,
     pub counters: Arc<L3Counters>,
     last_drop_log: Mutex<Option<Instant>>,
-    /// What this sidecar wrote, per salt (its L3 quotas and usage).
-    written: WrittenBytes,
+    /// Each salt's usage, in Redis, shared by the fleet (its L3 quotas and reports).
+    ledger: Ledger,
 }
 
 impl L3 {
@@ -76,9 +81,9 @@ impl L3 {
         config.validate()?;
         let link = Arc::new(Link::new(&config).map_err(|e| L3Error::Link(e.into()))?);
         let l3 = Arc::new(L3 {
-            link,
+            link: link.clone(),
             keys: KeyLayout::new(&config.namespace),
-            written: WrittenBytes::new(config.ttl),
+            ledger: Ledger::new(link.clone(), KeyLayout::new(&config.namespace), config.ttl),
             config,
             counters: Arc::default(),
             last_drop_log: Mutex::new(None),
@@ -219,8 +224,9 @@ impl L3 {
     }
 
     /// Write records in one concurrent batch: cache data with the TTL and only where absent
-    /// (so a window's record never gets one), window data (`ttl` false) unconditionally and
-    /// without a TTL. Returns how many were written.
+    /// (so a window's record never gets one; the ledger counts them next), window data
+    /// (`ttl` false) unconditionally and without a TTL, then counted as kept in the ledger.
+    /// Returns how many were written.
     pub fn set(&self, records: Vec<(ObjectKey, Vec<u8>)>, ttl: bool) -> Result<usize, LinkError> {
         if records.is_empty() {
             return Ok(0);
@@ -246,51 +252,96 @@ impl L3 {
         match self.link.spread(cmds) {
             Ok(_) => {
                 self.link.note_write_ok();
-                for (key, len) in &sizes {
-                    if ttl {
-                        self.written.cached(&key.cache_salt, *len);
-                    } else {
-                        self.written.kept(key, *len);
-                    }
+                if !ttl {
+                    // Written: a ledger that missed them undercounts the salt until a release.
+                    let _ = self.ledger.keep(sizes).inspect_err(|e| self.link_error(e));
                 }
                 self.counters.written_records.fetch_add(n as u64, Relaxed);
                 self.counters.written_bytes.fetch_add(bytes, Relaxed);
                 Ok(n)
             }
             Err(e) => {
-                self.counters.write_errors.fetch_add(1, Relaxed);
-                match &e {
-                    LinkError::Redis(r) if r.code() == Some("OOM") => self.link.note_full(r),
-                    _ => self.link_error(&e),
-                }
+                self.write_failed(&e);
                 Err(e)
             }
         }
     }
 
-    /// Window records named by no window any more: counted as cache data from now.
-    pub(crate) fn released(&self, keys: &[ObjectKey]) {
-        self.written.released(keys);
+    /// A write (or the ledger update before it) failed: counted; a Redis out of memory is
+    /// noted as full, anything else as a link error.
+    fn write_failed(&self, e: &LinkError) {
+        self.counters.write_errors.fetch_add(1, Relaxed);
+        match e {
+            LinkError::Redis(r) if link::out_of_memory(r) => self.link.note_full(r),
+            _ => self.link_error(e),
+        }
     }
 
-    /// Which of `records` (cache data) fit their salt's L3 quota on top of what this sidecar
-    /// wrote for it; each one that does not is refused (counted).
-    fn admit(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), OverQuota>> {
-        let mut admitted: std::collections::HashMap<&str, u64> = Default::default();
-        records
-            .iter()
-            .map(|(key, record)| {
-                let salt = &*key.cache_salt;
-                let need = record.len() as u64;
-                let (written, _) = self.written.usage(salt);
-                let batch = admitted.entry(salt).or_default();
-                // Nothing of it is dropped from Redis for it: all it wrote counts as kept.
-                (self.config.quotas)
-                    .admit(QuotaTier::L3, salt, written + *batch, need)
-                    .inspect(|_| *batch += need)
-                    .inspect_err(|_| _ = self.counters.quota_refused.fetch_add(1, Relaxed))
+    /// Window records named by no window any more (given their TTL back): counted as cache
+    /// data again, evictable for their salt's quota.
+    pub(crate) fn released(&self, keys: &[ObjectKey]) -> Result<(), LinkError> {
+        self.ledger.release(keys)
+    }
+
+    /// Count `records` (cache data, just written) in their salts' ledgers, keeping each salt
+    /// within its L3 quota fleet-wide: the ledger evicts the salt's least recently used cache
+    /// records first (deleted here, counted), or refuses a record (deleted here, counted) when
+    /// the salt's windows leave no room for it.
+    fn count_written(
+        &self,
+        records: &[(&ObjectKey, &[u8])],
+    ) -> Result<Vec<Result<(), OverQuota>>, LinkError> {
+        let mut by_salt: Vec<Written> = Vec::new();
+        let mut at: Vec<(usize, usize)> = Vec::with_capacity(records.len());
+        for (key, record) in records {
+            let i = match by_salt.iter().position(|w| w.salt == key.cache_salt) {
+                Some(i) => i,
+                None => {
+                    by_salt.push(Written {
+                        salt: key.cache_salt.clone(),
+                        limit: self.config.quotas.limit(QuotaTier::L3, &key.cache_salt),
+                        records: Vec::new(),
+                    });
+                    by_salt.len() - 1
+                }
+            };
+            at.push((i, by_salt[i].records.len()));
+            by_salt[i]
+                .records
+                .push(((*key).clone(), record.len() as u64));
+        }
+        let admissions = self.ledger.admit(&by_salt)?;
+        let evicted: Vec<Vec<u8>> = admissions.iter().flat_map(|a| a.evicted.clone()).collect();
+        self.counters
+            .quota_evicted
+            .fetch_add(evicted.len() as u64, Relaxed);
+        let verdicts: Vec<Result<(), OverQuota>> = at
+            .into_iter()
+            .map(|(i, j)| {
+                let (w, a) = (&by_salt[i], &admissions[i]);
+                if !a.refused[j] {
+                    return Ok(());
+                }
+                self.counters.quota_refused.fetch_add(1, Relaxed);
+                Err(OverQuota {
+                    tier: QuotaTier::L3,
+                    cache_salt: w.salt.to_string(),
+                    need_bytes: w.records[j].1,
+                    kept_bytes: a.kept,
+                    limit_bytes: w.limit.unwrap_or(u64::MAX),
+                })
             })
-            .collect()
+            .collect();
+        let refused = records
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_err())
+            .map(|((k, _), _)| self.keys.chunk(k));
+        let doomed: Vec<Vec<u8>> = evicted.into_iter().chain(refused).collect();
+        if !doomed.is_empty() {
+            let _ = (self.ledger.delete_evicted(doomed)).inspect_err(|e| self.link_error(e));
+        }
+        Ok(verdicts)
     }
 
     fn ttl_secs(&self) -> u64 {
@@ -343,6 +394,16 @@ impl Tier for L3 {
                     .collect();
             }
         };
+        let read: Vec<&ObjectKey> = keys
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k)
+            .collect();
+        if !read.is_empty() {
+            // Recency for the salts' quotas: best effort, a read never fails for it.
+            let _ = self.ledger.touch(&read).inspect_err(|e| self.link_error(e));
+        }
         keys.par_iter()
             .zip(values)
             .map(|(key, value)| match value {
@@ -370,9 +431,10 @@ impl Tier for L3 {
         }
     }
 
-    /// Cache records (write policy `always`), with the TTL, where absent. While the link is
-    /// down they are given up at once (counted); a failed batch is counted too, not retried:
-    /// L3 is a cache.
+    /// Cache records (write policy `always`), with the TTL, where absent, then counted in their
+    /// salts' ledgers (`count_written`: what the quota evicts or refuses is deleted). While the
+    /// link is down they are given up at once (counted); a failed batch is counted too, not
+    /// retried: L3 is a cache.
     fn put(&self, records: &[(&ObjectKey, &[u8])]) -> Vec<Result<(), TierError>> {
         let taken = || records.iter().map(|_| Ok(())).collect();
         if self.config.write != WritePolicy::Always || records.is_empty() {
@@ -382,34 +444,52 @@ impl Tier for L3 {
             self.drop_records(records.len() as u64);
             return taken();
         }
-        let admitted = self.admit(records);
         let batch = records
             .iter()
-            .zip(&admitted)
-            .filter(|(_, a)| a.is_ok())
-            .map(|((k, r), _)| ((*k).clone(), r.to_vec()))
+            .map(|(k, r)| ((*k).clone(), r.to_vec()))
             .collect();
-        let _ = self.set(batch, true);
-        admitted
-            .into_iter()
-            .map(|a| a.map_err(|refused| TierError::new("L3", refused)))
-            .collect()
+        if self.set(batch, true).is_err() {
+            // Counted by `set`; not retried: L3 is a cache.
+            return taken();
+        }
+        match self.count_written(records) {
+            Ok(verdicts) => verdicts
+                .into_iter()
+                .map(|v| v.map_err(|refused| TierError::new("L3", refused)))
+                .collect(),
+            Err(e) => {
+                // Written but not counted: their salts' usage is low until their TTL.
+                self.link_error(&e);
+                taken()
+            }
+        }
     }
 
+    /// Fleet-wide, from the ledgers in Redis (the largest re-read); empty while unreachable.
     fn salt_usage(&self) -> Vec<(Arc<str>, u64)> {
-        self.written.largest_first()
+        self.ledger
+            .largest_first(REPORT_REFRESHED)
+            .inspect_err(|e| self.link_error(e))
+            .unwrap_or_default()
     }
 
-    /// A window's records are kept in Redis without a TTL (`WindowCatalog::keep`): those this
-    /// sidecar kept already for the salt, plus the new ones, must fit its L3 quota.
+    /// A window's records are kept in Redis without a TTL (`WindowCatalog::keep`): those the
+    /// salt's windows keep already (fleet-wide), plus the new ones, must fit its L3 quota.
+    /// While Redis is unreachable nothing can be kept there, and nothing is refused here.
     fn admit_window(&self, salt: &str, records: &[(ObjectKey, u64)]) -> Result<(), OverQuota> {
-        let (_, kept) = self.written.usage(salt);
-        let need: u64 = records
-            .iter()
-            .filter(|(k, _)| !self.written.is_kept(k))
-            .map(|(_, len)| len)
-            .sum();
-        self.config.quotas.admit(QuotaTier::L3, salt, kept, need)
+        if self.config.quotas.limit(QuotaTier::L3, salt).is_none() {
+            return Ok(());
+        }
+        match self.ledger.usage(salt, records) {
+            Ok(u) => self
+                .config
+                .quotas
+                .admit(QuotaTier::L3, salt, u.kept, u.need),
+            Err(e) => {
+                self.link_error(&e);
+                Ok(())
+            }
+        }
     }
 
     /// Redis keeps a window's records by giving them no TTL (`WindowCatalog::keep`), not by
@@ -501,8 +581,14 @@ impl Tier for L3 {
             ),
             Figure::counter(
                 "quota_refused_total",
-                "L3 writes refused: the cache_salt was at its L3 quota (this sidecar's writes)",
+                "L3 writes refused: the cache_salt's windows left no room in its L3 quota",
                 c.quota_refused.load(Relaxed),
+            ),
+            Figure::counter(
+                "quota_evicted_records_total",
+                "L3 cache records of a cache_salt evicted (least recently used first) to keep it \
+                 within its fleet-wide L3 quota",
+                c.quota_evicted.load(Relaxed),
             ),
             Figure::counter(
                 "round_trips_total",
