@@ -115,7 +115,8 @@ build_cwm_image() {
     before=$(docker images -q --filter dangling=true | sort -u)
     t0=$SECONDS
     timeout 600 docker build -q -f "$ctx/Dockerfile" --build-arg RUST_IMAGE=cwm-ci/bookworm \
-        --build-arg RUNTIME_IMAGE=cwm-ci/bookworm -t cwm-ci/cwm "$ctx" >/dev/null || { log "FAILED: docker build"; exit 1; }
+        --build-arg RUNTIME_IMAGE=cwm-ci/bookworm -t cwm-ci/cwm "$ctx" >"$WORK/cwm-build.log" 2>&1 ||
+        { tail -15 "$WORK/cwm-build.log"; log "FAILED: docker build"; exit 1; }
     remove_new_dangling "$before"
     size=$(docker image inspect --format '{{.Size}}' cwm-ci/cwm)
     log "image cwm-ci/cwm built in $((SECONDS - t0)) s: $((size / 1000000)) MB (the runtime base is $(( $(docker image inspect --format '{{.Size}}' cwm-ci/bookworm) / 1000000 )) MB)"

