@@ -22,7 +22,8 @@
 # 7 GB and its first build takes minutes): see docker/README.md.
 #
 # Env: CWM_BIN (default target/ci/cwm), CWM_DOCKER_CACHE (see run.sh), CWM_TEST_VLLM_ARGS
-# (flags appended to vLLM's: used to check that a broken connector config fails this script).
+# (flags appended to vLLM's, @CWM_PORT@ standing for cwm's MP port: used to check that a broken
+# connector config fails this script, e.g. one more --kv-transfer-config with "kv_producer").
 set -uo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -31,20 +32,33 @@ PROJECT="cwmvllm$$"
 COMPOSE_TIMEOUT=240
 T_START=$SECONDS
 
+# What the containers' uid leaves in /dev/shm (others' tests may share this machine's /dev/shm).
+shm_mine() { find /dev/shm -maxdepth 1 -user "$UID_CWM" -printf '%f\n' 2>/dev/null | sort; }
+shm_before="$(shm_mine)"
+
 cleanup() {
+    local left
     if [[ -n "${vllm_c:-}" ]]; then
         docker logs "$vllm_c" >"$WORK/vllm.log" 2>&1
         docker logs "$(compose ps -q cwm 2>/dev/null)" >"$WORK/cwm-vllm.log" 2>&1
     fi
     compose --profile cpu down -v --remove-orphans >/dev/null 2>&1
+    # A vLLM that died (a failed run) leaves its queues in /dev/shm: remove what this run's
+    # containers' uid created.
+    left="$(comm -13 <(echo "$shm_before") <(shm_mine))"
+    if [[ -n "$left" ]]; then
+        log "removing what the containers left in /dev/shm: $(echo $left)"
+        (cd /dev/shm && rm -f -- $left)
+    fi
     stop_dockerd
+}
+# The vLLM log's first error (its root cause, usually), for a failure message.
+vllm_error() {
+    docker logs "$vllm_c" 2>&1 | grep -v WARNING | grep -m1 -oE '[A-Za-z_.]*(Error|Exception): .*'
 }
 trap cleanup EXIT
 
 mkdir -p "$WORK" "$CACHE"
-# What the containers' uid leaves in /dev/shm (others' tests may share this machine's /dev/shm).
-shm_mine() { find /dev/shm -maxdepth 1 -user "$UID_CWM" -printf '%f\n' 2>/dev/null | sort; }
-shm_before="$(shm_mine)"
 
 # 1. Docker, base images, cwm's image.
 ensure_docker
@@ -96,9 +110,10 @@ export CWM_L1_SIZE_GB=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_SERVER_DEV_MODE=1
 export MODELS="$models" MODEL=/models/tiny
 # The test model has no tokenizer (prompts are token ids); eager mode as in tests/e2e (inductor's
 # compile would take minutes on 2 cores).
-export VLLM_ARGS="--skip-tokenizer-init --enforce-eager --max-model-len 2048 --max-num-seqs 4 --served-model-name tiny ${CWM_TEST_VLLM_ARGS:-}"
 CWM_PORT=$(free_port); CWM_HTTP_PORT=$(free_port); REDIS_PORT=$(free_port); VLLM_PORT=$(free_port)
 export CWM_PORT CWM_HTTP_PORT REDIS_PORT VLLM_PORT
+test_args="${CWM_TEST_VLLM_ARGS:-}"
+export VLLM_ARGS="--skip-tokenizer-init --enforce-eager --max-model-len 2048 --max-num-seqs 4 --served-model-name tiny ${test_args//@CWM_PORT@/$CWM_PORT}"
 t0=$SECONDS
 compose --profile cpu up -d --no-build >"$WORK/compose-vllm.log" 2>&1 ||
     { cat "$WORK/compose-vllm.log"; log "FAILED: compose --profile cpu up"; exit 1; }
@@ -112,12 +127,12 @@ ok "compose --profile cpu up returned in ${up_s} s (it waits for cwm to be healt
 t1=$SECONDS
 until curl -fsS "http://127.0.0.1:$VLLM_PORT/health" >/dev/null 2>&1; do
     if [[ "$(docker inspect --format '{{.State.Running}}' "$vllm_c" 2>/dev/null)" != true ]]; then
-        docker logs --tail 25 "$vllm_c" 2>&1
-        bad "vLLM exited before answering /health (exit code $(docker inspect --format '{{.State.ExitCode}}' "$vllm_c"))"; exit 1
+        docker logs --tail 10 "$vllm_c" 2>&1
+        bad "vLLM exited before answering /health (exit code $(docker inspect --format '{{.State.ExitCode}}' "$vllm_c")): $(vllm_error)"; exit 1
     fi
     if (( SECONDS - t1 > 420 )); then
-        docker logs --tail 25 "$vllm_c" 2>&1
-        bad "vLLM did not answer /health within 420 s"; exit 1
+        docker logs --tail 10 "$vllm_c" 2>&1
+        bad "vLLM did not answer /health within 420 s: $(vllm_error)"; exit 1
     fi
     sleep 0.5
 done
@@ -139,12 +154,14 @@ else
     bad "the prompt was not served from cwm the second time (story above)"
 fi
 
-# What vLLM and cwm say about it.
-mode="$(docker logs "$vllm_c" 2>&1 | grep -o -m1 -i 'engine.driven\|lmcache.driven' || true)"
-rate="$(docker logs "$vllm_c" 2>&1 | grep -o 'External prefix cache hit rate: [0-9.]*%' | tail -1 || true)"
-log "vLLM's log: transfer mode ${mode:-(not logged)}; ${rate:-no external hit rate line yet}"
-pool="$(curl -fsS "http://127.0.0.1:$CWM_HTTP_PORT/status" 2>/dev/null | head -c 400)"
-log "cwm /status: ${pool:-?}"
+# What vLLM says about the connector, and cwm's L1 as /status reports it.
+mode="$(docker logs "$vllm_c" 2>&1 | grep -o -m1 'engine_driven\|lmcache_driven' || true)"
+l1="$(curl -fsS "http://127.0.0.1:$CWM_HTTP_PORT/status" 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)["cache"]
+print("{} objects, {:.1f} MiB of {:.0f} MiB, hit rate {}".format(s["l1"]["objects"],
+      s["l1"]["committed_bytes"] / 2**20, s["l1"]["capacity_bytes"] / 2**20, s["hit_rate"]))' 2>&1)"
+log "vLLM's log names the transfer context ${mode:-(none found)}; cwm /status, L1: $l1"
 
 # 5. Down: containers stop (cwm drains), /dev/shm as before.
 docker logs "$vllm_c" >"$WORK/vllm.log" 2>&1
