@@ -20,51 +20,18 @@
 # ~/.cache/cwm-docker).
 set -uo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-WORK="$HERE/.work"
-CACHE="${CWM_DOCKER_CACHE:-$HOME/.cache/cwm-docker}"
-CWM_BIN="${CWM_BIN:-$REPO/target/ci/cwm}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY="$REPO/tests/interop/.venv/bin/python"
-UID_CWM=10001
+LOG_TAG=docker
 PROJECT="cwmci$$"
-started_dockerd=""
 second=""
-passed=0
-failed=0
-
-log() { echo "docker: $*"; }
-ok() { passed=$((passed + 1)); log "ok: $*"; }
-bad() { failed=$((failed + 1)); log "FAILED: $*" >&2; }
-
-compose() {
-    timeout 180 docker-compose -f "$REPO/docker/compose.yaml" -p "$PROJECT" "$@"
-}
 
 cleanup() {
     [[ -n "$second" ]] && docker rm -f -v "$second" >/dev/null 2>&1
     compose down -v --remove-orphans >/dev/null 2>&1
-    if [[ -n "$started_dockerd" ]]; then
-        kill "$started_dockerd" 2>/dev/null
-        wait "$started_dockerd" 2>/dev/null
-    fi
+    stop_dockerd
 }
 trap cleanup EXIT
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# Wait until a container reports healthy (its HEALTHCHECK); print the seconds it took.
-wait_healthy() {
-    local c="$1" t0=$SECONDS st
-    while (( SECONDS - t0 < 90 )); do
-        st="$(docker inspect --format '{{.State.Health.Status}}' "$c" 2>/dev/null)"
-        [[ "$st" == healthy ]] && { echo $((SECONDS - t0)); return 0; }
-        [[ "$(docker inspect --format '{{.State.Running}}' "$c" 2>/dev/null)" == true ]] || break
-        sleep 0.5
-    done
-    docker logs --tail 20 "$c" >&2
-    return 1
-}
 
 # The container story as the container's uid (cwm opens the segments the "engine" creates).
 story() {
@@ -77,65 +44,13 @@ mkdir -p "$WORK" "$CACHE"
 [[ -x "$PY" ]] || { log "FAILED: no interop venv at $PY (tests/interop/setup.sh)"; exit 1; }
 
 # 1. Tools and the daemon.
-need=()
-command -v docker >/dev/null || need+=(docker.io)
-command -v docker-compose >/dev/null || need+=(docker-compose)
-command -v debootstrap >/dev/null || need+=(debootstrap)
-if (( ${#need[@]} )); then
-    log "installing ${need[*]}"
-    sudo_cmd=""; [[ "$(id -u)" -eq 0 ]] || sudo_cmd="sudo"
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null ||
-        { log "FAILED: apt-get install ${need[*]}"; exit 1; }
-fi
-if ! docker info >/dev/null 2>&1; then
-    dockerd --iptables=false --bridge=none >"$WORK/dockerd.log" 2>&1 &
-    started_dockerd=$!
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-    if ! docker info >/dev/null 2>&1; then
-        log "SKIPPED: no docker daemon could start here; dockerd said:"
-        tail -5 "$WORK/dockerd.log"
-        exit 0
-    fi
-fi
-log "$(docker version --format 'docker {{.Server.Version}}, storage driver') $(docker info --format '{{.Driver}}')"
+ensure_docker
 
 # 2. Base images.
-t0=$SECONDS
-if ! docker image inspect cwm-ci/bookworm >/dev/null 2>&1; then
-    tarball="$CACHE/bookworm-minbase.tar"
-    if [[ ! -s "$tarball" ]]; then
-        rm -rf "$WORK/rootfs"
-        timeout 900 debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian \
-            >"$WORK/debootstrap.log" 2>&1 || { tail -5 "$WORK/debootstrap.log"; log "FAILED: debootstrap"; exit 1; }
-        tar -C "$WORK/rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
-        rm -rf "$WORK/rootfs"
-    fi
-    timeout 300 docker import "$tarball" cwm-ci/bookworm >/dev/null || { log "FAILED: docker import"; exit 1; }
-fi
-if ! docker image inspect cwm-ci/redis >/dev/null 2>&1; then
-    printf 'FROM cwm-ci/bookworm\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null && rm -rf /var/lib/apt/lists/*\n' |
-        timeout 600 docker build --network host -q -t cwm-ci/redis - >/dev/null || { log "FAILED: build cwm-ci/redis"; exit 1; }
-fi
-log "base images ready in $((SECONDS - t0)) s"
+ensure_base_images
 
 # 3. The image.
-ctx="$WORK/context"
-rm -rf "$ctx" && mkdir -p "$ctx"
-mkdir -p "$ctx/prebuilt"
-cp "$REPO/docker/Dockerfile" "$ctx/Dockerfile"
-cp "$CWM_BIN" "$ctx/prebuilt/cwm"
-# Each build leaves the previous cwm-ci/cwm and the Dockerfile's build stage behind as untagged
-# images (~0.9 GB a run); they are removed after the build, so repeated CI runs do not fill the
-# disk. Only images that became untagged during this build are touched.
-dangling_before=$(docker images -q --filter dangling=true | sort -u)
-t0=$SECONDS
-timeout 600 docker build -q -f "$ctx/Dockerfile" --build-arg RUST_IMAGE=cwm-ci/bookworm \
-    --build-arg RUNTIME_IMAGE=cwm-ci/bookworm -t cwm-ci/cwm "$ctx" >/dev/null || { log "FAILED: docker build"; exit 1; }
-stale=$(comm -13 <(echo "$dangling_before") <(docker images -q --filter dangling=true | sort -u))
-[[ -z "$stale" ]] || docker rmi -f $stale >/dev/null 2>&1 || true
-size=$(docker image inspect --format '{{.Size}}' cwm-ci/cwm)
-log "image cwm-ci/cwm built in $((SECONDS - t0)) s: $((size / 1000000)) MB (the runtime base is $(( $(docker image inspect --format '{{.Size}}' cwm-ci/bookworm) / 1000000 )) MB)"
+build_cwm_image
 
 # 4. cwm + Redis from the compose file.
 export CWM_IMAGE=cwm-ci/cwm REDIS_IMAGE=cwm-ci/redis CWM_L1_SIZE_GB=1
