@@ -17,9 +17,13 @@
 #      1100-token prompt through vLLM's OpenAI API, POST /reset_prefix_cache, the same prompt
 #      again: served from cwm (vLLM's external prefix-cache hits, cwm's lookup hits and
 #      retrieves) with identical tokens and logprobs;
-#   5. `compose down`: every container stops cleanly and /dev/shm is left as it was.
-# Every step has a timeout and fails with the reason. Not part of CI by default (the image is
-# 7 GB and its first build takes minutes): see docker/README.md.
+#   5. cwm's container restarted under the running vLLM (`docker restart`, as an upgrade): it
+#      adopts the L1 pool the engine maps and restores the engine's context (its start line), and
+#      after one heartbeat interval a fresh prompt is stored and served from cwm again;
+#   6. `compose down`: every container stops cleanly and /dev/shm is left as it was.
+# Every step has a timeout and fails with the reason. Part of tests/run-all.sh (CI), after
+# run.sh: the image's first build on a machine costs ~4.5 minutes and 7.7 GB, later runs reuse
+# docker's cache (docker/README.md).
 #
 # Env: CWM_BIN (default target/ci/cwm), CWM_DOCKER_CACHE (see run.sh), CWM_TEST_VLLM_ARGS
 # (flags appended to vLLM's, @CWM_PORT@ standing for cwm's MP port: used to check that a broken
@@ -153,6 +157,31 @@ if out="$(timeout 180 python3 "$HERE/vllm_cpu_story.py" "http://127.0.0.1:$VLLM_
 else
     echo "$out" | sed 's/^/    /'
     bad "the prompt was not served from cwm the second time (story above)"
+fi
+
+# cwm's container restarted under the running vLLM (an upgrade): the stop keeps the L1 pool the
+# engine maps (engine-driven), the new container adopts it and restores the engine's context,
+# and a fresh prompt is stored and served from cwm again, with no vLLM restart. One heartbeat
+# interval is let pass first: a ping that fell in the gap puts the connector in its degraded
+# mode until its next one (README, "Restarting and upgrading cwm").
+t0=$SECONDS
+if timeout 120 docker restart -t 60 "$cwm_c" >/dev/null && wait_healthy "$cwm_c" 60 >/dev/null; then
+    start="$(docker logs "$cwm_c" 2>&1 | grep 'cwm serving the LMCache MP protocol' | tail -1)"
+    if [[ "$start" == *"l1_pool_adopted=true"* && "$start" == *"engine_contexts_restored=1"* ]]; then
+        ok "cwm's container restarted in $((SECONDS - t0)) s; it adopted the pool vLLM maps and restored its context"
+    else
+        bad "cwm's restarted container did not adopt the pool and restore vLLM's context: ${start:-no start line}"
+    fi
+    sleep 11
+    if out="$(timeout 180 python3 "$HERE/vllm_cpu_story.py" "http://127.0.0.1:$VLLM_PORT" \
+            "http://127.0.0.1:$CWM_HTTP_PORT" tiny 26 2>&1)"; then
+        while IFS= read -r line; do ok "after cwm's restart: $line"; done <<<"$out"
+    else
+        echo "$out" | sed 's/^/    /'
+        bad "after cwm's restart, a fresh prompt was not stored and served from cwm (story above)"
+    fi
+else
+    bad "cwm's container did not come back healthy after \`docker restart\`"
 fi
 
 # What vLLM says about the connector, and cwm's L1 as /status reports it.

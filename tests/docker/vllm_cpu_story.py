@@ -1,6 +1,9 @@
 """The compose `cpu` profile's story, from the host, as a user would see it (standard library only).
 
-    vllm_cpu_story.py VLLM_URL CWM_HTTP_URL MODEL     (run by tests/docker/vllm_cpu.sh)
+    vllm_cpu_story.py VLLM_URL CWM_HTTP_URL MODEL [SEED]   (run by tests/docker/vllm_cpu.sh)
+
+SEED picks the prompt (default 25): the script runs it again with another seed after cwm's
+container was restarted under the running vLLM.
 
 1. a 1100-token prompt (token ids: the test model has no tokenizer) through vLLM's OpenAI
    completions API, greedy, 16 tokens, with their logprobs: cold, computed by vLLM; its KV goes
@@ -69,8 +72,8 @@ def complete(vllm, model, ids):
     return c["token_ids"], c["logprobs"]["token_logprobs"], wall
 
 
-def main(vllm, cwm, model):
-    rng = random.Random(25)
+def main(vllm, cwm, model, seed="25"):
+    rng = random.Random(int(seed))
     ids = [rng.randrange(3, 8192) for _ in range(PROMPT_TOKENS)]
 
     v0, c0 = metrics(vllm), metrics(cwm)
@@ -130,7 +133,7 @@ def main(vllm, cwm, model):
 
 
 if __name__ == "__main__":
-    err = main(*sys.argv[1:4])
+    err = main(*sys.argv[1:5])
     if err:
         print(err, file=sys.stderr)
         sys.exit(1)
