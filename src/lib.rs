@@ -10,6 +10,7 @@ pub mod config;
 pub mod doctor;
 pub mod engine_mem;
 pub mod limits;
+pub mod log_every;
 pub mod mcp;
 pub mod metrics;
 pub mod ops;

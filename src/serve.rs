@@ -258,8 +258,8 @@ fn pool_to_adopt(config: &Config, tiers: &TiersConfig) -> Option<AdoptPool> {
         return None;
     }
     let pool = crate::ops::journaled_pool(&journal_dir(config)?)?;
-    let size = tiers.l1.capacity_bytes - tiers.l1.capacity_bytes % crate::store::arena::ALIGN;
-    if pool.size != size.max(crate::store::arena::ALIGN) {
+    let size = crate::store::arena::Arena::round_len(tiers.l1.capacity_bytes) as u64;
+    if pool.size != size {
         tracing::warn!(
             pool = %pool.name,
             journaled_bytes = pool.size,

@@ -680,6 +680,15 @@ fn with_a_key_no_file_or_redis_value_holds_the_token_ids_and_another_key_reads_n
 
     // The right key again: the window was left as it was.
     thaws_byte_exact(sealed(&k), "w", &src, &t);
+    // And so was the session the other key's start could not open: its journal was set aside
+    // whole, not compacted away, so an agent that never froze still finds its context.
+    let s = sidecar(sealed(&k));
+    let sessions = s.windows.session_list().sessions;
+    assert!(
+        sessions.iter().any(|x| x.session_id == "tenant-m"),
+        "{sessions:?}"
+    );
+    s.stop();
 }
 
 #[test]

@@ -16,8 +16,17 @@
 //! bounded index holds. Replay stops at the first entry that is torn or fails its checksum (a
 //! crash mid-append); everything before it is kept, and compaction drops the rest.
 //!
-//! Durability: each entry is one `write` to the file, so it survives a crash of cwm (kill -9);
-//! after a power loss the newest entries may be missing, as may L2's newest records.
+//! Written off the store path: entries are encoded in order where the index changes (a sealed
+//! entry is bound to its offset) and written by the journal's own background thread, so a
+//! store never waits for the disk. It would: an append that grows the file waits for the file
+//! system's journal commit, and that commit first flushes L2's freshly written data (ext4's
+//! ordered mode), 24–35 ms measured on a warm request's path (BENCHMARKS.md §12.5).
+//!
+//! Durability: each entry is one `write` to the file, made moments after the store that caused
+//! it, so it survives a crash of cwm (kill -9) unless the crash came within those moments, when
+//! the write-behind (which waits for a quiet engine) has not written the entry's chunks to L2
+//! either; a clean stop writes and fsyncs everything queued. After a power loss the newest
+//! entries may be missing, as may L2's newest records.
 //!
 //! Sealed (version 2, with `--encryption-key-file`): each entry's tokens are sealed with the
 //! entry's cache_salt key for this kind (`store::seal::BlobKind::SessionJournal`), bound to
@@ -25,12 +34,19 @@
 //! chain and length, token count), so an entry cannot be moved, reordered or re-pointed. The
 //! file's version follows the server: it is rewritten at every start. An entry that does not
 //! open (no key, another key) is skipped, and so is every later entry of its session (they
-//! may extend the chain it held), counted in `Replay::unopened`; never guessed.
+//! may extend the chain it held), counted in `Replay::unopened`; never guessed. A journal with
+//! such entries is not compacted away: it is set aside whole (`set_aside`, as
+//! `sessions.journal.unopened-<ms>`) and every start replays the journals set aside before its
+//! own, removing each one once a start opened all of it, so a start under the wrong key (or
+//! none) loses no session for the next start under the right one.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::store::le::{self, LeReader, PutLe};
@@ -63,13 +79,96 @@ pub struct Entry {
     pub suffix: Vec<u32>,
 }
 
-/// The open journal: appends go to `file`.
+/// The open journal: entries are encoded here, in order, and written by its `Writer`.
 pub struct Journal {
-    path: PathBuf,
     sealer: Sealer,
-    file: File,
+    writer: Writer,
     bytes: u64,
     compacted_bytes: u64,
+}
+
+/// What the journal's thread does, in the order it was asked.
+enum Work {
+    /// Append an encoded entry.
+    Append(Vec<u8>),
+    /// Replace the file with these bytes (a compaction), durably.
+    Replace(Vec<u8>),
+    /// Fsync what was written, and answer.
+    Sync(mpsc::Sender<io::Result<()>>),
+}
+
+/// The journal's background thread and the way to it. Dropping it writes everything queued.
+struct Writer {
+    work: Option<mpsc::Sender<Work>>,
+    thread: Option<JoinHandle<()>>,
+    /// Set when a write failed: the thread writes nothing more.
+    failed: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn start(path: PathBuf, file: File) -> Writer {
+        let (tx, rx) = mpsc::channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let stop = failed.clone();
+        let thread = crate::background::spawn("cwm-session-journal", move || {
+            write_all_asked(&path, file, &rx, &stop)
+        });
+        Writer {
+            work: Some(tx),
+            thread: Some(thread),
+            failed,
+        }
+    }
+
+    fn send(&self, work: Work) -> io::Result<()> {
+        let stopped = || io::Error::other("the journal's writer stopped after a failed write");
+        if self.failed.load(Relaxed) {
+            return Err(stopped());
+        }
+        let tx = self.work.as_ref().expect("open until dropped");
+        tx.send(work).map_err(|_| stopped())
+    }
+
+    /// Wait until everything asked before is written, then fsync it.
+    fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Work::Sync(tx))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the journal's writer stopped")))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.work.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The journal's thread: do what is asked, in order, until the journal is dropped; after a
+/// failed write, nothing more (logged once; `Journal::append` then reports it).
+fn write_all_asked(path: &Path, mut file: File, work: &mpsc::Receiver<Work>, failed: &AtomicBool) {
+    for w in work {
+        let result = match w {
+            Work::Sync(answer) => {
+                let _ = answer.send(if failed.load(Relaxed) {
+                    Err(io::Error::other("an earlier write failed"))
+                } else {
+                    file.sync_data()
+                });
+                continue;
+            }
+            _ if failed.load(Relaxed) => continue,
+            Work::Append(entry) => file.write_all(&entry),
+            Work::Replace(whole) => write_whole(path, &whole).map(|f| file = f),
+        };
+        if let Err(e) = result {
+            tracing::error!(path = %path.display(), "session journal: write failed: {e}");
+            failed.store(true, Relaxed);
+        }
+    }
 }
 
 /// What a replay read.
@@ -259,6 +358,87 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// What the journals set aside from `path` are named: its file name and this, then the time.
+const SET_ASIDE: &str = ".unopened-";
+
+fn set_aside_prefix(path: &Path) -> String {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    format!("{name}{SET_ASIDE}")
+}
+
+/// Move the journal at `path` aside, whole, because some of its entries did not open: it
+/// becomes `<path>.unopened-<ms since the epoch>`, replayed by every later start (see
+/// `set_aside_files`) until one opens all of it. Returns its new path.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let prefix = set_aside_prefix(path);
+    // The next free name from now on: never over one set aside before (the L2 directory's
+    // lock keeps other writers out).
+    let to = (millis(SystemTime::now())..)
+        .map(|ms| path.with_file_name(format!("{prefix}{ms:020}")))
+        .find(|to| !to.exists())
+        .expect("a free name");
+    fs::rename(path, &to)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(parent_dir(dir))?;
+    }
+    Ok(to)
+}
+
+/// The journals set aside from `path`, oldest first.
+pub fn set_aside_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let prefix = set_aside_prefix(path);
+    let dir = parent_dir(path.parent().unwrap_or(Path::new("")));
+    let mut out = Vec::new();
+    let listing = match fs::read_dir(dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for item in listing {
+        let item = item?;
+        if item.file_name().to_string_lossy().starts_with(&prefix) {
+            out.push(item.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `dir`, or the working directory for a bare file name's empty parent.
+fn parent_dir(dir: &Path) -> &Path {
+    if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    }
+}
+
+/// A whole journal file holding `entries`.
+fn encode_whole(entries: &[Entry], sealer: &Sealer) -> io::Result<Vec<u8>> {
+    let mut b = header(sealer);
+    for e in entries {
+        let encoded = encode(e, sealer, b.len() as u64)?;
+        b.extend_from_slice(&encoded);
+    }
+    Ok(b)
+}
+
+/// Replace the file at `path` with `whole`: written as `….tmp`, fsynced, renamed over it, the
+/// directory fsynced. Returns it open for appends.
+fn write_whole(path: &Path, whole: &[u8]) -> io::Result<File> {
+    let tmp = path.with_extension("journal.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(whole)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(parent_dir(dir))?;
+    }
+    OpenOptions::new().append(true).open(path)
+}
+
 impl Journal {
     /// The entries in `path` (none if there is no file yet), to replay before `create`.
     pub fn read(path: &Path, sealer: &Sealer) -> io::Result<(Vec<Entry>, Replay)> {
@@ -269,51 +449,41 @@ impl Journal {
         }
     }
 
-    /// Replace the file at `path` with `entries` (the whole index), durably, and open it for
-    /// appends; sealed (version 2) when `sealer` has a key.
+    /// Replace the file at `path` with `entries` (the whole index), durably (here, before
+    /// returning), and open it for appends; sealed (version 2) when `sealer` has a key.
     pub fn create(path: &Path, entries: &[Entry], sealer: Sealer) -> io::Result<Journal> {
-        let tmp = path.with_extension("journal.tmp");
-        let mut b = header(&sealer);
-        for e in entries {
-            let encoded = encode(e, &sealer, b.len() as u64)?;
-            b.extend_from_slice(&encoded);
-        }
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&b)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
-        }
-        let file = OpenOptions::new().append(true).open(path)?;
+        let whole = encode_whole(entries, &sealer)?;
+        let file = write_whole(path, &whole)?;
         Ok(Journal {
-            path: path.to_path_buf(),
+            writer: Writer::start(path.to_path_buf(), file),
             sealer,
-            file,
-            bytes: b.len() as u64,
-            compacted_bytes: b.len() as u64,
+            bytes: whole.len() as u64,
+            compacted_bytes: whole.len() as u64,
         })
     }
 
-    /// Append one entry. True when the file has grown enough to be compacted.
+    /// Queue entry `e` for writing. Returns whether the journal should now be compacted; an
+    /// error if it cannot be encoded or an earlier write failed.
     pub fn append(&mut self, e: &Entry) -> io::Result<bool> {
         let b = encode(e, &self.sealer, self.bytes)?;
-        self.file.write_all(&b)?;
-        self.bytes += b.len() as u64;
+        let len = b.len() as u64;
+        self.writer.send(Work::Append(b))?;
+        self.bytes += len;
         Ok(self.bytes > 2 * self.compacted_bytes + COMPACT_SLACK)
     }
 
-    /// Rewrite the journal as `entries` (the whole index).
+    /// Queue the journal's rewrite as `entries` (the whole index).
     pub fn compact(&mut self, entries: &[Entry]) -> io::Result<()> {
-        *self = Journal::create(&self.path, entries, self.sealer.clone())?;
+        let whole = encode_whole(entries, &self.sealer)?;
+        let len = whole.len() as u64;
+        self.writer.send(Work::Replace(whole))?;
+        (self.bytes, self.compacted_bytes) = (len, len);
         Ok(())
     }
 
-    /// Make what was appended durable (a clean stop).
+    /// Write everything queued and make it durable (a clean stop).
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.writer.sync()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -344,6 +514,7 @@ mod tests {
         let b = entry(Some((0, 256)), vec![7, 8, 9]);
         let mut j = Journal::create(&path, std::slice::from_ref(&a), Sealer::default()).unwrap();
         j.append(&b).unwrap();
+        j.sync().unwrap();
         let (got, replay) = Journal::read(&path, &Sealer::default()).unwrap();
         assert_eq!(got, vec![a.clone(), b.clone()]);
         assert_eq!(replay.dropped_bytes, 0);
@@ -389,6 +560,7 @@ mod tests {
         let mut j = Journal::create(&path, std::slice::from_ref(&a), keyed(1)).unwrap();
         j.append(&b).unwrap();
         j.append(&other).unwrap();
+        j.sync().unwrap();
         let bytes = fs::read(&path).unwrap();
         assert_eq!(&bytes[4..6], &SEALED_VERSION.to_le_bytes());
         let run: Vec<u8> = (1000..1004u32).flat_map(u32::to_le_bytes).collect();

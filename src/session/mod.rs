@@ -12,7 +12,7 @@
 pub mod journal;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -126,50 +126,64 @@ impl SessionIndex {
 
     /// Replay the journal at `path` (if any) into this index, rewrite it compacted, and
     /// journal every change from now on, sealed when `sealer` has a key (which also opens
-    /// sealed entries; those that do not open are skipped and counted). Call before the index
-    /// is used.
+    /// sealed entries; those that do not open are skipped and counted). Journals an earlier
+    /// start set aside are replayed first; the journal at `path` is set aside itself if some
+    /// of its entries did not open, so they wait for a start with their key instead of being
+    /// compacted away. Call before the index is used.
     pub fn attach_journal(&self, path: &Path, sealer: Sealer) -> std::io::Result<Restored> {
-        let (entries, replay) = Journal::read(path, &sealer)?;
-        if replay.unopened > 0 {
-            tracing::error!(
-                path = %path.display(),
-                skipped = replay.unopened,
-                "session journal entries sealed under another key (or this server has no \
-                 --encryption-key-file) did not open: skipped, and left out of the journal \
-                 rewritten now"
-            );
-        }
-        let mut inner = self.inner.lock();
-        for e in &entries {
-            let key: SessionKey = (e.model.as_str().into(), e.cache_salt.as_str().into());
-            let mut tokens = match e.base {
-                None => Vec::new(),
-                Some((i, len)) => {
-                    let chain = inner
-                        .sessions
-                        .get(&key)
-                        .and_then(|s| s.chains.get(i as usize))
-                        .filter(|c| c.tokens.len() >= len as usize);
-                    match chain {
-                        Some(c) => c.tokens[..len as usize].to_vec(),
-                        None => {
-                            tracing::warn!(
-                                path = %path.display(),
-                                "session journal entry names a chain the index does not have: \
-                                 replay stopped there"
-                            );
-                            break;
-                        }
-                    }
+        let set_aside = journal::set_aside_files(path)?;
+        let mut chains = Vec::new();
+        let mut replay = Replay::default();
+        let mut opened_whole = Vec::new();
+        for file in set_aside.iter().map(PathBuf::as_path).chain([path]) {
+            let (entries, r) = Journal::read(file, &sealer)?;
+            // Each file into an index of its own: its entries name chains by their positions
+            // in its own history, which another file's chains would shift.
+            let mut own = Inner::default();
+            own.replay(file, &entries);
+            chains.extend(own.entries());
+            replay.entries += r.entries;
+            replay.dropped_bytes += r.dropped_bytes;
+            replay.unopened += r.unopened;
+            if r.unopened == 0 {
+                if file != path {
+                    opened_whole.push(file);
                 }
-            };
-            tokens.extend_from_slice(&e.suffix);
-            if !tokens.is_empty() {
-                inner.apply(&key, e.world_size, &tokens, e.updated);
+            } else if file == path {
+                let kept = journal::set_aside(path)?;
+                tracing::error!(
+                    path = %path.display(),
+                    kept = %kept.display(),
+                    skipped = r.unopened,
+                    "session journal entries sealed under another key (or this server has no \
+                     --encryption-key-file) did not open: skipped; the journal is kept whole \
+                     for a start with the key that sealed them"
+                );
+            } else {
+                tracing::warn!(
+                    path = %file.display(),
+                    skipped = r.unopened,
+                    "a session journal set aside by an earlier start still does not open \
+                     whole: kept"
+                );
             }
+        }
+        // Every chain in full, oldest first, through the index's own update: chains of
+        // several files merge as if they had been recorded in that order.
+        chains.sort_by_key(|e| e.updated);
+        let mut inner = self.inner.lock();
+        for e in &chains {
+            let key: SessionKey = (e.model.as_str().into(), e.cache_salt.as_str().into());
+            inner.apply(&key, e.world_size, &e.suffix, e.updated);
         }
         let whole = inner.entries();
         inner.journal = Some(Journal::create(path, &whole, sealer)?);
+        for file in opened_whole {
+            // Its chains are in the journal just written.
+            if let Err(e) = std::fs::remove_file(file) {
+                tracing::warn!(path = %file.display(), "session journal set aside: {e}");
+            }
+        }
         Ok(Restored {
             sessions: inner.sessions.len(),
             chains: whole.len(),
@@ -272,6 +286,39 @@ impl SessionIndex {
 }
 
 impl Inner {
+    /// Apply a journal's entries (read from `path`) in order, up to the first that names a
+    /// chain this index does not have.
+    fn replay(&mut self, path: &Path, entries: &[Entry]) {
+        for e in entries {
+            let key: SessionKey = (e.model.as_str().into(), e.cache_salt.as_str().into());
+            let mut tokens = match e.base {
+                None => Vec::new(),
+                Some((i, len)) => {
+                    let chain = self
+                        .sessions
+                        .get(&key)
+                        .and_then(|s| s.chains.get(i as usize))
+                        .filter(|c| c.tokens.len() >= len as usize);
+                    match chain {
+                        Some(c) => c.tokens[..len as usize].to_vec(),
+                        None => {
+                            tracing::warn!(
+                                path = %path.display(),
+                                "session journal entry names a chain the index does not have: \
+                                 replay stopped there"
+                            );
+                            break;
+                        }
+                    }
+                }
+            };
+            tokens.extend_from_slice(&e.suffix);
+            if !tokens.is_empty() {
+                self.apply(&key, e.world_size, &tokens, e.updated);
+            }
+        }
+    }
+
     /// Record that `tokens` are stored for `key` at `now`: the one update of the index, used
     /// live and by a replay alike. The chain it extended or touched (its position, newest
     /// first, before the update) and how many of `tokens` that chain already had.
@@ -448,6 +495,7 @@ mod tests {
         }
         let before = snapshot(&idx);
         assert!(before.len() > 20, "{}", before.len());
+        idx.sync_journal();
 
         let again = SessionIndex::default();
         let restored = again.attach_journal(&path, Sealer::default()).unwrap();
@@ -477,6 +525,73 @@ mod tests {
         );
     }
 
+    fn keyed(byte: u8) -> Sealer {
+        use crate::store::seal::{ServerKey, KEY_LEN};
+        Sealer::new(Some(ServerKey::from_bytes([byte; KEY_LEN])))
+    }
+
+    fn starts(path: &Path, sealer: Sealer) -> (SessionIndex, Restored, usize) {
+        let idx = SessionIndex::default();
+        let restored = idx.attach_journal(path, sealer).unwrap();
+        (idx, restored, journal::set_aside_files(path).unwrap().len())
+    }
+
+    fn firsts(idx: &SessionIndex, salt: &str) -> Vec<u32> {
+        idx.chains(salt).iter().map(|c| c.tokens[0]).collect()
+    }
+
+    #[test]
+    fn a_start_under_another_key_sets_the_journal_aside_for_the_right_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.journal");
+        let a: Vec<u32> = (1000..1512).collect();
+        let b: Vec<u32> = (2000..2256).collect();
+        let (idx, _, _) = starts(&path, keyed(1));
+        idx.record("m", 1, "alice", &a[..256], None);
+        idx.record("m", 1, "alice", &a, None);
+        drop(idx);
+
+        // Another key: nothing opens, and the journal is kept whole, not compacted away.
+        let (idx, restored, aside) = starts(&path, keyed(2));
+        assert!(idx.is_empty());
+        assert_eq!((restored.replay.unopened, aside), (2, 1));
+        idx.record("m", 1, "bob", &b, None);
+        drop(idx);
+        // Again under that key: bob's chain is there; alice's journal still waits, once.
+        let (idx, restored, aside) = starts(&path, keyed(2));
+        assert_eq!(
+            (firsts(&idx, "bob"), firsts(&idx, "alice")),
+            (vec![2000], vec![])
+        );
+        assert_eq!((restored.replay.unopened, aside), (2, 1));
+        drop(idx);
+
+        // No key at all: alice's and bob's journals both wait; what it records is in the clear.
+        let (idx, restored, aside) = starts(&path, Sealer::default());
+        assert!(idx.is_empty());
+        assert_eq!((restored.replay.unopened, aside), (3, 2));
+        idx.record("m", 1, "alice", &b, None);
+        drop(idx);
+
+        // The right key: alice's chains are back, merged with the one recorded in the clear
+        // (newest first); her sealed journal opened whole and is gone, bob's waits.
+        let (idx, restored, aside) = starts(&path, keyed(1));
+        assert_eq!(firsts(&idx, "alice"), vec![2000, 1000]);
+        assert_eq!(idx.newest("alice").unwrap().tokens.len(), 256);
+        assert_eq!(idx.chains("alice")[1].tokens.len(), 512);
+        assert!(idx.chains("bob").is_empty());
+        assert_eq!((restored.sessions, restored.chains), (1, 2));
+        assert_eq!((restored.replay.unopened, aside), (1, 1));
+        drop(idx);
+        // And bob's key finds bob's chain again, while alice's (now sealed with key 1) waits.
+        let (idx, _, aside) = starts(&path, keyed(2));
+        assert_eq!(
+            (firsts(&idx, "bob"), firsts(&idx, "alice")),
+            (vec![2000], vec![])
+        );
+        assert_eq!(aside, 1);
+    }
+
     #[test]
     fn compaction_while_recording_keeps_the_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -489,6 +604,7 @@ mod tests {
         for end in (256..=t.len()).step_by(256) {
             idx.record("m", 1, "long", &t[..end], None);
         }
+        idx.sync_journal();
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(
             size < 4 * 65_536 * 4,

@@ -424,7 +424,8 @@ impl Arena {
         Self::finish_map(ptr, len, Some(pool))
     }
 
-    fn round_len(len: u64) -> usize {
+    /// The bytes an arena asked for `len` has: whole `ALIGN` units, at least one.
+    pub fn round_len(len: u64) -> usize {
         (len - len % ALIGN).max(ALIGN) as usize
     }
 

@@ -23,10 +23,8 @@ pub mod link;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use connector_protocol::ObjectKey;
-use parking_lot::Mutex;
 use rayon::prelude::*;
 use thiserror::Error;
 
@@ -39,6 +37,7 @@ use super::quota::{OverQuota, QuotaTier};
 use super::record::Record;
 use super::tier::{Fetched, Figure, Presence, Reserve, Tier, TierError, TierStats, WindowCatalog};
 use super::Reservation;
+use crate::log_every::LogEvery;
 
 /// Salts whose usage a report reads again from their ledgers (forgetting what expired).
 const REPORT_REFRESHED: usize = 64;
@@ -70,7 +69,10 @@ pub struct L3 {
     keys: KeyLayout,
     config: L3Config,
     pub counters: Arc<L3Counters>,
-    last_drop_log: Mutex<Option<Instant>>,
+    drops_logged: LogEvery,
+    /// Values that fail verification (or do not open with this server's key) are logged
+    /// at most this often: in a shared Redis one misconfigured writer can make every read one.
+    corrupt_logged: LogEvery,
     /// Each salt's usage, in Redis, shared by the fleet (its L3 quotas and reports).
     ledger: Ledger,
 }
@@ -86,7 +88,8 @@ impl L3 {
             ledger: Ledger::new(link.clone(), KeyLayout::new(&config.namespace), config.ttl),
             config,
             counters: Arc::default(),
-            last_drop_log: Mutex::new(None),
+            drops_logged: LogEvery::new(),
+            corrupt_logged: LogEvery::new(),
         });
         tracing::info!(
             endpoints = ?l3.config.endpoints_redacted(),
@@ -108,9 +111,7 @@ impl L3 {
     /// Count records given up, logging at most every 10 s.
     fn drop_records(&self, n: u64) {
         self.counters.dropped.fetch_add(n, Relaxed);
-        let mut last = self.last_drop_log.lock();
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            *last = Some(Instant::now());
+        if self.drops_logged.due() {
             tracing::warn!(
                 dropped_total = self.counters.dropped.load(Relaxed),
                 "L3 is giving records up (Redis unreachable)"
@@ -218,8 +219,16 @@ impl L3 {
     }
 
     fn corrupt(&self, key: &ObjectKey, why: &str) -> Fetched {
-        self.counters.corrupt_records.fetch_add(1, Relaxed);
-        tracing::error!(?key, "L3: ignoring a value that fails verification: {why}");
+        let total = self.counters.corrupt_records.fetch_add(1, Relaxed) + 1;
+        if self.corrupt_logged.due() {
+            tracing::error!(
+                ?key,
+                corrupt_total = total,
+                "L3: ignoring a value that fails verification (logged at most every {:?}): \
+                 {why}",
+                crate::log_every::PERIOD
+            );
+        }
         Fetched::Failed(TierError::new("L3", L3Error::Corrupt(why.to_string())))
     }
 

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::stats::WriteBehindStats;
 use crate::background;
+use crate::log_every::LogEvery;
 use crate::store::codec::CompressionPolicy;
 use crate::store::seal::Sealer;
 use crate::store::tier::{Presence, Tier, TierError};
@@ -99,7 +100,7 @@ pub(super) struct WriteBehindQueue {
     counters: Arc<Counters>,
     generation: Arc<Generation>,
     worker: Mutex<Option<JoinHandle<()>>>,
-    last_drop_log: Mutex<Option<Instant>>,
+    drops_logged: LogEvery,
 }
 
 impl WriteBehindQueue {
@@ -136,7 +137,7 @@ impl WriteBehindQueue {
             counters,
             generation,
             worker: Mutex::new(worker),
-            last_drop_log: Mutex::new(None),
+            drops_logged: LogEvery::new(),
         }
     }
 
@@ -169,9 +170,7 @@ impl WriteBehindQueue {
         for (key, object_bytes) in committed {
             if c.queued_bytes.load(Relaxed) + object_bytes > self.limit {
                 c.dropped.fetch_add(1, Relaxed);
-                let mut last = self.last_drop_log.lock();
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    *last = Some(Instant::now());
+                if self.drops_logged.due() {
                     tracing::warn!(
                         queued_bytes = c.queued_bytes.load(Relaxed),
                         limit = self.limit,
