@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -46,6 +47,11 @@ pub trait SegmentFile: Send + Sync + 'static {
     /// this append remains.
     fn append(&self, parts: &[&[u8]]) -> io::Result<u64>;
     fn sync(&self) -> io::Result<()>;
+    /// Start writing `len` bytes at `offset` to the device and return without waiting: what
+    /// was appended does not pile up as dirty pages for the next fsync (or the kernel's own
+    /// flush) to write all at once, beside a foreground transfer. A hint: errors show at the
+    /// next fsync.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
     fn truncate(&self, len: u64) -> io::Result<()>;
     /// Up to `len` bytes at `offset` (fewer at the end of the file).
     fn read(&self, offset: u64, len: u64) -> io::Result<SegmentBytes>;
@@ -191,6 +197,19 @@ impl SegmentFile for FsSegment {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: a plain syscall on a descriptor this segment owns; SYNC_FILE_RANGE_WRITE
+        // alone starts the writes and does not wait for them.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 
     fn truncate(&self, new_len: u64) -> io::Result<()> {

@@ -226,6 +226,77 @@ fn bad_checkpoint_falls_back_to_scanning() {
     assert_eq!(read(&d, 1, 1000).unwrap(), payload(1, 1000));
 }
 
+/// Pages of the file at `path` the page cache holds dirty (not yet being written to the
+/// device), by the kernel's `cachestat` (Linux 6.5 or later).
+fn dirty_pages(path: &std::path::Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path).unwrap();
+    let range = Range { off: 0, len: 0 }; // the whole file
+    let mut stat = Stat::default();
+    // SAFETY: the syscall reads `range` and writes `stat`, both live and of the kernel's
+    // layout.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cachestat (Linux 6.5 or later) failed: {}",
+        std::io::Error::last_os_error()
+    );
+    stat.dirty
+}
+
+/// Under the interval policy a record is written out as it is appended, not left dirty for the
+/// interval's fsync (or the kernel's flush, 30 s later) to write beside a foreground transfer.
+#[test]
+fn the_interval_policy_starts_writing_each_record_out_as_it_is_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DiskConfig {
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        ..config(1 << 30, 1 << 30)
+    };
+    let d = DiskStore::open(FsStorage::open(dir.path()).unwrap(), cfg).unwrap();
+    d.write(&key(1), &payload(1, 8 << 20), 1).unwrap();
+    let segment = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwm"))
+        .expect("a segment file");
+    let started = std::time::Instant::now();
+    let mut dirty = dirty_pages(&segment);
+    while dirty > 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        dirty = dirty_pages(&segment);
+    }
+    assert_eq!(
+        dirty, 0,
+        "pages of the record still dirty 5 s after the append: its write-out was not started \
+         ({segment:?} must be on a disk-backed file system)"
+    );
+}
+
 #[test]
 fn opens_100k_records_fast_from_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
