@@ -378,18 +378,15 @@ pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
         .find(|to| !to.exists())
         .expect("a free name");
     fs::rename(path, &to)?;
-    if let Some(dir) = path.parent() {
-        sync_dir(parent_dir(dir))?;
-    }
+    sync_dir(dir_of(path))?;
     Ok(to)
 }
 
 /// The journals set aside from `path`, oldest first.
 pub fn set_aside_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     let prefix = set_aside_prefix(path);
-    let dir = parent_dir(path.parent().unwrap_or(Path::new("")));
     let mut out = Vec::new();
-    let listing = match fs::read_dir(dir) {
+    let listing = match fs::read_dir(dir_of(path)) {
         Ok(listing) => listing,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
@@ -404,12 +401,11 @@ pub fn set_aside_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// `dir`, or the working directory for a bare file name's empty parent.
-fn parent_dir(dir: &Path) -> &Path {
-    if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
+/// The directory `path` is in (the working directory for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 
@@ -433,9 +429,7 @@ fn write_whole(path: &Path, whole: &[u8]) -> io::Result<File> {
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        sync_dir(parent_dir(dir))?;
-    }
+    sync_dir(dir_of(path))?;
     OpenOptions::new().append(true).open(path)
 }
 
@@ -484,10 +478,6 @@ impl Journal {
     /// Write everything queued and make it durable (a clean stop).
     pub fn sync(&self) -> io::Result<()> {
         self.writer.sync()
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 }
 

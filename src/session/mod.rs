@@ -168,14 +168,11 @@ impl SessionIndex {
                 );
             }
         }
-        // Every chain in full, oldest first, through the index's own update: chains of
-        // several files merge as if they had been recorded in that order.
+        // Every chain in full (no entry names another), oldest first: chains of several
+        // files merge as if they had been recorded in that order.
         chains.sort_by_key(|e| e.updated);
         let mut inner = self.inner.lock();
-        for e in &chains {
-            let key: SessionKey = (e.model.as_str().into(), e.cache_salt.as_str().into());
-            inner.apply(&key, e.world_size, &e.suffix, e.updated);
-        }
+        inner.replay(path, &chains);
         let whole = inner.entries();
         inner.journal = Some(Journal::create(path, &whole, sealer)?);
         for file in opened_whole {
